@@ -1,0 +1,132 @@
+"""A FHIR package of conformance resources, with the R4 core definitions beneath it.
+
+Loading reads files (the edge); the loaded `ConformancePackage` is a plain value
+that pure stages take as an argument. https://hl7.org/fhir/packages.html
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from cpa_fhir.conformance.snapshot import generate_snapshot
+from cpa_fhir.conformance.terminology import Terminology
+from cpa_fhir.errors import ProfileError
+
+CANONICAL_TYPES = ("StructureDefinition", "ValueSet", "CodeSystem")
+
+
+@dataclass
+class ConformancePackage:
+    """The package's own canonical resources plus those it depends on, by url."""
+
+    name: str
+    version: str
+    canonical: str
+    own: dict[str, dict[str, Any]]
+    core: dict[str, dict[str, Any]]
+    terminology: Terminology = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.terminology = Terminology(self.resolve)
+        for sd in self.structure_definitions():
+            if not sd.get("snapshot", {}).get("element"):
+                sd["snapshot"] = {"element": generate_snapshot(sd, self.resolve)}
+
+    def resolve(self, url: str) -> dict[str, Any] | None:
+        url = url.split("|", 1)[0]
+        return self.own.get(url) or self.core.get(url)
+
+    def structure_definitions(self) -> list[dict[str, Any]]:
+        """The package's own StructureDefinitions, bases before the profiles built on them."""
+        own = [r for r in self.own.values() if r["resourceType"] == "StructureDefinition"]
+        ordered: list[dict[str, Any]] = []
+        seen: set[str] = set()
+
+        def visit(sd: dict[str, Any]) -> None:
+            if sd["url"] in seen:
+                return
+            seen.add(sd["url"])
+            base = self.own.get(sd.get("baseDefinition", ""))
+            if base is not None:
+                visit(base)
+            for el in sd.get("differential", {}).get("element", []):
+                for t in el.get("type", []):
+                    for p in t.get("profile", []):
+                        if p in self.own:
+                            visit(self.own[p])
+            ordered.append(sd)
+
+        for sd in sorted(own, key=lambda s: s["url"]):
+            visit(sd)
+        return ordered
+
+    def profiles(self) -> list[str]:
+        """Urls of the package's own resource profiles (not extensions, not UK Core)."""
+        return sorted(
+            sd["url"]
+            for sd in self.structure_definitions()
+            if sd.get("kind") == "resource" and sd["url"].startswith(self.canonical)
+        )
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return orjson.loads(path.read_bytes())
+    except (OSError, orjson.JSONDecodeError) as exc:
+        raise ProfileError(f"{path.name}: cannot read conformance resource ({exc})") from exc
+
+
+@cache
+def core_definitions() -> dict[str, dict[str, Any]]:
+    """The vendored FHIR R4 4.0.1 definitions, by canonical url."""
+    raw = resources.files("cpa_fhir.fhir").joinpath("definitions/r4-core.json").read_bytes()
+    bundle = orjson.loads(raw)
+    return {e["resource"]["url"]: e["resource"] for e in bundle["entry"]}
+
+
+def load_package(folder: str | os.PathLike[str]) -> ConformancePackage:
+    """Load a FHIR package folder (package.json plus conformance resources as JSON)."""
+    root = Path(folder)
+    manifest_path = root / "package.json"
+    if not manifest_path.is_file():
+        raise ProfileError(f"{root} is not a FHIR package: it has no package.json")
+    manifest = _read_json(manifest_path)
+    own: dict[str, dict[str, Any]] = {}
+    for path in sorted(root.glob("*.json")):
+        if path.name == "package.json":
+            continue
+        res = _read_json(path)
+        if isinstance(res, dict) and res.get("resourceType") in CANONICAL_TYPES and "url" in res:
+            own[res["url"]] = res
+    return ConformancePackage(
+        name=manifest["name"],
+        version=manifest["version"],
+        canonical=manifest["canonical"],
+        own=own,
+        core=core_definitions(),
+    )
+
+
+def default_package_dir() -> Path:
+    """The profiles package: $CPA_FHIR_PROFILES, or `profiles/` of this source checkout."""
+    env = os.environ.get("CPA_FHIR_PROFILES")
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve()
+    for parent in here.parents:
+        candidate = parent / "profiles" / "package.json"
+        if candidate.is_file():
+            return candidate.parent
+    raise ProfileError("the profiles package was not found: set CPA_FHIR_PROFILES to its folder")
+
+
+@cache
+def default_package() -> ConformancePackage:
+    return load_package(default_package_dir())

@@ -1,0 +1,170 @@
+"""Snapshot generation for StructureDefinitions (pure).
+
+https://hl7.org/fhir/R4/profiling.html#snapshot — a snapshot is the base
+definition's snapshot with the differential laid over it. This generator covers
+what constraining profiles and extensions use: property overrides, appended
+constraints, slices (copied from the sliced element with its children), and
+children of data-type elements unrolled from the data type's own definition
+when a differential reaches inside them. Re-slicing and type slicing on choice
+elements are out of scope and raise ProfileError.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+from cpa_fhir.errors import ProfileError
+
+Resolve = Callable[[str], dict[str, Any] | None]
+
+# Properties whose differential value is added to, not replacing, the base's.
+_APPENDED = ("constraint", "condition", "mapping")
+
+
+def segments(element_id: str) -> list[str]:
+    """Split an element id into its dot-separated segments, keeping `:slice` on each."""
+    return element_id.split(".")
+
+
+def _path_of(element_id: str) -> str:
+    return ".".join(s.split(":", 1)[0] for s in segments(element_id))
+
+
+def _in_group(element_id: str, group_id: str) -> bool:
+    """Whether `element_id` is `group_id`, one of its slices, or a descendant of either."""
+    return (
+        element_id == group_id
+        or element_id.startswith(group_id + ".")
+        or element_id.startswith(group_id + ":")
+    )
+
+
+def snapshot_of(sd: dict[str, Any], resolve: Resolve) -> list[dict[str, Any]]:
+    """The snapshot elements of `sd`: its own when present, else generated."""
+    snap = sd.get("snapshot", {}).get("element")
+    if snap:
+        return list(snap)
+    return generate_snapshot(sd, resolve)
+
+
+def generate_snapshot(sd: dict[str, Any], resolve: Resolve) -> list[dict[str, Any]]:
+    """Lay `sd`'s differential over its base definition's snapshot."""
+    base_url = sd.get("baseDefinition")
+    if not base_url:
+        raise ProfileError(f"{sd.get('url')} has no baseDefinition to build a snapshot from")
+    base = resolve(base_url)
+    if base is None:
+        raise ProfileError(f"{sd.get('url')}: base definition {base_url} is not available")
+    elements = copy.deepcopy(snapshot_of(base, resolve))
+    for diff in sd.get("differential", {}).get("element", []):
+        element_id = diff.get("id") or diff["path"]
+        index = _find(elements, element_id)
+        if index is None:
+            index = _materialize(elements, element_id, resolve)
+        _merge(elements[index], diff)
+    return elements
+
+
+def _find(elements: list[dict[str, Any]], element_id: str) -> int | None:
+    for i, el in enumerate(elements):
+        if el.get("id") == element_id:
+            return i
+    return None
+
+
+def _materialize(elements: list[dict[str, Any]], element_id: str, resolve: Resolve) -> int:
+    """Create the element `element_id` (a slice, or a child inside a data type)."""
+    segs = segments(element_id)
+    last = segs[-1]
+    parent_id = ".".join(segs[:-1])
+    if ":" in last:
+        name, slice_name = last.split(":", 1)
+        if "/" in slice_name:
+            raise ProfileError(f"re-slicing is not supported: {element_id}")
+        sliced_id = ".".join([*segs[:-1], name])
+        sliced = _find(elements, sliced_id)
+        if sliced is None:
+            sliced = _materialize(elements, sliced_id, resolve)
+        group = [el for el in elements if _in_group(el["id"], sliced_id)]
+        end = sliced + len(group)
+        copies = []
+        for el in group:
+            rest = el["id"][len(sliced_id) :]
+            if rest.startswith(":"):
+                continue  # an existing slice of the same element, or inside one
+            dup = copy.deepcopy(el)
+            dup["id"] = element_id + rest
+            if not rest:
+                dup.pop("slicing", None)
+                dup["sliceName"] = slice_name
+            copies.append(dup)
+        elements[end:end] = copies
+        return end
+    parent = _find(elements, parent_id)
+    if parent is None:
+        parent = _materialize(elements, parent_id, resolve)
+    _unroll(elements, parent, resolve)
+    found = _find(elements, element_id)
+    if found is None:
+        raise ProfileError(f"no element {element_id} in the base definition")
+    return found
+
+
+def _type_definition(el: dict[str, Any], resolve: Resolve) -> dict[str, Any]:
+    types = el.get("type") or []
+    if len(types) != 1:
+        raise ProfileError(f"cannot constrain inside {el['id']}: it has {len(types)} types")
+    t = types[0]
+    url = (t.get("profile") or [None])[0] or f"http://hl7.org/fhir/StructureDefinition/{t['code']}"
+    sd = resolve(url)
+    if sd is None:
+        raise ProfileError(f"type definition {url} for {el['id']} is not available")
+    return sd
+
+
+def _unroll(elements: list[dict[str, Any]], index: int, resolve: Resolve) -> None:
+    """Insert the children of a data-type element from the data type's snapshot."""
+    parent = elements[index]
+    if index + 1 < len(elements) and elements[index + 1]["id"].startswith(parent["id"] + "."):
+        return  # already has children
+    ref = parent.get("contentReference")
+    if ref:
+        # A recursive element (e.g. Consent.provision.provision) takes the children
+        # of the element it refers to.
+        source = ref.split("#", 1)[-1]
+        root_id = source
+        type_elements = [{"id": source, "path": source}] + [
+            el
+            for el in elements
+            if el["id"].startswith(source + ".") and not el["id"].startswith(parent["id"])
+        ]
+    else:
+        type_elements = snapshot_of(_type_definition(parent, resolve), resolve)
+        root_id = type_elements[0]["id"]
+    children = []
+    for el in type_elements[1:]:
+        dup = copy.deepcopy(el)
+        dup["id"] = parent["id"] + el["id"][len(root_id) :]
+        dup["path"] = parent["path"] + el["path"][len(root_id) :]
+        children.append(dup)
+    elements[index + 1 : index + 1] = children
+
+
+def _merge(element: dict[str, Any], diff: dict[str, Any]) -> None:
+    for key, value in diff.items():
+        if key in ("id", "path"):
+            continue
+        if key in _APPENDED:
+            existing = element.setdefault(key, [])
+            if key == "constraint":
+                keys = {c.get("key") for c in value}
+                existing[:] = [c for c in existing if c.get("key") not in keys]
+            existing.extend(copy.deepcopy(value))
+        else:
+            if key.startswith(("fixed", "pattern")):
+                for old in [k for k in element if k.startswith(("fixed", "pattern"))]:
+                    del element[old]
+            element[key] = copy.deepcopy(value)
+    element["path"] = _path_of(element["id"])

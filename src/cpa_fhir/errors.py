@@ -1,0 +1,88 @@
+"""Errors raised by cpa-fhir, each able to render itself as an OperationOutcome.
+
+    FhirError                  anything this package refuses, with FHIR issue data
+    ├── InputError             input that is not readable FHIR JSON at all
+    ├── ProfileError           a conformance package that cannot be loaded or used
+    ├── MappingError           a source record that cannot be mapped
+    └── ConnectorError         a partner system could not be reached or refused
+        ├── UpstreamStatusError
+        └── AuthError
+
+Issue codes are from http://hl7.org/fhir/R4/valueset-issue-type.html.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cpa_fhir.fhir.outcome import Issue, operation_outcome
+
+
+class FhirError(Exception):
+    """Base class: a message plus the issue code and location FHIR needs."""
+
+    code = "processing"
+    severity = "error"
+
+    def __init__(self, message: str, *, expression: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.expression = expression
+        if code is not None:
+            self.code = code
+
+    def to_issue(self) -> Issue:
+        return Issue(
+            severity=self.severity,  # type: ignore[arg-type]
+            code=self.code,
+            message=self.message,
+            expression=self.expression,
+        )
+
+    def to_operation_outcome(self) -> dict[str, Any]:
+        return operation_outcome([self.to_issue()])
+
+
+class InputError(FhirError):
+    """The input is not well-formed JSON, or not a FHIR resource."""
+
+    code = "structure"
+
+
+class ProfileError(FhirError):
+    """A profile, extension or ValueSet is missing or unusable."""
+
+    code = "not-found"
+
+
+class MappingError(FhirError):
+    """A source record could not be turned into FHIR."""
+
+    code = "invalid"
+
+
+class ConnectorError(FhirError):
+    """A partner system failed."""
+
+    code = "transient"
+
+
+class UpstreamStatusError(ConnectorError):
+    """A partner answered with an error status."""
+
+
+class AuthError(ConnectorError):
+    """Authentication with a partner failed."""
+
+    code = "security"
+
+
+__all__ = [
+    "AuthError",
+    "ConnectorError",
+    "FhirError",
+    "InputError",
+    "MappingError",
+    "ProfileError",
+    "UpstreamStatusError",
+]

@@ -1,0 +1,262 @@
+"""The validator: JSON in, OperationOutcome issues out (pure; the package is passed in).
+
+Order of checks for each input:
+1. JSON well-formedness, and that it is a FHIR R4 resource (`resourceType`).
+2. R4 structure: the fhir.resources R4B model parses it (primitive formats,
+   types); R4B-only types and elements are refused by the R4 definitions.
+3. Each declared (or the named) profile: the profile chain's snapshot walked
+   element by element (see `_walker`).
+4. For Bundles: every entry as a resource, references between entries, and for
+   a patient record (a `collection` Bundle with one Patient) the record rules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import date, datetime
+from functools import cached_property
+from typing import Any
+
+import orjson
+from fhirpathpy import compile as compile_fhirpath
+from fhirpathpy.engine.nodes import ResourceNode
+from fhirpathpy.models import models as fhirpath_models
+from pydantic import ValidationError
+
+from cpa_fhir.conformance.package import ConformancePackage
+from cpa_fhir.fhir.models import FHIR_VERSION, R4_RESOURCE_TYPES, model_class
+from cpa_fhir.fhir.outcome import Issue, sort_issues
+from cpa_fhir.validation._record_rules import check_record
+from cpa_fhir.validation._references import check_references
+from cpa_fhir.validation._tree import Node, compile_tree
+from cpa_fhir.validation._walker import Walk
+
+BASE = "http://hl7.org/fhir/StructureDefinition/"
+_FHIRPATH_MODEL = fhirpath_models["r4"]
+
+
+class Validator:
+    """Validates resources and Bundles against a conformance package."""
+
+    def __init__(self, package: ConformancePackage):
+        self.package = package
+        self._trees: dict[str, Node | None] = {}
+        self._compiled: dict[str, Any] = {}
+
+    # -- definitions -----------------------------------------------------------
+    def tree_for_url(self, url: str) -> Node | None:
+        url = url.split("|", 1)[0]
+        if url not in self._trees:
+            sd = self.package.resolve(url)
+            elements = (sd or {}).get("snapshot", {}).get("element") if sd else None
+            if sd is None or sd.get("resourceType") != "StructureDefinition" or not elements:
+                self._trees[url] = None
+            else:
+                self._trees[url] = compile_tree(elements)
+        return self._trees[url]
+
+    def tree_for_type(self, type_code: str) -> Node | None:
+        return self.tree_for_url(BASE + type_code)
+
+    @cached_property
+    def all_type_names(self) -> frozenset[str]:
+        names = set()
+        for url, sd in self.package.core.items():
+            if sd.get("resourceType") == "StructureDefinition" and sd.get("kind") in (
+                "primitive-type",
+                "complex-type",
+            ) and url.startswith(BASE):
+                names.add(sd["type"][:1].upper() + sd["type"][1:])
+        return frozenset(names)
+
+    # -- terminology and invariants -------------------------------------------
+    def check_binding(self, walk: Walk, node: Node, v: Any, loc: str, type_code: str) -> None:
+        binding = node.binding or {}
+        if binding.get("strength") != "required" or not binding.get("valueSet"):
+            return
+        vs_url = binding["valueSet"]
+        expansion = self.package.terminology.expand(vs_url)
+        if expansion is None:
+            if vs_url.startswith(self.package.canonical):
+                walk.error(loc, f"ValueSet {vs_url} is not in the package", code="not-found")
+            return
+        codings: list[tuple[str | None, str]] = []
+        if type_code in ("code", "string", "uri") and isinstance(v, str):
+            codings = [(None, v)]
+        elif type_code == "Coding" and isinstance(v, dict) and "code" in v:
+            codings = [(v.get("system"), v["code"])]
+        elif type_code == "CodeableConcept" and isinstance(v, dict):
+            codings = [(c.get("system"), c["code"]) for c in v.get("coding", []) if "code" in c]
+        else:
+            return
+        results = [expansion.contains(system, code) for system, code in codings]
+        if True in results or None in results:
+            return
+        shown = ", ".join(f"{s}#{c}" if s else c for s, c in codings) or "no code"
+        name = vs_url.split("|", 1)[0].rsplit("/", 1)[-1]
+        walk.error(
+            loc,
+            f"{shown} is not in the required ValueSet {name} ({vs_url})",
+            code="code-invalid",
+        )
+
+    def evaluate_invariant(self, constraint: dict[str, Any], v: Any, root: dict[str, Any], node: Node) -> bool | None:
+        expression = constraint.get("expression")
+        if not expression:
+            return True
+        fn = self._compiled.get(expression)
+        if fn is None:
+            try:
+                fn = compile_fhirpath(expression, _FHIRPATH_MODEL)
+            except Exception:  # a profile's expression the engine cannot parse
+                self._compiled[expression] = False
+                return None
+            self._compiled[expression] = fn
+        if fn is False:
+            return None
+        target = v if isinstance(v, dict) and "resourceType" in v else ResourceNode.create_node(v, node.el["path"])
+        try:
+            result = fn(target, {"resource": root, "rootResource": root})
+        except Exception:  # evaluation failure is reported, not raised
+            return None
+        # An empty result is not a failure (an invariant guarding absent content).
+        return all(r is True for r in result) if result else True
+
+    # -- entry points ----------------------------------------------------------
+    def validate(
+        self,
+        data: bytes | str | dict[str, Any],
+        profile: str | None = None,
+        as_of: date | None = None,
+    ) -> list[Issue]:
+        """Validate JSON text or a parsed resource; returns issues, errors first."""
+        if isinstance(data, (bytes, str)):
+            try:
+                resource = orjson.loads(data)
+            except orjson.JSONDecodeError as exc:
+                return [Issue("fatal", "structure", f"Not well-formed JSON: {exc}")]
+        else:
+            resource = data
+        if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
+            return [Issue("fatal", "structure", "Not a FHIR resource: a JSON object with a resourceType is required")]
+        rt = resource["resourceType"]
+        if rt not in R4_RESOURCE_TYPES:
+            return [Issue("fatal", "not-supported", f"'{rt}' is not a FHIR R4 ({FHIR_VERSION}) resource type", rt)]
+        issues = self._structure(resource)
+        references: list[Any] = []
+        self._resource(resource, rt, profile, issues, references)
+        if rt == "Bundle":
+            issues.extend(check_references(resource, references, self.package))
+            if _is_record(resource):
+                issues.extend(check_record(resource, as_of or _as_of(resource), self.package.canonical))
+        return sort_issues(_dedupe(issues))
+
+    def _structure(self, resource: dict[str, Any]) -> list[Issue]:
+        cls = model_class(resource["resourceType"])
+        rt = resource["resourceType"]
+        if cls is None:
+            return [Issue("error", "not-supported", f"{rt} cannot be checked structurally by this validator", rt)]
+        try:
+            cls.model_validate(resource)
+        except ValidationError as exc:
+            return [_pydantic_issue(rt, err) for err in exc.errors() if err["type"] not in _WALKER_REPORTS]
+        except (ValueError, TypeError) as exc:
+            return [Issue("error", "structure", f"Not valid FHIR R4: {exc}", rt)]
+        return []
+
+    def _resource(
+        self,
+        resource: dict[str, Any],
+        loc: str,
+        profile: str | None,
+        issues: list[Issue],
+        references: list[Any],
+    ) -> None:
+        rt = resource.get("resourceType")
+        if not isinstance(rt, str) or rt not in R4_RESOURCE_TYPES:
+            issues.append(Issue("error", "structure", f"'{rt}' is not a FHIR R4 resource type", loc))
+            return
+        declared = resource.get("meta", {}).get("profile", []) if isinstance(resource.get("meta"), dict) else []
+        urls = [profile] if profile else [p for p in declared if isinstance(p, str)]
+        trees: list[Node] = []
+        for url in urls:
+            tree = self.tree_for_url(url)
+            if tree is None:
+                own = url.startswith(self.package.canonical)
+                issues.append(
+                    Issue(
+                        "error" if own or profile else "warning",
+                        "not-found",
+                        f"Profile {url} is not known to this validator",
+                        f"{loc}.meta.profile" if not profile else loc,
+                    )
+                )
+            elif tree.el.get("path") != rt:
+                issues.append(
+                    Issue("error", "invalid", f"Profile {url} is for {tree.el.get('path')}, not {rt}", loc)
+                )
+            else:
+                trees.append(tree)
+        if not trees:
+            base = self.tree_for_type(rt)
+            if base is not None:
+                trees.append(base)
+        for i, tree in enumerate(trees):
+            walk = Walk(self, resource, rt, issues)
+            walk.object(tree, resource, loc, rt, strict=True)
+            walk.invariants(tree, resource, loc)
+            if i == 0:
+                references.extend(walk.references)
+                for nested, nested_loc in walk.nested:
+                    self._resource(nested, nested_loc, None, issues, references)
+
+
+# Reported by the walker with a profile-aware message instead.
+_WALKER_REPORTS = {"extra_forbidden", "missing"}
+
+
+def _pydantic_issue(rt: str, err: Any) -> Issue:
+    loc = rt
+    for part in err["loc"]:
+        if isinstance(part, int):
+            loc += f"[{part}]"
+        elif part[:1].isupper() and part.isalpha():
+            continue  # pydantic names the model class of a polymorphic value
+        else:
+            loc += f".{part}"
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    value = err.get("input")
+    if isinstance(value, (str, int, float, bool)):
+        msg = f"{msg} (got {value!r})"
+    return Issue("error", "value" if err["type"] == "value_error" else "structure", msg, loc)
+
+
+def _is_record(bundle: dict[str, Any]) -> bool:
+    if bundle.get("type") != "collection":
+        return False
+    patients = [
+        e for e in bundle.get("entry", []) if isinstance(e, dict) and isinstance(e.get("resource"), dict)
+        and e["resource"].get("resourceType") == "Patient"
+    ]
+    return len(patients) == 1
+
+
+def _as_of(bundle: dict[str, Any]) -> date:
+    ts = bundle.get("timestamp")
+    if isinstance(ts, str):
+        try:
+            return datetime.fromisoformat(ts.replace("Z", "+00:00")).date()
+        except ValueError:
+            pass
+    return date.today()
+
+
+def _dedupe(issues: Iterable[Issue]) -> list[Issue]:
+    seen: set[tuple[Any, ...]] = set()
+    out = []
+    for i in issues:
+        key = (i.severity, i.code, i.expression, i.message)
+        if key not in seen:
+            seen.add(key)
+            out.append(i)
+    return out
