@@ -98,6 +98,9 @@ def validate(
     paths = _inputs(files)
     if not paths:
         raise _fail("no JSON files to validate")
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise _fail(f"{missing[0]}: no such file")
     table = Table("file", "content", "errors", "warnings", "result", title="CPA validation")
     failed = False
     for path in paths:

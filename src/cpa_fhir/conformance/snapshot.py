@@ -57,12 +57,13 @@ def generate_snapshot(sd: dict[str, Any], resolve: Resolve) -> list[dict[str, An
     base = resolve(base_url)
     if base is None:
         raise ProfileError(f"{sd.get('url')}: base definition {base_url} is not available")
-    elements = copy.deepcopy(snapshot_of(base, resolve))
+    pristine = snapshot_of(base, resolve)
+    elements = copy.deepcopy(pristine)
     for diff in sd.get("differential", {}).get("element", []):
         element_id = diff.get("id") or diff["path"]
         index = _find(elements, element_id)
         if index is None:
-            index = _materialize(elements, element_id, resolve)
+            index = _materialize(elements, element_id, resolve, pristine)
         _merge(elements[index], diff)
     return elements
 
@@ -74,7 +75,9 @@ def _find(elements: list[dict[str, Any]], element_id: str) -> int | None:
     return None
 
 
-def _materialize(elements: list[dict[str, Any]], element_id: str, resolve: Resolve) -> int:
+def _materialize(
+    elements: list[dict[str, Any]], element_id: str, resolve: Resolve, base: list[dict[str, Any]]
+) -> int:
     """Create the element `element_id` (a slice, or a child inside a data type)."""
     segs = segments(element_id)
     last = segs[-1]
@@ -86,7 +89,7 @@ def _materialize(elements: list[dict[str, Any]], element_id: str, resolve: Resol
         sliced_id = ".".join([*segs[:-1], name])
         sliced = _find(elements, sliced_id)
         if sliced is None:
-            sliced = _materialize(elements, sliced_id, resolve)
+            sliced = _materialize(elements, sliced_id, resolve, base)
         group = [el for el in elements if _in_group(el["id"], sliced_id)]
         end = sliced + len(group)
         copies = []
@@ -104,8 +107,8 @@ def _materialize(elements: list[dict[str, Any]], element_id: str, resolve: Resol
         return end
     parent = _find(elements, parent_id)
     if parent is None:
-        parent = _materialize(elements, parent_id, resolve)
-    _unroll(elements, parent, resolve)
+        parent = _materialize(elements, parent_id, resolve, base)
+    _unroll(elements, parent, resolve, base)
     found = _find(elements, element_id)
     if found is None:
         raise ProfileError(f"no element {element_id} in the base definition")
@@ -124,7 +127,9 @@ def _type_definition(el: dict[str, Any], resolve: Resolve) -> dict[str, Any]:
     return sd
 
 
-def _unroll(elements: list[dict[str, Any]], index: int, resolve: Resolve) -> None:
+def _unroll(
+    elements: list[dict[str, Any]], index: int, resolve: Resolve, base: list[dict[str, Any]]
+) -> None:
     """Insert the children of a data-type element from the data type's snapshot."""
     parent = elements[index]
     if index + 1 < len(elements) and elements[index + 1]["id"].startswith(parent["id"] + "."):
@@ -132,12 +137,13 @@ def _unroll(elements: list[dict[str, Any]], index: int, resolve: Resolve) -> Non
     ref = parent.get("contentReference")
     if ref:
         # A recursive element (e.g. Consent.provision.provision) takes the children
-        # of the element it refers to.
+        # of the element it refers to, as the base defines them: the profile's
+        # constraints on the outer element do not apply to the nested one.
         source = ref.split("#", 1)[-1]
         root_id = source
         type_elements = [{"id": source, "path": source}] + [
             el
-            for el in elements
+            for el in base
             if el["id"].startswith(source + ".") and not el["id"].startswith(parent["id"])
         ]
     else:

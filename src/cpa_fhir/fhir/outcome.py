@@ -42,9 +42,9 @@ class Issue:
 
     def line(self) -> str:
         """One human-readable line, as the CLI prints it."""
-        where = self.expression or "-"
+        where = f"{self.expression}: " if self.expression else ""
         rule = f" [{self.rule}]" if self.rule else ""
-        return f"{self.severity.upper():<11} {where}: {self.message}{rule}"
+        return f"{self.severity.upper():<7} {where}{self.message}{rule}"
 
 
 def sort_issues(issues: list[Issue]) -> list[Issue]:

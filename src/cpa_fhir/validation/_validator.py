@@ -69,6 +69,23 @@ class Validator:
                 names.add(sd["type"][:1].upper() + sd["type"][1:])
         return frozenset(names)
 
+    @cached_property
+    def _core_constraint_keys(self) -> frozenset[str]:
+        return frozenset(
+            c["key"]
+            for sd in self.package.core.values()
+            for el in sd.get("snapshot", {}).get("element", [])
+            for c in el.get("constraint", [])
+            if "key" in c
+        )
+
+    def is_core_constraint(self, constraint: dict[str, Any]) -> bool:
+        """Whether an invariant comes from FHIR R4 itself rather than a profile."""
+        source = str(constraint.get("source", ""))
+        if source:
+            return source.startswith("http://hl7.org/fhir/")
+        return constraint.get("key") in self._core_constraint_keys
+
     # -- terminology and invariants -------------------------------------------
     def check_binding(self, walk: Walk, node: Node, v: Any, loc: str, type_code: str) -> None:
         binding = node.binding or {}

@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     from cpa_fhir.validation._validator import Validator
 
 _RESOURCE_TYPES = {"Resource", "DomainResource"}
+# Extensions are always sliced by url, whether or not the definition says so.
+_BY_URL = [{"type": "value", "path": "url"}]
 
 
 def _upper_first(code: str) -> str:
@@ -245,7 +247,10 @@ class Walk:
             severity = c.get("severity", "error")
             text = f"{c.get('human', c.get('key'))} ({c.get('key')})"
             if outcome is None:
-                self.warning(loc, f"Invariant could not be evaluated: {text}", rule=c.get("key"))
+                # Base FHIR invariants the engine cannot run (resolve(), hasValue()) are
+                # left out; a profile's own invariant must not silently pass.
+                if not self.validator.is_core_constraint(c):
+                    self.warning(loc, f"Invariant could not be evaluated: {text}", rule=c.get("key"))
             elif severity == "error":
                 self.error(loc, text, code="invariant", rule=c.get("key"))
             else:
@@ -254,7 +259,9 @@ class Walk:
     # -- slicing ---------------------------------------------------------------
     def slicing(self, node: Node, values: list[tuple[Any, str, str]], loc: str) -> None:
         slicing = node.slicing or {}
-        discriminators = slicing.get("discriminator", [])
+        discriminators = slicing.get("discriminator") or (
+            _BY_URL if node.name in ("extension", "modifierExtension") else []
+        )
         counts = {id(s): 0 for s in node.slices}
         for v, sub, type_code in values:
             matched = [s for s in node.slices if self._matches(s, discriminators, v)]
