@@ -316,6 +316,8 @@ def _coordinator(record: Record, as_of: date) -> Iterator[Issue]:
     for episode in episodes:
         ep = episode.resource
         manager = ep.get("careManager")
+        if manager is None:
+            continue  # a missing coordinator is the profile's error (careManager 1..1)
         for team_ref in ep.get("team", []):
             team = record.resolve(team_ref)
             if team is None:
