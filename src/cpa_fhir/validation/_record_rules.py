@@ -154,7 +154,12 @@ def check_record(bundle: dict[str, Any], as_of: date, canonical: str) -> list[Is
     record = Record(bundle, canonical)
     issues: list[Issue] = []
     for rule in (_reviews, _follow_up, _discharge, _section117, _coordinator, _plans):
-        issues.extend(rule(record, as_of))
+        try:
+            issues.extend(rule(record, as_of))
+        except (TypeError, AttributeError, KeyError, ValueError) as exc:
+            # Fail closed: a rule that cannot read the record reports so.
+            issues.append(Issue("error", "processing", f"Record rule could not be evaluated: {exc}", "Bundle",
+                                (rule.__doc__ or "").split(":", 1)[0]))
     return issues
 
 

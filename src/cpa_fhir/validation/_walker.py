@@ -177,7 +177,8 @@ class Walk:
     def value(self, node: Node, v: Any, loc: str, type_code: str, strict: bool) -> None:
         if v is None or v == "" or v == {} or v == []:
             self.error(loc, "Elements must have a value or children (ele-1)", rule="ele-1")
-            return
+            if v != {}:
+                return  # an empty object still gets its required children reported
         if node.fixed is not None and v != node.fixed:
             self.error(loc, f"Value must be exactly {_show(node.fixed)}", code="value")
         if node.pattern is not None and not contains_pattern(v, node.pattern):
