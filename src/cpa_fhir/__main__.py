@@ -1,0 +1,3 @@
+from cpa_fhir.cli import main
+
+main()
