@@ -135,7 +135,10 @@ def validate(
 def profiles_build(package: PackageOption = None) -> None:
     """Regenerate the snapshots of the package's StructureDefinitions in place."""
     folder = package or default_package_dir()
-    loaded = _package(folder)
+    try:
+        loaded = load_package(folder, rebuild_snapshots=True)
+    except FhirError as exc:
+        raise _fail(exc.message) from None
     written = 0
     for path in sorted(folder.glob("StructureDefinition-*.json")):
         sd = orjson.loads(path.read_bytes())

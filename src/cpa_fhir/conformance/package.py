@@ -91,8 +91,12 @@ def core_definitions() -> dict[str, dict[str, Any]]:
     return {e["resource"]["url"]: e["resource"] for e in bundle["entry"]}
 
 
-def load_package(folder: str | os.PathLike[str]) -> ConformancePackage:
-    """Load a FHIR package folder (package.json plus conformance resources as JSON)."""
+def load_package(folder: str | os.PathLike[str], *, rebuild_snapshots: bool = False) -> ConformancePackage:
+    """Load a FHIR package folder (package.json plus conformance resources as JSON).
+
+    Snapshots shipped in the files are used as they are unless `rebuild_snapshots`
+    asks for them to be generated afresh from the differentials.
+    """
     root = Path(folder)
     manifest_path = root / "package.json"
     if not manifest_path.is_file():
@@ -104,6 +108,8 @@ def load_package(folder: str | os.PathLike[str]) -> ConformancePackage:
             continue
         res = _read_json(path)
         if isinstance(res, dict) and res.get("resourceType") in CANONICAL_TYPES and "url" in res:
+            if rebuild_snapshots and res["resourceType"] == "StructureDefinition":
+                res.pop("snapshot", None)
             own[res["url"]] = res
     return ConformancePackage(
         name=manifest["name"],

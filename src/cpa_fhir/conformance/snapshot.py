@@ -90,6 +90,17 @@ def _materialize(
         sliced = _find(elements, sliced_id)
         if sliced is None:
             sliced = _materialize(elements, sliced_id, resolve, base)
+            # Unrolling a type can bring this very slice in (an extension's own slices).
+            again = _find(elements, element_id)
+            if again is not None:
+                return again
+        if name in ("extension", "modifierExtension") and "slicing" not in elements[sliced]:
+            # FHIR slices extensions by url; say so, as other snapshot generators do.
+            elements[sliced]["slicing"] = {
+                "discriminator": [{"type": "value", "path": "url"}],
+                "ordered": False,
+                "rules": "open",
+            }
         group = [el for el in elements if _in_group(el["id"], sliced_id)]
         end = sliced + len(group)
         copies = []
@@ -155,6 +166,11 @@ def _unroll(
         dup["id"] = parent["id"] + el["id"][len(root_id) :]
         dup["path"] = parent["path"] + el["path"][len(root_id) :]
         children.append(dup)
+    if ref:
+        # The children are now spelled out; a contentReference beside them would say
+        # the element is the outer one again (Firely and SUSHI drop it likewise).
+        del parent["contentReference"]
+        parent["type"] = [{"code": "BackboneElement"}]
     elements[index + 1 : index + 1] = children
 
 

