@@ -106,6 +106,7 @@ def _check_target(site: ReferenceSite, target: dict[str, Any], package: Conforma
                 "invalid",
                 f"Reference '{site.reference}' points to a {rt}; allowed: {', '.join(sorted(allowed_types))}",
                 site.location,
+                "cpa-rec-references",
             )
         ]
     wanted = [u for u in allowed_types.get(str(rt), []) if not u.startswith(_BASE)]
@@ -120,6 +121,7 @@ def _check_target(site: ReferenceSite, target: dict[str, Any], package: Conforma
             "invalid",
             f"Reference '{site.reference}' must point to a {rt} conforming to {', '.join(wanted)}",
             site.location,
+            "cpa-rec-references",
         )
     ]
 
