@@ -165,18 +165,24 @@ def check_record(bundle: dict[str, Any], as_of: date, canonical: str) -> list[Is
 
 def _reviews(record: Record, as_of: date) -> Iterator[Issue]:
     """cpa-rec-review: reviews at least every 6 months on Enhanced, 12 on Standard (§50.1)."""
-    reviews = sorted(
-        d
-        for e in record.of_type("Encounter")
+    review_encounters = [
+        e for e in record.of_type("Encounter")
         if e.resource.get("status") == "finished" and _has_code(e.resource.get("type"), SNOMED, CPA_REVIEW)
-        for d in [_date(e.resource.get("period", {}).get("start"))]
-        if d is not None
-    )
+    ]
     for episode in record.cpa_episodes():
         ep = episode.resource
         start = _date(ep.get("period", {}).get("start"))
         if start is None:
             continue
+        reviews = sorted(
+            d
+            for e in review_encounters
+            # A review filed under another episode does not count for this one.
+            if not e.resource.get("episodeOfCare")
+            or any(record.resolve(r) == episode for r in e.resource["episodeOfCare"])
+            for d in [_date(e.resource.get("period", {}).get("start"))]
+            if d is not None
+        )
         end = _date(ep.get("period", {}).get("end")) if ep.get("status") == "finished" else None
         stop = min(end, as_of) if end else as_of
         levels = record.levels(ep)
