@@ -7,11 +7,21 @@ from typing import Any
 
 from cpa_fhir.conformance.snapshot import segments
 
-# Base invariants checked natively by the walker (ele-1, ext-1) or not applicable to
-# stored JSON (narrative and contained-resource rules of DomainResource).
+# Base invariants checked natively (ele-1, ext-1 by the walker; the Bundle rules in
+# `_bundle`) or not applicable to stored JSON (narrative and contained-resource
+# rules of DomainResource).
 NATIVE_OR_SKIPPED = frozenset(
     {"ele-1", "ext-1", "dom-2", "dom-3", "dom-4", "dom-5", "dom-6", "txt-1", "txt-2"}
+    | {f"bdl-{n}" for n in range(1, 13)}
 )
+
+
+def _evaluable(constraint: dict[str, Any]) -> bool:
+    """Whether an invariant is ours to run: not native, and not reliant on resolve()."""
+    if constraint.get("key") in NATIVE_OR_SKIPPED:
+        return False
+    # resolve() needs a server; the references it follows are checked in the Bundle.
+    return "resolve()" not in str(constraint.get("expression", ""))
 
 
 @dataclass(eq=False)
@@ -30,22 +40,20 @@ class Node:
     pattern: Any = None
     constraints: list[dict[str, Any]] = field(default_factory=list)
 
+    is_array: bool = False
+    is_choice: bool = False
+    type_codes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        # Computed once: the walker asks these for every element of every resource.
+        base_max = self.el.get("base", {}).get("max", self.el.get("max", "1"))
+        self.is_array = base_max not in ("0", "1")
+        self.is_choice = self.name.endswith("[x]")
+        self.type_codes = [t.get("code", "") for t in self.types]
+
     @property
     def id(self) -> str:
         return str(self.el["id"])
-
-    @property
-    def is_array(self) -> bool:
-        base_max = self.el.get("base", {}).get("max", self.el.get("max", "1"))
-        return base_max != "1" and base_max != "0"
-
-    @property
-    def is_choice(self) -> bool:
-        return self.name.endswith("[x]")
-
-    @property
-    def type_codes(self) -> list[str]:
-        return [t.get("code", "") for t in self.types]
 
     @property
     def binding(self) -> dict[str, Any] | None:
@@ -85,9 +93,7 @@ def compile_tree(elements: list[dict[str, Any]]) -> Node:
             slice_name=el.get("sliceName"),
             fixed=_fixed_or_pattern(el, "fixed"),
             pattern=_fixed_or_pattern(el, "pattern"),
-            constraints=[
-                c for c in el.get("constraint", []) if c.get("key") not in NATIVE_OR_SKIPPED
-            ],
+            constraints=[c for c in el.get("constraint", []) if _evaluable(c)],
         )
         by_id[el["id"]] = node
         if root is None:

@@ -26,6 +26,7 @@ from pydantic import ValidationError
 from cpa_fhir.conformance.package import ConformancePackage
 from cpa_fhir.fhir.models import FHIR_VERSION, R4_RESOURCE_TYPES, model_class
 from cpa_fhir.fhir.outcome import Issue, sort_issues
+from cpa_fhir.validation._bundle import check_bundle
 from cpa_fhir.validation._record_rules import check_record
 from cpa_fhir.validation._references import check_references
 from cpa_fhir.validation._tree import Node, compile_tree
@@ -33,6 +34,8 @@ from cpa_fhir.validation._walker import Walk
 
 BASE = "http://hl7.org/fhir/StructureDefinition/"
 _FHIRPATH_MODEL = fhirpath_models["r4"]
+# trace() in some core invariants would otherwise print to standard output.
+_FHIRPATH_OPTIONS = {"traceFn": lambda *args: None}
 
 
 class Validator:
@@ -42,6 +45,8 @@ class Validator:
         self.package = package
         self._trees: dict[str, Node | None] = {}
         self._compiled: dict[str, Any] = {}
+        # Nodes live as long as this validator's trees, so their ids are stable keys.
+        self.children_cache: dict[tuple[int, str, str], dict[str, Node]] = {}
 
     # -- definitions -----------------------------------------------------------
     def tree_for_url(self, url: str) -> Node | None:
@@ -124,7 +129,7 @@ class Validator:
         fn = self._compiled.get(expression)
         if fn is None:
             try:
-                fn = compile_fhirpath(expression, _FHIRPATH_MODEL)
+                fn = compile_fhirpath(expression, _FHIRPATH_MODEL, _FHIRPATH_OPTIONS)
             except Exception:  # a profile's expression the engine cannot parse
                 self._compiled[expression] = False
                 return None
@@ -164,6 +169,7 @@ class Validator:
         references: list[Any] = []
         self._resource(resource, rt, profile, issues, references)
         if rt == "Bundle":
+            issues.extend(check_bundle(resource))
             issues.extend(check_references(resource, references, self.package))
             # Record rules read the record as FHIR: they run once it is well-formed.
             if _is_record(resource) and not structure:

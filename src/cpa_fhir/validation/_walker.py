@@ -77,6 +77,14 @@ class Walk:
     def children_of(self, node: Node, type_code: str) -> dict[str, Node]:
         if node.children:
             return node.children
+        cache = self.validator.children_cache
+        key = (id(node), type_code, self.root_type)
+        found = cache.get(key)
+        if found is None:
+            found = cache[key] = self._children_of(node, type_code)
+        return found
+
+    def _children_of(self, node: Node, type_code: str) -> dict[str, Node]:
         ref = node.content_reference
         if ref:
             target = find_by_path(self.validator.tree_for_type(self.root_type), ref.lstrip("#"))
@@ -93,6 +101,13 @@ class Walk:
         used: set[str] = set()
         for name, child in children.items():
             keys = self._keys_for(child, obj, loc, used, report=strict)
+            if not keys:
+                # Most elements are absent: only a required minimum can be broken.
+                if child.min:
+                    self.cardinality(child, 0, f"{loc}.{child.name.replace('[x]', '')}")
+                if any(s.min for s in child.slices):
+                    self.slicing(child, [], f"{loc}.{child.name}")
+                continue
             values: list[tuple[Any, str, str]] = []  # value, location, type code
             for key, child_type in keys:
                 raw = obj.get(key)
@@ -111,10 +126,8 @@ class Walk:
             self.cardinality(child, len(values), f"{loc}.{child.name.replace('[x]', '')}")
             for item, sub, child_type in values:
                 self.value(child, item, sub, child_type, strict)
-            if child.slices and values:
-                self.slicing(child, values, f"{loc}.{keys[0][0] if keys else child.name}")
-            elif child.slices:
-                self.slicing(child, [], f"{loc}.{child.name}")
+            if child.slices:
+                self.slicing(child, values, f"{loc}.{keys[0][0]}")
         if strict:
             for key in obj:
                 if key in used or (key == "resourceType" and node.el.get("path") == type_code):
@@ -132,7 +145,7 @@ class Walk:
         if not child.is_choice:
             name = child.name
             if name in obj or "_" + name in obj:
-                return [(name, child.type_codes[0] if child.types else "")]
+                return [(name, child.types[0].get("code", "") if child.types else "")]
             return []
         base = child.name[:-3]
         allowed = {_upper_first(t): t for t in child.type_codes}
