@@ -12,5 +12,9 @@ def test_all_is_sorted_and_exported(name: str) -> None:
     module = importlib.import_module(name)
     exported = module.__all__
     assert exported == sorted(exported)
-    public = {n for n in vars(module) if not n.startswith("_") and not isinstance(getattr(module, n), type(module))}
+    public = {
+        n
+        for n in vars(module)
+        if not n.startswith("_") and not isinstance(getattr(module, n), type(module))
+    }
     assert set(exported) == public - {"annotations"}

@@ -7,17 +7,15 @@ from cpa_fhir.validation import Validator
 
 __version__ = "0.1.0"
 
-__all__ = sorted(
-    [
-        "FHIR_VERSION",
-        "ConformancePackage",
-        "FhirError",
-        "InputError",
-        "Issue",
-        "ProfileError",
-        "Validator",
-        "default_package",
-        "load_package",
-        "operation_outcome",
-    ]
-)
+__all__ = [
+    "ConformancePackage",
+    "FHIR_VERSION",
+    "FhirError",
+    "InputError",
+    "Issue",
+    "ProfileError",
+    "Validator",
+    "default_package",
+    "load_package",
+    "operation_outcome",
+]

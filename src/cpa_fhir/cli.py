@@ -73,15 +73,24 @@ def _summary(resource: Any) -> str:
 
 @app.command()
 def validate(
-    files: Annotated[list[Path], typer.Argument(help="JSON files or folders of them.", show_default=False)],
+    files: Annotated[
+        list[Path], typer.Argument(help="JSON files or folders of them.", show_default=False)
+    ],
     profile: Annotated[
-        str | None, typer.Option("--profile", help="Validate against this profile url instead of meta.profile.")
+        str | None,
+        typer.Option(
+            "--profile", help="Validate against this profile url instead of meta.profile."
+        ),
     ] = None,
     as_of: Annotated[
-        str | None, typer.Option("--as-of", help="Date for record rules (default: Bundle.timestamp).")
+        str | None,
+        typer.Option("--as-of", help="Date for record rules (default: Bundle.timestamp)."),
     ] = None,
     output_format: Annotated[
-        str, typer.Option("--format", help="text (one line an issue) or json (OperationOutcome per file).")
+        str,
+        typer.Option(
+            "--format", help="text (one line an issue) or json (OperationOutcome per file)."
+        ),
     ] = "text",
     package: PackageOption = None,
 ) -> None:
@@ -123,7 +132,10 @@ def validate(
         except orjson.JSONDecodeError:
             content = "(not JSON)"
         table.add_row(
-            str(path), content, str(len(errors)), str(len(warnings)),
+            str(path),
+            content,
+            str(len(errors)),
+            str(len(warnings)),
             "[red]invalid[/red]" if errors else "[green]valid[/green]",
         )
     if output_format == "text":

@@ -27,11 +27,15 @@ def test_invalid_example_fails_with_located_lines() -> None:
     result = run("validate", str(INVALID / "invalid-patient-nhs-number-check-digit.json"))
     assert result.returncode == 1
     lines = [line for line in result.stdout.splitlines() if "ERROR" in line]
-    assert any("Bundle.entry[0].resource" in line and "cpa-pat-1" in line for line in lines), result.stdout
+    assert any("Bundle.entry[0].resource" in line and "cpa-pat-1" in line for line in lines), (
+        result.stdout
+    )
 
 
 def test_json_format_is_an_operation_outcome() -> None:
-    result = run("validate", "--format", "json", str(INVALID / "invalid-careteam-two-coordinators.json"))
+    result = run(
+        "validate", "--format", "json", str(INVALID / "invalid-careteam-two-coordinators.json")
+    )
     assert result.returncode == 1
     outcome = json.loads(result.stdout)
     assert outcome["resourceType"] == "OperationOutcome"
@@ -65,7 +69,9 @@ def test_missing_file_is_one_line_and_exit_2(tmp_path: Path) -> None:
 
 def test_unknown_profile_and_bad_options() -> None:
     example = str(next(EXAMPLES.glob("AuditEvent-*.json")))
-    result = run("validate", "--profile", "https://cpa-fhir.org/fhir/StructureDefinition/nope", example)
+    result = run(
+        "validate", "--profile", "https://cpa-fhir.org/fhir/StructureDefinition/nope", example
+    )
     assert result.returncode == 1 and "not known" in result.stdout
     assert run("validate", "--as-of", "yesterday", example).returncode == 2
     assert run("validate", "--format", "xml", example).returncode == 2
@@ -73,5 +79,10 @@ def test_unknown_profile_and_bad_options() -> None:
 
 def test_named_profile_of_the_wrong_type() -> None:
     example = str(next(EXAMPLES.glob("AuditEvent-*.json")))
-    result = run("validate", "--profile", "https://cpa-fhir.org/fhir/StructureDefinition/cpa-patient", example)
+    result = run(
+        "validate",
+        "--profile",
+        "https://cpa-fhir.org/fhir/StructureDefinition/cpa-patient",
+        example,
+    )
     assert result.returncode == 1 and "is for Patient, not AuditEvent" in result.stdout

@@ -88,13 +88,17 @@ def test_every_canonical_resolves_offline(package: ConformancePackage, path: Pat
         assert {r for r in own if package.resolve(r) is None and not r.startswith(R4_CORE)} == set()
 
 
-@pytest.mark.parametrize("path", [p for p in FILES if p.name.startswith("StructureDefinition-")], ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", [p for p in FILES if p.name.startswith("StructureDefinition-")], ids=lambda p: p.name
+)
 def test_committed_snapshot_is_up_to_date(package: ConformancePackage, path: Path) -> None:
     sd = _load(path)
     assert sd.get("snapshot", {}).get("element"), "run `cpa-fhir profiles build`"
     fresh = copy.deepcopy(sd)
     fresh.pop("snapshot")
-    assert generate_snapshot(fresh, package.resolve) == sd["snapshot"]["element"], "run `cpa-fhir profiles build`"
+    assert generate_snapshot(fresh, package.resolve) == sd["snapshot"]["element"], (
+        "run `cpa-fhir profiles build`"
+    )
 
 
 def test_every_local_code_system_concept_is_documented() -> None:
@@ -104,4 +108,7 @@ def test_every_local_code_system_concept_is_documented() -> None:
             continue
         assert cs["content"] == "complete"
         for concept in cs["concept"]:
-            assert concept.get("display") and concept.get("definition"), (path.name, concept["code"])
+            assert concept.get("display") and concept.get("definition"), (
+                path.name,
+                concept["code"],
+            )

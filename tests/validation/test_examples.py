@@ -40,13 +40,17 @@ def _matches(issue: Issue, rule: str) -> bool:
 
 
 @pytest.mark.parametrize("case", MANIFEST, ids=lambda c: c["file"])
-def test_invalid_example_fails_with_the_expected_issue(validator: Validator, case: dict[str, str]) -> None:
+def test_invalid_example_fails_with_the_expected_issue(
+    validator: Validator, case: dict[str, str]
+) -> None:
     issues = validator.validate((INVALID / case["file"]).read_bytes())
     errors = [i for i in issues if i.is_error]
     assert errors, f"{case['file']} passed validation"
-    expected = [i for i in errors if _matches(i, case["rule"]) and i.expression == case["expression"]]
-    assert expected, (
-        f"expected {case['rule']} at {case['expression']}; got:\n" + "\n".join(i.line() for i in errors)
+    expected = [
+        i for i in errors if _matches(i, case["rule"]) and i.expression == case["expression"]
+    ]
+    assert expected, f"expected {case['rule']} at {case['expression']}; got:\n" + "\n".join(
+        i.line() for i in errors
     )
 
 
@@ -55,11 +59,18 @@ def test_invalid_example_breaks_only_its_rule(validator: Validator, case: dict[s
     """No unrelated error: each invalid example isolates one rule (same-rule echoes allowed)."""
     issues = validator.validate((INVALID / case["file"]).read_bytes())
     unrelated = [
-        i for i in issues
-        if i.is_error and not _matches(i, case["rule"]) and not (i.expression or "").startswith(case["expression"])
+        i
+        for i in issues
+        if i.is_error
+        and not _matches(i, case["rule"])
+        and not (i.expression or "").startswith(case["expression"])
     ]
     allowed_echoes = {"cpa-eoc-3", "cpa-rec-discharge", "nhs-number", "cpa-pat-1", "cpa-ct-1"}
-    unrelated = [i for i in unrelated if i.rule not in allowed_echoes and case["rule"] not in ("cpa-rec-plans",)]
+    unrelated = [
+        i
+        for i in unrelated
+        if i.rule not in allowed_echoes and case["rule"] not in ("cpa-rec-plans",)
+    ]
     assert unrelated == [], "\n".join(i.line() for i in unrelated)
 
 
@@ -67,7 +78,11 @@ def test_every_profile_has_an_invalid_example(package) -> None:  # type: ignore[
     covered = set()
     for case in MANIFEST:
         data = json.loads((INVALID / case["file"]).read_text())
-        resources = [e["resource"] for e in data.get("entry", [])] if data["resourceType"] == "Bundle" else [data]
+        resources = (
+            [e["resource"] for e in data.get("entry", [])]
+            if data["resourceType"] == "Bundle"
+            else [data]
+        )
         index = case["expression"].split(".resource")[0]
         for i, r in enumerate(resources):
             if data["resourceType"] != "Bundle" or index == f"Bundle.entry[{i}]":
@@ -76,6 +91,13 @@ def test_every_profile_has_an_invalid_example(package) -> None:  # type: ignore[
 
 
 def test_every_record_rule_has_an_invalid_example() -> None:
-    rules = {"cpa-rec-review", "cpa-rec-followup", "cpa-rec-discharge", "cpa-rec-s117", "cpa-rec-coordinator",
-             "cpa-rec-references", "cpa-rec-plans"}
+    rules = {
+        "cpa-rec-review",
+        "cpa-rec-followup",
+        "cpa-rec-discharge",
+        "cpa-rec-s117",
+        "cpa-rec-coordinator",
+        "cpa-rec-references",
+        "cpa-rec-plans",
+    }
     assert rules <= {c["rule"] for c in MANIFEST}

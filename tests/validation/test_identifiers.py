@@ -43,16 +43,27 @@ def test_a_single_digit_error_is_caught(first_nine: str, position: int, delta: i
 
 
 def test_known_snomed_ids() -> None:
-    for code in ("1092421000000100", "1092211000000107", "1092221000000101", "734163000", "736253002",
-                 "325691000000100", "391155006", "166121000000101"):
+    for code in (
+        "1092421000000100",
+        "1092211000000107",
+        "1092221000000101",
+        "734163000",
+        "736253002",
+        "325691000000100",
+        "391155006",
+        "166121000000101",
+    ):
         assert is_valid_sctid(code), code
     assert not is_valid_sctid("1092421000000101")
     assert not is_valid_sctid("12345")
     assert not is_valid_sctid("0734163000")
 
 
-@given(st.text(alphabet="0123456789", min_size=5, max_size=17).filter(lambda s: s[0] != "0"),
-       st.integers(0, 16), st.integers(1, 9))
+@given(
+    st.text(alphabet="0123456789", min_size=5, max_size=17).filter(lambda s: s[0] != "0"),
+    st.integers(0, 16),
+    st.integers(1, 9),
+)
 def test_verhoeff_catches_any_single_digit_error(stem: str, position: int, delta: int) -> None:
     code = stem + verhoeff_digit(stem)
     assert is_valid_sctid(code)

@@ -16,7 +16,12 @@ def level(code: str, start: str, end: str | None = None) -> dict[str, Any]:
     return {
         "url": f"{C}/StructureDefinition/cpa-level",
         "extension": [
-            {"url": "level", "valueCodeableConcept": {"coding": [{"system": "http://snomed.info/sct", "code": code}]}},
+            {
+                "url": "level",
+                "valueCodeableConcept": {
+                    "coding": [{"system": "http://snomed.info/sct", "code": code}]
+                },
+            },
             {"url": "period", "valuePeriod": period},
         ],
     }
@@ -27,12 +32,15 @@ def record(*resources: dict[str, Any]) -> dict[str, Any]:
         "resourceType": "Bundle",
         "type": "collection",
         "entry": [
-            {"fullUrl": f"https://example.org/fhir/{r['resourceType']}/{r['id']}", "resource": r} for r in resources
+            {"fullUrl": f"https://example.org/fhir/{r['resourceType']}/{r['id']}", "resource": r}
+            for r in resources
         ],
     }
 
 
-def episode(levels: list[dict[str, Any]], start: str, status: str = "active", end: str | None = None) -> dict[str, Any]:
+def episode(
+    levels: list[dict[str, Any]], start: str, status: str = "active", end: str | None = None
+) -> dict[str, Any]:
     return {
         "resourceType": "EpisodeOfCare",
         "id": "ep",
@@ -43,7 +51,9 @@ def episode(levels: list[dict[str, Any]], start: str, status: str = "active", en
     }
 
 
-def encounter(eid: str, cls: str, start: str, end: str | None = None, review: bool = False) -> dict[str, Any]:
+def encounter(
+    eid: str, cls: str, start: str, end: str | None = None, review: bool = False
+) -> dict[str, Any]:
     res: dict[str, Any] = {
         "resourceType": "Encounter",
         "id": eid,
@@ -52,7 +62,9 @@ def encounter(eid: str, cls: str, start: str, end: str | None = None, review: bo
         "period": {"start": start, **({"end": end} if end else {})},
     }
     if review:
-        res["type"] = [{"coding": [{"system": "http://snomed.info/sct", "code": "166121000000101"}]}]
+        res["type"] = [
+            {"coding": [{"system": "http://snomed.info/sct", "code": "166121000000101"}]}
+        ]
     return res
 
 
@@ -74,7 +86,9 @@ def test_enhanced_review_due_within_six_months_to_the_day() -> None:
 
 
 def test_standard_allows_twelve_months_and_step_down_applies_from_the_review() -> None:
-    ep = episode([level(ENHANCED, "2025-01-01", "2025-06-30"), level(STANDARD, "2025-07-01")], "2025-01-01")
+    ep = episode(
+        [level(ENHANCED, "2025-01-01", "2025-06-30"), level(STANDARD, "2025-07-01")], "2025-01-01"
+    )
     bundle = record(ep, encounter("r1", "AMB", "2025-07-01", review=True))
     assert rules(bundle, "2026-07-01") == []
     assert rules(bundle, "2026-07-02") == ["cpa-rec-review"]
@@ -86,15 +100,24 @@ def test_follow_up_after_inpatient_discharge() -> None:
     assert rules(record(ep, stay), "2026-03-17") == []  # still inside the 7 days
     assert rules(record(ep, stay), "2026-03-18") == ["cpa-rec-followup"]
     assert rules(record(ep, stay, encounter("visit", "HH", "2026-03-17")), "2026-04-01") == []
-    assert rules(record(ep, stay, encounter("call", "VR", "2026-03-12")), "2026-04-01") == ["cpa-rec-followup"]
+    assert rules(record(ep, stay, encounter("call", "VR", "2026-03-12")), "2026-04-01") == [
+        "cpa-rec-followup"
+    ]
 
 
 def test_discharge_only_from_standard() -> None:
     stepped_down = episode(
         [level(ENHANCED, "2025-01-01", "2025-05-31"), level(STANDARD, "2025-06-01", "2025-09-01")],
-        "2025-01-01", status="finished", end="2025-09-01",
+        "2025-01-01",
+        status="finished",
+        end="2025-09-01",
     )
     reviews = [encounter(f"r{i}", "AMB", d, review=True) for i, d in enumerate(["2025-06-01"])]
     assert rules(record(stepped_down, *reviews), "2026-01-01") == []
-    straight = episode([level(ENHANCED, "2025-01-01", "2025-05-01")], "2025-01-01", status="finished", end="2025-05-01")
+    straight = episode(
+        [level(ENHANCED, "2025-01-01", "2025-05-01")],
+        "2025-01-01",
+        status="finished",
+        end="2025-05-01",
+    )
     assert rules(record(straight), "2026-01-01") == ["cpa-rec-discharge"]

@@ -18,7 +18,9 @@ from tests.common import EXAMPLES
 Path = tuple[str | int, ...]
 
 
-def _required_sites(validator: Validator, node: Node, obj: dict[str, Any], path: Path, loc: str) -> Iterator[tuple[Path, str, str]]:
+def _required_sites(
+    validator: Validator, node: Node, obj: dict[str, Any], path: Path, loc: str
+) -> Iterator[tuple[Path, str, str]]:
     """(path in the JSON, FHIRPath location, element name) of each present element the profile requires."""
     for name, child in node.children.items():
         if child.is_choice or name not in obj:
@@ -40,8 +42,10 @@ def _sites(validator: Validator) -> list[tuple[str, Path, str, str]]:
         data = orjson.loads(example.read_bytes())
         resources: list[tuple[dict[str, Any], Path, str]]
         if data["resourceType"] == "Bundle":
-            resources = [(e["resource"], ("entry", i, "resource"), f"Bundle.entry[{i}].resource")
-                         for i, e in enumerate(data["entry"])]
+            resources = [
+                (e["resource"], ("entry", i, "resource"), f"Bundle.entry[{i}].resource")
+                for i, e in enumerate(data["entry"])
+            ]
         else:
             resources = [(data, (), data["resourceType"])]
         for resource, path, loc in resources:
@@ -73,7 +77,9 @@ def _apply(data: Any, path: Path, action: str) -> None:
         target[last] = 12345 if isinstance(current, (dict, list)) else {"corrupted": True}
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(data=st.data(), action=st.sampled_from(["remove", "corrupt"]))
 def test_breaking_a_required_element_is_an_error_located_there(
     validator: Validator, sites: list[tuple[str, Path, str, str]], data: st.DataObject, action: str
@@ -84,6 +90,14 @@ def test_breaking_a_required_element_is_an_error_located_there(
     _apply(broken, path, action)
     issues = validator.validate(broken)
     errors = [i for i in issues if i.is_error]
-    located = [i for i in errors if i.expression and (i.expression == loc or i.expression.startswith(loc + ".")
-                                                       or i.expression.startswith(loc + "["))]
+    located = [
+        i
+        for i in errors
+        if i.expression
+        and (
+            i.expression == loc
+            or i.expression.startswith(loc + ".")
+            or i.expression.startswith(loc + "[")
+        )
+    ]
     assert located, f"{action} {loc} in {file}: errors were\n" + "\n".join(i.line() for i in errors)

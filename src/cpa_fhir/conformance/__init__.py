@@ -9,13 +9,11 @@ from cpa_fhir.conformance.package import (
 from cpa_fhir.conformance.snapshot import generate_snapshot
 from cpa_fhir.conformance.terminology import Terminology
 
-__all__ = sorted(
-    [
-        "ConformancePackage",
-        "Terminology",
-        "default_package",
-        "default_package_dir",
-        "generate_snapshot",
-        "load_package",
-    ]
-)
+__all__ = [
+    "ConformancePackage",
+    "Terminology",
+    "default_package",
+    "default_package_dir",
+    "generate_snapshot",
+    "load_package",
+]

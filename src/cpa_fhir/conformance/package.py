@@ -91,7 +91,9 @@ def core_definitions() -> dict[str, dict[str, Any]]:
     return {e["resource"]["url"]: e["resource"] for e in bundle["entry"]}
 
 
-def load_package(folder: str | os.PathLike[str], *, rebuild_snapshots: bool = False) -> ConformancePackage:
+def load_package(
+    folder: str | os.PathLike[str], *, rebuild_snapshots: bool = False
+) -> ConformancePackage:
     """Load a FHIR package folder (package.json plus conformance resources as JSON).
 
     Snapshots shipped in the files are used as they are unless `rebuild_snapshots`

@@ -29,7 +29,11 @@ class Expansion:
         if (system or "", code) in self.codes:
             return True
         if system is None:
-            return True if any(c == code for _, c in self.codes) else (None if self.open_any else False)
+            return (
+                True
+                if any(c == code for _, c in self.codes)
+                else (None if self.open_any else False)
+            )
         if system in self.open_systems or self.open_any:
             return None
         return False

@@ -3,6 +3,11 @@
 from cpa_fhir.fhir.models import FHIR_VERSION, R4_RESOURCE_TYPES, model_class
 from cpa_fhir.fhir.outcome import Issue, operation_outcome, sort_issues
 
-__all__ = sorted(
-    ["FHIR_VERSION", "Issue", "R4_RESOURCE_TYPES", "model_class", "operation_outcome", "sort_issues"]
-)
+__all__ = [
+    "FHIR_VERSION",
+    "Issue",
+    "R4_RESOURCE_TYPES",
+    "model_class",
+    "operation_outcome",
+    "sort_issues",
+]

@@ -56,6 +56,8 @@ def operation_outcome(issues: list[Issue]) -> dict[str, Any]:
     if not issues:
         return {
             "resourceType": "OperationOutcome",
-            "issue": [{"severity": "information", "code": "informational", "details": {"text": "All OK"}}],
+            "issue": [
+                {"severity": "information", "code": "informational", "details": {"text": "All OK"}}
+            ],
         }
     return {"resourceType": "OperationOutcome", "issue": [i.to_fhir() for i in sort_issues(issues)]}

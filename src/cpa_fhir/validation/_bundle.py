@@ -23,7 +23,8 @@ def check_bundle(bundle: dict[str, Any]) -> list[Issue]:
 
 def _issues(b: dict[str, Any]) -> Iterator[Issue]:
     kind = b.get("type")
-    entries = b.get("entry") if isinstance(b.get("entry"), list) else []
+    raw_entries = b.get("entry")
+    entries: list[Any] = raw_entries if isinstance(raw_entries, list) else []
 
     def err(key: str, message: str, loc: str = "Bundle") -> Issue:
         return Issue("error", "invariant", f"{message} ({key})", loc, key)
@@ -50,22 +51,47 @@ def _issues(b: dict[str, Any]) -> Iterator[Issue]:
         if "search" in e and kind != "searchset":
             yield err("bdl-2", "entry.search only when a search", loc)
         if "request" in e and kind not in _REQUESTS:
-            yield err("bdl-3", "entry.request mandatory for batch/transaction/history, otherwise prohibited", loc)
+            yield err(
+                "bdl-3",
+                "entry.request mandatory for batch/transaction/history, otherwise prohibited",
+                loc,
+            )
         if "request" not in e and kind in _REQUESTS:
-            yield err("bdl-3", "entry.request mandatory for batch/transaction/history, otherwise prohibited", loc)
+            yield err(
+                "bdl-3",
+                "entry.request mandatory for batch/transaction/history, otherwise prohibited",
+                loc,
+            )
         if "response" in e and kind not in _RESPONSES:
-            yield err("bdl-4", "entry.response mandatory for batch-response/transaction-response/history, otherwise prohibited", loc)
+            yield err(
+                "bdl-4",
+                "entry.response mandatory for batch-response/transaction-response/history, otherwise prohibited",
+                loc,
+            )
         if "response" not in e and kind in _RESPONSES:
-            yield err("bdl-4", "entry.response mandatory for batch-response/transaction-response/history, otherwise prohibited", loc)
+            yield err(
+                "bdl-4",
+                "entry.response mandatory for batch-response/transaction-response/history, otherwise prohibited",
+                loc,
+            )
         if not ({"resource", "request", "response"} & set(e)):
             yield err("bdl-5", "must be a resource unless there's a request or response", loc)
         full_url = e.get("fullUrl")
         if isinstance(full_url, str):
             if "/_history/" in full_url:
-                yield err("bdl-8", "fullUrl cannot be a version specific reference", f"{loc}.fullUrl")
+                yield err(
+                    "bdl-8", "fullUrl cannot be a version specific reference", f"{loc}.fullUrl"
+                )
             res = e.get("resource")
-            version = res.get("meta", {}).get("versionId", "") if isinstance(res, dict) and isinstance(res.get("meta"), dict) else ""
+            version = (
+                res.get("meta", {}).get("versionId", "")
+                if isinstance(res, dict) and isinstance(res.get("meta"), dict)
+                else ""
+            )
             versions[(full_url, str(version))] += 1
     for (full_url, _), count in versions.items():
         if count > 1:
-            yield err("bdl-7", f"FullUrl must be unique in a bundle, or else entries with the same fullUrl must have different meta.versionId: {full_url} repeats")
+            yield err(
+                "bdl-7",
+                f"FullUrl must be unique in a bundle, or else entries with the same fullUrl must have different meta.versionId: {full_url} repeats",
+            )

@@ -130,7 +130,8 @@ class Record:
 
     def cpa_episodes(self) -> list[Entry]:
         return [
-            e for e in self.of_type("EpisodeOfCare")
+            e
+            for e in self.of_type("EpisodeOfCare")
             if _has_code(e.resource.get("type"), SNOMED, CPA_PROGRAMME)
         ]
 
@@ -158,16 +159,25 @@ def check_record(bundle: dict[str, Any], as_of: date, canonical: str) -> list[Is
             issues.extend(rule(record, as_of))
         except (TypeError, AttributeError, KeyError, ValueError) as exc:
             # Fail closed: a rule that cannot read the record reports so.
-            issues.append(Issue("error", "processing", f"Record rule could not be evaluated: {exc}", "Bundle",
-                                (rule.__doc__ or "").split(":", 1)[0]))
+            issues.append(
+                Issue(
+                    "error",
+                    "processing",
+                    f"Record rule could not be evaluated: {exc}",
+                    "Bundle",
+                    (rule.__doc__ or "").split(":", 1)[0],
+                )
+            )
     return issues
 
 
 def _reviews(record: Record, as_of: date) -> Iterator[Issue]:
     """cpa-rec-review: reviews at least every 6 months on Enhanced, 12 on Standard (§50.1)."""
     review_encounters = [
-        e for e in record.of_type("Encounter")
-        if e.resource.get("status") == "finished" and _has_code(e.resource.get("type"), SNOMED, CPA_REVIEW)
+        e
+        for e in record.of_type("Encounter")
+        if e.resource.get("status") == "finished"
+        and _has_code(e.resource.get("type"), SNOMED, CPA_REVIEW)
     ]
     for episode in record.cpa_episodes():
         ep = episode.resource
@@ -272,7 +282,11 @@ def _section117(record: Record, as_of: date) -> Iterator[Issue]:
                 continue
             loc = f"{episode.loc}.extension[{i}]"
             for name, wanted, label in (
-                ("healthSignOff", HEALTH_AGENCIES, "a health professional (trust, health board or GP)"),
+                (
+                    "healthSignOff",
+                    HEALTH_AGENCIES,
+                    "a health professional (trust, health board or GP)",
+                ),
                 ("socialCareSignOff", {"social-care"}, "local authority social care"),
             ):
                 signer = record.resolve(_sub(ext, name))
@@ -334,7 +348,9 @@ def _coordinator(record: Record, as_of: date) -> Iterator[Issue]:
             if team is None:
                 continue
             for j, p in enumerate(team.resource.get("participant", [])):
-                if not isinstance(p, dict) or not _has_code(p.get("role"), role_system, "care-coordinator"):
+                if not isinstance(p, dict) or not _has_code(
+                    p.get("role"), role_system, "care-coordinator"
+                ):
                     continue
                 if not _same_person(record, p.get("member"), manager):
                     yield Issue(
@@ -346,7 +362,8 @@ def _coordinator(record: Record, as_of: date) -> Iterator[Issue]:
                         "cpa-rec-coordinator",
                     )
         tasks = [
-            t for t in record.of_type("Task")
+            t
+            for t in record.of_type("Task")
             if _has_code(t.resource.get("code"), task_code, "transfer-care-coordination")
             and record.resolve(t.resource.get("focus")) == episode
         ]
@@ -361,7 +378,9 @@ def _coordinator(record: Record, as_of: date) -> Iterator[Issue]:
             )
         accepted = sorted(
             (t for t in tasks if t.resource.get("status") in AFTER_ACCEPTANCE),
-            key=lambda t: str(t.resource.get("executionPeriod", {}).get("start") or t.resource.get("authoredOn")),
+            key=lambda t: str(
+                t.resource.get("executionPeriod", {}).get("start") or t.resource.get("authoredOn")
+            ),
         )
         if accepted and not _same_person(record, manager, accepted[-1].resource.get("owner")):
             status = accepted[-1].resource.get("status")

@@ -16,7 +16,9 @@ from cpa_fhir.conformance.package import ConformancePackage
 from cpa_fhir.fhir.outcome import Issue
 from cpa_fhir.validation._walker import ReferenceSite
 
-_RELATIVE = re.compile(r"^([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(/_history/[A-Za-z0-9\-.]{1,64})?$")
+_RELATIVE = re.compile(
+    r"^([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(/_history/[A-Za-z0-9\-.]{1,64})?$"
+)
 _ENTRY = re.compile(r"^Bundle\.entry\[(\d+)\]")
 _BASE = "http://hl7.org/fhir/StructureDefinition/"
 
@@ -50,7 +52,11 @@ def check_references(
             continue
         target = _resolve(ref, site.location, entries, by_full_url, by_type_id)
         if target is None:
-            if ref.startswith(("http://", "https://")) and ref not in by_full_url and _base_of(ref) is None:
+            if (
+                ref.startswith(("http://", "https://"))
+                and ref not in by_full_url
+                and _base_of(ref) is None
+            ):
                 continue
             if strict:
                 issues.append(
@@ -84,13 +90,17 @@ def _resolve(
     if entry_match:
         index = int(entry_match.group(1))
         holder = entries[index] if index < len(entries) else {}
-        base = _base_of(holder.get("fullUrl", "")) if isinstance(holder.get("fullUrl"), str) else None
+        base = (
+            _base_of(holder.get("fullUrl", "")) if isinstance(holder.get("fullUrl"), str) else None
+        )
         if base and base + plain in by_full_url:
             return by_full_url[base + plain]
     return by_type_id.get(plain)
 
 
-def _check_target(site: ReferenceSite, target: dict[str, Any], package: ConformancePackage) -> list[Issue]:
+def _check_target(
+    site: ReferenceSite, target: dict[str, Any], package: ConformancePackage
+) -> list[Issue]:
     if not site.target_profiles:
         return []
     rt = target.get("resourceType")
@@ -112,7 +122,9 @@ def _check_target(site: ReferenceSite, target: dict[str, Any], package: Conforma
     wanted = [u for u in allowed_types.get(str(rt), []) if not u.startswith(_BASE)]
     if not wanted:
         return []
-    declared = target.get("meta", {}).get("profile", []) if isinstance(target.get("meta"), dict) else []
+    declared = (
+        target.get("meta", {}).get("profile", []) if isinstance(target.get("meta"), dict) else []
+    )
     if any(_derives_from(p, w, package) for p in declared for w in wanted):
         return []
     return [

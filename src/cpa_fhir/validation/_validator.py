@@ -67,10 +67,15 @@ class Validator:
     def all_type_names(self) -> frozenset[str]:
         names = set()
         for url, sd in self.package.core.items():
-            if sd.get("resourceType") == "StructureDefinition" and sd.get("kind") in (
-                "primitive-type",
-                "complex-type",
-            ) and url.startswith(BASE):
+            if (
+                sd.get("resourceType") == "StructureDefinition"
+                and sd.get("kind")
+                in (
+                    "primitive-type",
+                    "complex-type",
+                )
+                and url.startswith(BASE)
+            ):
                 names.add(sd["type"][:1].upper() + sd["type"][1:])
         return frozenset(names)
 
@@ -122,7 +127,9 @@ class Validator:
             code="code-invalid",
         )
 
-    def evaluate_invariant(self, constraint: dict[str, Any], v: Any, root: dict[str, Any], node: Node) -> bool | None:
+    def evaluate_invariant(
+        self, constraint: dict[str, Any], v: Any, root: dict[str, Any], node: Node
+    ) -> bool | None:
         expression = constraint.get("expression")
         if not expression:
             return True
@@ -136,7 +143,11 @@ class Validator:
             self._compiled[expression] = fn
         if fn is False:
             return None
-        target = v if isinstance(v, dict) and "resourceType" in v else ResourceNode.create_node(v, node.el["path"])
+        target = (
+            v
+            if isinstance(v, dict) and "resourceType" in v
+            else ResourceNode.create_node(v, node.el["path"])  # type: ignore[no-untyped-call]
+        )
         try:
             result = fn(target, {"resource": root, "rootResource": root})
         except Exception:  # evaluation failure is reported, not raised
@@ -160,10 +171,23 @@ class Validator:
         else:
             resource = data
         if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
-            return [Issue("fatal", "structure", "Not a FHIR resource: a JSON object with a resourceType is required")]
+            return [
+                Issue(
+                    "fatal",
+                    "structure",
+                    "Not a FHIR resource: a JSON object with a resourceType is required",
+                )
+            ]
         rt = resource["resourceType"]
         if rt not in R4_RESOURCE_TYPES:
-            return [Issue("fatal", "not-supported", f"'{rt}' is not a FHIR R4 ({FHIR_VERSION}) resource type", rt)]
+            return [
+                Issue(
+                    "fatal",
+                    "not-supported",
+                    f"'{rt}' is not a FHIR R4 ({FHIR_VERSION}) resource type",
+                    rt,
+                )
+            ]
         structure = self._structure(resource)
         issues = list(structure)
         references: list[Any] = []
@@ -173,18 +197,31 @@ class Validator:
             issues.extend(check_references(resource, references, self.package))
             # Record rules read the record as FHIR: they run once it is well-formed.
             if _is_record(resource) and not structure:
-                issues.extend(check_record(resource, as_of or _as_of(resource), self.package.canonical))
+                issues.extend(
+                    check_record(resource, as_of or _as_of(resource), self.package.canonical)
+                )
         return sort_issues(_dedupe(issues))
 
     def _structure(self, resource: dict[str, Any]) -> list[Issue]:
         cls = model_class(resource["resourceType"])
         rt = resource["resourceType"]
         if cls is None:
-            return [Issue("error", "not-supported", f"{rt} cannot be checked structurally by this validator", rt)]
+            return [
+                Issue(
+                    "error",
+                    "not-supported",
+                    f"{rt} cannot be checked structurally by this validator",
+                    rt,
+                )
+            ]
         try:
             cls.model_validate(resource)
         except ValidationError as exc:
-            return [_pydantic_issue(rt, err) for err in exc.errors() if err["type"] not in _WALKER_REPORTS]
+            return [
+                _pydantic_issue(rt, err)
+                for err in exc.errors()
+                if err["type"] not in _WALKER_REPORTS
+            ]
         except (ValueError, TypeError) as exc:
             return [Issue("error", "structure", f"Not valid FHIR R4: {exc}", rt)]
         return []
@@ -199,9 +236,15 @@ class Validator:
     ) -> None:
         rt = resource.get("resourceType")
         if not isinstance(rt, str) or rt not in R4_RESOURCE_TYPES:
-            issues.append(Issue("error", "structure", f"'{rt}' is not a FHIR R4 resource type", loc))
+            issues.append(
+                Issue("error", "structure", f"'{rt}' is not a FHIR R4 resource type", loc)
+            )
             return
-        declared = resource.get("meta", {}).get("profile", []) if isinstance(resource.get("meta"), dict) else []
+        declared = (
+            resource.get("meta", {}).get("profile", [])
+            if isinstance(resource.get("meta"), dict)
+            else []
+        )
         urls = [profile] if profile else [p for p in declared if isinstance(p, str)]
         trees: list[Node] = []
         for url in urls:
@@ -218,7 +261,12 @@ class Validator:
                 )
             elif tree.el.get("path") != rt:
                 issues.append(
-                    Issue("error", "invalid", f"Profile {url} is for {tree.el.get('path')}, not {rt}", loc)
+                    Issue(
+                        "error",
+                        "invalid",
+                        f"Profile {url} is for {tree.el.get('path')}, not {rt}",
+                        loc,
+                    )
                 )
             else:
                 trees.append(tree)
@@ -260,7 +308,10 @@ def _is_record(bundle: dict[str, Any]) -> bool:
     if bundle.get("type") != "collection":
         return False
     patients = [
-        e for e in bundle.get("entry", []) if isinstance(e, dict) and isinstance(e.get("resource"), dict)
+        e
+        for e in bundle.get("entry", [])
+        if isinstance(e, dict)
+        and isinstance(e.get("resource"), dict)
         and e["resource"].get("resourceType") == "Patient"
     ]
     return len(patients) == 1

@@ -13,13 +13,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from cpa_fhir.fhir.outcome import Issue
+from cpa_fhir.validation._tree import Node, find_by_path
 from cpa_fhir.validation.identifiers import (
     NHS_NUMBER_SYSTEM,
     SNOMED_SYSTEM,
     is_valid_nhs_number,
     is_valid_sctid,
 )
-from cpa_fhir.validation._tree import Node, find_by_path
 
 if TYPE_CHECKING:
     from cpa_fhir.validation._validator import Validator
@@ -34,7 +34,9 @@ def _upper_first(code: str) -> str:
 
 
 def is_primitive(type_code: str) -> bool:
-    return bool(type_code) and (type_code[0].islower() or type_code.startswith("http://hl7.org/fhirpath"))
+    return bool(type_code) and (
+        type_code[0].islower() or type_code.startswith("http://hl7.org/fhirpath")
+    )
 
 
 def contains_pattern(actual: Any, pattern: Any) -> bool:
@@ -67,10 +69,14 @@ class Walk:
     nested: list[tuple[dict[str, Any], str]] = field(default_factory=list)
     references: list[ReferenceSite] = field(default_factory=list)
 
-    def error(self, loc: str, message: str, code: str = "structure", rule: str | None = None) -> None:
+    def error(
+        self, loc: str, message: str, code: str = "structure", rule: str | None = None
+    ) -> None:
         self.issues.append(Issue("error", code, message, loc, rule))
 
-    def warning(self, loc: str, message: str, code: str = "informational", rule: str | None = None) -> None:
+    def warning(
+        self, loc: str, message: str, code: str = "informational", rule: str | None = None
+    ) -> None:
         self.issues.append(Issue("warning", code, message, loc, rule))
 
     # -- objects ---------------------------------------------------------------
@@ -86,20 +92,25 @@ class Walk:
 
     def _children_of(self, node: Node, type_code: str) -> dict[str, Node]:
         ref = node.content_reference
-        if ref:
-            target = find_by_path(self.validator.tree_for_type(self.root_type), ref.lstrip("#"))
+        resource_tree = self.validator.tree_for_type(self.root_type)
+        if ref and resource_tree is not None:
+            target = find_by_path(resource_tree, ref.lstrip("#"))
             if target is not None:
                 return target.children
-        profiles = [p for t in node.types if t.get("code") == type_code for p in t.get("profile", [])]
+        profiles = [
+            p for t in node.types if t.get("code") == type_code for p in t.get("profile", [])
+        ]
         tree = self.validator.tree_for_url(profiles[0]) if profiles else None
         if tree is None:
             tree = self.validator.tree_for_type(type_code)
         return tree.children if tree is not None else {}
 
-    def object(self, node: Node, obj: dict[str, Any], loc: str, type_code: str, strict: bool) -> None:
+    def object(
+        self, node: Node, obj: dict[str, Any], loc: str, type_code: str, strict: bool
+    ) -> None:
         children = self.children_of(node, type_code)
         used: set[str] = set()
-        for name, child in children.items():
+        for child in children.values():
             keys = self._keys_for(child, obj, loc, used, report=strict)
             if not keys:
                 # Most elements are absent: only a required minimum can be broken.
@@ -136,7 +147,10 @@ class Walk:
                     continue
                 if key == "fhir_comments":
                     continue
-                self.error(f"{loc}.{key}", f"Unknown element '{key}': not defined in FHIR R4 for {type_code}")
+                self.error(
+                    f"{loc}.{key}",
+                    f"Unknown element '{key}': not defined in FHIR R4 for {type_code}",
+                )
 
     def _keys_for(
         self, child: Node, obj: dict[str, Any], loc: str, used: set[str], report: bool
@@ -167,7 +181,9 @@ class Walk:
                     + ", ".join(sorted(allowed)),
                 )
         if len(found) > 1:
-            self.error(f"{loc}.{base}[x]", f"Only one of {', '.join(k for k, _ in found)} may be present")
+            self.error(
+                f"{loc}.{base}[x]", f"Only one of {', '.join(k for k, _ in found)} may be present"
+            )
         return found
 
     # -- cardinality -----------------------------------------------------------
@@ -184,7 +200,9 @@ class Walk:
             if node.max == 0:
                 self.error(loc, f"{label} is not allowed by this profile", code="structure")
             else:
-                self.error(loc, f"{label} allows at most {node.max}, found {count}", code="structure")
+                self.error(
+                    loc, f"{label} allows at most {node.max}, found {count}", code="structure"
+                )
 
     # -- values ----------------------------------------------------------------
     def value(self, node: Node, v: Any, loc: str, type_code: str, strict: bool) -> None:
@@ -198,7 +216,9 @@ class Walk:
             self.error(loc, f"Value must match the pattern {_show(node.pattern)}", code="value")
         if node.binding:
             self.validator.check_binding(self, node, v, loc, type_code)
-        if type_code in _RESOURCE_TYPES or (not type_code and isinstance(v, dict) and "resourceType" in v):
+        if type_code in _RESOURCE_TYPES or (
+            not type_code and isinstance(v, dict) and "resourceType" in v
+        ):
             if strict:
                 self.nested.append((v, loc))
             return
@@ -241,7 +261,11 @@ class Walk:
     def extension(self, node: Node, v: dict[str, Any], loc: str, strict: bool) -> None:
         has_value = any(k.startswith("value") for k in v)
         if has_value and "extension" in v:
-            self.error(loc, "An extension has either a value or nested extensions, not both (ext-1)", rule="ext-1")
+            self.error(
+                loc,
+                "An extension has either a value or nested extensions, not both (ext-1)",
+                rule="ext-1",
+            )
         url = v.get("url")
         tree = self.validator.tree_for_url(url) if isinstance(url, str) else None
         if tree is not None and tree.el.get("path") == "Extension":
@@ -264,7 +288,9 @@ class Walk:
                 # Base FHIR invariants the engine cannot run (resolve(), hasValue()) are
                 # left out; a profile's own invariant must not silently pass.
                 if not self.validator.is_core_constraint(c):
-                    self.warning(loc, f"Invariant could not be evaluated: {text}", rule=c.get("key"))
+                    self.warning(
+                        loc, f"Invariant could not be evaluated: {text}", rule=c.get("key")
+                    )
             elif severity == "error":
                 self.error(loc, text, code="invariant", rule=c.get("key"))
             else:
@@ -317,7 +343,9 @@ class Walk:
             expected_node = s if path == "$this" else self._descend(s, path)
             if expected_node is None:
                 return False
-            expected = expected_node.fixed if expected_node.fixed is not None else expected_node.pattern
+            expected = (
+                expected_node.fixed if expected_node.fixed is not None else expected_node.pattern
+            )
             if expected is None:
                 return False
             actual = [v] if path == "$this" else _navigate(v, path)
@@ -333,7 +361,9 @@ class Walk:
         for part in path.split("."):
             if node is None:
                 return None
-            children = node.children or self.children_of(node, node.type_codes[0] if node.types else "")
+            children = node.children or self.children_of(
+                node, node.type_codes[0] if node.types else ""
+            )
             node = children.get(part)
         return node
 
@@ -355,4 +385,3 @@ def _show(value: Any) -> str:
 
     text = json.dumps(value, separators=(",", ":"))
     return text if len(text) <= 160 else text[:157] + "..."
-
