@@ -59,16 +59,26 @@ def _inputs(paths: list[Path]) -> list[Path]:
 
 
 def _summary(resource: Any) -> str:
+    """What a file holds, in a few words: the resource type, or a record's patient and size."""
     if not isinstance(resource, dict):
         return ""
     if resource.get("resourceType") != "Bundle":
         return str(resource.get("resourceType", ""))
-    counts = Counter(
-        e["resource"].get("resourceType")
+    entries = [
+        e["resource"]
         for e in resource.get("entry", [])
         if isinstance(e, dict) and isinstance(e.get("resource"), dict)
-    )
-    return ", ".join(f"{n} {t}" for t, n in sorted(counts.items()))
+    ]
+    patients = [r for r in entries if r.get("resourceType") == "Patient"]
+    who = ""
+    if len(patients) == 1:
+        names = patients[0].get("name") or [{}]
+        name = names[0] if isinstance(names, list) and names else {}
+        given = " ".join(name.get("given", [])) if isinstance(name, dict) else ""
+        family = name.get("family", "") if isinstance(name, dict) else ""
+        who = f"record of {given} {family}".replace("  ", " ").strip() + ": "
+    types = len({r.get("resourceType") for r in entries})
+    return f"{who}{len(entries)} resources of {types} types"
 
 
 @app.command()
@@ -110,7 +120,12 @@ def validate(
     missing = [p for p in paths if not p.is_file()]
     if missing:
         raise _fail(f"{missing[0]}: no such file")
-    table = Table("file", "content", "errors", "warnings", "result", title="CPA validation")
+    table = Table(title="CPA validation")
+    table.add_column("file", overflow="fold")
+    table.add_column("content")
+    for name in ("errors", "warnings", "result"):
+        table.add_column(name, no_wrap=True)
+    invalid = 0
     failed = False
     for path in paths:
         try:
@@ -131,8 +146,9 @@ def validate(
             content = _summary(orjson.loads(data))
         except orjson.JSONDecodeError:
             content = "(not JSON)"
+        invalid += bool(errors)
         table.add_row(
-            str(path),
+            path.name,
             content,
             str(len(errors)),
             str(len(warnings)),
@@ -140,6 +156,9 @@ def validate(
         )
     if output_format == "text":
         out.print(table)
+        out.print(
+            f"{len(paths)} file(s): {len(paths) - invalid} valid, {invalid} invalid", markup=False
+        )
     raise typer.Exit(1 if failed else 0)
 
 
