@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from collections import Counter
 from datetime import date
 from pathlib import Path
 from typing import Annotated, Any
@@ -15,6 +14,7 @@ from rich.table import Table
 
 from cpa_fhir.conformance.package import ConformancePackage, default_package_dir, load_package
 from cpa_fhir.errors import FhirError
+from cpa_fhir.fhir.models import bundle_entries
 from cpa_fhir.fhir.outcome import operation_outcome
 from cpa_fhir.validation import Validator
 
@@ -65,9 +65,7 @@ def _summary(resource: Any) -> str:
     if resource.get("resourceType") != "Bundle":
         return str(resource.get("resourceType", ""))
     entries = [
-        e["resource"]
-        for e in resource.get("entry", [])
-        if isinstance(e, dict) and isinstance(e.get("resource"), dict)
+        e["resource"] for _, e in bundle_entries(resource) if isinstance(e.get("resource"), dict)
     ]
     patients = [r for r in entries if r.get("resourceType") == "Patient"]
     who = ""

@@ -47,6 +47,21 @@ R4_RESOURCE_TYPES: frozenset[str] = frozenset(
 )
 
 
+def declared_profiles(resource: dict[str, Any]) -> list[str]:
+    """The profile urls a resource claims in meta.profile, ignoring malformed entries."""
+    meta = resource.get("meta")
+    profiles = meta.get("profile") if isinstance(meta, dict) else None
+    return [p for p in profiles if isinstance(p, str)] if isinstance(profiles, list) else []
+
+
+def bundle_entries(bundle: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
+    """(index, entry) of a Bundle's well-formed entries; malformed ones are left to validation."""
+    entries = bundle.get("entry")
+    if not isinstance(entries, list):
+        return []
+    return [(i, e) for i, e in enumerate(entries) if isinstance(e, dict)]
+
+
 def model_class(resource_type: str) -> Any | None:
     """The R4B model that parses an R4 resource type, or None when R4B does not model it."""
     if resource_type not in R4_RESOURCE_TYPES:

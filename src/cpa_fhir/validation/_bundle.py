@@ -22,7 +22,7 @@ def check_bundle(bundle: dict[str, Any]) -> list[Issue]:
 
 
 def _issues(b: dict[str, Any]) -> Iterator[Issue]:
-    kind = b.get("type")
+    kind = b.get("type") if isinstance(b.get("type"), str) else None
     raw_entries = b.get("entry")
     entries: list[Any] = raw_entries if isinstance(raw_entries, list) else []
 
@@ -50,25 +50,13 @@ def _issues(b: dict[str, Any]) -> Iterator[Issue]:
         loc = f"Bundle.entry[{i}]"
         if "search" in e and kind != "searchset":
             yield err("bdl-2", "entry.search only when a search", loc)
-        if "request" in e and kind not in _REQUESTS:
+        if ("request" in e) != (kind in _REQUESTS):
             yield err(
                 "bdl-3",
                 "entry.request mandatory for batch/transaction/history, otherwise prohibited",
                 loc,
             )
-        if "request" not in e and kind in _REQUESTS:
-            yield err(
-                "bdl-3",
-                "entry.request mandatory for batch/transaction/history, otherwise prohibited",
-                loc,
-            )
-        if "response" in e and kind not in _RESPONSES:
-            yield err(
-                "bdl-4",
-                "entry.response mandatory for batch-response/transaction-response/history, otherwise prohibited",
-                loc,
-            )
-        if "response" not in e and kind in _RESPONSES:
+        if ("response" in e) != (kind in _RESPONSES):
             yield err(
                 "bdl-4",
                 "entry.response mandatory for batch-response/transaction-response/history, otherwise prohibited",

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import date, timedelta
 from typing import Any
 
+from cpa_fhir.fhir.models import bundle_entries, declared_profiles
 from cpa_fhir.fhir.outcome import Issue
 
 SNOMED = "http://snomed.info/sct"
@@ -87,16 +88,13 @@ class Record:
 
     def __init__(self, bundle: dict[str, Any], canonical: str):
         self.canonical = canonical
-        self.entries = [
-            Entry(i, e["resource"])
-            for i, e in enumerate(bundle.get("entry", []))
-            if isinstance(e, dict) and isinstance(e.get("resource"), dict)
-        ]
+        self.entries: list[Entry] = []
         self._by_ref: dict[str, Entry] = {}
-        for i, e in enumerate(bundle.get("entry", [])):
-            if not isinstance(e, dict) or not isinstance(e.get("resource"), dict):
+        for i, e in bundle_entries(bundle):
+            if not isinstance(e.get("resource"), dict):
                 continue
             entry = Entry(i, e["resource"])
+            self.entries.append(entry)
             if isinstance(e.get("fullUrl"), str):
                 self._by_ref[e["fullUrl"]] = entry
             rid = entry.resource.get("id")
@@ -411,7 +409,7 @@ def _plans(record: Record, as_of: date) -> Iterator[Issue]:
     """cpa-rec-plans: the care plan's crisis and contingency plans exist and point back (§5.3, §31)."""
     profile = record.url("StructureDefinition", "cpa-care-plan")
     for plan in record.of_type("CarePlan"):
-        if profile not in plan.resource.get("meta", {}).get("profile", []):
+        if profile not in declared_profiles(plan.resource):
             continue
         for name in ("crisis-plan", "contingency-plan"):
             for ext in _ext(plan.resource, record.url("StructureDefinition", name)):

@@ -13,6 +13,7 @@ import re
 from typing import Any
 
 from cpa_fhir.conformance.package import ConformancePackage
+from cpa_fhir.fhir.models import bundle_entries, declared_profiles
 from cpa_fhir.fhir.outcome import Issue
 from cpa_fhir.validation._walker import ReferenceSite
 
@@ -31,12 +32,13 @@ def _base_of(full_url: str) -> str | None:
 def check_references(
     bundle: dict[str, Any], sites: list[ReferenceSite], package: ConformancePackage
 ) -> list[Issue]:
-    if bundle.get("type") in ("transaction", "batch", "transaction-response", "batch-response"):
+    kind = bundle.get("type")
+    if kind in ("transaction", "batch", "transaction-response", "batch-response"):
         return []
-    entries = [e for e in bundle.get("entry", []) if isinstance(e, dict)]
+    entries = dict(bundle_entries(bundle))
     by_full_url: dict[str, dict[str, Any]] = {}
     by_type_id: dict[str, dict[str, Any]] = {}
-    for e in entries:
+    for e in entries.values():
         res = e.get("resource")
         if not isinstance(res, dict):
             continue
@@ -44,7 +46,7 @@ def check_references(
             by_full_url[e["fullUrl"]] = res
         if "id" in res:
             by_type_id[f"{res.get('resourceType')}/{res['id']}"] = res
-    strict = bundle.get("type") in ("collection", "document")
+    strict = kind in ("collection", "document")
     issues: list[Issue] = []
     for site in sites:
         ref = site.reference
@@ -76,7 +78,7 @@ def check_references(
 def _resolve(
     ref: str,
     location: str,
-    entries: list[dict[str, Any]],
+    entries: dict[int, dict[str, Any]],
     by_full_url: dict[str, dict[str, Any]],
     by_type_id: dict[str, dict[str, Any]],
 ) -> dict[str, Any] | None:
@@ -89,10 +91,8 @@ def _resolve(
     entry_match = _ENTRY.match(location)
     if entry_match:
         index = int(entry_match.group(1))
-        holder = entries[index] if index < len(entries) else {}
-        base = (
-            _base_of(holder.get("fullUrl", "")) if isinstance(holder.get("fullUrl"), str) else None
-        )
+        full_url = entries.get(index, {}).get("fullUrl")
+        base = _base_of(full_url) if isinstance(full_url, str) else None
         if base and base + plain in by_full_url:
             return by_full_url[base + plain]
     return by_type_id.get(plain)
@@ -104,6 +104,8 @@ def _check_target(
     if not site.target_profiles:
         return []
     rt = target.get("resourceType")
+    if not isinstance(rt, str):
+        return []  # not a resource; reported where the entry is walked
     allowed_types: dict[str, list[str]] = {}
     for url in site.target_profiles:
         sd = package.resolve(url)
@@ -122,10 +124,7 @@ def _check_target(
     wanted = [u for u in allowed_types.get(str(rt), []) if not u.startswith(_BASE)]
     if not wanted:
         return []
-    declared = (
-        target.get("meta", {}).get("profile", []) if isinstance(target.get("meta"), dict) else []
-    )
-    if any(_derives_from(p, w, package) for p in declared for w in wanted):
+    if any(_derives_from(p, w, package) for p in declared_profiles(target) for w in wanted):
         return []
     return [
         Issue(

@@ -24,7 +24,13 @@ from fhirpathpy.models import models as fhirpath_models
 from pydantic import ValidationError
 
 from cpa_fhir.conformance.package import ConformancePackage
-from cpa_fhir.fhir.models import FHIR_VERSION, R4_RESOURCE_TYPES, model_class
+from cpa_fhir.fhir.models import (
+    FHIR_VERSION,
+    R4_RESOURCE_TYPES,
+    bundle_entries,
+    declared_profiles,
+    model_class,
+)
 from cpa_fhir.fhir.outcome import Issue, sort_issues
 from cpa_fhir.validation._bundle import check_bundle
 from cpa_fhir.validation._record_rules import check_record
@@ -110,12 +116,13 @@ class Validator:
         codings: list[tuple[str | None, str]] = []
         if type_code in ("code", "string", "uri") and isinstance(v, str):
             codings = [(None, v)]
-        elif type_code == "Coding" and isinstance(v, dict) and "code" in v:
-            codings = [(v.get("system"), v["code"])]
+        elif type_code == "Coding" and isinstance(v, dict):
+            codings = _codings([v])
         elif type_code == "CodeableConcept" and isinstance(v, dict):
-            codings = [(c.get("system"), c["code"]) for c in v.get("coding", []) if "code" in c]
-        else:
-            return
+            raw = v.get("coding")
+            codings = _codings(raw if isinstance(raw, list) else [])
+        if not codings:
+            return  # nothing codable to check; structure errors are reported elsewhere
         results = [expansion.contains(system, code) for system, code in codings]
         if True in results or None in results:
             return
@@ -196,7 +203,7 @@ class Validator:
             issues.extend(check_bundle(resource))
             issues.extend(check_references(resource, references, self.package))
             # Record rules read the record as FHIR: they run once it is well-formed.
-            if _is_record(resource) and not structure:
+            if not structure and _is_record(resource):
                 issues.extend(
                     check_record(resource, as_of or _as_of(resource), self.package.canonical)
                 )
@@ -222,7 +229,7 @@ class Validator:
                 for err in exc.errors()
                 if err["type"] not in _WALKER_REPORTS
             ]
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, KeyError) as exc:
             return [Issue("error", "structure", f"Not valid FHIR R4: {exc}", rt)]
         return []
 
@@ -240,12 +247,7 @@ class Validator:
                 Issue("error", "structure", f"'{rt}' is not a FHIR R4 resource type", loc)
             )
             return
-        declared = (
-            resource.get("meta", {}).get("profile", [])
-            if isinstance(resource.get("meta"), dict)
-            else []
-        )
-        urls = [profile] if profile else [p for p in declared if isinstance(p, str)]
+        urls = [profile] if profile else declared_profiles(resource)
         trees: list[Node] = []
         for url in urls:
             tree = self.tree_for_url(url)
@@ -284,6 +286,15 @@ class Validator:
                     self._resource(nested, nested_loc, None, issues, references)
 
 
+def _codings(items: list[Any]) -> list[tuple[str | None, str]]:
+    """(system, code) pairs of well-formed Codings; malformed ones are the walker's to report."""
+    return [
+        (c.get("system") if isinstance(c.get("system"), str) else None, c["code"])
+        for c in items
+        if isinstance(c, dict) and isinstance(c.get("code"), str)
+    ]
+
+
 # Reported by the walker with a profile-aware message instead.
 _WALKER_REPORTS = {"extra_forbidden", "missing"}
 
@@ -293,8 +304,8 @@ def _pydantic_issue(rt: str, err: Any) -> Issue:
     for part in err["loc"]:
         if isinstance(part, int):
             loc += f"[{part}]"
-        elif part[:1].isupper() and part.isalpha():
-            continue  # pydantic names the model class of a polymorphic value
+        elif (part[:1].isupper() and part.isalpha()) or part == "root":
+            continue  # pydantic names the model class, or its root, of a polymorphic value
         else:
             loc += f".{part}"
     msg = str(err["msg"]).removeprefix("Value error, ")
@@ -309,10 +320,8 @@ def _is_record(bundle: dict[str, Any]) -> bool:
         return False
     patients = [
         e
-        for e in bundle.get("entry", [])
-        if isinstance(e, dict)
-        and isinstance(e.get("resource"), dict)
-        and e["resource"].get("resourceType") == "Patient"
+        for _, e in bundle_entries(bundle)
+        if isinstance(e.get("resource"), dict) and e["resource"].get("resourceType") == "Patient"
     ]
     return len(patients) == 1
 

@@ -141,6 +141,9 @@ class Walk:
                 self.slicing(child, values, f"{loc}.{keys[0][0]}")
         if strict:
             for key in obj:
+                if not isinstance(key, str):
+                    self.error(loc, f"Element names must be strings, not {key!r}")
+                    continue
                 if key in used or (key == "resourceType" and node.el.get("path") == type_code):
                     continue
                 if key.startswith("_") and key[1:] in used:
@@ -219,7 +222,9 @@ class Walk:
         if type_code in _RESOURCE_TYPES or (
             not type_code and isinstance(v, dict) and "resourceType" in v
         ):
-            if strict:
+            if not isinstance(v, dict):
+                self.error(loc, "A contained or entry resource must be a JSON object")
+            elif strict:
                 self.nested.append((v, loc))
             return
         if is_primitive(type_code) or not isinstance(v, dict):
@@ -254,12 +259,14 @@ class Walk:
                     rule="sctid",
                 )
         elif type_code == "Reference" and isinstance(v.get("reference"), str):
-            targets = [p for t in node.types for p in t.get("targetProfile", [])]
+            targets = [
+                p for t in node.types for p in t.get("targetProfile", []) if isinstance(p, str)
+            ]
             self.references.append(ReferenceSite(f"{loc}.reference", v["reference"], targets))
         self.invariants(node, v, loc)
 
     def extension(self, node: Node, v: dict[str, Any], loc: str, strict: bool) -> None:
-        has_value = any(k.startswith("value") for k in v)
+        has_value = any(isinstance(k, str) and k.startswith("value") for k in v)
         if has_value and "extension" in v:
             self.error(
                 loc,
