@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import sys
-from datetime import date
+import uuid
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -12,7 +13,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cpa_fhir.config import load_policy
 from cpa_fhir.conformance.package import ConformancePackage, default_package_dir, load_package
+from cpa_fhir.consent import RequiredElements, ShareRequest
+from cpa_fhir.consent import share as share_record
 from cpa_fhir.errors import FhirError
 from cpa_fhir.fhir.models import bundle_entries
 from cpa_fhir.fhir.outcome import operation_outcome
@@ -158,6 +162,122 @@ def validate(
             f"{len(paths)} file(s): {len(paths) - invalid} valid, {invalid} invalid", markup=False
         )
     raise typer.Exit(1 if failed else 0)
+
+
+def _instant(text: str | None) -> datetime:
+    if text is None:
+        return datetime.now(UTC)
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise _fail(f"--at {text!r} is not a date-time (e.g. 2026-11-01T10:00:00Z)") from None
+    if moment.tzinfo is None:
+        raise _fail(f"--at {text!r} needs a time zone (e.g. Z or +01:00)")
+    return moment
+
+
+def _write(path: Path, data: bytes, what: str) -> None:
+    try:
+        path.write_bytes(data)
+    except OSError as exc:
+        raise _fail(f"{path}: cannot write the {what} ({exc.strerror or exc})", 1) from None
+
+
+@app.command()
+def share(
+    record: Annotated[Path, typer.Argument(help="A patient's record: a collection Bundle.")],
+    to: Annotated[
+        str,
+        typer.Option(
+            "--to",
+            help="gp, social-care, probation, police, children-services, voluntary-provider, "
+            "private-provider or health-board (append :ID to pick one), or carer:ID.",
+        ),
+    ],
+    purpose: Annotated[
+        str, typer.Option("--purpose", help="HL7 purpose of use, e.g. TREAT, COC, FAMRQT.")
+    ],
+    audit: Annotated[
+        Path, typer.Option("--audit", help="Write the disclosure's AuditEvent to this file.")
+    ],
+    out_file: Annotated[
+        Path | None,
+        typer.Option("--out", help="Write the outgoing Bundle here instead of standard output."),
+    ] = None,
+    exception: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--exception",
+            help="Invoke a legal basis for disclosure without consent (repeatable): "
+            "public-protection, child-protection, adult-protection, carers-need-to-know.",
+        ),
+    ] = None,
+    requester: Annotated[
+        str | None,
+        typer.Option("--requester", help="Who asks, e.g. Practitioner/ID (default: the trust)."),
+    ] = None,
+    at: Annotated[
+        str | None, typer.Option("--at", help="Time of disclosure (default: now).")
+    ] = None,
+    policy_file: Annotated[
+        Path | None,
+        typer.Option("--policy", help="Sharing policy (default: the project's policy/sharing.toml)."),
+    ] = None,
+    package: PackageOption = None,
+) -> None:
+    """Share what consent or the law allows from a record with one recipient.
+
+    The outgoing Bundle goes to standard output (or --out), what was withheld
+    and why to standard error, and the AuditEvent to --audit. Anything that
+    cannot be evaluated shares nothing (exit 1).
+    """
+    when = _instant(at)
+    try:
+        data = record.read_bytes()
+    except OSError as exc:
+        raise _fail(f"{record}: cannot read ({exc.strerror or exc})") from None
+    try:
+        bundle = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise _fail(f"{record}: not JSON ({exc})") from None
+    try:
+        policy = load_policy(policy_file)
+    except FhirError as exc:
+        raise _fail(exc.message) from None
+    loaded = _package(package)
+    try:
+        disclosure = share_record(
+            bundle,
+            ShareRequest(to, purpose, tuple(exception or ()), requester),
+            policy,
+            at=when,
+            new_id=lambda: str(uuid.uuid4()),
+            required=RequiredElements(loaded),
+        )
+    except FhirError as exc:
+        raise _fail(f"sharing refused, nothing was shared: {exc.message}", 1) from None
+    for line in disclosure.withheld_summary():
+        err.print(line, markup=False)
+    if disclosure.bundle is None or disclosure.audit_event is None:
+        raise _fail("nothing was shared", 1)
+    # The last guard: what leaves must conform to the profiles.
+    problems = [i for i in Validator(loaded).validate(disclosure.bundle) if i.is_error]
+    if problems:
+        for issue in problems:
+            err.print(issue.line(), markup=False)
+        raise _fail("sharing refused, nothing was shared: the outgoing Bundle is not valid", 1)
+    _write(audit, orjson.dumps(disclosure.audit_event, option=orjson.OPT_INDENT_2) + b"\n", "AuditEvent")
+    body = orjson.dumps(disclosure.bundle, option=orjson.OPT_INDENT_2) + b"\n"
+    if out_file is None:
+        sys.stdout.buffer.write(body)
+        sys.stdout.flush()
+    else:
+        _write(out_file, body, "outgoing Bundle")
+    err.print(
+        f"shared {len(disclosure.shared)} resource(s) with {disclosure.decision.recipient.reference}"
+        f" for {purpose}; withheld {len(disclosure.withheld)} item(s)",
+        markup=False,
+    )
 
 
 @profiles_app.command("build")

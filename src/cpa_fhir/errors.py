@@ -4,6 +4,11 @@
     ├── InputError             input that is not readable FHIR JSON at all
     ├── ProfileError           a conformance package that cannot be loaded or used
     ├── MappingError           a source record that cannot be mapped
+    ├── SharingError           nothing may be shared: the engine could not decide safely
+    │   ├── PolicyError        the sharing policy data is unusable
+    │   ├── ConsentFormatError a Consent the engine cannot evaluate
+    │   ├── RecipientError     an unknown or ambiguous recipient, or a basis that does not apply
+    │   └── LabellingError     a labelling rule that cannot be evaluated on some content
     └── ConnectorError         a partner system could not be reached or refused
         ├── UpstreamStatusError
         └── AuthError
@@ -61,6 +66,34 @@ class MappingError(FhirError):
     code = "invalid"
 
 
+class SharingError(FhirError):
+    """The consent engine refused to share anything: it fails closed."""
+
+    code = "processing"
+
+
+class PolicyError(SharingError):
+    """The sharing policy (labelling rules, categories, exceptions) is unusable."""
+
+    code = "invalid"
+
+
+class ConsentFormatError(SharingError):
+    """A Consent resource is malformed or uses something the engine cannot evaluate."""
+
+    code = "invalid"
+
+
+class RecipientError(SharingError):
+    """The recipient is unknown or ambiguous, or a named legal basis does not apply."""
+
+    code = "not-found"
+
+
+class LabellingError(SharingError):
+    """A labelling rule could not be evaluated on the content in front of it."""
+
+
 class ConnectorError(FhirError):
     """A partner system failed."""
 
@@ -80,9 +113,14 @@ class AuthError(ConnectorError):
 __all__ = [
     "AuthError",
     "ConnectorError",
+    "ConsentFormatError",
     "FhirError",
     "InputError",
+    "LabellingError",
     "MappingError",
+    "PolicyError",
     "ProfileError",
+    "RecipientError",
+    "SharingError",
     "UpstreamStatusError",
 ]

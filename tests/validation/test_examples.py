@@ -84,6 +84,8 @@ def test_every_profile_has_an_invalid_example(package) -> None:  # type: ignore[
             else [data]
         )
         index = case["expression"].split(".resource")[0]
+        if not index.startswith("Bundle.entry["):
+            covered.update(data.get("meta", {}).get("profile", []))
         for i, r in enumerate(resources):
             if data["resourceType"] != "Bundle" or index == f"Bundle.entry[{i}]":
                 covered.update(r.get("meta", {}).get("profile", []))

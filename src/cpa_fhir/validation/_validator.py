@@ -315,9 +315,12 @@ def _pydantic_issue(rt: str, err: Any) -> Issue:
     return Issue("error", "value" if err["type"] == "value_error" else "structure", msg, loc)
 
 
+_DISCLOSURE = "https://cpa-fhir.org/fhir/StructureDefinition/cpa-disclosure-bundle"
+
+
 def _is_record(bundle: dict[str, Any]) -> bool:
-    if bundle.get("type") != "collection":
-        return False
+    if bundle.get("type") != "collection" or _DISCLOSURE in declared_profiles(bundle):
+        return False  # a disclosure is part of a record by design
     patients = [
         e
         for _, e in bundle_entries(bundle)

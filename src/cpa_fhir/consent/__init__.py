@@ -1,0 +1,77 @@
+"""Consent-aware sharing: label, decide, filter, audit. Pure: no I/O.
+
+The policy (categories, labelling rules, recipients, legal exceptions) is data,
+parsed by `parse_policy`; the time and ids are passed in.
+"""
+
+from cpa_fhir.consent._audit import audit_event, provenance, withheld_counts
+from cpa_fhir.consent._decision import (
+    Basis,
+    Decision,
+    Recipient,
+    decide,
+    recipient_from,
+    resolve_recipient,
+)
+from cpa_fhir.consent._filtering import (
+    FilterResult,
+    RequiredElements,
+    WithheldItem,
+    filter_record,
+)
+from cpa_fhir.consent._labelling import (
+    ElementLabel,
+    LabelledResource,
+    label_resource,
+    label_resources,
+    security_labels,
+)
+from cpa_fhir.consent._policy import (
+    CATEGORY_SYSTEM,
+    LEGAL_BASIS_SYSTEM,
+    Category,
+    LabelRule,
+    LegalException,
+    SharingPolicy,
+    parse_policy,
+)
+from cpa_fhir.consent._share import (
+    DISCLOSURE_PROFILE,
+    Disclosure,
+    ShareRequest,
+    record_entries,
+    share,
+)
+
+__all__ = [
+    "CATEGORY_SYSTEM",
+    "DISCLOSURE_PROFILE",
+    "LEGAL_BASIS_SYSTEM",
+    "Basis",
+    "Category",
+    "Decision",
+    "Disclosure",
+    "ElementLabel",
+    "FilterResult",
+    "LabelRule",
+    "LabelledResource",
+    "LegalException",
+    "Recipient",
+    "RequiredElements",
+    "ShareRequest",
+    "SharingPolicy",
+    "WithheldItem",
+    "audit_event",
+    "decide",
+    "filter_record",
+    "label_resource",
+    "label_resources",
+    "parse_policy",
+    "provenance",
+    "recipient_from",
+    "record_entries",
+    "resolve_recipient",
+    "security_labels",
+    "share",
+    "withheld_counts",
+]

@@ -1,0 +1,140 @@
+"""The record of a disclosure: one AuditEvent for the sender, one Provenance for the recipient.
+
+AuditEvent follows the project's profile
+https://cpa-fhir.org/fhir/StructureDefinition/cpa-disclosure-audit-event (DICOM
+110106 Export; the basis of each category; what went and how much did not).
+Provenance follows https://hl7.org/fhir/R4/provenance.html.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from cpa_fhir.consent._decision import Decision
+from cpa_fhir.consent._filtering import WithheldItem
+from cpa_fhir.consent._policy import CATEGORY_SYSTEM, LEGAL_BASIS_SYSTEM, PURPOSE_SYSTEM
+
+AUDIT_PROFILE = "https://cpa-fhir.org/fhir/StructureDefinition/cpa-disclosure-audit-event"
+BASIS_EXTENSION = "https://cpa-fhir.org/fhir/StructureDefinition/disclosure-basis"
+_DCM = "http://dicom.nema.org/resources/ontology/DCM"
+
+
+def _instant(at: datetime) -> str:
+    return at.isoformat().replace("+00:00", "Z")
+
+
+def basis_extensions(decision: Decision, categories: Sequence[str]) -> list[dict[str, Any]]:
+    out = []
+    for cat in sorted(categories):
+        basis = decision.basis_of(cat)
+        parts: list[dict[str, Any]] = [
+            {"url": "category", "valueCoding": {"system": CATEGORY_SYSTEM, "code": cat}}
+        ]
+        if basis.consent is not None:
+            parts.append({"url": "consent", "valueReference": {"reference": basis.consent}})
+        else:
+            parts.append(
+                {"url": "legalBasis", "valueCoding": {"system": LEGAL_BASIS_SYSTEM, "code": basis.legal_basis}}
+            )
+        out.append({"url": BASIS_EXTENSION, "extension": parts})
+    return out
+
+
+def withheld_counts(withheld: Sequence[WithheldItem]) -> Counter[str]:
+    """How many resources or elements each category kept back (one item may count for several)."""
+    counts: Counter[str] = Counter()
+    for item in withheld:
+        if item.categories:
+            counts.update(item.categories)
+        else:
+            counts["not-needed-or-incomplete"] += 1
+    return counts
+
+
+def audit_event(
+    *,
+    event_id: str,
+    decision: Decision,
+    shared: Sequence[str],
+    shared_categories: Sequence[str],
+    withheld: Sequence[WithheldItem],
+    requester: str,
+    observer: dict[str, Any],
+) -> dict[str, Any]:
+    """The one AuditEvent of a disclosure. `shared` lists Type/id of what went."""
+    entities: list[dict[str, Any]] = [{"what": {"reference": key}} for key in shared]
+    counts = withheld_counts(withheld)
+    if counts:
+        entities.append(
+            {
+                "description": "Withheld from this disclosure",
+                "detail": [
+                    {"type": f"withheld-{cat}", "valueString": str(n)}
+                    for cat, n in sorted(counts.items())
+                ],
+            }
+        )
+    recipient: dict[str, Any] = {"reference": decision.recipient.reference}
+    if decision.recipient.display:
+        recipient["display"] = decision.recipient.display
+    return {
+        "resourceType": "AuditEvent",
+        "id": event_id,
+        "meta": {"profile": [AUDIT_PROFILE]},
+        "extension": basis_extensions(decision, shared_categories),
+        "type": {"system": _DCM, "code": "110106", "display": "Export"},
+        "action": "R",
+        "recorded": _instant(decision.at),
+        "outcome": "0",
+        "purposeOfEvent": [{"coding": [{"system": PURPOSE_SYSTEM, "code": decision.purpose}]}],
+        "agent": [
+            {
+                "type": {"coding": [{"system": _DCM, "code": "110153", "display": "Source Role ID"}]},
+                "who": {"reference": requester},
+                "requestor": True,
+            },
+            {
+                "type": {"coding": [{"system": _DCM, "code": "110152", "display": "Destination Role ID"}]},
+                "who": recipient,
+                "requestor": False,
+            },
+        ],
+        "source": {"observer": observer},
+        "entity": entities,
+    }
+
+
+def provenance(
+    *,
+    provenance_id: str,
+    decision: Decision,
+    targets: Sequence[str],
+    sender: str,
+    policies: Sequence[str],
+) -> dict[str, Any]:
+    """Provenance for the shared bundle: who assembled it, when, why, under which policy."""
+    return {
+        "resourceType": "Provenance",
+        "id": provenance_id,
+        "target": [{"reference": t} for t in targets],
+        "recorded": _instant(decision.at),
+        "policy": list(policies),
+        "reason": [{"coding": [{"system": PURPOSE_SYSTEM, "code": decision.purpose}]}],
+        "agent": [
+            {
+                "type": {
+                    "coding": [
+                        {
+                            "system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type",
+                            "code": "assembler",
+                            "display": "Assembler",
+                        }
+                    ]
+                },
+                "who": {"display": sender},
+            }
+        ],
+    }

@@ -1,0 +1,264 @@
+"""The sharing policy: categories, labelling rules, recipients and legal exceptions.
+
+The policy is data (`policy/sharing.toml`); `parse_policy` checks it and turns
+it into values the engine can run fast. Nothing here reads files.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from cpa_fhir.errors import PolicyError
+
+CATEGORY_SYSTEM = "https://cpa-fhir.org/fhir/CodeSystem/cpa-information-category"
+LEGAL_BASIS_SYSTEM = "https://cpa-fhir.org/fhir/CodeSystem/disclosure-legal-basis"
+PARTNER_TYPE_SYSTEM = "https://cpa-fhir.org/fhir/CodeSystem/partner-agency-type"
+CONFIDENTIALITY_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-Confidentiality"
+SENSITIVITY_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
+PURPOSE_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ActReason"
+HANDLING_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ObservationValue"
+
+CARER = "carer"
+CONFIDENTIALITY_ORDER = {"U": 0, "L": 1, "M": 2, "N": 3, "R": 4, "V": 5}
+_EXPLICIT_LEVEL = CONFIDENTIALITY_ORDER["V"]
+
+
+@dataclass(frozen=True, slots=True)
+class Category:
+    """One CPA information category and the HL7 labels it carries."""
+
+    code: str
+    confidentiality: str
+    sensitivity: tuple[str, ...] = ()
+
+    @property
+    def needs_explicit_permit(self) -> bool:
+        """Very restricted content is permitted only by naming it (CPA.md rule 7)."""
+        return CONFIDENTIALITY_ORDER[self.confidentiality] >= _EXPLICIT_LEVEL
+
+
+@dataclass(frozen=True, slots=True)
+class LabelRule:
+    """One labelling rule; see the comments in `policy/sharing.toml`."""
+
+    id: str
+    resource_types: frozenset[str]
+    categories: tuple[str, ...]
+    elements: tuple[str, ...] = ()
+    profile: str | None = None
+    codes: frozenset[tuple[str, str]] = frozenset()
+    codes_at: tuple[str, ...] = ("code",)
+    words: re.Pattern[str] | None = None
+    text_at: tuple[str, ...] = ()
+    extension: str | None = None
+    inherit: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class LegalException:
+    """A named legal basis for disclosure without consent (handbook §36.1, §37.7)."""
+
+    code: str
+    recipients: frozenset[str]
+    purposes: frozenset[str]
+    categories: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class SharingPolicy:
+    categories: Mapping[str, Category]
+    default_category: str
+    rules: tuple[LabelRule, ...]
+    recipients: Mapping[str, str]
+    exceptions: Mapping[str, LegalException]
+    supporting: frozenset[str]
+    purposes: frozenset[str] = frozenset()
+    rules_by_type: Mapping[str, tuple[LabelRule, ...]] = field(default_factory=dict)
+    categories_by_sensitivity: Mapping[str, frozenset[str]] = field(default_factory=dict)
+
+    def category_levels(self, categories: frozenset[str]) -> str:
+        """The confidentiality code of content carrying these categories: the highest."""
+        best = "N"
+        for c in categories:
+            level = self.categories[c].confidentiality
+            if CONFIDENTIALITY_ORDER[level] > CONFIDENTIALITY_ORDER[best]:
+                best = level
+        return best
+
+
+def _strings(value: Any, where: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise PolicyError(f"{where} must be a string or a list of strings")
+
+
+def _known(codes: tuple[str, ...], known: Mapping[str, Any], what: str, where: str) -> None:
+    for c in codes:
+        if c not in known:
+            raise PolicyError(f"{where} names unknown {what} '{c}'")
+
+
+def _word_pattern(words: tuple[str, ...]) -> re.Pattern[str]:
+    alternatives = "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
+    return re.compile(rf"(?<![\w]){'(?:' + alternatives + ')'}", re.IGNORECASE)
+
+
+def _rule(
+    raw: Any,
+    index: int,
+    systems: Mapping[str, str],
+    categories: Mapping[str, Category],
+    word_lists: Mapping[str, tuple[str, ...]],
+) -> LabelRule:
+    if not isinstance(raw, dict):
+        raise PolicyError(f"rule {index + 1} must be a table")
+    rule_id = raw.get("id")
+    where = f"rule '{rule_id}'" if isinstance(rule_id, str) else f"rule {index + 1}"
+    allowed = {
+        "id", "resource", "category", "element", "profile", "codes", "codes_at",
+        "text", "text_at", "extension", "inherit",
+    }  # fmt: skip
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise PolicyError(f"{where} has unknown key(s): {', '.join(unknown)}")
+    if not isinstance(rule_id, str) or not rule_id:
+        raise PolicyError(f"{where} needs an id")
+    if "resource" not in raw or "category" not in raw:
+        raise PolicyError(f"{where} needs a resource and a category")
+    cats = _strings(raw["category"], f"{where}: category")
+    _known(cats, categories, "category", where)
+    codes: set[tuple[str, str]] = set()
+    for token in _strings(raw.get("codes", []), f"{where}: codes"):
+        system, sep, code = token.rpartition("|")
+        if not sep or not system or not code:
+            raise PolicyError(f"{where}: code '{token}' must be written system|code")
+        codes.add((systems.get(system, system), code))
+    words: re.Pattern[str] | None = None
+    if "text" in raw:
+        text = raw["text"]
+        if isinstance(text, str) and text in word_lists:
+            listed = word_lists[text]
+        else:
+            listed = _strings(text, f"{where}: text")
+        if not listed:
+            raise PolicyError(f"{where}: text lists no words")
+        words = _word_pattern(listed)
+    profile = raw.get("profile")
+    extension = raw.get("extension")
+    for name, value in (("profile", profile), ("extension", extension)):
+        if value is not None and not isinstance(value, str):
+            raise PolicyError(f"{where}: {name} must be a URL")
+    return LabelRule(
+        id=rule_id,
+        resource_types=frozenset(_strings(raw["resource"], f"{where}: resource")),
+        categories=cats,
+        elements=_strings(raw.get("element", []), f"{where}: element"),
+        profile=profile,
+        codes=frozenset(codes),
+        codes_at=_strings(raw.get("codes_at", ["code"]), f"{where}: codes_at"),
+        words=words,
+        text_at=_strings(raw.get("text_at", []), f"{where}: text_at"),
+        extension=extension,
+        inherit=_strings(raw.get("inherit", []), f"{where}: inherit"),
+    )
+
+
+def parse_policy(data: Mapping[str, Any]) -> SharingPolicy:
+    """Check policy data (as read from TOML or JSON) and build the engine's policy.
+
+    Raises PolicyError naming the first problem: the engine never runs on a
+    policy it cannot fully understand.
+    """
+    if not isinstance(data, Mapping):
+        raise PolicyError("the sharing policy must be a table")
+    raw_categories = data.get("category")
+    if not isinstance(raw_categories, Mapping) or not raw_categories:
+        raise PolicyError("the sharing policy defines no categories")
+    categories: dict[str, Category] = {}
+    for code, spec in raw_categories.items():
+        if not isinstance(spec, Mapping):
+            raise PolicyError(f"category '{code}' must be a table")
+        level = spec.get("confidentiality")
+        if level not in CONFIDENTIALITY_ORDER:
+            raise PolicyError(f"category '{code}' needs a confidentiality code (N, R or V)")
+        sensitivity = _strings(spec.get("sensitivity", []), f"category '{code}': sensitivity")
+        categories[code] = Category(code, level, sensitivity)
+    default = data.get("default_category")
+    if not isinstance(default, str) or default not in categories:
+        raise PolicyError("default_category must name one of the categories")
+    if categories[default].confidentiality != "V":
+        raise PolicyError("default_category must be very restricted (V): unlabelled content is")
+    systems = data.get("systems", {})
+    if not isinstance(systems, Mapping) or not all(isinstance(v, str) for v in systems.values()):
+        raise PolicyError("[systems] must map short names to code system URLs")
+    raw_words = data.get("words", {})
+    if not isinstance(raw_words, Mapping):
+        raise PolicyError("[words] must map names to lists of words")
+    word_lists = {k: _strings(v, f"words '{k}'") for k, v in raw_words.items()}
+    raw_rules = data.get("rule", [])
+    if not isinstance(raw_rules, list):
+        raise PolicyError("rules must be an array of tables ([[rule]])")
+    rules = tuple(
+        _rule(r, i, systems, categories, word_lists) for i, r in enumerate(raw_rules)
+    )
+    ids = [r.id for r in rules]
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise PolicyError(f"rule ids must be unique: {', '.join(duplicates)}")
+    recipients = data.get("recipients", {})
+    if not isinstance(recipients, Mapping) or not all(
+        isinstance(v, str) for v in recipients.values()
+    ):
+        raise PolicyError("[recipients] must map names to partner agency types")
+    exceptions: dict[str, LegalException] = {}
+    raw_exceptions = data.get("exception", {})
+    if not isinstance(raw_exceptions, Mapping):
+        raise PolicyError("[exception.*] must be tables")
+    for code, spec in raw_exceptions.items():
+        where = f"exception '{code}'"
+        if not isinstance(spec, Mapping):
+            raise PolicyError(f"{where} must be a table")
+        cats = _strings(spec.get("categories", []), f"{where}: categories")
+        _known(cats, categories, "category", where)
+        targets = _strings(spec.get("recipients", []), f"{where}: recipients")
+        purposes = _strings(spec.get("purposes", []), f"{where}: purposes")
+        if not cats or not targets or not purposes:
+            raise PolicyError(f"{where} needs recipients, purposes and categories")
+        exceptions[code] = LegalException(
+            code, frozenset(targets), frozenset(purposes), frozenset(cats)
+        )
+    supporting = frozenset(_strings(data.get("supporting", []), "supporting"))
+    known_purposes = frozenset(_strings(data.get("purposes", []), "purposes"))
+    if not known_purposes:
+        raise PolicyError("the sharing policy lists no purposes of use")
+    for exc in exceptions.values():
+        _known(
+            tuple(sorted(exc.purposes)),
+            {p: p for p in known_purposes},
+            "purpose",
+            f"exception '{exc.code}'",
+        )
+    by_type: dict[str, list[LabelRule]] = {}
+    for r in rules:
+        for t in r.resource_types:
+            by_type.setdefault(t, []).append(r)
+    by_sensitivity: dict[str, set[str]] = {}
+    for c in categories.values():
+        for s in c.sensitivity:
+            by_sensitivity.setdefault(s, set()).add(c.code)
+    return SharingPolicy(
+        categories=categories,
+        default_category=default,
+        rules=rules,
+        recipients=dict(recipients),
+        exceptions=exceptions,
+        supporting=supporting,
+        purposes=known_purposes,
+        rules_by_type={t: tuple(rs) for t, rs in by_type.items()},
+        categories_by_sensitivity={k: frozenset(v) for k, v in by_sensitivity.items()},
+    )
