@@ -44,15 +44,15 @@ from cpa_fhir.consent._share import (
 )
 
 __all__ = [
-    "CATEGORY_SYSTEM",
-    "DISCLOSURE_PROFILE",
-    "LEGAL_BASIS_SYSTEM",
     "Basis",
+    "CATEGORY_SYSTEM",
     "Category",
+    "DISCLOSURE_PROFILE",
     "Decision",
     "Disclosure",
     "ElementLabel",
     "FilterResult",
+    "LEGAL_BASIS_SYSTEM",
     "LabelRule",
     "LabelledResource",
     "LegalException",
