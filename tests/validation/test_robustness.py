@@ -15,8 +15,13 @@ from tests.common import EXAMPLES
 
 RECORDS = [orjson.loads(p.read_bytes()) for p in sorted(EXAMPLES.glob("*.json"))]
 
+# orjson, like most JSON encoders, writes integers of at most 64 bits.
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=8),
     lambda inner: (
         st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=12), inner, max_size=3)
     ),
