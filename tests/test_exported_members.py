@@ -4,7 +4,13 @@ import importlib
 
 import pytest
 
-PACKAGES = ["cpa_fhir", "cpa_fhir.fhir", "cpa_fhir.conformance", "cpa_fhir.validation"]
+PACKAGES = [
+    "cpa_fhir",
+    "cpa_fhir.fhir",
+    "cpa_fhir.conformance",
+    "cpa_fhir.store",
+    "cpa_fhir.validation",
+]
 
 
 @pytest.mark.parametrize("name", PACKAGES)
