@@ -6,7 +6,6 @@ import random
 import re
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -331,7 +330,7 @@ def _reference_match(prefix: str, target: tuple[datetime, datetime], value: str)
     }[prefix]
 
 
-_ZONES = [timezone.utc, timezone(timedelta(hours=1)), timezone(timedelta(hours=-5, minutes=-30))]
+_ZONES = [UTC, timezone(timedelta(hours=1)), timezone(timedelta(hours=-5, minutes=-30))]
 
 
 def _fhir_date(rng: Any) -> str:
