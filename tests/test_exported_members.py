@@ -10,6 +10,7 @@ PACKAGES = [
     "cpa_fhir.conformance",
     "cpa_fhir.validation",
     "cpa_fhir.consent",
+    "cpa_fhir.store",
 ]
 
 

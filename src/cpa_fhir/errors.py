@@ -9,9 +9,15 @@
     │   ├── ConsentFormatError a Consent the engine cannot evaluate
     │   ├── RecipientError     an unknown or ambiguous recipient, or a basis that does not apply
     │   └── LabellingError     a labelling rule that cannot be evaluated on some content
-    └── ConnectorError         a partner system could not be reached or refused
-        ├── UpstreamStatusError
-        └── AuthError
+    ├── ConnectorError         a partner system could not be reached or refused
+    │   ├── UpstreamStatusError
+    │   └── AuthError
+    ├── SearchError            a search the store cannot run: unknown or malformed parameters
+    └── StoreError             a store request refused for the state of the stored resource
+        ├── ResourceNotFound   no such resource or version
+        ├── ResourceGone       the resource was deleted
+        ├── VersionConflict    the resource changed since the version the writer saw
+        └── PreconditionFailed a conditional request's condition cannot be met
 
 Issue codes are from http://hl7.org/fhir/R4/valueset-issue-type.html.
 """
@@ -110,6 +116,56 @@ class AuthError(ConnectorError):
     code = "security"
 
 
+class SearchError(FhirError):
+    """A search parameter is unknown, unsupported or malformed (HTTP 400).
+
+    https://hl7.org/fhir/R4/search.html#errors: a server must not silently ignore a
+    parameter it does not understand when it cannot honour the search.
+    """
+
+    code = "invalid"
+
+
+class StoreError(FhirError):
+    """A create, read, update or delete refused for the stored resource's state."""
+
+
+class ResourceNotFound(StoreError):
+    """No resource (or version) with that type and id exists (HTTP 404)."""
+
+    code = "not-found"
+
+
+class ResourceGone(StoreError):
+    """The resource existed but is deleted (HTTP 410): https://hl7.org/fhir/R4/http.html#read"""
+
+    code = "deleted"
+
+
+class VersionConflict(StoreError):
+    """The resource is no longer at the version the writer saw (HTTP 409/412).
+
+    https://hl7.org/fhir/R4/http.html#concurrency; `current_version` is the stored one.
+    """
+
+    code = "conflict"
+
+    def __init__(
+        self, message: str, *, current_version: int | None = None, expression: str | None = None
+    ):
+        super().__init__(message, expression=expression)
+        self.current_version = current_version
+
+
+class PreconditionFailed(StoreError):
+    """A conditional request cannot proceed, e.g. If-None-Exist matched several (HTTP 412).
+
+    https://hl7.org/fhir/R4/http.html#ccreate
+    """
+
+    code = "duplicate"
+
+
 __all__ = [
     "AuthError",
     "ConnectorError",
@@ -119,8 +175,14 @@ __all__ = [
     "LabellingError",
     "MappingError",
     "PolicyError",
+    "PreconditionFailed",
     "ProfileError",
     "RecipientError",
+    "ResourceGone",
+    "ResourceNotFound",
+    "SearchError",
     "SharingError",
+    "StoreError",
     "UpstreamStatusError",
+    "VersionConflict",
 ]

@@ -15,6 +15,7 @@ from tests.common import EXAMPLES
 
 RECORDS = [orjson.loads(p.read_bytes()) for p in sorted(EXAMPLES.glob("*.json"))]
 
+# orjson, like most JSON encoders, writes integers of at most 64 bits.
 json_values = st.recursive(
     st.none()
     | st.booleans()

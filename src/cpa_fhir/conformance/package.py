@@ -19,7 +19,7 @@ from cpa_fhir.conformance.snapshot import generate_snapshot
 from cpa_fhir.conformance.terminology import Terminology
 from cpa_fhir.errors import ProfileError
 
-CANONICAL_TYPES = ("StructureDefinition", "ValueSet", "CodeSystem")
+CANONICAL_TYPES = ("StructureDefinition", "ValueSet", "CodeSystem", "SearchParameter")
 
 
 @dataclass
@@ -66,6 +66,13 @@ class ConformancePackage:
         for sd in sorted(own, key=lambda s: s["url"]):
             visit(sd)
         return ordered
+
+    def search_parameters(self) -> list[dict[str, Any]]:
+        """The package's own SearchParameters (https://hl7.org/fhir/R4/searchparameter.html)."""
+        return sorted(
+            (r for r in self.own.values() if r["resourceType"] == "SearchParameter"),
+            key=lambda r: str(r["url"]),
+        )
 
     def profiles(self) -> list[str]:
         """Urls of the package's own resource profiles (not extensions, not UK Core)."""

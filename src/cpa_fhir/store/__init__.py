@@ -1,0 +1,58 @@
+"""Persistence and search of FHIR resources: https://hl7.org/fhir/R4/http.html
+
+`SqlRepository` stores resources as JSON with their version history and a search
+index, on a SQLite file or PostgreSQL; `parse_search` turns query parameters into a
+`SearchQuery` (https://hl7.org/fhir/R4/search.html).
+"""
+
+from cpa_fhir.store._indexing import IndexRows, index_resource, normalise
+from cpa_fhir.store._migrations import LATEST_VERSION, MIGRATIONS, current_version, migrate
+from cpa_fhir.store._query import (
+    MAX_COUNT,
+    Criterion,
+    DateValue,
+    Include,
+    NumberValue,
+    ReferenceValue,
+    SearchQuery,
+    SortKey,
+    StringValue,
+    TokenValue,
+    parse_search,
+)
+from cpa_fhir.store._repository import Repository, SearchResult, SqlRepository, Stored
+from cpa_fhir.store._search_parameters import (
+    SearchParameter,
+    SearchParameters,
+    default_search_parameters,
+    r4_search_parameters,
+)
+
+__all__ = [
+    "Criterion",
+    "DateValue",
+    "Include",
+    "IndexRows",
+    "LATEST_VERSION",
+    "MAX_COUNT",
+    "MIGRATIONS",
+    "NumberValue",
+    "ReferenceValue",
+    "Repository",
+    "SearchParameter",
+    "SearchParameters",
+    "SearchQuery",
+    "SearchResult",
+    "SortKey",
+    "SqlRepository",
+    "Stored",
+    "StringValue",
+    "TokenValue",
+    "current_version",
+    "default_search_parameters",
+    "index_resource",
+    "migrate",
+    "normalise",
+    "parse_search",
+    "r4_search_parameters",
+]

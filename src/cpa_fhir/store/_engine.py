@@ -1,0 +1,66 @@
+"""Database engines for the store: a SQLite file by default, PostgreSQL by URL.
+
+SQLite runs in WAL mode (readers never wait for the writer, and a process killed
+mid-write leaves the last committed state: https://sqlite.org/wal.html). Every write
+transaction starts with `BEGIN IMMEDIATE`, taking the write lock before it reads, so a
+read-modify-write cannot interleave with another; reads start a plain `BEGIN`.
+PostgreSQL URLs (`postgresql://...`) use the psycopg 3 driver; `schema` puts the
+store's tables in that schema (via the connection's search_path).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import URL, Connection, Engine, make_url
+
+READ_ONLY = "cpa_fhir_read_only"
+_SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+def normalise_url(url: str | URL) -> URL:
+    """The SQLAlchemy URL for a store URL: `postgresql://` means psycopg 3."""
+    parsed = make_url(url)
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    if parsed.drivername not in ("sqlite", "sqlite+pysqlite", "postgresql+psycopg"):
+        raise ValueError(
+            f"unsupported store URL {parsed.drivername}://: use sqlite:///FILE or postgresql://..."
+        )
+    if parsed.drivername.startswith("sqlite") and parsed.database in (None, "", ":memory:"):
+        raise ValueError("the SQLite store needs a file: sqlite:///path/to/store.db")
+    return parsed
+
+
+def create_store_engine(url: str | URL, *, schema: str | None = None, **kwargs: Any) -> Engine:
+    parsed = normalise_url(url)
+    if parsed.drivername.startswith("sqlite"):
+        engine = sa.create_engine(
+            parsed,
+            connect_args={"check_same_thread": False, "timeout": _SQLITE_BUSY_TIMEOUT_MS / 1000},
+            **kwargs,
+        )
+        sa.event.listen(engine, "connect", _sqlite_connect)
+        sa.event.listen(engine, "begin", _sqlite_begin)
+        return engine
+    connect_args: dict[str, Any] = {}
+    if schema is not None:
+        connect_args["options"] = f"-csearch_path={schema}"
+    return sa.create_engine(parsed, connect_args=connect_args, **kwargs)
+
+
+def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
+    # Let SQLAlchemy's begin event, not the sqlite3 module, open transactions.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    # In WAL mode NORMAL cannot corrupt the database; a power cut may lose the last commits.
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute(f"PRAGMA busy_timeout={_SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.close()
+
+
+def _sqlite_begin(connection: Connection) -> None:
+    read_only = connection.get_execution_options().get(READ_ONLY, False)
+    connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")

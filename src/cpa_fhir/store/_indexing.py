@@ -1,0 +1,156 @@
+"""The search-index rows of one resource: https://hl7.org/fhir/R4/search.html
+
+Each parameter's expression picks elements out of the resource; each element becomes
+rows by the parameter's type (https://hl7.org/fhir/R4/search.html#ptypes):
+
+- token: (system, code) of each Coding (also inside a CodeableConcept), Identifier
+  (system, value), ContactPoint (value), and code, boolean, string, id, uri primitives;
+- string: the text, and for HumanName and Address each part, both as written (for
+  `:exact`) and normalised (case-folded, accents stripped) for the default match;
+- reference: target type and id of a relative `Type/id` (or of an absolute URL
+  ending in one), and the URL itself when absolute; canonicals as URLs;
+- date: [low, high) ranges in UTC microseconds (see `_dates`);
+- uri: the value, as a token without a system;
+- number, quantity: the value, and a Quantity's system and code (or unit).
+
+Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from cpa_fhir.store._dates import value_ranges
+from cpa_fhir.store._search_parameters import SearchParameter
+
+_NAME_PARTS = ("text", "family", "given", "prefix", "suffix")
+_ADDRESS_PARTS = ("text", "line", "city", "district", "state", "postalCode", "country")
+
+
+@dataclass(slots=True)
+class IndexRows:
+    """Rows for each index table, without the resource's own type and id."""
+
+    tokens: set[tuple[str, str | None, str]] = field(default_factory=set)
+    strings: set[tuple[str, str, str]] = field(default_factory=set)
+    references: set[tuple[str, str | None, str | None, str | None]] = field(default_factory=set)
+    dates: set[tuple[str, int, int]] = field(default_factory=set)
+    numbers: set[tuple[str, float, str | None, str | None]] = field(default_factory=set)
+
+    def count(self) -> int:
+        return (
+            len(self.tokens)
+            + len(self.strings)
+            + len(self.references)
+            + len(self.dates)
+            + len(self.numbers)
+        )
+
+
+def normalise(text: str) -> str:
+    """Case-folded, accents stripped: how `string` parameters compare by default."""
+    decomposed = unicodedata.normalize("NFKD", text.casefold())
+    return "".join(c for c in decomposed if not unicodedata.combining(c))
+
+
+def index_resource(resource: dict[str, Any], parameters: Iterable[SearchParameter]) -> IndexRows:
+    rows = IndexRows()
+    for parameter in parameters:
+        values = parameter.evaluate(resource)
+        if not values:
+            continue
+        code = parameter.code
+        kind = parameter.type
+        if kind == "token":
+            rows.tokens.update((code, s, c) for v in values for s, c in _tokens(v))
+        elif kind == "uri":
+            rows.tokens.update((code, None, v) for v in values if isinstance(v, str))
+        elif kind == "string":
+            rows.strings.update((code, s, normalise(s)) for v in values for s in _strings(v))
+        elif kind == "reference":
+            rows.references.update((code, *r) for v in values if (r := _reference(v)))
+        elif kind == "date":
+            rows.dates.update((code, lo, hi) for v in values for lo, hi in value_ranges(v))
+        else:
+            rows.numbers.update((code, *n) for v in values if (n := _number(v)))
+    return rows
+
+
+def _tokens(value: Any) -> list[tuple[str | None, str]]:
+    if isinstance(value, bool):
+        return [(None, "true" if value else "false")]
+    if isinstance(value, str):
+        return [(None, value)]
+    if isinstance(value, int | float):
+        return [(None, str(value))]
+    if not isinstance(value, dict):
+        return []
+    if isinstance(value.get("coding"), list):  # CodeableConcept
+        return [t for coding in value["coding"] for t in _tokens(coding)]
+    system = value.get("system") if isinstance(value.get("system"), str) else None
+    if isinstance(value.get("code"), str):  # Coding
+        return [(system, value["code"])]
+    if isinstance(value.get("value"), str):  # Identifier, ContactPoint
+        is_contact_point = system in _CONTACT_POINT_SYSTEMS and "type" not in value
+        return [(None if is_contact_point else system, value["value"])]
+    return []
+
+
+# ContactPoint.system codes: a ContactPoint's token is its value alone.
+_CONTACT_POINT_SYSTEMS = frozenset({"phone", "fax", "email", "pager", "url", "sms", "other"})
+
+
+def _strings(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, dict):
+        return []
+    parts = _NAME_PARTS if ("family" in value or "given" in value) else _ADDRESS_PARTS
+    out: list[str] = []
+    for part in parts:
+        item = value.get(part)
+        if isinstance(item, str):
+            out.append(item)
+        elif isinstance(item, list):
+            out.extend(i for i in item if isinstance(i, str))
+    if not out and isinstance(value.get("text"), str):
+        out.append(value["text"])
+    return out
+
+
+def _reference(value: Any) -> tuple[str | None, str | None, str | None] | None:
+    """(target type, target id, absolute url) of a Reference or canonical."""
+    text = value.get("reference") if isinstance(value, dict) else value
+    if not isinstance(text, str) or not text or text.startswith("#"):
+        return None
+    absolute = "://" in text or text.startswith("urn:")
+    parts = text.split("/")
+    if len(parts) >= 4 and parts[-2] == "_history":
+        parts = parts[:-2]
+    if len(parts) >= 2 and parts[-2][:1].isupper() and parts[-1]:
+        return parts[-2], parts[-1], text if absolute else None
+    return (None, None, text) if absolute else None
+
+
+def _number(value: Any) -> tuple[float, str | None, str | None] | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value), None, None
+    if isinstance(value, str):
+        try:
+            return float(value), None, None
+        except ValueError:
+            return None
+    if isinstance(value, dict) and isinstance(value.get("value"), int | float):
+        system = value.get("system")
+        code = value.get("code") or value.get("unit")
+        return (
+            float(value["value"]),
+            system if isinstance(system, str) else None,
+            code if isinstance(code, str) else None,
+        )
+    return None

@@ -1,0 +1,85 @@
+"""Numbered, idempotent schema migrations, applied by the store itself.
+
+`migrate(engine)` applies, in order, every migration not yet recorded in
+`schema_version`, all in one transaction: either the store reaches the newest
+version or it stays where it was. Two processes starting together are serialised
+(PostgreSQL: a transaction-scoped advisory lock; SQLite: `BEGIN IMMEDIATE`), so the
+second finds the work done. Running it again changes nothing.
+
+Migration 1 creates the tables of `_schema` as first released. A later change to
+the schema is a new migration, written so that it is a no-op where the change is
+already present (`IF NOT EXISTS`), and is mirrored in `_schema`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from cpa_fhir.store._schema import metadata, schema_version
+
+_LOCK_KEY = "cpa_fhir.store.migrate"
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    description: str
+    apply: Callable[[Connection], None]
+
+
+def _create_tables(connection: Connection) -> None:
+    metadata.create_all(connection, checkfirst=True)
+
+
+def _index_history_by_time(connection: Connection) -> None:
+    # System-wide history (https://hl7.org/fhir/R4/http.html#history) is ordered by time.
+    connection.exec_driver_sql(
+        "CREATE INDEX IF NOT EXISTS ix_history_updated ON resource_history (last_updated)"
+    )
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "resource, history and search index tables", _create_tables),
+    Migration(2, "index history by time", _index_history_by_time),
+)
+LATEST_VERSION = MIGRATIONS[-1].version
+
+
+def migrate(engine: Engine, *, target: int | None = None) -> list[int]:
+    """Bring the store's schema up to `target` (default: the newest); the versions applied."""
+    target = LATEST_VERSION if target is None else target
+    applied_now: list[int] = []
+    with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            connection.execute(
+                sa.text("SELECT pg_advisory_xact_lock(hashtext(:key || current_schema()))"),
+                {"key": _LOCK_KEY},
+            )
+        schema_version.create(connection, checkfirst=True)
+        done = set(connection.scalars(sa.select(schema_version.c.version)))
+        for migration in MIGRATIONS:
+            if migration.version in done or migration.version > target:
+                continue
+            migration.apply(connection)
+            connection.execute(
+                schema_version.insert().values(
+                    version=migration.version,
+                    description=migration.description,
+                    applied_at=datetime.now(UTC),
+                )
+            )
+            applied_now.append(migration.version)
+    return applied_now
+
+
+def current_version(engine: Engine) -> int:
+    """The newest migration applied, 0 for an empty database."""
+    with engine.connect() as connection:
+        if not sa.inspect(connection).has_table("schema_version"):
+            return 0
+        return int(connection.scalar(sa.select(sa.func.max(schema_version.c.version))) or 0)

@@ -1,0 +1,513 @@
+"""Parse FHIR search parameters into a `SearchQuery`: https://hl7.org/fhir/R4/search.html
+
+The input is the query string as (name, value) pairs, in order, as a URL carries
+them. A parameter repeated is an AND of its occurrences; commas within one value
+are an OR (https://hl7.org/fhir/R4/search.html#combining); `\\,` `\\|` `\\$` and
+`\\\\` escape (https://hl7.org/fhir/R4/search.html#escaping).
+
+Every parameter is understood or refused: an unknown name, an unsupported or
+misapplied modifier, a malformed value or a bad result parameter raises
+`SearchError` (to become a 400 OperationOutcome), never a silent partial search.
+A known parameter with an empty value is ignored, as the specification asks.
+Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from typing import Literal, cast
+
+from cpa_fhir.errors import SearchError
+from cpa_fhir.fhir.models import R4_RESOURCE_TYPES
+from cpa_fhir.store._dates import date_range
+from cpa_fhir.store._indexing import normalise
+from cpa_fhir.store._search_parameters import (
+    COLUMN_PARAMETERS,
+    ParameterType,
+    SearchParameter,
+    SearchParameters,
+    default_search_parameters,
+)
+
+Prefix = Literal["eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap"]
+PREFIXES: tuple[str, ...] = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap")
+Total = Literal["none", "estimate", "accurate"]
+
+DEFAULT_COUNT = 50
+MAX_COUNT = 1000
+
+# The result parameters (https://hl7.org/fhir/R4/search.html#return) understood here,
+# and those refused as not supported rather than unknown.
+_RESULT_PARAMETERS = frozenset(
+    {"_count", "_offset", "_sort", "_include", "_revinclude", "_summary", "_total"}
+)
+_UNSUPPORTED = frozenset(
+    {
+        "_elements",
+        "_contained",
+        "_containedType",
+        "_has",
+        "_list",
+        "_query",
+        "_filter",
+        "_text",
+        "_content",
+        "_type",
+    }
+)
+_MODIFIERS: dict[str, frozenset[str]] = {
+    "token": frozenset({"missing", "not"}),
+    "uri": frozenset({"missing"}),
+    "string": frozenset({"missing", "exact", "contains"}),
+    "date": frozenset({"missing"}),
+    "number": frozenset({"missing"}),
+    "quantity": frozenset({"missing"}),
+    "reference": frozenset({"missing"}),  # plus :[Type]
+}
+_KNOWN_UNSUPPORTED_MODIFIERS = frozenset(
+    {"text", "in", "not-in", "below", "above", "of-type", "identifier", "iterate"}
+)
+_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+_SORTABLE = frozenset({"date", "string", "token", "uri", "number", "quantity"})
+
+
+@dataclass(frozen=True, slots=True)
+class TokenValue:
+    """`code` (any system), `system|code`, `|code` (no system) or `system|` (any code)."""
+
+    system: str | None
+    code: str | None
+    any_system: bool
+
+
+@dataclass(frozen=True, slots=True)
+class StringValue:
+    text: str
+    normalised: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReferenceValue:
+    """A target by type and id (type None: any type), or an absolute url."""
+
+    target_type: str | None
+    target_id: str | None
+    url: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DateValue:
+    prefix: Prefix
+    low: int
+    high: int
+
+
+@dataclass(frozen=True, slots=True)
+class NumberValue:
+    """A number with the range its precision implies, and a quantity's system and code."""
+
+    prefix: Prefix
+    value: float
+    low: float
+    high: float
+    system: str | None = None
+    code: str | None = None
+
+
+SearchValue = TokenValue | StringValue | ReferenceValue | DateValue | NumberValue
+
+
+@dataclass(frozen=True, slots=True)
+class Criterion:
+    """One occurrence of a search parameter: its values are ORed.
+
+    With the `missing` modifier, `missing` says which way and `values` is empty.
+    """
+
+    parameter: str
+    type: ParameterType
+    modifier: str | None
+    values: tuple[SearchValue, ...]
+    missing: bool | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SortKey:
+    parameter: str
+    type: ParameterType
+    descending: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Include:
+    """`_include=Source:param[:Target]` or `_revinclude=Source:param[:Target]`."""
+
+    source_type: str
+    parameter: str
+    target_type: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SearchQuery:
+    """A parsed search of one resource type; criteria are ANDed."""
+
+    resource_type: str
+    criteria: tuple[Criterion, ...] = ()
+    count: int = DEFAULT_COUNT
+    offset: int = 0
+    sort: tuple[SortKey, ...] = ()
+    include: tuple[Include, ...] = ()
+    revinclude: tuple[Include, ...] = ()
+    summary_count: bool = False
+    total: Total = "accurate"
+
+
+def split_escaped(value: str, separator: str) -> list[str]:
+    """Split on `separator` where it is not escaped with a backslash; unescape the parts."""
+    parts: list[str] = []
+    current: list[str] = []
+    chars = iter(value)
+    for char in chars:
+        if char == "\\":
+            escaped = next(chars, "")
+            if escaped in (",", "|", "$", "\\"):
+                current.append(escaped)
+            else:
+                current.append("\\" + escaped)
+        elif char == separator:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    parts.append("".join(current))
+    return parts
+
+
+def _escaped_pieces(value: str, separator: str) -> list[str]:
+    """Split on unescaped `separator`, keeping the other escapes for a later split."""
+    parts: list[str] = []
+    start = 0
+    i = 0
+    while i < len(value):
+        if value[i] == "\\":
+            i += 2
+            continue
+        if value[i] == separator:
+            parts.append(value[start:i])
+            start = i + 1
+        i += 1
+    parts.append(value[start:])
+    return parts
+
+
+def parse_search(
+    resource_type: str,
+    params: Iterable[tuple[str, str]],
+    parameters: SearchParameters | None = None,
+) -> SearchQuery:
+    """Parse a search of `resource_type`; raise `SearchError` for anything not understood."""
+    registry = parameters if parameters is not None else default_search_parameters()
+    if resource_type not in R4_RESOURCE_TYPES:
+        raise SearchError(f"unknown resource type {resource_type!r}", code="not-supported")
+    criteria: list[Criterion] = []
+    sort: tuple[SortKey, ...] = ()
+    include: list[Include] = []
+    revinclude: list[Include] = []
+    count, offset, summary_count = DEFAULT_COUNT, 0, False
+    total: Total = "accurate"
+    seen_result: set[str] = set()
+    for raw_name, value in params:
+        if not isinstance(raw_name, str) or not isinstance(value, str):
+            raise SearchError("search parameters must be text")
+        name, _, modifier = raw_name.partition(":")
+        if name in _RESULT_PARAMETERS:
+            if name not in ("_include", "_revinclude"):
+                if name in seen_result:
+                    raise SearchError(f"{name} given more than once", expression=name)
+                seen_result.add(name)
+            if modifier:
+                raise SearchError(
+                    f"{raw_name}: modifiers on {name} are not supported",
+                    expression=raw_name,
+                    code="not-supported",
+                )
+            if name == "_count":
+                count = min(_non_negative_int(name, value), MAX_COUNT)
+            elif name == "_offset":
+                offset = _non_negative_int(name, value)
+            elif name == "_sort":
+                sort = _parse_sort(resource_type, value, registry)
+            elif name == "_include":
+                include.append(_parse_include(resource_type, value, registry, reverse=False))
+            elif name == "_revinclude":
+                revinclude.append(_parse_include(resource_type, value, registry, reverse=True))
+            elif name == "_summary":
+                if value not in ("count", "false"):
+                    raise SearchError(
+                        f"_summary={value} is not supported (only count and false)",
+                        expression=name,
+                        code="not-supported",
+                    )
+                summary_count = value == "count"
+            else:
+                if value not in ("none", "estimate", "accurate"):
+                    raise SearchError(
+                        f"_total must be none, estimate or accurate, not {value!r}",
+                        expression=name,
+                    )
+                total = cast(Total, value)
+            continue
+        criterion = _parse_criterion(resource_type, name, modifier or None, value, registry)
+        if criterion is not None:
+            criteria.append(criterion)
+    return SearchQuery(
+        resource_type=resource_type,
+        criteria=tuple(criteria),
+        count=count,
+        offset=offset,
+        sort=sort,
+        include=tuple(include),
+        revinclude=tuple(revinclude),
+        summary_count=summary_count,
+        total=total,
+    )
+
+
+def _non_negative_int(name: str, value: str) -> int:
+    if not re.fullmatch(r"\d{1,9}", value):
+        raise SearchError(f"{name} must be a non-negative integer, not {value!r}", expression=name)
+    return int(value)
+
+
+def _lookup(resource_type: str, name: str, registry: SearchParameters) -> SearchParameter:
+    if "." in name:
+        raise SearchError(
+            f"chained parameter {name!r} is not supported", expression=name, code="not-supported"
+        )
+    if name in _UNSUPPORTED:
+        raise SearchError(
+            f"search parameter {name} is not supported", expression=name, code="not-supported"
+        )
+    parameter = registry.get(resource_type, name)
+    if parameter is None:
+        raise SearchError(f"unknown search parameter {name!r} for {resource_type}", expression=name)
+    return parameter
+
+
+def _parse_criterion(
+    resource_type: str,
+    name: str,
+    modifier: str | None,
+    value: str,
+    registry: SearchParameters,
+) -> Criterion | None:
+    parameter = _lookup(resource_type, name, registry)
+    kind = parameter.type
+    where = f"{name}:{modifier}" if modifier else name
+    if modifier is not None:
+        _check_modifier(parameter, modifier, where)
+    if modifier == "missing":
+        if value not in ("true", "false"):
+            raise SearchError(f"{where} must be true or false, not {value!r}", expression=where)
+        return Criterion(name, kind, modifier, (), missing=value == "true")
+    if value == "":
+        return None
+    values = tuple(
+        _parse_value(parameter, modifier, piece, where) for piece in _escaped_pieces(value, ",")
+    )
+    return Criterion(name, kind, modifier, values)
+
+
+def _check_modifier(parameter: SearchParameter, modifier: str, where: str) -> None:
+    if parameter.code in COLUMN_PARAMETERS:
+        raise SearchError(f"{where}: {parameter.code} takes no modifier", expression=where)
+    if modifier in _MODIFIERS[parameter.type]:
+        return
+    if parameter.type == "reference" and modifier in R4_RESOURCE_TYPES:
+        if parameter.targets and modifier not in parameter.targets:
+            raise SearchError(
+                f"{where}: {parameter.code} refers to {', '.join(parameter.targets)}, "
+                f"not {modifier}",
+                expression=where,
+            )
+        return
+    if modifier in _KNOWN_UNSUPPORTED_MODIFIERS:
+        raise SearchError(
+            f"modifier :{modifier} is not supported", expression=where, code="not-supported"
+        )
+    raise SearchError(
+        f"modifier :{modifier} does not apply to {parameter.type} parameter {parameter.code}",
+        expression=where,
+    )
+
+
+def _parse_value(
+    parameter: SearchParameter, modifier: str | None, raw: str, where: str
+) -> SearchValue:
+    kind = parameter.type
+    if kind == "date":
+        return _parse_date(raw, where)
+    if kind in ("number", "quantity"):
+        return _parse_number(raw, where, quantity=kind == "quantity")
+    if kind == "reference":
+        return _parse_reference(parameter, modifier, split_escaped(raw, ",")[0], where)
+    if kind == "string":
+        text = split_escaped(raw, ",")[0]
+        return StringValue(text, normalise(text))
+    if kind == "uri":
+        return TokenValue(None, split_escaped(raw, ",")[0], any_system=True)
+    return _parse_token(parameter, raw, where)
+
+
+def _parse_token(parameter: SearchParameter, raw: str, where: str) -> TokenValue:
+    pieces = _escaped_pieces(raw, "|")
+    if len(pieces) > 2:
+        raise SearchError(f"{where}: a token is [system|]code, not {raw!r}", expression=where)
+    if parameter.code == "_id":
+        identifier = split_escaped(raw, ",")[0]
+        if not _ID.fullmatch(identifier):
+            raise SearchError(f"_id: {raw!r} is not a resource id", expression=where)
+        return TokenValue(None, identifier, any_system=True)
+    if len(pieces) == 1:
+        return TokenValue(None, split_escaped(pieces[0], "|")[0], any_system=True)
+    system, code = (split_escaped(p, "|")[0] for p in pieces)
+    if not system and not code:
+        raise SearchError(f"{where}: {raw!r} names neither a system nor a code", expression=where)
+    return TokenValue(system or None, code or None, any_system=False)
+
+
+def _split_prefix(raw: str) -> tuple[Prefix, str]:
+    if raw[:2] in PREFIXES and len(raw) > 2:
+        return cast(Prefix, raw[:2]), raw[2:]
+    return "eq", raw
+
+
+def _parse_date(raw: str, where: str) -> DateValue:
+    prefix, text = _split_prefix(raw)
+    found = date_range(text)
+    if found is None:
+        raise SearchError(
+            f"{where}: {raw!r} is not a date (YYYY, YYYY-MM, YYYY-MM-DD or a dateTime, "
+            f"optionally after a prefix {', '.join(PREFIXES)})",
+            expression=where,
+        )
+    return DateValue(prefix, found[0], found[1])
+
+
+def _parse_number(raw: str, where: str, *, quantity: bool) -> NumberValue:
+    pieces = split_escaped(raw, "|") if quantity else [raw]
+    if len(pieces) not in (1, 3):
+        raise SearchError(
+            f"{where}: a quantity is [prefix]number[|system|code], not {raw!r}", expression=where
+        )
+    prefix, text = _split_prefix(pieces[0])
+    try:
+        number = Decimal(text)
+    except InvalidOperation:
+        number = Decimal("NaN")
+    if not re.fullmatch(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?", text) or not number.is_finite():
+        raise SearchError(f"{where}: {raw!r} is not a number", expression=where)
+    exponent = number.as_tuple().exponent
+    half = Decimal(5).scaleb(int(exponent) - 1)
+    system = pieces[1] or None if len(pieces) == 3 else None
+    code = pieces[2] or None if len(pieces) == 3 else None
+    return NumberValue(
+        prefix, float(number), float(number - half), float(number + half), system, code
+    )
+
+
+def _parse_reference(
+    parameter: SearchParameter, modifier: str | None, raw: str, where: str
+) -> ReferenceValue:
+    if "://" in raw or raw.startswith("urn:"):
+        return ReferenceValue(None, None, raw)
+    parts = raw.split("/")
+    if len(parts) == 4 and parts[2] == "_history":
+        parts = parts[:2]
+    if len(parts) == 1:
+        target_type = modifier
+        if target_type is None and len(parameter.targets) == 1:
+            target_type = parameter.targets[0]
+        target_id = parts[0]
+    elif len(parts) == 2:
+        target_type, target_id = parts
+        if target_type not in R4_RESOURCE_TYPES:
+            raise SearchError(f"{where}: {target_type!r} is not a resource type", expression=where)
+        if modifier is not None and modifier != target_type:
+            raise SearchError(f"{where}: {raw!r} is not a {modifier} reference", expression=where)
+        if parameter.targets and target_type not in parameter.targets:
+            raise SearchError(
+                f"{where}: {parameter.code} refers to {', '.join(parameter.targets)}, "
+                f"not {target_type}",
+                expression=where,
+            )
+    else:
+        raise SearchError(f"{where}: {raw!r} is not [Type/]id or a url", expression=where)
+    if not _ID.fullmatch(target_id):
+        raise SearchError(f"{where}: {target_id!r} is not a resource id", expression=where)
+    return ReferenceValue(target_type, target_id)
+
+
+def _parse_sort(resource_type: str, value: str, registry: SearchParameters) -> tuple[SortKey, ...]:
+    keys: list[SortKey] = []
+    for item in value.split(","):
+        descending = item.startswith("-")
+        name = item[1:] if descending else item
+        if not name:
+            raise SearchError(f"_sort: {value!r} has an empty item", expression="_sort")
+        parameter = _lookup(resource_type, name, registry)
+        if parameter.type not in _SORTABLE:
+            raise SearchError(
+                f"_sort: sorting by {parameter.type} parameter {name} is not supported",
+                expression="_sort",
+                code="not-supported",
+            )
+        keys.append(SortKey(name, parameter.type, descending))
+    return tuple(keys)
+
+
+def _parse_include(
+    resource_type: str, value: str, registry: SearchParameters, *, reverse: bool
+) -> Include:
+    name = "_revinclude" if reverse else "_include"
+    parts = value.split(":")
+    if value == "*" or "*" in parts:
+        raise SearchError(f"{name}=* is not supported", expression=name, code="not-supported")
+    if len(parts) not in (2, 3):
+        raise SearchError(
+            f"{name} must be SourceType:parameter[:TargetType], not {value!r}", expression=name
+        )
+    source, code = parts[0], parts[1]
+    target = parts[2] if len(parts) == 3 else None
+    if source not in R4_RESOURCE_TYPES or (target is not None and target not in R4_RESOURCE_TYPES):
+        raise SearchError(f"{name}: {value!r} names an unknown resource type", expression=name)
+    if not reverse and source != resource_type:
+        raise SearchError(
+            f"_include: {value!r} starts at {source}, but the search is of {resource_type}",
+            expression=name,
+        )
+    parameter = registry.get(source, code)
+    if parameter is None or parameter.type != "reference":
+        raise SearchError(
+            f"{name}: {source} has no reference search parameter {code!r}", expression=name
+        )
+    if target is not None and parameter.targets and target not in parameter.targets:
+        raise SearchError(
+            f"{name}: {source}:{code} refers to {', '.join(parameter.targets)}, not {target}",
+            expression=name,
+        )
+    if reverse:
+        if target is not None and target != resource_type:
+            raise SearchError(
+                f"_revinclude: {value!r} targets {target}, but the search is of {resource_type}",
+                expression=name,
+            )
+        if parameter.targets and resource_type not in parameter.targets:
+            raise SearchError(
+                f"_revinclude: {source}:{code} never refers to {resource_type}", expression=name
+            )
+        target = resource_type
+    return Include(source, code, target)

@@ -1,0 +1,714 @@
+"""The resource repository: FHIR's RESTful interactions over SQL.
+
+Implements the storage side of https://hl7.org/fhir/R4/http.html: create (and
+conditional create, https://hl7.org/fhir/R4/http.html#ccreate), read, vread,
+update (with version-aware If-Match, https://hl7.org/fhir/R4/http.html#concurrency,
+and update-as-create), delete, instance/type/system history, search
+(https://hl7.org/fhir/R4/search.html), all-or-nothing transactions
+(https://hl7.org/fhir/R4/http.html#transaction) and a bulk load.
+
+Reads and searches return the stored JSON bytes as they were written; nothing is
+parsed through models on the way out.
+
+Concurrency: every write runs in a database transaction that first locks the
+resource's current row (PostgreSQL `SELECT ... FOR UPDATE`; SQLite takes the
+database write lock at `BEGIN IMMEDIATE`). So concurrent updates of one resource
+are serialised: without If-Match each lands as its own successive version (no
+update is lost); with a stale If-Match the loser gets `VersionConflict`. Two
+concurrent creates of one new id: one wins, the other gets `VersionConflict`.
+Conditional creates of one type are serialised (an advisory lock on PostgreSQL)
+so that two cannot both find no match and both create.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+from urllib.parse import parse_qsl
+
+import orjson
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import IntegrityError
+
+from cpa_fhir.errors import (
+    InputError,
+    PreconditionFailed,
+    ResourceGone,
+    ResourceNotFound,
+    VersionConflict,
+)
+from cpa_fhir.fhir.models import R4_RESOURCE_TYPES
+from cpa_fhir.store._dates import to_micros
+from cpa_fhir.store._engine import READ_ONLY, create_store_engine
+from cpa_fhir.store._indexing import IndexRows, index_resource
+from cpa_fhir.store._migrations import migrate as migrate_schema
+from cpa_fhir.store._query import Include, SearchQuery, parse_search
+from cpa_fhir.store._schema import (
+    INDEX_TABLES,
+    resource_current,
+    resource_history,
+    search_date,
+    search_number,
+    search_reference,
+    search_string,
+    search_token,
+)
+from cpa_fhir.store._search_parameters import SearchParameters, default_search_parameters
+from cpa_fhir.store._search_sql import order_by, where_clause
+
+Clock = Callable[[], datetime]
+DEFAULT_HISTORY_COUNT = 100
+_ID_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-.")
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """One stored version of a resource.
+
+    `content` is the resource's JSON exactly as stored, meta.versionId and
+    meta.lastUpdated included; empty for a deletion. `created` is true on the value a
+    create (or an update that created) returns, when this call made the resource.
+    """
+
+    resource_type: str
+    id: str
+    version_id: int
+    last_updated: datetime
+    deleted: bool
+    content: bytes
+    created: bool = field(default=False, compare=False)
+
+    def resource(self) -> dict[str, Any]:
+        """The content parsed as JSON (for callers that need a dict; servers need not)."""
+        parsed: dict[str, Any] = orjson.loads(self.content)
+        return parsed
+
+
+@dataclass(frozen=True, slots=True)
+class SearchResult:
+    """One page of matches in order, the resources `_include`d/`_revinclude`d, the total.
+
+    `total` is None when `_total=none` asked not to count.
+    """
+
+    matches: list[Stored]
+    included: list[Stored]
+    total: int | None
+    offset: int
+    count: int
+
+
+class Repository(Protocol):
+    """The store's interactions; `SqlRepository` implements it."""
+
+    def create(self, resource: dict[str, Any], *, if_none_exist: str | None = None) -> Stored: ...
+
+    def read(self, resource_type: str, id: str) -> Stored: ...
+
+    def vread(self, resource_type: str, id: str, version_id: int) -> Stored: ...
+
+    def update(self, resource: dict[str, Any], *, if_match: int | None = None) -> Stored: ...
+
+    def delete(self, resource_type: str, id: str) -> Stored: ...
+
+    def history(
+        self,
+        resource_type: str | None = None,
+        id: str | None = None,
+        *,
+        since: datetime | None = None,
+        count: int = DEFAULT_HISTORY_COUNT,
+    ) -> list[Stored]: ...
+
+    def search(self, query: SearchQuery) -> SearchResult: ...
+
+    def transaction(self) -> AbstractContextManager[Repository]: ...
+
+    def load(self, resources: Iterable[dict[str, Any]]) -> int: ...
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _instant(moment: datetime) -> str:
+    """A FHIR instant in UTC with milliseconds: https://hl7.org/fhir/R4/datatypes.html#instant"""
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def _valid_id(value: Any) -> bool:
+    return isinstance(value, str) and 1 <= len(value) <= 64 and set(value) <= _ID_CHARS
+
+
+def _check_resource(resource: Any, *, needs_id: bool) -> tuple[str, str | None]:
+    if not isinstance(resource, dict):
+        raise InputError("a resource must be a JSON object")
+    resource_type = resource.get("resourceType")
+    if resource_type not in R4_RESOURCE_TYPES:
+        raise InputError(f"{resource_type!r} is not an R4 resource type", expression="resourceType")
+    resource_id = resource.get("id")
+    if resource_id is None and not needs_id:
+        return resource_type, None
+    if not _valid_id(resource_id):
+        raise InputError(f"{resource_id!r} is not a valid resource id", expression="id")
+    return resource_type, resource_id
+
+
+def _with_meta(resource: dict[str, Any], version: int, last_updated: str) -> dict[str, Any]:
+    """The resource with meta.versionId and meta.lastUpdated set, other meta kept."""
+    meta = resource.get("meta")
+    kept: dict[str, Any] = meta if isinstance(meta, dict) else {}
+    return {**resource, "meta": {**kept, "versionId": str(version), "lastUpdated": last_updated}}
+
+
+def _row_to_stored(row: Any, *, created: bool = False) -> Stored:
+    return Stored(
+        resource_type=row.resource_type,
+        id=row.id,
+        version_id=row.version_id,
+        last_updated=row.last_updated,
+        deleted=row.deleted,
+        content=bytes(row.content) if row.content is not None else b"",
+        created=created,
+    )
+
+
+_COLUMNS = (
+    resource_current.c.resource_type,
+    resource_current.c.id,
+    resource_current.c.version_id,
+    resource_current.c.last_updated,
+    resource_current.c.deleted,
+    resource_current.c.content,
+)
+
+
+class _Operations:
+    """The interactions on one open connection, inside its transaction."""
+
+    def __init__(self, connection: Connection, parameters: SearchParameters, clock: Clock):
+        self.connection = connection
+        self.parameters = parameters
+        self.clock = clock
+        self.postgres = connection.dialect.name == "postgresql"
+
+    # --- reads ---------------------------------------------------------------------
+
+    def read(self, resource_type: str, id: str) -> Stored:
+        row = self.connection.execute(
+            sa.select(*_COLUMNS).where(
+                resource_current.c.resource_type == resource_type, resource_current.c.id == id
+            )
+        ).first()
+        if row is None:
+            raise ResourceNotFound(f"{resource_type}/{id} is not known")
+        if row.deleted:
+            raise ResourceGone(f"{resource_type}/{id} was deleted (version {row.version_id})")
+        return _row_to_stored(row)
+
+    def vread(self, resource_type: str, id: str, version_id: int) -> Stored:
+        h = resource_history.c
+        row = self.connection.execute(
+            sa.select(
+                h.resource_type, h.id, h.version_id, h.last_updated, h.deleted, h.content
+            ).where(h.resource_type == resource_type, h.id == id, h.version_id == version_id)
+        ).first()
+        if row is None:
+            raise ResourceNotFound(f"{resource_type}/{id} has no version {version_id}")
+        if row.deleted:
+            raise ResourceGone(f"{resource_type}/{id} version {version_id} is a deletion")
+        return _row_to_stored(row)
+
+    def history(
+        self,
+        resource_type: str | None,
+        id: str | None,
+        since: datetime | None,
+        count: int,
+    ) -> list[Stored]:
+        h = resource_history.c
+        statement = sa.select(
+            h.resource_type, h.id, h.version_id, h.last_updated, h.deleted, h.content
+        )
+        if resource_type is not None:
+            statement = statement.where(h.resource_type == resource_type)
+        if id is not None:
+            if resource_type is None:
+                raise ValueError("instance history needs the resource type")
+            statement = statement.where(h.id == id)
+        if since is not None:
+            statement = statement.where(h.last_updated >= since)
+        statement = statement.order_by(h.last_updated.desc(), h.version_id.desc()).limit(count)
+        rows = [_row_to_stored(r) for r in self.connection.execute(statement)]
+        if id is not None and not rows and since is None:
+            raise ResourceNotFound(f"{resource_type}/{id} is not known")
+        return rows
+
+    def search(self, query: SearchQuery) -> SearchResult:
+        conditions = where_clause(query, now_micros=to_micros(self.clock()))
+        total: int | None = None
+        if query.total != "none" or query.summary_count:
+            total = int(
+                self.connection.scalar(
+                    sa.select(sa.func.count()).select_from(resource_current).where(*conditions)
+                )
+                or 0
+            )
+        if query.summary_count or query.count == 0:
+            return SearchResult([], [], total, query.offset, query.count)
+        statement = (
+            sa.select(*_COLUMNS)
+            .where(*conditions)
+            .order_by(*order_by(query))
+            .limit(query.count)
+            .offset(query.offset)
+        )
+        matches = [_row_to_stored(r) for r in self.connection.execute(statement)]
+        included = self._included(query, matches)
+        return SearchResult(matches, included, total, query.offset, query.count)
+
+    def _included(self, query: SearchQuery, matches: list[Stored]) -> list[Stored]:
+        if not matches or not (query.include or query.revinclude):
+            return []
+        ids = [m.id for m in matches]
+        seen = {(m.resource_type, m.id) for m in matches}
+        out: list[Stored] = []
+        for statement in [self._include(query, i, ids) for i in query.include] + [
+            self._revinclude(i, ids) for i in query.revinclude
+        ]:
+            for row in self.connection.execute(statement):
+                key = (row.resource_type, row.id)
+                if key not in seen:
+                    seen.add(key)
+                    out.append(_row_to_stored(row))
+        return out
+
+    def _include(self, query: SearchQuery, include: Include, ids: list[str]) -> sa.Select[Any]:
+        r = search_reference.c
+        targets = sa.select(r.target_type, r.target_id).where(
+            r.resource_type == query.resource_type,
+            r.param == include.parameter,
+            r.resource_id.in_(ids),
+            r.target_id.is_not(None),
+        )
+        if include.target_type is not None:
+            targets = targets.where(r.target_type == include.target_type)
+        pairs = targets.distinct().subquery()
+        return (
+            sa.select(*_COLUMNS)
+            .join(
+                pairs,
+                sa.and_(
+                    resource_current.c.resource_type == pairs.c.target_type,
+                    resource_current.c.id == pairs.c.target_id,
+                ),
+            )
+            .where(resource_current.c.deleted == sa.false())
+            .order_by(resource_current.c.resource_type, resource_current.c.id)
+        )
+
+    def _revinclude(self, include: Include, ids: list[str]) -> sa.Select[Any]:
+        r = search_reference.c
+        sources = sa.select(r.resource_id).where(
+            r.resource_type == include.source_type,
+            r.param == include.parameter,
+            r.target_type == include.target_type,
+            r.target_id.in_(ids),
+        )
+        return (
+            sa.select(*_COLUMNS)
+            .where(
+                resource_current.c.resource_type == include.source_type,
+                resource_current.c.id.in_(sources),
+                resource_current.c.deleted == sa.false(),
+            )
+            .order_by(resource_current.c.id)
+        )
+
+    # --- writes --------------------------------------------------------------------
+
+    def create(self, resource: dict[str, Any], if_none_exist: str | None) -> Stored:
+        resource_type, _ = _check_resource(resource, needs_id=False)
+        if if_none_exist is not None:
+            existing = self._conditional_match(resource_type, if_none_exist)
+            if existing is not None:
+                return existing
+        # A create always makes a new resource: the server assigns the id
+        # (https://hl7.org/fhir/R4/http.html#create).
+        resource = {**resource, "id": str(uuid.uuid4())}
+        return self._write(resource_type, resource["id"], resource, if_match=None, must_be_new=True)
+
+    def _conditional_match(self, resource_type: str, criteria: str) -> Stored | None:
+        query = parse_search(
+            resource_type, parse_qsl(criteria.lstrip("?"), keep_blank_values=True), self.parameters
+        )
+        if not query.criteria:
+            raise PreconditionFailed("If-None-Exist needs at least one search criterion")
+        if self.postgres:
+            self.connection.execute(
+                sa.text("SELECT pg_advisory_xact_lock(hashtext(:key))"),
+                {"key": f"cpa_fhir.store.create:{resource_type}"},
+            )
+        found = self.search(
+            SearchQuery(resource_type=resource_type, criteria=query.criteria, count=2, total="none")
+        ).matches
+        if len(found) > 1:
+            raise PreconditionFailed(
+                f"If-None-Exist {criteria!r} matches more than one {resource_type}"
+            )
+        return found[0] if found else None
+
+    def update(self, resource: dict[str, Any], if_match: int | None) -> Stored:
+        resource_type, resource_id = _check_resource(resource, needs_id=True)
+        assert resource_id is not None
+        return self._write(resource_type, resource_id, resource, if_match=if_match)
+
+    def delete(self, resource_type: str, id: str) -> Stored:
+        current = self._lock_current(resource_type, id)
+        if current is None:
+            raise ResourceNotFound(f"{resource_type}/{id} is not known")
+        if current.deleted:
+            return _row_to_stored(current)
+        now = self._now()
+        version = current.version_id + 1
+        self._store_version(resource_type, id, version, now, None, exists=True)
+        self._replace_index(resource_type, id, None, exists=True)
+        return Stored(resource_type, id, version, now, True, b"")
+
+    def _now(self) -> datetime:
+        moment = self.clock().astimezone(UTC)
+        # meta.lastUpdated carries milliseconds; the column holds the same instant.
+        return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
+
+    def _lock_current(self, resource_type: str, id: str) -> Any:
+        statement = sa.select(*_COLUMNS).where(
+            resource_current.c.resource_type == resource_type, resource_current.c.id == id
+        )
+        if self.postgres:
+            statement = statement.with_for_update()
+        return self.connection.execute(statement).first()
+
+    def _write(
+        self,
+        resource_type: str,
+        resource_id: str,
+        resource: dict[str, Any],
+        *,
+        if_match: int | None,
+        must_be_new: bool = False,
+    ) -> Stored:
+        current = None if must_be_new else self._lock_current(resource_type, resource_id)
+        if if_match is not None:
+            found = current.version_id if current is not None and not current.deleted else None
+            if found != if_match:
+                raise VersionConflict(
+                    f"{resource_type}/{resource_id} is at version {found}, not {if_match}",
+                    current_version=found,
+                )
+        version = current.version_id + 1 if current is not None else 1
+        now = self._now()
+        stored = _with_meta(resource, version, _instant(now))
+        content = orjson.dumps(stored)
+        try:
+            self._store_version(
+                resource_type, resource_id, version, now, content, exists=current is not None
+            )
+        except IntegrityError as exc:
+            raise VersionConflict(
+                f"{resource_type}/{resource_id} was written concurrently", current_version=None
+            ) from exc
+        self._replace_index(resource_type, resource_id, stored, exists=current is not None)
+        return Stored(
+            resource_type, resource_id, version, now, False, content, created=current is None
+        )
+
+    def _store_version(
+        self,
+        resource_type: str,
+        resource_id: str,
+        version: int,
+        now: datetime,
+        content: bytes | None,
+        *,
+        exists: bool,
+    ) -> None:
+        values = {
+            "resource_type": resource_type,
+            "id": resource_id,
+            "version_id": version,
+            "last_updated": now,
+            "deleted": content is None,
+            "content": content,
+        }
+        self.connection.execute(resource_history.insert().values(**values))
+        if exists:
+            self.connection.execute(
+                resource_current.update()
+                .where(
+                    resource_current.c.resource_type == resource_type,
+                    resource_current.c.id == resource_id,
+                )
+                .values(**values)
+            )
+        else:
+            self.connection.execute(resource_current.insert().values(**values))
+
+    def _replace_index(
+        self, resource_type: str, resource_id: str, resource: dict[str, Any] | None, *, exists: bool
+    ) -> None:
+        if exists:
+            for table in INDEX_TABLES:
+                self.connection.execute(
+                    table.delete().where(
+                        table.c.resource_type == resource_type, table.c.resource_id == resource_id
+                    )
+                )
+        if resource is not None:
+            rows = index_resource(resource, self.parameters.indexed(resource_type))
+            self._insert_index([(resource_type, resource_id, rows)])
+
+    def _insert_index(self, indexed: list[tuple[str, str, IndexRows]]) -> None:
+        tokens, strings, references, dates, numbers = [], [], [], [], []
+        for resource_type, resource_id, rows in indexed:
+            key = {"resource_type": resource_type, "resource_id": resource_id}
+            tokens += [{**key, "param": p, "system": s, "code": c} for p, s, c in rows.tokens]
+            strings += [
+                {**key, "param": p, "value": v, "normalised": n} for p, v, n in rows.strings
+            ]
+            references += [
+                {**key, "param": p, "target_type": t, "target_id": i, "url": u}
+                for p, t, i, u in rows.references
+            ]
+            dates += [{**key, "param": p, "low": lo, "high": hi} for p, lo, hi in rows.dates]
+            numbers += [
+                {**key, "param": p, "value": v, "system": s, "code": c}
+                for p, v, s, c in rows.numbers
+            ]
+        for table, table_rows in (
+            (search_token, tokens),
+            (search_string, strings),
+            (search_reference, references),
+            (search_date, dates),
+            (search_number, numbers),
+        ):
+            if table_rows:
+                self.connection.execute(table.insert(), table_rows)
+
+    def load(self, resources: Iterable[dict[str, Any]], batch_size: int) -> int:
+        loaded = 0
+        batch: dict[tuple[str, str], dict[str, Any]] = {}
+        for resource in resources:
+            resource_type, resource_id = _check_resource(resource, needs_id=False)
+            if resource_id is None:
+                resource_id = str(uuid.uuid4())
+                resource = {**resource, "id": resource_id}
+            key = (resource_type, resource_id)
+            if key in batch or len(batch) >= batch_size:
+                loaded += self._load_batch(batch)
+                batch = {}
+            batch[key] = resource
+        return loaded + self._load_batch(batch)
+
+    def _load_batch(self, batch: dict[tuple[str, str], dict[str, Any]]) -> int:
+        if not batch:
+            return 0
+        c = resource_current.c
+        existing: dict[tuple[str, str], int] = {}
+        by_type: dict[str, list[str]] = {}
+        for resource_type, resource_id in batch:
+            by_type.setdefault(resource_type, []).append(resource_id)
+        for resource_type, ids in by_type.items():
+            statement = sa.select(c.resource_type, c.id, c.version_id).where(
+                c.resource_type == resource_type, c.id.in_(ids)
+            )
+            if self.postgres:
+                statement = statement.with_for_update()
+            for row in self.connection.execute(statement):
+                existing[(row.resource_type, row.id)] = row.version_id
+        now = self._now()
+        instant = _instant(now)
+        history_rows: list[dict[str, Any]] = []
+        new_rows: list[dict[str, Any]] = []
+        changed_rows: list[dict[str, Any]] = []
+        indexed: list[tuple[str, str, IndexRows]] = []
+        for (resource_type, resource_id), resource in batch.items():
+            version = existing.get((resource_type, resource_id), 0) + 1
+            stored = _with_meta(resource, version, instant)
+            values = {
+                "resource_type": resource_type,
+                "id": resource_id,
+                "version_id": version,
+                "last_updated": now,
+                "deleted": False,
+                "content": orjson.dumps(stored),
+            }
+            history_rows.append(values)
+            (changed_rows if version > 1 else new_rows).append(values)
+            indexed.append(
+                (
+                    resource_type,
+                    resource_id,
+                    index_resource(stored, self.parameters.indexed(resource_type)),
+                )
+            )
+        self.connection.execute(resource_history.insert(), history_rows)
+        if new_rows:
+            self.connection.execute(resource_current.insert(), new_rows)
+        if changed_rows:
+            for values in changed_rows:
+                self.connection.execute(
+                    resource_current.update()
+                    .where(c.resource_type == values["resource_type"], c.id == values["id"])
+                    .values(**values)
+                )
+                for table in INDEX_TABLES:
+                    self.connection.execute(
+                        table.delete().where(
+                            table.c.resource_type == values["resource_type"],
+                            table.c.resource_id == values["id"],
+                        )
+                    )
+        self._insert_index(indexed)
+        return len(batch)
+
+
+class _Bound:
+    """Repository interactions that share one connection and its transaction."""
+
+    def __init__(self, operations: _Operations):
+        self._operations = operations
+
+    def create(self, resource: dict[str, Any], *, if_none_exist: str | None = None) -> Stored:
+        return self._operations.create(resource, if_none_exist)
+
+    def read(self, resource_type: str, id: str) -> Stored:
+        return self._operations.read(resource_type, id)
+
+    def vread(self, resource_type: str, id: str, version_id: int) -> Stored:
+        return self._operations.vread(resource_type, id, version_id)
+
+    def update(self, resource: dict[str, Any], *, if_match: int | None = None) -> Stored:
+        return self._operations.update(resource, if_match)
+
+    def delete(self, resource_type: str, id: str) -> Stored:
+        return self._operations.delete(resource_type, id)
+
+    def history(
+        self,
+        resource_type: str | None = None,
+        id: str | None = None,
+        *,
+        since: datetime | None = None,
+        count: int = DEFAULT_HISTORY_COUNT,
+    ) -> list[Stored]:
+        return self._operations.history(resource_type, id, since, count)
+
+    def search(self, query: SearchQuery) -> SearchResult:
+        return self._operations.search(query)
+
+    def transaction(self) -> AbstractContextManager[Repository]:
+        # Already inside one: nested work joins it.
+        return nullcontext(self)
+
+    def load(self, resources: Iterable[dict[str, Any]], *, batch_size: int = 1000) -> int:
+        return self._operations.load(resources, batch_size)
+
+
+class SqlRepository:
+    """A `Repository` on SQLite (`sqlite:///file.db`) or PostgreSQL (`postgresql://...`).
+
+    The schema is created or upgraded when the repository opens (`migrate=False` to
+    skip). `parameters` are the SearchParameters indexed and accepted (default: R4's
+    plus the profiles package's); `clock` gives meta.lastUpdated (default: now, UTC).
+    Each call runs in its own transaction; `transaction()` groups calls into one.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        schema: str | None = None,
+        parameters: SearchParameters | None = None,
+        clock: Clock | None = None,
+        migrate: bool = True,
+        engine: Engine | None = None,
+    ):
+        self.engine = engine if engine is not None else create_store_engine(url, schema=schema)
+        self.parameters = parameters if parameters is not None else default_search_parameters()
+        self.clock: Clock = clock if clock is not None else _utc_now
+        if migrate:
+            migrate_schema(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> SqlRepository:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _bound(self, *, read_only: bool) -> Iterator[_Bound]:
+        with self.engine.connect() as connection:
+            if read_only:
+                connection = connection.execution_options(**{READ_ONLY: True})
+            with connection.begin():
+                yield _Bound(_Operations(connection, self.parameters, self.clock))
+
+    def transaction(self) -> AbstractContextManager[Repository]:
+        """One transaction for several interactions: all commit, or none (on an exception)."""
+        return self._bound(read_only=False)
+
+    def parse(self, resource_type: str, params: Iterable[tuple[str, str]]) -> SearchQuery:
+        """Parse search parameters against this repository's SearchParameters."""
+        return parse_search(resource_type, params, self.parameters)
+
+    def create(self, resource: dict[str, Any], *, if_none_exist: str | None = None) -> Stored:
+        with self._bound(read_only=False) as bound:
+            return bound.create(resource, if_none_exist=if_none_exist)
+
+    def read(self, resource_type: str, id: str) -> Stored:
+        with self._bound(read_only=True) as bound:
+            return bound.read(resource_type, id)
+
+    def vread(self, resource_type: str, id: str, version_id: int) -> Stored:
+        with self._bound(read_only=True) as bound:
+            return bound.vread(resource_type, id, version_id)
+
+    def update(self, resource: dict[str, Any], *, if_match: int | None = None) -> Stored:
+        with self._bound(read_only=False) as bound:
+            return bound.update(resource, if_match=if_match)
+
+    def delete(self, resource_type: str, id: str) -> Stored:
+        with self._bound(read_only=False) as bound:
+            return bound.delete(resource_type, id)
+
+    def history(
+        self,
+        resource_type: str | None = None,
+        id: str | None = None,
+        *,
+        since: datetime | None = None,
+        count: int = DEFAULT_HISTORY_COUNT,
+    ) -> list[Stored]:
+        with self._bound(read_only=True) as bound:
+            return bound.history(resource_type, id, since=since, count=count)
+
+    def search(self, query: SearchQuery) -> SearchResult:
+        with self._bound(read_only=True) as bound:
+            return bound.search(query)
+
+    def load(self, resources: Iterable[dict[str, Any]], *, batch_size: int = 1000) -> int:
+        """Store many resources in one transaction, inserting in batches; the count stored.
+
+        A resource with an id keeps it (a new version if it exists already); one
+        without gets a new id.
+        """
+        with self._bound(read_only=False) as bound:
+            return bound.load(resources, batch_size=batch_size)
