@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from cpa_fhir.store._schema import metadata, schema_version
+from cpa_fhir.store._schema import metadata, schema_version, store_setting
 
 _LOCK_KEY = "cpa_fhir.store.migrate"
 
@@ -43,9 +43,14 @@ def _index_history_by_time(connection: Connection) -> None:
     )
 
 
+def _create_settings(connection: Connection) -> None:
+    store_setting.create(connection, checkfirst=True)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "resource, history and search index tables", _create_tables),
     Migration(2, "index history by time", _index_history_by_time),
+    Migration(3, "settings kept with the data", _create_settings),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 

@@ -57,6 +57,7 @@ from cpa_fhir.store._schema import (
     search_reference,
     search_string,
     search_token,
+    store_setting,
 )
 from cpa_fhir.store._search_parameters import SearchParameters, default_search_parameters
 from cpa_fhir.store._search_sql import order_by, where_clause
@@ -664,6 +665,26 @@ class SqlRepository:
     def transaction(self) -> AbstractContextManager[Repository]:
         """One transaction for several interactions: all commit, or none (on an exception)."""
         return self._bound(read_only=False)
+
+    def setting(self, name: str, create: Callable[[], str]) -> str:
+        """A value kept with the data; the first caller's `create()` wins a race."""
+        with self.engine.begin() as connection:
+            row = connection.execute(
+                sa.select(store_setting.c.value).where(store_setting.c.name == name)
+            ).first()
+            if row is not None:
+                return str(row[0])
+        try:
+            with self.engine.begin() as connection:
+                connection.execute(store_setting.insert().values(name=name, value=create()))
+        except IntegrityError:
+            pass  # another process stored it first
+        with self.engine.begin() as connection:
+            return str(
+                connection.execute(
+                    sa.select(store_setting.c.value).where(store_setting.c.name == name)
+                ).scalar_one()
+            )
 
     def parse(self, resource_type: str, params: Iterable[tuple[str, str]]) -> SearchQuery:
         """Parse search parameters against this repository's SearchParameters."""

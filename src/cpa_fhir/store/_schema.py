@@ -149,6 +149,14 @@ search_number = sa.Table(
     sa.Index("ix_number_resource", "resource_type", "resource_id", "param"),
 )
 
+# Small values the tool keeps with the data, e.g. the sandbox's token-signing key.
+store_setting = sa.Table(
+    "store_setting",
+    metadata,
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+)
+
 schema_version = sa.Table(
     "schema_version",
     metadata,

@@ -1,0 +1,105 @@
+"""The CapabilityStatement at /metadata, generated from what really runs:
+https://hl7.org/fhir/R4/capabilitystatement.html"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cpa_fhir.conformance.package import ConformancePackage
+from cpa_fhir.fhir.models import FHIR_VERSION
+from cpa_fhir.store import SearchParameters
+
+# The profiled types and the types they refer to.
+SUPPORTED_TYPES = (
+    "AuditEvent", "CarePlan", "CareTeam", "Condition", "Consent", "Encounter", "EpisodeOfCare",
+    "Flag", "Goal", "Organization", "Patient", "Practitioner", "PractitionerRole", "Provenance",
+    "RelatedPerson", "Task",
+)  # fmt: skip
+INTERACTIONS = (
+    "read",
+    "vread",
+    "update",
+    "delete",
+    "history-instance",
+    "history-type",
+    "create",
+    "search-type",
+)
+
+
+def capability_statement(
+    base_url: str, package: ConformancePackage, parameters: SearchParameters, version: str
+) -> dict[str, Any]:
+    profiles: dict[str, list[str]] = {}
+    for url in package.profiles():
+        sd = package.resolve(url) or {}
+        if sd.get("kind") == "resource":
+            profiles.setdefault(str(sd.get("type")), []).append(url)
+    resources = []
+    for rtype in SUPPORTED_TYPES:
+        params = parameters.for_type(rtype)
+        entry: dict[str, Any] = {
+            "type": rtype,
+            "interaction": [{"code": c} for c in INTERACTIONS],
+            "versioning": "versioned-update",
+            "readHistory": True,
+            "updateCreate": True,
+            "conditionalCreate": True,
+            "conditionalUpdate": False,
+            "conditionalDelete": "not-supported",
+            "searchInclude": sorted(
+                f"{rtype}:{c}" for c, p in params.items() if p.type == "reference"
+            ),
+            "searchParam": [{"name": code, "type": p.type} for code, p in sorted(params.items())],
+            "operation": [
+                {
+                    "name": "validate",
+                    "definition": "http://hl7.org/fhir/OperationDefinition/Resource-validate",
+                }
+            ],
+        }
+        if rtype in profiles:
+            entry["supportedProfile"] = sorted(profiles[rtype])
+        resources.append(entry)
+    return {
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": "2026-11-23",
+        "kind": "instance",
+        "software": {"name": "cpa-fhir sandbox", "version": version},
+        "implementation": {"description": "CPA sandbox FHIR server", "url": base_url},
+        "fhirVersion": FHIR_VERSION,
+        "format": ["application/fhir+json", "json"],
+        "rest": [
+            {
+                "mode": "server",
+                "security": {
+                    "extension": [
+                        {
+                            "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
+                            "extension": [{"url": "token", "valueUri": f"{base_url}/token"}],
+                        }
+                    ],
+                    "service": [
+                        {
+                            "coding": [
+                                {
+                                    "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+                                    "code": "SMART-on-FHIR",
+                                }
+                            ]
+                        }
+                    ],
+                    "description": "OAuth 2.0 client credentials (client secret or private_key_jwt); SMART system scopes. Partner clients see only what the consent engine allows.",
+                },
+                "resource": resources,
+                "interaction": [{"code": "transaction"}, {"code": "batch"}],
+                "operation": [
+                    {
+                        "name": "validate",
+                        "definition": "http://hl7.org/fhir/OperationDefinition/Resource-validate",
+                    }
+                ],
+            }
+        ],
+    }

@@ -1,0 +1,653 @@
+"""The FHIR RESTful API, without a web framework: https://hl7.org/fhir/R4/http.html
+
+`Router.handle` takes a plain `Request` (method, path below the base, query
+pairs, headers, body) and the authenticated client, and returns a `Response`.
+Reads and searches serve the stored JSON bytes; writes are validated against
+the profiles first. Partner clients see only what the consent engine allows
+(`PartnerView`), on every path that returns data.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import format_datetime
+from typing import Any
+from urllib.parse import urlencode
+
+import orjson
+
+from cpa_fhir.consent import RequiredElements, SharingPolicy
+from cpa_fhir.errors import (
+    FhirError,
+    InputError,
+    PreconditionFailed,
+    ResourceGone,
+    ResourceNotFound,
+    SearchError,
+    SharingError,
+    VersionConflict,
+)
+from cpa_fhir.fhir.models import R4_RESOURCE_TYPES
+from cpa_fhir.fhir.outcome import Issue, operation_outcome
+from cpa_fhir.sandbox._access import PartnerView
+from cpa_fhir.sandbox._auth import AuthFailure, Client, allows, require
+from cpa_fhir.store import SearchQuery, SqlRepository, Stored
+from cpa_fhir.validation import Validator
+
+FHIR_JSON = "application/fhir+json; charset=utf-8"
+_JSON_TYPES = ("application/fhir+json", "application/json", "json", "application/json+fhir")
+_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+MAX_PARTNER_MATCHES = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    method: str
+    path: str  # below the base, no leading slash: "Patient/1/_history/2"
+    query: list[tuple[str, str]] = field(default_factory=list)
+    headers: Mapping[str, str] = field(default_factory=dict)  # lower-case names
+    body: bytes = b""
+    base_url: str = "http://localhost/fhir"
+
+
+@dataclass(slots=True)
+class Response:
+    status: int
+    body: bytes = b""
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class HttpError(FhirError):
+    """A client error with its HTTP status."""
+
+    def __init__(
+        self, status: int, message: str, *, code: str = "invalid", issues: list[Issue] | None = None
+    ):
+        super().__init__(message, code=code)
+        self.status = status
+        self.issues = issues
+
+    def outcome(self) -> dict[str, Any]:
+        return operation_outcome(self.issues) if self.issues else self.to_operation_outcome()
+
+
+STATUS_OF: dict[type[FhirError], int] = {
+    ResourceNotFound: 404,
+    ResourceGone: 410,
+    VersionConflict: 409,
+    PreconditionFailed: 412,
+    SearchError: 400,
+    InputError: 400,
+    SharingError: 403,
+}
+
+
+def status_of(exc: FhirError) -> int:
+    if isinstance(exc, (HttpError, AuthFailure)):
+        return exc.status
+    for cls in type(exc).__mro__:
+        if cls in STATUS_OF:
+            return STATUS_OF[cls]
+    return 400
+
+
+def outcome_response(exc: FhirError) -> Response:
+    body = exc.outcome() if isinstance(exc, HttpError) else exc.to_operation_outcome()
+    headers = {"content-type": FHIR_JSON}
+    if isinstance(exc, AuthFailure) and exc.status == 401:
+        headers["www-authenticate"] = 'Bearer realm="cpa-fhir"'
+    return Response(status_of(exc), orjson.dumps(body), headers)
+
+
+def _etag(stored: Stored) -> dict[str, str]:
+    return {
+        "etag": f'W/"{stored.version_id}"',
+        "last-modified": format_datetime(stored.last_updated.astimezone(UTC), usegmt=True),
+    }
+
+
+def _instant(moment: datetime) -> str:
+    return (
+        moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    )
+
+
+class Router:
+    """The sandbox's FHIR interactions over a repository."""
+
+    def __init__(
+        self,
+        repo: SqlRepository,
+        validator: Validator,
+        policy: SharingPolicy,
+        required: RequiredElements,
+        capability: Callable[[str], dict[str, Any]],
+        *,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        new_id: Callable[[], str] = lambda: str(uuid.uuid4()),
+    ) -> None:
+        self.repo = repo
+        self.validator = validator
+        self.policy = policy
+        self.required = required
+        self.capability = capability
+        self.clock = clock
+        self.new_id = new_id
+
+    # -- entry point ----------------------------------------------------------------
+
+    def handle(self, request: Request, client: Client | None, scopes: frozenset[str]) -> Response:
+        try:
+            self._negotiate(request)
+            parts = [p for p in request.path.split("/") if p]
+            if parts == ["metadata"] and request.method == "GET":
+                return self._json(200, self.capability(request.base_url))
+            if client is None:
+                raise AuthFailure("this server needs a bearer token: POST /token first", status=401)
+            view = (
+                None
+                if client.sees_everything
+                else PartnerView(
+                    self.repo, client, self.policy, self.required, self.clock(), scopes
+                )
+            )
+            response = self._route(request, parts, client, scopes, view)
+            if view is not None:
+                self._audit(view, client)
+            return response
+        except FhirError as exc:
+            return outcome_response(exc)
+
+    def _route_safely(
+        self, request: Request, client: Client, scopes: frozenset[str], view: PartnerView | None
+    ) -> Response:
+        """One entry of a batch: its error becomes its own response."""
+        try:
+            return self._route(
+                request, [p for p in request.path.split("/") if p], client, scopes, view
+            )
+        except FhirError as exc:
+            return outcome_response(exc)
+
+    def _route(
+        self,
+        request: Request,
+        parts: list[str],
+        client: Client,
+        scopes: frozenset[str],
+        view: PartnerView | None,
+    ) -> Response:
+        method = request.method
+        if not parts:
+            if method == "POST":
+                return self._bundle(request, client, scopes, view)
+            raise HttpError(405, f"{method} is not allowed on the base URL", code="not-supported")
+        rtype = parts[0]
+        if rtype not in R4_RESOURCE_TYPES:
+            raise HttpError(404, f"unknown resource type '{rtype}'", code="not-supported")
+        n = len(parts)
+        if n == 1:
+            if method == "GET":
+                return self._search(request, rtype, request.query, client, scopes, view)
+            if method == "POST":
+                return self._create(request, rtype, client, scopes, view)
+            raise HttpError(405, f"{method} is not allowed on {rtype}", code="not-supported")
+        second = parts[1]
+        if n == 2 and second == "_search" and method == "POST":
+            form = _form(request)
+            return self._search(request, rtype, request.query + form, client, scopes, view)
+        if n == 2 and second == "_history" and method == "GET":
+            return self._history(request, rtype, None, client, scopes, view)
+        if n == 2 and second == "$validate" and method == "POST":
+            return self._validate(request, rtype, None, client, scopes)
+        if not _ID.match(second):
+            raise HttpError(400, f"'{second}' is not a valid resource id", code="value")
+        rid = second
+        if n == 2:
+            if method == "GET":
+                return self._read(request, rtype, rid, None, client, scopes, view)
+            if method == "PUT":
+                return self._update(request, rtype, rid, client, scopes, view)
+            if method == "DELETE":
+                return self._delete(rtype, rid, client, scopes)
+            raise HttpError(405, f"{method} is not allowed on {rtype}/{rid}", code="not-supported")
+        if n == 3 and parts[2] == "$validate" and method == "POST":
+            return self._validate(request, rtype, rid, client, scopes)
+        if parts[2] == "_history" and method == "GET":
+            if n == 3:
+                return self._history(request, rtype, rid, client, scopes, view)
+            if n == 4:
+                if not parts[3].isdigit():
+                    raise HttpError(400, f"'{parts[3]}' is not a version id", code="value")
+                return self._read(request, rtype, rid, int(parts[3]), client, scopes, view)
+        raise HttpError(404, f"no such interaction: {method} {request.path}", code="not-supported")
+
+    # -- content --------------------------------------------------------------------
+
+    def _negotiate(self, request: Request) -> None:
+        fmt = dict(request.query).get("_format")
+        accept = fmt or request.headers.get("accept", "")
+        if accept and not any(
+            t.strip().split(";")[0].strip() in (*_JSON_TYPES, "*/*", "application/*", "")
+            for t in accept.split(",")
+        ):
+            raise HttpError(
+                406,
+                f"this server speaks application/fhir+json only, not '{accept}'",
+                code="not-supported",
+            )
+
+    def _body(self, request: Request) -> dict[str, Any]:
+        ctype = request.headers.get("content-type", "").split(";")[0].strip()
+        if ctype not in _JSON_TYPES:
+            raise HttpError(
+                415,
+                f"send application/fhir+json, not '{ctype or 'no content type'}'",
+                code="not-supported",
+            )
+        try:
+            data = orjson.loads(request.body)
+        except orjson.JSONDecodeError as exc:
+            raise HttpError(400, f"the body is not JSON: {exc}", code="structure") from None
+        if not isinstance(data, dict) or not isinstance(data.get("resourceType"), str):
+            raise HttpError(400, "the body is not a FHIR resource", code="structure")
+        return data
+
+    def _json(
+        self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None
+    ) -> Response:
+        return Response(status, orjson.dumps(body), {"content-type": FHIR_JSON, **(headers or {})})
+
+    def _check_valid(self, resource: dict[str, Any]) -> None:
+        issues = self.validator.validate(resource)
+        if any(i.is_error for i in issues):
+            raise HttpError(
+                422,
+                "the resource does not conform to the profiles",
+                code="processing",
+                issues=issues,
+            )
+
+    # -- instance and type interactions ---------------------------------------------
+
+    def _read(
+        self,
+        request: Request,
+        rtype: str,
+        rid: str,
+        version: int | None,
+        client: Client,
+        scopes: frozenset[str],
+        view: PartnerView | None,
+    ) -> Response:
+        require(scopes, rtype, "read")
+        stored = (
+            self.repo.read(rtype, rid) if version is None else self.repo.vread(rtype, rid, version)
+        )
+        if version is not None and stored.deleted:
+            raise ResourceGone(f"{rtype}/{rid} version {version} is a deletion")
+        if view is None:
+            return Response(200, stored.content, {"content-type": FHIR_JSON, **_etag(stored)})
+        shown = view.filter_bytes(stored)
+        if shown is None:
+            # Withheld and absent look the same: a 403 would tell that it exists.
+            raise ResourceNotFound(f"{rtype}/{rid} is not known to this server")
+        return Response(200, shown, {"content-type": FHIR_JSON, **_etag(stored)})
+
+    def _create(
+        self,
+        request: Request,
+        rtype: str,
+        client: Client,
+        scopes: frozenset[str],
+        view: PartnerView | None,
+    ) -> Response:
+        require(scopes, rtype, "create")
+        resource = self._body(request)
+        if resource["resourceType"] != rtype:
+            raise HttpError(400, f"the body is a {resource['resourceType']}, not a {rtype}")
+        resource.pop("id", None)  # the server assigns ids on create
+        self._check_valid(resource)
+        stored = self.repo.create(resource, if_none_exist=request.headers.get("if-none-exist"))
+        status = 201 if stored.created else 200
+        headers = {
+            "location": f"{request.base_url}/{rtype}/{stored.id}/_history/{stored.version_id}",
+            **_etag(stored),
+        }
+        return Response(status, stored.content, {"content-type": FHIR_JSON, **headers})
+
+    def _update(
+        self,
+        request: Request,
+        rtype: str,
+        rid: str,
+        client: Client,
+        scopes: frozenset[str],
+        view: PartnerView | None,
+    ) -> Response:
+        require(scopes, rtype, "update")
+        resource = self._body(request)
+        if resource["resourceType"] != rtype:
+            raise HttpError(400, f"the body is a {resource['resourceType']}, not a {rtype}")
+        if resource.get("id") != rid:
+            raise HttpError(400, f"the body's id must be '{rid}', as in the URL", code="value")
+        if_match = _if_match(request.headers.get("if-match"))
+        self._check_valid(resource)
+        try:
+            stored = self.repo.update(resource, if_match=if_match)
+        except VersionConflict as exc:
+            raise HttpError(
+                412 if if_match is not None else 409, exc.message, code="conflict"
+            ) from None
+        status = 201 if stored.created else 200
+        headers = {
+            "location": f"{request.base_url}/{rtype}/{stored.id}/_history/{stored.version_id}",
+            **_etag(stored),
+        }
+        return Response(status, stored.content, {"content-type": FHIR_JSON, **headers})
+
+    def _delete(self, rtype: str, rid: str, client: Client, scopes: frozenset[str]) -> Response:
+        require(scopes, rtype, "delete")
+        try:
+            self.repo.delete(rtype, rid)
+        except ResourceGone:
+            pass  # deleting twice is not an error (R4 http.html#delete)
+        return Response(204)
+
+    def _validate(
+        self, request: Request, rtype: str, rid: str | None, client: Client, scopes: frozenset[str]
+    ) -> Response:
+        require(scopes, rtype, "read")
+        body = self._body(request)
+        resource: Any = body
+        profile = dict(request.query).get("profile")
+        if body.get("resourceType") == "Parameters":
+            params = [p for p in body.get("parameter") or [] if isinstance(p, dict)]
+            resource = next(
+                (p.get("resource") for p in params if p.get("name") == "resource"), None
+            )
+            for p in params:
+                if p.get("name") == "profile":
+                    profile = p.get("valueUri") or p.get("valueCanonical")
+            if not isinstance(resource, dict):
+                raise HttpError(400, "the Parameters carry no 'resource'")
+        if resource.get("resourceType") != rtype:
+            raise HttpError(400, f"$validate on {rtype} needs a {rtype}")
+        issues = self.validator.validate(resource, profile=profile)
+        return self._json(200, operation_outcome(issues))
+
+    # -- search and history ---------------------------------------------------------
+
+    def _search(
+        self,
+        request: Request,
+        rtype: str,
+        params: list[tuple[str, str]],
+        client: Client,
+        scopes: frozenset[str],
+        view: PartnerView | None,
+    ) -> Response:
+        require(scopes, rtype, "search")
+        params = [(k, v) for k, v in params if k != "_format"]
+        query = self.repo.parse(rtype, params)
+        if view is None:
+            result = self.repo.search(query)
+            # Included resources go only where the token's scopes reach.
+            included = [s for s in result.included if _allowed(scopes, s.resource_type)]
+            return self._searchset(
+                request, rtype, params, query, result.matches, included, result.total
+            )
+        return self._partner_search(request, rtype, params, query, view)
+
+    def _partner_search(
+        self,
+        request: Request,
+        rtype: str,
+        params: list[tuple[str, str]],
+        query: SearchQuery,
+        view: PartnerView,
+    ) -> Response:
+        # Count and page only what this client may see: the total must not
+        # reveal what was withheld, so filter every match, then page.
+        from dataclasses import replace
+
+        everything = replace(query, count=MAX_PARTNER_MATCHES, offset=0, summary_count=False)
+        result = self.repo.search(everything)
+        visible: list[tuple[Stored, bytes]] = []
+        for stored in result.matches:
+            shown = view.filter_bytes(stored)
+            if shown is not None and _still_matches(stored, shown, query, self.repo):
+                visible.append((stored, shown))
+        total = len(visible)
+        page = visible[query.offset : query.offset + query.count] if not query.summary_count else []
+        included: list[tuple[Stored, bytes]] = []
+        if page and (query.include or query.revinclude):
+            shown_keys = {f"{s.resource_type}/{s.id}" for s, _ in page}
+            ids_query = self.repo.parse(
+                rtype,
+                [
+                    ("_id", ",".join(s.id for s, _ in page)),
+                    *[(k, v) for k, v in params if k in ("_include", "_revinclude")],
+                ],
+            )
+            for inc in self.repo.search(ids_query).included:
+                key = f"{inc.resource_type}/{inc.id}"
+                if key in shown_keys or not _allowed(view.scopes, inc.resource_type):
+                    continue
+                shown = view.filter_bytes(inc, referred=True)
+                if shown is not None:
+                    included.append((inc, shown))
+        return self._searchset_bytes(request, rtype, params, query, page, included, total)
+
+    def _searchset(
+        self,
+        request: Request,
+        rtype: str,
+        params: list[tuple[str, str]],
+        query: SearchQuery,
+        matches: list[Stored],
+        included: list[Stored],
+        total: int | None,
+    ) -> Response:
+        return self._searchset_bytes(
+            request, rtype, params, query,
+            [(s, s.content) for s in matches],
+            [(s, s.content) for s in included],
+            total,
+        )  # fmt: skip
+
+    def _searchset_bytes(
+        self,
+        request: Request,
+        rtype: str,
+        params: list[tuple[str, str]],
+        query: SearchQuery,
+        matches: list[tuple[Stored, bytes]],
+        included: list[tuple[Stored, bytes]],
+        total: int | None,
+    ) -> Response:
+        base = request.base_url
+        links = [
+            {"relation": "self", "url": _page_url(base, rtype, params, query.offset, query.count)}
+        ]
+        if total is not None and query.offset + query.count < total and not query.summary_count:
+            links.append(
+                {
+                    "relation": "next",
+                    "url": _page_url(base, rtype, params, query.offset + query.count, query.count),
+                }
+            )
+        if query.offset > 0 and not query.summary_count:
+            links.append(
+                {
+                    "relation": "previous",
+                    "url": _page_url(
+                        base, rtype, params, max(0, query.offset - query.count), query.count
+                    ),
+                }
+            )
+        head: dict[str, Any] = {
+            "resourceType": "Bundle",
+            "id": self.new_id(),
+            "meta": {"lastUpdated": _instant(self.clock())},
+            "type": "searchset",
+        }
+        if total is not None:
+            head["total"] = total
+        head["link"] = links
+        parts = [
+            b'{"fullUrl":'
+            + orjson.dumps(f"{base}/{s.resource_type}/{s.id}")
+            + b',"resource":'
+            + content
+            + b',"search":{"mode":"'
+            + mode
+            + b'"}}'
+            for mode, items in ((b"match", matches), (b"include", included))
+            for s, content in items
+        ]
+        body = (
+            orjson.dumps(head)[:-1] + b',"entry":[' + b",".join(parts) + b"]}"
+            if parts
+            else orjson.dumps(head)
+        )
+        return Response(200, body, {"content-type": FHIR_JSON})
+
+    def _history(
+        self,
+        request: Request,
+        rtype: str,
+        rid: str | None,
+        client: Client,
+        scopes: frozenset[str],
+        view: PartnerView | None,
+    ) -> Response:
+        require(scopes, rtype, "read")
+        q = dict(request.query)
+        since = None
+        if "_since" in q:
+            try:
+                since = datetime.fromisoformat(q["_since"].replace("Z", "+00:00"))
+            except ValueError:
+                raise HttpError(
+                    400, f"_since {q['_since']!r} is not an instant", code="value"
+                ) from None
+            if since.tzinfo is None:
+                raise HttpError(400, "_since needs a time zone", code="value")
+        try:
+            count = int(q.get("_count", "100"))
+        except ValueError:
+            raise HttpError(400, "_count must be a number", code="value") from None
+        if not 0 < count <= 1000:
+            raise HttpError(400, "_count must be between 1 and 1000", code="value")
+        versions = self.repo.history(rtype, rid, since=since, count=count)
+        entries = []
+        for s in versions:
+            entry: dict[str, Any] = {"fullUrl": f"{request.base_url}/{s.resource_type}/{s.id}"}
+            method = "DELETE" if s.deleted else ("POST" if s.version_id == 1 else "PUT")
+            entry["request"] = {
+                "method": method,
+                "url": f"{s.resource_type}/{s.id}" if method != "POST" else s.resource_type,
+            }
+            entry["response"] = {
+                "status": "204" if s.deleted else ("201" if s.version_id == 1 else "200"),
+                "etag": f'W/"{s.version_id}"',
+                "lastModified": _instant(s.last_updated),
+            }
+            if not s.deleted:
+                if view is None:
+                    entry["resource"] = orjson.Fragment(s.content)
+                else:
+                    shown = view.filter_bytes(s)
+                    if shown is None:
+                        continue
+                    entry["resource"] = orjson.Fragment(shown)
+            elif view is not None and not self._deletion_visible(s, view):
+                continue  # not even the fact that something withheld was deleted
+            entries.append(entry)
+        if rid is not None and view is not None and not entries:
+            raise ResourceNotFound(f"{rtype}/{rid} is not known to this server")
+        body = {
+            "resourceType": "Bundle",
+            "id": self.new_id(),
+            "type": "history",
+            "total": len(entries),
+            "entry": entries,
+        }
+        return self._json(200, body)
+
+    def _deletion_visible(self, deletion: Stored, view: PartnerView) -> bool:
+        if deletion.version_id < 2:
+            return False
+        before = self.repo.vread(deletion.resource_type, deletion.id, deletion.version_id - 1)
+        return view.filter_bytes(before) is not None
+
+    # -- batch and transaction ----------------------------------------------------------
+
+    def _bundle(
+        self, request: Request, client: Client, scopes: frozenset[str], view: PartnerView | None
+    ) -> Response:
+        from cpa_fhir.sandbox._bundles import run_bundle
+
+        return run_bundle(self, request, client, scopes, view)
+
+    # -- audit ----------------------------------------------------------------------------
+
+    def _audit(self, view: PartnerView, client: Client) -> None:
+        observer = {"display": "cpa-fhir sandbox"}
+        for event in view.audit_events(self.new_id, observer):
+            self.repo.update(event)
+
+
+def _allowed(scopes: frozenset[str], resource_type: str) -> bool:
+    return allows(scopes, resource_type, "read")
+
+
+def _form(request: Request) -> list[tuple[str, str]]:
+    from urllib.parse import parse_qsl
+
+    ctype = request.headers.get("content-type", "").split(";")[0].strip()
+    if request.body and ctype != "application/x-www-form-urlencoded":
+        raise HttpError(
+            415, "POST _search takes application/x-www-form-urlencoded", code="not-supported"
+        )
+    try:
+        return parse_qsl(
+            request.body.decode(), keep_blank_values=True, strict_parsing=bool(request.body)
+        )
+    except (UnicodeDecodeError, ValueError):
+        raise HttpError(400, "the form body is malformed", code="structure") from None
+
+
+def _if_match(value: str | None) -> int | None:
+    if value is None:
+        return None
+    m = re.fullmatch(r'\s*(?:W/)?"?(\d+)"?\s*', value)
+    if not m:
+        raise HttpError(400, f'If-Match {value!r} is not a version ETag like W/"3"', code="value")
+    return int(m.group(1))
+
+
+def _page_url(base: str, rtype: str, params: list[tuple[str, str]], offset: int, count: int) -> str:
+    kept = [(k, v) for k, v in params if k not in ("_offset", "_count")]
+    return f"{base}/{rtype}?{urlencode([*kept, ('_count', str(count)), ('_offset', str(offset))])}"
+
+
+def _still_matches(stored: Stored, shown: bytes, query: SearchQuery, repo: SqlRepository) -> bool:
+    """A redacted match must not be found by what was removed from it: if the
+    searched parameters index differently after filtering, leave it out."""
+    if shown == stored.content or not query.criteria:
+        return True
+    from cpa_fhir.store import index_resource
+
+    names = {c.parameter for c in query.criteria}
+    params = [
+        p for code, p in repo.parameters.for_type(stored.resource_type).items() if code in names
+    ]
+    before = index_resource(stored.resource(), params)
+    after = index_resource(orjson.loads(shown), params)
+    return before == after
