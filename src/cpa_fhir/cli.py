@@ -30,6 +30,11 @@ app = typer.Typer(
 )
 profiles_app = typer.Typer(help="Work on the profiles package.", no_args_is_help=True)
 app.add_typer(profiles_app, name="profiles")
+sandbox_app = typer.Typer(
+    help="The sandbox FHIR server: run it, or get a token for one of its clients.",
+    invoke_without_command=True,
+)
+app.add_typer(sandbox_app, name="sandbox")
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -300,6 +305,71 @@ def profiles_build(package: PackageOption = None) -> None:
             path.write_bytes(new)
             written += 1
     out.print(f"{written} StructureDefinition(s) updated in {folder}", markup=False)
+
+
+DbOption = Annotated[
+    str,
+    typer.Option("--db", help="Store URL: sqlite:///FILE (default) or postgresql://USER@HOST/DB."),
+]
+
+
+def _open_sandbox(db: str) -> Any:
+    from cpa_fhir.sandbox import open_sandbox
+
+    try:
+        return open_sandbox(db)
+    except FhirError as exc:
+        raise _fail(exc.message) from None
+    except Exception as exc:  # a database that cannot be reached or opened
+        raise _fail(f"cannot open the store {db}: {str(exc).splitlines()[0]}") from None
+
+
+@sandbox_app.callback()
+def sandbox(
+    ctx: typer.Context,
+    db: DbOption = "sqlite:///cpa-sandbox.db",
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8080,
+) -> None:
+    """Start the sandbox: create the schema, load patients A–D into an empty store, serve."""
+    if ctx.invoked_subcommand is not None:
+        return
+    import uvicorn
+
+    from cpa_fhir.sandbox import create_app, seed_examples
+
+    box = _open_sandbox(db)
+    loaded = seed_examples(box)
+    base = f"http://{host}:{port}"
+    if loaded:
+        out.print(f"loaded the example patients A–D: {loaded} resources", markup=False)
+    out.print(f"FHIR base URL: {base}/fhir  (CapabilityStatement at {base}/fhir/metadata)", markup=False)
+    out.print(
+        f"get a token:   cpa-fhir sandbox token --client gp --db {db}\n"
+        f"   or:         curl -s -d grant_type=client_credentials -d client_id=gp "
+        f"-d client_secret=gp-demo-secret {base}/token\n"
+        f"then:          curl -H 'Authorization: Bearer TOKEN' {base}/fhir/CarePlan?subject=Patient/c-patient\n"
+        f"clients:       {', '.join(sorted(box.registry.clients))} (sandbox/clients.toml)",
+        markup=False,
+    )
+    uvicorn.run(create_app(box), host=host, port=port, log_level="warning")
+
+
+@sandbox_app.command("token")
+def sandbox_token(
+    client: Annotated[str, typer.Option("--client", help="A client of sandbox/clients.toml.")],
+    db: DbOption = "sqlite:///cpa-sandbox.db",
+    issuer: Annotated[
+        str, typer.Option("--issuer", help="Base URL the token names.")
+    ] = "http://127.0.0.1:8080/fhir",
+) -> None:
+    """Print a bearer token for one of the sandbox's clients (valid on that store)."""
+    box = _open_sandbox(db)
+    try:
+        token = box.token_for(client, issuer)
+    except FhirError as exc:
+        raise _fail(exc.message) from None
+    out.print(token["access_token"], markup=False)
 
 
 def main() -> None:
