@@ -77,10 +77,12 @@ class Sandbox:
         )
 
 
-def open_sandbox(db_url: str = DEFAULT_DB, *, config: Path | None = None) -> Sandbox:
+def open_sandbox(
+    db_url: str = DEFAULT_DB, *, config: Path | None = None, schema: str | None = None
+) -> Sandbox:
     """Open (creating or upgrading the schema of) the sandbox's store."""
     package = default_package()
-    repo = SqlRepository(db_url)
+    repo = SqlRepository(db_url, schema=schema)
     validator = Validator(package)
     router = Router(
         repo,
