@@ -1,0 +1,156 @@
+"""Partner clients receive exactly what the consent engine allows, on every path:
+read, vread, search, _include, _revinclude, history, _summary=count and totals,
+search criteria on withheld values, batch — and each disclosure is audited."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import pytest
+
+from cpa_fhir.config import load_policy
+from cpa_fhir.conformance import default_package
+from cpa_fhir.consent import Recipient, RequiredElements, ShareRequest, share
+from tests.common import EXAMPLES
+from tests.sandbox.conftest import Fhir, resource_keys
+
+RECORD_C = orjson.loads(next(EXAMPLES.glob("Bundle-record-C-*.json")).read_bytes())
+C_KEYS = {f"{e['resource']['resourceType']}/{e['resource']['id']}" for e in RECORD_C["entry"]}
+
+# client id -> (recipient as the consent engine sees it, purpose, exceptions)
+PARTNERS = {
+    "gp": (Recipient("Organization/c-gp-practice", "gp-practice", frozenset({("https://fhir.nhs.uk/Id/ods-organization-code", "Y90303")})), "TREAT", ()),
+    "probation": (Recipient("Organization/c-probation", "probation"), "THREAT", ("public-protection",)),
+    "social-care": (Recipient("Organization/c-social-care", "social-care"), "COC", ()),
+    "carer": (Recipient("RelatedPerson/c-carer-son", "carer"), "FAMRQT", ("carers-need-to-know",)),
+}
+
+
+def _expected(client_id: str) -> set[str]:
+    """What `cpa-fhir share` would send this partner from C's record (non-supporting types)."""
+    recipient, purpose, exceptions = PARTNERS[client_id]
+    d = share(
+        RECORD_C,
+        ShareRequest(recipient, purpose, exceptions),
+        load_policy(),
+        at=datetime.now(UTC),
+        new_id=lambda: "x",
+        required=RequiredElements(default_package()),
+    )
+    supporting = {"Practitioner", "PractitionerRole", "Organization", "Location"}
+    return {k for k in d.shared if k.split("/")[0] not in supporting}
+
+
+CLINICAL = ["Patient", "EpisodeOfCare", "CareTeam", "CarePlan", "Flag", "Condition", "Goal", "Encounter", "RelatedPerson", "Consent", "Task"]
+
+
+@pytest.fixture(scope="module", params=list(PARTNERS))
+def partner(request: pytest.FixtureRequest, as_client: Any) -> tuple[str, Fhir]:
+    return str(request.param), as_client(request.param)
+
+
+def _search_all(client: Fhir, rtype: str, params: dict[str, str]) -> tuple[set[str], int | None, int]:
+    r = client.get(rtype, params={**params, "_count": "1000"})
+    if r.status_code == 403:
+        return set(), 0, 403
+    assert r.status_code == 200, r.text
+    body = r.json()
+    return {k for k in resource_keys(body)}, body.get("total"), 200
+
+
+def test_search_and_totals_show_exactly_what_consent_allows(partner: tuple[str, Fhir]) -> None:
+    client_id, client = partner
+    expected = _expected(client_id)
+    seen: set[str] = set()
+    reachable: set[str] = set()  # types the client's scopes let it search
+    for rtype in CLINICAL:
+        for param in ("patient", "subject", "for", "_id"):
+            value = "c-patient" if param == "_id" else "Patient/c-patient"
+            if rtype == "Patient" and param != "_id":
+                continue
+            r = client.get(rtype, params={param: value, "_count": "1000"})
+            if r.status_code != 200:
+                assert r.status_code in (400, 403), r.text  # no such parameter, or beyond scope
+                continue
+            reachable.add(rtype)
+            body = r.json()
+            keys = resource_keys(body)
+            assert body["total"] == len(keys), f"{rtype}?{param}: total counts withheld resources"
+            count = client.get(rtype, params={param: value, "_summary": "count"}).json()["total"]
+            assert count == len(keys)
+            seen |= keys
+    assert seen & C_KEYS == {k for k in expected if k.split("/")[0] in reachable}
+
+
+def test_read_and_vread_withheld_look_absent(partner: tuple[str, Fhir]) -> None:
+    client_id, client = partner
+    expected = _expected(client_id)
+    for key in sorted(C_KEYS):
+        if key.split("/")[0] not in CLINICAL:
+            continue
+        r = client.get(key)
+        v = client.get(f"{key}/_history/1")
+        if r.status_code == 403 and "scopes do not allow" in r.text:
+            continue
+        if key in expected:
+            assert r.status_code == 200 and v.status_code == 200, key
+            assert "REDACTED" in r.text or r.json()["id"] == key.split("/")[1]
+        else:
+            assert r.status_code in (403, 404), key
+            assert v.status_code in (403, 404), key
+            assert r.status_code != 200
+
+
+def test_history_include_revinclude_and_batch_hide_withheld(partner: tuple[str, Fhir]) -> None:
+    client_id, client = partner
+    allowed = _expected(client_id) | {"Practitioner/" + p for p in ("c-coordinator", "c-consultant", "c-previous-coordinator", "c-gp", "c-social-worker", "c-childrens-social-worker", "c-probation-officer")} | {f"Organization/{o}" for o in ("c-trust", "c-gp-practice", "c-social-care", "c-probation", "c-childrens-services")}
+    withheld = C_KEYS - allowed
+    history = client.get("Flag/_history")
+    if history.status_code == 200:
+        assert not resource_keys(history.json()) & withheld
+    for params in (
+        {"_id": "c-patient", "_revinclude": "Flag:patient"},
+        {"_id": "c-patient", "_revinclude": "CarePlan:subject"},
+    ):
+        r = client.get("Patient", params=params)
+        if r.status_code == 200:
+            assert not resource_keys(r.json()) & withheld, params
+    r = client.get("CarePlan", params={"subject": "Patient/c-patient", "_include": "CarePlan:supporting-info"})
+    if r.status_code == 200:
+        assert not resource_keys(r.json()) & withheld
+    batch = {"resourceType": "Bundle", "type": "batch", "entry": [{"request": {"method": "GET", "url": k}} for k in sorted(withheld) if k.split("/")[0] in CLINICAL]}
+    r = client.post("", batch)
+    assert r.status_code == 200
+    for entry in r.json()["entry"]:
+        assert entry["response"]["status"] in ("403", "404")
+
+
+def test_criteria_on_withheld_values_reveal_nothing(partner: tuple[str, Fhir]) -> None:
+    """Searching by a withheld risk type, or by a performer removed from a shared plan,
+    must not return the patient's resources."""
+    client_id, client = partner
+    expected = _expected(client_id)
+    r = client.get("Flag", params={"code": "https://cpa-fhir.org/fhir/CodeSystem/cpa-risk-type|risk-to-children"})
+    if r.status_code == 200:
+        assert resource_keys(r.json()) <= expected
+    r = client.get("CarePlan", params={"performer": "Organization/c-childrens-services"})
+    if r.status_code == 200:
+        assert not resource_keys(r.json()) & C_KEYS, "a plan found by a redacted performer"
+
+
+def test_gp_sees_redacted_care_plan_and_every_disclosure_is_audited(as_client: Any, trust: Fhir) -> None:
+    gp = as_client("gp")
+    before = trust.get("AuditEvent", params={"_summary": "count"}).json()["total"]
+    plan = gp.get("CarePlan/c-careplan").json()
+    assert "description" not in plan and "children's services" not in orjson.dumps(plan).decode().lower()
+    assert any(c["code"] == "REDACTED" for c in plan["meta"]["security"])
+    after = trust.get("AuditEvent", params={"_summary": "count"}).json()["total"]
+    assert after == before + 1
+    events = trust.get("AuditEvent", params={"_count": "1000"}).json()["entry"]
+    latest = max((e["resource"] for e in events), key=lambda r: r["meta"]["lastUpdated"])
+    assert {"reference": "CarePlan/c-careplan"} in [e.get("what") for e in latest["entity"]]
+    # A partner never sees the audit trail.
+    assert gp.get("AuditEvent").status_code in (200, 403)
+    assert resource_keys(gp.get("AuditEvent").json()) == set() if gp.get("AuditEvent").status_code == 200 else True

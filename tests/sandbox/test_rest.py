@@ -1,0 +1,179 @@
+"""The REST API on SQLite and PostgreSQL: CRUD, versions, conditional create, search,
+paging, validation on write, transactions, and an OperationOutcome for every client error."""
+
+from __future__ import annotations
+
+import copy
+import uuid
+from typing import Any
+
+import orjson
+import pytest
+
+from tests.common import EXAMPLES
+from tests.sandbox.conftest import Fhir, resource_keys
+
+RECORD_A = orjson.loads(next(EXAMPLES.glob("Bundle-record-A-*.json")).read_bytes())
+
+
+def _flag(**changes: Any) -> dict[str, Any]:
+    flag = copy.deepcopy(next(e["resource"] for e in RECORD_A["entry"] if e["resource"]["resourceType"] == "Flag"))
+    flag.pop("id", None)
+    flag.update(changes)
+    return flag
+
+
+def _outcome(response: Any, status: int) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["resourceType"] == "OperationOutcome"
+    return body
+
+
+def test_metadata_is_generated_from_what_runs(trust: Fhir) -> None:
+    cs = trust.get("metadata").json()
+    assert cs["fhirVersion"] == "4.0.1"
+    by_type = {r["type"]: r for r in cs["rest"][0]["resource"]}
+    assert "https://cpa-fhir.org/fhir/StructureDefinition/cpa-care-plan" in by_type["CarePlan"]["supportedProfile"]
+    assert {"name": "cpa-level", "type": "token"} in by_type["EpisodeOfCare"]["searchParam"]
+    assert {"code": "vread"} in by_type["Patient"]["interaction"]
+
+
+def test_create_read_vread_update_delete(trust: Fhir) -> None:
+    created = trust.post("Flag", _flag())
+    assert created.status_code == 201, created.text
+    flag = created.json()
+    fid = flag["id"]
+    assert created.headers["etag"] == 'W/"1"'
+    assert created.headers["location"].endswith(f"/Flag/{fid}/_history/1")
+    assert trust.get(f"Flag/{fid}").json() == flag
+    flag["status"] = "inactive"
+    updated = trust.put(f"Flag/{fid}", flag, headers={"if-match": 'W/"1"'})
+    assert updated.status_code == 200 and updated.headers["etag"] == 'W/"2"'
+    stale = trust.put(f"Flag/{fid}", flag, headers={"if-match": 'W/"1"'})
+    _outcome(stale, 412)
+    assert trust.get(f"Flag/{fid}/_history/1").json()["status"] == "active"
+    history = trust.get(f"Flag/{fid}/_history").json()
+    assert history["type"] == "history" and history["total"] == 2
+    assert trust.delete(f"Flag/{fid}").status_code == 204
+    _outcome(trust.get(f"Flag/{fid}"), 410)
+    assert trust.get(f"Flag/{fid}/_history/2").status_code == 200
+
+
+def test_conditional_create(trust: Fhir) -> None:
+    marker = uuid.uuid4().hex
+    flag = _flag(identifier=[{"system": "urn:test", "value": marker}])
+    first = trust.post("Flag", flag, headers={"if-none-exist": f"identifier=urn:test|{marker}"})
+    again = trust.post("Flag", flag, headers={"if-none-exist": f"identifier=urn:test|{marker}"})
+    assert first.status_code == 201 and again.status_code == 200
+    assert first.json()["id"] == again.json()["id"]
+
+
+def test_invalid_resource_is_refused_with_the_validators_outcome(trust: Fhir) -> None:
+    bad = _flag()
+    del bad["code"]
+    outcome = _outcome(trust.post("Flag", bad), 422)
+    assert any("Flag.code" in (i.get("expression") or [""])[0] for i in outcome["issue"])
+    assert trust.post("Flag/$validate", bad).json()["issue"][0]["severity"] == "error"
+
+
+def test_search_by_nhs_number_and_patient(trust: Fhir) -> None:
+    patient = trust.get("Patient/c-patient").json()
+    nhs = next(i["value"] for i in patient["identifier"] if i["system"] == "https://fhir.nhs.uk/Id/nhs-number")
+    found = trust.get("Patient", params={"identifier": f"https://fhir.nhs.uk/Id/nhs-number|{nhs}"}).json()
+    assert resource_keys(found) == {"Patient/c-patient"}
+    plans = trust.get("CarePlan", params={"subject": "Patient/c-patient", "status": "active"}).json()
+    assert resource_keys(plans) == {"CarePlan/c-careplan", "CarePlan/c-crisis-plan", "CarePlan/c-contingency-plan"}
+    enhanced = trust.get("EpisodeOfCare", params={"cpa-level": "http://snomed.info/sct|1092221000000101"}).json()
+    assert {"EpisodeOfCare/c-episode", "EpisodeOfCare/d-episode"} <= resource_keys(enhanced)
+
+
+def test_paging_links_and_count(trust: Fhir) -> None:
+    first = trust.get("Encounter", params={"_count": "5", "_sort": "date"}).json()
+    total = first["total"]
+    assert total > 10 and len(first["entry"]) == 5
+    seen = resource_keys(first)
+    nxt = next(link["url"] for link in first["link"] if link["relation"] == "next")
+    second = trust.get(nxt.split("/fhir/", 1)[1]).json()
+    assert not seen & resource_keys(second)
+    count = trust.get("Encounter", params={"_summary": "count"}).json()
+    assert count["total"] == total and "entry" not in count
+
+
+def test_include_and_revinclude(trust: Fhir) -> None:
+    bundle = trust.get("CarePlan", params={"_id": "c-careplan", "_include": "CarePlan:subject"}).json()
+    assert "Patient/c-patient" in resource_keys(bundle)
+    rev = trust.get("Patient", params={"_id": "c-patient", "_revinclude": "Flag:patient"}).json()
+    assert "Flag/c-risk-harm-to-others" in resource_keys(rev)
+
+
+@pytest.mark.parametrize(
+    ("params", "status"),
+    [({"nonsense": "1"}, 400), ({"birthdate": "gt-yesterday"}, 400), ({"_count": "-1"}, 400), ({"name:fuzzy": "x"}, 400)],
+)
+def test_bad_search_parameters_are_outcomes(trust: Fhir, params: dict[str, str], status: int) -> None:
+    _outcome(trust.get("Patient", params=params), status)
+
+
+def test_client_errors_are_outcomes(trust: Fhir, as_client: Any) -> None:
+    _outcome(as_client(None).get("Patient/c-patient"), 401)
+    bad_token = Fhir(trust.http, "not-a-token")
+    _outcome(bad_token.get("Patient/c-patient"), 401)
+    _outcome(as_client("gp").post("Flag", _flag()), 403)
+    _outcome(trust.get("Patient/no-such-patient"), 404)
+    _outcome(trust.get("NotAType/1"), 404)
+    _outcome(trust.http.patch("/fhir/Patient/c-patient", headers=trust.headers), 405)
+    _outcome(trust.post("Flag", b"<Flag/>", headers={"content-type": "application/fhir+xml"}), 415)
+    _outcome(trust.post("Flag", b"{not json"), 400)
+    _outcome(trust.get("Patient/c-patient", params={"_format": "xml"}), 406)
+    _outcome(trust.post("Flag", b"{" + b" " * (6 * 1024 * 1024) + b"}"), 413)
+    flag = trust.get("Flag/a-risk-self-harm").json()
+    _outcome(trust.put("Flag/a-risk-self-harm", flag, headers={"if-match": "yesterday"}), 400)
+    _outcome(trust.put("Flag/other-id", flag), 400)
+
+
+def test_transaction_resolves_references_and_is_all_or_nothing(trust: Fhir) -> None:
+    patient = copy.deepcopy(next(e["resource"] for e in RECORD_A["entry"] if e["resource"]["resourceType"] == "Patient"))
+    patient.pop("id")
+    patient["identifier"][0]["value"] = "9434765919"
+    patient.pop("generalPractitioner", None)
+    flag = _flag(subject={"reference": "urn:uuid:11111111-1111-4111-8111-111111111111"})
+    flag.pop("author", None)
+    tx = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {"fullUrl": "urn:uuid:11111111-1111-4111-8111-111111111111", "resource": patient, "request": {"method": "POST", "url": "Patient"}},
+            {"fullUrl": "urn:uuid:22222222-2222-4222-8222-222222222222", "resource": flag, "request": {"method": "POST", "url": "Flag"}},
+        ],
+    }
+    result = trust.post("", tx)
+    assert result.status_code == 200, result.text
+    entries = result.json()["entry"]
+    assert [e["response"]["status"] for e in entries] == ["201", "201"]
+    new_patient = entries[0]["resource"]["id"]
+    assert entries[1]["resource"]["subject"]["reference"] == f"Patient/{new_patient}"
+    # A failing entry leaves nothing behind.
+    before = trust.get("Flag", params={"_summary": "count"}).json()["total"]
+    broken = copy.deepcopy(tx)
+    broken["entry"][1]["resource"].pop("code")
+    _outcome(trust.post("", broken), 422)
+    stale = copy.deepcopy(tx)
+    existing = trust.get("Flag/a-risk-self-harm").json()
+    stale["entry"].append({"resource": existing, "request": {"method": "PUT", "url": "Flag/a-risk-self-harm", "ifMatch": 'W/"99"'}})
+    assert trust.post("", stale).status_code in (409, 412)
+    assert trust.get("Flag", params={"_summary": "count"}).json()["total"] == before
+
+
+def test_batch_reports_each_entry(trust: Fhir) -> None:
+    batch = {
+        "resourceType": "Bundle",
+        "type": "batch",
+        "entry": [
+            {"request": {"method": "GET", "url": "Patient/a-patient"}},
+            {"request": {"method": "GET", "url": "Patient/none"}},
+        ],
+    }
+    entries = trust.post("", batch).json()["entry"]
+    assert [e["response"]["status"] for e in entries] == ["200", "404"]
+    assert entries[1]["response"]["outcome"]["resourceType"] == "OperationOutcome"
