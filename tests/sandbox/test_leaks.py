@@ -21,8 +21,20 @@ C_KEYS = {f"{e['resource']['resourceType']}/{e['resource']['id']}" for e in RECO
 
 # client id -> (recipient as the consent engine sees it, purpose, exceptions)
 PARTNERS = {
-    "gp": (Recipient("Organization/c-gp-practice", "gp-practice", frozenset({("https://fhir.nhs.uk/Id/ods-organization-code", "Y90303")})), "TREAT", ()),
-    "probation": (Recipient("Organization/c-probation", "probation"), "THREAT", ("public-protection",)),
+    "gp": (
+        Recipient(
+            "Organization/c-gp-practice",
+            "gp-practice",
+            frozenset({("https://fhir.nhs.uk/Id/ods-organization-code", "Y90303")}),
+        ),
+        "TREAT",
+        (),
+    ),
+    "probation": (
+        Recipient("Organization/c-probation", "probation"),
+        "THREAT",
+        ("public-protection",),
+    ),
     "social-care": (Recipient("Organization/c-social-care", "social-care"), "COC", ()),
     "carer": (Recipient("RelatedPerson/c-carer-son", "carer"), "FAMRQT", ("carers-need-to-know",)),
 }
@@ -43,7 +55,19 @@ def _expected(client_id: str) -> set[str]:
     return {k for k in d.shared if k.split("/")[0] not in supporting}
 
 
-CLINICAL = ["Patient", "EpisodeOfCare", "CareTeam", "CarePlan", "Flag", "Condition", "Goal", "Encounter", "RelatedPerson", "Consent", "Task"]
+CLINICAL = [
+    "Patient",
+    "EpisodeOfCare",
+    "CareTeam",
+    "CarePlan",
+    "Flag",
+    "Condition",
+    "Goal",
+    "Encounter",
+    "RelatedPerson",
+    "Consent",
+    "Task",
+]
 
 
 @pytest.fixture(scope="module", params=list(PARTNERS))
@@ -51,7 +75,9 @@ def partner(request: pytest.FixtureRequest, as_client: Any) -> tuple[str, Fhir]:
     return str(request.param), as_client(request.param)
 
 
-def _search_all(client: Fhir, rtype: str, params: dict[str, str]) -> tuple[set[str], int | None, int]:
+def _search_all(
+    client: Fhir, rtype: str, params: dict[str, str]
+) -> tuple[set[str], int | None, int]:
     r = client.get(rtype, params={**params, "_count": "1000"})
     if r.status_code == 403:
         return set(), 0, 403
@@ -105,7 +131,31 @@ def test_read_and_vread_withheld_look_absent(partner: tuple[str, Fhir]) -> None:
 
 def test_history_include_revinclude_and_batch_hide_withheld(partner: tuple[str, Fhir]) -> None:
     client_id, client = partner
-    allowed = _expected(client_id) | {"Practitioner/" + p for p in ("c-coordinator", "c-consultant", "c-previous-coordinator", "c-gp", "c-social-worker", "c-childrens-social-worker", "c-probation-officer")} | {f"Organization/{o}" for o in ("c-trust", "c-gp-practice", "c-social-care", "c-probation", "c-childrens-services")}
+    allowed = (
+        _expected(client_id)
+        | {
+            "Practitioner/" + p
+            for p in (
+                "c-coordinator",
+                "c-consultant",
+                "c-previous-coordinator",
+                "c-gp",
+                "c-social-worker",
+                "c-childrens-social-worker",
+                "c-probation-officer",
+            )
+        }
+        | {
+            f"Organization/{o}"
+            for o in (
+                "c-trust",
+                "c-gp-practice",
+                "c-social-care",
+                "c-probation",
+                "c-childrens-services",
+            )
+        }
+    )
     withheld = C_KEYS - allowed
     history = client.get("Flag/_history")
     if history.status_code == 200:
@@ -117,10 +167,20 @@ def test_history_include_revinclude_and_batch_hide_withheld(partner: tuple[str, 
         r = client.get("Patient", params=params)
         if r.status_code == 200:
             assert not resource_keys(r.json()) & withheld, params
-    r = client.get("CarePlan", params={"subject": "Patient/c-patient", "_include": "CarePlan:supporting-info"})
+    r = client.get(
+        "CarePlan", params={"subject": "Patient/c-patient", "_include": "CarePlan:supporting-info"}
+    )
     if r.status_code == 200:
         assert not resource_keys(r.json()) & withheld
-    batch = {"resourceType": "Bundle", "type": "batch", "entry": [{"request": {"method": "GET", "url": k}} for k in sorted(withheld) if k.split("/")[0] in CLINICAL]}
+    batch = {
+        "resourceType": "Bundle",
+        "type": "batch",
+        "entry": [
+            {"request": {"method": "GET", "url": k}}
+            for k in sorted(withheld)
+            if k.split("/")[0] in CLINICAL
+        ],
+    }
     r = client.post("", batch)
     assert r.status_code == 200
     for entry in r.json()["entry"]:
@@ -132,7 +192,10 @@ def test_criteria_on_withheld_values_reveal_nothing(partner: tuple[str, Fhir]) -
     must not return the patient's resources."""
     client_id, client = partner
     expected = _expected(client_id)
-    r = client.get("Flag", params={"code": "https://cpa-fhir.org/fhir/CodeSystem/cpa-risk-type|risk-to-children"})
+    r = client.get(
+        "Flag",
+        params={"code": "https://cpa-fhir.org/fhir/CodeSystem/cpa-risk-type|risk-to-children"},
+    )
     if r.status_code == 200:
         assert resource_keys(r.json()) <= expected
     r = client.get("CarePlan", params={"performer": "Organization/c-childrens-services"})
@@ -140,11 +203,16 @@ def test_criteria_on_withheld_values_reveal_nothing(partner: tuple[str, Fhir]) -
         assert not resource_keys(r.json()) & C_KEYS, "a plan found by a redacted performer"
 
 
-def test_gp_sees_redacted_care_plan_and_every_disclosure_is_audited(as_client: Any, trust: Fhir) -> None:
+def test_gp_sees_redacted_care_plan_and_every_disclosure_is_audited(
+    as_client: Any, trust: Fhir
+) -> None:
     gp = as_client("gp")
     before = trust.get("AuditEvent", params={"_summary": "count"}).json()["total"]
     plan = gp.get("CarePlan/c-careplan").json()
-    assert "description" not in plan and "children's services" not in orjson.dumps(plan).decode().lower()
+    assert (
+        "description" not in plan
+        and "children's services" not in orjson.dumps(plan).decode().lower()
+    )
     assert any(c["code"] == "REDACTED" for c in plan["meta"]["security"])
     after = trust.get("AuditEvent", params={"_summary": "count"}).json()["total"]
     assert after == before + 1
@@ -153,4 +221,8 @@ def test_gp_sees_redacted_care_plan_and_every_disclosure_is_audited(as_client: A
     assert {"reference": "CarePlan/c-careplan"} in [e.get("what") for e in latest["entity"]]
     # A partner never sees the audit trail.
     assert gp.get("AuditEvent").status_code in (200, 403)
-    assert resource_keys(gp.get("AuditEvent").json()) == set() if gp.get("AuditEvent").status_code == 200 else True
+    assert (
+        resource_keys(gp.get("AuditEvent").json()) == set()
+        if gp.get("AuditEvent").status_code == 200
+        else True
+    )

@@ -17,7 +17,9 @@ RECORD_A = orjson.loads(next(EXAMPLES.glob("Bundle-record-A-*.json")).read_bytes
 
 
 def _flag(**changes: Any) -> dict[str, Any]:
-    flag = copy.deepcopy(next(e["resource"] for e in RECORD_A["entry"] if e["resource"]["resourceType"] == "Flag"))
+    flag = copy.deepcopy(
+        next(e["resource"] for e in RECORD_A["entry"] if e["resource"]["resourceType"] == "Flag")
+    )
     flag.pop("id", None)
     flag.update(changes)
     return flag
@@ -34,7 +36,10 @@ def test_metadata_is_generated_from_what_runs(trust: Fhir) -> None:
     cs = trust.get("metadata").json()
     assert cs["fhirVersion"] == "4.0.1"
     by_type = {r["type"]: r for r in cs["rest"][0]["resource"]}
-    assert "https://cpa-fhir.org/fhir/StructureDefinition/cpa-care-plan" in by_type["CarePlan"]["supportedProfile"]
+    assert (
+        "https://cpa-fhir.org/fhir/StructureDefinition/cpa-care-plan"
+        in by_type["CarePlan"]["supportedProfile"]
+    )
     assert {"name": "cpa-level", "type": "token"} in by_type["EpisodeOfCare"]["searchParam"]
     assert {"code": "vread"} in by_type["Patient"]["interaction"]
 
@@ -79,12 +84,26 @@ def test_invalid_resource_is_refused_with_the_validators_outcome(trust: Fhir) ->
 
 def test_search_by_nhs_number_and_patient(trust: Fhir) -> None:
     patient = trust.get("Patient/c-patient").json()
-    nhs = next(i["value"] for i in patient["identifier"] if i["system"] == "https://fhir.nhs.uk/Id/nhs-number")
-    found = trust.get("Patient", params={"identifier": f"https://fhir.nhs.uk/Id/nhs-number|{nhs}"}).json()
+    nhs = next(
+        i["value"]
+        for i in patient["identifier"]
+        if i["system"] == "https://fhir.nhs.uk/Id/nhs-number"
+    )
+    found = trust.get(
+        "Patient", params={"identifier": f"https://fhir.nhs.uk/Id/nhs-number|{nhs}"}
+    ).json()
     assert resource_keys(found) == {"Patient/c-patient"}
-    plans = trust.get("CarePlan", params={"subject": "Patient/c-patient", "status": "active"}).json()
-    assert resource_keys(plans) == {"CarePlan/c-careplan", "CarePlan/c-crisis-plan", "CarePlan/c-contingency-plan"}
-    enhanced = trust.get("EpisodeOfCare", params={"cpa-level": "http://snomed.info/sct|1092221000000101"}).json()
+    plans = trust.get(
+        "CarePlan", params={"subject": "Patient/c-patient", "status": "active"}
+    ).json()
+    assert resource_keys(plans) == {
+        "CarePlan/c-careplan",
+        "CarePlan/c-crisis-plan",
+        "CarePlan/c-contingency-plan",
+    }
+    enhanced = trust.get(
+        "EpisodeOfCare", params={"cpa-level": "http://snomed.info/sct|1092221000000101"}
+    ).json()
     assert {"EpisodeOfCare/c-episode", "EpisodeOfCare/d-episode"} <= resource_keys(enhanced)
 
 
@@ -101,7 +120,9 @@ def test_paging_links_and_count(trust: Fhir) -> None:
 
 
 def test_include_and_revinclude(trust: Fhir) -> None:
-    bundle = trust.get("CarePlan", params={"_id": "c-careplan", "_include": "CarePlan:subject"}).json()
+    bundle = trust.get(
+        "CarePlan", params={"_id": "c-careplan", "_include": "CarePlan:subject"}
+    ).json()
     assert "Patient/c-patient" in resource_keys(bundle)
     rev = trust.get("Patient", params={"_id": "c-patient", "_revinclude": "Flag:patient"}).json()
     assert "Flag/c-risk-harm-to-others" in resource_keys(rev)
@@ -109,9 +130,16 @@ def test_include_and_revinclude(trust: Fhir) -> None:
 
 @pytest.mark.parametrize(
     ("params", "status"),
-    [({"nonsense": "1"}, 400), ({"birthdate": "gt-yesterday"}, 400), ({"_count": "-1"}, 400), ({"name:fuzzy": "x"}, 400)],
+    [
+        ({"nonsense": "1"}, 400),
+        ({"birthdate": "gt-yesterday"}, 400),
+        ({"_count": "-1"}, 400),
+        ({"name:fuzzy": "x"}, 400),
+    ],
 )
-def test_bad_search_parameters_are_outcomes(trust: Fhir, params: dict[str, str], status: int) -> None:
+def test_bad_search_parameters_are_outcomes(
+    trust: Fhir, params: dict[str, str], status: int
+) -> None:
     _outcome(trust.get("Patient", params=params), status)
 
 
@@ -133,7 +161,9 @@ def test_client_errors_are_outcomes(trust: Fhir, as_client: Any) -> None:
 
 
 def test_transaction_resolves_references_and_is_all_or_nothing(trust: Fhir) -> None:
-    patient = copy.deepcopy(next(e["resource"] for e in RECORD_A["entry"] if e["resource"]["resourceType"] == "Patient"))
+    patient = copy.deepcopy(
+        next(e["resource"] for e in RECORD_A["entry"] if e["resource"]["resourceType"] == "Patient")
+    )
     patient.pop("id")
     patient["identifier"][0]["value"] = "9434765919"
     patient.pop("generalPractitioner", None)
@@ -143,8 +173,16 @@ def test_transaction_resolves_references_and_is_all_or_nothing(trust: Fhir) -> N
         "resourceType": "Bundle",
         "type": "transaction",
         "entry": [
-            {"fullUrl": "urn:uuid:11111111-1111-4111-8111-111111111111", "resource": patient, "request": {"method": "POST", "url": "Patient"}},
-            {"fullUrl": "urn:uuid:22222222-2222-4222-8222-222222222222", "resource": flag, "request": {"method": "POST", "url": "Flag"}},
+            {
+                "fullUrl": "urn:uuid:11111111-1111-4111-8111-111111111111",
+                "resource": patient,
+                "request": {"method": "POST", "url": "Patient"},
+            },
+            {
+                "fullUrl": "urn:uuid:22222222-2222-4222-8222-222222222222",
+                "resource": flag,
+                "request": {"method": "POST", "url": "Flag"},
+            },
         ],
     }
     result = trust.post("", tx)
@@ -160,7 +198,12 @@ def test_transaction_resolves_references_and_is_all_or_nothing(trust: Fhir) -> N
     _outcome(trust.post("", broken), 422)
     stale = copy.deepcopy(tx)
     existing = trust.get("Flag/a-risk-self-harm").json()
-    stale["entry"].append({"resource": existing, "request": {"method": "PUT", "url": "Flag/a-risk-self-harm", "ifMatch": 'W/"99"'}})
+    stale["entry"].append(
+        {
+            "resource": existing,
+            "request": {"method": "PUT", "url": "Flag/a-risk-self-harm", "ifMatch": 'W/"99"'},
+        }
+    )
     assert trust.post("", stale).status_code in (409, 412)
     assert trust.get("Flag", params={"_summary": "count"}).json()["total"] == before
 

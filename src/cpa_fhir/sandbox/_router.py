@@ -312,7 +312,13 @@ class Router:
             raise HttpError(400, f"the body is a {resource['resourceType']}, not a {rtype}")
         resource.pop("id", None)  # the server assigns ids on create
         self._check_valid(resource)
-        stored = self.repo.create(resource, if_none_exist=request.headers.get("if-none-exist"))
+        condition = request.headers.get("if-none-exist")
+        criteria = [(k, v) for k, v in request.query if k != "_format"]
+        if condition is None and criteria:
+            # Criteria in the query of a create, as some clients (fhirpy) send them, are
+            # a conditional create too: never ignored, never a silent duplicate.
+            condition = urlencode(criteria)
+        stored = self.repo.create(resource, if_none_exist=condition)
         status = 201 if stored.created else 200
         headers = {
             "location": f"{request.base_url}/{rtype}/{stored.id}/_history/{stored.version_id}",
