@@ -11,6 +11,7 @@ import httpx
 import orjson
 import pytest
 from fhirpy import SyncFHIRClient
+from fhirpy.base.exceptions import ResourceNotFound
 
 from tests.common import EXAMPLES
 
@@ -46,7 +47,7 @@ def test_crud(fhir: SyncFHIRClient) -> None:
     fetched.save()
     assert fhir.reference("Flag", flag["id"]).to_resource()["status"] == "inactive"
     fetched.delete()
-    with pytest.raises(Exception):
+    with pytest.raises(ResourceNotFound):  # 410 Gone, as fhirpy reports it
         fhir.reference("Flag", flag["id"]).to_resource()
 
 

@@ -42,8 +42,24 @@ def _send(response: Any) -> HttpResponse:
     return HttpResponse(response.body, status_code=response.status, headers=response.headers)
 
 
-def create_app(sandbox: Sandbox) -> FastAPI:
+def create_app(sandbox: Sandbox, bare_endpoint: bool = False) -> FastAPI:
+    """The ASGI app. `bare_endpoint` (for benchmarks) adds `GET /_bare/{type}/{id}`: the
+    stored JSON a read returns, kept in memory after its first request, with no auth,
+    consent or database work: the HTTP stack's own cost."""
     app = FastAPI(title="cpa-fhir sandbox", docs_url=None, redoc_url=None, openapi_url=None)
+
+    if bare_endpoint:
+        bare: dict[tuple[str, str], bytes] = {}
+
+        @app.get("/_bare/{resource_type}/{id}")
+        async def bare_read(resource_type: str, id: str) -> HttpResponse:
+            key = (resource_type, id)
+            if key not in bare:
+                try:
+                    bare[key] = sandbox.repo.read(resource_type, id).content
+                except FhirError as exc:
+                    return _send(outcome_response(exc))
+            return HttpResponse(bare[key], media_type=FHIR_JSON)
 
     @app.post("/token")
     async def token(request: HttpRequest) -> HttpResponse:
