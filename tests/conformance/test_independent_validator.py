@@ -193,6 +193,10 @@ MEDPLUM_GAPS = {
         "Medplum applies a profile one backbone level deep only: CarePlan.activity.detail "
         "is validated against base CarePlan, so detail.performer 1..* is not checked"
     ),
+    "invalid-disclosure-with-total.json": (
+        "Medplum reports no issue for the disclosure Bundle's own invariant cpa-disc-3 "
+        "(total.empty()) when validating the Bundle against cpa-disclosure-bundle"
+    ),
 }
 
 
