@@ -682,7 +682,11 @@ class SqlRepository:
     @contextmanager
     def _bound(self, *, read_only: bool) -> Iterator[_Bound]:
         with self.engine.connect() as connection:
-            if read_only:
+            if read_only and self.engine.dialect.name == "postgresql":
+                # READ COMMITTED gives each statement its own snapshot anyway, so a
+                # read needs no BEGIN and COMMIT round trips.
+                connection = connection.execution_options(isolation_level="AUTOCOMMIT")
+            elif read_only:
                 connection = connection.execution_options(**{READ_ONLY: True})
             with connection.begin():
                 yield _Bound(_Operations(connection, self.parameters, self.clock))
