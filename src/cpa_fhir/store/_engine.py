@@ -10,6 +10,7 @@ store's tables in that schema (via the connection's search_path).
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import sqlalchemy as sa
@@ -44,10 +45,15 @@ def create_store_engine(url: str | URL, *, schema: str | None = None, **kwargs: 
         sa.event.listen(engine, "connect", _sqlite_connect)
         sa.event.listen(engine, "begin", _sqlite_begin)
         return engine
-    connect_args: dict[str, Any] = {}
+    # psycopg prepares statements it runs often, and PostgreSQL may then switch to one
+    # generic plan for all values; a search's best plan depends on its values (one
+    # patient's few rows versus every active care plan), so plan each execution.
+    options = ["-cplan_cache_mode=force_custom_plan"]
     if schema is not None:
-        connect_args["options"] = f"-csearch_path={schema}"
-    return sa.create_engine(parsed, connect_args=connect_args, **kwargs)
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,62}", schema):
+            raise ValueError(f"{schema!r} is not a plain schema name")
+        options.append(f"-csearch_path={schema}")
+    return sa.create_engine(parsed, connect_args={"options": " ".join(options)}, **kwargs)
 
 
 def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
