@@ -226,7 +226,9 @@ def share(
     ] = None,
     policy_file: Annotated[
         Path | None,
-        typer.Option("--policy", help="Sharing policy (default: the project's policy/sharing.toml)."),
+        typer.Option(
+            "--policy", help="Sharing policy (default: the project's policy/sharing.toml)."
+        ),
     ] = None,
     package: PackageOption = None,
 ) -> None:
@@ -271,7 +273,11 @@ def share(
         for issue in problems:
             err.print(issue.line(), markup=False)
         raise _fail("sharing refused, nothing was shared: the outgoing Bundle is not valid", 1)
-    _write(audit, orjson.dumps(disclosure.audit_event, option=orjson.OPT_INDENT_2) + b"\n", "AuditEvent")
+    _write(
+        audit,
+        orjson.dumps(disclosure.audit_event, option=orjson.OPT_INDENT_2) + b"\n",
+        "AuditEvent",
+    )
     body = orjson.dumps(disclosure.bundle, option=orjson.OPT_INDENT_2) + b"\n"
     if out_file is None:
         sys.stdout.buffer.write(body)
@@ -343,7 +349,9 @@ def sandbox(
     base = f"http://{host}:{port}"
     if loaded:
         out.print(f"loaded the example patients A–D: {loaded} resources", markup=False)
-    out.print(f"FHIR base URL: {base}/fhir  (CapabilityStatement at {base}/fhir/metadata)", markup=False)
+    out.print(
+        f"FHIR base URL: {base}/fhir  (CapabilityStatement at {base}/fhir/metadata)", markup=False
+    )
     out.print(
         f"get a token:   cpa-fhir sandbox token --client gp --db {db}\n"
         f"   or:         curl -s -d grant_type=client_credentials -d client_id=gp "

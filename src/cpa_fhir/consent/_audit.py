@@ -37,7 +37,10 @@ def basis_extensions(decision: Decision, categories: Sequence[str]) -> list[dict
             parts.append({"url": "consent", "valueReference": {"reference": basis.consent}})
         else:
             parts.append(
-                {"url": "legalBasis", "valueCoding": {"system": LEGAL_BASIS_SYSTEM, "code": basis.legal_basis}}
+                {
+                    "url": "legalBasis",
+                    "valueCoding": {"system": LEGAL_BASIS_SYSTEM, "code": basis.legal_basis},
+                }
             )
         out.append({"url": BASIS_EXTENSION, "extension": parts})
     return out
@@ -92,12 +95,16 @@ def audit_event(
         "purposeOfEvent": [{"coding": [{"system": PURPOSE_SYSTEM, "code": decision.purpose}]}],
         "agent": [
             {
-                "type": {"coding": [{"system": _DCM, "code": "110153", "display": "Source Role ID"}]},
+                "type": {
+                    "coding": [{"system": _DCM, "code": "110153", "display": "Source Role ID"}]
+                },
                 "who": {"reference": requester},
                 "requestor": True,
             },
             {
-                "type": {"coding": [{"system": _DCM, "code": "110152", "display": "Destination Role ID"}]},
+                "type": {
+                    "coding": [{"system": _DCM, "code": "110152", "display": "Destination Role ID"}]
+                },
                 "who": recipient,
                 "requestor": False,
             },

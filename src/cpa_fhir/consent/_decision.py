@@ -65,7 +65,11 @@ class Decision:
 def _identifiers(resource: Mapping[str, Any]) -> frozenset[tuple[str, str]]:
     out = set()
     for ident in resource.get("identifier") or []:
-        if isinstance(ident, dict) and isinstance(ident.get("system"), str) and isinstance(ident.get("value"), str):
+        if (
+            isinstance(ident, dict)
+            and isinstance(ident.get("system"), str)
+            and isinstance(ident.get("value"), str)
+        ):
             out.add((ident["system"], ident["value"]))
     return frozenset(out)
 
@@ -75,7 +79,11 @@ def partner_types(org: Mapping[str, Any]) -> set[str]:
     for concept in org.get("type") or []:
         if isinstance(concept, dict):
             for c in concept.get("coding") or []:
-                if isinstance(c, dict) and c.get("system") == PARTNER_TYPE_SYSTEM and isinstance(c.get("code"), str):
+                if (
+                    isinstance(c, dict)
+                    and c.get("system") == PARTNER_TYPE_SYSTEM
+                    and isinstance(c.get("code"), str)
+                ):
                     out.add(c["code"])
     return out
 
@@ -131,13 +139,17 @@ def resolve_recipient(
             raise RecipientError(f"the record has no {kind} Organization '{wanted}'")
         return recipient_from(org)
     matches = [
-        r for r in by_key.values() if r.get("resourceType") == "Organization" and kind in partner_types(r)
+        r
+        for r in by_key.values()
+        if r.get("resourceType") == "Organization" and kind in partner_types(r)
     ]
     if not matches:
         raise RecipientError(f"the record names no {kind} organisation to send to")
     if len(matches) > 1:
         ids = ", ".join(sorted(str(m.get("id")) for m in matches))
-        raise RecipientError(f"the record names several {kind} organisations ({ids}): use {name}:ID")
+        raise RecipientError(
+            f"the record names several {kind} organisations ({ids}): use {name}:ID"
+        )
     return recipient_from(matches[0])
 
 
@@ -239,7 +251,11 @@ def _actor_matches(
             return True
         idents = set()
         ident = ref.get("identifier")
-        if isinstance(ident, dict) and isinstance(ident.get("system"), str) and isinstance(ident.get("value"), str):
+        if (
+            isinstance(ident, dict)
+            and isinstance(ident.get("system"), str)
+            and isinstance(ident.get("value"), str)
+        ):
             idents.add((ident["system"], ident["value"]))
         if key is not None and key in resources:
             idents |= _identifiers(resources[key])
@@ -279,7 +295,9 @@ def _walk(
     purposes = _list(node, "purpose", where)
     labels = _list(node, "securityLabel", where)
     if node.get("data") is not None:
-        raise ConsentFormatError(f"{where}: provisions about single resources (data) cannot be evaluated")
+        raise ConsentFormatError(
+            f"{where}: provisions about single resources (data) cannot be evaluated"
+        )
     applies = (
         _period_covers(node.get("period"), at, where)
         and _actor_matches(actors, recipient, resources, where)
@@ -293,7 +311,9 @@ def _walk(
     elif scope is not None:
         covered = scope
     elif kind == "permit":
-        covered = frozenset(c.code for c in policy.categories.values() if not c.needs_explicit_permit)
+        covered = frozenset(
+            c.code for c in policy.categories.values() if not c.needs_explicit_permit
+        )
     else:
         covered = frozenset(policy.categories)
     if kind == "deny":
@@ -303,7 +323,18 @@ def _walk(
         for c in covered:
             tally.permitted.setdefault(c, consent_key)
     for i, child in enumerate(_list(node, "provision", where)):
-        _walk(child, covered, consent_key, f"{where}.provision[{i}]", recipient, purpose, at, resources, policy, tally)
+        _walk(
+            child,
+            covered,
+            consent_key,
+            f"{where}.provision[{i}]",
+            recipient,
+            purpose,
+            at,
+            resources,
+            policy,
+            tally,
+        )
 
 
 def _evaluate_consent(
@@ -341,7 +372,18 @@ def _evaluate_consent(
         return
     # The base deny is the default; only nested provisions grant or refuse.
     for i, child in enumerate(_list(root, "provision", f"{key}.provision")):
-        _walk(child, None, key, f"{key}.provision.provision[{i}]", recipient, purpose, at, resources, policy, tally)
+        _walk(
+            child,
+            None,
+            key,
+            f"{key}.provision.provision[{i}]",
+            recipient,
+            purpose,
+            at,
+            resources,
+            policy,
+            tally,
+        )
 
 
 def decide(

@@ -199,9 +199,7 @@ def filter_record(
     for item in record:
         denied = item.categories - allowed
         if denied:
-            withheld.append(
-                WithheldItem(item.key, None, denied, _why(denied, decision))
-            )
+            withheld.append(WithheldItem(item.key, None, denied, _why(denied, decision)))
         else:
             kept[item.key] = item
 
@@ -269,7 +267,9 @@ def filter_record(
         labels = security_labels(cats, policy)
         if key in redacted:
             labels.append(dict(REDACTED))
-            out.pop("text", None)  # narrative written from the whole resource may hold what was removed
+            out.pop(
+                "text", None
+            )  # narrative written from the whole resource may hold what was removed
         meta["security"] = labels
         out["meta"] = meta
         shared.append((item.full_url, out))

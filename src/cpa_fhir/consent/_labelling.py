@@ -65,7 +65,12 @@ def reference_key(ref: Any) -> str | None:
     if not isinstance(ref, str):
         return None
     parts = ref.split("/")
-    if len(parts) >= 2 and parts[-2][:1].isupper() and "://" not in ref and not ref.startswith("urn:"):
+    if (
+        len(parts) >= 2
+        and parts[-2][:1].isupper()
+        and "://" not in ref
+        and not ref.startswith("urn:")
+    ):
         return f"{parts[-2]}/{parts[-1]}"
     if len(parts) >= 4 and parts[-2] == "_history":
         return f"{parts[-4]}/{parts[-3]}"
@@ -141,9 +146,7 @@ def _has_extension(node: Any, url: str) -> bool:
 Resolver = Callable[[str], frozenset[str] | None]
 
 
-def _matches(
-    rule: LabelRule, node: Any, key: str, resource: dict[str, Any]
-) -> bool:
+def _matches(rule: LabelRule, node: Any, key: str, resource: dict[str, Any]) -> bool:
     if rule.profile is not None:
         meta = resource.get("meta")
         profiles = meta.get("profile") if isinstance(meta, dict) else None
@@ -172,9 +175,7 @@ def _matches(
     return True
 
 
-def _inherited(
-    rule: LabelRule, node: Any, key: str, resolve: Resolver, default: str
-) -> set[str]:
+def _inherited(rule: LabelRule, node: Any, key: str, resolve: Resolver, default: str) -> set[str]:
     out: set[str] = set()
     for at in rule.inherit:
         for _, ref in locate(node, at):

@@ -203,9 +203,7 @@ def parse_policy(data: Mapping[str, Any]) -> SharingPolicy:
     raw_rules = data.get("rule", [])
     if not isinstance(raw_rules, list):
         raise PolicyError("rules must be an array of tables ([[rule]])")
-    rules = tuple(
-        _rule(r, i, systems, categories, word_lists) for i, r in enumerate(raw_rules)
-    )
+    rules = tuple(_rule(r, i, systems, categories, word_lists) for i, r in enumerate(raw_rules))
     ids = [r.id for r in rules]
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:

@@ -52,9 +52,7 @@ class Disclosure:
 
     def withheld_summary(self) -> list[str]:
         """Lines for the sender: each thing withheld and why."""
-        lines = [
-            f"withheld {w.reference}{w.element or ''}: {w.reason}" for w in self.withheld
-        ]
+        lines = [f"withheld {w.reference}{w.element or ''}: {w.reason}" for w in self.withheld]
         if self.bundle is None:
             lines.append("nothing may be shared with this recipient for this purpose")
         return lines
@@ -209,7 +207,12 @@ def assemble(
         {"fullUrl": url, "resource": res} if url else {"resource": res}
         for url, res in result.shared
     ]
-    entry.append({"fullUrl": f"{base}Provenance/{prov['id']}" if base else f"urn:uuid:{prov['id']}", "resource": prov})
+    entry.append(
+        {
+            "fullUrl": f"{base}Provenance/{prov['id']}" if base else f"urn:uuid:{prov['id']}",
+            "resource": prov,
+        }
+    )
     bundle = {
         "resourceType": "Bundle",
         "id": new_id(),
