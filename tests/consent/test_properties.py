@@ -189,20 +189,22 @@ class Generated:
 
     @property
     def entries(self) -> list[dict[str, Any]]:
-        return self.record["entry"]
+        entries: list[dict[str, Any]] = self.record["entry"]
+        return entries
 
     def of_type(self, rt: str) -> list[dict[str, Any]]:
         return [e["resource"] for e in self.entries if e["resource"]["resourceType"] == rt]
 
     def get(self, key: str) -> dict[str, Any]:
         for e in self.entries:
-            if _ref_key(e["resource"]) == key:
-                return e["resource"]
+            resource: dict[str, Any] = e["resource"]
+            if _ref_key(resource) == key:
+                return resource
         raise KeyError(key)
 
     @property
     def base(self) -> str:
-        url = self.entries[0]["fullUrl"]
+        url: str = self.entries[0]["fullUrl"]
         return url[: -len(_ref_key(self.entries[0]["resource"]))]
 
     def add(self, resource: dict[str, Any], categories: frozenset[str]) -> None:
@@ -962,7 +964,7 @@ DEFECTS = [
 ]
 
 
-def _inject(draw: st.DrawFn, g: Generated, defect: str) -> None:
+def _inject(draw: Callable[..., Any], g: Generated, defect: str) -> None:
     covering = {"start": "2026-06-18", "end": "2027-06-17"}
     label = {"system": CATEGORY_SYSTEM, "code": "care-plan"}
     consent: dict[str, Any] | None = None
