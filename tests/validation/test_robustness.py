@@ -15,8 +15,10 @@ from tests.common import EXAMPLES
 
 RECORDS = [orjson.loads(p.read_bytes()) for p in sorted(EXAMPLES.glob("*.json"))]
 
+# orjson (and JSON parsers generally) only carry 64-bit integers.
+json_integers = st.integers(min_value=-(2**63), max_value=2**63 - 1)
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    st.none() | st.booleans() | json_integers | st.floats(allow_nan=False) | st.text(max_size=8),
     lambda inner: (
         st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=12), inner, max_size=3)
     ),
