@@ -52,14 +52,18 @@ class _Unsupported(Exception):
     """Raised at compile time for an expression outside the subset."""
 
 
-def compile_fast(expression: str) -> Callable[[Any, str | None], bool] | None:
+def compile_fast(
+    expression: str, tree: dict[str, Any] | None = None
+) -> Callable[[Any, str | None], bool] | None:
     """A predicate `(value, element path) -> passes`, or None if outside the subset.
 
     The predicate answers what `Validator.evaluate_invariant` makes of fhirpathpy's
     result: every item `true`, or no items. It raises `Fallback` when unsure.
+    `tree` is fhirpathpy's parse of the expression, if already made (parsing is slow).
     """
     try:
-        tree = parse(expression)  # type: ignore[no-untyped-call]
+        if tree is None:
+            tree = parse(expression)  # type: ignore[no-untyped-call]
         fn, _ = _compile(tree["children"][0], NODE)
     except _Unsupported:
         return None

@@ -299,7 +299,9 @@ def compile_invariant(expression: str) -> tuple[Any, Any]:
         fn = compile_fhirpath(expression, _FHIRPATH_MODEL, _FHIRPATH_OPTIONS)
     except Exception:  # a profile's expression the engine cannot parse
         return None, None
-    return fn, compile_fast(expression)
+    # fhirpathpy keeps its parse tree; reuse it rather than parse again.
+    tree = getattr(fn, "parsedPath", None)
+    return fn, compile_fast(expression, tree if isinstance(tree, dict) else None)
 
 
 def _codings(items: list[Any]) -> list[tuple[str | None, str]]:
