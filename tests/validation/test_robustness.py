@@ -52,6 +52,7 @@ def test_validating_corrupted_records_never_raises(
         target = record
         for key in path[:-1]:
             target = target[key]
-        target[path[-1]] = data.draw(json_values)
+        # A copy: sampled examples are shared between test cases, and later draws mutate.
+        target[path[-1]] = copy.deepcopy(data.draw(json_values))
     issues = validator.validate(orjson.dumps(record))
     assert all(i.severity in ("fatal", "error", "warning", "information") for i in issues)
