@@ -43,6 +43,11 @@ class Node:
     is_array: bool = False
     is_choice: bool = False
     type_codes: list[str] = field(default_factory=list)
+    first_type: str = ""
+    under_name: str = ""
+    binding: dict[str, Any] | None = None
+    # Whether some slice has a minimum; set once the slices are attached.
+    slices_required: bool = False
 
     def __post_init__(self) -> None:
         # Computed once: the walker asks these for every element of every resource.
@@ -50,14 +55,13 @@ class Node:
         self.is_array = base_max not in ("0", "1")
         self.is_choice = self.name.endswith("[x]")
         self.type_codes = [t.get("code", "") for t in self.types]
+        self.first_type = self.type_codes[0] if self.type_codes else ""
+        self.under_name = "_" + self.name
+        self.binding = self.el.get("binding")
 
     @property
     def id(self) -> str:
         return str(self.el["id"])
-
-    @property
-    def binding(self) -> dict[str, Any] | None:
-        return self.el.get("binding")
 
     @property
     def slicing(self) -> dict[str, Any] | None:
@@ -109,6 +113,8 @@ def compile_tree(elements: list[dict[str, Any]]) -> Node:
             parent.children[name] = node
     if root is None:
         raise ValueError("a snapshot with no elements")
+    for node in by_id.values():
+        node.slices_required = any(s.min for s in node.slices)
     return root
 
 

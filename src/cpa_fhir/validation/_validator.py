@@ -33,6 +33,7 @@ from cpa_fhir.fhir.models import (
 )
 from cpa_fhir.fhir.outcome import Issue, sort_issues
 from cpa_fhir.validation._bundle import check_bundle
+from cpa_fhir.validation._fhirpath import compile_fast
 from cpa_fhir.validation._record_rules import check_record
 from cpa_fhir.validation._references import check_references
 from cpa_fhir.validation._tree import Node, compile_tree
@@ -50,7 +51,8 @@ class Validator:
     def __init__(self, package: ConformancePackage):
         self.package = package
         self._trees: dict[str, Node | None] = {}
-        self._compiled: dict[str, Any] = {}
+        # expression -> (fhirpathpy's compiled form, the fast path or None)
+        self._compiled: dict[str, tuple[Any, Any]] = {}
         # Nodes live as long as this validator's trees, so their ids are stable keys.
         self.children_cache: dict[tuple[int, str, str], dict[str, Node]] = {}
 
@@ -140,27 +142,19 @@ class Validator:
         expression = constraint.get("expression")
         if not expression:
             return True
-        fn = self._compiled.get(expression)
+        compiled = self._compiled.get(expression)
+        if compiled is None:
+            compiled = self._compiled[expression] = compile_invariant(expression)
+        fn, fast = compiled
         if fn is None:
+            return None
+        path = node.el["path"]
+        if fast is not None:
             try:
-                fn = compile_fhirpath(expression, _FHIRPATH_MODEL, _FHIRPATH_OPTIONS)
-            except Exception:  # a profile's expression the engine cannot parse
-                self._compiled[expression] = False
-                return None
-            self._compiled[expression] = fn
-        if fn is False:
-            return None
-        target = (
-            v
-            if isinstance(v, dict) and "resourceType" in v
-            else ResourceNode.create_node(v, node.el["path"])  # type: ignore[no-untyped-call]
-        )
-        try:
-            result = fn(target, {"resource": root, "rootResource": root})
-        except Exception:  # evaluation failure is reported, not raised
-            return None
-        # An empty result is not a failure (an invariant guarding absent content).
-        return all(r is True for r in result) if result else True
+                return bool(fast(v, path))
+            except Exception:  # Fallback, or anything unforeseen: fhirpathpy decides
+                pass
+        return fhirpathpy_outcome(fn, v, path, root)
 
     # -- entry points ----------------------------------------------------------
     def validate(
@@ -284,6 +278,30 @@ class Validator:
                 references.extend(walk.references)
                 for nested, nested_loc in walk.nested:
                     self._resource(nested, nested_loc, None, issues, references)
+
+
+def fhirpathpy_outcome(fn: Any, v: Any, path: str, root: dict[str, Any]) -> bool | None:
+    """An invariant's outcome by fhirpathpy: passes, fails, or None if it cannot run."""
+    target = v
+    if not (isinstance(v, dict) and "resourceType" in v):
+        target = ResourceNode.create_node(v, path)  # type: ignore[no-untyped-call]
+    try:
+        result = fn(target, {"resource": root, "rootResource": root})
+    except Exception:  # evaluation failure is reported, not raised
+        return None
+    # An empty result is not a failure (an invariant guarding absent content).
+    return all(r is True for r in result) if result else True
+
+
+def compile_invariant(expression: str) -> tuple[Any, Any]:
+    """fhirpathpy's compiled expression (None if it cannot parse it) and the fast path."""
+    try:
+        fn = compile_fhirpath(expression, _FHIRPATH_MODEL, _FHIRPATH_OPTIONS)
+    except Exception:  # a profile's expression the engine cannot parse
+        return None, None
+    # fhirpathpy keeps its parse tree; reuse it rather than parse again.
+    tree = getattr(fn, "parsedPath", None)
+    return fn, compile_fast(expression, tree if isinstance(tree, dict) else None)
 
 
 def _codings(items: list[Any]) -> list[tuple[str | None, str]]:

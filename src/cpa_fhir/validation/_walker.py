@@ -34,9 +34,16 @@ def _upper_first(code: str) -> str:
 
 
 def is_primitive(type_code: str) -> bool:
-    return bool(type_code) and (
-        type_code[0].islower() or type_code.startswith("http://hl7.org/fhirpath")
-    )
+    found = _PRIMITIVE.get(type_code)
+    if found is None:
+        found = _PRIMITIVE[type_code] = bool(type_code) and (
+            type_code[0].islower() or type_code.startswith("http://hl7.org/fhirpath")
+        )
+    return found
+
+
+# Asked for every value walked; the answer only depends on the type code.
+_PRIMITIVE: dict[str, bool] = {}
 
 
 def contains_pattern(actual: Any, pattern: Any) -> bool:
@@ -111,12 +118,17 @@ class Walk:
         children = self.children_of(node, type_code)
         used: set[str] = set()
         for child in children.values():
-            keys = self._keys_for(child, obj, loc, used, report=strict)
+            if child.is_choice:
+                keys = self._keys_for(child, obj, loc, used, report=strict)
+            elif child.name in obj or child.under_name in obj:
+                keys = [(child.name, child.first_type)]
+            else:
+                keys = []
             if not keys:
                 # Most elements are absent: only a required minimum can be broken.
                 if child.min:
                     self.cardinality(child, 0, f"{loc}.{child.name.replace('[x]', '')}")
-                if any(s.min for s in child.slices):
+                if child.slices_required:
                     self.slicing(child, [], f"{loc}.{child.name}")
                 continue
             values: list[tuple[Any, str, str]] = []  # value, location, type code
@@ -160,9 +172,8 @@ class Walk:
     ) -> list[tuple[str, str]]:
         """Instance keys holding this element, each with the type it implies."""
         if not child.is_choice:
-            name = child.name
-            if name in obj or "_" + name in obj:
-                return [(name, child.types[0].get("code", "") if child.types else "")]
+            if child.name in obj or child.under_name in obj:
+                return [(child.name, child.first_type)]
             return []
         base = child.name[:-3]
         allowed = {_upper_first(t): t for t in child.type_codes}
