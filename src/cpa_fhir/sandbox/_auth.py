@@ -301,7 +301,7 @@ def token_request(
     """Answer a token request: (status, JSON body), errors as RFC 6749 §5.2 says."""
     try:
         if form.get("grant_type") != "client_credentials":
-            raise UnsupportedGrantTypeError(description="only client_credentials is supported")
+            raise UnsupportedGrantTypeError(str(form.get("grant_type")))
         if "client_assertion" in form:
             client = _assertion_client(form, registry, now=now, token_url=token_url)
         else:
