@@ -6,8 +6,9 @@ most of the validation cost. `compile_fast` turns the parse tree of an expressio
 built only from the subset below into nested Python closures over plain JSON:
 
 - navigation (`a.b`, choice elements such as `value`, primitive `_a` siblings);
-- `where`, `exists`, `all`, `empty`, `not`, `count`, `first`, `last`, `extension`;
-- `=`, `!=` and integer `<`, `<=`, `>`, `>=`, `+`; `and`, `or`, `implies`;
+- `where`, `select`, `exists`, `all`, `empty`, `not`, `count`, `first`, `last`,
+  `extension`, `matches`, `startsWith`; `$this` where it is the focus;
+- `=`, `!=` and integer `<`, `<=`, `>`, `>=`, `+`; `and`, `or`, `xor`, `implies`;
 - string, integer and boolean literals.
 
 Each item carries the type path fhirpathpy would give it, so choice types and
