@@ -10,6 +10,7 @@ import os
 import tomllib
 from pathlib import Path
 
+from cpa_fhir._artifacts import find_artifact
 from cpa_fhir.consent import SharingPolicy, parse_policy
 from cpa_fhir.errors import PolicyError
 
@@ -18,12 +19,10 @@ def default_policy_path() -> Path:
     env = os.environ.get("CPA_FHIR_POLICY")
     if env:
         return Path(env)
-    here = Path(__file__).resolve()
-    for parent in here.parents:
-        candidate = parent / "policy" / "sharing.toml"
-        if candidate.is_file():
-            return candidate
-    raise PolicyError("the sharing policy was not found: set CPA_FHIR_POLICY to its file")
+    found = find_artifact("policy/sharing.toml")
+    if found is None:
+        raise PolicyError("the sharing policy was not found: set CPA_FHIR_POLICY to its file")
+    return found
 
 
 def load_policy(path: Path | None = None) -> SharingPolicy:

@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 
+from cpa_fhir._artifacts import find_artifact
 from cpa_fhir.conformance.snapshot import generate_snapshot
 from cpa_fhir.conformance.terminology import Terminology
 from cpa_fhir.errors import ProfileError
@@ -134,12 +135,12 @@ def default_package_dir() -> Path:
     env = os.environ.get("CPA_FHIR_PROFILES")
     if env:
         return Path(env)
-    here = Path(__file__).resolve()
-    for parent in here.parents:
-        candidate = parent / "profiles" / "package.json"
-        if candidate.is_file():
-            return candidate.parent
-    raise ProfileError("the profiles package was not found: set CPA_FHIR_PROFILES to its folder")
+    found = find_artifact("profiles/package.json")
+    if found is None:
+        raise ProfileError(
+            "the profiles package was not found: set CPA_FHIR_PROFILES to its folder"
+        )
+    return found.parent
 
 
 @cache

@@ -176,7 +176,6 @@ class _Resolver:
     """Maps a reference, relative or by fullUrl, to the Type/id of a record entry."""
 
     def __init__(self, record: Sequence[LabelledResource]) -> None:
-        self.keys = {r.key for r in record}
         self.by_url = {r.full_url: r.key for r in record if r.full_url}
 
     def __call__(self, ref: str) -> str | None:

@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 
 from cpa_fhir import __version__
+from cpa_fhir._artifacts import find_artifact
 from cpa_fhir.config import load_policy
 from cpa_fhir.conformance import ConformancePackage, default_package, default_package_dir
 from cpa_fhir.consent import RequiredElements
@@ -27,16 +28,16 @@ SIGNING_KEY = "sandbox.token-signing-key"
 
 
 def default_sandbox_dir() -> Path:
+    """The sandbox configuration: $CPA_FHIR_SANDBOX, or `sandbox/` of this source checkout."""
     env = os.environ.get("CPA_FHIR_SANDBOX")
     if env:
         return Path(env)
-    for parent in Path(__file__).resolve().parents:
-        candidate = parent / "sandbox" / "clients.toml"
-        if candidate.is_file():
-            return candidate.parent
-    raise FhirError(
-        "the sandbox configuration was not found: set CPA_FHIR_SANDBOX", code="not-found"
-    )
+    found = find_artifact("sandbox/clients.toml")
+    if found is None:
+        raise FhirError(
+            "the sandbox configuration was not found: set CPA_FHIR_SANDBOX", code="not-found"
+        )
+    return found.parent
 
 
 def load_registry(folder: Path | None = None) -> Registry:
