@@ -125,7 +125,7 @@ def share(
     Raises SharingError (and shares nothing) when anything cannot be evaluated.
     """
     try:
-        return _share(record, request, policy, at=at, new_id=new_id, required=required)
+        return _share(record, request, policy, at, new_id, required)
     except SharingError:
         raise
     except Exception as exc:  # fail closed on anything unforeseen
@@ -136,7 +136,6 @@ def _share(
     record: Mapping[str, Any],
     request: ShareRequest,
     policy: SharingPolicy,
-    *,
     at: datetime,
     new_id: Callable[[], str],
     required: RequiredElements,

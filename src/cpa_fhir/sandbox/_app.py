@@ -8,6 +8,7 @@ from urllib.parse import parse_qsl
 
 import orjson
 from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse
 from starlette.responses import Response as HttpResponse
@@ -106,8 +107,6 @@ def create_app(sandbox: Sandbox, bare_endpoint: bool = False) -> FastAPI:
         except (HttpError, AuthFailure) as exc:
             return _send(outcome_response(exc))
         # The router does blocking database work: run it off the event loop.
-        from starlette.concurrency import run_in_threadpool
-
         response = await run_in_threadpool(sandbox.router.handle, req, client, scopes)
         return _send(response)
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import parse_qsl, urlencode
 
 import orjson
 
@@ -35,7 +35,7 @@ from cpa_fhir.fhir.models import R4_RESOURCE_TYPES
 from cpa_fhir.fhir.outcome import Issue, operation_outcome
 from cpa_fhir.sandbox._access import PartnerView
 from cpa_fhir.sandbox._auth import AuthFailure, Client, allows, require
-from cpa_fhir.store import SearchQuery, SqlRepository, Stored
+from cpa_fhir.store import SearchQuery, SqlRepository, Stored, index_resource
 from cpa_fhir.validation import Validator
 
 FHIR_JSON = "application/fhir+json; charset=utf-8"
@@ -419,8 +419,6 @@ class Router:
     ) -> Response:
         # Count and page only what this client may see: the total must not
         # reveal what was withheld, so filter every match, then page.
-        from dataclasses import replace
-
         everything = replace(query, count=MAX_PARTNER_MATCHES, offset=0, summary_count=False)
         result = self.repo.search(everything)
         visible: list[tuple[Stored, bytes]] = []
@@ -614,8 +612,6 @@ def _allowed(scopes: frozenset[str], resource_type: str) -> bool:
 
 
 def _form(request: Request) -> list[tuple[str, str]]:
-    from urllib.parse import parse_qsl
-
     ctype = request.headers.get("content-type", "").split(";")[0].strip()
     if request.body and ctype != "application/x-www-form-urlencoded":
         raise HttpError(
@@ -648,8 +644,6 @@ def _still_matches(stored: Stored, shown: bytes, query: SearchQuery, repo: SqlRe
     searched parameters index differently after filtering, leave it out."""
     if shown == stored.content or not query.criteria:
         return True
-    from cpa_fhir.store import index_resource
-
     names = {c.parameter for c in query.criteria}
     params = [
         p for code, p in repo.parameters.for_type(stored.resource_type).items() if code in names
