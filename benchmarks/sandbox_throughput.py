@@ -102,16 +102,17 @@ def serve(url: str, schema: str | None, port: int, profile_out: str | None, cloc
         local = threading.local()
         handle = box.router.handle
 
-        def profiled(*args: Any) -> Any:
-            if not profiling.is_set():
-                return handle(*args)
+        def profiled(*args: Any, **kwargs: Any) -> Any:
+            if not profiling.is_set() or threading.current_thread() is threading.main_thread():
+                # On the event loop's thread the main profile sees it already.
+                return handle(*args, **kwargs)
             prof = getattr(local, "profile", None)
             if prof is None:
                 prof = local.profile = cProfile.Profile(timer)
                 profiles.append(prof)
             prof.enable()
             try:
-                return handle(*args)
+                return handle(*args, **kwargs)
             finally:
                 prof.disable()
 
@@ -127,7 +128,7 @@ def serve(url: str, schema: str | None, port: int, profile_out: str | None, cloc
         for prof in profiles:
             stats.add(prof)
         stats.dump_stats(profile_out)
-    box.repo.close()
+    box.close()
 
 
 class Server:

@@ -56,7 +56,7 @@ def sandbox(
         box = open_sandbox(POSTGRES_URL, schema=server.new_schema())
     seed_examples(box)
     yield box
-    box.repo.close()
+    box.close()
 
 
 @pytest.fixture(scope="module")

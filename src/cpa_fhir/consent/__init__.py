@@ -12,6 +12,7 @@ from cpa_fhir.consent._decision import (
     decide,
     recipient_from,
     resolve_recipient,
+    steady_span,
 )
 from cpa_fhir.consent._filtering import (
     FilterResult,
@@ -63,6 +64,7 @@ __all__ = [
     "WithheldItem",
     "audit_event",
     "decide",
+    "steady_span",
     "filter_record",
     "label_resource",
     "label_resources",

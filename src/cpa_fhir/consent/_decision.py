@@ -386,6 +386,40 @@ def _evaluate_consent(
         )
 
 
+def steady_span(consents: Sequence[Mapping[str, Any]], at: datetime) -> tuple[datetime, datetime]:
+    """The span [start, end) around `at` in which `decide` on these Consents gives the
+    same decision, `Decision.at` aside: time matters only where a period starts or ends,
+    and the reasons given for a denial name the day. An empty span (start == end)
+    when a period cannot be read: decide again, and let it say why."""
+    day = datetime.combine(at.astimezone(UTC).date(), time.min, UTC)
+    start, end = day, day + timedelta(days=1)
+    periods: list[Any] = []
+    stack: list[Any] = list(consents)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            period = node.get("period")
+            if period is not None:
+                periods.append(period)
+            stack.extend(v for v in node.values() if isinstance(v, (dict, list)))
+        elif isinstance(node, list):
+            stack.extend(node)
+    try:
+        for period in periods:
+            if not isinstance(period, dict):
+                return at, at
+            for name, is_end in (("start", False), ("end", True)):
+                if name in period:
+                    edge = _instant(period[name], f"period.{name}", end=is_end)
+                    if edge <= at:
+                        start = max(start, edge)
+                    else:
+                        end = min(end, edge)
+    except ConsentFormatError:
+        return at, at
+    return start, end
+
+
 def decide(
     consents: Sequence[Mapping[str, Any]],
     recipient: Recipient,

@@ -7,12 +7,20 @@ exactly as `cpa-fhir share` filters a record. Resources outside any patient's
 record (professionals, organisations) go only when shared content refers to
 them, or when they are the client's own. Each disclosure is recorded as one
 AuditEvent per patient.
+
+What the engine derives from stored content (parsed resources, Consents, the
+filtered form of each version for a set of allowed categories) is kept in a
+`Derived` for as long as the store's generation is unchanged: any create,
+update or delete moves it on and starts afresh, so a withdrawn consent or a
+relabelled resource takes effect with the next request. A decision is kept for
+the span of time in which it cannot change (`steady_span`).
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -28,9 +36,10 @@ from cpa_fhir.consent import (
     decide,
     filter_record,
     label_resources,
+    steady_span,
 )
 from cpa_fhir.consent._labelling import reference_key
-from cpa_fhir.errors import ResourceGone, ResourceNotFound, SharingError
+from cpa_fhir.errors import SharingError
 from cpa_fhir.sandbox._auth import Client
 from cpa_fhir.store import SqlRepository, Stored
 
@@ -48,6 +57,11 @@ def patient_of(resource: dict[str, Any]) -> str | None:
             if key and key.startswith("Patient/"):
                 return key.split("/", 1)[1]
     return None
+
+
+def _split_key(key: str) -> tuple[str, str]:
+    resource_type, _, resource_id = key.partition("/")
+    return resource_type, resource_id
 
 
 def _references(node: Any) -> Iterable[str]:
@@ -73,6 +87,58 @@ class _Shared:
     withheld: list[WithheldItem] = field(default_factory=list)
 
 
+@dataclass(frozen=True, slots=True)
+class _Shown:
+    """One stored version as a client with given allowed categories may see it."""
+
+    content: bytes | None  # None: withheld
+    categories: frozenset[str]
+    withheld: tuple[WithheldItem, ...]
+
+
+class Derived:
+    """What the engine derived from the store at one generation (`SqlRepository.generation`):
+    parsed resources, whose record each belongs to, each patient's Consents and the
+    filtered form of what was read. It is replaced whole when the generation moves on,
+    so nothing in it outlives a change to what it was derived from."""
+
+    def __init__(self, generation: int) -> None:
+        self.generation = generation
+        self.resources: dict[str, dict[str, Any] | None] = {}
+        self.patients: dict[tuple[str, int], str | None] = {}
+        self.consents: dict[str, tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]] = {}
+        self.shown: dict[tuple[str, int, frozenset[str]], _Shown] = {}
+        self.categories: dict[tuple[str, int], frozenset[str]] = {}
+        # (patient, client) -> a decision and the span of time it holds for
+        self.decisions: dict[tuple[str, str], tuple[Decision, datetime, datetime]] = {}
+
+    def size(self) -> int:
+        return (
+            len(self.resources) + len(self.patients) + len(self.consents) + len(self.shown)
+            + len(self.categories) + len(self.decisions)
+        )  # fmt: skip
+
+
+class DerivedCache:
+    """The current `Derived`, shared by the server's requests."""
+
+    def __init__(self, *, max_entries: int = 200_000) -> None:
+        self.max_entries = max_entries
+        self._current = Derived(-1)
+        self._lock = threading.Lock()
+
+    def at(self, generation: int) -> Derived:
+        with self._lock:
+            current = self._current
+            if generation < current.generation:
+                # A request that looked before a newer one: it must not see, nor
+                # replace, what was derived later. It works on its own.
+                return Derived(generation)
+            if generation > current.generation or current.size() > self.max_entries:
+                current = self._current = Derived(generation)
+            return current
+
+
 class PartnerView:
     """One request's view of the store for a partner's client."""
 
@@ -84,6 +150,7 @@ class PartnerView:
         required: RequiredElements,
         at: datetime,
         scopes: frozenset[str] = frozenset(),
+        derived: Derived | None = None,
     ) -> None:
         self.repo = repo
         self.scopes = scopes
@@ -91,6 +158,7 @@ class PartnerView:
         self.policy = policy
         self.required = required
         self.at = at
+        self.derived = derived if derived is not None else Derived(repo.generation())
         self.recipient = Recipient(
             client.reference or f"Client/{client.id}",
             client.partner_type,
@@ -98,33 +166,54 @@ class PartnerView:
             client.id,
         )
         self._decisions: dict[str, Decision] = {}
-        self._cache: dict[str, dict[str, Any] | None] = {}
         self._disclosed: dict[str, _Shared] = {}
 
     # -- reading what the engine needs -------------------------------------------
 
+    def _fetch(self, keys: Iterable[str]) -> None:
+        """Parse into the cache, with one query, the current versions of `keys` not there yet."""
+        cache = self.derived.resources
+        missing = [k for k in dict.fromkeys(keys) if k not in cache]
+        if not missing:
+            return
+        split = {key: _split_key(key) for key in missing}
+        found = self.repo.read_many(split.values())
+        for key in missing:
+            stored = found.get(split[key])
+            cache[key] = stored.resource() if stored is not None else None
+
     def _get(self, key: str) -> dict[str, Any] | None:
-        if key not in self._cache:
-            rtype, _, rid = key.partition("/")
-            try:
-                self._cache[key] = self.repo.read(rtype, rid).resource()
-            except (ResourceNotFound, ResourceGone):
-                self._cache[key] = None
-        return self._cache[key]
+        self._fetch([key])
+        return self.derived.resources[key]
+
+    def _consent_inputs(
+        self, patient_id: str
+    ) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+        known = self.derived.consents.get(patient_id)
+        if known is not None:
+            return known
+        query = self.repo.parse(
+            "Consent", [("patient", f"Patient/{patient_id}"), ("_count", "1000")]
+        )
+        consents = [s.resource() for s in self.repo.search(query).matches]
+        wanted = [key for c in consents for key in _references(c.get("provision"))]
+        self._fetch(wanted)
+        actors = {k: r for k in wanted if (r := self.derived.resources[k]) is not None}
+        self.derived.consents[patient_id] = (consents, actors)
+        return consents, actors
 
     def decision(self, patient_id: str) -> Decision:
-        if patient_id not in self._decisions:
-            query = self.repo.parse(
-                "Consent", [("patient", f"Patient/{patient_id}"), ("_count", "1000")]
-            )
-            consents = [s.resource() for s in self.repo.search(query).matches]
-            actors: dict[str, dict[str, Any]] = {}
-            for c in consents:
-                for key in _references(c.get("provision")):
-                    found = self._get(key)
-                    if found is not None:
-                        actors[key] = found
-            self._decisions[patient_id] = decide(
+        if patient_id in self._decisions:
+            return self._decisions[patient_id]
+        # The client fixes recipient, purpose and legal bases; the time matters only
+        # within the span the decision was found to hold for.
+        key = (patient_id, self.client.id)
+        known = self.derived.decisions.get(key)
+        if known is not None and known[1] <= self.at < known[2]:
+            decision = replace(known[0], at=self.at)
+        else:
+            consents, actors = self._consent_inputs(patient_id)
+            decision = decide(
                 consents,
                 self.recipient,
                 self.client.purpose,
@@ -133,62 +222,79 @@ class PartnerView:
                 exceptions=self.client.exceptions,
                 resources=actors,
             )
-        return self._decisions[patient_id]
+            start, end = steady_span(consents, self.at)
+            if start < end:
+                self.derived.decisions[key] = (decision, start, end)
+        self._decisions[patient_id] = decision
+        return decision
 
     # -- filtering ------------------------------------------------------------------
 
-    def filter(self, resource: dict[str, Any], *, referred: bool = False) -> dict[str, Any] | None:
-        """The resource as this client may see it, or None when it is withheld.
+    def filter_bytes(self, stored: Stored, *, referred: bool = False) -> bytes | None:
+        """The stored version as this client may see it, or None when it is withheld.
 
-        `referred`: the resource is reached from content already shared (an
+        `referred`: the version is reached from content already shared (an
         `_include`), so professionals and organisations may go.
         """
-        key = f"{resource.get('resourceType')}/{resource.get('id')}"
+        key = f"{stored.resource_type}/{stored.id}"
         if key == self.client.reference:
-            return resource  # a partner may always see itself
-        patient = patient_of(resource)
+            return stored.content  # a partner may always see itself
+        version = (key, stored.version_id)
+        derived = self.derived
+        resource: dict[str, Any] | None = None
+        if version in derived.patients:
+            patient = derived.patients[version]
+        else:
+            resource = stored.resource()
+            patient = derived.patients[version] = patient_of(resource)
         if patient is None:
-            if resource.get("resourceType") in self.policy.supporting and referred:
-                return self._filter_supporting(resource)
+            if stored.resource_type in self.policy.supporting and referred:
+                return self._filter_supporting(stored)
             return None
         decision = self.decision(patient)
+        cache_key = (key, stored.version_id, frozenset(decision.allowed))
+        shown = derived.shown.get(cache_key)
+        if shown is None:
+            if resource is None:
+                resource = stored.resource()
+            shown = derived.shown[cache_key] = self._filter(resource, key, decision)
+        record = self._disclosed.setdefault(patient, _Shared(decision))
+        record.withheld += shown.withheld
+        if shown.content is None:
+            return None
+        record.shared.append(key)
+        record.categories |= shown.categories
+        return shown.content
+
+    def _filter(self, resource: dict[str, Any], key: str, decision: Decision) -> _Shown:
+        """Label and filter the resource with what it refers to, as `share` would."""
+        refs = [r for r in dict.fromkeys(_references(resource)) if r != key]
+        self._fetch(refs)
         entries: list[tuple[str | None, dict[str, Any]]] = [(None, resource)]
-        seen = {key}
-        for ref in _references(resource):
-            if ref not in seen:
-                seen.add(ref)
-                target = self._get(ref)
-                if target is not None:
-                    entries.append((None, target))
+        entries += [(None, t) for r in refs if (t := self.derived.resources[r]) is not None]
         labelled = label_resources(entries, self.policy)
         result = filter_record(labelled, decision, self.policy, self.required)
         mine = next((r for _, r in result.shared if f"{r['resourceType']}/{r['id']}" == key), None)
-        record = self._disclosed.setdefault(patient, _Shared(decision))
+        withheld = tuple(w for w in result.withheld if w.reference == key)
         if mine is None:
-            record.withheld += [w for w in result.withheld if w.reference == key]
-            return None
-        record.shared.append(key)
-        labels = {
+            return _Shown(None, frozenset(), withheld)
+        labels = frozenset(
             c["code"]
             for c in mine.get("meta", {}).get("security", [])
             if c.get("system", "").endswith("cpa-information-category")
-        }
-        record.categories |= labels
-        record.withheld += [w for w in result.withheld if w.reference == key]
-        return mine
+        )
+        return _Shown(orjson.dumps(mine), labels, withheld)
 
-    def _filter_supporting(self, resource: dict[str, Any]) -> dict[str, Any] | None:
-        labelled = label_resources([(None, resource)], self.policy)
-        allowed = set()
+    def _filter_supporting(self, stored: Stored) -> bytes | None:
+        version = (f"{stored.resource_type}/{stored.id}", stored.version_id)
+        categories = self.derived.categories.get(version)
+        if categories is None:
+            labelled = label_resources([(None, stored.resource())], self.policy)
+            categories = self.derived.categories[version] = labelled[0].categories
+        allowed: set[str] = set()
         for d in self._decisions.values():
             allowed |= set(d.allowed)
-        if labelled[0].categories - allowed:
-            return None
-        return resource
-
-    def filter_bytes(self, stored: Stored, *, referred: bool = False) -> bytes | None:
-        shown = self.filter(stored.resource(), referred=referred)
-        return None if shown is None else orjson.dumps(shown)
+        return None if categories - allowed else stored.content
 
     # -- audit --------------------------------------------------------------------------
 

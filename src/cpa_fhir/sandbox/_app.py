@@ -3,31 +3,66 @@
 from __future__ import annotations
 
 import time
+from functools import partial
 from typing import Any
 from urllib.parse import parse_qsl
 
+import anyio
+import anyio.to_thread
 import orjson
 from fastapi import FastAPI
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse
 from starlette.responses import Response as HttpResponse
 
 from cpa_fhir.errors import FhirError
-from cpa_fhir.sandbox._auth import AuthFailure, token_request, verify_token
-from cpa_fhir.sandbox._router import FHIR_JSON, HttpError, Request, outcome_response
+from cpa_fhir.sandbox._audit_log import AuditBatcher, AuditWriteFailed
+from cpa_fhir.sandbox._auth import AuthFailure, token_request
+from cpa_fhir.sandbox._router import (
+    FHIR_JSON,
+    HttpError,
+    Request,
+    audit_failed_response,
+    outcome_response,
+)
 from cpa_fhir.sandbox._server import Sandbox
+from cpa_fhir.store._engine import POOL_SIZE
 
 MAX_BODY = 5 * 1024 * 1024
 FHIR_PREFIX = "/fhir"
+# Requests doing database work run on at most this many threads at once, as many as
+# the store keeps pooled connections: more threads would only wait for a connection
+# or contend for the interpreter.
+WORKER_THREADS = POOL_SIZE
+INLINE_METHODS = frozenset({"GET", "HEAD"})
+
+
+_BASE_URLS: dict[tuple[Any, ...], str] = {}
+_MAX_BASE_URLS = 64  # the Host header is the client's: do not keep every one
 
 
 def _base_url(request: HttpRequest) -> str:
-    return str(request.base_url).rstrip("/") + FHIR_PREFIX
+    scope = request.scope
+    server = scope.get("server")
+    key = (
+        scope.get("scheme"),
+        tuple(server) if server else None,
+        scope.get("root_path"),
+        request.headers.get("host"),
+    )
+    known = _BASE_URLS.get(key)
+    if known is None:
+        known = str(request.base_url).rstrip("/") + FHIR_PREFIX
+        if len(_BASE_URLS) < _MAX_BASE_URLS:
+            _BASE_URLS[key] = known
+    return known
 
 
 async def _body(request: HttpRequest) -> bytes:
-    declared = request.headers.get("content-length")
+    headers = request.headers
+    if "content-length" not in headers and "transfer-encoding" not in headers:
+        return b""  # no body (RFC 9112 §6.3)
+    declared = headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > MAX_BODY:
         raise HttpError(413, f"the body is larger than {MAX_BODY} bytes", code="too-costly")
     chunks, size = [], 0
@@ -48,19 +83,30 @@ def create_app(sandbox: Sandbox, bare_endpoint: bool = False) -> FastAPI:
     stored JSON a read returns, kept in memory after its first request, with no auth,
     consent or database work: the HTTP stack's own cost."""
     app = FastAPI(title="cpa-fhir sandbox", docs_url=None, redoc_url=None, openapi_url=None)
+    workers: list[anyio.CapacityLimiter] = []  # made on first use, inside the event loop
+
+    def in_worker_thread(fn: Any, *args: Any) -> Any:
+        if not workers:
+            workers.append(anyio.CapacityLimiter(WORKER_THREADS))
+        return anyio.to_thread.run_sync(fn, *args, limiter=workers[0])
+
+    audit = AuditBatcher(sandbox.router.audit_log, in_worker_thread)
 
     if bare_endpoint:
         bare: dict[tuple[str, str], bytes] = {}
 
-        @app.get("/_bare/{resource_type}/{id}")
-        async def bare_read(resource_type: str, id: str) -> HttpResponse:
-            key = (resource_type, id)
+        # Routed exactly as the FHIR endpoint is (a plain Starlette route), so that
+        # the two differ only in the work behind them.
+        async def bare_read(request: HttpRequest) -> HttpResponse:
+            key = (request.path_params["resource_type"], request.path_params["id"])
             if key not in bare:
                 try:
-                    bare[key] = sandbox.repo.read(resource_type, id).content
+                    bare[key] = sandbox.repo.read(*key).content
                 except FhirError as exc:
                     return _send(outcome_response(exc))
             return HttpResponse(bare[key], media_type=FHIR_JSON)
+
+        app.router.add_route("/_bare/{resource_type}/{id}", bare_read, methods=["GET"])
 
     @app.post("/token")
     async def token(request: HttpRequest) -> HttpResponse:
@@ -82,19 +128,14 @@ def create_app(sandbox: Sandbox, bare_endpoint: bool = False) -> FastAPI:
         )
         return JSONResponse(payload, status, headers={"cache-control": "no-store"})
 
-    @app.api_route(
-        FHIR_PREFIX + "/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD"]
-    )
-    async def fhir(path: str, request: HttpRequest) -> HttpResponse:
+    async def fhir(request: HttpRequest) -> HttpResponse:
+        path = request.path_params["path"]
         try:
             body = await _body(request)
             client, scopes = None, frozenset[str]()
             if path.strip("/") != "metadata":
-                client, scopes = verify_token(
-                    request.headers.get("authorization"),
-                    sandbox.registry,
-                    now=int(time.time()),
-                    signing_key=sandbox.signing_key,
+                client, scopes = sandbox.tokens.verify(
+                    request.headers.get("authorization"), now=int(time.time())
                 )
             req = Request(
                 method=request.method,
@@ -106,9 +147,29 @@ def create_app(sandbox: Sandbox, bare_endpoint: bool = False) -> FastAPI:
             )
         except (HttpError, AuthFailure) as exc:
             return _send(outcome_response(exc))
-        # The router does blocking database work: run it off the event loop.
-        response = await run_in_threadpool(sandbox.router.handle, req, client, scopes)
+        if req.method in INLINE_METHODS:
+            # Reads are short, and CPU-bound but for a query or two: a hop to a
+            # worker thread would cost more than it frees the event loop.
+            response = sandbox.router.handle(req, client, scopes, defer_audit=True)
+        else:
+            # Writes wait on locks and commits: off the event loop.
+            response = await in_worker_thread(
+                partial(sandbox.router.handle, defer_audit=True), req, client, scopes
+            )
+        if response.audit is not None:
+            # The disclosure's AuditEvents commit (with others', in one transaction)
+            # before its body leaves; the event loop serves others meanwhile.
+            try:
+                await audit.record(response.audit)
+            except AuditWriteFailed:
+                response = audit_failed_response()
         return _send(response)
+
+    app.router.add_route(
+        FHIR_PREFIX + "/{path:path}",
+        fhir,
+        methods=["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD"],
+    )
 
     @app.exception_handler(Exception)
     async def unexpected(request: HttpRequest, exc: Exception) -> HttpResponse:

@@ -201,6 +201,41 @@ def verify_token(
     authorization: str | None, registry: Registry, *, now: int, signing_key: str
 ) -> tuple[Client, frozenset[str]]:
     """The client and scopes of a `Bearer` token (RFC 6750), or AuthFailure 401."""
+    client, granted, _ = _verify(authorization, registry, now=now, signing_key=signing_key)
+    return client, granted
+
+
+class TokenVerifier:
+    """`verify_token` for a server: a token whose signature checked out is remembered
+    until it expires, so each request does not pay for the HMAC and the JWT parsing
+    again. Tokens cannot be revoked here, so remembering one changes nothing a
+    client can observe."""
+
+    def __init__(self, registry: Registry, signing_key: str, *, max_tokens: int = 10_000):
+        self.registry = registry
+        self.signing_key = signing_key
+        self.max_tokens = max_tokens
+        self._verified: dict[str, tuple[Client, frozenset[str], int]] = {}
+
+    def verify(self, authorization: str | None, *, now: int) -> tuple[Client, frozenset[str]]:
+        known = self._verified.get(authorization) if authorization else None
+        if known is not None and known[2] > now:
+            return known[0], known[1]
+        client, granted, exp = _verify(
+            authorization, self.registry, now=now, signing_key=self.signing_key
+        )
+        if len(self._verified) >= self.max_tokens:
+            self._verified = {a: v for a, v in self._verified.items() if v[2] > now}
+            if len(self._verified) >= self.max_tokens:
+                self._verified.clear()
+        assert authorization is not None
+        self._verified[authorization] = (client, granted, exp)
+        return client, granted
+
+
+def _verify(
+    authorization: str | None, registry: Registry, *, now: int, signing_key: str
+) -> tuple[Client, frozenset[str], int]:
     if not authorization:
         raise AuthFailure("this server needs a bearer token: POST /token first", status=401)
     kind, _, token = authorization.partition(" ")
@@ -219,7 +254,7 @@ def verify_token(
         raise AuthFailure("the bearer token's client is no longer registered", status=401)
     # A client whose registration narrowed since keeps only what it still has.
     granted = frozenset(s for s in str(claims.get("scope", "")).split() if covers(client.scopes, s))
-    return client, granted
+    return client, granted, exp
 
 
 def _basic(authorization: str | None) -> tuple[str, str] | None:

@@ -33,7 +33,8 @@ from cpa_fhir.errors import (
 )
 from cpa_fhir.fhir.models import R4_RESOURCE_TYPES
 from cpa_fhir.fhir.outcome import Issue, operation_outcome
-from cpa_fhir.sandbox._access import PartnerView
+from cpa_fhir.sandbox._access import DerivedCache, PartnerView
+from cpa_fhir.sandbox._audit_log import AuditLog, AuditWriteFailed, Events
 from cpa_fhir.sandbox._auth import AuthFailure, Client, allows, require
 from cpa_fhir.store import SearchQuery, SqlRepository, Stored, index_resource
 from cpa_fhir.validation import Validator
@@ -59,6 +60,19 @@ class Response:
     status: int
     body: bytes = b""
     headers: dict[str, str] = field(default_factory=dict)
+    # The disclosure's AuditEvents, when the caller commits them itself
+    # (`Router.handle(..., defer_audit=True)`): the body must not leave before.
+    audit: Events | None = None
+
+
+AUDIT_FAILED = (
+    503,
+    "the disclosure could not be recorded, so nothing is shared",
+)
+
+
+def audit_failed_response() -> Response:
+    return outcome_response(HttpError(*AUDIT_FAILED, code="transient"))
 
 
 class HttpError(FhirError):
@@ -131,6 +145,8 @@ class Router:
         new_id: Callable[[], str] = lambda: str(uuid.uuid4()),
     ) -> None:
         self.repo = repo
+        self.audit_log = AuditLog(repo)
+        self.derived = DerivedCache()
         self.validator = validator
         self.policy = policy
         self.required = required
@@ -140,7 +156,17 @@ class Router:
 
     # -- entry point ----------------------------------------------------------------
 
-    def handle(self, request: Request, client: Client | None, scopes: frozenset[str]) -> Response:
+    def handle(
+        self,
+        request: Request,
+        client: Client | None,
+        scopes: frozenset[str],
+        *,
+        defer_audit: bool = False,
+    ) -> Response:
+        """Answer one request. A partner's disclosure is committed to the audit trail
+        before this returns, or, with `defer_audit`, handed back in `Response.audit`
+        for the caller to commit before it sends the body."""
         try:
             self._negotiate(request)
             parts = [p for p in request.path.split("/") if p]
@@ -152,15 +178,29 @@ class Router:
                 None
                 if client.sees_everything
                 else PartnerView(
-                    self.repo, client, self.policy, self.required, self.clock(), scopes
+                    self.repo,
+                    client,
+                    self.policy,
+                    self.required,
+                    self.clock(),
+                    scopes,
+                    self.derived.at(self.repo.generation()),
                 )
             )
             response = self._route(request, parts, client, scopes, view)
             if view is not None:
-                self._audit(view, client)
+                observer = {"display": "cpa-fhir sandbox"}
+                events = view.audit_events(self.new_id, observer)
+                if defer_audit:
+                    response.audit = events or None
+                else:
+                    self.audit_log.record(events)
             return response
         except FhirError as exc:
             return outcome_response(exc)
+        except AuditWriteFailed:
+            # A disclosure that cannot be recorded does not happen.
+            return audit_failed_response()
 
     def _route_safely(
         self, request: Request, client: Client, scopes: frozenset[str], view: PartnerView | None
@@ -598,13 +638,6 @@ class Router:
         from cpa_fhir.sandbox._bundles import run_bundle
 
         return run_bundle(self, request, client, scopes, view)
-
-    # -- audit ----------------------------------------------------------------------------
-
-    def _audit(self, view: PartnerView, client: Client) -> None:
-        observer = {"display": "cpa-fhir sandbox"}
-        for event in view.audit_events(self.new_id, observer):
-            self.repo.update(event)
 
 
 def _allowed(scopes: frozenset[str], resource_type: str) -> bool:

@@ -17,7 +17,13 @@ from cpa_fhir.config import load_policy
 from cpa_fhir.conformance import ConformancePackage, default_package, default_package_dir
 from cpa_fhir.consent import RequiredElements
 from cpa_fhir.errors import FhirError
-from cpa_fhir.sandbox._auth import Registry, issue_token, new_signing_key, parse_registry
+from cpa_fhir.sandbox._auth import (
+    Registry,
+    TokenVerifier,
+    issue_token,
+    new_signing_key,
+    parse_registry,
+)
 from cpa_fhir.sandbox._capability import capability_statement
 from cpa_fhir.sandbox._router import Router
 from cpa_fhir.store import SqlRepository
@@ -62,6 +68,13 @@ class Sandbox:
     registry: Registry
     signing_key: str
     package: ConformancePackage
+
+    def __post_init__(self) -> None:
+        self.tokens = TokenVerifier(self.registry, self.signing_key)
+
+    def close(self) -> None:
+        self.router.audit_log.close()
+        self.repo.close()
 
     def token_for(self, client_id: str, issuer: str) -> dict[str, Any]:
         client = self.registry.clients.get(client_id)

@@ -18,6 +18,10 @@ from sqlalchemy.engine import URL, Connection, Engine, make_url
 
 READ_ONLY = "cpa_fhir_read_only"
 _SQLITE_BUSY_TIMEOUT_MS = 30_000
+# A server runs requests on a pool of worker threads; with fewer pooled connections
+# than threads, the extra connections are opened and closed on every request.
+POOL_SIZE = 16
+POOL_OVERFLOW = 24
 
 
 def normalise_url(url: str | URL) -> URL:
@@ -36,6 +40,8 @@ def normalise_url(url: str | URL) -> URL:
 
 def create_store_engine(url: str | URL, *, schema: str | None = None, **kwargs: Any) -> Engine:
     parsed = normalise_url(url)
+    kwargs.setdefault("pool_size", POOL_SIZE)
+    kwargs.setdefault("max_overflow", POOL_OVERFLOW)
     if parsed.drivername.startswith("sqlite"):
         engine = sa.create_engine(
             parsed,

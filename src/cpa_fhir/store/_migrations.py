@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from cpa_fhir.store._schema import metadata, schema_version, store_setting
+from cpa_fhir.store._schema import metadata, schema_version, store_change, store_setting
 
 _LOCK_KEY = "cpa_fhir.store.migrate"
 
@@ -47,10 +47,23 @@ def _create_settings(connection: Connection) -> None:
     store_setting.create(connection, checkfirst=True)
 
 
+def _create_change_counter(connection: Connection) -> None:
+    store_change.create(connection, checkfirst=True)
+    connection.execute(
+        sa.insert(store_change).from_select(
+            ["id", "generation"],
+            sa.select(sa.literal(1), sa.literal(0)).where(
+                ~sa.exists().where(store_change.c.id == 1)
+            ),
+        )
+    )
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "resource, history and search index tables", _create_tables),
     Migration(2, "index history by time", _index_history_by_time),
     Migration(3, "settings kept with the data", _create_settings),
+    Migration(4, "a counter of changing writes", _create_change_counter),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 

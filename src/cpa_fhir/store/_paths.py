@@ -52,6 +52,12 @@ class _Field:
 
     name: str
     choice_type: str | None = None
+    # The JSON keys `name` takes if it is a choice element (value -> valueString, ...).
+    choice_keys: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        keys = frozenset(self.name + suffix for suffix in CHOICE_TYPE_SUFFIXES)
+        object.__setattr__(self, "choice_keys", keys)
 
     def apply(self, items: list[Any]) -> list[Any]:
         out: list[Any] = []
@@ -65,7 +71,10 @@ class _Field:
             else:
                 value = item.get(self.name)
                 if value is None:
-                    value = _choice_value(item, self.name)
+                    # Most absent elements are not choices: a set intersection in C
+                    # says so without a look at every key.
+                    present = item.keys() & self.choice_keys
+                    value = item[min(present)] if present else None
             if value is None:
                 continue
             if isinstance(value, list):
@@ -73,13 +82,6 @@ class _Field:
             else:
                 out.append(value)
         return out
-
-
-def _choice_value(item: dict[str, Any], name: str) -> Any:
-    for key, value in item.items():
-        if key.startswith(name) and key[len(name) :] in CHOICE_TYPE_SUFFIXES:
-            return value
-    return None
 
 
 @dataclass(frozen=True, slots=True)

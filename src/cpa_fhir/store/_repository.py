@@ -57,6 +57,7 @@ from cpa_fhir.store._schema import (
     search_reference,
     search_string,
     search_token,
+    store_change,
     store_setting,
 )
 from cpa_fhir.store._search_parameters import SearchParameters, default_search_parameters
@@ -176,6 +177,33 @@ def _row_to_stored(row: Any, *, created: bool = False) -> Stored:
         deleted=row.deleted,
         content=bytes(row.content) if row.content is not None else b"",
         created=created,
+    )
+
+
+_SELECT_CURRENT = (
+    "SELECT resource_type, id, version_id, last_updated, deleted, content FROM resource_current"
+)
+_READ_BATCH = 100
+
+
+def _driver_row_to_stored(row: tuple[Any, ...]) -> Stored:
+    """A row of `_SELECT_CURRENT` as the driver returns it (SQLite: text times, integer
+    booleans; PostgreSQL: aware times)."""
+    resource_type, id, version_id, last_updated, deleted, content = row
+    if isinstance(last_updated, str):
+        last_updated = datetime.fromisoformat(last_updated)
+    last_updated = (
+        last_updated.replace(tzinfo=UTC)
+        if last_updated.tzinfo is None
+        else last_updated.astimezone(UTC)
+    )
+    return Stored(
+        resource_type=resource_type,
+        id=id,
+        version_id=int(version_id),
+        last_updated=last_updated,
+        deleted=bool(deleted),
+        content=bytes(content) if content is not None else b"",
     )
 
 
@@ -499,8 +527,8 @@ class _Operations:
     def _insert_rows(self, table: sa.Table, rows: list[tuple[Any, ...]]) -> None:
         """Insert plain rows (in column order) straight through the driver, for speed.
 
-        The index tables hold only text and numbers, so nothing needs SQLAlchemy's
-        type processing; PostgreSQL takes them by COPY, SQLite by executemany.
+        The values must be what the driver takes as they are (the index tables hold
+        only text and numbers); PostgreSQL takes them by COPY, SQLite by executemany.
         """
         columns = ", ".join(c.name for c in table.columns)
         if self.postgres:
@@ -529,6 +557,36 @@ class _Operations:
                 batch = {}
             batch[key] = resource
         return loaded + self._load_batch(batch)
+
+    def append_new(self, resources: Iterable[dict[str, Any]]) -> int:
+        """Insert resources that are new by construction (the server's own records,
+        with fresh ids), straight through the driver: no lookup of a current version.
+        An id already taken fails the whole call (primary key)."""
+        now = self._now()
+        instant = _instant(now)
+        stamp: Any = now
+        if not self.postgres:
+            processor = resource_current.c.last_updated.type.bind_processor(self.connection.dialect)
+            stamp = processor(now) if processor is not None else now
+        rows: list[tuple[Any, ...]] = []
+        indexed: list[tuple[str, str, IndexRows]] = []
+        for resource in resources:
+            resource_type, resource_id = _check_resource(resource, needs_id=True)
+            assert resource_id is not None
+            stored = _with_meta(resource, 1, instant)
+            rows.append((resource_type, resource_id, 1, stamp, False, orjson.dumps(stored)))
+            indexed.append(
+                (
+                    resource_type,
+                    resource_id,
+                    index_resource(stored, self.parameters.indexed(resource_type)),
+                )
+            )
+        if rows:
+            self._insert_rows(resource_history, rows)
+            self._insert_rows(resource_current, rows)
+            self._insert_index(indexed)
+        return len(rows)
 
     def _load_batch(self, batch: dict[tuple[str, str], dict[str, Any]]) -> int:
         if not batch:
@@ -634,6 +692,9 @@ class _Bound:
     def load(self, resources: Iterable[dict[str, Any]], *, batch_size: int = 1000) -> int:
         return self._operations.load(resources, batch_size)
 
+    def append_new(self, resources: Iterable[dict[str, Any]]) -> int:
+        return self._operations.append_new(resources)
+
 
 class SqlRepository:
     """A `Repository` on SQLite (`sqlite:///file.db`) or PostgreSQL (`postgresql://...`).
@@ -681,7 +742,7 @@ class SqlRepository:
         self.close()
 
     @contextmanager
-    def _bound(self, *, read_only: bool) -> Iterator[_Bound]:
+    def _bound(self, *, read_only: bool, counted: bool = True) -> Iterator[_Bound]:
         with self.engine.connect() as connection:
             if read_only and self.engine.dialect.name == "postgresql":
                 # READ COMMITTED gives each statement its own snapshot anyway, so a
@@ -691,6 +752,53 @@ class SqlRepository:
                 connection = connection.execution_options(**{READ_ONLY: True})
             with connection.begin():
                 yield _Bound(_Operations(connection, self.parameters, self.clock))
+                if not read_only and counted:
+                    # In the same transaction: the change and its count commit together.
+                    connection.execute(
+                        store_change.update()
+                        .where(store_change.c.id == 1)
+                        .values(generation=store_change.c.generation + 1)
+                    )
+
+    # --- the hot read paths, straight through the driver --------------------------
+    # A read by id is the server's commonest request; SQLAlchemy's statement
+    # handling costs several times the query itself, so these few fixed statements
+    # go to the driver directly and convert their few columns by hand.
+
+    def _driver_rows(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        if self.engine.dialect.name != "postgresql":
+            sql = sql.replace("%s", "?")
+        connection = self.engine.raw_connection()
+        try:
+            cursor = connection.cursor()
+            try:
+                cursor.execute(sql, params)
+                return list(cursor.fetchall())
+            finally:
+                cursor.close()
+        finally:
+            connection.close()
+
+    def generation(self) -> int:
+        """How many changing write transactions the store has committed: equal values
+        mean nothing was created, updated or deleted in between (`append` aside)."""
+        rows = self._driver_rows("SELECT generation FROM store_change WHERE id = 1", ())
+        return int(rows[0][0]) if rows else 0
+
+    def read_many(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], Stored]:
+        """The current, not deleted, versions of several resources by (type, id);
+        those unknown or deleted are left out."""
+        wanted = list(dict.fromkeys(keys))
+        found: dict[tuple[str, str], Stored] = {}
+        for start in range(0, len(wanted), _READ_BATCH):
+            chunk = wanted[start : start + _READ_BATCH]
+            where = " OR ".join(["(resource_type = %s AND id = %s)"] * len(chunk))
+            params = tuple(v for key in chunk for v in key)
+            for row in self._driver_rows(f"{_SELECT_CURRENT} WHERE {where}", params):
+                stored = _driver_row_to_stored(row)
+                if not stored.deleted:
+                    found[(stored.resource_type, stored.id)] = stored
+        return found
 
     def transaction(self) -> AbstractContextManager[Repository]:
         """One transaction for several interactions: all commit, or none (on an exception)."""
@@ -725,8 +833,15 @@ class SqlRepository:
             return bound.create(resource, if_none_exist=if_none_exist)
 
     def read(self, resource_type: str, id: str) -> Stored:
-        with self._bound(read_only=True) as bound:
-            return bound.read(resource_type, id)
+        rows = self._driver_rows(
+            f"{_SELECT_CURRENT} WHERE resource_type = %s AND id = %s", (resource_type, id)
+        )
+        if not rows:
+            raise ResourceNotFound(f"{resource_type}/{id} is not known")
+        stored = _driver_row_to_stored(rows[0])
+        if stored.deleted:
+            raise ResourceGone(f"{resource_type}/{id} was deleted (version {stored.version_id})")
+        return stored
 
     def vread(self, resource_type: str, id: str, version_id: int) -> Stored:
         with self._bound(read_only=True) as bound:
@@ -763,3 +878,11 @@ class SqlRepository:
         """
         with self._bound(read_only=False) as bound:
             return bound.load(resources, batch_size=batch_size)
+
+    def append(self, resources: Iterable[dict[str, Any]]) -> int:
+        """Store new records the server itself makes (its AuditEvents), each with a
+        fresh id, in one transaction; an id already taken stores none of them. They
+        do not count as a change in `generation`: nothing derived from the store's
+        content depends on them, so they invalidate nothing."""
+        with self._bound(read_only=False, counted=False) as bound:
+            return bound.append_new(resources)

@@ -10,6 +10,9 @@
   Each has an index led by (resource type, parameter, value...) for searching and
   one by (resource type, resource id) for replacing a resource's rows and for
   checking further criteria against resources already found.
+- `store_change`: one row counting the write transactions that changed resources, so
+  a server can tell cheaply whether what it derived from them (consent decisions,
+  security labels) still holds.
 - `schema_version`: the migrations applied (see `_migrations`).
 """
 
@@ -155,6 +158,13 @@ store_setting = sa.Table(
     metadata,
     sa.Column("name", sa.Text, primary_key=True),
     sa.Column("value", sa.Text, nullable=False),
+)
+
+store_change = sa.Table(
+    "store_change",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("generation", sa.BigInteger, nullable=False),
 )
 
 schema_version = sa.Table(
