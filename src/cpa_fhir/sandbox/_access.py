@@ -19,7 +19,7 @@ the span of time in which it cannot change (`steady_span`).
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
@@ -236,28 +236,60 @@ class PartnerView:
         `referred`: the version is reached from content already shared (an
         `_include`), so professionals and organisations may go.
         """
-        key = f"{stored.resource_type}/{stored.id}"
-        if key == self.client.reference:
-            return stored.content  # a partner may always see itself
-        version = (key, stored.version_id)
+        return self.filter_many([stored], referred=referred)[0]
+
+    def filter_many(
+        self, versions: Sequence[Stored], *, referred: bool = False
+    ) -> list[bytes | None]:
+        """`filter_bytes` of each version. Those of one patient not filtered before are
+        labelled and filtered together, as one record with what they refer to: the
+        Patient, professionals and episode they share are labelled once, not once each."""
+        out: list[bytes | None] = [None] * len(versions)
+        pending: dict[str, dict[str, tuple[int, Stored, dict[str, Any] | None]]] = {}
         derived = self.derived
-        resource: dict[str, Any] | None = None
-        if version in derived.patients:
-            patient = derived.patients[version]
-        else:
-            resource = stored.resource()
-            patient = derived.patients[version] = patient_of(resource)
-        if patient is None:
-            if stored.resource_type in self.policy.supporting and referred:
-                return self._filter_supporting(stored)
-            return None
-        decision = self.decision(patient)
-        cache_key = (key, stored.version_id, frozenset(decision.allowed))
-        shown = derived.shown.get(cache_key)
-        if shown is None:
-            if resource is None:
+        for i, stored in enumerate(versions):
+            key = f"{stored.resource_type}/{stored.id}"
+            if key == self.client.reference:
+                out[i] = stored.content  # a partner may always see itself
+                continue
+            version = (key, stored.version_id)
+            resource: dict[str, Any] | None = None
+            if version in derived.patients:
+                patient = derived.patients[version]
+            else:
                 resource = stored.resource()
-            shown = derived.shown[cache_key] = self._filter(resource, key, decision)
+                patient = derived.patients[version] = patient_of(resource)
+            if patient is None:
+                if stored.resource_type in self.policy.supporting and referred:
+                    out[i] = self._filter_supporting(stored)
+                continue
+            decision = self.decision(patient)
+            shown = derived.shown.get((key, stored.version_id, frozenset(decision.allowed)))
+            if shown is not None:
+                out[i] = self._account(patient, decision, key, shown)
+                continue
+            group = pending.setdefault(patient, {})
+            if key in group:  # two versions of one resource (history): not in one record
+                resource = resource if resource is not None else stored.resource()
+                shown = self._filter_together({key: resource}, decision)[key]
+                out[i] = self._account(patient, decision, key, shown)
+                continue
+            group[key] = (i, stored, resource)
+        for patient, group in pending.items():
+            decision = self.decision(patient)
+            allowed = frozenset(decision.allowed)
+            resources = {
+                key: resource if resource is not None else stored.resource()
+                for key, (_, stored, resource) in group.items()
+            }
+            for key, shown in self._filter_together(resources, decision).items():
+                i, stored, _ = group[key]
+                derived.shown[(key, stored.version_id, allowed)] = shown
+                out[i] = self._account(patient, decision, key, shown)
+        return out
+
+    def _account(self, patient: str, decision: Decision, key: str, shown: _Shown) -> bytes | None:
+        """Note for the audit what this request disclosed, or withheld, of `key`."""
         record = self._disclosed.setdefault(patient, _Shared(decision))
         record.withheld += shown.withheld
         if shown.content is None:
@@ -266,24 +298,38 @@ class PartnerView:
         record.categories |= shown.categories
         return shown.content
 
-    def _filter(self, resource: dict[str, Any], key: str, decision: Decision) -> _Shown:
-        """Label and filter the resource with what it refers to, as `share` would."""
-        refs = [r for r in dict.fromkeys(_references(resource)) if r != key]
+    def _filter_together(
+        self, resources: dict[str, dict[str, Any]], decision: Decision
+    ) -> dict[str, _Shown]:
+        """Label and filter resources with what they refer to, as `share` would."""
+        refs = [
+            r
+            for resource in resources.values()
+            for r in dict.fromkeys(_references(resource))
+            if r not in resources
+        ]
         self._fetch(refs)
-        entries: list[tuple[str | None, dict[str, Any]]] = [(None, resource)]
-        entries += [(None, t) for r in refs if (t := self.derived.resources[r]) is not None]
+        entries: list[tuple[str | None, dict[str, Any]]] = [(None, r) for r in resources.values()]
+        entries += [
+            (None, t) for r in dict.fromkeys(refs) if (t := self.derived.resources[r]) is not None
+        ]
         labelled = label_resources(entries, self.policy)
         result = filter_record(labelled, decision, self.policy, self.required)
-        mine = next((r for _, r in result.shared if f"{r['resourceType']}/{r['id']}" == key), None)
-        withheld = tuple(w for w in result.withheld if w.reference == key)
-        if mine is None:
-            return _Shown(None, frozenset(), withheld)
-        labels = frozenset(
-            c["code"]
-            for c in mine.get("meta", {}).get("security", [])
-            if c.get("system", "").endswith("cpa-information-category")
-        )
-        return _Shown(orjson.dumps(mine), labels, withheld)
+        shared = {f"{r['resourceType']}/{r['id']}": r for _, r in result.shared}
+        out: dict[str, _Shown] = {}
+        for key in resources:
+            withheld = tuple(w for w in result.withheld if w.reference == key)
+            mine = shared.get(key)
+            if mine is None:
+                out[key] = _Shown(None, frozenset(), withheld)
+                continue
+            labels = frozenset(
+                c["code"]
+                for c in mine.get("meta", {}).get("security", [])
+                if c.get("system", "").endswith("cpa-information-category")
+            )
+            out[key] = _Shown(orjson.dumps(mine), labels, withheld)
+        return out
 
     def _filter_supporting(self, stored: Stored) -> bytes | None:
         version = (f"{stored.resource_type}/{stored.id}", stored.version_id)

@@ -91,6 +91,7 @@ def create_app(sandbox: Sandbox, bare_endpoint: bool = False) -> FastAPI:
         return anyio.to_thread.run_sync(fn, *args, limiter=workers[0])
 
     audit = AuditBatcher(sandbox.router.audit_log, in_worker_thread)
+    inline_reads = sandbox.repo.embedded
 
     if bare_endpoint:
         bare: dict[tuple[str, str], bytes] = {}
@@ -147,12 +148,13 @@ def create_app(sandbox: Sandbox, bare_endpoint: bool = False) -> FastAPI:
             )
         except (HttpError, AuthFailure) as exc:
             return _send(outcome_response(exc))
-        if req.method in INLINE_METHODS:
-            # Reads are short, and CPU-bound but for a query or two: a hop to a
-            # worker thread would cost more than it frees the event loop.
+        if req.method in INLINE_METHODS and inline_reads:
+            # On an embedded store reads are CPU-bound, never waiting on a network:
+            # a hop to a worker thread would cost more than it frees the event loop.
             response = sandbox.router.handle(req, client, scopes, defer_audit=True)
         else:
-            # Writes wait on locks and commits: off the event loop.
+            # Writes wait on locks and commits, and a database server's replies
+            # take a network round trip: off the event loop.
             response = await in_worker_thread(
                 partial(sandbox.router.handle, defer_audit=True), req, client, scopes
             )

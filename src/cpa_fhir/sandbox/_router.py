@@ -461,11 +461,11 @@ class Router:
         # reveal what was withheld, so filter every match, then page.
         everything = replace(query, count=MAX_PARTNER_MATCHES, offset=0, summary_count=False)
         result = self.repo.search(everything)
-        visible: list[tuple[Stored, bytes]] = []
-        for stored in result.matches:
-            shown = view.filter_bytes(stored)
-            if shown is not None and _still_matches(stored, shown, query, self.repo):
-                visible.append((stored, shown))
+        visible: list[tuple[Stored, bytes]] = [
+            (stored, shown)
+            for stored, shown in zip(result.matches, view.filter_many(result.matches), strict=True)
+            if shown is not None and _still_matches(stored, shown, query, self.repo)
+        ]
         total = len(visible)
         page = visible[query.offset : query.offset + query.count] if not query.summary_count else []
         included: list[tuple[Stored, bytes]] = []
@@ -478,13 +478,19 @@ class Router:
                     *[(k, v) for k, v in params if k in ("_include", "_revinclude")],
                 ],
             )
-            for inc in self.repo.search(ids_query).included:
-                key = f"{inc.resource_type}/{inc.id}"
-                if key in shown_keys or not _allowed(view.scopes, inc.resource_type):
-                    continue
-                shown = view.filter_bytes(inc, referred=True)
-                if shown is not None:
-                    included.append((inc, shown))
+            candidates = [
+                inc
+                for inc in self.repo.search(ids_query).included
+                if f"{inc.resource_type}/{inc.id}" not in shown_keys
+                and _allowed(view.scopes, inc.resource_type)
+            ]
+            included = [
+                (inc, shown)
+                for inc, shown in zip(
+                    candidates, view.filter_many(candidates, referred=True), strict=True
+                )
+                if shown is not None
+            ]
         return self._searchset_bytes(request, rtype, params, query, page, included, total)
 
     def _searchset(

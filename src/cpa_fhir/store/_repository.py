@@ -721,6 +721,11 @@ class SqlRepository:
         if migrate:
             migrate_schema(self.engine)
 
+    @property
+    def embedded(self) -> bool:
+        """Whether the database runs inside this process (SQLite), not as a server."""
+        return self.engine.dialect.name == "sqlite"
+
     def close(self) -> None:
         self.engine.dispose()
 
