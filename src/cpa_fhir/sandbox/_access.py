@@ -230,16 +230,19 @@ class PartnerView:
 
     # -- filtering ------------------------------------------------------------------
 
-    def filter_bytes(self, stored: Stored, *, referred: bool = False) -> bytes | None:
+    def filter_bytes(
+        self, stored: Stored, *, referred: bool = False, account: bool = True
+    ) -> bytes | None:
         """The stored version as this client may see it, or None when it is withheld.
 
         `referred`: the version is reached from content already shared (an
-        `_include`), so professionals and organisations may go.
+        `_include`), so professionals and organisations may go. `account`: it is
+        sent, so the audit records it; False only to learn what could be sent.
         """
-        return self.filter_many([stored], referred=referred)[0]
+        return self.filter_many([stored], referred=referred, account=account)[0]
 
     def filter_many(
-        self, versions: Sequence[Stored], *, referred: bool = False
+        self, versions: Sequence[Stored], *, referred: bool = False, account: bool = True
     ) -> list[bytes | None]:
         """`filter_bytes` of each version. Those of one patient not filtered before are
         labelled and filtered together, as one record with what they refer to: the
@@ -266,13 +269,13 @@ class PartnerView:
             decision = self.decision(patient)
             shown = derived.shown.get((key, stored.version_id, frozenset(decision.allowed)))
             if shown is not None:
-                out[i] = self._account(patient, decision, key, shown)
+                out[i] = self._account(patient, decision, key, shown, account)
                 continue
             group = pending.setdefault(patient, {})
             if key in group:  # two versions of one resource (history): not in one record
                 resource = resource if resource is not None else stored.resource()
                 shown = self._filter_together({key: resource}, decision)[key]
-                out[i] = self._account(patient, decision, key, shown)
+                out[i] = self._account(patient, decision, key, shown, account)
                 continue
             group[key] = (i, stored, resource)
         for patient, group in pending.items():
@@ -285,11 +288,15 @@ class PartnerView:
             for key, shown in self._filter_together(resources, decision).items():
                 i, stored, _ = group[key]
                 derived.shown[(key, stored.version_id, allowed)] = shown
-                out[i] = self._account(patient, decision, key, shown)
+                out[i] = self._account(patient, decision, key, shown, account)
         return out
 
-    def _account(self, patient: str, decision: Decision, key: str, shown: _Shown) -> bytes | None:
+    def _account(
+        self, patient: str, decision: Decision, key: str, shown: _Shown, account: bool
+    ) -> bytes | None:
         """Note for the audit what this request disclosed, or withheld, of `key`."""
+        if not account:
+            return shown.content
         record = self._disclosed.setdefault(patient, _Shared(decision))
         record.withheld += shown.withheld
         if shown.content is None:

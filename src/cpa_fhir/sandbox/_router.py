@@ -461,13 +461,16 @@ class Router:
         # reveal what was withheld, so filter every match, then page.
         everything = replace(query, count=MAX_PARTNER_MATCHES, offset=0, summary_count=False)
         result = self.repo.search(everything)
+        everyone = view.filter_many(result.matches, account=False)
         visible: list[tuple[Stored, bytes]] = [
             (stored, shown)
-            for stored, shown in zip(result.matches, view.filter_many(result.matches), strict=True)
+            for stored, shown in zip(result.matches, everyone, strict=True)
             if shown is not None and _still_matches(stored, shown, query, self.repo)
         ]
         total = len(visible)
         page = visible[query.offset : query.offset + query.count] if not query.summary_count else []
+        # Only what goes out is disclosed (and audited): this page.
+        view.filter_many([stored for stored, _ in page])
         included: list[tuple[Stored, bytes]] = []
         if page and (query.include or query.revinclude):
             shown_keys = {f"{s.resource_type}/{s.id}" for s, _ in page}
@@ -521,25 +524,21 @@ class Router:
         total: int | None,
     ) -> Response:
         base = request.base_url
-        links = [
-            {"relation": "self", "url": _page_url(base, rtype, params, query.offset, query.count)}
-        ]
-        if total is not None and query.offset + query.count < total and not query.summary_count:
-            links.append(
+        if query.summary_count:
+            links = [
                 {
-                    "relation": "next",
-                    "url": _page_url(base, rtype, params, query.offset + query.count, query.count),
+                    "relation": "self",
+                    "url": _page_url(base, rtype, params, query.offset, query.count),
                 }
+            ]
+        else:
+            # Without a total (_total=none) there is a next page while this one is full.
+            known = (
+                total
+                if total is not None
+                else query.offset + len(matches) + (1 if len(matches) >= query.count else 0)
             )
-        if query.offset > 0 and not query.summary_count:
-            links.append(
-                {
-                    "relation": "previous",
-                    "url": _page_url(
-                        base, rtype, params, max(0, query.offset - query.count), query.count
-                    ),
-                }
-            )
+            links = _page_links(base, rtype, params, query.offset, query.count, known)
         head: dict[str, Any] = {
             "resourceType": "Bundle",
             "id": self.new_id(),
@@ -588,13 +587,22 @@ class Router:
                 ) from None
             if since.tzinfo is None:
                 raise HttpError(400, "_since needs a time zone", code="value")
-        try:
-            count = int(q.get("_count", "100"))
-        except ValueError:
-            raise HttpError(400, "_count must be a number", code="value") from None
-        if not 0 < count <= 1000:
-            raise HttpError(400, "_count must be between 1 and 1000", code="value")
-        versions = self.repo.history(rtype, rid, since=since, count=count)
+        count = _bounded_int(q, "_count", 100, 1, 1000)
+        offset = _bounded_int(q, "_offset", 0, 0, None)
+        if view is None:
+            versions = self.repo.history(rtype, rid, since=since, count=count, offset=offset)
+            total = self.repo.history_total(rtype, rid, since=since)
+            if rid is not None and total == 0:
+                raise ResourceNotFound(f"{rtype}/{rid} is not known")
+        else:
+            # Count and page only what this client may see, as for a search.
+            everything = self.repo.history(rtype, rid, since=since, count=MAX_PARTNER_MATCHES)
+            visible = self._partner_history(everything, view)
+            if rid is not None and not visible:
+                raise ResourceNotFound(f"{rtype}/{rid} is not known to this server")
+            total = len(visible)
+            versions = visible[offset : offset + count]
+        shown = dict(zip(map(id, versions), self._history_content(versions, view), strict=True))
         entries = []
         for s in versions:
             entry: dict[str, Any] = {"fullUrl": f"{request.base_url}/{s.resource_type}/{s.id}"}
@@ -608,33 +616,44 @@ class Router:
                 "etag": f'W/"{s.version_id}"',
                 "lastModified": _instant(s.last_updated),
             }
-            if not s.deleted:
-                if view is None:
-                    entry["resource"] = orjson.Fragment(s.content)
-                else:
-                    shown = view.filter_bytes(s)
-                    if shown is None:
-                        continue
-                    entry["resource"] = orjson.Fragment(shown)
-            elif view is not None and not self._deletion_visible(s, view):
-                continue  # not even the fact that something withheld was deleted
+            content = shown[id(s)]
+            if content is not None:
+                entry["resource"] = orjson.Fragment(content)
             entries.append(entry)
-        if rid is not None and view is not None and not entries:
-            raise ResourceNotFound(f"{rtype}/{rid} is not known to this server")
+        path = f"{rtype}/{rid}/_history" if rid is not None else f"{rtype}/_history"
+        kept = [(k, v) for k, v in request.query if k not in ("_format",)]
         body = {
             "resourceType": "Bundle",
             "id": self.new_id(),
             "type": "history",
-            "total": len(entries),
+            "total": total,
+            "link": _page_links(request.base_url, path, kept, offset, count, total),
             "entry": entries,
         }
         return self._json(200, body)
+
+    def _partner_history(self, versions: list[Stored], view: PartnerView) -> list[Stored]:
+        """The versions a partner may know of: those it may see, and deletions of what
+        it could see before (not even the fact that something withheld was deleted)."""
+        return [
+            s
+            for s in versions
+            if (s.deleted and self._deletion_visible(s, view))
+            or (not s.deleted and view.filter_bytes(s, account=False) is not None)
+        ]
+
+    def _history_content(
+        self, versions: list[Stored], view: PartnerView | None
+    ) -> list[bytes | None]:
+        if view is None:
+            return [None if s.deleted else s.content for s in versions]
+        return [None if s.deleted else view.filter_bytes(s) for s in versions]
 
     def _deletion_visible(self, deletion: Stored, view: PartnerView) -> bool:
         if deletion.version_id < 2:
             return False
         before = self.repo.vread(deletion.resource_type, deletion.id, deletion.version_id - 1)
-        return view.filter_bytes(before) is not None
+        return view.filter_bytes(before, account=False) is not None
 
     # -- batch and transaction ----------------------------------------------------------
 
@@ -671,6 +690,38 @@ def _if_match(value: str | None) -> int | None:
     if not m:
         raise HttpError(400, f'If-Match {value!r} is not a version ETag like W/"3"', code="value")
     return int(m.group(1))
+
+
+def _bounded_int(
+    query: Mapping[str, str], name: str, default: int, low: int, high: int | None
+) -> int:
+    raw = query.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit():
+        raise HttpError(400, f"{name} must be a whole number, not {raw!r}", code="value")
+    value = int(raw)
+    if value < low or (high is not None and value > high):
+        bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise HttpError(400, f"{name} must be {bounds}", code="value")
+    return value
+
+
+def _page_links(
+    base: str, path: str, params: list[tuple[str, str]], offset: int, count: int, total: int
+) -> list[dict[str, str]]:
+    """self, and next and previous where there are such pages."""
+    links = [{"relation": "self", "url": _page_url(base, path, params, offset, count)}]
+    if offset + count < total:
+        links.append(
+            {"relation": "next", "url": _page_url(base, path, params, offset + count, count)}
+        )
+    if offset > 0:
+        previous = max(0, offset - count)
+        links.append(
+            {"relation": "previous", "url": _page_url(base, path, params, previous, count)}
+        )
+    return links
 
 
 def _page_url(base: str, rtype: str, params: list[tuple[str, str]], offset: int, count: int) -> str:

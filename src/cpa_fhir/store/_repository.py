@@ -125,7 +125,16 @@ class Repository(Protocol):
         *,
         since: datetime | None = None,
         count: int = DEFAULT_HISTORY_COUNT,
+        offset: int = 0,
     ) -> list[Stored]: ...
+
+    def history_total(
+        self,
+        resource_type: str | None = None,
+        id: str | None = None,
+        *,
+        since: datetime | None = None,
+    ) -> int: ...
 
     def search(self, query: SearchQuery) -> SearchResult: ...
 
@@ -253,30 +262,52 @@ class _Operations:
             raise ResourceGone(f"{resource_type}/{id} version {version_id} is a deletion")
         return _row_to_stored(row)
 
+    def _history_where(
+        self, resource_type: str | None, id: str | None, since: datetime | None
+    ) -> list[sa.ColumnElement[bool]]:
+        h = resource_history.c
+        conditions: list[sa.ColumnElement[bool]] = []
+        if resource_type is not None:
+            conditions.append(h.resource_type == resource_type)
+        if id is not None:
+            if resource_type is None:
+                raise ValueError("instance history needs the resource type")
+            conditions.append(h.id == id)
+        if since is not None:
+            conditions.append(h.last_updated >= since)
+        return conditions
+
     def history(
         self,
         resource_type: str | None,
         id: str | None,
         since: datetime | None,
         count: int,
+        offset: int = 0,
     ) -> list[Stored]:
         h = resource_history.c
-        statement = sa.select(
-            h.resource_type, h.id, h.version_id, h.last_updated, h.deleted, h.content
+        statement = (
+            sa.select(h.resource_type, h.id, h.version_id, h.last_updated, h.deleted, h.content)
+            .where(*self._history_where(resource_type, id, since))
+            # Newest first; ties in time broken by identity, so that pages never overlap.
+            .order_by(h.last_updated.desc(), h.resource_type, h.id, h.version_id.desc())
+            .limit(count)
+            .offset(offset)
         )
-        if resource_type is not None:
-            statement = statement.where(h.resource_type == resource_type)
-        if id is not None:
-            if resource_type is None:
-                raise ValueError("instance history needs the resource type")
-            statement = statement.where(h.id == id)
-        if since is not None:
-            statement = statement.where(h.last_updated >= since)
-        statement = statement.order_by(h.last_updated.desc(), h.version_id.desc()).limit(count)
         rows = [_row_to_stored(r) for r in self.connection.execute(statement)]
-        if id is not None and not rows and since is None:
+        if id is not None and not rows and since is None and offset == 0:
             raise ResourceNotFound(f"{resource_type}/{id} is not known")
         return rows
+
+    def history_total(
+        self, resource_type: str | None, id: str | None, since: datetime | None
+    ) -> int:
+        statement = (
+            sa.select(sa.func.count())
+            .select_from(resource_history)
+            .where(*self._history_where(resource_type, id, since))
+        )
+        return int(self.connection.scalar(statement) or 0)
 
     def search(self, query: SearchQuery) -> SearchResult:
         conditions = where_clause(query, now_micros=to_micros(self.clock()))
@@ -679,8 +710,18 @@ class _Bound:
         *,
         since: datetime | None = None,
         count: int = DEFAULT_HISTORY_COUNT,
+        offset: int = 0,
     ) -> list[Stored]:
-        return self._operations.history(resource_type, id, since, count)
+        return self._operations.history(resource_type, id, since, count, offset)
+
+    def history_total(
+        self,
+        resource_type: str | None = None,
+        id: str | None = None,
+        *,
+        since: datetime | None = None,
+    ) -> int:
+        return self._operations.history_total(resource_type, id, since)
 
     def search(self, query: SearchQuery) -> SearchResult:
         return self._operations.search(query)
@@ -867,9 +908,22 @@ class SqlRepository:
         *,
         since: datetime | None = None,
         count: int = DEFAULT_HISTORY_COUNT,
+        offset: int = 0,
     ) -> list[Stored]:
+        """Versions newest first, `count` of them from `offset`."""
         with self._bound(read_only=True) as bound:
-            return bound.history(resource_type, id, since=since, count=count)
+            return bound.history(resource_type, id, since=since, count=count, offset=offset)
+
+    def history_total(
+        self,
+        resource_type: str | None = None,
+        id: str | None = None,
+        *,
+        since: datetime | None = None,
+    ) -> int:
+        """How many versions `history` pages through."""
+        with self._bound(read_only=True) as bound:
+            return bound.history_total(resource_type, id, since=since)
 
     def search(self, query: SearchQuery) -> SearchResult:
         with self._bound(read_only=True) as bound:
