@@ -7,7 +7,7 @@ are an OR (https://hl7.org/fhir/R4/search.html#combining); `\\,` `\\|` `\\$` and
 
 Chained parameters (`subject:Patient.identifier=...`,
 https://hl7.org/fhir/R4/search.html#chaining) and reverse chains
-(`_has:Flag:patient:status=...`, https://hl7.org/fhir/R4/search.html#has) become a
+(`_has:CarePlan:subject:status=...`, https://hl7.org/fhir/R4/search.html#has) become a
 `Criterion` on the parameter at the end of the chain, with the `ChainLink`s that
 lead there from the searched type.
 
@@ -358,20 +358,19 @@ def _parse_criterion(
 def _criterion_of(
     parameter: SearchParameter, modifier: str | None, value: str, where: str
 ) -> Criterion | None:
-    name = parameter.code
-    kind = parameter.type
+    code, kind = parameter.code, parameter.type
     if modifier is not None:
         _check_modifier(parameter, modifier, where)
     if modifier == "missing":
         if value not in ("true", "false"):
             raise SearchError(f"{where} must be true or false, not {value!r}", expression=where)
-        return Criterion(name, kind, modifier, (), missing=value == "true", name=where)
+        return Criterion(code, kind, modifier, (), missing=value == "true", name=where)
     if value == "":
         return None
     values = tuple(
         _parse_value(parameter, modifier, piece, where) for piece in _escaped_pieces(value, ",")
     )
-    return Criterion(name, kind, modifier, values, name=where)
+    return Criterion(code, kind, modifier, values, name=where)
 
 
 # --- chains: https://hl7.org/fhir/R4/search.html#chaining and #has ------------------
@@ -463,7 +462,7 @@ def _resolve_reverse(
     if len(parts) != 4 or not all(parts[1:]):
         raise SearchError(
             f"{where}: _has is _has:Type:reference:parameter, as in "
-            "_has:Flag:patient:status=active",
+            "_has:CarePlan:subject:status=active",
             expression=where,
         )
     _, source_type, name, rest = parts
