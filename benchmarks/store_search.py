@@ -9,6 +9,9 @@ them, then times searches a care-record view makes for one patient at a time:
     Flag?patient=X
     Encounter?subject=Patient/X&_sort=-date&_count=10
     EpisodeOfCare?patient=X&cpa-level=<Enhanced>
+    CarePlan?subject:Patient.identifier=<NHS number of X>&status=active   (chained)
+    Flag?patient.identifier=<NHS number of X>                              (chained)
+    Patient?_has:Flag:patient:_id=<a flag of X>                            (reverse chained)
 
 and, as the baseline, a read of the same patient's care plan by primary key. Prints
 p50/p95/p99 latency per query, sequential throughput and each search's p95 over the
@@ -16,6 +19,10 @@ baseline's p95.
 
     python benchmarks/store_search.py                          # SQLite, 500 patients
     python benchmarks/store_search.py --db postgresql://postgres@127.0.0.1/test --patients 10000
+    python benchmarks/store_search.py --db postgresql://... --patients 5000 --explain
+
+`--explain` prints the database's plans (PostgreSQL: EXPLAIN ANALYZE) of the chained
+NHS-number search and of the `_has` search for one patient before the timings.
 
 A PostgreSQL run loads into a fresh schema and drops it afterwards (`--keep` keeps it).
 """
@@ -36,12 +43,15 @@ from typing import Any
 import orjson
 import sqlalchemy as sa
 
-from cpa_fhir.store import SqlRepository
+from cpa_fhir.store import SearchQuery, SqlRepository
 from cpa_fhir.store._engine import normalise_url
+from cpa_fhir.store._schema import resource_current
+from cpa_fhir.store._search_sql import order_by, where_clause
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "profiles" / "examples"
 SHARED_TYPES = frozenset({"Practitioner", "PractitionerRole", "Organization"})
 ENHANCED = "http://snomed.info/sct|1092221000000101"
+NHS = "https://fhir.nhs.uk/Id/nhs-number"
 
 
 def records() -> list[list[dict[str, Any]]]:
@@ -99,6 +109,34 @@ def patient_ids(patients: int) -> list[tuple[str, str]]:
     ]
 
 
+def nhs_number(patient_id: str) -> str:
+    """The synthetic NHS number `synthetic` gives the patient with this id."""
+    return f"{NHS}|{9_000_000_000 + int(patient_id.rsplit('-', 1)[1])}"
+
+
+def flag_id(patient_id: str) -> str:
+    """One risk flag of the synthetic patient (each example record has one of these)."""
+    prefix, _, n = patient_id.partition("-patient-")
+    first_flag = {"a": "risk-self-harm", "b": "risk-self-neglect", "c": "risk-self-harm"}
+    return f"{prefix}-{first_flag.get(prefix, 'risk-falls')}-{n}"
+
+
+def explain(store: SqlRepository, query: SearchQuery) -> str:
+    """The database's plan for the search the repository would run (its page query)."""
+    statement = (
+        sa.select(resource_current.c.id)
+        .where(*where_clause(query, now_micros=0))
+        .order_by(*order_by(query))
+        .limit(query.count)
+    )
+    postgres = store.engine.dialect.name == "postgresql"
+    sql = str(statement.compile(store.engine, compile_kwargs={"literal_binds": True}))
+    prefix = "EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) " if postgres else "EXPLAIN QUERY PLAN "
+    with store.engine.connect() as connection:
+        rows = connection.exec_driver_sql(prefix + sql).all()
+    return "\n".join(str(row[0]) if postgres else f"{row[1]:>3} {row[3]}" for row in rows)
+
+
 def percentile(samples: list[float], p: float) -> float:
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
@@ -123,6 +161,9 @@ def main() -> None:
     parser.add_argument("--patients", type=int, default=500)
     parser.add_argument("--queries", type=int, default=1000, help="timed queries of each kind")
     parser.add_argument("--keep", action="store_true", help="keep the PostgreSQL schema")
+    parser.add_argument(
+        "--explain", action="store_true", help="print the plan of the chained NHS-number search"
+    )
     args = parser.parse_args()
 
     schema = None
@@ -169,11 +210,33 @@ def main() -> None:
             "EpisodeOfCare?patient=X&cpa-level=Enhanced": query(
                 "EpisodeOfCare", lambda p: [("patient", p), ("cpa-level", ENHANCED)]
             ),
+            "CarePlan?subject:Patient.identifier=NHS&status=active": query(
+                "CarePlan",
+                lambda p: [("subject:Patient.identifier", nhs_number(p)), ("status", "active")],
+            ),
+            "Flag?patient.identifier=NHS": query(
+                "Flag", lambda p: [("patient.identifier", nhs_number(p))]
+            ),
+            "Patient?_has:Flag:patient:_id=F": query(
+                "Patient", lambda p: [("_has:Flag:patient:_id", flag_id(p))]
+            ),
         }
         check = store.search(
             store.parse("CarePlan", [("subject", f"Patient/{targets[0][0]}"), ("status", "active")])
         )
         assert check.total == 3, check.total
+        chained = store.parse(
+            "CarePlan",
+            [("subject:Patient.identifier", nhs_number(targets[0][0])), ("status", "active")],
+        )
+        assert store.search(chained).total == 3
+        has = store.parse("Patient", [("_has:Flag:patient:_id", flag_id(targets[0][0]))])
+        assert [m.id for m in store.search(has).matches] == [targets[0][0]]
+        if args.explain:
+            print(f"plan of CarePlan?subject:Patient.identifier={nhs_number(targets[0][0])}")
+            print(explain(store, chained))
+            print(f"plan of Patient?_has:Flag:patient:_id={flag_id(targets[0][0])}")
+            print(explain(store, has))
         baseline_p95 = None
         print(f"{'query':<52} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} {'q/s':>7} {'p95/base':>9}")
         for name, run in cases.items():

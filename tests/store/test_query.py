@@ -8,7 +8,9 @@ from hypothesis import strategies as st
 
 from cpa_fhir.errors import FhirError, SearchError
 from cpa_fhir.store import (
+    MAX_CHAIN_LINKS,
     MAX_COUNT,
+    ChainLink,
     DateValue,
     Include,
     NumberValue,
@@ -95,6 +97,129 @@ def test_project_parameter_is_known() -> None:
     assert criterion.type == "token"
 
 
+NHS = "https://fhir.nhs.uk/Id/nhs-number"
+
+
+def test_chain_names_the_links_and_the_parameter_at_its_end() -> None:
+    (criterion,) = parse_search(
+        "CarePlan", [("subject:Patient.identifier", f"{NHS}|9000000009,{NHS}|9000000017")]
+    ).criteria
+    assert (criterion.parameter, criterion.type) == ("identifier", "token")
+    assert criterion.modifier is None
+    assert criterion.values == (
+        TokenValue(NHS, "9000000009", any_system=False),
+        TokenValue(NHS, "9000000017", any_system=False),
+    )
+    assert criterion.chain == (ChainLink("subject", False, ("CarePlan",), ("Patient",)),)
+    assert criterion.name == "subject:Patient.identifier"
+    assert criterion.chained and not criterion.reverse_chained
+    assert criterion.target_types == ("Patient",)
+
+
+def test_chain_without_a_type_searches_every_target_with_the_parameter() -> None:
+    # Group has no `identifier` search parameter in R4, so only Patient is searched;
+    # every type has `_id`.
+    (by_identifier,) = parse_search("CarePlan", [("subject.identifier", "x")]).criteria
+    assert by_identifier.target_types == ("Patient",)
+    (by_id,) = parse_search("CarePlan", [("subject._id", "g1")]).criteria
+    assert by_id.target_types == ("Group", "Patient")
+    (by_name,) = parse_search("Consent", [("actor.name:exact", "Smith")]).criteria
+    assert by_name.modifier == "exact"
+    assert by_name.target_types == ("Organization", "Patient", "Practitioner", "RelatedPerson")
+
+
+def test_multi_level_and_reverse_chains() -> None:
+    (two_levels,) = parse_search("CarePlan", [("subject.organization.name", "river")]).criteria
+    assert two_levels.chain == (
+        ChainLink("subject", False, ("CarePlan",), ("Patient",)),
+        ChainLink("organization", False, ("Patient",), ("Organization",)),
+    )
+    (has,) = parse_search("Patient", [("_has:CarePlan:subject:status", "active")]).criteria
+    assert has.chain == (ChainLink("subject", True, ("Patient",), ("CarePlan",)),)
+    assert (has.parameter, has.reverse_chained, has.chained) == ("status", True, False)
+    (nested,) = parse_search(
+        "Organization", [("_has:Patient:organization:_has:Flag:patient:date", "lt2021")]
+    ).criteria
+    assert nested.chain == (
+        ChainLink("organization", True, ("Organization",), ("Patient",)),
+        ChainLink("patient", True, ("Patient",), ("Flag",)),
+    )
+    (mixed,) = parse_search(
+        "CarePlan", [("subject._has:Flag:patient:author:Practitioner.name", "okafor")]
+    ).criteria
+    assert [link.reverse for link in mixed.chain] == [False, True, False]
+    assert mixed.target_types == ("Practitioner",) and mixed.chained and mixed.reverse_chained
+
+
+def test_chained_missing_and_unchained_criteria() -> None:
+    chained, plain = parse_search(
+        "CarePlan", [("subject.gender:missing", "true"), ("status:not", "draft")]
+    ).criteria
+    assert (chained.parameter, chained.missing, chained.values) == ("gender", True, ())
+    assert plain.chain == () and plain.target_types == () and plain.name == "status:not"
+    assert not plain.chained and not plain.reverse_chained
+    assert parse_search("CarePlan", [("subject.name", "")]).criteria == ()
+
+
+@pytest.mark.parametrize(
+    ("resource_type", "name", "message"),
+    [
+        ("CarePlan", "subject.nonsense", "unknown search parameter 'nonsense' for Group or Patient"),
+        ("CarePlan", "status.code", "status is a token parameter of CarePlan"),
+        ("CarePlan", "subject:Observation.code", "subject refers to Group, Patient, not Observation"),
+        ("CarePlan", "subject:Nope.name", "only a resource type can qualify a reference"),
+        ("CarePlan", "subject:missing.name", "only a resource type can qualify a reference"),
+        ("CarePlan", "subject.", "a chain is reference[:Type].parameter"),
+        ("CarePlan", ".name", "a chain is reference[:Type].parameter"),
+        ("CarePlan", "subject.name:nonsense", "modifier :nonsense does not apply"),
+        ("Task", "subject.performer", "performer is ambiguous (reference on CarePlan, RiskAssessment; token on Task)"),
+        ("Patient", "_has", "_has is _has:Type:reference:parameter"),
+        ("Patient", "_has:Flag:patient", "_has is _has:Type:reference:parameter"),
+        ("Patient", "_has:Nope:patient:date", "'Nope' is not a resource type"),
+        ("Patient", "_has:Flag:nonsense:date", "unknown search parameter 'nonsense' for Flag"),
+        ("Patient", "_has:Flag:date:date", "Flag:date is a date parameter, not a reference"),
+        ("Organization", "_has:Flag:patient:date", "Flag:patient refers to Patient, never to Organization"),
+        ("Patient", "_has:Flag:patient:nonsense", "unknown search parameter 'nonsense' for Flag"),
+    ],
+)  # fmt: skip
+def test_bad_chains_are_refused_precisely(resource_type: str, name: str, message: str) -> None:
+    with pytest.raises(SearchError) as raised:
+        parse_search(resource_type, [(name, "x")])
+    assert raised.value.code == "invalid"
+    assert message in raised.value.message
+    assert raised.value.expression == name
+
+
+def test_ambiguous_chain_names_its_candidates_and_a_type_resolves_it() -> None:
+    with pytest.raises(SearchError) as raised:
+        parse_search("Task", [("subject.performer", "Practitioner/1")])
+    assert "choose one of CarePlan, RiskAssessment, Task" in raised.value.message
+    (criterion,) = parse_search("Task", [("subject:CarePlan.performer", "Practitioner/1")]).criteria
+    assert criterion.values == (ReferenceValue("Practitioner", "1"),)
+
+
+@pytest.mark.parametrize(
+    ("resource_type", "params"),
+    [
+        ("Patient", [("link:Patient." * MAX_CHAIN_LINKS + "general-practitioner.name", "x")]),
+        ("CarePlan", [("subject._count", "1")]),
+        ("CarePlan", [("subject._sort", "name")]),
+        ("CarePlan", [("subject._text", "x")]),
+        ("CarePlan", [("_sort", "subject.name")]),
+    ],
+)
+def test_unsupported_chains_are_refused(resource_type: str, params: list[tuple[str, str]]) -> None:
+    with pytest.raises(SearchError) as raised:
+        parse_search(resource_type, params)
+    assert raised.value.code == "not-supported"
+
+
+def test_longest_chain_allowed() -> None:
+    name = "link:Patient." * (MAX_CHAIN_LINKS - 1) + "general-practitioner.name"
+    (criterion,) = parse_search("Patient", [(name, "x")]).criteria
+    assert len(criterion.chain) == MAX_CHAIN_LINKS
+
+
 @pytest.mark.parametrize(
     ("resource_type", "params", "code"),
     [
@@ -122,8 +247,8 @@ def test_project_parameter_is_known() -> None:
         ("Patient", [("_include:iterate", "Patient:general-practitioner")], "not-supported"),
         ("Patient", [("_revinclude", "Flag:author:Device")], "invalid"),
         ("Patient", [("_revinclude", "EpisodeOfCare:organization")], "invalid"),
-        ("Patient", [("_has", "Flag:patient:status=active")], "not-supported"),
-        ("Patient", [("general-practitioner.name", "x")], "not-supported"),
+        ("Patient", [("_has", "Flag:patient:status=active")], "invalid"),
+        ("Patient", [("general-practitioner.nonsense", "x")], "invalid"),
         ("Patient", [("general-practitioner", "Nope/1")], "invalid"),
         ("Patient", [("general-practitioner", "Patient/1")], "invalid"),
         ("Patient", [("general-practitioner", "a/b/c")], "invalid"),
@@ -186,3 +311,34 @@ def test_parsing_raises_nothing_but_search_errors(
         pass
     except FhirError as exc:  # pragma: no cover - the assertion names the stray error
         pytest.fail(f"{type(exc).__name__}: {exc}")
+
+
+_CHAIN_PIECES = st.sampled_from(
+    [
+        "subject", "patient", "author", "organization", "general-practitioner", "link", "actor",
+        "name", "identifier", "status", "date", "gender", "_id", "_lastUpdated", "_has", "_count",
+        "Patient", "Flag", "CarePlan", "Group", "Organization", "Practitioner", "Nope",
+        "missing", "not", "exact", "", ":", ".",
+    ]
+)  # fmt: skip
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    resource_type=st.sampled_from(["Patient", "CarePlan", "Flag", "Consent", "Organization"]),
+    pieces=st.lists(
+        st.tuples(_CHAIN_PIECES, st.sampled_from([".", ":", ""])), min_size=1, max_size=8
+    ),
+    value=st.lists(_VALUE_PIECES | st.text(max_size=3), max_size=4).map("".join),
+)
+def test_chained_parsing_raises_nothing_but_search_errors(
+    resource_type: str, pieces: list[tuple[str, str]], value: str
+) -> None:
+    name = "".join(piece + separator for piece, separator in pieces)
+    try:
+        query = parse_search(resource_type, [(name, value)])
+    except SearchError:
+        return
+    for criterion in query.criteria:
+        for link in criterion.chain:
+            assert link.from_types and link.to_types

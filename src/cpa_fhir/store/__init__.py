@@ -8,7 +8,9 @@ index, on a SQLite file or PostgreSQL; `parse_search` turns query parameters int
 from cpa_fhir.store._indexing import IndexRows, index_resource, normalise
 from cpa_fhir.store._migrations import LATEST_VERSION, MIGRATIONS, current_version, migrate
 from cpa_fhir.store._query import (
+    MAX_CHAIN_LINKS,
     MAX_COUNT,
+    ChainLink,
     Criterion,
     DateValue,
     Include,
@@ -29,11 +31,13 @@ from cpa_fhir.store._search_parameters import (
 )
 
 __all__ = [
+    "ChainLink",
     "Criterion",
     "DateValue",
     "Include",
     "IndexRows",
     "LATEST_VERSION",
+    "MAX_CHAIN_LINKS",
     "MAX_COUNT",
     "MIGRATIONS",
     "NumberValue",

@@ -5,6 +5,12 @@ them. A parameter repeated is an AND of its occurrences; commas within one value
 are an OR (https://hl7.org/fhir/R4/search.html#combining); `\\,` `\\|` `\\$` and
 `\\\\` escape (https://hl7.org/fhir/R4/search.html#escaping).
 
+Chained parameters (`subject:Patient.identifier=...`,
+https://hl7.org/fhir/R4/search.html#chaining) and reverse chains
+(`_has:CarePlan:subject:status=...`, https://hl7.org/fhir/R4/search.html#has) become a
+`Criterion` on the parameter at the end of the chain, with the `ChainLink`s that
+lead there from the searched type.
+
 Every parameter is understood or refused: an unknown name, an unsupported or
 misapplied modifier, a malformed value or a bad result parameter raises
 `SearchError` (to become a 400 OperationOutcome), never a silent partial search.
@@ -16,7 +22,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal, InvalidOperation
 from typing import Literal, cast
 
@@ -38,6 +44,8 @@ Total = Literal["none", "estimate", "accurate"]
 
 DEFAULT_COUNT = 50
 MAX_COUNT = 1000
+# Each link is one more join; four covers a forward chain inside a nested `_has`.
+MAX_CHAIN_LINKS = 4
 
 # The result parameters (https://hl7.org/fhir/R4/search.html#return) understood here,
 # and those refused as not supported rather than unknown.
@@ -49,7 +57,6 @@ _UNSUPPORTED = frozenset(
         "_elements",
         "_contained",
         "_containedType",
-        "_has",
         "_list",
         "_query",
         "_filter",
@@ -121,10 +128,31 @@ SearchValue = TokenValue | StringValue | ReferenceValue | DateValue | NumberValu
 
 
 @dataclass(frozen=True, slots=True)
+class ChainLink:
+    """One step of a chain, from resources of `from_types` to resources of `to_types`.
+
+    Forward (`reference[:Type].…`, https://hl7.org/fhir/R4/search.html#chaining):
+    `reference` is a parameter of the `from_types`, pointing at the `to_types`.
+    Reverse (`_has:Type:reference:…`, https://hl7.org/fhir/R4/search.html#has):
+    `reference` is a parameter of the one type in `to_types`, pointing back at the
+    `from_types`.
+    """
+
+    reference: str
+    reverse: bool
+    from_types: tuple[str, ...]
+    to_types: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Criterion:
     """One occurrence of a search parameter: its values are ORed.
 
     With the `missing` modifier, `missing` says which way and `values` is empty.
+    Unchained, `parameter` is one of the searched type's. Chained, `chain` leads
+    from the searched type to the resources whose `parameter` is compared with the
+    values (`target_types`). `name` is the parameter as the client wrote it, modifiers
+    and chain included.
     """
 
     parameter: str
@@ -132,6 +160,23 @@ class Criterion:
     modifier: str | None
     values: tuple[SearchValue, ...]
     missing: bool | None = None
+    chain: tuple[ChainLink, ...] = ()
+    name: str = ""
+
+    @property
+    def chained(self) -> bool:
+        """Whether the criterion follows any reference forward (`ref.param`)."""
+        return any(not link.reverse for link in self.chain)
+
+    @property
+    def reverse_chained(self) -> bool:
+        """Whether the criterion follows any reference backwards (`_has`)."""
+        return any(link.reverse for link in self.chain)
+
+    @property
+    def target_types(self) -> tuple[str, ...]:
+        """The types whose `parameter` is searched; empty when unchained (the searched type)."""
+        return self.chain[-1].to_types if self.chain else ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,6 +267,11 @@ def parse_search(
     for raw_name, value in params:
         if not isinstance(raw_name, str) or not isinstance(value, str):
             raise SearchError("search parameters must be text")
+        if _is_chained(raw_name):
+            chained = _parse_chained_criterion(resource_type, raw_name, value, registry)
+            if chained is not None:
+                criteria.append(chained)
+            continue
         name, _, modifier = raw_name.partition(":")
         if name in _RESULT_PARAMETERS:
             if name not in ("_include", "_revinclude"):
@@ -283,10 +333,6 @@ def _non_negative_int(name: str, value: str) -> int:
 
 
 def _lookup(resource_type: str, name: str, registry: SearchParameters) -> SearchParameter:
-    if "." in name:
-        raise SearchError(
-            f"chained parameter {name!r} is not supported", expression=name, code="not-supported"
-        )
     if name in _UNSUPPORTED:
         raise SearchError(
             f"search parameter {name} is not supported", expression=name, code="not-supported"
@@ -305,20 +351,197 @@ def _parse_criterion(
     registry: SearchParameters,
 ) -> Criterion | None:
     parameter = _lookup(resource_type, name, registry)
-    kind = parameter.type
     where = f"{name}:{modifier}" if modifier else name
+    return _criterion_of(parameter, modifier, value, where)
+
+
+def _criterion_of(
+    parameter: SearchParameter, modifier: str | None, value: str, where: str
+) -> Criterion | None:
+    code, kind = parameter.code, parameter.type
     if modifier is not None:
         _check_modifier(parameter, modifier, where)
     if modifier == "missing":
         if value not in ("true", "false"):
             raise SearchError(f"{where} must be true or false, not {value!r}", expression=where)
-        return Criterion(name, kind, modifier, (), missing=value == "true")
+        return Criterion(code, kind, modifier, (), missing=value == "true", name=where)
     if value == "":
         return None
     values = tuple(
         _parse_value(parameter, modifier, piece, where) for piece in _escaped_pieces(value, ",")
     )
-    return Criterion(name, kind, modifier, values)
+    return Criterion(code, kind, modifier, values, name=where)
+
+
+# --- chains: https://hl7.org/fhir/R4/search.html#chaining and #has ------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Path:
+    """Where (the rest of) a chained name leads from some resource types.
+
+    `types` are those of the types at hand it can start from; `parameter` (merged
+    over the types it is searched on) and `modifier` are the last parameter's.
+    """
+
+    types: tuple[str, ...]
+    links: tuple[ChainLink, ...]
+    parameter: SearchParameter
+    modifier: str | None
+
+
+def _is_chained(raw_name: str) -> bool:
+    return "." in raw_name or raw_name == "_has" or raw_name.startswith("_has:")
+
+
+def _parse_chained_criterion(
+    resource_type: str, raw_name: str, value: str, registry: SearchParameters
+) -> Criterion | None:
+    path = _resolve_path((resource_type,), raw_name, raw_name, registry, links=0)
+    criterion = _criterion_of(path.parameter, path.modifier, value, raw_name)
+    return None if criterion is None else replace(criterion, chain=path.links)
+
+
+def _resolve_path(
+    types: tuple[str, ...], text: str, where: str, registry: SearchParameters, *, links: int
+) -> _Path:
+    """Resolve `text`, what remains of the chained name `where`, from resources of `types`."""
+    if text == "_has" or text.startswith("_has:"):
+        return _resolve_reverse(types, text, where, registry, links=links)
+    head, dot, rest = text.partition(".")
+    if not dot:
+        name, _, modifier = text.partition(":")
+        parameter, applicable = _shared_parameter(types, name, where, registry)
+        return _Path(applicable, (), parameter, modifier or None)
+    name, _, type_modifier = head.partition(":")
+    if not name or not rest:
+        raise SearchError(f"{where}: a chain is reference[:Type].parameter", expression=where)
+    _check_chain_length(where, links + 1)
+    reference, applicable = _shared_parameter(types, name, where, registry)
+    if reference.type != "reference":
+        raise SearchError(
+            f"{where}: {name} is a {reference.type} parameter of {_either(applicable)}; "
+            "only reference parameters can be chained",
+            expression=where,
+        )
+    if type_modifier:
+        if type_modifier not in R4_RESOURCE_TYPES:
+            raise SearchError(
+                f"{where}: {name}:{type_modifier} - only a resource type can qualify a "
+                "reference in a chain",
+                expression=where,
+            )
+        if reference.targets and type_modifier not in reference.targets:
+            raise SearchError(
+                f"{where}: {name} refers to {', '.join(reference.targets)}, not {type_modifier}",
+                expression=where,
+            )
+        candidates: tuple[str, ...] = (type_modifier,)
+    elif reference.targets:
+        candidates = reference.targets
+    else:
+        raise SearchError(
+            f"{where}: {name} may refer to any type; name one, as {name}:[Type].{rest}",
+            expression=where,
+        )
+    onward = _resolve_path(candidates, rest, where, registry, links=links + 1)
+    reached = set(onward.types)
+    start = tuple(
+        t
+        for t in applicable
+        if not (targets := _targets(registry, t, name)) or reached.intersection(targets)
+    )
+    link = ChainLink(name, reverse=False, from_types=start, to_types=onward.types)
+    return _Path(start, (link, *onward.links), onward.parameter, onward.modifier)
+
+
+def _resolve_reverse(
+    types: tuple[str, ...], text: str, where: str, registry: SearchParameters, *, links: int
+) -> _Path:
+    parts = text.split(":", 3)
+    if len(parts) != 4 or not all(parts[1:]):
+        raise SearchError(
+            f"{where}: _has is _has:Type:reference:parameter, as in "
+            "_has:CarePlan:subject:status=active",
+            expression=where,
+        )
+    _, source_type, name, rest = parts
+    _check_chain_length(where, links + 1)
+    if source_type not in R4_RESOURCE_TYPES:
+        raise SearchError(f"{where}: {source_type!r} is not a resource type", expression=where)
+    reference = registry.get(source_type, name)
+    if reference is None:
+        raise SearchError(
+            f"{where}: unknown search parameter {name!r} for {source_type}", expression=where
+        )
+    if reference.type != "reference":
+        raise SearchError(
+            f"{where}: {source_type}:{name} is a {reference.type} parameter, not a reference",
+            expression=where,
+        )
+    referred = tuple(t for t in types if not reference.targets or t in reference.targets)
+    if not referred:
+        raise SearchError(
+            f"{where}: {source_type}:{name} refers to {', '.join(reference.targets)}, "
+            f"never to {_either(types)}",
+            expression=where,
+        )
+    onward = _resolve_path((source_type,), rest, where, registry, links=links + 1)
+    link = ChainLink(name, reverse=True, from_types=referred, to_types=(source_type,))
+    return _Path(referred, (link, *onward.links), onward.parameter, onward.modifier)
+
+
+def _shared_parameter(
+    types: tuple[str, ...], name: str, where: str, registry: SearchParameters
+) -> tuple[SearchParameter, tuple[str, ...]]:
+    """The parameter `name` of whichever of `types` have it, and those types.
+
+    A chain through a reference that may point at several types searches each target
+    type that has the parameter; where its type differs between them the chain is
+    ambiguous and refused, as https://hl7.org/fhir/R4/search.html#chaining advises.
+    """
+    if name in _UNSUPPORTED or name in _RESULT_PARAMETERS:
+        raise SearchError(
+            f"{where}: {name} cannot be used in a chain", expression=where, code="not-supported"
+        )
+    found = {t: p for t in types if (p := registry.get(t, name)) is not None}
+    if not found:
+        raise SearchError(
+            f"{where}: unknown search parameter {name!r} for {_either(types)}", expression=where
+        )
+    kinds: dict[str, list[str]] = {}
+    for resource_type, parameter in found.items():
+        kinds.setdefault(parameter.type, []).append(resource_type)
+    if len(kinds) > 1:
+        described = "; ".join(f"{kind} on {', '.join(ts)}" for kind, ts in kinds.items())
+        raise SearchError(
+            f"{where}: {name} is ambiguous ({described}); choose one of "
+            f"{', '.join(found)} with a :[Type] modifier on the reference before it",
+            expression=where,
+        )
+    first = next(iter(found.values()))
+    targets: tuple[str, ...] = ()
+    if all(p.targets for p in found.values()):
+        targets = tuple(sorted({t for p in found.values() for t in p.targets}))
+    return replace(first, targets=targets), tuple(found)
+
+
+def _targets(registry: SearchParameters, resource_type: str, name: str) -> tuple[str, ...]:
+    parameter = registry.get(resource_type, name)
+    return parameter.targets if parameter is not None else ()
+
+
+def _check_chain_length(where: str, links: int) -> None:
+    if links > MAX_CHAIN_LINKS:
+        raise SearchError(
+            f"{where}: chains of more than {MAX_CHAIN_LINKS} links are not supported",
+            expression=where,
+            code="not-supported",
+        )
+
+
+def _either(types: Iterable[str]) -> str:
+    return " or ".join(types)
 
 
 def _check_modifier(parameter: SearchParameter, modifier: str, where: str) -> None:
@@ -458,6 +681,12 @@ def _parse_sort(resource_type: str, value: str, registry: SearchParameters) -> t
         name = item[1:] if descending else item
         if not name:
             raise SearchError(f"_sort: {value!r} has an empty item", expression="_sort")
+        if _is_chained(name):
+            raise SearchError(
+                f"_sort: sorting by a chained parameter ({name}) is not supported",
+                expression="_sort",
+                code="not-supported",
+            )
         parameter = _lookup(resource_type, name, registry)
         if parameter.type not in _SORTABLE:
             raise SearchError(

@@ -3,7 +3,12 @@
 Each criterion becomes `id IN (SELECT resource_id FROM <index> WHERE type, param and
 any of its values match)` (its values ORed; criteria ANDed), so the database can
 start from whichever index is most selective. `:not` and `:missing=true` use
-`NOT IN`. Dates compare [low, high) ranges with the prefix rules of
+`NOT IN`. A chained criterion nests one such subquery per link through
+`search_reference`: forward, `id IN (SELECT resource_id FROM search_reference WHERE
+param = <reference> AND target_id IN (<ids of the targets that match>))`; reverse
+(`_has`), `id IN (SELECT target_id FROM search_reference WHERE resource_type =
+<source> AND param = <reference> AND resource_id IN (<ids of the sources that
+match>))`. Dates compare [low, high) ranges with the prefix rules of
 https://hl7.org/fhir/R4/search.html#prefix; numbers compare the stored value with
 the range the search value's precision implies. Builds statements only: no I/O.
 """
@@ -18,6 +23,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from cpa_fhir.store._dates import from_micros
 from cpa_fhir.store._query import (
+    ChainLink,
     Criterion,
     DateValue,
     NumberValue,
@@ -35,6 +41,7 @@ from cpa_fhir.store._schema import (
     search_string,
     search_token,
 )
+from cpa_fhir.store._search_parameters import COLUMN_PARAMETERS
 
 _DAY_MICROS = 86_400_000_000
 # Past the last code point, so `normalised < prefix + _AFTER_ALL` bounds a prefix match.
@@ -109,25 +116,101 @@ def _sort_key(resource_type: str, key: SortKey) -> Any:
 
 
 def _criterion(resource_type: str, criterion: Criterion, now_micros: int) -> Condition:
-    rc = resource_current.c
+    if criterion.chain:
+        ids = _chained_ids(resource_type, criterion.chain, criterion, now_micros)
+        return resource_current.c.id.in_(ids)
+    return _direct_criterion(resource_current, resource_type, criterion, now_micros)
+
+
+def _direct_criterion(
+    resources: sa.FromClause, resource_type: str, criterion: Criterion, now_micros: int
+) -> Condition:
+    """The criterion as a condition on `resources` (resource_current or an alias of it)."""
+    id_column = resources.c.id
     if criterion.parameter == "_id":
-        return rc.id.in_([v.code for v in criterion.values if isinstance(v, TokenValue)])
+        return id_column.in_([v.code for v in criterion.values if isinstance(v, TokenValue)])
     if criterion.parameter == "_lastUpdated":
+        column = resources.c.last_updated
         return sa.or_(
-            *(_last_updated(v, now_micros) for v in criterion.values if isinstance(v, DateValue))
+            *(
+                _last_updated(column, v, now_micros)
+                for v in criterion.values
+                if isinstance(v, DateValue)
+            )
         )
-    table = _TABLES[criterion.type]
+    matching = _indexed(resource_type, criterion, now_micros)
+    negated = criterion.missing is True or criterion.modifier == "not"
+    return id_column.not_in(matching) if negated else id_column.in_(matching)
+
+
+def _indexed(resource_type: str, criterion: Criterion, now_micros: int) -> sa.Select[Any]:
+    """Ids of resources indexed with the parameter: with any of its values, or (for
+    `:missing`) with any value at all."""
+    table = _TABLES[criterion.type].alias()
     matching = sa.select(table.c.resource_id).where(
         table.c.resource_type == resource_type, table.c.param == criterion.parameter
     )
     if criterion.missing is not None:
-        return rc.id.not_in(matching) if criterion.missing else rc.id.in_(matching)
+        return matching
     value_conditions = [_value(table, criterion, v, now_micros) for v in criterion.values]
-    matching = matching.where(sa.or_(*value_conditions))
-    return rc.id.not_in(matching) if criterion.modifier == "not" else rc.id.in_(matching)
+    return matching.where(sa.or_(*value_conditions))
 
 
-def _value(table: sa.Table, criterion: Criterion, value: Any, now_micros: int) -> Condition:
+def _chained_ids(
+    resource_type: str, chain: Sequence[ChainLink], criterion: Criterion, now_micros: int
+) -> sa.Select[Any] | sa.CompoundSelect[Any]:
+    """Ids of the `resource_type` resources from which `chain` reaches a match."""
+    link, onward = chain[0], chain[1:]
+    if link.reverse:
+        (source_type,) = link.to_types
+        sources = search_reference.alias()
+        return sa.select(sources.c.target_id).where(
+            sources.c.resource_type == source_type,
+            sources.c.param == link.reference,
+            sources.c.target_type == resource_type,
+            sources.c.resource_id.in_(_matching_ids(source_type, onward, criterion, now_micros)),
+        )
+    per_target: list[sa.Select[Any]] = []
+    for target_type in link.to_types:
+        references = search_reference.alias()
+        per_target.append(
+            sa.select(references.c.resource_id).where(
+                references.c.resource_type == resource_type,
+                references.c.param == link.reference,
+                references.c.target_type == target_type,
+                references.c.target_id.in_(
+                    _matching_ids(target_type, onward, criterion, now_micros)
+                ),
+            )
+        )
+    # One subquery per target type, so that each can use the index on target_id.
+    return per_target[0] if len(per_target) == 1 else sa.union_all(*per_target)
+
+
+def _matching_ids(
+    resource_type: str, chain: Sequence[ChainLink], criterion: Criterion, now_micros: int
+) -> sa.Select[Any] | sa.CompoundSelect[Any]:
+    """Ids of the `resource_type` resources that match, through `chain` if any.
+
+    A positive criterion on an index is answered from the index alone: its rows are
+    those of current, not deleted, resources. The others (`:not`, `:missing=true`,
+    `_id`, `_lastUpdated`) need the resources themselves, so that a reference to a
+    resource that does not exist never matches.
+    """
+    if chain:
+        return _chained_ids(resource_type, chain, criterion, now_micros)
+    negated = criterion.missing is True or criterion.modifier == "not"
+    if criterion.parameter not in COLUMN_PARAMETERS and not negated:
+        return _indexed(resource_type, criterion, now_micros)
+    targets = resource_current.alias()
+    return sa.select(targets.c.id).where(
+        targets.c.resource_type == resource_type,
+        targets.c.deleted == sa.false(),
+        _direct_criterion(targets, resource_type, criterion, now_micros),
+    )
+
+
+def _value(table: sa.FromClause, criterion: Criterion, value: Any, now_micros: int) -> Condition:
     c = table.c
     if isinstance(value, TokenValue):
         parts: list[Condition] = []
@@ -213,9 +296,8 @@ def number_condition(value: NumberValue, column: ColumnElement[Any]) -> Conditio
             return sa.and_(column >= value.value - margin, column <= value.value + margin)
 
 
-def _last_updated(value: DateValue, now_micros: int) -> Condition:
+def _last_updated(column: ColumnElement[Any], value: DateValue, now_micros: int) -> Condition:
     """`_lastUpdated` against the stored instant, a point in time (millisecond precision)."""
-    column = resource_current.c.last_updated
     low, high = from_micros(value.low), from_micros(value.high)
     match value.prefix:
         case "eq":
