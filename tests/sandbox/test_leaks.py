@@ -13,6 +13,7 @@ import pytest
 from cpa_fhir.config import load_policy
 from cpa_fhir.conformance import default_package
 from cpa_fhir.consent import Recipient, RequiredElements, ShareRequest, share
+from cpa_fhir.store import default_search_parameters
 from tests.common import EXAMPLES
 from tests.sandbox.conftest import Fhir, resource_keys
 
@@ -226,3 +227,61 @@ def test_gp_sees_redacted_care_plan_and_every_disclosure_is_audited(
         if gp.get("AuditEvent").status_code == 200
         else True
     )
+
+
+def _patient_parameter(resource_type: str) -> str | None:
+    params = default_search_parameters().for_type(resource_type)
+    for name in ("patient", "subject", "beneficiary"):
+        found = params.get(name)
+        if found is not None and (not found.targets or "Patient" in found.targets):
+            return name
+    return None
+
+
+def test_reverse_chains_find_the_patient_only_through_what_is_shared(
+    partner: tuple[str, Fhir],
+) -> None:
+    """`Patient?_has:T:patient:_id=X` finds C's patient through X only if X is shared:
+    a withheld resource's existence is not told by a reverse chain."""
+    client_id, client = partner
+    expected = _expected(client_id)
+    probed = found = 0
+    for key in sorted(C_KEYS):
+        rtype, rid = key.split("/")
+        if rtype not in CLINICAL or rtype == "Patient" or key == PARTNERS[client_id][0].reference:
+            continue  # (a partner may always see itself)
+        parameter = _patient_parameter(rtype)
+        if parameter is None:
+            continue
+        r = client.get("Patient", params={f"_has:{rtype}:{parameter}:_id": rid})
+        assert r.status_code == 200, r.text
+        hits = resource_keys(r.json())
+        if key not in expected:
+            probed += 1
+            assert "Patient/c-patient" not in hits, f"{key} is withheld, yet the chain found it"
+        elif "Patient/c-patient" in hits:
+            found += 1
+    assert probed > 0, "nothing withheld was probed"
+    if "Patient/c-patient" in expected:
+        assert found > 0, "no shared resource led back to the patient"
+
+
+def test_forward_chain_by_nhs_number_finds_what_is_shared(partner: tuple[str, Fhir]) -> None:
+    client_id, client = partner
+    patient = next(
+        e["resource"] for e in RECORD_C["entry"] if e["resource"]["resourceType"] == "Patient"
+    )
+    nhs = next(i for i in patient["identifier"] if i["system"].endswith("/nhs-number"))
+    by_chain = client.get(
+        "CarePlan", params={"subject:Patient.identifier": f"{nhs['system']}|{nhs['value']}"}
+    )
+    direct = client.get("CarePlan", params={"subject": "Patient/c-patient"})
+    assert by_chain.status_code == direct.status_code == 200, by_chain.text
+    assert resource_keys(by_chain.json()) == resource_keys(direct.json())
+    assert by_chain.json()["total"] == direct.json()["total"]
+    assert resource_keys(by_chain.json()) <= _expected(client_id)
+
+
+def test_the_trust_finds_withheld_resources_through_chains(trust: Fhir) -> None:
+    r = trust.get("Patient", params={"_has:Condition:subject:_id": "c-need-child-care"})
+    assert resource_keys(r.json()) == {"Patient/c-patient"}

@@ -36,6 +36,7 @@ from cpa_fhir.fhir.outcome import Issue, operation_outcome
 from cpa_fhir.sandbox._access import DerivedCache, PartnerView
 from cpa_fhir.sandbox._audit_log import AuditLog, AuditWriteFailed, Events
 from cpa_fhir.sandbox._auth import AuthFailure, Client, allows, require
+from cpa_fhir.sandbox._chains import chains_hold
 from cpa_fhir.store import SearchQuery, SqlRepository, Stored, index_resource
 from cpa_fhir.validation import Validator
 
@@ -462,10 +463,13 @@ class Router:
         everything = replace(query, count=MAX_PARTNER_MATCHES, offset=0, summary_count=False)
         result = self.repo.search(everything)
         everyone = view.filter_many(result.matches, account=False)
+        chained = [c for c in query.criteria if c.chain]
         visible: list[tuple[Stored, bytes]] = [
             (stored, shown)
             for stored, shown in zip(result.matches, everyone, strict=True)
-            if shown is not None and _still_matches(stored, shown, query, self.repo)
+            if shown is not None
+            and _still_matches(stored, shown, query, self.repo)
+            and (not chained or chains_hold(stored, shown, chained, view, self.repo))
         ]
         total = len(visible)
         page = visible[query.offset : query.offset + query.count] if not query.summary_count else []
@@ -734,7 +738,8 @@ def _still_matches(stored: Stored, shown: bytes, query: SearchQuery, repo: SqlRe
     searched parameters index differently after filtering, leave it out."""
     if shown == stored.content or not query.criteria:
         return True
-    names = {c.parameter for c in query.criteria}
+    # A chained criterion's parameter is not the match's: `chains_hold` checks those.
+    names = {c.parameter for c in query.criteria if not c.chain}
     params = [
         p for code, p in repo.parameters.for_type(stored.resource_type).items() if code in names
     ]

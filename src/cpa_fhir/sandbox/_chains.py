@@ -1,0 +1,112 @@
+"""Chained and reverse-chained (`_has`) criteria for a partner's client.
+
+The database answers a chain on everything stored, so a match it returns may hold
+only through something the client may not see: `Patient?_has:Condition:subject:code=X`
+would tell a GP that a withheld Condition exists. For a partner, a match therefore
+stays only if each chained criterion also holds through what the client sees: every
+link followed on the filtered content (a reference removed by filtering leads
+nowhere, a withheld resource is not there), and the end parameter compared on the
+filtered form of the resource reached
+(https://hl7.org/fhir/R4/search.html#chaining, #has).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+import orjson
+
+from cpa_fhir.sandbox._access import PartnerView
+from cpa_fhir.store import ChainLink, Criterion, SqlRepository, Stored, index_resource
+
+# (type, id) -> the resource as the client sees it
+Seen = dict[tuple[str, str], dict[str, Any]]
+MAX_SOURCES = 1000
+
+
+def chains_hold(
+    stored: Stored,
+    shown: bytes,
+    chained: Sequence[Criterion],
+    view: PartnerView,
+    repo: SqlRepository,
+) -> bool:
+    """Whether every chained criterion holds for the match through what `view` shows."""
+    start: Seen = {(stored.resource_type, stored.id): orjson.loads(shown)}
+    return all(_holds(start, criterion, view, repo) for criterion in chained)
+
+
+def _holds(start: Seen, criterion: Criterion, view: PartnerView, repo: SqlRepository) -> bool:
+    current = start
+    for link in criterion.chain:
+        current = (
+            _reverse(current, link, view, repo)
+            if link.reverse
+            else _forward(current, link, view, repo)
+        )
+        if not current:
+            return False
+    end = replace(criterion, chain=(), name=criterion.parameter)
+    by_type: dict[str, list[str]] = {}
+    for rtype, rid in current:
+        by_type.setdefault(rtype, []).append(rid)
+    for rtype, ids in by_type.items():
+        query = repo.parse(rtype, [("_id", ",".join(ids)), ("_count", str(len(ids)))])
+        query = replace(query, criteria=(*query.criteria, end), total="none")
+        for stored in repo.search(query).matches:
+            seen = current[(rtype, stored.id)]
+            if _indexed(stored.resource(), rtype, end.parameter, repo) == _indexed(
+                seen, rtype, end.parameter, repo
+            ):
+                return True  # matched, and by a value the client sees
+    return False
+
+
+def _indexed(resource: dict[str, Any], rtype: str, parameter: str, repo: SqlRepository) -> Any:
+    found = repo.parameters.get(rtype, parameter)
+    return index_resource(resource, [found]) if found is not None else None
+
+
+def _targets(
+    resource: dict[str, Any], rtype: str, parameter: str, repo: SqlRepository
+) -> set[tuple[str, str]]:
+    found = repo.parameters.get(rtype, parameter)
+    if found is None:
+        return set()
+    rows = index_resource(resource, [found]).references
+    return {(t, i) for _, t, i, _ in rows if t is not None and i is not None}
+
+
+def _forward(current: Seen, link: ChainLink, view: PartnerView, repo: SqlRepository) -> Seen:
+    """The resources the client sees that `current`'s filtered references lead to."""
+    wanted: set[tuple[str, str]] = set()
+    for (rtype, _), resource in current.items():
+        wanted |= {
+            t for t in _targets(resource, rtype, link.reference, repo) if t[0] in link.to_types
+        }
+    found = list(repo.read_many(sorted(wanted)).values())
+    return {
+        (s.resource_type, s.id): orjson.loads(shown)
+        for s, shown in zip(found, view.filter_many(found, account=False), strict=True)
+        if shown is not None
+    }
+
+
+def _reverse(current: Seen, link: ChainLink, view: PartnerView, repo: SqlRepository) -> Seen:
+    """The resources the client sees whose filtered `link.reference` points at `current`."""
+    source_type = link.to_types[0]
+    out: Seen = {}
+    for rtype, rid in current:
+        query = repo.parse(
+            source_type, [(link.reference, f"{rtype}/{rid}"), ("_count", str(MAX_SOURCES))]
+        )
+        sources = repo.search(replace(query, total="none")).matches
+        for s, shown in zip(sources, view.filter_many(sources, account=False), strict=True):
+            if shown is None:
+                continue
+            seen = orjson.loads(shown)
+            if (rtype, rid) in _targets(seen, source_type, link.reference, repo):
+                out[(s.resource_type, s.id)] = seen
+    return out
