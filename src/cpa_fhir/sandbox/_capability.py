@@ -15,6 +15,14 @@ SUPPORTED_TYPES = (
     "Flag", "Goal", "Organization", "Patient", "Practitioner", "PractitionerRole", "Provenance",
     "RelatedPerson", "Task",
 )  # fmt: skip
+CHAINING = (
+    "Chainable: name[:Type].parameter, up to 4 links. For a partner's client a match "
+    "stays only if the chain holds through what it may see."
+)
+REVERSE_CHAINING = (
+    "_has:Type:reference:parameter=value, nestable, up to 4 links; for a partner's "
+    "client it must hold through what it may see."
+)
 INTERACTIONS = (
     "read",
     "vread",
@@ -35,6 +43,12 @@ def capability_statement(
         sd = package.resolve(url) or {}
         if sd.get("kind") == "resource":
             profiles.setdefault(str(sd.get("type")), []).append(url)
+    revincludes: dict[str, list[str]] = {}
+    for source in SUPPORTED_TYPES:
+        for code, p in sorted(parameters.for_type(source).items()):
+            if p.type == "reference":
+                for target in p.targets or SUPPORTED_TYPES:
+                    revincludes.setdefault(target, []).append(f"{source}:{code}")
     resources = []
     for rtype in SUPPORTED_TYPES:
         params = parameters.for_type(rtype)
@@ -50,7 +64,13 @@ def capability_statement(
             "searchInclude": sorted(
                 f"{rtype}:{c}" for c, p in params.items() if p.type == "reference"
             ),
-            "searchParam": [{"name": code, "type": p.type} for code, p in sorted(params.items())],
+            "searchRevInclude": revincludes.get(rtype, []),
+            "searchParam": [
+                {"name": code, "type": p.type}
+                | ({"documentation": CHAINING} if p.type == "reference" else {})
+                for code, p in sorted(params.items())
+            ]
+            + [{"name": "_has", "type": "special", "documentation": REVERSE_CHAINING}],
             "operation": [
                 {
                     "name": "validate",
