@@ -1023,11 +1023,8 @@ def test_evaluation_errors_never_produce_output(
     assert case.g.record == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the cpa-consent snapshot has no Consent.provision.provision.provision (R4 allows it)",
-)
 def test_nested_provisions_validate(validator: Validator) -> None:
+    """R4 nests provisions to any depth; below the profiled levels the base rules hold."""
     consent = copy.deepcopy(
         next(
             e["resource"]
@@ -1036,8 +1033,14 @@ def test_nested_provisions_validate(validator: Validator) -> None:
         )
     )
     label = {"system": CATEGORY_SYSTEM, "code": "substance-use"}
-    consent["provision"]["provision"][0]["provision"] = [{"type": "deny", "securityLabel": [label]}]
+    deepest = {"type": "permit", "purpose": [{"system": PURPOSE_SYSTEM, "code": "TREAT"}]}
+    consent["provision"]["provision"][0]["provision"] = [
+        {"type": "deny", "securityLabel": [label], "provision": [deepest]}
+    ]
     assert [i.line() for i in validator.validate(consent) if i.is_error] == []
+    deepest["colour"] = "blue"  # still checked at depth 4
+    errors = [i.line() for i in validator.validate(consent) if i.is_error]
+    assert len(errors) == 1 and "provision[0].provision[0].provision[0].colour" in errors[0]
 
 
 # -- examples, for orientation --------------------------------------------------------

@@ -155,7 +155,8 @@ def _unroll(
         type_elements = [{"id": source, "path": source}] + [
             el
             for el in base
-            if el["id"].startswith(source + ".") and not el["id"].startswith(parent["id"])
+            # The recursive element itself stays (R4 nests to any depth), as a reference.
+            if el["id"].startswith(source + ".") and not el["id"].startswith(parent["id"] + ".")
         ]
     else:
         type_elements = snapshot_of(_type_definition(parent, resolve), resolve)
