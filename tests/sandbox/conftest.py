@@ -15,7 +15,15 @@ import uvicorn
 from fastapi.testclient import TestClient
 
 from cpa_fhir.sandbox import Sandbox, create_app, open_sandbox, seed_examples
-from tests.store.conftest import POSTGRES_URL, Postgres, postgres  # noqa: F401
+from tests.store.conftest import (  # noqa: F401 - fixtures: a bare store per backend
+    POSTGRES_URL,
+    Postgres,
+    backend,
+    make_store,
+    postgres,
+    store,
+    store_location,
+)
 
 BACKENDS = ["sqlite", "postgresql"]
 

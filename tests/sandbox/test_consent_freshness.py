@@ -1,0 +1,669 @@
+"""What the server keeps between requests never outlives a change to the store.
+
+A partner reads something; the trust then withdraws or narrows consent, or changes
+a resource (or one it refers to) so that it carries a category the partner may not
+see; the partner's very next request must reflect it. And the other way round:
+consent given is honoured on the next request. Every disclosure has its AuditEvent
+committed before the body goes, one per patient per request, also when many
+partners read at once; when the AuditEvent cannot be stored, nothing is shared.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import sqlalchemy as sa
+
+from cpa_fhir.sandbox import Sandbox
+from cpa_fhir.sandbox._access import DerivedCache
+from cpa_fhir.sandbox._router import Request
+from cpa_fhir.store import SqlRepository
+from tests.sandbox.conftest import Fhir, resource_keys
+from tests.store.conftest import POSTGRES_URL
+
+CATEGORY = "https://cpa-fhir.org/fhir/CodeSystem/cpa-information-category"
+AGENCY = "https://cpa-fhir.org/fhir/CodeSystem/partner-agency-type"
+C_PLAN = "CarePlan/c-careplan"
+C_NEED = "Condition/c-need-mental-health"  # a need: care-plan information
+C_SELF_HARM = "Flag/c-risk-self-harm"  # risk-to-self: not given to the GP
+HOUSING = "housing support"  # in an activity of C's plan that adult social care performs
+
+Edit = Callable[[dict[str, Any]], None]
+
+
+def _gp_permit(consent: dict[str, Any]) -> dict[str, Any]:
+    return next(
+        p
+        for p in consent["provision"]["provision"]
+        if p["type"] == "permit"
+        and any(a["reference"]["reference"] == "Organization/c-gp-practice" for a in p["actor"])
+    )
+
+
+def _label(code: str) -> dict[str, str]:
+    return {"system": CATEGORY, "code": code}
+
+
+class Changes:
+    """The trust's changes made by a test, undone afterwards (the module's sandbox is
+    shared by its tests)."""
+
+    def __init__(self, trust: Fhir):
+        self.trust = trust
+        self.saved: dict[str, dict[str, Any]] = {}
+        self.created: list[str] = []
+
+    def edit(self, key: str, edit: Edit) -> dict[str, Any]:
+        current = self.trust.get(key)
+        assert current.status_code == 200, current.text
+        body = current.json()
+        self.saved.setdefault(key, copy.deepcopy(body))
+        edit(body)
+        r = self.trust.put(key, body)
+        assert r.status_code == 200, r.text
+        return dict(r.json())
+
+    def delete(self, key: str) -> None:
+        current = self.trust.get(key)
+        assert current.status_code == 200, current.text
+        self.saved.setdefault(key, current.json())
+        assert self.trust.delete(key).status_code == 204
+
+    def create(self, resource: dict[str, Any]) -> str:
+        r = self.trust.post(resource["resourceType"], resource)
+        assert r.status_code == 201, r.text
+        key = f"{resource['resourceType']}/{r.json()['id']}"
+        self.created.append(key)
+        return key
+
+    def undo(self) -> None:
+        for key in self.created:
+            self.trust.delete(key)
+        for key, body in self.saved.items():
+            r = self.trust.put(key, body)
+            assert r.status_code in (200, 201), r.text
+        self.saved.clear()
+        self.created.clear()
+
+
+@pytest.fixture
+def changes(trust: Fhir) -> Iterator[Changes]:
+    made = Changes(trust)
+    yield made
+    made.undo()
+
+
+@pytest.fixture(scope="module")
+def gp(as_client: Any) -> Fhir:
+    client: Fhir = as_client("gp")
+    return client
+
+
+def _visible(client: Fhir, key: str) -> bool:
+    """Whether the client can see `key` by read and by a search of its patient's record."""
+    rtype = key.split("/")[0]
+    read = client.get(key)
+    assert read.status_code in (200, 404), read.text
+    param = "patient" if rtype in ("Flag", "Consent") else "subject"
+    found = client.get(rtype, params={param: "Patient/c-patient", "_count": "1000"})
+    assert found.status_code == 200, found.text
+    body = found.json()
+    assert body["total"] == len(resource_keys(body))
+    in_search = key in resource_keys(body)
+    shown: bool = read.status_code == 200
+    assert in_search == shown, f"read and search disagree on {key}"
+    return shown
+
+
+# -- consent withdrawn or narrowed ----------------------------------------------------
+
+YESTERDAY = (datetime.now(UTC) - timedelta(days=1)).date().isoformat()
+LAST_YEAR = (datetime.now(UTC) - timedelta(days=400)).date().isoformat()
+
+
+def _inactive(c: dict[str, Any]) -> None:
+    c["status"] = "inactive"
+
+
+def _refused(c: dict[str, Any]) -> None:
+    c["status"] = "rejected"
+
+
+def _deny_care_plan(c: dict[str, Any]) -> None:
+    c["provision"]["provision"].append({"type": "deny", "securityLabel": [_label("care-plan")]})
+
+
+def _permit_moved_to_social_care(c: dict[str, Any]) -> None:
+    _gp_permit(c)["actor"][0]["reference"] = {"reference": "Organization/c-social-care"}
+
+
+def _permit_narrowed(c: dict[str, Any]) -> None:
+    permit = _gp_permit(c)
+    permit["securityLabel"] = [x for x in permit["securityLabel"] if x["code"] != "care-plan"]
+
+
+def _consent_ended(c: dict[str, Any]) -> None:
+    c["provision"]["period"] = {"start": LAST_YEAR, "end": YESTERDAY}
+
+
+def _permit_ended(c: dict[str, Any]) -> None:
+    _gp_permit(c)["period"] = {"start": LAST_YEAR, "end": YESTERDAY}
+
+
+WITHDRAWALS: dict[str, Edit] = {
+    "status inactive": _inactive,
+    "status rejected": _refused,
+    "a deny of care-plan added": _deny_care_plan,
+    "permit now for another organisation": _permit_moved_to_social_care,
+    "care-plan taken out of the permit": _permit_narrowed,
+    "consent period ended yesterday": _consent_ended,
+    "permit period ended yesterday": _permit_ended,
+}
+
+
+@pytest.mark.parametrize("withdraw", WITHDRAWALS.values(), ids=WITHDRAWALS.keys())
+def test_withdrawn_consent_takes_effect_on_the_very_next_request(
+    gp: Fhir, changes: Changes, withdraw: Edit
+) -> None:
+    for _ in range(2):  # warm: what the server keeps is in place
+        assert _visible(gp, C_PLAN)
+        assert _visible(gp, C_NEED)
+        assert gp.get(f"{C_PLAN}/_history/1").status_code == 200
+    changes.edit("Consent/c-consent", withdraw)
+    assert not _visible(gp, C_PLAN)
+    assert not _visible(gp, C_NEED)
+    assert gp.get(f"{C_PLAN}/_history/1").status_code == 404
+    batch = gp.post(
+        "",
+        {
+            "resourceType": "Bundle",
+            "type": "batch",
+            "entry": [{"request": {"method": "GET", "url": C_PLAN}}],
+        },
+    )
+    assert batch.status_code == 200
+    assert batch.json()["entry"][0]["response"]["status"] == "404"
+    # Given back: visible again on the next request.
+    changes.undo()
+    assert _visible(gp, C_PLAN)
+
+
+def test_deleted_consent_takes_effect_on_the_very_next_request(gp: Fhir, changes: Changes) -> None:
+    assert _visible(gp, C_PLAN)
+    changes.delete("Consent/c-consent")
+    assert not _visible(gp, C_PLAN)
+    assert gp.get("Patient/c-patient").status_code == 404
+    changes.undo()
+    assert _visible(gp, C_PLAN)
+    assert gp.get("Patient/c-patient").status_code == 200
+
+
+def test_withdrawal_is_seen_while_partners_are_reading(
+    base_url: str, sandbox: Sandbox, changes: Changes
+) -> None:
+    """Partners read without pause over HTTP while the trust withdraws consent: every
+    read that starts after the withdrawal's response came back is refused."""
+    token = sandbox.token_for("gp", f"{base_url}/fhir")["access_token"]
+    headers = {"authorization": f"Bearer {token}"}
+    done_at: list[float] = []
+    seen: list[tuple[float, int]] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def reader() -> None:
+        with httpx.Client(base_url=f"{base_url}/fhir", headers=headers, timeout=30) as http:
+            while not stop.is_set():
+                started = time.monotonic()
+                status = http.get(C_PLAN).status_code
+                with lock:
+                    seen.append((started, status))
+
+    threads = [threading.Thread(target=reader) for _ in range(4)]
+    for t in threads:
+        t.start()
+
+    def reads_since(moment: float) -> int:
+        with lock:
+            return sum(1 for t, _ in seen if t > moment)
+
+    def wait_for_reads(moment: float) -> None:
+        deadline = time.monotonic() + 20
+        while reads_since(moment) < 8 and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    try:
+        wait_for_reads(0.0)
+        changes.edit("Consent/c-consent", _inactive)
+        done_at.append(time.monotonic())
+        wait_for_reads(done_at[0])
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    before = [s for t, s in seen if t < done_at[0]]
+    after = [s for t, s in seen if t > done_at[0]]
+    assert before and after, "the readers did not overlap the withdrawal"
+    assert set(before) <= {200, 404}
+    assert set(after) == {404}, f"{after.count(200)} reads after the withdrawal saw the plan"
+
+
+def _other_repository(sandbox: Sandbox) -> SqlRepository:
+    """A second repository on the sandbox's store, as another server process would open."""
+    engine = sandbox.repo.engine
+    if engine.dialect.name == "sqlite":
+        return SqlRepository(engine.url.render_as_string(hide_password=False))
+    with engine.connect() as connection:
+        schema = connection.execute(sa.text("SELECT current_schema()")).scalar_one()
+    return SqlRepository(POSTGRES_URL, schema=schema)
+
+
+def test_a_change_written_by_another_process_takes_effect(
+    gp: Fhir, sandbox: Sandbox, trust: Fhir
+) -> None:
+    other = _other_repository(sandbox)
+    original = other.read("Consent", "c-consent").resource()
+    try:
+        assert _visible(gp, C_PLAN)
+        other.update({**original, "status": "inactive"})
+        assert not _visible(gp, C_PLAN)
+    finally:
+        other.update(original)
+        other.close()
+    assert _visible(gp, C_PLAN)
+    assert trust.get("Consent/c-consent").json()["status"] == "active"
+
+
+# -- consent given --------------------------------------------------------------------
+
+
+def test_consent_given_takes_effect_on_the_very_next_request(gp: Fhir, changes: Changes) -> None:
+    for _ in range(2):
+        assert not _visible(gp, C_SELF_HARM)
+    changes.edit(
+        "Consent/c-consent", lambda c: _gp_permit(c)["securityLabel"].append(_label("risk-to-self"))
+    )
+    assert _visible(gp, C_SELF_HARM)
+    assert gp.get(f"{C_SELF_HARM}/_history/1").status_code == 200
+    changes.undo()
+    assert not _visible(gp, C_SELF_HARM)
+
+
+def test_a_new_consent_takes_effect_and_so_does_its_deletion(
+    gp: Fhir, trust: Fhir, changes: Changes
+) -> None:
+    assert not _visible(gp, C_SELF_HARM)
+    consent = trust.get("Consent/c-consent").json()
+    consent.pop("id")
+    consent.pop("meta", None)
+    consent["meta"] = {"profile": ["https://cpa-fhir.org/fhir/StructureDefinition/cpa-consent"]}
+    permit = copy.deepcopy(_gp_permit(consent))
+    permit["securityLabel"] = [_label("risk-to-self")]
+    consent["provision"]["provision"] = [permit]
+    key = changes.create(consent)
+    assert _visible(gp, C_SELF_HARM)
+    assert trust.delete(key).status_code == 204
+    assert not _visible(gp, C_SELF_HARM)
+
+
+def test_a_consent_starting_later_today_grants_nothing_yet(gp: Fhir, changes: Changes) -> None:
+    """A permit for risk-to-self whose period starts in an hour: not yet."""
+    start = (datetime.now(UTC) + timedelta(hours=1)).replace(microsecond=0).isoformat()
+
+    def later(c: dict[str, Any]) -> None:
+        permit = copy.deepcopy(_gp_permit(c))
+        permit["securityLabel"] = [_label("risk-to-self")]
+        permit["period"] = {"start": start}
+        c["provision"]["provision"].append(permit)
+
+    assert not _visible(gp, C_SELF_HARM)
+    changes.edit("Consent/c-consent", later)
+    assert not _visible(gp, C_SELF_HARM)
+    assert _visible(gp, C_PLAN)
+
+
+def test_a_permit_takes_effect_and_lapses_at_its_period_edges_without_a_write(
+    gp: Fhir, sandbox: Sandbox, changes: Changes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing is written between these reads: only the time of disclosure moves, so
+    a decision kept for a span of time must end where a period does."""
+    opens = datetime(2026, 12, 1, 9, 30, tzinfo=UTC)
+    closes = datetime(2026, 12, 1, 15, 0, tzinfo=UTC)
+
+    def timed(c: dict[str, Any]) -> None:
+        permit = copy.deepcopy(_gp_permit(c))
+        permit["securityLabel"] = [_label("risk-to-self")]
+        # Edges in two zones: 10:30+01:00 is 09:30Z.
+        permit["period"] = {"start": "2026-12-01T10:30:00+01:00", "end": "2026-12-01T15:00:00Z"}
+        c["provision"]["provision"].append(permit)
+
+    changes.edit("Consent/c-consent", timed)
+    moment = [opens - timedelta(hours=2)]
+    monkeypatch.setattr(sandbox.router, "clock", lambda: moment[0])
+    expected = [
+        (opens - timedelta(hours=2), False),
+        (opens - timedelta(microseconds=1), False),
+        (opens, True),
+        (opens + timedelta(hours=1), True),
+        (closes - timedelta(microseconds=1), True),
+        (closes, False),
+        (closes + timedelta(hours=3), False),
+    ]
+    for when, visible in expected:
+        moment[0] = when
+        for _ in range(2):
+            assert _visible(gp, C_SELF_HARM) is visible, when
+        assert _visible(gp, C_PLAN), when
+
+
+# -- content changed by the trust ------------------------------------------------------
+
+
+def test_a_resource_relabelled_as_substance_use_is_withheld_on_the_next_read(
+    gp: Fhir, changes: Changes
+) -> None:
+    for _ in range(2):
+        assert _visible(gp, C_NEED)
+    changes.edit(
+        C_NEED, lambda r: r["code"].update(text=r["code"]["text"] + "; drinking alcohol daily")
+    )
+    assert not _visible(gp, C_NEED)
+    # The version before the change was shared: it still is, as it was.
+    assert gp.get(f"{C_NEED}/_history/1").status_code == 200
+    assert "alcohol" not in gp.get(f"{C_NEED}/_history/1").text
+    changes.undo()
+    assert _visible(gp, C_NEED)
+
+
+def test_an_element_relabelled_is_redacted_on_the_next_read(gp: Fhir, changes: Changes) -> None:
+    marker = "MARKER-cannabis-7f3a"
+    assert marker not in gp.get(C_PLAN).text
+    updated = changes.edit(
+        C_PLAN, lambda r: r.setdefault("note", []).append({"text": f"{marker} uses cannabis"})
+    )
+    read = gp.get(C_PLAN)
+    assert read.status_code == 200
+    assert read.headers["etag"] == f'W/"{updated["meta"]["versionId"]}"'
+    assert marker not in read.text and "cannabis" not in read.text
+    found = gp.get("CarePlan", params={"subject": "Patient/c-patient", "_count": "100"})
+    assert marker not in found.text
+
+
+def test_a_change_to_a_referred_resource_redacts_on_the_next_read(
+    gp: Fhir, changes: Changes
+) -> None:
+    """The plan itself is unchanged (same version); an organisation it names as the
+    performer of an activity becomes a probation service, so the activity is offending
+    information the GP may not see."""
+    before = gp.get(C_PLAN)
+    assert before.status_code == 200 and HOUSING in before.text
+
+    def probation(org: dict[str, Any]) -> None:
+        for concept in org["type"]:
+            for coding in concept["coding"]:
+                if coding["system"] == AGENCY:
+                    coding.update(code="probation", display="Probation service")
+
+    changes.edit("Organization/c-social-care", probation)
+    after = gp.get(C_PLAN)
+    assert after.status_code == 200
+    assert after.headers["etag"] == before.headers["etag"]
+    assert HOUSING not in after.text
+    found = gp.get("CarePlan", params={"subject": "Patient/c-patient", "_count": "100"})
+    assert C_PLAN in resource_keys(found.json()) and HOUSING not in found.text
+    changes.undo()
+    assert HOUSING in gp.get(C_PLAN).text
+
+
+# -- audit ------------------------------------------------------------------------------
+
+
+def _audit_count(trust: Fhir, **params: str) -> int:
+    r = trust.get("AuditEvent", params={**params, "_summary": "count"})
+    assert r.status_code == 200, r.text
+    return int(r.json()["total"])
+
+
+def _audit_ids(trust: Fhir) -> set[str]:
+    r = trust.get("AuditEvent", params={"_count": "1000"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["total"] <= 1000
+    return {e["resource"]["id"] for e in body.get("entry", [])}
+
+
+def test_each_disclosing_read_is_audited_once_and_a_withheld_one_not_at_all(
+    gp: Fhir, trust: Fhir
+) -> None:
+    for n in range(3):
+        before = _audit_count(trust)
+        about = _audit_count(trust, entity=C_PLAN)
+        assert gp.get(C_PLAN).status_code == 200
+        # Committed before the body left: visible as soon as the response is.
+        assert _audit_count(trust) == before + 1, n
+        assert _audit_count(trust, entity=C_PLAN) == about + 1, n
+    before = _audit_count(trust)
+    assert gp.get(C_SELF_HARM).status_code == 404
+    assert gp.get("CarePlan/no-such-plan").status_code == 404
+    assert _audit_count(trust) == before
+
+
+def test_a_search_is_audited_once_per_patient_disclosed(
+    gp: Fhir, trust: Fhir, changes: Changes
+) -> None:
+    # Patients A and B consent to the GP's seeing their care plans too.
+    for letter in "ab":
+        consent = trust.get("Consent/c-consent").json()
+        consent.pop("id")
+        consent["meta"] = {"profile": [consent["meta"]["profile"][0]]}
+        consent["patient"] = {"reference": f"Patient/{letter}-patient"}
+        consent["performer"] = [{"reference": f"Patient/{letter}-patient"}]
+        consent["provision"]["provision"] = [_gp_permit(consent)]
+        changes.create(consent)
+    before = _audit_ids(trust)
+    found = gp.get("CarePlan", params={"_count": "1000"})
+    assert found.status_code == 200
+    plans = [e["resource"] for e in found.json()["entry"]]
+    patients = {p["subject"]["reference"] for p in plans}
+    assert patients == {"Patient/a-patient", "Patient/b-patient", "Patient/c-patient"}
+    new = _audit_ids(trust) - before
+    assert len(new) == len(patients)
+    named: set[str] = set()
+    for event_id in new:
+        event = trust.get(f"AuditEvent/{event_id}").json()
+        what = {e["what"]["reference"] for e in event["entity"] if "what" in e}
+        shared_plans = {k for k in what if k.startswith("CarePlan/")}
+        assert shared_plans, event
+        named |= shared_plans
+    assert named == {f"CarePlan/{p['id']}" for p in plans}
+
+
+def test_concurrent_partner_reads_are_each_audited_exactly_once(
+    base_url: str, sandbox: Sandbox, trust: Fhir
+) -> None:
+    reads = {"gp": [C_PLAN, C_NEED, C_SELF_HARM], "social-care": [C_PLAN, C_SELF_HARM]}
+    tokens = {cid: sandbox.token_for(cid, f"{base_url}/fhir")["access_token"] for cid in reads}
+    jobs = [(cid, key) for cid, keys in reads.items() for key in keys] * 6
+    before = _audit_ids(trust)
+    results: list[tuple[str, str, int, bytes]] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(len(jobs))
+
+    def read(cid: str, key: str) -> None:
+        headers = {"authorization": f"Bearer {tokens[cid]}"}
+        barrier.wait(30)
+        r = httpx.get(f"{base_url}/fhir/{key}", headers=headers, timeout=60)
+        with lock:
+            results.append((cid, key, r.status_code, r.content))
+
+    threads = [threading.Thread(target=read, args=job) for job in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(results) == len(jobs)
+    assert {s for _, _, s, _ in results} <= {200, 404}
+    disclosed = [(cid, key) for cid, key, s, _ in results if s == 200]
+    assert disclosed, "nothing was disclosed"
+    new = _audit_ids(trust) - before
+    assert len(new) == len(disclosed)
+    events = [trust.get(f"AuditEvent/{i}").json() for i in new]
+    by_reader: dict[tuple[str, str], int] = {}
+    for event in events:
+        requester = next(a["who"]["reference"] for a in event["agent"] if a["requestor"])
+        what = [e["what"]["reference"] for e in event["entity"] if "what" in e]
+        assert len(what) == 1, what
+        by_reader[(requester, what[0])] = by_reader.get((requester, what[0]), 0) + 1
+    org = {"gp": "Organization/c-gp-practice", "social-care": "Organization/c-social-care"}
+    expected: dict[tuple[str, str], int] = {}
+    for cid, key in disclosed:
+        expected[(org[cid], key)] = expected.get((org[cid], key), 0) + 1
+    assert by_reader == expected
+
+
+# -- when the audit cannot be written -------------------------------------------------
+
+
+class _Broken(Exception):
+    pass
+
+
+@pytest.fixture
+def audit_store_fails(sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+
+    def fail(resources: Any) -> int:
+        calls.append(len(list(resources)))
+        raise _Broken("the audit table is not writable")
+
+    monkeypatch.setattr(sandbox.repo, "append", fail)
+    return calls
+
+
+def _refused_without_data(response: Any) -> None:
+    assert response.status_code == 503, response.text
+    body = response.json()
+    assert body["resourceType"] == "OperationOutcome"
+    text = response.text
+    for leak in ("c-careplan", "c-need-mental-health", "Section 117", "Ceri", HOUSING, "CarePlan/"):
+        assert leak not in text, leak
+
+
+def test_a_disclosure_that_cannot_be_audited_is_not_made(
+    gp: Fhir, trust: Fhir, sandbox: Sandbox, audit_store_fails: list[int], monkeypatch: Any
+) -> None:
+    before = _audit_count(trust)
+    _refused_without_data(gp.get(C_PLAN))
+    _refused_without_data(gp.get(f"{C_PLAN}/_history/1"))
+    _refused_without_data(gp.get("CarePlan", params={"subject": "Patient/c-patient"}))
+    _refused_without_data(
+        gp.post(
+            "CarePlan/_search",
+            "subject=Patient/c-patient",
+            headers={"content-type": "application/x-www-form-urlencoded"},
+        )
+    )
+    batch = {
+        "resourceType": "Bundle",
+        "type": "batch",
+        "entry": [{"request": {"method": "GET", "url": C_PLAN}}],
+    }
+    _refused_without_data(gp.post("", batch))
+    assert audit_store_fails, "the audit was never attempted"
+    # Nothing disclosed, nothing to record: the refusal is the client's usual 404.
+    assert gp.get(C_SELF_HARM).status_code == 404
+    # The trust's own reads are not disclosures.
+    assert trust.get(C_PLAN).status_code == 200
+    monkeypatch.undo()
+    assert _audit_count(trust) == before
+    assert gp.get(C_PLAN).status_code == 200
+    assert _audit_count(trust) == before + 1
+
+
+def test_a_disclosure_that_cannot_be_audited_is_not_made_over_http(
+    base_url: str, sandbox: Sandbox, audit_store_fails: list[int]
+) -> None:
+    token = sandbox.token_for("gp", f"{base_url}/fhir")["access_token"]
+    headers = {"authorization": f"Bearer {token}"}
+    responses: list[Any] = []
+
+    def read() -> None:
+        responses.append(httpx.get(f"{base_url}/fhir/{C_PLAN}", headers=headers, timeout=60))
+
+    threads = [threading.Thread(target=read) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(responses) == 6
+    for r in responses:
+        _refused_without_data(r)
+
+
+def test_the_router_refuses_too_when_it_records_the_audit_itself(
+    sandbox: Sandbox, audit_store_fails: list[int]
+) -> None:
+    client = sandbox.registry.clients["gp"]
+    response = sandbox.router.handle(
+        Request(method="GET", path=C_PLAN, base_url="http://testserver/fhir"),
+        client,
+        client.scopes,
+    )
+    assert response.status == 503
+    assert orjson.loads(response.body)["resourceType"] == "OperationOutcome"
+    assert b"c-careplan" not in response.body and response.audit is None
+
+
+# -- what is kept, by generation ---------------------------------------------------------
+
+
+def test_derived_work_is_kept_per_generation_and_never_goes_back() -> None:
+    cache = DerivedCache()
+    five = cache.at(5)
+    assert five.generation == 5 and cache.at(5) is five
+    five.resources["Patient/x"] = {"resourceType": "Patient", "id": "x"}
+    # A request that looked at the store before: its own, empty, and it replaces nothing.
+    older = cache.at(4)
+    assert older is not five and older.generation == 4 and not older.resources
+    assert cache.at(5) is five
+    six = cache.at(6)
+    assert six is not five and six.generation == 6 and not six.resources
+    late = cache.at(5)
+    assert late is not five and late is not six and not late.resources
+    assert cache.at(6) is six
+
+
+def test_derived_work_is_dropped_when_it_grows_too_large() -> None:
+    cache = DerivedCache(max_entries=3)
+    first = cache.at(1)
+    for n in range(4):
+        first.resources[f"Patient/{n}"] = None
+    second = cache.at(1)
+    assert second is not first and second.generation == 1 and not second.resources
+
+
+def test_derived_cache_from_many_threads_keeps_the_newest() -> None:
+    cache = DerivedCache()
+    seen: list[tuple[int, int]] = []
+    lock = threading.Lock()
+
+    def request(generation: int) -> None:
+        derived = cache.at(generation)
+        with lock:
+            seen.append((generation, derived.generation))
+
+    threads = [threading.Thread(target=request, args=(g % 17,)) for g in range(200)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert all(asked == got for asked, got in seen)
+    assert cache.at(16).generation == 16
+    assert cache.at(15) is not cache.at(16)
