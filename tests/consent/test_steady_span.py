@@ -72,8 +72,9 @@ MICRO = timedelta(microseconds=1)
 
 
 def _midnight(moment: datetime) -> datetime:
-    day = moment.astimezone(UTC).date()
-    return datetime(day.year, day.month, day.day, tzinfo=UTC)
+    """The start of `moment`'s day in its own zone: the day a denial's reason names."""
+    day = moment.date()
+    return datetime(day.year, day.month, day.day, tzinfo=moment.tzinfo)
 
 
 def _month_after(year: int, month: int) -> datetime:
@@ -216,7 +217,7 @@ def _check(case: Case, asking: int, fractions: list[float], *, same_zone: bool) 
     start, end = steady_span(case.consents, case.at)
     assert start <= case.at < end, (start, case.at, end)
     midnight = _midnight(case.at)
-    # The span is bounded by every boundary and by the UTC day of `at`, exactly.
+    # The span is bounded by every boundary and by the day of `at` (in its zone), exactly.
     assert start == max([midnight, *(b for b in case.boundaries if b <= case.at)])
     assert end == min([midnight + timedelta(days=1), *(b for b in case.boundaries if b > case.at)])
     # So at `end` the next boundary or day begins, where the decision may change.

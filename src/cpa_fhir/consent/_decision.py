@@ -391,8 +391,9 @@ def steady_span(consents: Sequence[Mapping[str, Any]], at: datetime) -> tuple[da
     same decision, `Decision.at` aside: time matters only where a period starts or ends,
     and the reasons given for a denial name the day. An empty span (start == end)
     when a period cannot be read: decide again, and let it say why."""
-    day = datetime.combine(at.astimezone(UTC).date(), time.min, UTC)
-    start, end = day, day + timedelta(days=1)
+    # The day as the reasons name it: `at`'s date in its own zone.
+    start = datetime.combine(at.date(), time.min, at.tzinfo)
+    end = datetime.combine(at.date() + timedelta(days=1), time.min, at.tzinfo)
     periods: list[Any] = []
     stack: list[Any] = list(consents)
     while stack:

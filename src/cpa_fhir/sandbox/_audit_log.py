@@ -112,6 +112,12 @@ class AuditLog:
             try:
                 for p, error in zip(batch, self.write([p.events for p in batch]), strict=True):
                     p.error = error
+            except BaseException as exc:
+                # Whatever stopped the write, no waiting request may think it committed.
+                for p in batch:
+                    p.error = exc
+                if not isinstance(exc, Exception):
+                    stop = True
             finally:
                 for p in batch:
                     p.done.set()
