@@ -64,7 +64,6 @@ __all__ = [
     "WithheldItem",
     "audit_event",
     "decide",
-    "steady_span",
     "filter_record",
     "label_resource",
     "label_resources",
@@ -75,5 +74,6 @@ __all__ = [
     "resolve_recipient",
     "security_labels",
     "share",
+    "steady_span",
     "withheld_counts",
 ]
