@@ -90,8 +90,13 @@ def create_app(sandbox: Sandbox, bare_endpoint: bool = False) -> FastAPI:
             workers.append(anyio.CapacityLimiter(WORKER_THREADS))
         return anyio.to_thread.run_sync(fn, *args, limiter=workers[0])
 
-    audit = AuditBatcher(sandbox.router.audit_log, in_worker_thread)
+    async def inline(fn: Any, *args: Any) -> Any:
+        return fn(*args)
+
     inline_reads = sandbox.repo.embedded
+    # On an embedded store a batch's commit is a short local write: made on the event
+    # loop it needs no thread hand-over (and no wait for the interpreter lock) per batch.
+    audit = AuditBatcher(sandbox.router.audit_log, inline if inline_reads else in_worker_thread)
 
     if bare_endpoint:
         bare: dict[tuple[str, str], bytes] = {}

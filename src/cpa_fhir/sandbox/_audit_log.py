@@ -149,6 +149,8 @@ class AuditBatcher:
 
     async def _flush(self) -> None:
         try:
+            # Let the requests already read off their connections reach this batch too.
+            await asyncio.sleep(0)
             while self._waiting:
                 size = self.log.max_batch
                 batch, self._waiting = self._waiting[:size], self._waiting[size:]
