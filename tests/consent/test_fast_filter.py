@@ -311,6 +311,19 @@ AWKWARD: dict[str, list[dict[str, Any]]] = {
             "note": [{"text": "about Flag/f1"}],
         },
     ],
+    "a resource lacking a required element already": [
+        _patient(),
+        _flag("f1"),
+        {
+            "resourceType": "CareTeam",
+            "id": "t1",
+            "meta": {"profile": ["https://cpa-fhir.org/fhir/StructureDefinition/cpa-care-team"]},
+            "participant": [{"role": [{"text": "risk"}], "member": {"reference": "Patient/p"}}],
+            "reasonReference": [{"reference": "Flag/f1"}],
+            "managingOrganization": [{"reference": "Flag/f1"}],
+        },
+        {"resourceType": "Goal", "id": "g1", "addresses": [{"reference": "Flag/f1"}]},
+    ],
     "masked reference a profile needs whole": [
         _patient(),
         _flag("f1"),
@@ -472,3 +485,29 @@ def test_many_records_one_decision(
         for _ in range(25):
             decision = _allowing({c for c in cats if choices.random() < 0.6})
             assert_same_as_reference(labelled, decision, policy, required, oracle_required)
+
+
+@pytest.mark.parametrize("letter", sorted(EXAMPLE_RECORDS))
+@pytest.mark.parametrize("oddity", ["empty list", "shared object"])
+def test_example_records_of_awkward_shape(
+    letter: str,
+    oddity: str,
+    policy: SharingPolicy,
+    required: RequiredElements,
+    oracle_required: reference_filter.RequiredElements,
+) -> None:
+    """Every resource of an example record made awkward, so that none can be changed by
+    copying along paths: the deep-copying way must give the same."""
+    record = copy.deepcopy(EXAMPLE_RECORDS[letter])
+    for entry in record["entry"]:
+        resource = entry["resource"]
+        if oddity == "empty list":
+            resource["contained"] = []
+        else:
+            resource["extension"] = [*resource.get("extension", []), resource.get("meta", {})]
+    labelled = label_resources(record_entries(record), policy)
+    choices = random.Random(letter)
+    cats = sorted(policy.categories)
+    for _ in range(12):
+        decision = _allowing({c for c in cats if choices.random() < 0.6})
+        assert_same_as_reference(labelled, decision, policy, required, oracle_required)

@@ -11,9 +11,11 @@ content no rule labels takes the policy's most restrictive default category.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from cpa_fhir.consent._facts import RecordIndex, ResourceFacts
+from cpa_fhir.consent._output import security_labels as security_labels
 from cpa_fhir.consent._policy import (
     CATEGORY_SYSTEM,
     CONFIDENTIALITY_SYSTEM,
@@ -21,9 +23,10 @@ from cpa_fhir.consent._policy import (
     LabelRule,
     SharingPolicy,
 )
+from cpa_fhir.consent._references import Path as Path
+from cpa_fhir.consent._references import reference_key as reference_key
 from cpa_fhir.errors import LabellingError
 
-Path = tuple[str | int, ...]
 # Keys whose values are identifiers of things, not text a person wrote.
 _NOT_TEXT = frozenset({"reference", "system", "url", "id", "fullUrl", "div", "profile"})
 
@@ -54,27 +57,13 @@ class LabelledResource:
     rules: tuple[str, ...]
     elements: tuple[ElementLabel, ...] = ()
     full_url: str | None = None
+    # Worked out by label_resource(s) for filtering; not copied by dataclasses.replace,
+    # so a changed LabelledResource has its facts worked out afresh.
+    facts: ResourceFacts | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def resource_type(self) -> str:
         return str(self.resource["resourceType"])
-
-
-def reference_key(ref: Any) -> str | None:
-    """`Type/id` of a relative reference (history suffix dropped), else None."""
-    if not isinstance(ref, str):
-        return None
-    parts = ref.split("/")
-    if (
-        len(parts) >= 2
-        and parts[-2][:1].isupper()
-        and "://" not in ref
-        and not ref.startswith("urn:")
-    ):
-        return f"{parts[-2]}/{parts[-1]}"
-    if len(parts) >= 4 and parts[-2] == "_history":
-        return f"{parts[-4]}/{parts[-3]}"
-    return None
 
 
 def _values(node: Any, steps: Sequence[str], path: Path) -> Iterator[tuple[Path, Any]]:
@@ -240,6 +229,29 @@ def label_resource(
 ) -> LabelledResource:
     """Labels for one resource. `resolve` gives the categories of a referenced
     resource (`Type/id`), or None when it is unknown, for rules that inherit."""
+    labelled = _label(resource, policy, resolve, full_url)
+    _attach_facts([labelled])
+    return labelled
+
+
+def _attach_facts(labelled: Sequence[LabelledResource]) -> None:
+    """Keep with each resource what filtering will need to know of it (see _facts)."""
+    record = RecordIndex({r.full_url: r.key for r in labelled if r.full_url})
+    facts = [
+        ResourceFacts(item.resource, item.categories, item.elements, item.full_url, record)
+        for item in labelled
+    ]
+    for item, its_facts in zip(labelled, facts, strict=True):
+        object.__setattr__(item, "facts", its_facts)  # frozen: set once, here
+    record.gather([item.key for item in labelled], facts)
+
+
+def _label(
+    resource: dict[str, Any],
+    policy: SharingPolicy,
+    resolve: Resolver,
+    full_url: str | None,
+) -> LabelledResource:
     if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
         raise LabellingError("content to label is not a FHIR resource")
     key = f"{resource['resourceType']}/{resource.get('id')}"
@@ -297,15 +309,6 @@ def label_resources(
             return first[ref]
         return outside.get(ref) if outside is not None else None
 
-    return [label_resource(res, policy, resolve, full_url=url) for url, res in entries]
-
-
-def security_labels(categories: Iterable[str], policy: SharingPolicy) -> list[dict[str, str]]:
-    """meta.security codings for content carrying these categories."""
-    cats = sorted(set(categories))
-    level = policy.category_levels(frozenset(cats))
-    out = [{"system": CONFIDENTIALITY_SYSTEM, "code": level}]
-    sensitivity = sorted({s for c in cats for s in policy.categories[c].sensitivity})
-    out += [{"system": SENSITIVITY_SYSTEM, "code": s} for s in sensitivity]
-    out += [{"system": CATEGORY_SYSTEM, "code": c} for c in cats]
-    return out
+    labelled = [_label(res, policy, resolve, url) for url, res in entries]
+    _attach_facts(labelled)
+    return labelled
