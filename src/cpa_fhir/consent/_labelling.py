@@ -10,7 +10,7 @@ content no rule labels takes the policy's most restrictive default category.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,7 +135,33 @@ def _has_extension(node: Any, url: str) -> bool:
 Resolver = Callable[[str], frozenset[str] | None]
 
 
-def _matches(rule: LabelRule, node: Any, key: str, resource: dict[str, Any]) -> bool:
+class _Seen:
+    """What labelling one resource has looked at, so that each rule does not walk it
+    again: the values at each dotted path, and the text, of each object looked at."""
+
+    __slots__ = ("_located", "_text")
+
+    def __init__(self) -> None:
+        # By the object's id: all are parts of the resource, alive while it is labelled.
+        self._located: dict[tuple[int, str], list[tuple[Path, Any]]] = {}
+        self._text: dict[int, str] = {}
+
+    def locate(self, node: Any, dotted: str) -> list[tuple[Path, Any]]:
+        found = self._located.get((id(node), dotted))
+        if found is None:
+            found = self._located[(id(node), dotted)] = list(locate(node, dotted))
+        return found
+
+    def text(self, node: Any) -> str:
+        """Its texts joined by NUL, which no word contains: a word is found in the
+        joined text exactly when it is found in one of them."""
+        found = self._text.get(id(node))
+        if found is None:
+            found = self._text[id(node)] = "\x00".join(texts(node))
+        return found
+
+
+def _matches(rule: LabelRule, node: Any, key: str, resource: dict[str, Any], seen: _Seen) -> bool:
     if rule.profile is not None:
         meta = resource.get("meta")
         profiles = meta.get("profile") if isinstance(meta, dict) else None
@@ -146,7 +172,7 @@ def _matches(rule: LabelRule, node: Any, key: str, resource: dict[str, Any]) -> 
     if rule.codes:
         found = False
         for at in rule.codes_at:
-            for _, value in locate(node, at):
+            for _, value in seen.locate(node, at):
                 if any((s, c) in rule.codes for s, c in _codings(rule, value, key)):
                     found = True
                     break
@@ -156,18 +182,22 @@ def _matches(rule: LabelRule, node: Any, key: str, resource: dict[str, Any]) -> 
             return False
     if rule.words is not None:
         pattern = rule.words
-        sources: Iterable[Any] = (
-            (v for at in rule.text_at for _, v in locate(node, at)) if rule.text_at else (node,)
+        sources = (
+            [v for at in rule.text_at for _, v in seen.locate(node, at)] if rule.text_at else [node]
         )
-        if not any(pattern.search(t) for src in sources for t in texts(src)):
+        if "\x00" in pattern.pattern:  # a word with NUL in it: search text by text
+            return any(pattern.search(t) for src in sources for t in texts(src))
+        if not any(pattern.search(seen.text(src)) for src in sources):
             return False
     return True
 
 
-def _inherited(rule: LabelRule, node: Any, key: str, resolve: Resolver, default: str) -> set[str]:
+def _inherited(
+    rule: LabelRule, node: Any, key: str, resolve: Resolver, default: str, seen: _Seen
+) -> set[str]:
     out: set[str] = set()
     for at in rule.inherit:
-        for _, ref in locate(node, at):
+        for _, ref in seen.locate(node, at):
             if not isinstance(ref, dict):
                 raise LabellingError(
                     f"labelling rule '{rule.id}' cannot be evaluated on {key}: {at} is not a Reference"
@@ -208,15 +238,17 @@ def _security_categories(resource: dict[str, Any], policy: SharingPolicy, key: s
 
 
 def _first_pass(
-    resource: dict[str, Any], key: str, policy: SharingPolicy
-) -> tuple[set[str], list[str]]:
+    resource: dict[str, Any], key: str, policy: SharingPolicy, seen: _Seen
+) -> tuple[set[str], list[LabelRule]]:
+    """Categories of the resource as a whole, before inheriting any, and the rules
+    that matched it."""
     cats = _security_categories(resource, policy, key)
-    rules: list[str] = []
+    rules: list[LabelRule] = []
     for rule in policy.rules_by_type.get(str(resource.get("resourceType")), ()):
-        if rule.elements or not _matches(rule, resource, key, resource):
+        if rule.elements or not _matches(rule, resource, key, resource, seen):
             continue
         cats.update(rule.categories)
-        rules.append(rule.id)
+        rules.append(rule)
     return cats, rules
 
 
@@ -229,7 +261,12 @@ def label_resource(
 ) -> LabelledResource:
     """Labels for one resource. `resolve` gives the categories of a referenced
     resource (`Type/id`), or None when it is unknown, for rules that inherit."""
-    labelled = _label(resource, policy, resolve, full_url)
+    if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
+        raise LabellingError("content to label is not a FHIR resource")
+    key = f"{resource['resourceType']}/{resource.get('id')}"
+    seen = _Seen()
+    first = _first_pass(resource, key, policy, seen)
+    labelled = _label(resource, key, first, policy, resolve, full_url, seen)
     _attach_facts([labelled])
     return labelled
 
@@ -248,28 +285,30 @@ def _attach_facts(labelled: Sequence[LabelledResource]) -> None:
 
 def _label(
     resource: dict[str, Any],
+    key: str,
+    first: tuple[set[str], list[LabelRule]],
     policy: SharingPolicy,
     resolve: Resolver,
     full_url: str | None,
+    seen: _Seen,
 ) -> LabelledResource:
-    if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
-        raise LabellingError("content to label is not a FHIR resource")
-    key = f"{resource['resourceType']}/{resource.get('id')}"
-    cats, rules = _first_pass(resource, key, policy)
+    matched = first[1]
+    cats = set(first[0])
+    rules = [rule.id for rule in matched]
     default = policy.default_category
-    for rule in policy.rules_by_type.get(resource["resourceType"], ()):
-        if rule.inherit and not rule.elements and _matches(rule, resource, key, resource):
-            cats |= _inherited(rule, resource, key, resolve, default)
+    for rule in matched:
+        if rule.inherit:
+            cats |= _inherited(rule, resource, key, resolve, default, seen)
     if not cats:
         cats = {default}
         rules = ["default"]
     elements: dict[Path, tuple[set[str], list[str]]] = {}
     for rule in policy.rules_by_type.get(resource["resourceType"], ()):
         for dotted in rule.elements:
-            for path, value in locate(resource, dotted):
-                if not _matches(rule, value, key, resource):
+            for path, value in seen.locate(resource, dotted):
+                if not _matches(rule, value, key, resource, seen):
                     continue
-                extra = set(rule.categories) | _inherited(rule, value, key, resolve, default)
+                extra = set(rule.categories) | _inherited(rule, value, key, resolve, default, seen)
                 entry = elements.setdefault(path, (set(), []))
                 entry[0].update(extra)
                 entry[1].append(rule.id)
@@ -277,8 +316,11 @@ def _label(
     if isinstance(contained, list):
         for i, inner in enumerate(contained):
             if isinstance(inner, dict):
-                inner_cats, inner_rules = _first_pass(inner, f"{key}#contained", policy)
-                elements[("contained", i)] = (inner_cats or {default}, inner_rules or ["default"])
+                inner_cats, inner_rules = _first_pass(inner, f"{key}#contained", policy, seen)
+                elements[("contained", i)] = (
+                    inner_cats or {default},
+                    [rule.id for rule in inner_rules] or ["default"],
+                )
     labels = tuple(
         ElementLabel(path, frozenset(c), tuple(r))
         for path, (c, r) in sorted(elements.items(), key=lambda kv: [str(p) for p in kv[0]])
@@ -297,18 +339,24 @@ def label_resources(
     see the other resources of the record, then `outside` (labels known from
     elsewhere, e.g. a store)."""
     first: dict[str, frozenset[str]] = {}
+    passes = []
     for _, res in entries:
         if not isinstance(res, dict) or not isinstance(res.get("resourceType"), str):
             raise LabellingError("a record entry is not a FHIR resource")
         key = f"{res['resourceType']}/{res.get('id')}"
-        cats, _ = _first_pass(res, key, policy)
-        first[key] = frozenset(cats or {policy.default_category})
+        seen = _Seen()
+        found = _first_pass(res, key, policy, seen)
+        first[key] = frozenset(found[0] or {policy.default_category})
+        passes.append((key, found, seen))
 
     def resolve(ref: str) -> frozenset[str] | None:
         if ref in first:
             return first[ref]
         return outside.get(ref) if outside is not None else None
 
-    labelled = [_label(res, policy, resolve, url) for url, res in entries]
+    labelled = [
+        _label(res, key, found, policy, resolve, url, seen)
+        for (url, res), (key, found, seen) in zip(entries, passes, strict=True)
+    ]
     _attach_facts(labelled)
     return labelled
