@@ -1,12 +1,13 @@
-"""What filtering needs to know about a labelled resource, worked out once when it is labelled.
+"""What filtering needs to know about a labelled resource, kept with it.
 
 Filtering asks the same questions of a resource for every recipient: where its
 references are and what they name, whether its element labels and references
 sit where a change can be made by copying only the objects on the way to it,
-and what it looks like when it goes out unchanged. None of that depends on the
-decision, so it is kept with the labelled resource, worked out the first time
-filtering needs it (a resource that is never shared, or never changed, is
-never walked for it); filtering is then mostly set operations, and only
+whether it has every required element, and what it looks like when it goes
+out unchanged. None of that depends on the decision, so it is kept with the
+labelled resource, worked out the first time filtering needs it (a resource
+that is never shared is never walked for it, one that never changes is never
+surveyed for changing); filtering is then mostly set operations, and only
 resources that change are copied. A labelled resource is a snapshot: its
 resource must not be changed afterwards (its labels would be stale too).
 """

@@ -5,9 +5,9 @@ does not go (masked with data-absent-reason where the element is required).
 builds the changed resource by copying only the objects on those paths; the
 references that remain, and the required elements a change can affect, follow
 from the paths without walking the resource. It needs a resource of simple shape
-(`ResourceFacts.simple`). `CopyRedaction` deep-copies and walks, for any shape.
-Both give what the first filter gave: that is tested against it, kept as an
-oracle in the tests.
+(`Shape.simple`). `CopyRedaction` deep-copies and walks, for any shape. Both
+give what the first filter gave: the tests check them against it, kept there
+as an oracle.
 """
 
 from __future__ import annotations
@@ -21,19 +21,18 @@ from cpa_fhir.consent._references import Path, references
 from cpa_fhir.consent._required import RequiredElements
 
 DATA_ABSENT_REASON = "http://hl7.org/fhir/StructureDefinition/data-absent-reason"
-MASKED = {"extension": [{"url": DATA_ABSENT_REASON, "valueCode": "masked"}]}
 
-_GONE: Any = object()
+_GONE: Any = object()  # a removed list item, until the list is rebuilt without it
 
 
 def _masked() -> dict[str, Any]:
+    """What stands for a reference that must stay but may not say what it refers to."""
     return {"extension": [{"url": DATA_ABSENT_REASON, "valueCode": "masked"}]}
 
 
 class Redaction(Protocol):
     """Changes to one resource. `content` is the resource as changed so far; `reach`,
-    `outward` and `unresolved` say what its remaining references name, as in
-    ResourceFacts."""
+    `outward` and `unresolved` say what its remaining references name (see Targets)."""
 
     @property
     def content(self) -> dict[str, Any]: ...
@@ -47,7 +46,8 @@ class Redaction(Protocol):
     @property
     def unresolved(self) -> bool: ...
 
-    def remove_elements(self, labels: Iterable[int]) -> None: ...
+    def remove_elements(self, labels: Iterable[int]) -> None:
+        """Remove the elements of these element labels (indices into its labels)."""
 
     def scrub(self, live: set[str], required: RequiredElements) -> None:
         """Remove references to anything not in `live`; mask those the resource must keep."""
@@ -402,7 +402,7 @@ class CopyRedaction:
         list_items = [p for p in doomed if p and isinstance(p[-1], int)]
         singles = [p for p in doomed if p and not isinstance(p[-1], int)]
         for p in singles:
-            _set(out, p, copy.deepcopy(MASKED))
+            _set(out, p, _masked())
         emptied: list[Path] = []
         for p in list_items:
             parent = _get(out, p[:-1])
@@ -411,7 +411,7 @@ class CopyRedaction:
                 emptied.append(p[:-1])
         for p in emptied:
             parent = _get(out, p)
-            parent[:] = [copy.deepcopy(MASKED)]
+            parent[:] = [_masked()]
         _prune(out)
         # A list emptied of references stays only where the profile requires it.
         for p in emptied:
