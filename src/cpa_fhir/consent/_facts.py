@@ -26,7 +26,7 @@ from cpa_fhir.consent._references import Path, resolve
 if TYPE_CHECKING:
     from cpa_fhir.consent._labelling import ElementLabel
     from cpa_fhir.consent._policy import SharingPolicy
-    from cpa_fhir.consent._required import RequiredElements
+    from cpa_fhir.consent._required import ProfileRequirements, RequiredElements
 
 
 class RecordIndex:
@@ -181,6 +181,7 @@ class ResourceFacts:
         "_shape",
         "_missing_for",
         "_missing",
+        "_requirements",
         "_entry_policy",
         "_entry_json",
     )
@@ -217,6 +218,7 @@ class ResourceFacts:
         self._shape: Shape | None = None
         self._missing_for: RequiredElements | None = None
         self._missing: str | None = None
+        self._requirements: ProfileRequirements | None = None
         self._entry_policy: SharingPolicy | None = None
         self._entry_json = b""
 
@@ -262,9 +264,19 @@ class ResourceFacts:
     def missing(self, required: RequiredElements) -> str | None:
         """The first required element the resource as given lacks (kept: it never changes)."""
         if self._missing_for is not required:
-            self._missing = required.missing(self.resource)
+            self._requirements = required.of(self.resource)
+            self._missing = (
+                required.missing(self.resource)
+                if self._requirements is None
+                else self._requirements.missing(self.resource)
+            )
             self._missing_for = required
         return self._missing
+
+    def complete_under(self, required: RequiredElements) -> ProfileRequirements | None:
+        """The required elements of its profiles, when the resource as given has every one
+        (a change that keeps meta and resourceType keeps the profiles); else None."""
+        return self._requirements if self.missing(required) is None else None
 
     def known_complete(self, required: RequiredElements) -> bool:
         """Whether the resource is known to have every element `required` asks for."""

@@ -135,32 +135,28 @@ def _entry(url: str | None, resource: dict[str, Any]) -> dict[str, Any]:
 
 
 class _Denials:
-    """What of a set of categories the decision does not allow, and why, worded once per set."""
+    """What of a set of categories the decision does not allow, and why: worded once per
+    set denied, and looked up by the (labelled resource's own) set of categories."""
 
-    __slots__ = ("_allowed", "_why", "_seen", "_phrases")
+    __slots__ = ("_allowed", "_why", "_by_categories", "_worded")
 
     def __init__(self, decision: Decision, allowed: frozenset[str]) -> None:
         self._allowed = allowed
         self._why = decision.denied
-        self._seen: dict[frozenset[str], tuple[frozenset[str], str]] = {}
-        self._phrases: dict[str, str] = {}
+        self._by_categories: dict[frozenset[str], tuple[frozenset[str], str]] = {}
+        self._worded: dict[frozenset[str], str] = {}
 
     def __call__(self, categories: frozenset[str]) -> tuple[frozenset[str], str]:
-        found = self._seen.get(categories)
+        found = self._by_categories.get(categories)
         if found is None:
             denied = categories - self._allowed
-            phrases = [self._phrase(c) for c in denied]
-            if len(phrases) > 1:
-                phrases.sort()
-            found = self._seen[categories] = (denied, "; ".join(phrases))
+            reason = self._worded.get(denied)
+            if reason is None:
+                why = self._why
+                phrases = sorted(f"{c}: {why.get(c, 'not allowed')}" for c in denied)
+                reason = self._worded[denied] = "; ".join(phrases)
+            found = self._by_categories[categories] = (denied, reason)
         return found
-
-    def _phrase(self, category: str) -> str:
-        phrase = self._phrases.get(category)
-        if phrase is None:
-            phrase = f"{category}: {self._why.get(category, 'not allowed')}"
-            self._phrases[category] = phrase
-        return phrase
 
 
 def filter_record(

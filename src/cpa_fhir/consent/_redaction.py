@@ -195,7 +195,7 @@ class PathRedaction:
         keeps every required element without it; in order, each seeing the last."""
         facts = self._facts
         changes = self._changes
-        profile = required.of(facts.resource) if facts.missing(required) is None else None
+        profile = facts.complete_under(required)
         if profile is None:
             # The resource as given lacks a required element: check whole resources.
             for names, items in emptied:
@@ -227,7 +227,7 @@ class PathRedaction:
     def missing(self, required: RequiredElements) -> str | None:
         if not self._missing_known:
             content = self.content
-            profile = required.of(content) if self._facts.missing(required) is None else None
+            profile = self._facts.complete_under(required)
             if profile is None:
                 self._missing = required.missing(content)
             else:
