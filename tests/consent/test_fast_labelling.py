@@ -78,3 +78,36 @@ def test_generated_records(g: Any) -> None:
 def test_records_with_defects(case: Any, defect: str, data: st.DataObject) -> None:
     _inject(data.draw, case.g, defect)
     assert_same_labels(record_entries(case.g.record), SHARING)
+
+
+def _variants(word: str) -> list[str]:
+    """A word as records may hold it: in other cases, after a letter, in other scripts'
+    letters that match it regardless of case (long s, Kelvin sign, dotted I)."""
+    lookalikes = word.replace("s", "\u017f").replace("k", "\u212a").replace("i", "\u0130")
+    return [
+        word.upper(),
+        word.title(),
+        f"x{word}",
+        f"\u00e9{word}",
+        f"({word})",
+        lookalikes,
+        f"\u00e9 {lookalikes}",
+        word[:-1],
+    ]
+
+
+@pytest.mark.parametrize("letter", sorted(EXAMPLE_RECORDS))
+def test_words_in_any_case_and_script(letter: str, policy: SharingPolicy) -> None:
+    """Word rules find words case-insensitively, after no letter, in any script."""
+    words = sorted({w for rule in policy.rules if rule.ascii_words for w in rule.ascii_words})
+    entries = record_entries(copy.deepcopy(EXAMPLE_RECORDS[letter]))
+    targets = [r for _, r in entries if r["resourceType"] in ("Goal", "Condition", "CarePlan")]
+    for i, word in enumerate(words):
+        for j, text in enumerate(_variants(word)):
+            resource = targets[(i + j) % len(targets)]
+            if resource["resourceType"] == "CarePlan":
+                activity = {"detail": {"status": "in-progress", "description": text}}
+                resource.setdefault("activity", []).append(activity)
+            else:
+                resource.setdefault("note", []).append({"text": text})
+    assert_same_labels(entries, policy)

@@ -139,12 +139,13 @@ class _Seen:
     """What labelling one resource has looked at, so that each rule does not walk it
     again: the values at each dotted path, and the text, of each object looked at."""
 
-    __slots__ = ("_located", "_text")
+    __slots__ = ("_located", "_text", "_ascii_lowered")
 
     def __init__(self) -> None:
         # By the object's id: all are parts of the resource, alive while it is labelled.
         self._located: dict[tuple[int, str], list[tuple[Path, Any]]] = {}
         self._text: dict[int, str] = {}
+        self._ascii_lowered: dict[int, str | None] = {}
 
     def locate(self, node: Any, dotted: str) -> list[tuple[Path, Any]]:
         found = self._located.get((id(node), dotted))
@@ -159,6 +160,23 @@ class _Seen:
         if found is None:
             found = self._text[id(node)] = "\x00".join(texts(node))
         return found
+
+    def ascii_lowered(self, node: Any) -> str | None:
+        """Its text lowercased, when it is all ASCII; else None."""
+        key = id(node)
+        if key not in self._ascii_lowered:
+            text = self.text(node)
+            self._ascii_lowered[key] = text.lower() if text.isascii() else None
+        return self._ascii_lowered[key]
+
+    def has_words(self, rule: LabelRule, node: Any) -> bool:
+        """Whether the rule's words are in the node's text."""
+        if rule.ascii_words:
+            lowered = self.ascii_lowered(node)
+            if lowered is not None and not any(w in lowered for w in rule.ascii_words):
+                return False  # none of them even as a substring
+        assert rule.words is not None
+        return rule.words.search(self.text(node)) is not None
 
 
 def _matches(rule: LabelRule, node: Any, key: str, resource: dict[str, Any], seen: _Seen) -> bool:
@@ -187,7 +205,7 @@ def _matches(rule: LabelRule, node: Any, key: str, resource: dict[str, Any], see
         )
         if "\x00" in pattern.pattern:  # a word with NUL in it: search text by text
             return any(pattern.search(t) for src in sources for t in texts(src))
-        if not any(pattern.search(seen.text(src)) for src in sources):
+        if not any(seen.has_words(rule, src) for src in sources):
             return False
     return True
 
