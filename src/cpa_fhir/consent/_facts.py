@@ -15,7 +15,8 @@ resource must not be changed afterwards (its labels would be stale too).
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -32,17 +33,19 @@ if TYPE_CHECKING:
 class RecordIndex:
     """A record labelled together: references to its entries' fullUrls name their `Type/id`.
 
-    `facts` are its resources' facts in record order: a record given to the filter
-    whose resources have exactly these facts is the record as labelled, and their
-    references resolve against it. When its resources' keys are all different,
-    their facts are also gathered by key (`by_key` and the rest, filled in as
-    filtering first needs them), so that filtering starts from those.
+    `ids` are the ids of its resources' facts, in record order: a record given to
+    the filter whose resources have facts of this index with these ids is the
+    record as labelled, and their references resolve against it. When its
+    resources' keys are all different (`unique`), what they refer to is also kept
+    by key (filled in as filtering first needs it), so that filtering starts from
+    that. The index holds no facts, so that a labelled record is freed as soon as
+    it is dropped (no reference cycle).
     """
 
     __slots__ = (
         "by_url",
-        "facts",
-        "by_key",
+        "ids",
+        "unique",
         "keys_by_type",
         "with_elements",
         "reach",
@@ -53,8 +56,8 @@ class RecordIndex:
 
     def __init__(self, by_url: dict[str, str]) -> None:
         self.by_url = by_url
-        self.facts: tuple[ResourceFacts, ...] = ()
-        self.by_key: dict[str, ResourceFacts] | None = None
+        self.ids: tuple[int, ...] = ()
+        self.unique = False
         self.keys_by_type: dict[str, frozenset[str]] = {}
         self.with_elements: tuple[str, ...] = ()  # keys of resources with element labels
         self.reach: dict[str, frozenset[str]] = {}
@@ -64,26 +67,38 @@ class RecordIndex:
         self.complete: dict[RequiredElements, set[str]] = {}
 
     def gather(self, keys: Sequence[str], facts: Sequence[ResourceFacts]) -> None:
-        self.facts = tuple(facts)
+        self.ids = tuple(map(id, facts))
         by_key = dict(zip(keys, facts, strict=True))
         if len(by_key) != len(facts) or any(f.resource_type is None for f in facts):
             return
-        self.by_key = by_key
+        self.unique = True
         types: dict[str, set[str]] = {}
         for k, f in by_key.items():
             types.setdefault(str(f.resource_type), set()).add(k)
         self.keys_by_type = {t: frozenset(ks) for t, ks in types.items()}
         self.with_elements = tuple(k for k, f in by_key.items() if f.element_union)
 
-    def resolve(self, keys: Iterable[str]) -> None:
+    def holds(self, facts: Sequence[ResourceFacts | None]) -> bool:
+        """Whether these are the facts of this record, in its order."""
+        # Facts of this index alive together have different ids, so equal ids are the
+        # same facts.
+        return (
+            tuple(map(id, facts)) == self.ids
+            and None not in facts
+            and set(map(_RECORD, facts)) == {self}
+        )
+
+    def resolve(self, facts_of: Mapping[str, ResourceFacts]) -> None:
         """Have `reach`, `outward` and `unresolved` say what these resources refer to."""
-        assert self.by_key is not None
-        for key in keys:
-            targets = self.by_key[key].targets
+        for key, facts in facts_of.items():
+            targets = facts.targets
             self.reach[key] = targets.reach
             self.outward[key] = targets.outward
             if targets.unresolved:
                 self.unresolved.add(key)
+
+
+_RECORD = attrgetter("record")
 
 
 class Targets:

@@ -153,7 +153,9 @@ class _Denials:
             reason = self._worded.get(denied)
             if reason is None:
                 why = self._why
-                phrases = sorted(f"{c}: {why.get(c, 'not allowed')}" for c in denied)
+                phrases = [f"{c}: {why.get(c, 'not allowed')}" for c in denied]
+                if len(phrases) > 1:
+                    phrases.sort()
                 reason = self._worded[denied] = "; ".join(phrases)
             found = self._by_categories[categories] = (denied, reason)
         return found
@@ -268,7 +270,7 @@ def _labelled_together(record: Sequence[LabelledResource]) -> RecordIndex | None
     """The index of the record as label_resources made it, if that is what was given."""
     first = record[0].facts if record else None
     index = first.record if first is not None else None
-    if index is not None and tuple(map(_FACTS, record)) == index.facts:
+    if index is not None and index.holds(tuple(map(_FACTS, record))):
         return index
     return None
 
@@ -298,14 +300,15 @@ class _Known:
         policy: SharingPolicy,
         required: RequiredElements,
     ) -> None:
-        by_key = index.by_key if index is not None else None
-        if index is not None and by_key is not None:
+        if index is not None and index.unique:
             # The record as labelled, every key once: start from what labelling gathered.
-            self.facts_of: Mapping[str, ResourceFacts] = by_key
+            facts_of = {key: item.facts for key, item in kept.items() if item.facts is not None}
+            self.facts_of: Mapping[str, ResourceFacts] = facts_of
             self.by_url = index.by_url
             self.unique = True
             self.with_elements = [key for key in index.with_elements if key in kept]
-            index.resolve(kept.keys() - index.reach.keys())
+            if not index.reach.keys() >= kept.keys():
+                index.resolve({k: f for k, f in facts_of.items() if k not in index.reach})
             self.reach = dict(index.reach)
             self.outward = dict(index.outward)
             self.unresolved = index.unresolved.intersection(kept)
@@ -315,7 +318,7 @@ class _Known:
             supporting_keys = [types[t] for t in policy.supporting if t in types]
             self.roots = kept.keys() - set().union(*supporting_keys)
             return
-        facts_of: dict[str, ResourceFacts] = {}
+        facts_of = {}
         if index is not None:
             self.by_url = index.by_url
             for key, item in kept.items():
