@@ -10,10 +10,12 @@ content no rule labels takes the policy's most restrictive default category.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
+from cpa_fhir.consent._facts import RecordIndex, ResourceFacts
+from cpa_fhir.consent._output import security_labels as security_labels
 from cpa_fhir.consent._policy import (
     CATEGORY_SYSTEM,
     CONFIDENTIALITY_SYSTEM,
@@ -21,9 +23,10 @@ from cpa_fhir.consent._policy import (
     LabelRule,
     SharingPolicy,
 )
+from cpa_fhir.consent._references import Path as Path
+from cpa_fhir.consent._references import reference_key as reference_key
 from cpa_fhir.errors import LabellingError
 
-Path = tuple[str | int, ...]
 # Keys whose values are identifiers of things, not text a person wrote.
 _NOT_TEXT = frozenset({"reference", "system", "url", "id", "fullUrl", "div", "profile"})
 
@@ -54,27 +57,13 @@ class LabelledResource:
     rules: tuple[str, ...]
     elements: tuple[ElementLabel, ...] = ()
     full_url: str | None = None
+    # Worked out by label_resource(s) for filtering; not copied by dataclasses.replace,
+    # so a changed LabelledResource has its facts worked out afresh.
+    facts: ResourceFacts | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def resource_type(self) -> str:
         return str(self.resource["resourceType"])
-
-
-def reference_key(ref: Any) -> str | None:
-    """`Type/id` of a relative reference (history suffix dropped), else None."""
-    if not isinstance(ref, str):
-        return None
-    parts = ref.split("/")
-    if (
-        len(parts) >= 2
-        and parts[-2][:1].isupper()
-        and "://" not in ref
-        and not ref.startswith("urn:")
-    ):
-        return f"{parts[-2]}/{parts[-1]}"
-    if len(parts) >= 4 and parts[-2] == "_history":
-        return f"{parts[-4]}/{parts[-3]}"
-    return None
 
 
 def _values(node: Any, steps: Sequence[str], path: Path) -> Iterator[tuple[Path, Any]]:
@@ -146,7 +135,51 @@ def _has_extension(node: Any, url: str) -> bool:
 Resolver = Callable[[str], frozenset[str] | None]
 
 
-def _matches(rule: LabelRule, node: Any, key: str, resource: dict[str, Any]) -> bool:
+class _Seen:
+    """What labelling one resource has looked at, so that each rule does not walk it
+    again: the values at each dotted path, and the text, of each object looked at."""
+
+    __slots__ = ("_located", "_text", "_ascii_lowered")
+
+    def __init__(self) -> None:
+        # By the object's id: all are parts of the resource, alive while it is labelled.
+        self._located: dict[tuple[int, str], list[tuple[Path, Any]]] = {}
+        self._text: dict[int, str] = {}
+        self._ascii_lowered: dict[int, str | None] = {}
+
+    def locate(self, node: Any, dotted: str) -> list[tuple[Path, Any]]:
+        found = self._located.get((id(node), dotted))
+        if found is None:
+            found = self._located[(id(node), dotted)] = list(locate(node, dotted))
+        return found
+
+    def text(self, node: Any) -> str:
+        """Its texts joined by NUL, which no word contains: a word is found in the
+        joined text exactly when it is found in one of them."""
+        found = self._text.get(id(node))
+        if found is None:
+            found = self._text[id(node)] = "\x00".join(texts(node))
+        return found
+
+    def ascii_lowered(self, node: Any) -> str | None:
+        """Its text lowercased, when it is all ASCII; else None."""
+        key = id(node)
+        if key not in self._ascii_lowered:
+            text = self.text(node)
+            self._ascii_lowered[key] = text.lower() if text.isascii() else None
+        return self._ascii_lowered[key]
+
+    def has_words(self, rule: LabelRule, node: Any) -> bool:
+        """Whether the rule's words are in the node's text."""
+        if rule.ascii_words:
+            lowered = self.ascii_lowered(node)
+            if lowered is not None and not any(w in lowered for w in rule.ascii_words):
+                return False  # none of them even as a substring
+        assert rule.words is not None
+        return rule.words.search(self.text(node)) is not None
+
+
+def _matches(rule: LabelRule, node: Any, key: str, resource: dict[str, Any], seen: _Seen) -> bool:
     if rule.profile is not None:
         meta = resource.get("meta")
         profiles = meta.get("profile") if isinstance(meta, dict) else None
@@ -157,7 +190,7 @@ def _matches(rule: LabelRule, node: Any, key: str, resource: dict[str, Any]) -> 
     if rule.codes:
         found = False
         for at in rule.codes_at:
-            for _, value in locate(node, at):
+            for _, value in seen.locate(node, at):
                 if any((s, c) in rule.codes for s, c in _codings(rule, value, key)):
                     found = True
                     break
@@ -167,18 +200,22 @@ def _matches(rule: LabelRule, node: Any, key: str, resource: dict[str, Any]) -> 
             return False
     if rule.words is not None:
         pattern = rule.words
-        sources: Iterable[Any] = (
-            (v for at in rule.text_at for _, v in locate(node, at)) if rule.text_at else (node,)
+        sources = (
+            [v for at in rule.text_at for _, v in seen.locate(node, at)] if rule.text_at else [node]
         )
-        if not any(pattern.search(t) for src in sources for t in texts(src)):
+        if "\x00" in pattern.pattern:  # a word with NUL in it: search text by text
+            return any(pattern.search(t) for src in sources for t in texts(src))
+        if not any(seen.has_words(rule, src) for src in sources):
             return False
     return True
 
 
-def _inherited(rule: LabelRule, node: Any, key: str, resolve: Resolver, default: str) -> set[str]:
+def _inherited(
+    rule: LabelRule, node: Any, key: str, resolve: Resolver, default: str, seen: _Seen
+) -> set[str]:
     out: set[str] = set()
     for at in rule.inherit:
-        for _, ref in locate(node, at):
+        for _, ref in seen.locate(node, at):
             if not isinstance(ref, dict):
                 raise LabellingError(
                     f"labelling rule '{rule.id}' cannot be evaluated on {key}: {at} is not a Reference"
@@ -219,15 +256,17 @@ def _security_categories(resource: dict[str, Any], policy: SharingPolicy, key: s
 
 
 def _first_pass(
-    resource: dict[str, Any], key: str, policy: SharingPolicy
-) -> tuple[set[str], list[str]]:
+    resource: dict[str, Any], key: str, policy: SharingPolicy, seen: _Seen
+) -> tuple[set[str], list[LabelRule]]:
+    """Categories of the resource as a whole, before inheriting any, and the rules
+    that matched it."""
     cats = _security_categories(resource, policy, key)
-    rules: list[str] = []
+    rules: list[LabelRule] = []
     for rule in policy.rules_by_type.get(str(resource.get("resourceType")), ()):
-        if rule.elements or not _matches(rule, resource, key, resource):
+        if rule.elements or not _matches(rule, resource, key, resource, seen):
             continue
         cats.update(rule.categories)
-        rules.append(rule.id)
+        rules.append(rule)
     return cats, rules
 
 
@@ -243,21 +282,51 @@ def label_resource(
     if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
         raise LabellingError("content to label is not a FHIR resource")
     key = f"{resource['resourceType']}/{resource.get('id')}"
-    cats, rules = _first_pass(resource, key, policy)
+    seen = _Seen()
+    first = _first_pass(resource, key, policy, seen)
+    labelled = _label(resource, key, first, policy, resolve, full_url, seen)
+    _attach_facts([labelled])
+    return labelled
+
+
+def _attach_facts(labelled: Sequence[LabelledResource]) -> None:
+    """Keep with each resource what filtering will need to know of it (see _facts)."""
+    record = RecordIndex({r.full_url: r.key for r in labelled if r.full_url})
+    facts = [
+        ResourceFacts(item.resource, item.categories, item.elements, item.full_url, record)
+        for item in labelled
+    ]
+    for item, its_facts in zip(labelled, facts, strict=True):
+        object.__setattr__(item, "facts", its_facts)  # frozen: set once, here
+    record.gather([item.key for item in labelled], facts)
+
+
+def _label(
+    resource: dict[str, Any],
+    key: str,
+    first: tuple[set[str], list[LabelRule]],
+    policy: SharingPolicy,
+    resolve: Resolver,
+    full_url: str | None,
+    seen: _Seen,
+) -> LabelledResource:
+    matched = first[1]
+    cats = set(first[0])
+    rules = [rule.id for rule in matched]
     default = policy.default_category
-    for rule in policy.rules_by_type.get(resource["resourceType"], ()):
-        if rule.inherit and not rule.elements and _matches(rule, resource, key, resource):
-            cats |= _inherited(rule, resource, key, resolve, default)
+    for rule in matched:
+        if rule.inherit:
+            cats |= _inherited(rule, resource, key, resolve, default, seen)
     if not cats:
         cats = {default}
         rules = ["default"]
     elements: dict[Path, tuple[set[str], list[str]]] = {}
     for rule in policy.rules_by_type.get(resource["resourceType"], ()):
         for dotted in rule.elements:
-            for path, value in locate(resource, dotted):
-                if not _matches(rule, value, key, resource):
+            for path, value in seen.locate(resource, dotted):
+                if not _matches(rule, value, key, resource, seen):
                     continue
-                extra = set(rule.categories) | _inherited(rule, value, key, resolve, default)
+                extra = set(rule.categories) | _inherited(rule, value, key, resolve, default, seen)
                 entry = elements.setdefault(path, (set(), []))
                 entry[0].update(extra)
                 entry[1].append(rule.id)
@@ -265,8 +334,11 @@ def label_resource(
     if isinstance(contained, list):
         for i, inner in enumerate(contained):
             if isinstance(inner, dict):
-                inner_cats, inner_rules = _first_pass(inner, f"{key}#contained", policy)
-                elements[("contained", i)] = (inner_cats or {default}, inner_rules or ["default"])
+                inner_cats, inner_rules = _first_pass(inner, f"{key}#contained", policy, seen)
+                elements[("contained", i)] = (
+                    inner_cats or {default},
+                    [rule.id for rule in inner_rules] or ["default"],
+                )
     labels = tuple(
         ElementLabel(path, frozenset(c), tuple(r))
         for path, (c, r) in sorted(elements.items(), key=lambda kv: [str(p) for p in kv[0]])
@@ -285,27 +357,24 @@ def label_resources(
     see the other resources of the record, then `outside` (labels known from
     elsewhere, e.g. a store)."""
     first: dict[str, frozenset[str]] = {}
+    passes = []
     for _, res in entries:
         if not isinstance(res, dict) or not isinstance(res.get("resourceType"), str):
             raise LabellingError("a record entry is not a FHIR resource")
         key = f"{res['resourceType']}/{res.get('id')}"
-        cats, _ = _first_pass(res, key, policy)
-        first[key] = frozenset(cats or {policy.default_category})
+        seen = _Seen()
+        found = _first_pass(res, key, policy, seen)
+        first[key] = frozenset(found[0] or {policy.default_category})
+        passes.append((key, found, seen))
 
     def resolve(ref: str) -> frozenset[str] | None:
         if ref in first:
             return first[ref]
         return outside.get(ref) if outside is not None else None
 
-    return [label_resource(res, policy, resolve, full_url=url) for url, res in entries]
-
-
-def security_labels(categories: Iterable[str], policy: SharingPolicy) -> list[dict[str, str]]:
-    """meta.security codings for content carrying these categories."""
-    cats = sorted(set(categories))
-    level = policy.category_levels(frozenset(cats))
-    out = [{"system": CONFIDENTIALITY_SYSTEM, "code": level}]
-    sensitivity = sorted({s for c in cats for s in policy.categories[c].sensitivity})
-    out += [{"system": SENSITIVITY_SYSTEM, "code": s} for s in sensitivity]
-    out += [{"system": CATEGORY_SYSTEM, "code": c} for c in cats]
-    return out
+    labelled = [
+        _label(res, key, found, policy, resolve, url, seen)
+        for (url, res), (key, found, seen) in zip(entries, passes, strict=True)
+    ]
+    _attach_facts(labelled)
+    return labelled

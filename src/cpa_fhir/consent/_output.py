@@ -1,0 +1,43 @@
+"""How content is labelled when it leaves: meta.security, and REDACTED where something was removed."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from cpa_fhir.consent._policy import (
+    CATEGORY_SYSTEM,
+    CONFIDENTIALITY_SYSTEM,
+    HANDLING_SYSTEM,
+    SENSITIVITY_SYSTEM,
+    SharingPolicy,
+)
+
+REDACTED = {"system": HANDLING_SYSTEM, "code": "REDACTED", "display": "redacted"}
+
+
+def security_labels(categories: Iterable[str], policy: SharingPolicy) -> list[dict[str, str]]:
+    """meta.security codings for content carrying these categories."""
+    cats = sorted(set(categories))
+    level = policy.category_levels(frozenset(cats))
+    out = [{"system": CONFIDENTIALITY_SYSTEM, "code": level}]
+    sensitivity = sorted({s for c in cats for s in policy.categories[c].sensitivity})
+    out += [{"system": SENSITIVITY_SYSTEM, "code": s} for s in sensitivity]
+    out += [{"system": CATEGORY_SYSTEM, "code": c} for c in cats]
+    return out
+
+
+def outgoing_resource(
+    content: dict[str, Any], categories: Iterable[str], redacted: bool, policy: SharingPolicy
+) -> dict[str, Any]:
+    """The resource as it leaves: a new top level and meta, labelled; the rest shared with `content`."""
+    out = dict(content)
+    meta = dict(out.get("meta") or {})
+    labels = security_labels(categories, policy)
+    if redacted:
+        labels.append(dict(REDACTED))
+        # A narrative written from the whole resource may hold what was removed.
+        out.pop("text", None)
+    meta["security"] = labels
+    out["meta"] = meta
+    return out

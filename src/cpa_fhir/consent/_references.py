@@ -1,0 +1,46 @@
+"""References inside resources: where they are, and the `Type/id` they name."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+Path = tuple[str | int, ...]
+
+
+def reference_key(ref: Any) -> str | None:
+    """`Type/id` of a relative reference (history suffix dropped), else None."""
+    if not isinstance(ref, str):
+        return None
+    parts = ref.split("/")
+    if (
+        len(parts) >= 2
+        and parts[-2][:1].isupper()
+        and "://" not in ref
+        and not ref.startswith("urn:")
+    ):
+        return f"{parts[-2]}/{parts[-1]}"
+    if len(parts) >= 4 and parts[-2] == "_history":
+        return f"{parts[-4]}/{parts[-3]}"
+    return None
+
+
+def references(node: Any, path: Path = ()) -> Iterator[tuple[Path, str]]:
+    """Every object with a `reference` string, depth first in document order, and where it is."""
+    if isinstance(node, dict):
+        ref = node.get("reference")
+        if isinstance(ref, str):
+            yield path, ref
+        for k, v in node.items():
+            if isinstance(v, (dict, list)):
+                yield from references(v, (*path, k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from references(v, (*path, i))
+
+
+def resolve(ref: str, by_url: dict[str, str]) -> str | None:
+    """The `Type/id` a reference names in a record whose entries' fullUrls are `by_url`."""
+    if ref in by_url:
+        return by_url[ref]
+    return reference_key(ref)

@@ -1,0 +1,307 @@
+"""Security labelling as it was first written: a test oracle for the faster labeller.
+
+Each rule walks what it looks at afresh (`locate`, `texts`); the faster labeller
+(`cpa_fhir.consent.label_resources`) must give exactly the same labels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from cpa_fhir.consent._policy import (
+    CATEGORY_SYSTEM,
+    CONFIDENTIALITY_SYSTEM,
+    SENSITIVITY_SYSTEM,
+    LabelRule,
+    SharingPolicy,
+)
+from cpa_fhir.errors import LabellingError
+
+Path = tuple[str | int, ...]
+# Keys whose values are identifiers of things, not text a person wrote.
+_NOT_TEXT = frozenset({"reference", "system", "url", "id", "fullUrl", "div", "profile"})
+
+
+@dataclass(frozen=True, slots=True)
+class ElementLabel:
+    """Categories carried by one element of a resource, at `path` from its root."""
+
+    path: Path
+    categories: frozenset[str]
+    rules: tuple[str, ...]
+
+    @property
+    def expression(self) -> str:
+        out = ""
+        for step in self.path:
+            out += f"[{step}]" if isinstance(step, int) else f".{step}"
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class LabelledResource:
+    """A resource as given, with the labels the policy gives it and its elements."""
+
+    resource: dict[str, Any]
+    key: str
+    categories: frozenset[str]
+    rules: tuple[str, ...]
+    elements: tuple[ElementLabel, ...] = ()
+    full_url: str | None = None
+
+    @property
+    def resource_type(self) -> str:
+        return str(self.resource["resourceType"])
+
+
+def reference_key(ref: Any) -> str | None:
+    """`Type/id` of a relative reference (history suffix dropped), else None."""
+    if not isinstance(ref, str):
+        return None
+    parts = ref.split("/")
+    if (
+        len(parts) >= 2
+        and parts[-2][:1].isupper()
+        and "://" not in ref
+        and not ref.startswith("urn:")
+    ):
+        return f"{parts[-2]}/{parts[-1]}"
+    if len(parts) >= 4 and parts[-2] == "_history":
+        return f"{parts[-4]}/{parts[-3]}"
+    return None
+
+
+def _values(node: Any, steps: Sequence[str], path: Path) -> Iterator[tuple[Path, Any]]:
+    """Every value at a dotted path, each list item on its own path."""
+    if isinstance(node, list):
+        for i, item in enumerate(node):
+            yield from _values(item, steps, (*path, i))
+        return
+    if not steps:
+        yield path, node
+        return
+    if not isinstance(node, dict):
+        return
+    head = steps[0]
+    if head in node:
+        yield from _values(node[head], steps[1:], (*path, head))
+
+
+def locate(node: Any, dotted: str) -> Iterator[tuple[Path, Any]]:
+    return _values(node, dotted.split(".") if dotted else [], ())
+
+
+def _codings(rule: LabelRule, value: Any, key: str) -> Iterator[tuple[Any, Any]]:
+    if isinstance(value, dict):
+        codings = value.get("coding")
+        if codings is None:
+            yield value.get("system"), value.get("code")
+            return
+        if not isinstance(codings, list):
+            raise LabellingError(
+                f"labelling rule '{rule.id}' cannot be evaluated on {key}: 'coding' is not a list"
+            )
+        for c in codings:
+            if not isinstance(c, dict):
+                raise LabellingError(
+                    f"labelling rule '{rule.id}' cannot be evaluated on {key}: a coding is not an object"
+                )
+            yield c.get("system"), c.get("code")
+    elif isinstance(value, str):
+        yield None, value
+    else:
+        raise LabellingError(
+            f"labelling rule '{rule.id}' cannot be evaluated on {key}: expected a code, found {type(value).__name__}"
+        )
+
+
+def texts(node: Any) -> Iterator[str]:
+    """The human-readable strings in a piece of content."""
+    if isinstance(node, str):
+        yield node
+    elif isinstance(node, list):
+        for item in node:
+            yield from texts(item)
+    elif isinstance(node, dict):
+        for k, v in node.items():
+            if k not in _NOT_TEXT:
+                yield from texts(v)
+
+
+def _has_extension(node: Any, url: str) -> bool:
+    if not isinstance(node, dict):
+        return False
+    if node.get("url") == url:
+        return True
+    ext = node.get("extension")
+    return isinstance(ext, list) and any(isinstance(e, dict) and e.get("url") == url for e in ext)
+
+
+Resolver = Callable[[str], frozenset[str] | None]
+
+
+def _matches(rule: LabelRule, node: Any, key: str, resource: dict[str, Any]) -> bool:
+    if rule.profile is not None:
+        meta = resource.get("meta")
+        profiles = meta.get("profile") if isinstance(meta, dict) else None
+        if not (isinstance(profiles, list) and rule.profile in profiles):
+            return False
+    if rule.extension is not None and not _has_extension(node, rule.extension):
+        return False
+    if rule.codes:
+        found = False
+        for at in rule.codes_at:
+            for _, value in locate(node, at):
+                if any((s, c) in rule.codes for s, c in _codings(rule, value, key)):
+                    found = True
+                    break
+            if found:
+                break
+        if not found:
+            return False
+    if rule.words is not None:
+        pattern = rule.words
+        sources: Iterable[Any] = (
+            (v for at in rule.text_at for _, v in locate(node, at)) if rule.text_at else (node,)
+        )
+        if not any(pattern.search(t) for src in sources for t in texts(src)):
+            return False
+    return True
+
+
+def _inherited(rule: LabelRule, node: Any, key: str, resolve: Resolver, default: str) -> set[str]:
+    out: set[str] = set()
+    for at in rule.inherit:
+        for _, ref in locate(node, at):
+            if not isinstance(ref, dict):
+                raise LabellingError(
+                    f"labelling rule '{rule.id}' cannot be evaluated on {key}: {at} is not a Reference"
+                )
+            target = reference_key(ref.get("reference"))
+            if target is None:
+                continue
+            cats = resolve(target)
+            # Whatever the engine cannot see is treated as the most restrictive.
+            out |= cats if cats is not None else {default}
+    return out
+
+
+def _security_categories(resource: dict[str, Any], policy: SharingPolicy, key: str) -> set[str]:
+    """Categories an EPR already put on the resource, as category or sensitivity codes."""
+    meta = resource.get("meta")
+    labels = meta.get("security") if isinstance(meta, dict) else None
+    if labels is None:
+        return set()
+    if not isinstance(labels, list):
+        raise LabellingError(f"{key}: meta.security is not a list")
+    out: set[str] = set()
+    for c in labels:
+        if not isinstance(c, dict):
+            raise LabellingError(f"{key}: a meta.security label is not a Coding")
+        system, code = c.get("system"), c.get("code")
+        if not isinstance(code, str):
+            raise LabellingError(f"{key}: a meta.security label has no code")
+        if system == CATEGORY_SYSTEM:
+            if code not in policy.categories:
+                raise LabellingError(f"{key} carries unknown information category '{code}'")
+            out.add(code)
+        elif system == SENSITIVITY_SYSTEM and code in policy.categories_by_sensitivity:
+            out |= policy.categories_by_sensitivity[code]
+        elif system == CONFIDENTIALITY_SYSTEM and code == "V":
+            out.add(policy.default_category)
+    return out
+
+
+def _first_pass(
+    resource: dict[str, Any], key: str, policy: SharingPolicy
+) -> tuple[set[str], list[str]]:
+    cats = _security_categories(resource, policy, key)
+    rules: list[str] = []
+    for rule in policy.rules_by_type.get(str(resource.get("resourceType")), ()):
+        if rule.elements or not _matches(rule, resource, key, resource):
+            continue
+        cats.update(rule.categories)
+        rules.append(rule.id)
+    return cats, rules
+
+
+def label_resource(
+    resource: dict[str, Any],
+    policy: SharingPolicy,
+    resolve: Resolver,
+    *,
+    full_url: str | None = None,
+) -> LabelledResource:
+    """Labels for one resource. `resolve` gives the categories of a referenced
+    resource (`Type/id`), or None when it is unknown, for rules that inherit."""
+    if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
+        raise LabellingError("content to label is not a FHIR resource")
+    key = f"{resource['resourceType']}/{resource.get('id')}"
+    cats, rules = _first_pass(resource, key, policy)
+    default = policy.default_category
+    for rule in policy.rules_by_type.get(resource["resourceType"], ()):
+        if rule.inherit and not rule.elements and _matches(rule, resource, key, resource):
+            cats |= _inherited(rule, resource, key, resolve, default)
+    if not cats:
+        cats = {default}
+        rules = ["default"]
+    elements: dict[Path, tuple[set[str], list[str]]] = {}
+    for rule in policy.rules_by_type.get(resource["resourceType"], ()):
+        for dotted in rule.elements:
+            for path, value in locate(resource, dotted):
+                if not _matches(rule, value, key, resource):
+                    continue
+                extra = set(rule.categories) | _inherited(rule, value, key, resolve, default)
+                entry = elements.setdefault(path, (set(), []))
+                entry[0].update(extra)
+                entry[1].append(rule.id)
+    contained = resource.get("contained")
+    if isinstance(contained, list):
+        for i, inner in enumerate(contained):
+            if isinstance(inner, dict):
+                inner_cats, inner_rules = _first_pass(inner, f"{key}#contained", policy)
+                elements[("contained", i)] = (inner_cats or {default}, inner_rules or ["default"])
+    labels = tuple(
+        ElementLabel(path, frozenset(c), tuple(r))
+        for path, (c, r) in sorted(elements.items(), key=lambda kv: [str(p) for p in kv[0]])
+        # An element labelled only with what the whole resource carries needs no label.
+        if not c <= cats
+    )
+    return LabelledResource(resource, key, frozenset(cats), tuple(rules), labels, full_url)
+
+
+def label_resources(
+    entries: Sequence[tuple[str | None, dict[str, Any]]],
+    policy: SharingPolicy,
+    outside: Mapping[str, frozenset[str]] | None = None,
+) -> list[LabelledResource]:
+    """Label a patient's record: (fullUrl, resource) pairs. Rules that inherit
+    see the other resources of the record, then `outside` (labels known from
+    elsewhere, e.g. a store)."""
+    first: dict[str, frozenset[str]] = {}
+    for _, res in entries:
+        if not isinstance(res, dict) or not isinstance(res.get("resourceType"), str):
+            raise LabellingError("a record entry is not a FHIR resource")
+        key = f"{res['resourceType']}/{res.get('id')}"
+        cats, _ = _first_pass(res, key, policy)
+        first[key] = frozenset(cats or {policy.default_category})
+
+    def resolve(ref: str) -> frozenset[str] | None:
+        if ref in first:
+            return first[ref]
+        return outside.get(ref) if outside is not None else None
+
+    return [label_resource(res, policy, resolve, full_url=url) for url, res in entries]
+
+
+def security_labels(categories: Iterable[str], policy: SharingPolicy) -> list[dict[str, str]]:
+    """meta.security codings for content carrying these categories."""
+    cats = sorted(set(categories))
+    level = policy.category_levels(frozenset(cats))
+    out = [{"system": CONFIDENTIALITY_SYSTEM, "code": level}]
+    sensitivity = sorted({s for c in cats for s in policy.categories[c].sensitivity})
+    out += [{"system": SENSITIVITY_SYSTEM, "code": s} for s in sensitivity]
+    out += [{"system": CATEGORY_SYSTEM, "code": c} for c in cats]
+    return out

@@ -1,0 +1,113 @@
+"""The labeller gives exactly the labels of the labeller as first written.
+
+`reference_labelling` is the labeller as first written (every rule walks what
+it looks at afresh). Both label the example records, the generated records of
+the property tests, and those records with defects the labeller must refuse;
+the labels (categories, rules, element labels and their paths) must be equal,
+and a record one refuses the other refuses with the same message.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cpa_fhir.consent import SharingPolicy, label_resources, record_entries
+from cpa_fhir.errors import LabellingError
+from tests.consent import reference_labelling
+from tests.consent.test_decision_table import RECORDS as EXAMPLE_RECORDS
+from tests.consent.test_properties import DEFECTS, SHARING, _inject, cases, generated_records
+
+
+def _labels(labelled: list[Any]) -> list[tuple[Any, ...]]:
+    return [
+        (
+            item.key,
+            item.categories,
+            item.rules,
+            [(e.path, e.categories, e.rules) for e in item.elements],
+            item.full_url,
+        )
+        for item in labelled
+    ]
+
+
+def assert_same_labels(
+    entries: list[tuple[str | None, dict[str, Any]]],
+    policy: SharingPolicy,
+    outside: dict[str, frozenset[str]] | None = None,
+) -> None:
+    before = copy.deepcopy(entries)
+    try:
+        expected = reference_labelling.label_resources(entries, policy, outside)
+    except LabellingError as exc:
+        with pytest.raises(LabellingError) as raised:
+            label_resources(entries, policy, outside)
+        assert str(raised.value) == str(exc)
+        return
+    assert _labels(label_resources(entries, policy, outside)) == _labels(expected)
+    assert entries == before
+
+
+@pytest.mark.parametrize("letter", sorted(EXAMPLE_RECORDS))
+def test_example_records(letter: str, policy: SharingPolicy) -> None:
+    entries = record_entries(EXAMPLE_RECORDS[letter])
+    assert_same_labels(entries, policy)
+    # Alone, each resource sees nothing of the others it refers to; or sees it from outside.
+    for entry in entries:
+        assert_same_labels([entry], policy)
+        assert_same_labels([entry], policy, {"Organization/c-probation": frozenset({"offending"})})
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(g=generated_records())
+def test_generated_records(g: Any) -> None:
+    assert_same_labels(record_entries(g.record), SHARING)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=cases(), defect=st.sampled_from(DEFECTS), data=st.data())
+def test_records_with_defects(case: Any, defect: str, data: st.DataObject) -> None:
+    _inject(data.draw, case.g, defect)
+    assert_same_labels(record_entries(case.g.record), SHARING)
+
+
+def _variants(word: str) -> list[str]:
+    """A word as records may hold it: in other cases, after a letter, in other scripts'
+    letters that match it regardless of case (long s, Kelvin sign, dotted I)."""
+    lookalikes = word.replace("s", "\u017f").replace("k", "\u212a").replace("i", "\u0130")
+    return [
+        word.upper(),
+        word.title(),
+        f"x{word}",
+        f"\u00e9{word}",
+        f"({word})",
+        lookalikes,
+        f"\u00e9 {lookalikes}",
+        word[:-1],
+    ]
+
+
+@pytest.mark.parametrize("letter", sorted(EXAMPLE_RECORDS))
+def test_words_in_any_case_and_script(letter: str, policy: SharingPolicy) -> None:
+    """Word rules find words case-insensitively, after no letter, in any script."""
+    words = sorted({w for rule in policy.rules if rule.ascii_words for w in rule.ascii_words})
+    entries = record_entries(copy.deepcopy(EXAMPLE_RECORDS[letter]))
+    targets = [r for _, r in entries if r["resourceType"] in ("Goal", "Condition", "CarePlan")]
+    for i, word in enumerate(words):
+        for j, text in enumerate(_variants(word)):
+            resource = targets[(i + j) % len(targets)]
+            if resource["resourceType"] == "CarePlan":
+                activity = {"detail": {"status": "in-progress", "description": text}}
+                resource.setdefault("activity", []).append(activity)
+            else:
+                resource.setdefault("note", []).append({"text": text})
+    assert_same_labels(entries, policy)
