@@ -195,7 +195,7 @@ class PartnerView:
         query = self.repo.parse(
             "Consent", [("patient", f"Patient/{patient_id}"), ("_count", "1000")]
         )
-        consents = [s.resource() for s in self.repo.search(query).matches]
+        consents = [s.resource() for s in self.repo.search(replace(query, total="none")).matches]
         wanted = [key for c in consents for key in _references(c.get("provision"))]
         self._fetch(wanted)
         actors = {k: r for k in wanted if (r := self.derived.resources[k]) is not None}

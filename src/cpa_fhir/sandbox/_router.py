@@ -460,7 +460,10 @@ class Router:
     ) -> Response:
         # Count and page only what this client may see: the total must not
         # reveal what was withheld, so filter every match, then page.
-        everything = replace(query, count=MAX_PARTNER_MATCHES, offset=0, summary_count=False)
+        # (the total is counted here, of what is visible: the database need not count)
+        everything = replace(
+            query, count=MAX_PARTNER_MATCHES, offset=0, summary_count=False, total="none"
+        )
         result = self.repo.search(everything)
         everyone = view.filter_many(result.matches, account=False)
         chained = [c for c in query.criteria if c.chain]
