@@ -408,3 +408,22 @@ def test_append_refuses_a_record_without_an_id_and_stores_none(store: SqlReposit
     with pytest.raises(InputError):
         store.append([audit_event(fresh), no_id])
     assert store.read_many([("AuditEvent", fresh)]) == {}
+
+
+def test_referring_finds_the_current_resources_that_point_at_a_target(
+    store: SqlRepository,
+) -> None:
+    store.load([patient("p1"), patient("p2")])
+    store.update(flag("f2", "p1"))
+    store.update(flag("f1", "p1"))
+    store.update(flag("f3", "p2"))
+    store.update(flag("gone", "p1"))
+    store.delete("Flag", "gone")
+    moved = store.update(flag("f4", "p1"))
+    store.update({**flag("f4", "p2"), "meta": {"versionId": str(moved.version_id)}})
+    found = store.referring("Flag", "patient", ("Patient", "p1"))
+    assert [s.id for s in found] == ["f1", "f2"]
+    assert all(s.resource()["subject"]["reference"] == "Patient/p1" for s in found)
+    assert [s.id for s in store.referring("Flag", "patient", ("Patient", "p2"))] == ["f3", "f4"]
+    assert store.referring("Flag", "patient", ("Patient", "nobody")) == []
+    assert store.referring("Flag", "patient", ("Group", "p1")) == []

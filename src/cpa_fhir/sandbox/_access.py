@@ -192,10 +192,9 @@ class PartnerView:
         known = self.derived.consents.get(patient_id)
         if known is not None:
             return known
-        query = self.repo.parse(
-            "Consent", [("patient", f"Patient/{patient_id}"), ("_count", "1000")]
-        )
-        consents = [s.resource() for s in self.repo.search(replace(query, total="none")).matches]
+        consents = [
+            s.resource() for s in self.repo.referring("Consent", "patient", ("Patient", patient_id))
+        ]
         wanted = [key for c in consents for key in _references(c.get("provision"))]
         self._fetch(wanted)
         actors = {k: r for k in wanted if (r := self.derived.resources[k]) is not None}

@@ -831,6 +831,19 @@ class SqlRepository:
         rows = self._driver_rows("SELECT generation FROM store_change WHERE id = 1", ())
         return int(rows[0][0]) if rows else 0
 
+    def referring(
+        self, resource_type: str, parameter: str, target: tuple[str, str]
+    ) -> list[Stored]:
+        """The current resources of a type whose reference `parameter` points at `target`
+        (type, id), oldest id first: `Consent?patient=Patient/1` in one indexed query."""
+        rows = self._driver_rows(
+            f"{_SELECT_CURRENT} WHERE resource_type = %s AND NOT deleted AND id IN ("
+            "SELECT resource_id FROM search_reference WHERE resource_type = %s AND param = %s"
+            " AND target_id = %s AND target_type = %s) ORDER BY id",
+            (resource_type, resource_type, parameter, target[1], target[0]),
+        )
+        return [_driver_row_to_stored(row) for row in rows]
+
     def read_many(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], Stored]:
         """The current, not deleted, versions of several resources by (type, id);
         those unknown or deleted are left out."""
