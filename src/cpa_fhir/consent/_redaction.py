@@ -79,9 +79,9 @@ class PathRedaction:
         "_masked",
         "_content",
         "_copies",
-        "_reach",
-        "_outward",
-        "_unresolved",
+        "reach",
+        "outward",
+        "unresolved",
         "_missing_known",
         "_missing",
     )
@@ -99,9 +99,9 @@ class PathRedaction:
         self._content: dict[str, Any] | None = facts.resource
         # The objects of `_content` that are copies, by their path in the resource as given.
         self._copies: dict[Path, Any] = {}
-        self._reach = targets.reach
-        self._outward = targets.outward
-        self._unresolved = targets.unresolved
+        self.reach = targets.reach
+        self.outward = targets.outward
+        self.unresolved = targets.unresolved
         self._missing_known = False
         self._missing: str | None = None
 
@@ -111,18 +111,6 @@ class PathRedaction:
             self._copies = {}
             self._content = apply_changes(self._facts.resource, self._changes, self._copies)
         return self._content
-
-    @property
-    def reach(self) -> frozenset[str]:
-        return self._reach
-
-    @property
-    def outward(self) -> frozenset[str]:
-        return self._outward
-
-    @property
-    def unresolved(self) -> bool:
-        return self._unresolved
 
     def _take(self, references: set[int]) -> None:
         """Forget references the changes took."""
@@ -137,13 +125,13 @@ class PathRedaction:
         named = {k for i in taken if (k := keys[i]) is not None}
         vanished = {k for k in named if gone.issuperset(self._refs_to[k])}
         if vanished:
-            self._reach = self._reach - vanished
+            self.reach = self.reach - vanished
         outward_refs_to = self._outward_refs_to
-        vanished = {k for k in named & self._outward if gone.issuperset(outward_refs_to[k])}
+        vanished = {k for k in named & self.outward if gone.issuperset(outward_refs_to[k])}
         if vanished:
-            self._outward = self._outward - vanished
-        if self._unresolved:
-            self._unresolved = not gone.issuperset(self._unresolved_refs)
+            self.outward = self.outward - vanished
+        if self.unresolved:
+            self.unresolved = not gone.issuperset(self._unresolved_refs)
 
     def remove_elements(self, labels: Iterable[int]) -> None:
         shape = self._shape
@@ -160,8 +148,8 @@ class PathRedaction:
         changes = self._changes
         gone = self._gone
         outward_refs_to = self._outward_refs_to
-        doomed = [j for k in self._outward - live for j in outward_refs_to[k] if j not in gone]
-        if self._unresolved:
+        doomed = [j for k in self.outward - live for j in outward_refs_to[k] if j not in gone]
+        if self.unresolved:
             doomed += [j for j in self._unresolved_refs if j not in gone]
         doomed.sort()
         # The last reference of a list to go, by list: lists emptied are masked, then
@@ -332,9 +320,9 @@ class CopyRedaction:
         "_content",
         "_elements",
         "_resolve",
-        "_reach",
-        "_outward",
-        "_unresolved",
+        "reach",
+        "outward",
+        "unresolved",
         "_missing_known",
         "_missing",
     )
@@ -344,9 +332,9 @@ class CopyRedaction:
         self._elements = tuple(e.path for e in facts.elements)
         self._resolve = resolve
         targets = facts.targets
-        self._reach = targets.reach
-        self._outward = targets.outward
-        self._unresolved = targets.unresolved
+        self.reach = targets.reach
+        self.outward = targets.outward
+        self.unresolved = targets.unresolved
         self._missing_known = False
         self._missing: str | None = None
 
@@ -354,26 +342,14 @@ class CopyRedaction:
     def content(self) -> dict[str, Any]:
         return self._content
 
-    @property
-    def reach(self) -> frozenset[str]:
-        return self._reach
-
-    @property
-    def outward(self) -> frozenset[str]:
-        return self._outward
-
-    @property
-    def unresolved(self) -> bool:
-        return self._unresolved
-
     def _set(self, content: dict[str, Any]) -> None:
         self._content = content
         self._missing_known = False
         found = [(ref, self._resolve(ref)) for _, ref in references(content)]
-        self._reach = frozenset(k for _, k in found if k is not None)
+        self.reach = frozenset(k for _, k in found if k is not None)
         outward = [k for ref, k in found if not ref.startswith("#")]
-        self._unresolved = None in outward
-        self._outward = frozenset(k for k in outward if k is not None)
+        self.unresolved = None in outward
+        self.outward = frozenset(k for k in outward if k is not None)
 
     def remove_elements(self, labels: Iterable[int]) -> None:
         copied = copy.deepcopy(self._content)
