@@ -609,9 +609,8 @@ class Router:
                 raise ResourceNotFound(f"{rtype}/{rid} is not known to this server")
             total = len(visible)
             versions = visible[offset : offset + count]
-        shown = dict(zip(map(id, versions), self._history_content(versions, view), strict=True))
         entries = []
-        for s in versions:
+        for s, content in zip(versions, self._history_content(versions, view), strict=True):
             entry: dict[str, Any] = {"fullUrl": f"{request.base_url}/{s.resource_type}/{s.id}"}
             method = "DELETE" if s.deleted else ("POST" if s.version_id == 1 else "PUT")
             entry["request"] = {
@@ -623,7 +622,6 @@ class Router:
                 "etag": f'W/"{s.version_id}"',
                 "lastModified": _instant(s.last_updated),
             }
-            content = shown[id(s)]
             if content is not None:
                 entry["resource"] = orjson.Fragment(content)
             entries.append(entry)
