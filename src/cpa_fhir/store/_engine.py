@@ -11,6 +11,7 @@ store's tables in that schema (via the connection's search_path).
 from __future__ import annotations
 
 import re
+import threading
 from typing import Any
 
 import sqlalchemy as sa
@@ -76,3 +77,77 @@ def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
 def _sqlite_begin(connection: Connection) -> None:
     read_only = connection.get_execution_options().get(READ_ONLY, False)
     connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+
+
+class ReadConnections:
+    """One open connection per thread for single-statement reads, outside the pool.
+
+    A read by id is one short statement; checking a pooled connection out and back
+    in (with the pool's rollback on return) costs several times the statement. Each
+    thread keeps its own connection, in autocommit, so each statement sees what was
+    committed when it runs, as a pooled read would. A connection that fails is
+    dropped, and the thread opens a new one on its next read.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._postgres = engine.dialect.name == "postgresql"
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._open: dict[int, Any] = {}  # thread ident -> its connection
+
+    def rows(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        """The rows of one statement, written with the driver's own placeholders."""
+        connection = getattr(self._local, "connection", None)
+        if connection is None:
+            connection = self._connect()
+        try:
+            cursor = connection.execute(sql, params)
+            try:
+                return list(cursor.fetchall())
+            finally:
+                cursor.close()
+        except Exception:
+            self._drop()
+            raise
+
+    def _connect(self) -> Any:
+        wrapper = self._engine.raw_connection()
+        connection = wrapper.driver_connection
+        wrapper.detach()  # the pool forgets it: this thread owns it until closed
+        if self._postgres:
+            connection.autocommit = True
+        me = threading.get_ident()
+        alive = {t.ident for t in threading.enumerate()}
+        with self._lock:
+            # Connections of threads that have ended, and of an ended thread whose
+            # ident this one now has.
+            ended = [i for i in self._open if i not in alive or i == me]
+            stale = [self._open.pop(i) for i in ended]
+            self._open[me] = connection
+        for old in stale:
+            self._close_quietly(old)
+        self._local.connection = connection
+        return connection
+
+    def _drop(self) -> None:
+        self._local.connection = None
+        with self._lock:
+            connection = self._open.pop(threading.get_ident(), None)
+        if connection is not None:
+            self._close_quietly(connection)
+
+    def close(self) -> None:
+        """Close every thread's connection (each thread opens anew if it reads again)."""
+        with self._lock:
+            connections, self._open = list(self._open.values()), {}
+        self._local = threading.local()
+        for connection in connections:
+            self._close_quietly(connection)
+
+    @staticmethod
+    def _close_quietly(connection: Any) -> None:
+        try:
+            connection.close()
+        except Exception:  # already broken: nothing more to release
+            pass

@@ -44,7 +44,7 @@ from cpa_fhir.errors import (
 )
 from cpa_fhir.fhir.models import R4_RESOURCE_TYPES
 from cpa_fhir.store._dates import to_micros
-from cpa_fhir.store._engine import READ_ONLY, create_store_engine
+from cpa_fhir.store._engine import READ_ONLY, ReadConnections, create_store_engine
 from cpa_fhir.store._indexing import IndexRows, index_resource
 from cpa_fhir.store._migrations import migrate as migrate_schema
 from cpa_fhir.store._query import Include, SearchQuery, parse_search
@@ -759,6 +759,8 @@ class SqlRepository:
         self.engine = engine if engine is not None else create_store_engine(url, schema=schema)
         self.parameters = parameters if parameters is not None else default_search_parameters()
         self.clock: Clock = clock if clock is not None else _utc_now
+        self.postgres = self.engine.dialect.name == "postgresql"
+        self._readers = ReadConnections(self.engine)
         if migrate:
             migrate_schema(self.engine)
 
@@ -768,6 +770,7 @@ class SqlRepository:
         return self.engine.dialect.name == "sqlite"
 
     def close(self) -> None:
+        self._readers.close()
         self.engine.dispose()
 
     def analyze(self) -> None:
@@ -812,18 +815,9 @@ class SqlRepository:
     # go to the driver directly and convert their few columns by hand.
 
     def _driver_rows(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
-        if self.engine.dialect.name != "postgresql":
+        if not self.postgres:
             sql = sql.replace("%s", "?")
-        connection = self.engine.raw_connection()
-        try:
-            cursor = connection.cursor()
-            try:
-                cursor.execute(sql, params)
-                return list(cursor.fetchall())
-            finally:
-                cursor.close()
-        finally:
-            connection.close()
+        return self._readers.rows(sql, params)
 
     def generation(self) -> int:
         """How many changing write transactions the store has committed: equal values
