@@ -113,7 +113,7 @@ class ReadConnections:
 
     def _connect(self) -> Any:
         wrapper = self._engine.raw_connection()
-        connection = wrapper.driver_connection
+        connection: Any = wrapper.driver_connection
         wrapper.detach()  # the pool forgets it: this thread owns it until closed
         if self._postgres:
             connection.autocommit = True
