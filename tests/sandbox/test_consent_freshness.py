@@ -26,6 +26,7 @@ from cpa_fhir.sandbox import Sandbox
 from cpa_fhir.sandbox._access import DerivedCache
 from cpa_fhir.sandbox._router import Request
 from cpa_fhir.store import SqlRepository
+from cpa_fhir.store._appender import AppendRejected, ProcessAppender
 from tests.sandbox.conftest import Fhir, resource_keys
 from tests.store.conftest import POSTGRES_URL
 
@@ -543,7 +544,13 @@ def audit_store_fails(sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch) -> list
         calls.append(len(list(resources)))
         raise _Broken("the audit table is not writable")
 
+    async def child_fails(self: Any, resources: Any, at: Any) -> int:
+        calls.append(len(list(resources)))
+        raise AppendRejected("the audit table is not writable")
+
+    # In the server's own process, and in the child process that stores them for the app.
     monkeypatch.setattr(sandbox.repo, "append", fail)
+    monkeypatch.setattr(ProcessAppender, "append", child_fails)
     return calls
 
 

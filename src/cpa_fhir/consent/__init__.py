@@ -4,7 +4,7 @@ The policy (categories, labelling rules, recipients, legal exceptions) is data,
 parsed by `parse_policy`; the time and ids are passed in.
 """
 
-from cpa_fhir.consent._audit import audit_event, provenance, withheld_counts
+from cpa_fhir.consent._audit import audit_event, audit_instant, provenance, withheld_counts
 from cpa_fhir.consent._decision import (
     Basis,
     Decision,
@@ -63,6 +63,7 @@ __all__ = [
     "SharingPolicy",
     "WithheldItem",
     "audit_event",
+    "audit_instant",
     "decide",
     "filter_record",
     "label_resource",

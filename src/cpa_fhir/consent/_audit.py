@@ -22,7 +22,8 @@ BASIS_EXTENSION = "https://cpa-fhir.org/fhir/StructureDefinition/disclosure-basi
 _DCM = "http://dicom.nema.org/resources/ontology/DCM"
 
 
-def _instant(at: datetime) -> str:
+def audit_instant(at: datetime) -> str:
+    """AuditEvent.recorded for a moment."""
     return at.isoformat().replace("+00:00", "Z")
 
 
@@ -90,7 +91,7 @@ def audit_event(
         "extension": basis_extensions(decision, shared_categories),
         "type": {"system": _DCM, "code": "110106", "display": "Export"},
         "action": "R",
-        "recorded": _instant(decision.at),
+        "recorded": audit_instant(decision.at),
         "outcome": "0",
         "purposeOfEvent": [{"coding": [{"system": PURPOSE_SYSTEM, "code": decision.purpose}]}],
         "agent": [
@@ -127,7 +128,7 @@ def provenance(
         "resourceType": "Provenance",
         "id": provenance_id,
         "target": [{"reference": t} for t in targets],
-        "recorded": _instant(decision.at),
+        "recorded": audit_instant(decision.at),
         "policy": list(policies),
         "reason": [{"coding": [{"system": PURPOSE_SYSTEM, "code": decision.purpose}]}],
         "agent": [

@@ -33,10 +33,12 @@ from cpa_fhir.consent import (
     SharingPolicy,
     WithheldItem,
     audit_event,
+    audit_instant,
     decide,
     filter_record,
     label_resources,
     steady_span,
+    withheld_counts,
 )
 from cpa_fhir.consent._labelling import reference_key
 from cpa_fhir.errors import SharingError
@@ -111,11 +113,12 @@ class Derived:
         self.categories: dict[tuple[str, int], frozenset[str]] = {}
         # (patient, client) -> a decision and the span of time it holds for
         self.decisions: dict[tuple[str, str], tuple[Decision, datetime, datetime]] = {}
+        self.audit_templates: dict[tuple[Any, ...], dict[str, Any]] = {}
 
     def size(self) -> int:
         return (
             len(self.resources) + len(self.patients) + len(self.consents) + len(self.shown)
-            + len(self.categories) + len(self.decisions)
+            + len(self.categories) + len(self.decisions) + len(self.audit_templates)
         )  # fmt: skip
 
 
@@ -353,20 +356,39 @@ class PartnerView:
     def audit_events(self, new_id: Any, observer: dict[str, Any]) -> list[dict[str, Any]]:
         """One AuditEvent per patient whose information this request disclosed."""
         events = []
+        recorded = None
         for shared in self._disclosed.values():
             if not shared.shared:
                 continue
-            events.append(
-                audit_event(
-                    event_id=new_id(),
-                    decision=shared.decision,
+            decision = shared.decision
+            categories = tuple(sorted(shared.categories & decision.allowed.keys()))
+            counts = tuple(sorted(withheld_counts(shared.withheld).items()))
+            # Disclosures alike but for their id and time have one AuditEvent but for those.
+            key = (
+                self.recipient.reference,
+                decision.recipient,
+                decision.purpose,
+                tuple(decision.allowed[c] for c in categories),
+                tuple(shared.shared),
+                counts,
+                orjson.dumps(observer),
+            )
+            template = self.derived.audit_templates.get(key)
+            if template is None:
+                template = audit_event(
+                    event_id="",
+                    decision=decision,
                     shared=shared.shared,
-                    shared_categories=sorted(shared.categories & set(shared.decision.allowed)),
+                    shared_categories=categories,
                     withheld=shared.withheld,
                     requester=self.recipient.reference,
                     observer=observer,
                 )
-            )
+                self.derived.audit_templates[key] = template
+            if recorded is None:
+                recorded = audit_instant(decision.at)
+            # A new top level; what lies below is shared with the template, never changed.
+            events.append({**template, "id": new_id(), "recorded": recorded})
         return events
 
 

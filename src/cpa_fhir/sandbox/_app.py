@@ -78,10 +78,13 @@ def _send(response: Any) -> HttpResponse:
     return HttpResponse(response.body, status_code=response.status, headers=response.headers)
 
 
-def create_app(sandbox: Sandbox, bare_endpoint: bool = False) -> FastAPI:
+def create_app(
+    sandbox: Sandbox, bare_endpoint: bool = False, *, audit_process: bool = True
+) -> FastAPI:
     """The ASGI app. `bare_endpoint` (for benchmarks) adds `GET /_bare/{type}/{id}`: the
     stored JSON a read returns, kept in memory after its first request, with no auth,
-    consent or database work: the HTTP stack's own cost."""
+    consent or database work: the HTTP stack's own cost. `audit_process`: AuditEvents
+    are stored by a child process where one can serve (stopped by `Sandbox.close`)."""
     app = FastAPI(title="cpa-fhir sandbox", docs_url=None, redoc_url=None, openapi_url=None)
     workers: list[anyio.CapacityLimiter] = []  # made on first use, inside the event loop
 
@@ -94,9 +97,14 @@ def create_app(sandbox: Sandbox, bare_endpoint: bool = False) -> FastAPI:
         return fn(*args)
 
     inline_reads = sandbox.repo.embedded
-    # On an embedded store a batch's commit is a short local write: made on the event
-    # loop it needs no thread hand-over (and no wait for the interpreter lock) per batch.
-    audit = AuditBatcher(sandbox.router.audit_log, inline if inline_reads else in_worker_thread)
+    # A child process indexes and stores the AuditEvents on another core. Where none
+    # can: on an embedded store a batch's commit is a short local write, made on the
+    # event loop with no thread hand-over (and no wait for the interpreter lock).
+    audit = AuditBatcher(
+        sandbox.router.audit_log,
+        inline if inline_reads else in_worker_thread,
+        sandbox.router.audit_log.child_writer() if audit_process else None,
+    )
 
     if bare_endpoint:
         bare: dict[tuple[str, str], bytes] = {}

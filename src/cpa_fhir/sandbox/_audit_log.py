@@ -8,7 +8,9 @@ the database does one write transaction per batch, not one per request.
 
 Two ways in: `AuditLog.record` blocks a thread until its events are committed (a
 writer thread gathers the batches); `AuditBatcher` does the same for coroutines
-on an event loop, with one hop to a worker thread per batch.
+on an event loop, its batches written either through a blocking call (on a
+worker thread, or inline) or by a child process (`AuditLog.child_writer`), which
+indexes and stores them on another core while the event loop serves requests.
 """
 
 from __future__ import annotations
@@ -16,14 +18,21 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from cpa_fhir.store import SqlRepository
+from cpa_fhir.store._appender import AppendRejected, ProcessAppender
 
 MAX_BATCH = 500
+# Batches a child process writes are kept small: while one is in flight its requests
+# wait, and the event loop serves those of the batch before; a large batch would hold
+# most clients at once and leave the loop idle.
+CHILD_BATCH = 16
 Events = list[dict[str, Any]]
+# Commits several requests' events; per request, the error that stopped them, or None.
+BatchWriter = Callable[[Sequence[Events]], Awaitable[list[BaseException | None]]]
 
 
 class AuditWriteFailed(Exception):
@@ -49,6 +58,7 @@ class AuditLog:
         self._queue: queue.SimpleQueue[_Pending] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._writer: threading.Thread | None = None
+        self._children: list[ProcessAppender] = []
 
     def write(self, batches: Sequence[Events]) -> list[BaseException | None]:
         """Commit several requests' events in one transaction; per request, the error
@@ -78,12 +88,47 @@ class AuditLog:
         if pending.error is not None:
             raise AuditWriteFailed(str(pending.error)) from pending.error
 
+    def child_writer(self) -> BatchWriter | None:
+        """An awaitable `write` whose work a child process does, started now; or, where
+        no child can serve this store, None (see `SqlRepository.child_appender`).
+        `close()` stops the child."""
+        appender = self.repo.child_appender()
+        if appender is None:
+            return None
+        appender.start()
+        with self._lock:
+            self._children.append(appender)
+        clock = self.repo.clock
+
+        async def write(batches: Sequence[Events]) -> list[BaseException | None]:
+            at = clock()
+            try:
+                await appender.append([e for events in batches for e in events], at)
+                return [None] * len(batches)
+            except AppendRejected:
+                pass
+            # One request's events must not fail the others': each alone (a child
+            # that stops fails the rest, as the write's fate is then unknown).
+            errors: list[BaseException | None] = []
+            for events in batches:
+                try:
+                    await appender.append(events, at)
+                    errors.append(None)
+                except AppendRejected as exc:
+                    errors.append(exc)
+            return errors
+
+        return write
+
     def close(self) -> None:
         with self._lock:
             writer, self._writer = self._writer, None
+            children, self._children = self._children, []
         if writer is not None:
             self._queue.put(_STOP)
             writer.join()
+        for child in children:
+            child.close()
 
     def _ensure_writer(self) -> None:
         with self._lock:
@@ -129,10 +174,17 @@ class AuditBatcher:
     """`AuditLog.record` for coroutines on one event loop: the events of requests that
     arrive while a batch is being committed go together in the next."""
 
-    def __init__(self, log: AuditLog, run_in_thread: Callable[..., Any]) -> None:
+    def __init__(
+        self,
+        log: AuditLog,
+        run_in_thread: Callable[..., Any],
+        write: BatchWriter | None = None,
+    ) -> None:
         self.log = log
         # e.g. anyio.to_thread.run_sync: awaits a blocking call made on a worker thread
         self._run_in_thread = run_in_thread
+        self._write = write  # AuditLog.child_writer(), else log.write via run_in_thread
+        self._max_batch = log.max_batch if write is None else min(log.max_batch, CHILD_BATCH)
         self._waiting: list[tuple[Events, asyncio.Future[None]]] = []
         self._flushing = False
 
@@ -152,10 +204,14 @@ class AuditBatcher:
             # Let the requests already read off their connections reach this batch too.
             await asyncio.sleep(0)
             while self._waiting:
-                size = self.log.max_batch
+                size = self._max_batch
                 batch, self._waiting = self._waiting[:size], self._waiting[size:]
                 try:
-                    errors = await self._run_in_thread(self.log.write, [e for e, _ in batch])
+                    batches = [e for e, _ in batch]
+                    if self._write is not None:
+                        errors = await self._write(batches)
+                    else:
+                        errors = await self._run_in_thread(self.log.write, batches)
                 except Exception as exc:  # the batch's fate is unknown: none of it shares
                     errors = [exc] * len(batch)
                 for (_, committed), error in zip(batch, errors, strict=True):

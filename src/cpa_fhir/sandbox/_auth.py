@@ -17,6 +17,7 @@ import json
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Literal
 from urllib.parse import unquote
 
@@ -126,6 +127,7 @@ def parse_registry(data: Mapping[str, Any], jwks: Mapping[str, Mapping[str, Any]
 # -- scopes -------------------------------------------------------------------------
 
 
+@lru_cache(maxsize=4096)
 def parse_scope(scope: str) -> tuple[str, frozenset[str]]:
     """`system/Type.read|write|*` or v2 `system/Type.cruds` -> (type or *, interactions)."""
     context, _, rest = scope.partition("/")
@@ -144,6 +146,7 @@ def parse_scope(scope: str) -> tuple[str, frozenset[str]]:
     return rtype, frozenset(k for k, v in _V2.items() if v in letters)
 
 
+@lru_cache(maxsize=4096)
 def allows(scopes: frozenset[str], resource_type: str, interaction: Interaction) -> bool:
     for scope in scopes:
         rtype, interactions = parse_scope(scope)

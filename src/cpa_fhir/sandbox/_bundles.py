@@ -10,7 +10,6 @@ same consent filtering as single requests.
 from __future__ import annotations
 
 import copy
-import uuid
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
@@ -20,6 +19,7 @@ import orjson
 from cpa_fhir.errors import FhirError, PreconditionFailed
 from cpa_fhir.fhir.outcome import Issue
 from cpa_fhir.sandbox._auth import Client, require
+from cpa_fhir.store import time_ordered_id
 
 if TYPE_CHECKING:
     from cpa_fhir.sandbox._access import PartnerView
@@ -172,7 +172,7 @@ def _transaction(
             require(scopes, rtype, "create")
             if resource.get("resourceType") != rtype:
                 raise HttpError(400, f"entry {i}: the resource is not a {rtype}")
-            new_id = str(uuid.uuid4())
+            new_id = time_ordered_id()
             if isinstance(req.get("ifNoneExist"), str):
                 query = router.repo.parse(
                     rtype, parse_qsl(req["ifNoneExist"], keep_blank_values=True)

@@ -10,7 +10,6 @@ the profiles first. Partner clients see only what the consent engine allows
 from __future__ import annotations
 
 import re
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -37,7 +36,7 @@ from cpa_fhir.sandbox._access import DerivedCache, PartnerView
 from cpa_fhir.sandbox._audit_log import AuditLog, AuditWriteFailed, Events
 from cpa_fhir.sandbox._auth import AuthFailure, Client, allows, require
 from cpa_fhir.sandbox._chains import chains_hold
-from cpa_fhir.store import SearchQuery, SqlRepository, Stored, index_resource
+from cpa_fhir.store import SearchQuery, SqlRepository, Stored, index_resource, time_ordered_id
 from cpa_fhir.validation import Validator
 
 FHIR_JSON = "application/fhir+json; charset=utf-8"
@@ -143,7 +142,7 @@ class Router:
         capability: Callable[[str], dict[str, Any]],
         *,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-        new_id: Callable[[], str] = lambda: str(uuid.uuid4()),
+        new_id: Callable[[], str] = time_ordered_id,
     ) -> None:
         self.repo = repo
         self.audit_log = AuditLog(repo)

@@ -5,6 +5,7 @@ index, on a SQLite file or PostgreSQL; `parse_search` turns query parameters int
 `SearchQuery` (https://hl7.org/fhir/R4/search.html).
 """
 
+from cpa_fhir.store._ids import time_ordered_id
 from cpa_fhir.store._indexing import IndexRows, index_resource, normalise
 from cpa_fhir.store._migrations import LATEST_VERSION, MIGRATIONS, current_version, migrate
 from cpa_fhir.store._query import (
@@ -59,4 +60,5 @@ __all__ = [
     "normalise",
     "parse_search",
     "r4_search_parameters",
+    "time_ordered_id",
 ]

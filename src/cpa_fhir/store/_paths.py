@@ -41,6 +41,9 @@ _ABSTRACT_ROOTS = frozenset({"Resource", "DomainResource"})
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _FHIRPATH_MODEL = fhirpath_models["r4"]
 _FHIRPATH_OPTIONS = {"traceFn": lambda *args: None}
+# Names that are a choice element ([x]) somewhere in R4: only these may appear in
+# JSON with a type suffix, so only these need looking for under other keys.
+_CHOICE_NAMES = frozenset(path.rsplit(".", 1)[-1] for path in _FHIRPATH_MODEL["choiceTypePaths"])
 
 
 # --- steps ----------------------------------------------------------------------------
@@ -56,8 +59,9 @@ class _Field:
     choice_keys: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
-        keys = frozenset(self.name + suffix for suffix in CHOICE_TYPE_SUFFIXES)
-        object.__setattr__(self, "choice_keys", keys)
+        if self.name in _CHOICE_NAMES:
+            keys = frozenset(self.name + suffix for suffix in CHOICE_TYPE_SUFFIXES)
+            object.__setattr__(self, "choice_keys", keys)
 
     def apply(self, items: list[Any]) -> list[Any]:
         out: list[Any] = []
@@ -70,9 +74,9 @@ class _Field:
                     value = item.get(self.name)
             else:
                 value = item.get(self.name)
-                if value is None:
-                    # Most absent elements are not choices: a set intersection in C
-                    # says so without a look at every key.
+                if value is None and self.choice_keys:
+                    # Most absent choices are absent: a set intersection in C says so
+                    # without a look at every key.
                     present = item.keys() & self.choice_keys
                     value = item[min(present)] if present else None
             if value is None:

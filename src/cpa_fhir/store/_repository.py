@@ -22,7 +22,6 @@ so that two cannot both find no match and both create.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -43,8 +42,10 @@ from cpa_fhir.errors import (
     VersionConflict,
 )
 from cpa_fhir.fhir.models import R4_RESOURCE_TYPES
+from cpa_fhir.store._appender import ProcessAppender
 from cpa_fhir.store._dates import to_micros
 from cpa_fhir.store._engine import READ_ONLY, ReadConnections, create_store_engine
+from cpa_fhir.store._ids import time_ordered_id
 from cpa_fhir.store._indexing import IndexRows, index_resource
 from cpa_fhir.store._migrations import migrate as migrate_schema
 from cpa_fhir.store._query import Include, SearchQuery, parse_search
@@ -400,7 +401,7 @@ class _Operations:
                 return existing
         # A create always makes a new resource: the server assigns the id
         # (https://hl7.org/fhir/R4/http.html#create).
-        resource = {**resource, "id": str(uuid.uuid4())}
+        resource = {**resource, "id": time_ordered_id()}
         return self._write(resource_type, resource["id"], resource, if_match=None, must_be_new=True)
 
     def _conditional_match(self, resource_type: str, criteria: str) -> Stored | None:
@@ -580,7 +581,7 @@ class _Operations:
         for resource in resources:
             resource_type, resource_id = _check_resource(resource, needs_id=False)
             if resource_id is None:
-                resource_id = str(uuid.uuid4())
+                resource_id = time_ordered_id()
                 resource = {**resource, "id": resource_id}
             key = (resource_type, resource_id)
             if key in batch or len(batch) >= batch_size:
@@ -760,6 +761,7 @@ class SqlRepository:
         self.parameters = parameters if parameters is not None else default_search_parameters()
         self.clock: Clock = clock if clock is not None else _utc_now
         self.postgres = self.engine.dialect.name == "postgresql"
+        self.schema = schema
         self._readers = ReadConnections(self.engine)
         if migrate:
             migrate_schema(self.engine)
@@ -944,6 +946,14 @@ class SqlRepository:
         """
         with self._bound(read_only=False) as bound:
             return bound.load(resources, batch_size=batch_size)
+
+    def child_appender(self) -> ProcessAppender | None:
+        """`append` done by a child process with its own connection (see `_appender`),
+        or None where a child could not do it as this repository would: search
+        parameters of its own (the child indexes with the default ones), or no POSIX."""
+        if self.parameters is not default_search_parameters() or not ProcessAppender.supported():
+            return None
+        return ProcessAppender(self.engine.url.render_as_string(hide_password=False), self.schema)
 
     def append(self, resources: Iterable[dict[str, Any]]) -> int:
         """Store new records the server itself makes (its AuditEvents), each with a

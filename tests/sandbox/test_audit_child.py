@@ -1,0 +1,156 @@
+"""AuditEvents stored by a child process (`AuditLog.child_writer`, `ProcessAppender`).
+
+The same promises as the in-process group commit: every request's events are
+stored exactly once, a request hears "committed" only once they are, one bad
+request fails alone; and a child that dies fails only the batch it held (its fate
+unknown), after which a new child serves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import pytest
+
+from cpa_fhir.sandbox._audit_log import AuditBatcher, AuditLog, AuditWriteFailed, BatchWriter
+from cpa_fhir.store import SqlRepository, default_search_parameters
+from cpa_fhir.store._appender import AppendFailed, AppendRejected, ProcessAppender
+from tests.sandbox.test_audit_log import event, events, ids, stored_ids, total
+from tests.store.conftest import StoreFactory
+
+pytestmark = pytest.mark.skipif(not ProcessAppender.supported(), reason="needs POSIX")
+
+FIXED = datetime(2026, 11, 1, 9, 30, 15, 123000, tzinfo=UTC)
+
+
+def child(log: AuditLog) -> BatchWriter:
+    writer = log.child_writer()
+    assert writer is not None
+    return writer
+
+
+def test_child_stores_every_request_once_and_fails_only_the_bad(store: SqlRepository) -> None:
+    log = AuditLog(store)
+    taken = event()
+    store.append([taken])
+    good = [events(1 + n % 2, marker=f"g{n}") for n in range(30)]
+    bad = {7: [event(id=taken["id"])], 19: [event(), {"resourceType": "AuditEvent"}]}
+    requests = [bad.get(n, g) for n, g in enumerate(good)]
+
+    async def main() -> list[BaseException | None]:
+        batcher = AuditBatcher(log, asyncio.to_thread, child(log))
+        results = await asyncio.gather(
+            *(batcher.record(r) for r in requests), return_exceptions=True
+        )
+        return list(results)
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        log.close()
+    for n, result in enumerate(results):
+        if n in bad:
+            assert isinstance(result, AuditWriteFailed), n
+        else:
+            assert result is None, (n, result)
+    wanted = [i for n, r in enumerate(requests) if n not in bad for i in ids(r)]
+    assert stored_ids(store, wanted) == set(wanted)
+    assert stored_ids(store, [bad[19][0]["id"]]) == set()
+    assert total(store) == 1 + len(wanted)
+
+
+def test_child_stamps_events_with_the_servers_clock(make_store: StoreFactory) -> None:
+    store = make_store(clock=lambda: FIXED)
+    log = AuditLog(store)
+    sent = events(3)
+
+    async def main() -> None:
+        await AuditBatcher(log, asyncio.to_thread, child(log)).record(sent)
+
+    try:
+        asyncio.run(main())
+    finally:
+        log.close()
+    for found in store.read_many(("AuditEvent", i) for i in ids(sent)).values():
+        meta = orjson.loads(found.content)["meta"]
+        assert (meta["versionId"], meta["lastUpdated"]) == ("1", "2026-11-01T09:30:15.123Z")
+        assert found.last_updated == FIXED
+
+
+def test_a_child_that_dies_fails_its_batch_and_a_new_one_serves(store: SqlRepository) -> None:
+    appender = store.child_appender()
+    assert appender is not None
+
+    async def main() -> None:
+        await appender.append(events(1), FIXED)  # running and ready
+        process = appender._process
+        assert process is not None
+        process.kill()
+        process.wait()
+        lost = events(2)
+        with pytest.raises(AppendFailed):
+            await appender.append(lost, FIXED)
+        later = events(2)
+        assert await appender.append(later, FIXED) == 2
+        assert appender._process is not process and appender._process is not None
+        assert stored_ids(store, ids(later)) == set(ids(later))
+        assert stored_ids(store, ids(lost)) == set()
+
+    try:
+        asyncio.run(main())
+    finally:
+        appender.close()
+
+
+def test_a_rejected_batch_stores_nothing_and_the_child_goes_on(store: SqlRepository) -> None:
+    appender = store.child_appender()
+    assert appender is not None
+    taken = event()
+    store.append([taken])
+
+    async def main() -> None:
+        mixed = [*events(2), event(id=taken["id"])]
+        with pytest.raises(AppendRejected):
+            await appender.append(mixed, FIXED)
+        assert stored_ids(store, ids(mixed[:2])) == set()
+        fine = events(2)
+        assert await appender.append(fine, FIXED) == 2
+
+    try:
+        asyncio.run(main())
+    finally:
+        appender.close()
+
+
+def test_close_stops_the_child(store: SqlRepository) -> None:
+    log = AuditLog(store)
+    writer = child(log)
+
+    async def main() -> None:
+        assert await writer([events(1)]) == [None]
+
+    asyncio.run(main())
+    processes = [c._process for c in log._children]
+    assert processes and all(p is not None and p.poll() is None for p in processes)
+    log.close()
+    assert all(p is not None and p.poll() is not None for p in processes)
+
+
+def test_no_child_for_a_store_with_its_own_search_parameters(make_store: StoreFactory) -> None:
+    own: list[dict[str, Any]] = [
+        {
+            "resourceType": "SearchParameter",
+            "url": "https://example.org/SearchParameter/audit-marker",
+            "code": "marker",
+            "base": ["AuditEvent"],
+            "type": "string",
+            "expression": "AuditEvent.agent.who.display",
+        }
+    ]
+    store = make_store(parameters=default_search_parameters().with_resources(own))
+    # A child indexes with the default parameters: it would leave `marker` unindexed.
+    assert store.child_appender() is None
+    assert AuditLog(store).child_writer() is None

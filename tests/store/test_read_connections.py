@@ -1,0 +1,105 @@
+"""Reads by id on a connection each thread keeps (`ReadConnections`), and server ids.
+
+A kept connection must read what is committed when it reads, as a pooled one
+would; one that fails is replaced; those of ended threads, and all on close, are
+closed. Server-assigned ids grow with time (UUID version 7), so that new rows
+land together in the indexes.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+import uuid
+from typing import Any
+
+import pytest
+
+from cpa_fhir.errors import ResourceNotFound
+from cpa_fhir.store import SqlRepository, time_ordered_id
+from tests.store.conftest import StoreFactory
+
+FHIR_ID = re.compile(r"[A-Za-z0-9\-\.]{1,64}")
+
+
+def patient(id: str, family: str) -> dict[str, Any]:
+    return {"resourceType": "Patient", "id": id, "name": [{"family": family}]}
+
+
+def in_thread(fn: Any) -> Any:
+    out: list[Any] = []
+    thread = threading.Thread(target=lambda: out.append(fn()))
+    thread.start()
+    thread.join(30)
+    return out[0]
+
+
+def test_a_kept_connection_reads_what_others_commit_later(make_store: StoreFactory) -> None:
+    reader, writer = make_store(), make_store()
+    writer.update(patient("p1", "Before"))
+    assert b"Before" in reader.read("Patient", "p1").content  # the connection is open now
+    generation = reader.generation()
+    writer.update(patient("p1", "After"))
+    writer.update(patient("p2", "New"))
+    assert b"After" in reader.read("Patient", "p1").content
+    assert reader.read("Patient", "p2").version_id == 1
+    assert reader.generation() == generation + 2
+    writer.delete("Patient", "p2")
+    with pytest.raises(Exception, match="deleted"):
+        reader.read("Patient", "p2")
+
+
+def test_each_thread_reads_on_its_own_connection(store: SqlRepository) -> None:
+    store.update(patient("p1", "Shared"))
+    store.read("Patient", "p1")
+    mine = store._readers._local.connection
+    store.read("Patient", "p1")
+    assert store._readers._local.connection is mine  # kept, not one per read
+    theirs = in_thread(lambda: (store.read("Patient", "p1"), store._readers._local.connection)[1])
+    assert theirs is not None and theirs is not mine
+
+
+def test_a_failed_read_replaces_the_connection(store: SqlRepository) -> None:
+    store.update(patient("p1", "Kept"))
+    store.read("Patient", "p1")
+    before = store._readers._local.connection
+    with pytest.raises(Exception, match="no_such_column|no such column"):
+        store._readers.rows("SELECT no_such_column FROM resource_current", ())
+    assert store._readers._local.connection is None
+    assert b"Kept" in store.read("Patient", "p1").content
+    assert store._readers._local.connection is not before
+    with pytest.raises(ResourceNotFound):
+        store.read("Patient", "absent")
+
+
+def test_connections_of_ended_threads_and_all_on_close_are_closed(store: SqlRepository) -> None:
+    store.update(patient("p1", "Once"))
+    ended = in_thread(lambda: (store.read("Patient", "p1"), store._readers._local.connection)[1])
+    store.read("Patient", "p1")  # this thread opens its own: the ended one's is closed
+    assert ended not in store._readers._open.values()
+    with pytest.raises(Exception, match="closed"):
+        ended.execute("SELECT 1")
+    mine = store._readers._local.connection
+    store.close()
+    assert store._readers._open == {}
+    with pytest.raises(Exception, match="closed"):
+        mine.execute("SELECT 1")
+
+
+def test_server_ids_are_uuid7_in_time_order() -> None:
+    first = [time_ordered_id() for _ in range(50)]
+    time.sleep(0.002)
+    later = time_ordered_id()
+    for value in [*first, later]:
+        parsed = uuid.UUID(value)
+        assert (parsed.version, parsed.variant) == (7, uuid.RFC_4122)
+        assert str(parsed) == value and FHIR_ID.fullmatch(value)
+        assert abs(int(value[:8] + value[9:13], 16) - time.time_ns() // 1_000_000) < 60_000
+    assert len(set(first)) == len(first)
+    assert all(value < later for value in first)
+
+
+def test_created_resources_get_time_ordered_ids(store: SqlRepository) -> None:
+    made = store.create({"resourceType": "Patient"})
+    assert uuid.UUID(made.id).version == 7
