@@ -10,7 +10,7 @@ connection each) send requests for a fixed time after a short warm-up. Scenarios
 - trust read / GP read: `GET /fhir/{type}/{id}` of Patient/c-patient,
   CarePlan/c-careplan, EpisodeOfCare/c-episode with a token of the `trust` client (sees
   everything) or the `gp` client (a partner: consent-filtered, and each disclosure is
-  recorded as an AuditEvent, a database write).
+  recorded as an AuditEvent, stored by the app's child writer process).
 - trust search / GP search: `CarePlan?subject=Patient/c-patient&status=active` and
   `Flag?patient=Patient/c-patient`, alternately.
 
