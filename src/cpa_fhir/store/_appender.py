@@ -36,6 +36,8 @@ import orjson
 
 _LENGTH = struct.Struct("!I")
 _STARTUP_SECONDS = 60.0
+# Run by import, not `-m`: the package imports this module before `-m` would run it.
+_CHILD = "import sys; from cpa_fhir.store._appender import run_child; run_child(int(sys.argv[1]))"
 
 
 class AppendFailed(Exception):
@@ -71,7 +73,7 @@ class ProcessAppender:
                 ours, theirs = socket.socketpair()
                 try:
                     self._process = subprocess.Popen(
-                        [sys.executable, "-m", "cpa_fhir.store._appender", str(theirs.fileno())],
+                        [sys.executable, "-c", _CHILD, str(theirs.fileno())],
                         pass_fds=(theirs.fileno(),),
                         stdin=subprocess.DEVNULL,
                     )
@@ -199,10 +201,11 @@ def serve(sock: socket.socket) -> None:
         repo.close()
 
 
-if __name__ == "__main__":
+def run_child(fd: int) -> None:
+    """The child's entry point, on the socket end it was given."""
     # The server's Ctrl-C reaches its whole process group: the child stops when the
     # server closes its end (or exits), after the batch in hand.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    with socket.socket(fileno=int(sys.argv[1])) as channel:
+    with socket.socket(fileno=fd) as channel:
         channel.setblocking(True)
         serve(channel)
