@@ -17,8 +17,10 @@ from cpa_fhir.consent import (
     RequiredElements,
     ShareRequest,
     SharingPolicy,
+    disclosed_references,
     share,
 )
+from cpa_fhir.consent._audit import SUBJECT_ROLE
 from cpa_fhir.validation import Validator
 from tests.common import EXAMPLES
 
@@ -99,8 +101,17 @@ def test_every_disclosure_is_valid_and_self_contained(
     assert len(provenances) == 1
     assert len(provenances[0]["target"]) == len(d.bundle["entry"]) - 1
     # The audit lists exactly what went, and counts (never lists) what did not.
-    audited = [ent["what"]["reference"] for ent in d.audit_event["entity"] if "what" in ent]
-    assert audited == d.shared
+    assert disclosed_references(d.audit_event) == d.shared
+    # ... and names the service user whose record it was, as the patient.
+    patient = next(
+        e["resource"]["id"]
+        for e in RECORDS[letter]["entry"]
+        if e["resource"]["resourceType"] == "Patient"
+    )
+    subjects = [
+        e["what"]["reference"] for e in d.audit_event["entity"] if e.get("role") == SUBJECT_ROLE
+    ]
+    assert subjects == [f"Patient/{patient}"]
     counted = sum(
         int(detail["valueString"])
         for ent in d.audit_event["entity"]

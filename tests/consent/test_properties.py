@@ -39,6 +39,7 @@ from cpa_fhir.consent import (
     ShareRequest,
     SharingPolicy,
     decide,
+    disclosed_references,
     filter_record,
     label_resources,
     recipient_from,
@@ -924,7 +925,7 @@ def test_nothing_disallowed_is_ever_shared(
         else:
             coding = parts["legalBasis"]["valueCoding"]
             assert (coding["system"], coding["code"]) == (LEGAL_BASIS_SYSTEM, basis.legal_basis)
-    what = [e["what"]["reference"] for e in audit["entity"] if "what" in e]
+    what = disclosed_references(audit)
     assert sorted(what) == sorted(_ref_key(r) for r in content) == sorted(disclosure.shared)
     assert audit["purposeOfEvent"][0]["coding"][0]["code"] == case.purpose
 

@@ -1,21 +1,22 @@
-"""AuditEvents stored by a child process (`AuditLog.child_writer`, `ProcessAppender`).
+"""AuditEvents stored by a child process (`AuditLog.child_appender`, `ProcessAppender`).
 
 The same promises as the in-process group commit: every request's events are
 stored exactly once, a request hears "committed" only once they are, one bad
-request fails alone; and a child that dies fails only the batch it held (its fate
-unknown), after which a new child serves.
+request fails alone; and a child that dies fails only the requests it had not
+answered (their fate unknown), after which a new child serves.
 """
 
 from __future__ import annotations
 
 import asyncio
+import signal
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 import pytest
 
-from cpa_fhir.sandbox._audit_log import AuditBatcher, AuditLog, AuditWriteFailed, BatchWriter
+from cpa_fhir.sandbox._audit_log import AuditBatcher, AuditLog, AuditWriteFailed
 from cpa_fhir.store import SqlRepository, default_search_parameters
 from cpa_fhir.store._appender import AppendFailed, AppendRejected, ProcessAppender
 from tests.sandbox.test_audit_log import event, events, ids, stored_ids, total
@@ -26,10 +27,10 @@ pytestmark = pytest.mark.skipif(not ProcessAppender.supported(), reason="needs P
 FIXED = datetime(2026, 11, 1, 9, 30, 15, 123000, tzinfo=UTC)
 
 
-def child(log: AuditLog) -> BatchWriter:
-    writer = log.child_writer()
-    assert writer is not None
-    return writer
+def child(log: AuditLog) -> ProcessAppender:
+    appender = log.child_appender()
+    assert appender is not None
+    return appender
 
 
 def test_child_stores_every_request_once_and_fails_only_the_bad(store: SqlRepository) -> None:
@@ -80,7 +81,9 @@ def test_child_stamps_events_with_the_servers_clock(make_store: StoreFactory) ->
         assert found.last_updated == FIXED
 
 
-def test_a_child_that_dies_fails_its_batch_and_a_new_one_serves(store: SqlRepository) -> None:
+def test_a_child_that_dies_fails_what_it_had_not_answered_and_a_new_one_serves(
+    store: SqlRepository,
+) -> None:
     appender = store.child_appender()
     assert appender is not None
 
@@ -88,16 +91,20 @@ def test_a_child_that_dies_fails_its_batch_and_a_new_one_serves(store: SqlReposi
         await appender.append(events(1), FIXED)  # running and ready
         process = appender._process
         assert process is not None
+        process.send_signal(signal.SIGSTOP)  # it takes nothing more in
+        lost = [events(1 + n % 2) for n in range(5)]
+        waiting = [asyncio.ensure_future(appender.append(e, FIXED)) for e in lost]
+        await asyncio.sleep(0.05)  # all sent
         process.kill()
         process.wait()
-        lost = events(2)
-        with pytest.raises(AppendFailed):
-            await appender.append(lost, FIXED)
+        results = await asyncio.gather(*waiting, return_exceptions=True)
+        assert all(isinstance(r, AppendFailed) for r in results), results
         later = events(2)
         assert await appender.append(later, FIXED) == 2
         assert appender._process is not process and appender._process is not None
         assert stored_ids(store, ids(later)) == set(ids(later))
-        assert stored_ids(store, ids(lost)) == set()
+        lost_ids = [i for e in lost for i in ids(e)]
+        assert stored_ids(store, lost_ids) == set()
 
     try:
         asyncio.run(main())
@@ -127,10 +134,10 @@ def test_a_rejected_batch_stores_nothing_and_the_child_goes_on(store: SqlReposit
 
 def test_close_stops_the_child(store: SqlRepository) -> None:
     log = AuditLog(store)
-    writer = child(log)
+    appender = child(log)
 
     async def main() -> None:
-        assert await writer([events(1)]) == [None]
+        assert await appender.append(events(1), FIXED) == 1
 
     asyncio.run(main())
     processes = [c._process for c in log._children]
@@ -153,4 +160,60 @@ def test_no_child_for_a_store_with_its_own_search_parameters(make_store: StoreFa
     store = make_store(parameters=default_search_parameters().with_resources(own))
     # A child indexes with the default parameters: it would leave `marker` unindexed.
     assert store.child_appender() is None
-    assert AuditLog(store).child_writer() is None
+    assert AuditLog(store).child_appender() is None
+
+
+def test_overlapping_requests_each_hear_of_their_own_records(store: SqlRepository) -> None:
+    appender = store.child_appender()
+    assert appender is not None
+    sent = [events(1 + n % 3, marker=f"o{n}") for n in range(60)]
+
+    async def main() -> list[int]:
+        # All sent before any answer comes: the child commits them in whatever groups
+        # reach it, and answers each request in the order sent.
+        return list(await asyncio.gather(*(appender.append(s, FIXED) for s in sent)))
+
+    try:
+        counts = asyncio.run(main())
+    finally:
+        appender.close()
+    assert counts == [len(s) for s in sent]
+    wanted = [i for s in sent for i in ids(s)]
+    assert stored_ids(store, wanted) == set(wanted)
+    assert total(store) == len(wanted)
+
+
+def test_a_cancelled_request_leaves_the_channel_working(store: SqlRepository) -> None:
+    appender = store.child_appender()
+    assert appender is not None
+
+    async def main() -> None:
+        await appender.append(events(1), FIXED)
+        process = appender._process
+        abandoned = events(2)
+        task = asyncio.ensure_future(appender.append(abandoned, FIXED))
+        await asyncio.sleep(0)  # sent
+        task.cancel()
+        later = events(3)
+        assert await appender.append(later, FIXED) == 3
+        assert appender._process is process  # the same child, still in step
+        # What was sent before the client went away is recorded all the same.
+        assert stored_ids(store, ids(abandoned)) == set(ids(abandoned))
+
+    try:
+        asyncio.run(main())
+    finally:
+        appender.close()
+
+
+def test_the_appender_serves_one_event_loop_after_another(store: SqlRepository) -> None:
+    appender = store.child_appender()
+    assert appender is not None
+    first, second = events(1), events(2)
+    try:
+        assert asyncio.run(appender.append(first, FIXED)) == 1
+        # The first loop has ended: its channel cannot hear replies any more.
+        assert asyncio.run(appender.append(second, FIXED)) == 2
+    finally:
+        appender.close()
+    assert stored_ids(store, ids(first + second)) == set(ids(first + second))

@@ -22,6 +22,7 @@ import orjson
 import pytest
 import sqlalchemy as sa
 
+from cpa_fhir.consent import disclosed_references
 from cpa_fhir.sandbox import Sandbox
 from cpa_fhir.sandbox._access import DerivedCache
 from cpa_fhir.sandbox._router import Request
@@ -479,7 +480,7 @@ def test_a_search_is_audited_once_per_patient_disclosed(
     named: set[str] = set()
     for event_id in new:
         event = trust.get(f"AuditEvent/{event_id}").json()
-        what = {e["what"]["reference"] for e in event["entity"] if "what" in e}
+        what = set(disclosed_references(event))
         shared_plans = {k for k in what if k.startswith("CarePlan/")}
         assert shared_plans, event
         named |= shared_plans
@@ -519,7 +520,7 @@ def test_concurrent_partner_reads_are_each_audited_exactly_once(
     by_reader: dict[tuple[str, str], int] = {}
     for event in events:
         requester = next(a["who"]["reference"] for a in event["agent"] if a["requestor"])
-        what = [e["what"]["reference"] for e in event["entity"] if "what" in e]
+        what = disclosed_references(event)
         assert len(what) == 1, what
         by_reader[(requester, what[0])] = by_reader.get((requester, what[0]), 0) + 1
     org = {"gp": "Organization/c-gp-practice", "social-care": "Organization/c-social-care"}

@@ -220,6 +220,11 @@ def test_gp_sees_redacted_care_plan_and_every_disclosure_is_audited(
     events = trust.get("AuditEvent", params={"_count": "1000"}).json()["entry"]
     latest = max((e["resource"] for e in events), key=lambda r: r["meta"]["lastUpdated"])
     assert {"reference": "CarePlan/c-careplan"} in [e.get("what") for e in latest["entity"]]
+    # The trust finds it among the service user's disclosures, though no Patient went.
+    of_patient = trust.get(
+        "AuditEvent", params={"patient": "Patient/c-patient", "_count": "1000"}
+    ).json()
+    assert latest["id"] in {e["resource"]["id"] for e in of_patient.get("entry", [])}
     # A partner never sees the audit trail.
     assert gp.get("AuditEvent").status_code in (200, 403)
     assert (

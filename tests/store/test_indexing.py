@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 from fhirpathpy import compile as compile_fhirpath
@@ -13,6 +15,7 @@ from hypothesis import strategies as st
 
 from cpa_fhir.store import default_search_parameters, index_resource, normalise
 from cpa_fhir.store._dates import MAX_TIME, MIN_TIME, date_range, to_micros, value_ranges
+from cpa_fhir.store._indexing import RecordIndexer
 from cpa_fhir.store._paths import compile_path
 from tests.store.conftest import example_resources
 
@@ -137,3 +140,80 @@ def test_normalise_is_idempotent_and_case_blind(text: str) -> None:
 
 def test_normalise_strips_accents() -> None:
     assert normalise("Zoë Ñúñez STRASSE") == normalise("zoe nunez strasse")
+
+
+# -- RecordIndexer: the server's own records, made from templates ----------------------
+
+_AUDIT_PARAMETERS = PARAMETERS.indexed("AuditEvent")
+_instants = st.datetimes(
+    min_value=datetime(2000, 1, 1), max_value=datetime(2090, 1, 1), timezones=st.just(UTC)
+).map(lambda d: d.isoformat().replace("+00:00", "Z"))
+_codes = st.sampled_from(["R", "E", "C", "110106", "110152", "withheld-offending"])
+_refs = st.sampled_from(
+    ["Organization/gp", "CarePlan/c-careplan", "Patient/c-patient", "Practitioner/p1"]
+)
+
+
+@st.composite
+def _audit_events(draw: st.DrawFn) -> dict[str, Any]:
+    event: dict[str, Any] = {
+        "resourceType": "AuditEvent",
+        "id": draw(st.uuids()).hex,
+        "meta": {
+            "versionId": draw(st.sampled_from(["1", "2"])),
+            "lastUpdated": draw(_instants),
+            "profile": draw(st.lists(st.sampled_from(["https://a/p1", "https://a/p2"]))),
+            "security": [{"system": "https://a/s", "code": draw(_codes)}],
+        },
+        "type": {"system": "http://dicom.nema.org/resources/ontology/DCM", "code": draw(_codes)},
+        "action": draw(_codes),
+        "recorded": draw(_instants),
+        "outcome": draw(st.sampled_from(["0", "4"])),
+        "agent": [
+            {"who": {"reference": draw(_refs)}, "requestor": draw(st.booleans())}
+            for _ in range(draw(st.integers(1, 3)))
+        ],
+        "entity": [{"what": {"reference": draw(_refs)}} for _ in range(draw(st.integers(0, 3)))],
+    }
+    return event
+
+
+@given(st.lists(_audit_events(), min_size=1, max_size=6), st.data())
+def test_record_indexer_gives_the_rows_indexing_would(
+    templates: list[dict[str, Any]], data: st.DataObject
+) -> None:
+    """Records alike but for id, time and version metadata, and records unlike: each
+    gets exactly the rows `index_resource` gives it, whatever was indexed before."""
+    indexer = RecordIndexer()
+    for _ in range(12):
+        template = data.draw(st.sampled_from(templates))
+        record = {
+            **template,
+            "id": data.draw(st.uuids()).hex,
+            "recorded": data.draw(_instants),
+            "meta": {**template["meta"], "lastUpdated": data.draw(_instants)},
+        }
+        assert indexer.index(record, _AUDIT_PARAMETERS) == index_resource(record, _AUDIT_PARAMETERS)
+
+
+def test_record_indexer_indexes_only_what_varies_once_it_knows_a_template() -> None:
+    indexer = RecordIndexer()
+    calls: list[str] = []
+    counted = tuple(
+        dataclasses.replace(p, evaluate=lambda r, p=p: (calls.append(p.code), p.evaluate(r))[1])
+        for p in _AUDIT_PARAMETERS
+    )
+    event = {
+        "resourceType": "AuditEvent",
+        "id": "a",
+        "recorded": "2026-11-01T10:00:00Z",
+        "meta": {"lastUpdated": "2026-11-01T10:00:00Z", "profile": ["https://a/p"]},
+        "agent": [{"who": {"reference": "Organization/gp"}}],
+    }
+    indexer.index(event, counted)
+    assert len(calls) == len(counted)
+    calls.clear()
+    again = {**event, "id": "b", "recorded": "2026-11-02T10:00:00Z"}
+    rows = indexer.index(again, counted)
+    assert calls == ["date"]  # the only parameter that reads what differs
+    assert rows == index_resource(again, _AUDIT_PARAMETERS)

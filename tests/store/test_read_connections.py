@@ -8,6 +8,7 @@ land together in the indexes.
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 import time
@@ -98,6 +99,35 @@ def test_server_ids_are_uuid7_in_time_order() -> None:
         assert abs(int(value[:8] + value[9:13], 16) - time.time_ns() // 1_000_000) < 60_000
     assert len(set(first)) == len(first)
     assert all(value < later for value in first)
+
+
+def test_server_ids_are_unique_across_threads_and_a_forked_child() -> None:
+    # Random bits come from a pool drawn a page at a time: threads must not share a
+    # draw, and a forked child must not reuse what its parent had drawn.
+    time_ordered_id()  # the pool holds random bytes now
+    made: list[str] = []
+    threads = [
+        threading.Thread(target=lambda: made.extend(time_ordered_id() for _ in range(2000)))
+        for _ in range(4)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(made)) == len(made) == 8000
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next ids, to the parent
+        os.close(read)
+        os.write(write, " ".join(time_ordered_id() for _ in range(100)).encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        childs = pipe.read().split()
+    os.waitpid(pid, 0)
+    parents = [time_ordered_id() for _ in range(100)]
+    # Ids made in the same millisecond share their first 48 bits; the rest must differ.
+    assert not {c[14:] for c in childs} & {p[14:] for p in parents}
 
 
 def test_created_resources_get_time_ordered_ids(store: SqlRepository) -> None:

@@ -24,6 +24,7 @@ from cpa_fhir.errors import (
     VersionConflict,
 )
 from cpa_fhir.store import LATEST_VERSION, SqlRepository, current_version, migrate
+from cpa_fhir.store._schema import search_string
 from tests.common import ROOT
 from tests.store.conftest import StoreFactory, TickingClock, example_resources
 
@@ -350,6 +351,31 @@ def test_a_store_at_version_1_upgrades(make_store: StoreFactory) -> None:
     assert migrate(store.engine) == list(range(2, LATEST_VERSION + 1))
     assert "ix_history_updated" in _schema_shape(store.engine)["resource_history"][1]
     assert store.read("Patient", "p1").version_id == 1
+
+
+def test_upgrading_refolds_strings_indexed_by_the_older_normalise(
+    make_store: StoreFactory,
+) -> None:
+    # Before version 5 the index folded case before decomposing: the mathematical
+    # capital alpha became a Greek capital alpha, which no search (always folded) finds.
+    store = make_store(migrate=False)
+    migrate(store.engine, target=4)
+    patient = {"resourceType": "Patient", "id": "p-math", "name": [{"family": "\U0001d6e2lpha"}]}
+    store.update(patient)
+    with store.engine.begin() as connection:
+        connection.execute(
+            search_string.update()
+            .where(search_string.c.resource_id == "p-math")
+            .values(normalised=sa.func.replace(search_string.c.normalised, "α", "Α"))
+        )
+
+    def found() -> set[str]:
+        query = store.parse("Patient", [("family", "αlpha")])
+        return {m.id for m in store.search(query).matches}
+
+    assert found() == set()
+    assert migrate(store.engine) == [5]
+    assert found() == {"p-math"}
 
 
 def test_stores_opened_together_migrate_once(make_store: StoreFactory) -> None:

@@ -4,7 +4,13 @@ The policy (categories, labelling rules, recipients, legal exceptions) is data,
 parsed by `parse_policy`; the time and ids are passed in.
 """
 
-from cpa_fhir.consent._audit import audit_event, audit_instant, provenance, withheld_counts
+from cpa_fhir.consent._audit import (
+    audit_event,
+    audit_instant,
+    disclosed_references,
+    provenance,
+    withheld_counts,
+)
 from cpa_fhir.consent._decision import (
     Basis,
     Decision,
@@ -65,6 +71,7 @@ __all__ = [
     "audit_event",
     "audit_instant",
     "decide",
+    "disclosed_references",
     "filter_record",
     "label_resource",
     "label_resources",

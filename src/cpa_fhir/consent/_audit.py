@@ -20,6 +20,28 @@ from cpa_fhir.consent._policy import CATEGORY_SYSTEM, LEGAL_BASIS_SYSTEM, PURPOS
 AUDIT_PROFILE = "https://cpa-fhir.org/fhir/StructureDefinition/cpa-disclosure-audit-event"
 BASIS_EXTENSION = "https://cpa-fhir.org/fhir/StructureDefinition/disclosure-basis"
 _DCM = "http://dicom.nema.org/resources/ontology/DCM"
+# The service user whose information went: an entity in the Patient role (as the
+# IHE Basic Audit Log Patterns name the patient), so `AuditEvent?patient=` finds
+# every disclosure of their record, whatever resources it held.
+SUBJECT_TYPE = {
+    "system": "http://terminology.hl7.org/CodeSystem/audit-entity-type",
+    "code": "1",
+    "display": "Person",
+}
+SUBJECT_ROLE = {
+    "system": "http://terminology.hl7.org/CodeSystem/object-role",
+    "code": "1",
+    "display": "Patient",
+}
+
+
+def disclosed_references(event: dict[str, Any]) -> list[str]:
+    """Type/id of what an AuditEvent of a disclosure records as shared (not its subject)."""
+    return [
+        e["what"]["reference"]
+        for e in event.get("entity", [])
+        if "what" in e and e.get("role") != SUBJECT_ROLE
+    ]
 
 
 def audit_instant(at: datetime) -> str:
@@ -67,9 +89,16 @@ def audit_event(
     withheld: Sequence[WithheldItem],
     requester: str,
     observer: dict[str, Any],
+    patient: str | None = None,
 ) -> dict[str, Any]:
-    """The one AuditEvent of a disclosure. `shared` lists Type/id of what went."""
-    entities: list[dict[str, Any]] = [{"what": {"reference": key}} for key in shared]
+    """The one AuditEvent of a disclosure. `shared` lists Type/id of what went;
+    `patient`, Patient/id of the service user whose record it came from."""
+    entities: list[dict[str, Any]] = []
+    if patient is not None:
+        entities.append(
+            {"what": {"reference": patient}, "type": SUBJECT_TYPE, "role": SUBJECT_ROLE}
+        )
+    entities += [{"what": {"reference": key}} for key in shared]
     counts = withheld_counts(withheld)
     if counts:
         entities.append(

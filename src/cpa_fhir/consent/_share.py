@@ -228,6 +228,7 @@ def assemble(
         withheld=result.withheld,
         requester=requester,
         observer=observer,
+        patient=f"Patient/{_patient(entries)['id']}",
     )
     return Disclosure(bundle, event, decision, result.withheld, shared_keys)
 

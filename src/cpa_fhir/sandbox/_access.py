@@ -45,6 +45,9 @@ from cpa_fhir.errors import SharingError
 from cpa_fhir.sandbox._auth import Client
 from cpa_fhir.store import SqlRepository, Stored
 
+# The server's own records (`AuditLog`) are appended without moving the generation:
+# a read of one is never taken from what was derived.
+APPENDED_TYPES = frozenset({"AuditEvent"})
 # Where each resource type names the patient whose record it belongs to.
 PATIENT_ELEMENTS = ("subject", "patient", "for", "beneficiary")
 
@@ -114,11 +117,14 @@ class Derived:
         # (patient, client) -> a decision and the span of time it holds for
         self.decisions: dict[tuple[str, str], tuple[Decision, datetime, datetime]] = {}
         self.audit_templates: dict[tuple[Any, ...], dict[str, Any]] = {}
+        # (type, id) -> the current version, as read
+        self.current: dict[tuple[str, str], Stored] = {}
 
     def size(self) -> int:
         return (
             len(self.resources) + len(self.patients) + len(self.consents) + len(self.shown)
             + len(self.categories) + len(self.decisions) + len(self.audit_templates)
+            + len(self.current)
         )  # fmt: skip
 
 
@@ -184,6 +190,16 @@ class PartnerView:
         for key in missing:
             stored = found.get(split[key])
             cache[key] = stored.resource() if stored is not None else None
+
+    def read(self, resource_type: str, id: str) -> Stored:
+        """`SqlRepository.read`, kept while the generation holds (it cannot change)."""
+        if resource_type in APPENDED_TYPES:
+            return self.repo.read(resource_type, id)
+        key = (resource_type, id)
+        stored = self.derived.current.get(key)
+        if stored is None:
+            stored = self.derived.current[key] = self.repo.read(resource_type, id)
+        return stored
 
     def _get(self, key: str) -> dict[str, Any] | None:
         self._fetch([key])
@@ -357,7 +373,7 @@ class PartnerView:
         """One AuditEvent per patient whose information this request disclosed."""
         events = []
         recorded = None
-        for shared in self._disclosed.values():
+        for patient, shared in self._disclosed.items():
             if not shared.shared:
                 continue
             decision = shared.decision
@@ -365,6 +381,7 @@ class PartnerView:
             counts = tuple(sorted(withheld_counts(shared.withheld).items()))
             # Disclosures alike but for their id and time have one AuditEvent but for those.
             key = (
+                patient,
                 self.recipient.reference,
                 decision.recipient,
                 decision.purpose,
@@ -383,6 +400,7 @@ class PartnerView:
                     withheld=shared.withheld,
                     requester=self.recipient.reference,
                     observer=observer,
+                    patient=f"Patient/{patient}",
                 )
                 self.derived.audit_templates[key] = template
             if recorded is None:

@@ -8,9 +8,11 @@ the database does one write transaction per batch, not one per request.
 
 Two ways in: `AuditLog.record` blocks a thread until its events are committed (a
 writer thread gathers the batches); `AuditBatcher` does the same for coroutines
-on an event loop, its batches written either through a blocking call (on a
-worker thread, or inline) or by a child process (`AuditLog.child_writer`), which
-indexes and stores them on another core while the event loop serves requests.
+on an event loop, its batches written through a blocking call (on a worker
+thread, or inline), or each request's events sent at once to a child process
+(`AuditLog.child_appender`), which indexes and stores them on another core while
+the event loop serves requests, committing together all that reach it while it
+is busy.
 """
 
 from __future__ import annotations
@@ -18,21 +20,15 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from cpa_fhir.store import SqlRepository
-from cpa_fhir.store._appender import AppendRejected, ProcessAppender
+from cpa_fhir.store._appender import ProcessAppender
 
 MAX_BATCH = 500
-# Batches a child process writes are kept small: while one is in flight its requests
-# wait, and the event loop serves those of the batch before; a large batch would hold
-# most clients at once and leave the loop idle.
-CHILD_BATCH = 16
 Events = list[dict[str, Any]]
-# Commits several requests' events; per request, the error that stopped them, or None.
-BatchWriter = Callable[[Sequence[Events]], Awaitable[list[BaseException | None]]]
 
 
 class AuditWriteFailed(Exception):
@@ -88,37 +84,17 @@ class AuditLog:
         if pending.error is not None:
             raise AuditWriteFailed(str(pending.error)) from pending.error
 
-    def child_writer(self) -> BatchWriter | None:
-        """An awaitable `write` whose work a child process does, started now; or, where
-        no child can serve this store, None (see `SqlRepository.child_appender`).
-        `close()` stops the child."""
+    def child_appender(self) -> ProcessAppender | None:
+        """A child process that stores AuditEvents (`ProcessAppender`), started now; or,
+        where no child can serve this store, None (see `SqlRepository.child_appender`).
+        `close()` stops it."""
         appender = self.repo.child_appender()
         if appender is None:
             return None
         appender.start()
         with self._lock:
             self._children.append(appender)
-        clock = self.repo.clock
-
-        async def write(batches: Sequence[Events]) -> list[BaseException | None]:
-            at = clock()
-            try:
-                await appender.append([e for events in batches for e in events], at)
-                return [None] * len(batches)
-            except AppendRejected:
-                pass
-            # One request's events must not fail the others': each alone (a child
-            # that stops fails the rest, as the write's fate is then unknown).
-            errors: list[BaseException | None] = []
-            for events in batches:
-                try:
-                    await appender.append(events, at)
-                    errors.append(None)
-                except AppendRejected as exc:
-                    errors.append(exc)
-            return errors
-
-        return write
+        return appender
 
     def close(self) -> None:
         with self._lock:
@@ -172,25 +148,32 @@ class AuditLog:
 
 class AuditBatcher:
     """`AuditLog.record` for coroutines on one event loop: the events of requests that
-    arrive while a batch is being committed go together in the next."""
+    arrive while a batch is being committed go together in the next. With a child
+    process (`AuditLog.child_appender`) each request's events go to it at once, and
+    the child does the batching."""
 
     def __init__(
         self,
         log: AuditLog,
         run_in_thread: Callable[..., Any],
-        write: BatchWriter | None = None,
+        child: ProcessAppender | None = None,
     ) -> None:
         self.log = log
         # e.g. anyio.to_thread.run_sync: awaits a blocking call made on a worker thread
         self._run_in_thread = run_in_thread
-        self._write = write  # AuditLog.child_writer(), else log.write via run_in_thread
-        self._max_batch = log.max_batch if write is None else min(log.max_batch, CHILD_BATCH)
+        self._child = child
         self._waiting: list[tuple[Events, asyncio.Future[None]]] = []
         self._flushing = False
 
     async def record(self, events: Events) -> None:
         """Return once `events` are committed; AuditWriteFailed if they could not be."""
         if not events:
+            return
+        if self._child is not None:
+            try:
+                await self._child.append(events, self.log.repo.clock())
+            except Exception as exc:  # whatever the cause, the disclosure must not go
+                raise AuditWriteFailed(str(exc)) from exc
             return
         committed = asyncio.get_running_loop().create_future()
         self._waiting.append((events, committed))
@@ -204,14 +187,11 @@ class AuditBatcher:
             # Let the requests already read off their connections reach this batch too.
             await asyncio.sleep(0)
             while self._waiting:
-                size = self._max_batch
+                size = self.log.max_batch
                 batch, self._waiting = self._waiting[:size], self._waiting[size:]
                 try:
                     batches = [e for e, _ in batch]
-                    if self._write is not None:
-                        errors = await self._write(batches)
-                    else:
-                        errors = await self._run_in_thread(self.log.write, batches)
+                    errors = await self._run_in_thread(self.log.write, batches)
                 except Exception as exc:  # the batch's fate is unknown: none of it shares
                     errors = [exc] * len(batch)
                 for (_, committed), error in zip(batch, errors, strict=True):

@@ -325,9 +325,10 @@ class Router:
         view: PartnerView | None,
     ) -> Response:
         require(scopes, rtype, "read")
-        stored = (
-            self.repo.read(rtype, rid) if version is None else self.repo.vread(rtype, rid, version)
-        )
+        if version is not None:
+            stored = self.repo.vread(rtype, rid, version)
+        else:
+            stored = self.repo.read(rtype, rid) if view is None else view.read(rtype, rid)
         if version is not None and stored.deleted:
             raise ResourceGone(f"{rtype}/{rid} version {version} is a deletion")
         if view is None:

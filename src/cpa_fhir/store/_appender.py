@@ -4,30 +4,38 @@ Recording a disclosure (its AuditEvent's search index and the rows it adds)
 costs as much interpreter time as serving the read it records. The child
 process does that work on another core, with its own connection: the server
 only serialises the records and waits, on its event loop, for the child to say
-they are committed. Batches go one at a time over a socket pair, each a
-length-prefixed JSON frame:
+they are committed.
+
+Each request's records go to the child at once, as one length-prefixed JSON
+frame over a socket pair; the child commits everything it has been sent by the
+time it is free in one transaction (group commit, with no waiting on the
+server's side) and answers with one result per request, in the order sent:
 
     server -> child   {"url": ..., "schema": ...}              (once, first)
     child  -> server  {"ready": true} | {"error": "..."}
-    server -> child   {"at": ISO instant, "resources": [...]}  (one transaction)
-    child  -> server  {"stored": n} | {"error": "..."}
+    server -> child   {"at": ISO instant, "resources": [...]}  (one per request)
+    child  -> server  {"results": [n | {"error": "..."}, ...]}  (one per transaction)
 
-The child stamps meta.lastUpdated with the server's `at`, so records read the
-same whichever process stored them. If the child dies, the batch in flight
-fails (the server cannot know whether it was committed) and the next batch
-starts a new child.
+A transaction that fails is retried one request at a time, so one bad request
+fails alone. The child stamps meta.lastUpdated with the server's `at` (the
+latest of the transaction's), so records read the same whichever process stored
+them. If the child dies, every request it had not answered fails (the server
+cannot know whether they were committed) and the next request starts a new child.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
+import select
 import signal
 import socket
 import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -36,31 +44,123 @@ import orjson
 
 _LENGTH = struct.Struct("!I")
 _STARTUP_SECONDS = 60.0
+# Records the child commits together at most: a transaction stays short even when
+# many requests wait.
+MAX_RECORDS = 500
+# While requests come together (the last transaction held more than one), the child
+# waits this long for more before committing: a commit costs about as much as
+# storing a few records, so committing each as it comes would spend the cores the
+# server needs. A lone request is committed at once.
+GATHER_SECONDS = 0.001
 # Run by import, not `-m`: the package imports this module before `-m` would run it.
 _CHILD = "import sys; from cpa_fhir.store._appender import run_child; run_child(int(sys.argv[1]))"
 
 
 class AppendFailed(Exception):
-    """The batch may or may not be stored: the child could not say (it stopped)."""
+    """The records may or may not be stored: the child could not say (it stopped)."""
 
 
 class AppendRejected(Exception):
-    """The child rolled the batch back: nothing of it is stored."""
+    """The child rolled the records back: nothing of them is stored."""
+
+
+class _Channel:
+    """The server's end of one child's socket: frames go out as requests come, from
+    any thread or event loop, in order; a reader thread hands each result, in the same
+    order, to the event loop of the request waiting for it."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.broken: str | None = None
+        self._lock = threading.Lock()  # the order of `_waiting` is the order on the wire
+        self._waiting: collections.deque[asyncio.Future[int]] = collections.deque()
+        self._reader = threading.Thread(target=self._read, name="cpa-fhir-audit-replies")
+        self._reader.daemon = True
+        self._reader.start()
+
+    def send(self, payload: bytes) -> asyncio.Future[int]:
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        with self._lock:
+            if self.broken is None:
+                try:
+                    self.sock.sendall(_frame(payload))
+                    self._waiting.append(future)
+                    return future
+                except OSError as exc:
+                    self.broken = f"it cannot be written to ({exc})"
+            why = self.broken
+        future.set_exception(AppendFailed(f"the audit writer failed: {why}"))
+        return future
+
+    def _read(self) -> None:
+        frames = _Frames(self.sock)
+        try:
+            self.sock.settimeout(_STARTUP_SECONDS)
+            try:
+                reply = _receive(frames)
+            except TimeoutError:
+                raise AppendFailed("it did not start") from None
+            if "error" in reply:
+                raise AppendFailed(f"it could not start: {reply['error']}")
+            self.sock.settimeout(None)
+            while True:
+                results = _receive(frames)["results"]
+                with self._lock:
+                    answered = [(self._waiting.popleft(), r) for r in results]
+                _settle(answered)
+        except (AppendFailed, OSError, ValueError, TypeError, KeyError, IndexError) as exc:
+            why = str(exc) if isinstance(exc, AppendFailed) else f"it stopped ({exc})"
+            with self._lock:
+                self.broken = self.broken or why
+                failed = [(f, {"failed": self.broken}) for f in self._waiting]
+                self._waiting.clear()
+            _settle(failed)
+
+    def close(self) -> None:
+        """The child reads end-of-file and exits; so does the reader."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        if self._reader is not threading.current_thread():
+            self._reader.join(timeout=10)
+        self.sock.close()
+
+
+def _settle(answered: list[tuple[asyncio.Future[int], Any]]) -> None:
+    """Give each waiting request its result on its own event loop, one wake-up a loop."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[int], Any]]] = {}
+    for future, result in answered:
+        by_loop.setdefault(future.get_loop(), []).append((future, result))
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_settle_here, items)
+        except RuntimeError:  # that loop has closed: nobody waits there any more
+            pass
+
+
+def _settle_here(items: list[tuple[asyncio.Future[int], Any]]) -> None:
+    for future, result in items:
+        if future.done():  # its request was cancelled; the records were committed
+            continue
+        if isinstance(result, int):
+            future.set_result(result)
+        elif "failed" in result:
+            future.set_exception(AppendFailed(f"the audit writer failed: {result['failed']}"))
+        else:
+            future.set_exception(AppendRejected(str(result["error"])))
 
 
 class ProcessAppender:
-    """Appends batches of new records through a child process (see the module docstring).
-
-    One batch is in flight at a time: callers serialise their calls (the audit
-    batcher flushes one batch after another).
-    """
+    """Appends records through a child process (see the module docstring). Calls may
+    overlap, from any event loop: each is answered once the child has committed, or
+    failed, its records."""
 
     def __init__(self, url: str, schema: str | None) -> None:
         self._config = orjson.dumps({"url": url, "schema": schema})
         self._lock = threading.Lock()
         self._process: subprocess.Popen[bytes] | None = None
-        self._socket: socket.socket | None = None
-        self._ready = False
+        self._channel: _Channel | None = None
 
     @staticmethod
     def supported() -> bool:
@@ -80,46 +180,33 @@ class ProcessAppender:
                 finally:
                     theirs.close()
                 ours.sendall(_frame(self._config))
-                ours.setblocking(False)
-                self._socket = ours
-                self._ready = False
+                self._channel = _Channel(ours)
 
     async def append(self, resources: Sequence[dict[str, Any]], at: datetime) -> int:
         """Store the records in one transaction in the child; how many were stored."""
-        self.start()
-        sock = self._socket
-        assert sock is not None
-        try:
-            if not self._ready:
-                reply = await asyncio.wait_for(_receive(sock), _STARTUP_SECONDS)
-                if "error" in reply:
-                    raise AppendFailed(f"the audit writer could not start: {reply['error']}")
-                self._ready = True
-            payload = orjson.dumps({"at": at.isoformat(), "resources": resources})
-            await asyncio.get_running_loop().sock_sendall(sock, _frame(payload))
-            reply = await _receive(sock)
-        except AppendFailed:
-            self._stop()
-            raise
-        except (TimeoutError, OSError, asyncio.CancelledError, ValueError) as exc:
-            # The exchange broke off part-way: the channel cannot be trusted again.
-            self._stop()
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            raise AppendFailed(f"the audit writer stopped: {exc or type(exc).__name__}") from exc
-        if "error" in reply:
-            raise AppendRejected(str(reply["error"]))
-        return int(reply["stored"])
+        payload = orjson.dumps({"at": at.isoformat(), "resources": resources})
+        return await self._open().send(payload)
+
+    def _open(self) -> _Channel:
+        channel = self._channel
+        if channel is not None and channel.broken is not None:
+            self._stop()  # a child that failed: this request starts another
+            channel = None
+        if channel is None:
+            self.start()
+            channel = self._channel
+        assert channel is not None
+        return channel
 
     def close(self) -> None:
         self._stop()
 
     def _stop(self) -> None:
         with self._lock:
-            process, sock = self._process, self._socket
-            self._process = self._socket = None
-        if sock is not None:
-            sock.close()  # the child reads end-of-file and exits
+            process, channel = self._process, self._channel
+            self._process = self._channel = None
+        if channel is not None:
+            channel.close()
         if process is not None:
             try:
                 process.wait(timeout=10)
@@ -132,71 +219,101 @@ def _frame(payload: bytes) -> bytes:
     return _LENGTH.pack(len(payload)) + payload
 
 
-async def _receive(sock: socket.socket) -> dict[str, Any]:
-    loop = asyncio.get_running_loop()
-    header = await _exactly(loop, sock, _LENGTH.size)
-    body = await _exactly(loop, sock, _LENGTH.unpack(header)[0])
-    reply = orjson.loads(body)
+def _receive(frames: _Frames) -> dict[str, Any]:
+    frame = frames.next()
+    if frame is None:
+        raise OSError("the audit writer closed its end")
+    reply = orjson.loads(frame)
     if not isinstance(reply, dict):
         raise ValueError("the audit writer's reply is not an object")
     return reply
 
 
-async def _exactly(loop: asyncio.AbstractEventLoop, sock: socket.socket, size: int) -> bytes:
-    parts: list[bytes] = []
-    while size:
-        part = await loop.sock_recv(sock, min(size, 1 << 20))
-        if not part:
-            raise OSError("the audit writer closed its end")
-        parts.append(part)
-        size -= len(part)
-    return b"".join(parts)
-
-
 # -- the child --------------------------------------------------------------------------
 
 
-def _read_exactly(sock: socket.socket, size: int) -> bytes | None:
-    parts: list[bytes] = []
-    while size:
-        part = sock.recv(min(size, 1 << 20))
-        if not part:
-            return None
-        parts.append(part)
-        size -= len(part)
-    return b"".join(parts)
+class _Frames:
+    """Frames off a blocking socket, and those already sent without waiting."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._buffer = bytearray()
+        self._ended = False
+
+    def next(self, *, wait: bool = True, until: float | None = None) -> bytes | None:
+        """The next frame; None at end of input or, with `wait=False`, if none has
+        fully arrived yet (by the `time.monotonic()` instant `until`, if given)."""
+        while True:
+            if len(self._buffer) >= _LENGTH.size:
+                end = _LENGTH.size + _LENGTH.unpack_from(self._buffer)[0]
+                if len(self._buffer) >= end:
+                    frame = bytes(self._buffer[_LENGTH.size : end])
+                    del self._buffer[:end]
+                    return frame
+            if self._ended:
+                return None
+            if not wait and until is not None:
+                left = until - time.monotonic()
+                if left <= 0 or not select.select([self._sock], [], [], left)[0]:
+                    return None
+            try:
+                part = self._sock.recv(1 << 20, 0 if wait else socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return None
+            if not part:
+                self._ended = True
+            self._buffer += part
 
 
-def _read_frame(sock: socket.socket) -> bytes | None:
-    header = _read_exactly(sock, _LENGTH.size)
-    return None if header is None else _read_exactly(sock, _LENGTH.unpack(header)[0])
+def _store(repo: Any, stamp: list[datetime], requests: list[dict[str, Any]]) -> list[Any]:
+    """Commit the requests' records together (else each alone); a result per request."""
+    stamp[:] = [max(datetime.fromisoformat(r["at"]) for r in requests)]
+    try:
+        repo.append([record for r in requests for record in r["resources"]])
+        return [len(r["resources"]) for r in requests]
+    except Exception as exc:  # rolled back
+        if len(requests) == 1:
+            return [{"error": f"{type(exc).__name__}: {exc}"}]
+    return [result for r in requests for result in _store(repo, stamp, [r])]
 
 
 def serve(sock: socket.socket) -> None:
-    """Answer batches until the server closes its end."""
+    """Answer requests until the server closes its end."""
     from cpa_fhir.store._repository import SqlRepository
 
-    config = _read_frame(sock)
+    frames = _Frames(sock)
+    config = frames.next()
     if config is None:
         return
     try:
         settings = orjson.loads(config)
         repo = SqlRepository(settings["url"], schema=settings["schema"], migrate=False)
-    except Exception as exc:  # reported to the server, which fails the batch
+    except Exception as exc:  # reported to the server, which fails the requests
         sock.sendall(_frame(orjson.dumps({"error": f"{type(exc).__name__}: {exc}"})))
         return
     stamp: list[datetime] = []
     repo.clock = lambda: stamp[0]
     sock.sendall(_frame(orjson.dumps({"ready": True})))
+    together = False
     try:
-        while (frame := _read_frame(sock)) is not None:
-            try:
-                batch = orjson.loads(frame)
-                stamp[:] = [datetime.fromisoformat(batch["at"])]
-                reply: dict[str, Any] = {"stored": repo.append(batch["resources"])}
-            except Exception as exc:  # rolled back; the server retries or fails the batch
-                reply = {"error": f"{type(exc).__name__}: {exc}"}
-            sock.sendall(_frame(orjson.dumps(reply)))
+        while (frame := frames.next()) is not None:
+            requests: list[dict[str, Any]] = []
+            records = 0
+            until = time.monotonic() + GATHER_SECONDS if together else None
+            while frame is not None:
+                try:
+                    request = orjson.loads(frame)
+                    datetime.fromisoformat(request["at"])
+                    records += len(request["resources"])
+                except (ValueError, TypeError, KeyError) as exc:
+                    request = {"error": f"unreadable request: {exc}"}
+                requests.append(request)
+                frame = frames.next(wait=False, until=until) if records < MAX_RECORDS else None
+            together = len(requests) > 1
+            readable = [r for r in requests if "error" not in r]
+            results = iter(_store(repo, stamp, readable) if readable else [])
+            reply = [r if "error" in r else next(results) for r in requests]
+            sock.sendall(_frame(orjson.dumps({"results": reply})))
     finally:
         repo.close()
 
@@ -204,7 +321,7 @@ def serve(sock: socket.socket) -> None:
 def run_child(fd: int) -> None:
     """The child's entry point, on the socket end it was given."""
     # The server's Ctrl-C reaches its whole process group: the child stops when the
-    # server closes its end (or exits), after the batch in hand.
+    # server closes its end (or exits), after the requests in hand.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     with socket.socket(fileno=fd) as channel:
         channel.setblocking(True)

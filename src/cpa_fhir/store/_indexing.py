@@ -18,10 +18,13 @@ Pure: no I/O.
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
+
+import orjson
 
 from cpa_fhir.store._dates import value_ranges
 from cpa_fhir.store._search_parameters import SearchParameter
@@ -49,11 +52,26 @@ class IndexRows:
             + len(self.numbers)
         )
 
+    def union(self, other: IndexRows) -> IndexRows:
+        return IndexRows(
+            self.tokens | other.tokens,
+            self.strings | other.strings,
+            self.references | other.references,
+            self.dates | other.dates,
+            self.numbers | other.numbers,
+        )
+
 
 def normalise(text: str) -> str:
-    """Case-folded, accents stripped: how `string` parameters compare by default."""
-    decomposed = unicodedata.normalize("NFKD", text.casefold())
-    return "".join(c for c in decomposed if not unicodedata.combining(c))
+    """Case-folded, accents stripped: how `string` parameters compare by default.
+
+    Unicode's compatibility caseless form (The Unicode Standard, D146): decomposing
+    can reveal letters with case (a mathematical capital alpha is a capital alpha),
+    so folding once is not enough for the result to stay put when normalised again.
+    """
+    folded = unicodedata.normalize("NFD", text).casefold()
+    folded = unicodedata.normalize("NFKD", unicodedata.normalize("NFKD", folded).casefold())
+    return "".join(c for c in folded if not unicodedata.combining(c))
 
 
 def index_resource(resource: dict[str, Any], parameters: Iterable[SearchParameter]) -> IndexRows:
@@ -154,3 +172,63 @@ def _number(value: Any) -> tuple[float, str | None, str | None] | None:
             code if isinstance(code, str) else None,
         )
     return None
+
+
+# The elements in which the records a server makes from one template differ: an
+# AuditEvent's id and time, and the version metadata the store stamps.
+RECORD_VARYING = frozenset({"id", "recorded"})
+META_VARYING = frozenset({"lastUpdated", "versionId"})
+# FHIRPath functions that reach elements without naming them.
+_UNNAMED_REACH = frozenset({"descendants", "children", "repeat", "trace", "extension"})
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# `meta` itself, not one of its parts that templates share
+_WHOLE_META = re.compile(r"\bmeta\b(?!\.(?:profile|security|tag|source)\b)")
+
+
+class RecordIndexer:
+    """`index_resource` for records made from templates, alike but for `RECORD_VARYING`
+    and `META_VARYING` (the AuditEvents of disclosures that differ only in id and time).
+
+    Parameters whose expression names none of those elements (nor reaches elements
+    unnamed) give the same rows for every record of a template: they are indexed
+    once per template, keyed by the rest of the record, and only the others each time.
+    """
+
+    def __init__(self, *, max_templates: int = 4096) -> None:
+        self.max_templates = max_templates
+        self._templates: dict[bytes, IndexRows] = {}
+        # id of a parameter tuple -> (the tuple, kept so that its id stays its own; the
+        # parameters that read no varying element; those that may)
+        self._split: dict[int, tuple[Any, list[SearchParameter], list[SearchParameter]]] = {}
+
+    def index(self, resource: dict[str, Any], parameters: tuple[SearchParameter, ...]) -> IndexRows:
+        steady, varying = self._split_parameters(parameters)
+        rest = {k: v for k, v in resource.items() if k not in RECORD_VARYING}
+        meta = rest.get("meta")
+        if isinstance(meta, dict):
+            rest["meta"] = {k: v for k, v in meta.items() if k not in META_VARYING}
+        key = orjson.dumps(rest, option=orjson.OPT_SORT_KEYS)
+        rows = self._templates.get(key)
+        if rows is None:
+            if len(self._templates) >= self.max_templates:
+                self._templates.clear()
+            rows = self._templates[key] = index_resource(rest, steady)
+        return rows.union(index_resource(resource, varying)) if varying else rows
+
+    def _split_parameters(
+        self, parameters: tuple[SearchParameter, ...]
+    ) -> tuple[list[SearchParameter], list[SearchParameter]]:
+        known = self._split.get(id(parameters))
+        if known is not None and known[0] is parameters:
+            return known[1], known[2]
+        steady: list[SearchParameter] = []
+        varying: list[SearchParameter] = []
+        for p in parameters:
+            names = set(_NAME.findall(p.expression))
+            reads_varying = (
+                names & (RECORD_VARYING | META_VARYING | _UNNAMED_REACH)
+                or _WHOLE_META.search(p.expression) is not None
+            )
+            (varying if reads_varying else steady).append(p)
+        self._split[id(parameters)] = (parameters, steady, varying)
+        return steady, varying

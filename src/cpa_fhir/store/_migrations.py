@@ -20,7 +20,14 @@ from datetime import UTC, datetime
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from cpa_fhir.store._schema import metadata, schema_version, store_change, store_setting
+from cpa_fhir.store._indexing import normalise
+from cpa_fhir.store._schema import (
+    metadata,
+    schema_version,
+    search_string,
+    store_change,
+    store_setting,
+)
 
 _LOCK_KEY = "cpa_fhir.store.migrate"
 
@@ -59,11 +66,34 @@ def _create_change_counter(connection: Connection) -> None:
     )
 
 
+def _renormalise_strings(connection: Connection) -> None:
+    # `normalise` became a compatibility caseless match: values it now folds
+    # differently are folded again, so that searches for them still find them.
+    stored = connection.execute(
+        sa.select(search_string.c.value, search_string.c.normalised).distinct()
+    )
+    changed = [
+        {"v": value, "n": wanted}
+        for value, normalised in stored
+        if (wanted := normalise(value)) != normalised
+    ]
+    if changed:
+        connection.execute(
+            search_string.update()
+            .where(search_string.c.value == sa.bindparam("v"))
+            .values(normalised=sa.bindparam("n")),
+            changed,
+        )
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "resource, history and search index tables", _create_tables),
     Migration(2, "index history by time", _index_history_by_time),
     Migration(3, "settings kept with the data", _create_settings),
     Migration(4, "a counter of changing writes", _create_change_counter),
+    Migration(
+        5, "string index values folded as a compatibility caseless match", _renormalise_strings
+    ),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 

@@ -46,7 +46,7 @@ from cpa_fhir.store._appender import ProcessAppender
 from cpa_fhir.store._dates import to_micros
 from cpa_fhir.store._engine import READ_ONLY, ReadConnections, create_store_engine
 from cpa_fhir.store._ids import time_ordered_id
-from cpa_fhir.store._indexing import IndexRows, index_resource
+from cpa_fhir.store._indexing import IndexRows, RecordIndexer, index_resource
 from cpa_fhir.store._migrations import migrate as migrate_schema
 from cpa_fhir.store._query import Include, SearchQuery, parse_search
 from cpa_fhir.store._schema import (
@@ -230,10 +230,18 @@ _COLUMNS = (
 class _Operations:
     """The interactions on one open connection, inside its transaction."""
 
-    def __init__(self, connection: Connection, parameters: SearchParameters, clock: Clock):
+    def __init__(
+        self,
+        connection: Connection,
+        parameters: SearchParameters,
+        clock: Clock,
+        records: RecordIndexer | None = None,
+    ):
         self.connection = connection
         self.parameters = parameters
         self.clock = clock
+        # Indexes the server's own records (`append_new`), made from templates.
+        self.records = records if records is not None else RecordIndexer()
         self.postgres = connection.dialect.name == "postgresql"
 
     # --- reads ---------------------------------------------------------------------
@@ -611,7 +619,7 @@ class _Operations:
                 (
                     resource_type,
                     resource_id,
-                    index_resource(stored, self.parameters.indexed(resource_type)),
+                    self.records.index(stored, self.parameters.indexed(resource_type)),
                 )
             )
         if rows:
@@ -763,6 +771,7 @@ class SqlRepository:
         self.postgres = self.engine.dialect.name == "postgresql"
         self.schema = schema
         self._readers = ReadConnections(self.engine)
+        self._records = RecordIndexer()
         if migrate:
             migrate_schema(self.engine)
 
@@ -802,7 +811,7 @@ class SqlRepository:
             elif read_only:
                 connection = connection.execution_options(**{READ_ONLY: True})
             with connection.begin():
-                yield _Bound(_Operations(connection, self.parameters, self.clock))
+                yield _Bound(_Operations(connection, self.parameters, self.clock, self._records))
                 if not read_only and counted:
                     # In the same transaction: the change and its count commit together.
                     connection.execute(

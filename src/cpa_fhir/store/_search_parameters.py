@@ -73,6 +73,7 @@ class SearchParameters:
             t: {**common, **params} for t, params in by_type.items() if t != "Resource"
         }
         self._common = common
+        self._indexed: dict[str, tuple[SearchParameter, ...]] = {}
 
     def for_type(self, resource_type: str) -> Mapping[str, SearchParameter]:
         return self._by_type.get(resource_type, self._common)
@@ -80,9 +81,14 @@ class SearchParameters:
     def get(self, resource_type: str, code: str) -> SearchParameter | None:
         return self.for_type(resource_type).get(code)
 
-    def indexed(self, resource_type: str) -> list[SearchParameter]:
+    def indexed(self, resource_type: str) -> tuple[SearchParameter, ...]:
         """The parameters whose values go into the index tables for a resource type."""
-        return [p for p in self.for_type(resource_type).values() if p.code not in COLUMN_PARAMETERS]
+        known = self._indexed.get(resource_type)
+        if known is None:
+            params = self.for_type(resource_type).values()
+            known = tuple(p for p in params if p.code not in COLUMN_PARAMETERS)
+            self._indexed[resource_type] = known
+        return known
 
     def resource_types(self) -> frozenset[str]:
         return frozenset(self._by_type)
