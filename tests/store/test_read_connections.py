@@ -13,12 +13,14 @@ import re
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from cpa_fhir.errors import ResourceNotFound
 from cpa_fhir.store import SqlRepository, time_ordered_id
+from cpa_fhir.store._engine import create_store_engine
 from tests.store.conftest import StoreFactory
 
 FHIR_ID = re.compile(r"[A-Za-z0-9\-\.]{1,64}")
@@ -133,3 +135,16 @@ def test_server_ids_are_unique_across_threads_and_a_forked_child() -> None:
 def test_created_resources_get_time_ordered_ids(store: SqlRepository) -> None:
     made = store.create({"resourceType": "Patient"})
     assert uuid.UUID(made.id).version == 7
+
+
+def test_a_durable_sqlite_engine_syncs_each_commit_to_disk(tmp_path: Path) -> None:
+    # The audit writer's engine: a commit is on disk before it returns (FULL), where
+    # the store's own writes need only survive a crash of the process (NORMAL).
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    for durable, level in ((False, 1), (True, 2)):
+        engine = create_store_engine(url, durable=durable)
+        try:
+            with engine.connect() as connection:
+                assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == level
+        finally:
+            engine.dispose()

@@ -17,7 +17,8 @@ server's side) and answers with one result per request, in the order sent:
     child  -> server  {"results": [n | {"error": "..."}, ...]}  (one per transaction)
 
 A transaction that fails is retried one request at a time, so one bad request
-fails alone. The child stamps meta.lastUpdated with the server's `at` (the
+fails alone. On SQLite the child commits durably (synchronous=FULL): an answer
+means the records are on disk. The child stamps meta.lastUpdated with the server's `at` (the
 latest of the transaction's), so records read the same whichever process stored
 them. If the child dies, every request it had not answered fails (the server
 cannot know whether they were committed) and the next request starts a new child.
@@ -279,6 +280,7 @@ def _store(repo: Any, stamp: list[datetime], requests: list[dict[str, Any]]) -> 
 
 def serve(sock: socket.socket) -> None:
     """Answer requests until the server closes its end."""
+    from cpa_fhir.store._engine import create_store_engine
     from cpa_fhir.store._repository import SqlRepository
 
     frames = _Frames(sock)
@@ -287,7 +289,12 @@ def serve(sock: socket.socket) -> None:
         return
     try:
         settings = orjson.loads(config)
-        repo = SqlRepository(settings["url"], schema=settings["schema"], migrate=False)
+        url, schema = settings["url"], settings["schema"]
+        # A disclosure leaves once its AuditEvent is committed: committed means on disk,
+        # surviving a power cut, not only a crash of this process. The wait for the
+        # disk also lets more requests gather into each commit.
+        engine = create_store_engine(url, schema=schema, durable=True)
+        repo = SqlRepository(url, schema=schema, migrate=False, engine=engine)
     except Exception as exc:  # reported to the server, which fails the requests
         sock.sendall(_frame(orjson.dumps({"error": f"{type(exc).__name__}: {exc}"})))
         return

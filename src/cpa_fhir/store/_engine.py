@@ -39,7 +39,12 @@ def normalise_url(url: str | URL) -> URL:
     return parsed
 
 
-def create_store_engine(url: str | URL, *, schema: str | None = None, **kwargs: Any) -> Engine:
+def create_store_engine(
+    url: str | URL, *, schema: str | None = None, durable: bool = False, **kwargs: Any
+) -> Engine:
+    """An engine on the store. `durable`: on SQLite, each commit is on disk before it
+    returns (synchronous=FULL), not only safe from a crash of the process (NORMAL);
+    PostgreSQL commits durably either way."""
     parsed = normalise_url(url)
     kwargs.setdefault("pool_size", POOL_SIZE)
     kwargs.setdefault("max_overflow", POOL_OVERFLOW)
@@ -49,7 +54,7 @@ def create_store_engine(url: str | URL, *, schema: str | None = None, **kwargs: 
             connect_args={"check_same_thread": False, "timeout": _SQLITE_BUSY_TIMEOUT_MS / 1000},
             **kwargs,
         )
-        sa.event.listen(engine, "connect", _sqlite_connect)
+        sa.event.listen(engine, "connect", _sqlite_connect_durable if durable else _sqlite_connect)
         sa.event.listen(engine, "begin", _sqlite_begin)
         return engine
     # psycopg prepares statements it runs often, and PostgreSQL may then switch to one
@@ -63,15 +68,19 @@ def create_store_engine(url: str | URL, *, schema: str | None = None, **kwargs: 
     return sa.create_engine(parsed, connect_args={"options": " ".join(options)}, **kwargs)
 
 
-def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
+def _sqlite_connect(dbapi_connection: Any, _record: Any, *, durable: bool = False) -> None:
     # Let SQLAlchemy's begin event, not the sqlite3 module, open transactions.
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     # In WAL mode NORMAL cannot corrupt the database; a power cut may lose the last commits.
-    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA synchronous=FULL" if durable else "PRAGMA synchronous=NORMAL")
     cursor.execute(f"PRAGMA busy_timeout={_SQLITE_BUSY_TIMEOUT_MS}")
     cursor.close()
+
+
+def _sqlite_connect_durable(dbapi_connection: Any, record: Any) -> None:
+    _sqlite_connect(dbapi_connection, record, durable=True)
 
 
 def _sqlite_begin(connection: Connection) -> None:
