@@ -21,7 +21,7 @@ import pytest
 from cpa_fhir.errors import ResourceNotFound
 from cpa_fhir.store import SqlRepository, time_ordered_id
 from cpa_fhir.store._engine import create_store_engine
-from tests.store.conftest import StoreFactory
+from tests.store.conftest import POSTGRES_URL, Postgres, StoreFactory
 
 FHIR_ID = re.compile(r"[A-Za-z0-9\-\.]{1,64}")
 
@@ -148,3 +148,14 @@ def test_a_durable_sqlite_engine_syncs_each_commit_to_disk(tmp_path: Path) -> No
                 assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == level
         finally:
             engine.dispose()
+
+
+def test_kept_read_connections_bound_a_statement_on_postgresql(postgres: Postgres) -> None:
+    store = SqlRepository(POSTGRES_URL, schema=postgres.new_schema())
+    # The sandbox reads by id on its event loop: a hung statement must end.
+    assert store._readers.rows("SHOW statement_timeout", ()) == [("5s",)]
+    with pytest.raises(Exception, match="statement timeout"):
+        store._readers.rows("SELECT pg_sleep(6)", ())
+    # The connection that failed is replaced; reads go on.
+    assert store._readers.rows("SELECT 1", ()) == [(1,)]
+    store.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -38,6 +39,8 @@ FHIR_PREFIX = "/fhir"
 # or contend for the interpreter.
 WORKER_THREADS = POOL_SIZE
 INLINE_METHODS = frozenset({"GET", "HEAD"})
+# A read: `Type/id`.
+_READ_BY_ID = re.compile(r"[A-Z][A-Za-z]*/[A-Za-z0-9.\-]{1,64}/?")
 
 
 _BASE_URLS: dict[tuple[Any, ...], str] = {}
@@ -188,9 +191,12 @@ def create_app(
             )
         except (HttpError, AuthFailure) as exc:
             return _send(outcome_response(exc))
-        if req.method in INLINE_METHODS and inline_reads:
-            # On an embedded store reads are CPU-bound, never waiting on a network:
-            # a hop to a worker thread would cost more than it frees the event loop.
+        if req.method in INLINE_METHODS and (inline_reads or _READ_BY_ID.fullmatch(path)):
+            # On an embedded store reads are CPU-bound, never waiting on a network; on
+            # a database server a read by id is a primary-key lookup on a kept
+            # connection (its time bounded, see `ReadConnections`). Either way a hop
+            # to a worker thread, and the contest for the interpreter lock it starts,
+            # would cost more than it frees the event loop.
             response = sandbox.router.handle(req, client, scopes, defer_audit=True)
         else:
             # Writes wait on locks and commits, and a database server's replies

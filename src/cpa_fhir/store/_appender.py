@@ -29,14 +29,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
-import select
 import signal
 import socket
 import struct
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -48,11 +46,6 @@ _STARTUP_SECONDS = 60.0
 # Records the child commits together at most: a transaction stays short even when
 # many requests wait.
 MAX_RECORDS = 500
-# While requests come together (the last transaction held more than one), the child
-# waits this long for more before committing: a commit costs about as much as
-# storing a few records, so committing each as it comes would spend the cores the
-# server needs. A lone request is committed at once.
-GATHER_SECONDS = 0.001
 # Run by import, not `-m`: the package imports this module before `-m` would run it.
 _CHILD = "import sys; from cpa_fhir.store._appender import run_child; run_child(int(sys.argv[1]))"
 
@@ -241,9 +234,9 @@ class _Frames:
         self._buffer = bytearray()
         self._ended = False
 
-    def next(self, *, wait: bool = True, until: float | None = None) -> bytes | None:
+    def next(self, *, wait: bool = True) -> bytes | None:
         """The next frame; None at end of input or, with `wait=False`, if none has
-        fully arrived yet (by the `time.monotonic()` instant `until`, if given)."""
+        fully arrived yet."""
         while True:
             if len(self._buffer) >= _LENGTH.size:
                 end = _LENGTH.size + _LENGTH.unpack_from(self._buffer)[0]
@@ -253,10 +246,6 @@ class _Frames:
                     return frame
             if self._ended:
                 return None
-            if not wait and until is not None:
-                left = until - time.monotonic()
-                if left <= 0 or not select.select([self._sock], [], [], left)[0]:
-                    return None
             try:
                 part = self._sock.recv(1 << 20, 0 if wait else socket.MSG_DONTWAIT)
             except BlockingIOError:
@@ -301,12 +290,10 @@ def serve(sock: socket.socket) -> None:
     stamp: list[datetime] = []
     repo.clock = lambda: stamp[0]
     sock.sendall(_frame(orjson.dumps({"ready": True})))
-    together = False
     try:
         while (frame := frames.next()) is not None:
             requests: list[dict[str, Any]] = []
             records = 0
-            until = time.monotonic() + GATHER_SECONDS if together else None
             while frame is not None:
                 try:
                     request = orjson.loads(frame)
@@ -315,8 +302,7 @@ def serve(sock: socket.socket) -> None:
                 except (ValueError, TypeError, KeyError) as exc:
                     request = {"error": f"unreadable request: {exc}"}
                 requests.append(request)
-                frame = frames.next(wait=False, until=until) if records < MAX_RECORDS else None
-            together = len(requests) > 1
+                frame = frames.next(wait=False) if records < MAX_RECORDS else None
             readable = [r for r in requests if "error" not in r]
             results = iter(_store(repo, stamp, readable) if readable else [])
             reply = [r if "error" in r else next(results) for r in requests]

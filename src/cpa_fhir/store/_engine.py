@@ -23,6 +23,8 @@ _SQLITE_BUSY_TIMEOUT_MS = 30_000
 # than threads, the extra connections are opened and closed on every request.
 POOL_SIZE = 16
 POOL_OVERFLOW = 24
+# The longest a kept read connection's statement may run on PostgreSQL.
+READ_TIMEOUT_MS = 5_000
 
 
 def normalise_url(url: str | URL) -> URL:
@@ -95,7 +97,9 @@ class ReadConnections:
     in (with the pool's rollback on return) costs several times the statement. Each
     thread keeps its own connection, in autocommit, so each statement sees what was
     committed when it runs, as a pooled read would. A connection that fails is
-    dropped, and the thread opens a new one on its next read.
+    dropped, and the thread opens a new one on its next read. On PostgreSQL a
+    statement runs for at most `READ_TIMEOUT_MS`: a server may make these reads on
+    its event loop.
     """
 
     def __init__(self, engine: Engine) -> None:
@@ -126,6 +130,9 @@ class ReadConnections:
         wrapper.detach()  # the pool forgets it: this thread owns it until closed
         if self._postgres:
             connection.autocommit = True
+            # These reads may run on a server's event loop: a statement that hangs
+            # (a lock held by a schema change, a stalled server) must not hold it long.
+            connection.execute(f"SET statement_timeout = {READ_TIMEOUT_MS}")
         me = threading.get_ident()
         alive = {t.ident for t in threading.enumerate()}
         with self._lock:
