@@ -90,6 +90,14 @@ def trust(as_client: Any) -> Fhir:
     return as_client("trust")
 
 
+def outcome(response: Any, status: int) -> dict[str, Any]:
+    """The OperationOutcome a response carries, having checked its status."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["resourceType"] == "OperationOutcome"
+    return dict(body)
+
+
 def resource_keys(bundle: dict[str, Any]) -> set[str]:
     return {
         f"{e['resource']['resourceType']}/{e['resource']['id']}" for e in bundle.get("entry", [])

@@ -7,8 +7,8 @@ import uuid
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from tests.sandbox.conftest import Fhir
-from tests.sandbox.test_rest import _flag, _outcome
+from tests.sandbox.conftest import Fhir, outcome
+from tests.sandbox.test_rest import _flag
 
 
 def _follow(client: Fhir, url: str) -> Any:
@@ -53,7 +53,7 @@ def test_type_history_total_counts_all_versions_not_the_page(trust: Fhir) -> Non
 
 def test_history_paging_parameters_are_checked(trust: Fhir) -> None:
     for params in ({"_count": "0"}, {"_count": "x"}, {"_count": "1001"}, {"_offset": "-1"}):
-        _outcome(trust.get("Flag/_history", params=params), 400)
+        outcome(trust.get("Flag/_history", params=params), 400)
 
 
 def test_partner_history_pages_only_what_it_may_see(as_client: Any, trust: Fhir) -> None:

@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from tests.common import EXAMPLES
-from tests.sandbox.conftest import Fhir, resource_keys
+from tests.sandbox.conftest import Fhir, outcome, resource_keys
 
 RECORD_A = orjson.loads(next(EXAMPLES.glob("Bundle-record-A-*.json")).read_bytes())
 
@@ -23,13 +23,6 @@ def _flag(**changes: Any) -> dict[str, Any]:
     flag.pop("id", None)
     flag.update(changes)
     return flag
-
-
-def _outcome(response: Any, status: int) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert body["resourceType"] == "OperationOutcome"
-    return body
 
 
 def test_metadata_is_generated_from_what_runs(trust: Fhir) -> None:
@@ -56,12 +49,12 @@ def test_create_read_vread_update_delete(trust: Fhir) -> None:
     updated = trust.put(f"Flag/{fid}", flag, headers={"if-match": 'W/"1"'})
     assert updated.status_code == 200 and updated.headers["etag"] == 'W/"2"'
     stale = trust.put(f"Flag/{fid}", flag, headers={"if-match": 'W/"1"'})
-    _outcome(stale, 412)
+    outcome(stale, 412)
     assert trust.get(f"Flag/{fid}/_history/1").json()["status"] == "active"
     history = trust.get(f"Flag/{fid}/_history").json()
     assert history["type"] == "history" and history["total"] == 2
     assert trust.delete(f"Flag/{fid}").status_code == 204
-    _outcome(trust.get(f"Flag/{fid}"), 410)
+    outcome(trust.get(f"Flag/{fid}"), 410)
     assert trust.get(f"Flag/{fid}/_history/2").status_code == 200
 
 
@@ -77,8 +70,8 @@ def test_conditional_create(trust: Fhir) -> None:
 def test_invalid_resource_is_refused_with_the_validators_outcome(trust: Fhir) -> None:
     bad = _flag()
     del bad["code"]
-    outcome = _outcome(trust.post("Flag", bad), 422)
-    assert any("Flag.code" in (i.get("expression") or [""])[0] for i in outcome["issue"])
+    refused = outcome(trust.post("Flag", bad), 422)
+    assert any("Flag.code" in (i.get("expression") or [""])[0] for i in refused["issue"])
     assert trust.post("Flag/$validate", bad).json()["issue"][0]["severity"] == "error"
 
 
@@ -140,24 +133,24 @@ def test_include_and_revinclude(trust: Fhir) -> None:
 def test_bad_search_parameters_are_outcomes(
     trust: Fhir, params: dict[str, str], status: int
 ) -> None:
-    _outcome(trust.get("Patient", params=params), status)
+    outcome(trust.get("Patient", params=params), status)
 
 
 def test_client_errors_are_outcomes(trust: Fhir, as_client: Any) -> None:
-    _outcome(as_client(None).get("Patient/c-patient"), 401)
+    outcome(as_client(None).get("Patient/c-patient"), 401)
     bad_token = Fhir(trust.http, "not-a-token")
-    _outcome(bad_token.get("Patient/c-patient"), 401)
-    _outcome(as_client("gp").post("Flag", _flag()), 403)
-    _outcome(trust.get("Patient/no-such-patient"), 404)
-    _outcome(trust.get("NotAType/1"), 404)
-    _outcome(trust.http.patch("/fhir/Patient/c-patient", headers=trust.headers), 405)
-    _outcome(trust.post("Flag", b"<Flag/>", headers={"content-type": "application/fhir+xml"}), 415)
-    _outcome(trust.post("Flag", b"{not json"), 400)
-    _outcome(trust.get("Patient/c-patient", params={"_format": "xml"}), 406)
-    _outcome(trust.post("Flag", b"{" + b" " * (6 * 1024 * 1024) + b"}"), 413)
+    outcome(bad_token.get("Patient/c-patient"), 401)
+    outcome(as_client("gp").post("Flag", _flag()), 403)
+    outcome(trust.get("Patient/no-such-patient"), 404)
+    outcome(trust.get("NotAType/1"), 404)
+    outcome(trust.http.patch("/fhir/Patient", headers=trust.headers), 405)
+    outcome(trust.post("Flag", b"<Flag/>", headers={"content-type": "application/fhir+xml"}), 415)
+    outcome(trust.post("Flag", b"{not json"), 400)
+    outcome(trust.get("Patient/c-patient", params={"_format": "xml"}), 406)
+    outcome(trust.post("Flag", b"{" + b" " * (6 * 1024 * 1024) + b"}"), 413)
     flag = trust.get("Flag/a-risk-self-harm").json()
-    _outcome(trust.put("Flag/a-risk-self-harm", flag, headers={"if-match": "yesterday"}), 400)
-    _outcome(trust.put("Flag/other-id", flag), 400)
+    outcome(trust.put("Flag/a-risk-self-harm", flag, headers={"if-match": "yesterday"}), 400)
+    outcome(trust.put("Flag/other-id", flag), 400)
 
 
 def test_transaction_resolves_references_and_is_all_or_nothing(trust: Fhir) -> None:
@@ -195,7 +188,7 @@ def test_transaction_resolves_references_and_is_all_or_nothing(trust: Fhir) -> N
     before = trust.get("Flag", params={"_summary": "count"}).json()["total"]
     broken = copy.deepcopy(tx)
     broken["entry"][1]["resource"].pop("code")
-    _outcome(trust.post("", broken), 422)
+    outcome(trust.post("", broken), 422)
     stale = copy.deepcopy(tx)
     existing = trust.get("Flag/a-risk-self-harm").json()
     stale["entry"].append(

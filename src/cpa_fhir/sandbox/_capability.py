@@ -27,6 +27,7 @@ INTERACTIONS = (
     "read",
     "vread",
     "update",
+    "patch",
     "delete",
     "history-instance",
     "history-type",
@@ -59,8 +60,8 @@ def capability_statement(
             "readHistory": True,
             "updateCreate": True,
             "conditionalCreate": True,
-            "conditionalUpdate": False,
-            "conditionalDelete": "not-supported",
+            "conditionalUpdate": True,
+            "conditionalDelete": "single",
             "searchInclude": sorted(
                 f"{rtype}:{c}" for c, p in params.items() if p.type == "reference"
             ),
@@ -90,6 +91,7 @@ def capability_statement(
         "implementation": {"description": "CPA sandbox FHIR server", "url": base_url},
         "fhirVersion": FHIR_VERSION,
         "format": ["application/fhir+json", "json"],
+        "patchFormat": ["application/json-patch+json"],
         "rest": [
             {
                 "mode": "server",

@@ -17,6 +17,8 @@ from email.utils import format_datetime
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
+import jsonpatch
+import jsonpointer
 import orjson
 
 from cpa_fhir.consent import RequiredElements, SharingPolicy
@@ -40,6 +42,7 @@ from cpa_fhir.store import SearchQuery, SqlRepository, Stored, index_resource, t
 from cpa_fhir.validation import Validator
 
 FHIR_JSON = "application/fhir+json; charset=utf-8"
+JSON_PATCH = "application/json-patch+json"
 _JSON_TYPES = ("application/fhir+json", "application/json", "json", "application/json+fhir")
 _ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 MAX_PARTNER_MATCHES = 1000
@@ -235,6 +238,10 @@ class Router:
                 return self._search(request, rtype, request.query, client, scopes, view)
             if method == "POST":
                 return self._create(request, rtype, client, scopes, view)
+            if method == "PUT":
+                return self._conditional_update(request, rtype, scopes, view)
+            if method == "DELETE":
+                return self._conditional_delete(request, rtype, scopes, view)
             raise HttpError(405, f"{method} is not allowed on {rtype}", code="not-supported")
         second = parts[1]
         if n == 2 and second == "_search" and method == "POST":
@@ -254,6 +261,8 @@ class Router:
                 return self._update(request, rtype, rid, client, scopes, view)
             if method == "DELETE":
                 return self._delete(rtype, rid, client, scopes)
+            if method == "PATCH":
+                return self._patch(request, rtype, rid, scopes)
             raise HttpError(405, f"{method} is not allowed on {rtype}/{rid}", code="not-supported")
         if n == 3 and parts[2] == "$validate" and method == "POST":
             return self._validate(request, rtype, rid, client, scopes)
@@ -354,18 +363,14 @@ class Router:
         resource.pop("id", None)  # the server assigns ids on create
         self._check_valid(resource)
         condition = request.headers.get("if-none-exist")
-        criteria = [(k, v) for k, v in request.query if k != "_format"]
+        criteria = _criteria(request)
         if condition is None and criteria:
             # Criteria in the query of a create, as some clients (fhirpy) send them, are
             # a conditional create too: never ignored, never a silent duplicate.
-            condition = urlencode(criteria)
-        stored = self.repo.create(resource, if_none_exist=condition)
-        status = 201 if stored.created else 200
-        headers = {
-            "location": f"{request.base_url}/{rtype}/{stored.id}/_history/{stored.version_id}",
-            **_etag(stored),
-        }
-        return Response(status, stored.content, {"content-type": FHIR_JSON, **headers})
+            condition = criteria
+        if condition is not None:
+            _whole_store_search(view, "a conditional create")
+        return self._written(request, self.repo.create(resource, if_none_exist=condition))
 
     def _update(
         self,
@@ -387,15 +392,8 @@ class Router:
         try:
             stored = self.repo.update(resource, if_match=if_match)
         except VersionConflict as exc:
-            raise HttpError(
-                412 if if_match is not None else 409, exc.message, code="conflict"
-            ) from None
-        status = 201 if stored.created else 200
-        headers = {
-            "location": f"{request.base_url}/{rtype}/{stored.id}/_history/{stored.version_id}",
-            **_etag(stored),
-        }
-        return Response(status, stored.content, {"content-type": FHIR_JSON, **headers})
+            raise _conflict(exc, if_match) from None
+        return self._written(request, stored)
 
     def _delete(self, rtype: str, rid: str, client: Client, scopes: frozenset[str]) -> Response:
         require(scopes, rtype, "delete")
@@ -404,6 +402,77 @@ class Router:
         except ResourceGone:
             pass  # deleting twice is not an error (R4 http.html#delete)
         return Response(204)
+
+    def _conditional_update(
+        self, request: Request, rtype: str, scopes: frozenset[str], view: PartnerView | None
+    ) -> Response:
+        require(scopes, rtype, "update")
+        criteria = _write_criteria(request, rtype, view, "a conditional update")
+        resource = self._body(request)
+        if resource["resourceType"] != rtype:
+            raise HttpError(400, f"the body is a {resource['resourceType']}, not a {rtype}")
+        if_match = _if_match(request.headers.get("if-match"))
+        self._check_valid(resource)
+        try:
+            stored = self.repo.conditional_update(resource, criteria, if_match=if_match)
+        except VersionConflict as exc:
+            raise _conflict(exc, if_match) from None
+        return self._written(request, stored)
+
+    def _conditional_delete(
+        self, request: Request, rtype: str, scopes: frozenset[str], view: PartnerView | None
+    ) -> Response:
+        require(scopes, rtype, "delete")
+        criteria = _write_criteria(request, rtype, view, "a conditional delete")
+        self.repo.conditional_delete(rtype, criteria)
+        return Response(204)
+
+    def _patch(self, request: Request, rtype: str, rid: str, scopes: frozenset[str]) -> Response:
+        """JSON Patch (RFC 6902) of the current version: https://hl7.org/fhir/R4/http.html#patch"""
+        require(scopes, rtype, "update")
+        ctype = request.headers.get("content-type", "").split(";")[0].strip()
+        if ctype != JSON_PATCH:
+            raise HttpError(
+                415, f"send a JSON Patch as {JSON_PATCH}, not '{ctype or 'no content type'}'",
+                code="not-supported",
+            )  # fmt: skip
+        try:
+            operations = orjson.loads(request.body)
+            patch = jsonpatch.JsonPatch(operations)
+        except (orjson.JSONDecodeError, jsonpatch.InvalidJsonPatch, TypeError) as exc:
+            raise HttpError(400, f"the body is not a JSON Patch: {exc}", code="structure") from None
+        if not isinstance(operations, list):
+            raise HttpError(400, "a JSON Patch is a list of operations", code="structure")
+        if_match = _if_match(request.headers.get("if-match"))
+        current = self.repo.read(rtype, rid)
+        if if_match is not None and if_match != current.version_id:
+            raise HttpError(
+                412, f"{rtype}/{rid} is at version {current.version_id}, not {if_match}",
+                code="conflict",
+            )  # fmt: skip
+        try:
+            patched = patch.apply(current.resource())
+        except (jsonpatch.JsonPatchException, jsonpointer.JsonPointerException) as exc:
+            raise HttpError(422, f"the patch cannot be applied: {exc}", code="processing") from None
+        if not isinstance(patched, dict) or (
+            patched.get("resourceType"), patched.get("id")) != (rtype, rid
+        ):  # fmt: skip
+            raise HttpError(
+                422, "a patch may not change the resource's type or id", code="invariant"
+            )
+        self._check_valid(patched)
+        try:
+            # Against the version patched, so that a write in between is not undone.
+            stored = self.repo.update(patched, if_match=current.version_id)
+        except VersionConflict as exc:
+            raise _conflict(exc, if_match) from None
+        return self._written(request, stored)
+
+    def _written(self, request: Request, stored: Stored) -> Response:
+        location = f"{request.base_url}/{stored.resource_type}/{stored.id}"
+        headers = {"location": f"{location}/_history/{stored.version_id}", **_etag(stored)}
+        status = 201 if stored.created else 200
+        return Response(status, stored.content, {"content-type": FHIR_JSON, **headers})
 
     def _validate(
         self, request: Request, rtype: str, rid: str | None, client: Client, scopes: frozenset[str]
@@ -686,6 +755,40 @@ def _form(request: Request) -> list[tuple[str, str]]:
         )
     except (UnicodeDecodeError, ValueError):
         raise HttpError(400, "the form body is malformed", code="structure") from None
+
+
+def _criteria(request: Request) -> str:
+    """The search criteria in the query of a write (`_format` aside), as a query string."""
+    return urlencode([(k, v) for k, v in request.query if k != "_format"])
+
+
+def _write_criteria(request: Request, rtype: str, view: PartnerView | None, what: str) -> str:
+    """The criteria of a conditional update or delete: there must be some (never "every
+    one of the type"), and the client must be the trust's own."""
+    criteria = _criteria(request)
+    if not criteria:
+        raise HttpError(
+            400, f"{request.method} {rtype} needs an id or search criteria, e.g. "
+            f"{rtype}?identifier=...", code="required",
+        )  # fmt: skip
+    _whole_store_search(view, what)
+    return criteria
+
+
+def _conflict(exc: VersionConflict, if_match: int | None) -> HttpError:
+    """A write that found another version than expected: 412 if the client named the
+    version it expected (If-Match), else 409."""
+    return HttpError(412 if if_match is not None else 409, exc.message, code="conflict")
+
+
+def _whole_store_search(view: PartnerView | None, what: str) -> None:
+    """A conditional write matches against everything stored, withheld or not: whether
+    it found one, none or several would tell a partner what it may not see."""
+    if view is not None:
+        raise HttpError(
+            403, f"{what} is open to the trust's own clients only: its search would look "
+            "beyond what this client may see", code="forbidden",
+        )  # fmt: skip
 
 
 def _if_match(value: str | None) -> int | None:

@@ -119,6 +119,12 @@ class Repository(Protocol):
 
     def delete(self, resource_type: str, id: str) -> Stored: ...
 
+    def conditional_update(
+        self, resource: dict[str, Any], criteria: str, *, if_match: int | None = None
+    ) -> Stored: ...
+
+    def conditional_delete(self, resource_type: str, criteria: str) -> Stored | None: ...
+
     def history(
         self,
         resource_type: str | None = None,
@@ -404,7 +410,7 @@ class _Operations:
     def create(self, resource: dict[str, Any], if_none_exist: str | None) -> Stored:
         resource_type, _ = _check_resource(resource, needs_id=False)
         if if_none_exist is not None:
-            existing = self._conditional_match(resource_type, if_none_exist)
+            existing = self._conditional_match(resource_type, if_none_exist, "If-None-Exist")
             if existing is not None:
                 return existing
         # A create always makes a new resource: the server assigns the id
@@ -412,12 +418,15 @@ class _Operations:
         resource = {**resource, "id": time_ordered_id()}
         return self._write(resource_type, resource["id"], resource, if_match=None, must_be_new=True)
 
-    def _conditional_match(self, resource_type: str, criteria: str) -> Stored | None:
+    def _conditional_match(self, resource_type: str, criteria: str, what: str) -> Stored | None:
+        """The one current resource the criteria match, or None; PreconditionFailed if
+        they match several (https://hl7.org/fhir/R4/http.html#cond-update). Writers
+        that search and then write are serialised, so two cannot both find none."""
         query = parse_search(
             resource_type, parse_qsl(criteria.lstrip("?"), keep_blank_values=True), self.parameters
         )
         if not query.criteria:
-            raise PreconditionFailed("If-None-Exist needs at least one search criterion")
+            raise PreconditionFailed(f"{what} needs at least one search criterion")
         if self.postgres:
             self.connection.execute(
                 sa.text("SELECT pg_advisory_xact_lock(hashtext(:key))"),
@@ -427,10 +436,43 @@ class _Operations:
             SearchQuery(resource_type=resource_type, criteria=query.criteria, count=2, total="none")
         ).matches
         if len(found) > 1:
-            raise PreconditionFailed(
-                f"If-None-Exist {criteria!r} matches more than one {resource_type}"
-            )
+            raise PreconditionFailed(f"{what} {criteria!r} matches more than one {resource_type}")
         return found[0] if found else None
+
+    def conditional_update(
+        self, resource: dict[str, Any], criteria: str, if_match: int | None
+    ) -> Stored:
+        resource_type, body_id = _check_resource(resource, needs_id=False)
+        found = self._conditional_match(resource_type, criteria, "a conditional update")
+        if found is not None:
+            if body_id is not None and body_id != found.id:
+                raise InputError(
+                    f"the body's id '{body_id}' is not that of the {resource_type} the "
+                    f"criteria match ({found.id})",
+                    code="invalid",
+                )
+            return self._write(
+                resource_type, found.id, {**resource, "id": found.id}, if_match=if_match
+            )
+        if if_match is not None:
+            raise VersionConflict(f"no {resource_type} matches, so none is at version {if_match}")
+        if body_id is None:  # none matches: a create, with an id the server assigns
+            resource = {**resource, "id": time_ordered_id()}
+            return self._write(
+                resource_type, resource["id"], resource, if_match=None, must_be_new=True
+            )
+        current = self._lock_current(resource_type, body_id)
+        if current is not None and not current.deleted:
+            # It exists but does not match: updating it would not be what was asked.
+            raise VersionConflict(
+                f"{resource_type}/{body_id} exists but does not match the criteria",
+                current_version=current.version_id,
+            )
+        return self._write(resource_type, body_id, resource, if_match=None)
+
+    def conditional_delete(self, resource_type: str, criteria: str) -> Stored | None:
+        found = self._conditional_match(resource_type, criteria, "a conditional delete")
+        return None if found is None else self.delete(resource_type, found.id)
 
     def update(self, resource: dict[str, Any], if_match: int | None) -> Stored:
         resource_type, resource_id = _check_resource(resource, needs_id=True)
@@ -712,6 +754,14 @@ class _Bound:
     def delete(self, resource_type: str, id: str) -> Stored:
         return self._operations.delete(resource_type, id)
 
+    def conditional_update(
+        self, resource: dict[str, Any], criteria: str, *, if_match: int | None = None
+    ) -> Stored:
+        return self._operations.conditional_update(resource, criteria, if_match)
+
+    def conditional_delete(self, resource_type: str, criteria: str) -> Stored | None:
+        return self._operations.conditional_delete(resource_type, criteria)
+
     def history(
         self,
         resource_type: str | None = None,
@@ -918,6 +968,21 @@ class SqlRepository:
     def delete(self, resource_type: str, id: str) -> Stored:
         with self._bound(read_only=False) as bound:
             return bound.delete(resource_type, id)
+
+    def conditional_update(
+        self, resource: dict[str, Any], criteria: str, *, if_match: int | None = None
+    ) -> Stored:
+        """Update the one resource of its type the search `criteria` match; where none
+        does, create it (keeping the body's id, if it has one). PreconditionFailed if
+        several match: https://hl7.org/fhir/R4/http.html#cond-update"""
+        with self._bound(read_only=False) as bound:
+            return bound.conditional_update(resource, criteria, if_match=if_match)
+
+    def conditional_delete(self, resource_type: str, criteria: str) -> Stored | None:
+        """Delete the one resource the search `criteria` match (None where none does);
+        PreconditionFailed if several match: https://hl7.org/fhir/R4/http.html#cdelete"""
+        with self._bound(read_only=False) as bound:
+            return bound.conditional_delete(resource_type, criteria)
 
     def history(
         self,
