@@ -172,6 +172,35 @@ def test_a_partner_cannot_probe_the_store_with_a_conditional_write(
     assert b"trust's own clients" in response.body
 
 
+def test_a_partner_cannot_probe_the_store_with_a_conditional_create_in_a_transaction(
+    sandbox: Sandbox,
+) -> None:
+    scopes = frozenset({"system/*.read", "system/*.write"})
+    writer = replace(sandbox.registry.clients["gp"], scopes=scopes)
+    existing = sandbox.repo.create(_flag(uuid.uuid4().hex))
+    marker = orjson.loads(existing.content)["identifier"][0]["value"]
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {
+                "resource": _flag(marker),
+                "request": {
+                    "method": "POST",
+                    "url": "Flag",
+                    "ifNoneExist": f"identifier=urn:test|{marker}",
+                },
+            }
+        ],
+    }
+    request = Request(
+        "POST", "", [], {"content-type": "application/fhir+json"}, orjson.dumps(bundle)
+    )
+    response = sandbox.router.handle(request, writer, scopes)
+    assert response.status == 403, response.body
+    assert existing.content not in response.body
+
+
 # -- PATCH --------------------------------------------------------------------------------
 
 

@@ -157,7 +157,7 @@ def _transaction(
     scopes: frozenset[str],
     view: PartnerView | None,
 ) -> Response:
-    from cpa_fhir.sandbox._router import HttpError, _if_match
+    from cpa_fhir.sandbox._router import HttpError, _if_match, _whole_store_search
 
     # Assign ids to new resources first, so that entries can refer to each other.
     ids: dict[str, str] = {}
@@ -174,6 +174,7 @@ def _transaction(
                 raise HttpError(400, f"entry {i}: the resource is not a {rtype}")
             new_id = time_ordered_id()
             if isinstance(req.get("ifNoneExist"), str):
+                _whole_store_search(view, "a conditional create")
                 query = router.repo.parse(
                     rtype, parse_qsl(req["ifNoneExist"], keep_blank_values=True)
                 )
