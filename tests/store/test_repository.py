@@ -401,3 +401,46 @@ def test_clock_gives_last_updated(make_store: StoreFactory) -> None:
     stored = store.update(PATIENT)
     assert stored.last_updated == clock.now
     assert store.read("Patient", "p1").last_updated == clock.now
+
+
+@pytest.mark.parametrize("pipeline_rows", [0, 1_000_000])
+def test_index_rows_are_the_same_by_copy_or_by_pipeline(
+    make_store: StoreFactory, monkeypatch: pytest.MonkeyPatch, pipeline_rows: int
+) -> None:
+    # PostgreSQL takes a few rows as one pipeline of inserts and many by COPY.
+    from cpa_fhir.store import _repository
+    from cpa_fhir.store._indexing import index_resource
+    from cpa_fhir.store._schema import INDEX_TABLES
+
+    monkeypatch.setattr(_repository, "_PIPELINE_ROWS", pipeline_rows)
+    store = make_store()
+    resources = example_resources()[:40]
+    for resource in resources:
+        store.update(resource)
+    audit = {
+        "resourceType": "AuditEvent",
+        "id": "pipeline-audit",
+        "type": {"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "110106"},
+        "recorded": "2026-11-01T10:00:00Z",
+        "agent": [{"who": {"reference": "Organization/gp"}, "requestor": True}],
+        "source": {"observer": {"display": "tests"}},
+    }
+    store.append([audit])
+    with store.engine.connect() as connection:
+        stored = {
+            table.name: sorted(
+                tuple(map(str, row)) for row in connection.execute(sa.select(table)).all()
+            )
+            for table in INDEX_TABLES
+        }
+    expected: dict[str, list[tuple[str, ...]]] = {t.name: [] for t in INDEX_TABLES}
+    for resource in [*resources, audit]:
+        rows = index_resource(resource, store.parameters.indexed(resource["resourceType"]))
+        key = (resource["resourceType"], resource["id"])
+        for table, found in zip(
+            INDEX_TABLES,
+            (rows.tokens, rows.strings, rows.references, rows.dates, rows.numbers),
+            strict=True,
+        ):
+            expected[table.name] += [tuple(map(str, (*key, *row))) for row in found]
+    assert stored == {name: sorted(rows) for name, rows in expected.items()}

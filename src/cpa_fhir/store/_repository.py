@@ -233,6 +233,35 @@ _COLUMNS = (
 )
 
 
+# Rows inserted as one pipeline of statements on PostgreSQL; more go by COPY.
+_PIPELINE_ROWS = 1_000
+
+
+def _index_tables(
+    indexed: list[tuple[str, str, IndexRows]],
+) -> list[tuple[sa.Table, list[tuple[Any, ...]]]]:
+    """The index tables' rows of resources, each with its type and id first."""
+    tokens: list[tuple[Any, ...]] = []
+    strings: list[tuple[Any, ...]] = []
+    references: list[tuple[Any, ...]] = []
+    dates: list[tuple[Any, ...]] = []
+    numbers: list[tuple[Any, ...]] = []
+    for resource_type, resource_id, rows in indexed:
+        key = (resource_type, resource_id)
+        tokens += [(*key, *row) for row in rows.tokens]
+        strings += [(*key, *row) for row in rows.strings]
+        references += [(*key, *row) for row in rows.references]
+        dates += [(*key, *row) for row in rows.dates]
+        numbers += [(*key, *row) for row in rows.numbers]
+    return [
+        (search_token, tokens),
+        (search_string, strings),
+        (search_reference, references),
+        (search_date, dates),
+        (search_number, numbers),
+    ]
+
+
 class _Operations:
     """The interactions on one open connection, inside its transaction."""
 
@@ -584,27 +613,25 @@ class _Operations:
             self._insert_index([(resource_type, resource_id, rows)])
 
     def _insert_index(self, indexed: list[tuple[str, str, IndexRows]]) -> None:
-        tokens: list[tuple[Any, ...]] = []
-        strings: list[tuple[Any, ...]] = []
-        references: list[tuple[Any, ...]] = []
-        dates: list[tuple[Any, ...]] = []
-        numbers: list[tuple[Any, ...]] = []
-        for resource_type, resource_id, rows in indexed:
-            key = (resource_type, resource_id)
-            tokens += [(*key, *row) for row in rows.tokens]
-            strings += [(*key, *row) for row in rows.strings]
-            references += [(*key, *row) for row in rows.references]
-            dates += [(*key, *row) for row in rows.dates]
-            numbers += [(*key, *row) for row in rows.numbers]
-        for table, table_rows in (
-            (search_token, tokens),
-            (search_string, strings),
-            (search_reference, references),
-            (search_date, dates),
-            (search_number, numbers),
-        ):
-            if table_rows:
-                self._insert_rows(table, table_rows)
+        self._insert_tables(_index_tables(indexed))
+
+    def _insert_tables(self, batches: list[tuple[sa.Table, list[tuple[Any, ...]]]]) -> None:
+        """Insert rows into several tables (see `_insert_rows`). On PostgreSQL a few rows
+        go as one pipeline of inserts, a single round trip, where a COPY per table
+        would wait on the server several times each."""
+        batches = [(table, rows) for table, rows in batches if rows]
+        if self.postgres and sum(len(rows) for _, rows in batches) <= _PIPELINE_ROWS:
+            driver_connection: Any = self.connection.connection.driver_connection
+            with driver_connection.pipeline(), driver_connection.cursor() as cursor:
+                for table, rows in batches:
+                    columns = ", ".join(c.name for c in table.columns)
+                    placeholders = ", ".join("%s" for _ in table.columns)
+                    cursor.executemany(
+                        f"INSERT INTO {table.name} ({columns}) VALUES ({placeholders})", rows
+                    )
+            return
+        for table, rows in batches:
+            self._insert_rows(table, rows)
 
     def _insert_rows(self, table: sa.Table, rows: list[tuple[Any, ...]]) -> None:
         """Insert plain rows (in column order) straight through the driver, for speed.
@@ -665,9 +692,9 @@ class _Operations:
                 )
             )
         if rows:
-            self._insert_rows(resource_history, rows)
-            self._insert_rows(resource_current, rows)
-            self._insert_index(indexed)
+            self._insert_tables(
+                [(resource_history, rows), (resource_current, rows), *_index_tables(indexed)]
+            )
         return len(rows)
 
     def _load_batch(self, batch: dict[tuple[str, str], dict[str, Any]]) -> int:
