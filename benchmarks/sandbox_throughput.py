@@ -25,7 +25,8 @@ records cloned with new ids, about 26 resources each, practitioners and organisa
 shared), then
 times patient-scoped searches for random patients: by the trust client over every
 patient, by the GP client over clones of record C (whose Consent names the GP practice,
-so the GP sees them), one client at a time (latency) and with C clients (throughput).
+so the GP sees them), one client at a time (latency) and with C clients (throughput),
+each for as long as all the rounds of a scenario above.
 Target: patient-scoped search p95 under 20 ms over 10,000 patients on PostgreSQL.
 
     python benchmarks/sandbox_throughput.py                  # SQLite, about 45 s
@@ -544,12 +545,13 @@ def main(argv: list[str] | None = None) -> int:
             for client, pool in (("trust", everyone), ("gp", c_clones)):
                 for concurrency in (1, args.concurrency):
                     label = f"random patient search, {'GP' if client == 'gp' else client}"
+                    # As long as all rounds of a scenario above: enough searches for a p95.
                     result = measure(
                         server,
                         label,
                         random_search(tokens[client], pool),
                         concurrency,
-                        args.seconds,
+                        args.seconds * args.rounds,
                         args.warmup,
                     )
                     searches.append(result)
