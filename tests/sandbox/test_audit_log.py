@@ -50,6 +50,25 @@ def total(store: SqlRepository) -> int:
     return int(store.search(query).total or 0)
 
 
+def assert_only_the_bad_failed(
+    store: SqlRepository,
+    requests: list[list[dict[str, Any]]],
+    bad: dict[int, list[dict[str, Any]]],
+    results: list[BaseException | None],
+) -> None:
+    """Each bad request (one event's id taken before, one event invalid) failed alone:
+    every other request's events are stored, once, and none of the bad ones'."""
+    for n, result in enumerate(results):
+        if n in bad:
+            assert isinstance(result, AuditWriteFailed), n
+        else:
+            assert result is None, (n, result)
+    wanted = [i for n, r in enumerate(requests) if n not in bad for i in ids(r)]
+    assert stored_ids(store, wanted) == set(wanted)
+    assert stored_ids(store, [bad[19][0]["id"]]) == set()
+    assert total(store) == 1 + len(wanted)
+
+
 class Appends:
     """Wraps `store.append`: what each call was given, and a gate to hold calls back."""
 
@@ -268,15 +287,7 @@ def test_batcher_stores_every_request_once_and_fails_only_the_bad(
         return list(results)
 
     results = asyncio.run(main())
-    for n, result in enumerate(results):
-        if n in bad:
-            assert isinstance(result, AuditWriteFailed), n
-        else:
-            assert result is None, (n, result)
-    wanted = [i for n, r in enumerate(requests) if n not in bad for i in ids(r)]
-    assert stored_ids(store, wanted) == set(wanted)
-    assert stored_ids(store, [bad[19][0]["id"]]) == set()
-    assert total(store) == 1 + len(wanted)
+    assert_only_the_bad_failed(store, requests, bad, results)
     # Group commit, at most max_batch requests a transaction: 8 batches, and each of
     # the two that failed retried request by request.
     assert len(appends.calls) == 1 + 8 + 2 * 4  # the taken id's, first

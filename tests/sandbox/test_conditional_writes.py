@@ -238,6 +238,19 @@ def test_a_patch_is_refused_without_changing_anything(trust: Fhir) -> None:
     assert trust.get(f"Flag/{fid}").json() == before
 
 
+def test_a_partner_cannot_patch_even_with_the_scope(sandbox: Sandbox) -> None:
+    # A patch works on, and answers with, the whole stored resource, withheld parts too.
+    scopes = frozenset({"system/*.read", "system/*.write"})
+    writer = replace(sandbox.registry.clients["gp"], scopes=scopes)
+    before = sandbox.repo.read("CarePlan", "c-careplan")
+    ops = [{"op": "add", "path": "/description", "value": "changed by a partner"}]
+    headers = {"content-type": "application/json-patch+json"}
+    request = Request("PATCH", "CarePlan/c-careplan", [], headers, orjson.dumps(ops))
+    response = sandbox.router.handle(request, writer, scopes)
+    assert response.status == 403, response.body
+    assert sandbox.repo.read("CarePlan", "c-careplan").version_id == before.version_id
+
+
 def test_a_partner_cannot_patch_without_the_scope(as_client: Any) -> None:
     gp = as_client("gp")
     ops = [{"op": "replace", "path": "/status", "value": "inactive"}]

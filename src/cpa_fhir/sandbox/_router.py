@@ -262,7 +262,7 @@ class Router:
             if method == "DELETE":
                 return self._delete(rtype, rid, client, scopes)
             if method == "PATCH":
-                return self._patch(request, rtype, rid, scopes)
+                return self._patch(request, rtype, rid, scopes, view)
             raise HttpError(405, f"{method} is not allowed on {rtype}/{rid}", code="not-supported")
         if n == 3 and parts[2] == "$validate" and method == "POST":
             return self._validate(request, rtype, rid, client, scopes)
@@ -427,9 +427,18 @@ class Router:
         self.repo.conditional_delete(rtype, criteria)
         return Response(204)
 
-    def _patch(self, request: Request, rtype: str, rid: str, scopes: frozenset[str]) -> Response:
+    def _patch(
+        self,
+        request: Request,
+        rtype: str,
+        rid: str,
+        scopes: frozenset[str],
+        view: PartnerView | None,
+    ) -> Response:
         """JSON Patch (RFC 6902) of the current version: https://hl7.org/fhir/R4/http.html#patch"""
         require(scopes, rtype, "update")
+        # The patch works on, and answers with, the stored resource, withheld parts and all.
+        _trust_only(view, "a patch", "it works on the whole stored resource")
         ctype = request.headers.get("content-type", "").split(";")[0].strip()
         if ctype != JSON_PATCH:
             raise HttpError(
@@ -438,11 +447,11 @@ class Router:
             )  # fmt: skip
         try:
             operations = orjson.loads(request.body)
+            if not isinstance(operations, list):
+                raise TypeError("a JSON Patch is a list of operations")
             patch = jsonpatch.JsonPatch(operations)
         except (orjson.JSONDecodeError, jsonpatch.InvalidJsonPatch, TypeError) as exc:
             raise HttpError(400, f"the body is not a JSON Patch: {exc}", code="structure") from None
-        if not isinstance(operations, list):
-            raise HttpError(400, "a JSON Patch is a list of operations", code="structure")
         if_match = _if_match(request.headers.get("if-match"))
         current = self.repo.read(rtype, rid)
         if if_match is not None and if_match != current.version_id:
@@ -784,11 +793,15 @@ def _conflict(exc: VersionConflict, if_match: int | None) -> HttpError:
 def _whole_store_search(view: PartnerView | None, what: str) -> None:
     """A conditional write matches against everything stored, withheld or not: whether
     it found one, none or several would tell a partner what it may not see."""
+    _trust_only(view, what, "its search would look beyond what this client may see")
+
+
+def _trust_only(view: PartnerView | None, what: str, why: str) -> None:
+    """Refuse a partner's client (403) an interaction that would go past its consent view."""
     if view is not None:
         raise HttpError(
-            403, f"{what} is open to the trust's own clients only: its search would look "
-            "beyond what this client may see", code="forbidden",
-        )  # fmt: skip
+            403, f"{what} is open to the trust's own clients only: {why}", code="forbidden"
+        )
 
 
 def _if_match(value: str | None) -> int | None:

@@ -18,10 +18,11 @@ server's side) and answers with one result per request, in the order sent:
 
 A transaction that fails is retried one request at a time, so one bad request
 fails alone. On SQLite the child commits durably (synchronous=FULL): an answer
-means the records are on disk. The child stamps meta.lastUpdated with the server's `at` (the
-latest of the transaction's), so records read the same whichever process stored
-them. If the child dies, every request it had not answered fails (the server
-cannot know whether they were committed) and the next request starts a new child.
+means the records are on disk. The child stamps meta.lastUpdated with the
+server's `at` (the latest of the transaction's), so records read the same
+whichever process stored them. If the child dies, every request it had not
+answered fails (the server cannot know whether they were committed) and the next
+request starts a new child.
 """
 
 from __future__ import annotations
