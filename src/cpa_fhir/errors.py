@@ -137,9 +137,17 @@ class ResourceNotFound(StoreError):
 
 
 class ResourceGone(StoreError):
-    """The resource existed but is deleted (HTTP 410): https://hl7.org/fhir/R4/http.html#read"""
+    """The resource existed but is deleted (HTTP 410): https://hl7.org/fhir/R4/http.html#read
+
+    `version_id` is the deletion's version, where known."""
 
     code = "deleted"
+
+    def __init__(
+        self, message: str, *, version_id: int | None = None, expression: str | None = None
+    ):
+        super().__init__(message, expression=expression)
+        self.version_id = version_id
 
 
 class VersionConflict(StoreError):

@@ -114,6 +114,47 @@ def test_concurrent_conditional_updates_create_one_resource(sandbox: Sandbox) ->
     assert len(stored) == 1 and ids == {stored[0].id}, results
 
 
+def test_concurrent_transactions_with_if_none_exist_create_one_resource(
+    sandbox: Sandbox,
+) -> None:
+    marker = uuid.uuid4().hex
+    entry = {
+        "fullUrl": "urn:uuid:" + str(uuid.uuid4()),
+        "resource": _flag(marker),
+        "request": {
+            "method": "POST",
+            "url": "Flag",
+            "ifNoneExist": f"identifier=urn:test|{marker}",
+        },
+    }
+    body = orjson.dumps({"resourceType": "Bundle", "type": "transaction", "entry": [entry]})
+    request = Request("POST", "", [], {"content-type": "application/fhir+json"}, body)
+    trust = sandbox.registry.clients["trust"]
+    barrier = threading.Barrier(6)
+    answers: list[Any] = []
+
+    def send() -> None:
+        barrier.wait()
+        answers.append(sandbox.router.handle(request, trust, trust.scopes))
+
+    threads = [threading.Thread(target=send) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    query = sandbox.repo.parse("Flag", [("identifier", f"urn:test|{marker}")])
+    stored = sandbox.repo.search(query).matches
+    assert len(stored) == 1, [a.status for a in answers]
+    # Each transaction found the one Flag or made it, or lost a race and was told so.
+    for answer in answers:
+        assert answer.status in (200, 409), answer.body
+        if answer.status == 200:
+            location = orjson.loads(answer.body)["entry"][0]["response"]["location"]
+            assert f"Flag/{stored[0].id}/" in location
+        else:
+            assert b"send it again" in answer.body
+
+
 # -- conditional delete ------------------------------------------------------------------
 
 

@@ -16,7 +16,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import orjson
 
-from cpa_fhir.errors import FhirError, PreconditionFailed
+from cpa_fhir.errors import FhirError, ResourceGone, VersionConflict
 from cpa_fhir.fhir.outcome import Issue
 from cpa_fhir.sandbox._auth import Client, require
 from cpa_fhir.store import time_ordered_id
@@ -173,18 +173,13 @@ def _transaction(
             if resource.get("resourceType") != rtype:
                 raise HttpError(400, f"entry {i}: the resource is not a {rtype}")
             new_id = time_ordered_id()
-            if isinstance(req.get("ifNoneExist"), str):
+            condition = req.get("ifNoneExist")
+            matched = None
+            if isinstance(condition, str):
                 _whole_store_search(view, "a conditional create")
-                query = router.repo.parse(
-                    rtype, parse_qsl(req["ifNoneExist"], keep_blank_values=True)
-                )
-                found = router.repo.search(query)
-                if len(found.matches) > 1:
-                    raise PreconditionFailed(
-                        f"entry {i}: ifNoneExist matches {len(found.matches)} resources"
-                    )
-                if found.matches:
-                    new_id = found.matches[0].id
+                found = router.repo.conditional_match(rtype, condition, f"entry {i}: ifNoneExist")
+                if found is not None:
+                    new_id = matched = found.id
                     resource = None  # exists already: nothing to write
             if isinstance(e.get("fullUrl"), str):
                 ids[e["fullUrl"]] = f"{rtype}/{new_id}"
@@ -196,6 +191,8 @@ def _transaction(
                     "id": new_id,
                     "resource": resource,
                     "req": req,
+                    "condition": condition if isinstance(condition, str) else None,
+                    "matched": matched,
                 }
             )
         elif method == "PUT":
@@ -214,6 +211,9 @@ def _transaction(
                     "id": rid,
                     "resource": resource,
                     "req": req,
+                    "expected": router._version_to_replace(
+                        view, rtype, rid, _if_match(req.get("ifMatch"))
+                    ),
                 }
             )
         elif method == "DELETE":
@@ -221,6 +221,12 @@ def _transaction(
             parts = req["url"].strip("/").split("/")
             if len(parts) != 2:
                 raise HttpError(400, f"entry {i}: DELETE needs Type/id")
+            try:
+                expected = router._version_to_replace(
+                    view, rtype, parts[1], _if_match(req.get("ifMatch"))
+                )
+            except ResourceGone:
+                continue  # deleted already, and the partner could see it: nothing to do
             prepared.append(
                 {
                     "i": i,
@@ -229,6 +235,7 @@ def _transaction(
                     "id": parts[1],
                     "resource": None,
                     "req": req,
+                    "expected": expected,
                 }
             )
         else:
@@ -256,19 +263,26 @@ def _transaction(
             try:
                 if p["method"] == "DELETE":
                     try:
-                        tx.delete(p["type"], p["id"])
+                        tx.delete(p["type"], p["id"], if_match=p["expected"])
                     except FhirError as exc:
                         if exc.code != "deleted":
                             raise
                     results[i] = {"response": {"status": "204"}}
                 elif p["method"] in ("POST", "PUT"):
+                    if p.get("condition") is not None:
+                        # Matched again, now that writers are serialised: another
+                        # transaction may have created a match since (or removed it).
+                        found = tx.conditional_match(p["type"], p["condition"], "ifNoneExist")
+                        if (found.id if found is not None else None) != p["matched"]:
+                            raise VersionConflict(
+                                f"entry {i}: what ifNoneExist {p['condition']!r} matches "
+                                "changed while the transaction ran; send it again"
+                            )
                     if p["resource"] is None:
                         stored = tx.read(p["type"], p["id"])
                         status = "200"
                     else:
-                        if_match = (
-                            _if_match(p["req"].get("ifMatch")) if p["method"] == "PUT" else None
-                        )
+                        if_match = p["expected"] if p["method"] == "PUT" else None
                         stored = tx.update(p["resource"], if_match=if_match)
                         status = "201" if stored.created else "200"
                     results[i] = {

@@ -260,7 +260,7 @@ class Router:
             if method == "PUT":
                 return self._update(request, rtype, rid, client, scopes, view)
             if method == "DELETE":
-                return self._delete(rtype, rid, client, scopes)
+                return self._delete(request, rtype, rid, scopes, view)
             if method == "PATCH":
                 return self._patch(request, rtype, rid, scopes, view)
             raise HttpError(405, f"{method} is not allowed on {rtype}/{rid}", code="not-supported")
@@ -334,19 +334,91 @@ class Router:
         view: PartnerView | None,
     ) -> Response:
         require(scopes, rtype, "read")
-        if version is not None:
-            stored = self.repo.vread(rtype, rid, version)
-        else:
-            stored = self.repo.read(rtype, rid) if view is None else view.read(rtype, rid)
-        if version is not None and stored.deleted:
-            raise ResourceGone(f"{rtype}/{rid} version {version} is a deletion")
         if view is None:
+            if version is None:
+                stored = self.repo.read(rtype, rid)
+            else:
+                stored = self.repo.vread(rtype, rid, version)
             return Response(200, stored.content, {"content-type": FHIR_JSON, **_etag(stored)})
+        if version is None:
+            stored = self._partner_current(view, rtype, rid)
+        else:
+            stored = self._partner_version(view, rtype, rid, version)
         shown = view.filter_bytes(stored)
         if shown is None:
             # Withheld and absent look the same: a 403 would tell that it exists.
-            raise ResourceNotFound(f"{rtype}/{rid} is not known to this server")
+            raise _unknown(rtype, rid)
         return Response(200, shown, {"content-type": FHIR_JSON, **_etag(stored)})
+
+    # -- what a partner may know exists ----------------------------------------------
+    # Absent and withheld answer alike, word for word; a deletion is told only of
+    # what the partner could see before it. Otherwise a status, a message or a
+    # version number would tell it that something it may not see exists.
+
+    def _partner_current(self, view: PartnerView, rtype: str, rid: str) -> Stored:
+        """The current version, for a partner: unknown (404) when absent, and when
+        deleted unless it could see the version before the deletion (then 410)."""
+        try:
+            return view.read(rtype, rid)
+        except ResourceNotFound:
+            raise _unknown(rtype, rid) from None
+        except ResourceGone as exc:
+            if exc.version_id is not None and self._saw_before(view, rtype, rid, exc.version_id):
+                raise
+            raise _unknown(rtype, rid) from None
+
+    def _partner_version(self, view: PartnerView, rtype: str, rid: str, version: int) -> Stored:
+        """One version, for a partner, as `_partner_current` tells of the current one."""
+        try:
+            return self.repo.vread(rtype, rid, version)
+        except ResourceNotFound:
+            raise _unknown(rtype, rid) from None
+        except ResourceGone:
+            if self._saw_before(view, rtype, rid, version):
+                raise
+            raise _unknown(rtype, rid) from None
+
+    def _saw_before(self, view: PartnerView, rtype: str, rid: str, deletion: int) -> bool:
+        """Whether the partner could see what a deletion (at that version) deleted."""
+        if deletion < 2:
+            return False
+        try:
+            before = self.repo.vread(rtype, rid, deletion - 1)
+        except (ResourceNotFound, ResourceGone):
+            return False
+        return view.filter_bytes(before, account=False) is not None
+
+    def _version_to_replace(
+        self, view: PartnerView | None, rtype: str, rid: str, if_match: int | None
+    ) -> int | None:
+        """The version an update or delete must find: If-Match's, and for a partner's
+        client the current one, checked to be one it sees whole, so that a write in
+        between is a conflict. A partner never updates as create: a refused create
+        would tell that the id is taken by something withheld."""
+        if view is None:
+            return if_match
+        current = self._partner_current(view, rtype, rid)
+        self._partner_replaceable(view, current)
+        return current.version_id if if_match is None else if_match
+
+    def _partner_replaceable(self, view: PartnerView, stored: Stored) -> None:
+        """A partner may update or delete only a resource it sees whole: replacing one
+        it sees redacted would erase what was withheld from it (403), and one it may
+        not see at all is unknown to it (404)."""
+        shown = view.filter_bytes(stored, account=False)
+        if shown is None:
+            raise _unknown(stored.resource_type, stored.id)
+        seen = orjson.loads(shown)
+        # Labels are the server's, made for the recipient; anything else that differs
+        # (an element removed, a reference masked, the trust's own labels) was withheld.
+        seen["meta"] = {k: v for k, v in seen["meta"].items() if k != "security"}
+        if seen != stored.resource():
+            raise HttpError(
+                403,
+                f"{stored.resource_type}/{stored.id} holds information withheld from this "
+                "client: only the trust's own clients may change or delete it",
+                code="forbidden",
+            )
 
     def _create(
         self,
@@ -388,19 +460,34 @@ class Router:
         if resource.get("id") != rid:
             raise HttpError(400, f"the body's id must be '{rid}', as in the URL", code="value")
         if_match = _if_match(request.headers.get("if-match"))
+        expected = self._version_to_replace(view, rtype, rid, if_match)
         self._check_valid(resource)
         try:
-            stored = self.repo.update(resource, if_match=if_match)
+            stored = self.repo.update(resource, if_match=expected)
         except VersionConflict as exc:
             raise _conflict(exc, if_match) from None
         return self._written(request, stored)
 
-    def _delete(self, rtype: str, rid: str, client: Client, scopes: frozenset[str]) -> Response:
+    def _delete(
+        self,
+        request: Request,
+        rtype: str,
+        rid: str,
+        scopes: frozenset[str],
+        view: PartnerView | None,
+    ) -> Response:
         require(scopes, rtype, "delete")
+        if_match = _if_match(request.headers.get("if-match"))
         try:
-            self.repo.delete(rtype, rid)
+            expected = self._version_to_replace(view, rtype, rid, if_match)
+        except ResourceGone:
+            return Response(204)  # a partner's: deleted already, and it could see it
+        try:
+            self.repo.delete(rtype, rid, if_match=expected)
         except ResourceGone:
             pass  # deleting twice is not an error (R4 http.html#delete)
+        except VersionConflict as exc:
+            raise _conflict(exc, if_match) from None
         return Response(204)
 
     def _conditional_update(
@@ -681,10 +768,13 @@ class Router:
                 raise ResourceNotFound(f"{rtype}/{rid} is not known")
         else:
             # Count and page only what this client may see, as for a search.
-            everything = self.repo.history(rtype, rid, since=since, count=MAX_PARTNER_MATCHES)
+            try:
+                everything = self.repo.history(rtype, rid, since=since, count=MAX_PARTNER_MATCHES)
+            except ResourceNotFound:
+                raise _unknown(rtype, str(rid)) from None
             visible = self._partner_history(everything, view)
             if rid is not None and not visible:
-                raise ResourceNotFound(f"{rtype}/{rid} is not known to this server")
+                raise _unknown(rtype, rid)
             total = len(visible)
             versions = visible[offset : offset + count]
         entries = []
@@ -721,7 +811,7 @@ class Router:
         return [
             s
             for s in versions
-            if (s.deleted and self._deletion_visible(s, view))
+            if (s.deleted and self._saw_before(view, s.resource_type, s.id, s.version_id))
             or (not s.deleted and view.filter_bytes(s, account=False) is not None)
         ]
 
@@ -731,12 +821,6 @@ class Router:
         if view is None:
             return [None if s.deleted else s.content for s in versions]
         return [None if s.deleted else view.filter_bytes(s) for s in versions]
-
-    def _deletion_visible(self, deletion: Stored, view: PartnerView) -> bool:
-        if deletion.version_id < 2:
-            return False
-        before = self.repo.vread(deletion.resource_type, deletion.id, deletion.version_id - 1)
-        return view.filter_bytes(before, account=False) is not None
 
     # -- batch and transaction ----------------------------------------------------------
 
@@ -782,6 +866,11 @@ def _write_criteria(request: Request, rtype: str, view: PartnerView | None, what
         )  # fmt: skip
     _whole_store_search(view, what)
     return criteria
+
+
+def _unknown(rtype: str, rid: str) -> ResourceNotFound:
+    """What a partner hears of a resource it may not know of, absent or withheld alike."""
+    return ResourceNotFound(f"{rtype}/{rid} is not known to this server")
 
 
 def _conflict(exc: VersionConflict, if_match: int | None) -> HttpError:

@@ -117,13 +117,15 @@ class Repository(Protocol):
 
     def update(self, resource: dict[str, Any], *, if_match: int | None = None) -> Stored: ...
 
-    def delete(self, resource_type: str, id: str) -> Stored: ...
+    def delete(self, resource_type: str, id: str, *, if_match: int | None = None) -> Stored: ...
 
     def conditional_update(
         self, resource: dict[str, Any], criteria: str, *, if_match: int | None = None
     ) -> Stored: ...
 
     def conditional_delete(self, resource_type: str, criteria: str) -> Stored | None: ...
+
+    def conditional_match(self, resource_type: str, criteria: str, what: str) -> Stored | None: ...
 
     def history(
         self,
@@ -290,7 +292,10 @@ class _Operations:
         if row is None:
             raise ResourceNotFound(f"{resource_type}/{id} is not known")
         if row.deleted:
-            raise ResourceGone(f"{resource_type}/{id} was deleted (version {row.version_id})")
+            raise ResourceGone(
+                f"{resource_type}/{id} was deleted (version {row.version_id})",
+                version_id=row.version_id,
+            )
         return _row_to_stored(row)
 
     def vread(self, resource_type: str, id: str, version_id: int) -> Stored:
@@ -303,7 +308,9 @@ class _Operations:
         if row is None:
             raise ResourceNotFound(f"{resource_type}/{id} has no version {version_id}")
         if row.deleted:
-            raise ResourceGone(f"{resource_type}/{id} version {version_id} is a deletion")
+            raise ResourceGone(
+                f"{resource_type}/{id} version {version_id} is a deletion", version_id=version_id
+            )
         return _row_to_stored(row)
 
     def _history_where(
@@ -439,7 +446,7 @@ class _Operations:
     def create(self, resource: dict[str, Any], if_none_exist: str | None) -> Stored:
         resource_type, _ = _check_resource(resource, needs_id=False)
         if if_none_exist is not None:
-            existing = self._conditional_match(resource_type, if_none_exist, "If-None-Exist")
+            existing = self.conditional_match(resource_type, if_none_exist, "If-None-Exist")
             if existing is not None:
                 return existing
         # A create always makes a new resource: the server assigns the id
@@ -447,7 +454,7 @@ class _Operations:
         resource = {**resource, "id": time_ordered_id()}
         return self._write(resource_type, resource["id"], resource, if_match=None, must_be_new=True)
 
-    def _conditional_match(self, resource_type: str, criteria: str, what: str) -> Stored | None:
+    def conditional_match(self, resource_type: str, criteria: str, what: str) -> Stored | None:
         """The one current resource the criteria match, or None; PreconditionFailed if
         they match several (https://hl7.org/fhir/R4/http.html#cond-update). Writers
         that search and then write are serialised, so two cannot both find none."""
@@ -472,7 +479,7 @@ class _Operations:
         self, resource: dict[str, Any], criteria: str, if_match: int | None
     ) -> Stored:
         resource_type, body_id = _check_resource(resource, needs_id=False)
-        found = self._conditional_match(resource_type, criteria, "a conditional update")
+        found = self.conditional_match(resource_type, criteria, "a conditional update")
         if found is not None:
             if body_id is not None and body_id != found.id:
                 raise InputError(
@@ -500,7 +507,7 @@ class _Operations:
         return self._write(resource_type, body_id, resource, if_match=None)
 
     def conditional_delete(self, resource_type: str, criteria: str) -> Stored | None:
-        found = self._conditional_match(resource_type, criteria, "a conditional delete")
+        found = self.conditional_match(resource_type, criteria, "a conditional delete")
         return None if found is None else self.delete(resource_type, found.id)
 
     def update(self, resource: dict[str, Any], if_match: int | None) -> Stored:
@@ -508,10 +515,16 @@ class _Operations:
         assert resource_id is not None
         return self._write(resource_type, resource_id, resource, if_match=if_match)
 
-    def delete(self, resource_type: str, id: str) -> Stored:
+    def delete(self, resource_type: str, id: str, if_match: int | None = None) -> Stored:
         current = self._lock_current(resource_type, id)
         if current is None:
             raise ResourceNotFound(f"{resource_type}/{id} is not known")
+        if if_match is not None and (current.deleted or current.version_id != if_match):
+            found = None if current.deleted else current.version_id
+            raise VersionConflict(
+                f"{resource_type}/{id} is at version {found}, not {if_match}",
+                current_version=found,
+            )
         if current.deleted:
             return _row_to_stored(current)
         now = self._now()
@@ -778,8 +791,8 @@ class _Bound:
     def update(self, resource: dict[str, Any], *, if_match: int | None = None) -> Stored:
         return self._operations.update(resource, if_match)
 
-    def delete(self, resource_type: str, id: str) -> Stored:
-        return self._operations.delete(resource_type, id)
+    def delete(self, resource_type: str, id: str, *, if_match: int | None = None) -> Stored:
+        return self._operations.delete(resource_type, id, if_match)
 
     def conditional_update(
         self, resource: dict[str, Any], criteria: str, *, if_match: int | None = None
@@ -788,6 +801,9 @@ class _Bound:
 
     def conditional_delete(self, resource_type: str, criteria: str) -> Stored | None:
         return self._operations.conditional_delete(resource_type, criteria)
+
+    def conditional_match(self, resource_type: str, criteria: str, what: str) -> Stored | None:
+        return self._operations.conditional_match(resource_type, criteria, what)
 
     def history(
         self,
@@ -981,7 +997,10 @@ class SqlRepository:
             raise ResourceNotFound(f"{resource_type}/{id} is not known")
         stored = _driver_row_to_stored(rows[0])
         if stored.deleted:
-            raise ResourceGone(f"{resource_type}/{id} was deleted (version {stored.version_id})")
+            raise ResourceGone(
+                f"{resource_type}/{id} was deleted (version {stored.version_id})",
+                version_id=stored.version_id,
+            )
         return stored
 
     def vread(self, resource_type: str, id: str, version_id: int) -> Stored:
@@ -992,9 +1011,11 @@ class SqlRepository:
         with self._bound(read_only=False) as bound:
             return bound.update(resource, if_match=if_match)
 
-    def delete(self, resource_type: str, id: str) -> Stored:
+    def delete(self, resource_type: str, id: str, *, if_match: int | None = None) -> Stored:
+        """Delete the resource (a new, deleted version); with `if_match`, only if that
+        is its current version (VersionConflict otherwise)."""
         with self._bound(read_only=False) as bound:
-            return bound.delete(resource_type, id)
+            return bound.delete(resource_type, id, if_match=if_match)
 
     def conditional_update(
         self, resource: dict[str, Any], criteria: str, *, if_match: int | None = None
@@ -1010,6 +1031,14 @@ class SqlRepository:
         PreconditionFailed if several match: https://hl7.org/fhir/R4/http.html#cdelete"""
         with self._bound(read_only=False) as bound:
             return bound.conditional_delete(resource_type, criteria)
+
+    def conditional_match(self, resource_type: str, criteria: str, what: str) -> Stored | None:
+        """The one current resource of the type the search `criteria` match, or None;
+        PreconditionFailed if several do (`what` names the request in the message).
+        Within `transaction()`, a write that follows is serialised with the others
+        that search first, as a conditional create is."""
+        with self._bound(read_only=False) as bound:
+            return bound.conditional_match(resource_type, criteria, what)
 
     def history(
         self,

@@ -1,0 +1,214 @@
+"""A partner's client cannot tell a resource withheld from it from one that does not
+exist, by any interaction, reads or writes: the same status and the same words. And
+even with write scopes it changes or deletes only what it sees whole, so that nothing
+withheld from it is overwritten or lost."""
+
+from __future__ import annotations
+
+import copy
+import uuid
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import orjson
+import pytest
+
+from cpa_fhir.sandbox import Sandbox
+from cpa_fhir.sandbox._router import Request, Response
+from tests.sandbox.test_leaks import C_KEYS, CLINICAL, PARTNERS, _expected
+
+WRITES = frozenset({"system/*.read", "system/*.write"})
+FHIR_JSON = "application/fhir+json"
+
+Call = Callable[..., Response]
+# In record C, a need GP sees whole (no element of it withheld).
+SEEN_WHOLE = "Condition/c-need-accommodation"
+
+
+def _caller(sandbox: Sandbox, client_id: str) -> Call:
+    """Requests straight to the router as this client, registered with write scopes."""
+    client = replace(sandbox.registry.clients[client_id], scopes=WRITES)
+
+    def call(
+        method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+    ) -> Response:
+        content = b"" if body is None else orjson.dumps(body)
+        request = Request(method, path, [], {"content-type": FHIR_JSON, **(headers or {})}, content)
+        return sandbox.router.handle(request, client, WRITES)
+
+    return call
+
+
+@pytest.fixture(scope="module")
+def trust_call(sandbox: Sandbox) -> Call:
+    return _caller(sandbox, "trust")
+
+
+def _withheld_key(client_id: str) -> str:
+    hidden = sorted(k for k in C_KEYS - _expected(client_id) if k.split("/")[0] in CLINICAL)
+    assert hidden, f"record C withholds nothing clinical from {client_id}"
+    return hidden[0]
+
+
+def _answer(response: Response, rid: str) -> tuple[int, bytes]:
+    return response.status, response.body.replace(rid.encode(), b"{id}")
+
+
+def _copy(sandbox: Sandbox, key: str, new_id: str, **changes: Any) -> dict[str, Any]:
+    """A new resource like a stored one: its content, a new id."""
+    resource = copy.deepcopy(sandbox.repo.read(*key.split("/")).resource())
+    resource.pop("meta", None)
+    resource.update(changes, id=new_id)
+    return resource
+
+
+@pytest.mark.parametrize("client_id", list(PARTNERS))
+def test_withheld_and_absent_answer_word_for_word_alike(sandbox: Sandbox, client_id: str) -> None:
+    call = _caller(sandbox, client_id)
+    key = _withheld_key(client_id)
+    rtype, hidden = key.split("/")
+    absent = f"no-such-{uuid.uuid4().hex[:12]}"
+    before = sandbox.repo.read(rtype, hidden)
+    body = before.resource()
+
+    def interactions(rid: str) -> list[tuple[str, str, Any, dict[str, str]]]:
+        replacement = {**body, "id": rid}
+        return [
+            ("GET", f"{rtype}/{rid}", None, {}),
+            ("GET", f"{rtype}/{rid}/_history/1", None, {}),
+            ("GET", f"{rtype}/{rid}/_history/9", None, {}),
+            ("GET", f"{rtype}/{rid}/_history", None, {}),
+            ("PUT", f"{rtype}/{rid}", replacement, {}),
+            ("PUT", f"{rtype}/{rid}", replacement, {"if-match": 'W/"1"'}),
+            ("DELETE", f"{rtype}/{rid}", None, {}),
+            ("DELETE", f"{rtype}/{rid}", None, {"if-match": 'W/"1"'}),
+        ]
+
+    for (method, path, content, headers), (_, absent_path, absent_content, _) in zip(
+        interactions(hidden), interactions(absent), strict=True
+    ):
+        withheld_answer = _answer(call(method, path, content, headers), hidden)
+        absent_answer = _answer(call(method, absent_path, absent_content, headers), absent)
+        assert withheld_answer[0] == 404, (method, path, withheld_answer)
+        assert withheld_answer == absent_answer, (method, path)
+    # Nothing was written: not the withheld resource, nor one under the absent id.
+    assert sandbox.repo.read(rtype, hidden).version_id == before.version_id
+    assert sandbox.repo.history_total(rtype, absent) == 0
+
+
+@pytest.mark.parametrize("client_id", list(PARTNERS))
+def test_withheld_and_absent_alike_in_a_transaction(sandbox: Sandbox, client_id: str) -> None:
+    call = _caller(sandbox, client_id)
+    key = _withheld_key(client_id)
+    rtype, hidden = key.split("/")
+    absent = f"no-such-{uuid.uuid4().hex[:12]}"
+    body = sandbox.repo.read(rtype, hidden).resource()
+
+    def transaction(method: str, rid: str) -> Response:
+        entry: dict[str, Any] = {"request": {"method": method, "url": f"{rtype}/{rid}"}}
+        if method == "PUT":
+            entry["resource"] = {**body, "id": rid}
+        bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [entry]}
+        return call("POST", "", bundle)
+
+    for method in ("PUT", "DELETE"):
+        withheld_answer = _answer(transaction(method, hidden), hidden)
+        assert withheld_answer[0] == 404, withheld_answer
+        assert withheld_answer == _answer(transaction(method, absent), absent)
+    assert sandbox.repo.read(rtype, hidden).version_id == 1
+
+
+def test_a_deletion_is_told_only_of_what_the_partner_could_see(
+    sandbox: Sandbox, trust_call: Call
+) -> None:
+    gp = _caller(sandbox, "gp")
+    withheld = _withheld_key("gp")
+    rtype = withheld.split("/")[0]
+    hidden_id, seen_id, absent = (f"del-{uuid.uuid4().hex[:12]}" for _ in range(3))
+    # A copy of something in C's record GP may not see, and of something it may.
+    assert (
+        trust_call("PUT", f"{rtype}/{hidden_id}", _copy(sandbox, withheld, hidden_id)).status == 201
+    )
+    seen = _copy(sandbox, SEEN_WHOLE, seen_id)
+    assert trust_call("PUT", f"Condition/{seen_id}", seen).status == 201
+    assert gp("GET", f"Condition/{seen_id}").status == 200
+    assert gp("GET", f"{rtype}/{hidden_id}").status == 404
+    for path in (f"{rtype}/{hidden_id}", f"Condition/{seen_id}"):
+        assert trust_call("DELETE", path).status == 204
+
+    def answers(path: str, rid: str) -> list[tuple[int, bytes]]:
+        return [
+            _answer(gp("GET", path), rid),
+            _answer(gp("GET", f"{path}/_history/2"), rid),
+            _answer(gp("GET", f"{path}/_history"), rid),
+            _answer(gp("DELETE", path), rid),
+        ]
+
+    assert answers(f"{rtype}/{hidden_id}", hidden_id) == answers(f"{rtype}/{absent}", absent)
+    read, vread, history, delete = answers(f"Condition/{seen_id}", seen_id)
+    assert read[0] == 410 and vread[0] == 410 and delete[0] == 204
+    assert history[0] == 200 and b'"method":"DELETE"' in history[1]
+
+
+def test_a_partner_changes_or_deletes_only_what_it_sees_whole(
+    sandbox: Sandbox, trust_call: Call
+) -> None:
+    gp = _caller(sandbox, "gp")
+    # Record C's care plan reaches GP redacted: a whole replacement would erase what was
+    # removed, a deletion would lose it.
+    redacted = gp("GET", "CarePlan/c-careplan")
+    assert redacted.status == 200 and b"REDACTED" in redacted.body
+    before = sandbox.repo.read("CarePlan", "c-careplan")
+    seen = orjson.loads(redacted.body)
+    for method, body in (("PUT", seen), ("DELETE", None)):
+        refused = gp(method, "CarePlan/c-careplan", body)
+        assert refused.status == 403, refused.body
+        assert b"withheld from this client" in refused.body
+    assert sandbox.repo.read("CarePlan", "c-careplan").content == before.content
+
+    # What it sees whole it may change, and delete.
+    cid = f"whole-{uuid.uuid4().hex[:12]}"
+    assert trust_call("PUT", f"Condition/{cid}", _copy(sandbox, SEEN_WHOLE, cid)).status == 201
+    shown = orjson.loads(gp("GET", f"Condition/{cid}").body)
+    assert "REDACTED" not in orjson.dumps(shown).decode()
+    shown["meta"].pop("security", None)
+    shown["note"] = [{"text": "Seen at the practice"}]
+    updated = gp("PUT", f"Condition/{cid}", shown)
+    assert updated.status == 200, updated.body
+    assert sandbox.repo.read("Condition", cid).resource()["note"] == shown["note"]
+    stale = gp("DELETE", f"Condition/{cid}", headers={"if-match": 'W/"1"'})
+    assert stale.status == 412, stale.body
+    assert gp("DELETE", f"Condition/{cid}").status == 204
+    assert trust_call("GET", f"Condition/{cid}").status == 410
+
+
+def test_a_label_the_partner_cannot_see_is_not_overwritten(
+    sandbox: Sandbox, trust_call: Call
+) -> None:
+    # The trust's own security labels on a resource are replaced by the server's in
+    # what a partner sees; its update would drop them.
+    gp = _caller(sandbox, "gp")
+    cid = f"labelled-{uuid.uuid4().hex[:12]}"
+    condition = _copy(sandbox, SEEN_WHOLE, cid)
+    condition["meta"] = {
+        "security": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "TBOO"}]
+    }
+    assert trust_call("PUT", f"Condition/{cid}", condition).status == 201
+    shown = gp("GET", f"Condition/{cid}")
+    assert shown.status == 200 and b"TBOO" not in shown.body
+    assert gp("PUT", f"Condition/{cid}", orjson.loads(shown.body)).status == 403
+    assert gp("DELETE", f"Condition/{cid}").status == 403
+    assert sandbox.repo.read("Condition", cid).version_id == 1
+
+
+def test_the_trust_deletes_with_if_match(trust_call: Call, sandbox: Sandbox) -> None:
+    pid = f"if-match-{uuid.uuid4().hex[:12]}"
+    assert (
+        trust_call("PUT", f"Patient/{pid}", _copy(sandbox, "Patient/c-patient", pid)).status == 201
+    )
+    stale = trust_call("DELETE", f"Patient/{pid}", headers={"if-match": 'W/"2"'})
+    assert stale.status == 412 and b"version 1" in stale.body
+    assert trust_call("GET", f"Patient/{pid}").status == 200
+    assert trust_call("DELETE", f"Patient/{pid}", headers={"if-match": 'W/"1"'}).status == 204
+    assert trust_call("GET", f"Patient/{pid}").status == 410
