@@ -24,6 +24,7 @@ FHIR_JSON = "application/fhir+json"
 Call = Callable[..., Response]
 # In record C, a need GP sees whole (no element of it withheld).
 SEEN_WHOLE = "Condition/c-need-accommodation"
+TBOO = ("http://terminology.hl7.org/CodeSystem/v3-ActCode", "TBOO")
 
 
 def _caller(sandbox: Sandbox, client_id: str) -> Call:
@@ -212,3 +213,136 @@ def test_the_trust_deletes_with_if_match(trust_call: Call, sandbox: Sandbox) -> 
     assert trust_call("GET", f"Patient/{pid}").status == 200
     assert trust_call("DELETE", f"Patient/{pid}", headers={"if-match": 'W/"1"'}).status == 204
     assert trust_call("GET", f"Patient/{pid}").status == 410
+
+
+def test_a_partner_cannot_write_what_consent_decisions_are_made_from(
+    sandbox: Sandbox,
+) -> None:
+    # A Consent of its own making would otherwise grant it what was withheld.
+    gp = _caller(sandbox, "gp")
+    withheld = _withheld_key("gp")
+    consent = _copy(sandbox, "Consent/c-consent", "gp-made")
+    consent.pop("id")
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [{"resource": consent, "request": {"method": "POST", "url": "Consent"}}],
+    }
+    for method, path, body in (
+        ("POST", "Consent", consent),
+        ("PUT", "Consent/c-consent", {**consent, "id": "c-consent"}),
+        ("DELETE", "Consent/c-consent", None),
+        ("POST", "", bundle),
+    ):
+        refused = gp(method, path, body)
+        assert refused.status == 403, (method, path, refused.body)
+        assert b"trust's own clients" in refused.body
+    assert sandbox.repo.read("Consent", "c-consent").version_id == 1
+    assert gp("GET", withheld).status == 404
+
+
+def test_a_partner_writes_only_the_version_it_was_checked_against(
+    sandbox: Sandbox, trust_call: Call, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The trust labels the resource between the partner's check and its write. The
+    # partner's write must not land on that new version, whether or not its If-Match
+    # names it, and the answer must not say what the resource became.
+    gp = _caller(sandbox, "gp")
+    original = _copy(sandbox, SEEN_WHOLE, "x")
+    label = {"security": [{"system": TBOO[0], "code": TBOO[1]}]}
+    meddling: list[str] = []
+    check = sandbox.router._check_valid
+
+    def trust_writes_first(resource: dict[str, Any]) -> None:
+        if meddling:
+            cid = meddling.pop()
+            labelled = {**original, "id": cid, "meta": label}
+            assert trust_call("PUT", f"Condition/{cid}", labelled).status == 200
+        check(resource)
+
+    monkeypatch.setattr(sandbox.router, "_check_valid", trust_writes_first)
+    for headers in ({"if-match": 'W/"2"'}, {}):
+        cid = f"checked-{uuid.uuid4().hex[:12]}"
+        assert trust_call("PUT", f"Condition/{cid}", {**original, "id": cid}).status == 201
+        shown = orjson.loads(gp("GET", f"Condition/{cid}").body)
+        shown["note"] = [{"text": "written by the partner"}]
+        meddling.append(cid)
+        answer = gp("PUT", f"Condition/{cid}", shown, headers)
+        assert answer.status in (409, 412), answer.body
+        assert b"TBOO" not in answer.body and b"version 2" not in answer.body
+        stored = sandbox.repo.read("Condition", cid).resource()
+        assert "note" not in stored, stored
+
+
+def test_a_partner_keeps_seeing_what_it_sent_back(sandbox: Sandbox, trust_call: Call) -> None:
+    # The labels in what it read are the server's: sent back, they are not kept as if
+    # the trust had set them (which would hide the resource from the partner itself).
+    gp = _caller(sandbox, "gp")
+    cid = f"round-trip-{uuid.uuid4().hex[:12]}"
+    assert trust_call("PUT", f"Condition/{cid}", _copy(sandbox, SEEN_WHOLE, cid)).status == 201
+    shown = orjson.loads(gp("GET", f"Condition/{cid}").body)
+    assert shown["meta"]["security"]
+    shown["note"] = [{"text": "Reviewed"}]
+    assert gp("PUT", f"Condition/{cid}", shown).status == 200
+    assert "security" not in sandbox.repo.read("Condition", cid).resource()["meta"]
+    again = orjson.loads(gp("GET", f"Condition/{cid}").body)
+    assert gp("PUT", f"Condition/{cid}", again).status == 200
+
+
+def test_transactions_answer_every_entry_and_refuse_contradictions(
+    sandbox: Sandbox, trust_call: Call
+) -> None:
+    gp = _caller(sandbox, "gp")
+    first, second = (f"tx-{uuid.uuid4().hex[:12]}" for _ in range(2))
+    for cid in (first, second):
+        assert trust_call("PUT", f"Condition/{cid}", _copy(sandbox, SEEN_WHOLE, cid)).status == 201
+    assert trust_call("DELETE", f"Condition/{first}").status == 204
+
+    def transaction(*entries: dict[str, Any]) -> dict[str, Any]:
+        return {"resourceType": "Bundle", "type": "transaction", "entry": list(entries)}
+
+    # Deleting what is deleted already is done, beside another deletion.
+    both = gp(
+        "POST",
+        "",
+        transaction(
+            {"request": {"method": "DELETE", "url": f"Condition/{first}"}},
+            {"request": {"method": "DELETE", "url": f"Condition/{second}"}},
+        ),
+    )
+    assert both.status == 200, both.body
+    assert [e["response"]["status"] for e in orjson.loads(both.body)["entry"]] == ["204", "204"]
+
+    # Two entries creating the same match: a contradiction in the bundle, not a race.
+    marker = uuid.uuid4().hex
+    condition = _copy(
+        sandbox, SEEN_WHOLE, "x", identifier=[{"system": "urn:test", "value": marker}]
+    )
+    condition.pop("id")
+    create = {
+        "resource": condition,
+        "request": {
+            "method": "POST",
+            "url": "Condition",
+            "ifNoneExist": f"identifier=urn:test|{marker}",
+        },
+    }
+    twice = trust_call("POST", "", transaction(create, create))
+    assert twice.status == 400 and b"another entry" in twice.body, twice.body
+    made = trust_call("POST", "", transaction(create))
+    assert made.status == 200, made.body
+    made_id = orjson.loads(made.body)["entry"][0]["response"]["location"].split("/")[-3]
+    deleted_then_matched = trust_call(
+        "POST",
+        "",
+        transaction({"request": {"method": "DELETE", "url": f"Condition/{made_id}"}}, create),
+    )
+    assert deleted_then_matched.status == 400, deleted_then_matched.body
+    assert trust_call("GET", f"Condition/{made_id}").status == 200
+
+    # Malformed versions are the client's error, never the server's.
+    as_number = {"request": {"method": "DELETE", "url": f"Condition/{made_id}", "ifMatch": 1}}
+    assert trust_call("POST", "", transaction(as_number)).status == 400
+    assert trust_call("GET", f"Condition/{made_id}/_history/99999999999999999999").status == 400
+    stale = {"request": {"method": "DELETE", "url": f"Condition/{made_id}", "ifMatch": 'W/"7"'}}
+    assert trust_call("POST", "", transaction(stale)).status == 412

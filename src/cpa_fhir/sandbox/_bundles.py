@@ -157,7 +157,14 @@ def _transaction(
     scopes: frozenset[str],
     view: PartnerView | None,
 ) -> Response:
-    from cpa_fhir.sandbox._router import HttpError, _if_match, _whole_store_search
+    from cpa_fhir.sandbox._router import (
+        HttpError,
+        _conflict,
+        _if_match,
+        _partner_writable,
+        _whole_store_search,
+        _without_server_labels,
+    )
 
     # Assign ids to new resources first, so that entries can refer to each other.
     ids: dict[str, str] = {}
@@ -167,9 +174,12 @@ def _transaction(
         method = req["method"]
         resource = copy.deepcopy(e.get("resource")) if isinstance(e.get("resource"), dict) else None
         rtype = req["url"].split("?")[0].strip("/").split("/")[0]
+        if resource is not None and view is not None:
+            resource = _without_server_labels(resource)
         if method == "POST":
             assert resource is not None
             require(scopes, rtype, "create")
+            _partner_writable(view, rtype)
             if resource.get("resourceType") != rtype:
                 raise HttpError(400, f"entry {i}: the resource is not a {rtype}")
             new_id = time_ordered_id()
@@ -226,7 +236,7 @@ def _transaction(
                     view, rtype, parts[1], _if_match(req.get("ifMatch"))
                 )
             except ResourceGone:
-                continue  # deleted already, and the partner could see it: nothing to do
+                expected = None  # deleted already, and the partner could see it
             prepared.append(
                 {
                     "i": i,
@@ -257,6 +267,12 @@ def _transaction(
                     issues=issues,
                 )
     results: dict[int, dict[str, Any]] = {}
+    # What this transaction writes or deletes, as Type/id: an ifNoneExist that matches
+    # it differently once those are made is the bundle's own contradiction, not a race.
+    touched: dict[str, set[int]] = {}
+    for p in prepared:
+        if p["method"] in ("POST", "PUT", "DELETE"):
+            touched.setdefault(f"{p['type']}/{p['id']}", set()).add(p["i"])
     with router.repo.transaction() as tx:
         for p in sorted(prepared, key=lambda p: _ORDER[p["method"]]):
             i = p["i"]
@@ -264,6 +280,8 @@ def _transaction(
                 if p["method"] == "DELETE":
                     try:
                         tx.delete(p["type"], p["id"], if_match=p["expected"])
+                    except VersionConflict as exc:
+                        raise _conflict(exc, _if_match(p["req"].get("ifMatch")), view) from None
                     except FhirError as exc:
                         if exc.code != "deleted":
                             raise
@@ -273,7 +291,17 @@ def _transaction(
                         # Matched again, now that writers are serialised: another
                         # transaction may have created a match since (or removed it).
                         found = tx.conditional_match(p["type"], p["condition"], "ifNoneExist")
-                        if (found.id if found is not None else None) != p["matched"]:
+                        now = found.id if found is not None else None
+                        if now != p["matched"]:
+                            mine = {f"{p['type']}/{x}" for x in (now, p["matched"]) if x}
+                            if any(touched.get(k, set()) - {i} for k in mine):
+                                raise HttpError(
+                                    400,
+                                    f"entry {i}: what ifNoneExist {p['condition']!r} matches "
+                                    "is written or deleted by another entry of this "
+                                    "transaction",
+                                    code="invalid",
+                                )
                             raise VersionConflict(
                                 f"entry {i}: what ifNoneExist {p['condition']!r} matches "
                                 "changed while the transaction ran; send it again"
@@ -283,7 +311,10 @@ def _transaction(
                         status = "200"
                     else:
                         if_match = p["expected"] if p["method"] == "PUT" else None
-                        stored = tx.update(p["resource"], if_match=if_match)
+                        try:
+                            stored = tx.update(p["resource"], if_match=if_match)
+                        except VersionConflict as exc:
+                            raise _conflict(exc, _if_match(p["req"].get("ifMatch")), view) from None
                         status = "201" if stored.created else "200"
                     results[i] = {
                         "fullUrl": f"{request.base_url}/{stored.resource_type}/{stored.id}",

@@ -45,6 +45,8 @@ FHIR_JSON = "application/fhir+json; charset=utf-8"
 JSON_PATCH = "application/json-patch+json"
 _JSON_TYPES = ("application/fhir+json", "application/json", "json", "application/json+fhir")
 _ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+# Version ids are stored as 32-bit integers: a longer one names no version.
+_VERSION_DIGITS = 9
 MAX_PARTNER_MATCHES = 1000
 
 
@@ -270,7 +272,7 @@ class Router:
             if n == 3:
                 return self._history(request, rtype, rid, client, scopes, view)
             if n == 4:
-                if not parts[3].isdigit():
+                if not parts[3].isdigit() or len(parts[3]) > _VERSION_DIGITS:
                     raise HttpError(400, f"'{parts[3]}' is not a version id", code="value")
                 return self._read(request, rtype, rid, int(parts[3]), client, scopes, view)
         raise HttpError(404, f"no such interaction: {method} {request.path}", code="not-supported")
@@ -397,9 +399,15 @@ class Router:
         would tell that the id is taken by something withheld."""
         if view is None:
             return if_match
+        _partner_writable(view, rtype)
         current = self._partner_current(view, rtype, rid)
         self._partner_replaceable(view, current)
-        return current.version_id if if_match is None else if_match
+        if if_match is not None and if_match != current.version_id:
+            raise HttpError(
+                412, f"{rtype}/{rid} is at version {current.version_id}, not {if_match}",
+                code="conflict",
+            )  # fmt: skip
+        return current.version_id
 
     def _partner_replaceable(self, view: PartnerView, stored: Stored) -> None:
         """A partner may update or delete only a resource it sees whole: replacing one
@@ -429,10 +437,13 @@ class Router:
         view: PartnerView | None,
     ) -> Response:
         require(scopes, rtype, "create")
+        _partner_writable(view, rtype)
         resource = self._body(request)
         if resource["resourceType"] != rtype:
             raise HttpError(400, f"the body is a {resource['resourceType']}, not a {rtype}")
         resource.pop("id", None)  # the server assigns ids on create
+        if view is not None:
+            resource = _without_server_labels(resource)
         self._check_valid(resource)
         condition = request.headers.get("if-none-exist")
         criteria = _criteria(request)
@@ -461,11 +472,13 @@ class Router:
             raise HttpError(400, f"the body's id must be '{rid}', as in the URL", code="value")
         if_match = _if_match(request.headers.get("if-match"))
         expected = self._version_to_replace(view, rtype, rid, if_match)
+        if view is not None:
+            resource = _without_server_labels(resource)
         self._check_valid(resource)
         try:
             stored = self.repo.update(resource, if_match=expected)
         except VersionConflict as exc:
-            raise _conflict(exc, if_match) from None
+            raise _conflict(exc, if_match, view) from None
         return self._written(request, stored)
 
     def _delete(
@@ -487,7 +500,7 @@ class Router:
         except ResourceGone:
             pass  # deleting twice is not an error (R4 http.html#delete)
         except VersionConflict as exc:
-            raise _conflict(exc, if_match) from None
+            raise _conflict(exc, if_match, view) from None
         return Response(204)
 
     def _conditional_update(
@@ -873,10 +886,39 @@ def _unknown(rtype: str, rid: str) -> ResourceNotFound:
     return ResourceNotFound(f"{rtype}/{rid} is not known to this server")
 
 
-def _conflict(exc: VersionConflict, if_match: int | None) -> HttpError:
+def _conflict(
+    exc: VersionConflict, if_match: int | None, view: PartnerView | None = None
+) -> HttpError:
     """A write that found another version than expected: 412 if the client named the
-    version it expected (If-Match), else 409."""
-    return HttpError(412 if if_match is not None else 409, exc.message, code="conflict")
+    version it expected (If-Match), else 409. A partner is not told what it found: the
+    resource may have changed into, or been deleted as, something it may not see."""
+    message = exc.message if view is None else "the resource changed while it was being written"
+    return HttpError(412 if if_match is not None else 409, message, code="conflict")
+
+
+# What the consent engine decides from: the trust's record of what the service user
+# agreed, never a partner's to write.
+DECISION_TYPES = frozenset({"Consent"})
+
+
+def _partner_writable(view: PartnerView | None, rtype: str) -> None:
+    """Refuse a partner's client (403) a write to what consent decisions are made from."""
+    if view is not None and rtype in DECISION_TYPES:
+        raise HttpError(
+            403,
+            f"{rtype} resources are written by the trust's own clients only: they decide "
+            "what is shared",
+            code="forbidden",
+        )
+
+
+def _without_server_labels(resource: dict[str, Any]) -> dict[str, Any]:
+    """A partner's resource less the security labels in its meta: labels are the
+    server's, made for each recipient; kept, they would read as the trust's own."""
+    meta = resource.get("meta")
+    if not isinstance(meta, dict) or "security" not in meta:
+        return resource
+    return {**resource, "meta": {k: v for k, v in meta.items() if k != "security"}}
 
 
 def _whole_store_search(view: PartnerView | None, what: str) -> None:
@@ -893,9 +935,11 @@ def _trust_only(view: PartnerView | None, what: str, why: str) -> None:
         )
 
 
-def _if_match(value: str | None) -> int | None:
+def _if_match(value: Any) -> int | None:
     if value is None:
         return None
+    if not isinstance(value, str):
+        raise HttpError(400, f'If-Match {value!r} is not a version ETag like W/"3"', code="value")
     m = re.fullmatch(r'\s*(?:W/)?"?(\d+)"?\s*', value)
     if not m:
         raise HttpError(400, f'If-Match {value!r} is not a version ETag like W/"3"', code="value")

@@ -1035,9 +1035,9 @@ class SqlRepository:
     def conditional_match(self, resource_type: str, criteria: str, what: str) -> Stored | None:
         """The one current resource of the type the search `criteria` match, or None;
         PreconditionFailed if several do (`what` names the request in the message).
-        Within `transaction()`, a write that follows is serialised with the others
-        that search first, as a conditional create is."""
-        with self._bound(read_only=False) as bound:
+        A read: only within `transaction()` is a write that follows serialised with
+        the others that search first, as a conditional create is."""
+        with self._bound(read_only=True) as bound:
             return bound.conditional_match(resource_type, criteria, what)
 
     def history(
