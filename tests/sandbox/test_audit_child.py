@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import uuid
 from datetime import UTC, datetime
 from typing import Any
 
@@ -216,3 +217,87 @@ def test_the_appender_serves_one_event_loop_after_another(store: SqlRepository) 
     finally:
         appender.close()
     assert stored_ids(store, ids(first + second)) == set(ids(first + second))
+
+
+def _by_patient(store: SqlRepository, patient: str) -> set[str]:
+    query = store.parse("AuditEvent", [("entity", f"Patient/{patient}"), ("_count", "1000")])
+    return {m.id for m in store.search(query).matches}
+
+
+def _about(patient: str) -> dict[str, Any]:
+    return event() | {"entity": [{"what": {"reference": f"Patient/{patient}"}}]}
+
+
+def test_index_returns_once_everything_sent_before_can_be_found(store: SqlRepository) -> None:
+    # The child answers once records are committed and writes their index rows after;
+    # `index()` is the wait a search of them makes first.
+    log = AuditLog(store)
+
+    async def main() -> None:
+        batcher = AuditBatcher(log, asyncio.to_thread, child(log))
+        for _ in range(8):
+            patient = uuid.uuid4().hex
+            requests = [[_about(patient)] for _ in range(40)]
+            await asyncio.gather(*(batcher.record(r) for r in requests))
+            await batcher.index()
+            assert _by_patient(store, patient) == {r[0]["id"] for r in requests}
+
+    try:
+        asyncio.run(main())
+    finally:
+        log.close()
+
+
+def test_a_new_child_indexes_what_an_earlier_one_left(store: SqlRepository) -> None:
+    # As if a child had committed these and stopped before writing their index rows.
+    patient = uuid.uuid4().hex
+    left = [_about(patient) for _ in range(3)]
+    store.append_indexing_later(left, [])
+    assert _by_patient(store, patient) == set()
+    log = AuditLog(store)
+
+    async def main() -> None:
+        batcher = AuditBatcher(log, asyncio.to_thread, child(log))
+        await batcher.record(events(1))
+
+    try:
+        asyncio.run(main())
+    finally:
+        log.close()
+    assert _by_patient(store, patient) == {e["id"] for e in left}
+
+
+def test_a_stopping_child_indexes_what_it_committed(store: SqlRepository) -> None:
+    log = AuditLog(store)
+    patient = uuid.uuid4().hex
+    sent = [_about(patient) for _ in range(5)]
+
+    async def main() -> None:
+        await AuditBatcher(log, asyncio.to_thread, child(log)).record(sent)
+
+    asyncio.run(main())
+    log.close()  # the child stops when the server closes its end
+    assert _by_patient(store, patient) == {e["id"] for e in sent}
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "query", "waits"),
+    [
+        ("GET", "AuditEvent", b"patient=Patient/1", True),
+        ("POST", "AuditEvent/_search", b"", True),
+        ("GET", "Patient", b"_revinclude=AuditEvent:patient", True),
+        ("GET", "Patient", b"_revinclude=*", True),
+        ("GET", "Patient", b"_has:AuditEvent:patient:type=110106", True),
+        ("GET", "", b"_type=AuditEvent", True),
+        ("POST", "", b"", True),  # a batch or transaction may search
+        ("GET", "Patient/1", b"", False),
+        ("GET", "CarePlan", b"subject=Patient/1&status=active", False),
+        ("PUT", "Flag/1", b"", False),
+    ],
+)
+def test_searches_that_may_find_audit_events_wait_for_their_index(
+    method: str, path: str, query: bytes, waits: bool
+) -> None:
+    from cpa_fhir.sandbox._app import _may_find_appended
+
+    assert _may_find_appended(method, path, query) is waits

@@ -18,6 +18,7 @@ the span of time in which it cannot change (`steady_span`).
 
 from __future__ import annotations
 
+import operator
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -90,6 +91,8 @@ class _Shared:
     shared: list[str] = field(default_factory=list)
     categories: set[str] = field(default_factory=set)
     withheld: list[WithheldItem] = field(default_factory=list)
+    # What was accounted, in order: the rest follows from it and the decision.
+    accounted: list[_Shown] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +120,11 @@ class Derived:
         # (patient, client) -> a decision and the span of time it holds for
         self.decisions: dict[tuple[str, str], tuple[Decision, datetime, datetime]] = {}
         self.audit_templates: dict[tuple[Any, ...], dict[str, Any]] = {}
+        # The same templates found from what a request accounted (`_Shared.accounted`)
+        # and its decision, by identity: no key to build from their content.
+        self.audit_by_account: dict[
+            tuple[Any, ...], tuple[Decision, tuple[_Shown, ...], dict[str, Any]]
+        ] = {}
         # (type, id) -> the current version, as read
         self.current: dict[tuple[str, str], Stored] = {}
 
@@ -124,17 +132,21 @@ class Derived:
         return (
             len(self.resources) + len(self.patients) + len(self.consents) + len(self.shown)
             + len(self.categories) + len(self.decisions) + len(self.audit_templates)
-            + len(self.current)
+            + len(self.audit_by_account) + len(self.current)
         )  # fmt: skip
 
 
 class DerivedCache:
     """The current `Derived`, shared by the server's requests."""
 
+    # The size is looked at every so many requests: a request adds a few entries.
+    SIZE_CHECK_EVERY = 64
+
     def __init__(self, *, max_entries: int = 200_000) -> None:
         self.max_entries = max_entries
         self._current = Derived(-1)
         self._lock = threading.Lock()
+        self._calls = 0
 
     def at(self, generation: int) -> Derived:
         with self._lock:
@@ -143,7 +155,10 @@ class DerivedCache:
                 # A request that looked before a newer one: it must not see, nor
                 # replace, what was derived later. It works on its own.
                 return Derived(generation)
-            if generation > current.generation or current.size() > self.max_entries:
+            self._calls += 1
+            if generation > current.generation or (
+                self._calls % self.SIZE_CHECK_EVERY == 0 and current.size() > self.max_entries
+            ):
                 current = self._current = Derived(generation)
             return current
 
@@ -175,6 +190,8 @@ class PartnerView:
             client.id,
         )
         self._decisions: dict[str, Decision] = {}
+        # patient -> the kept decision this request's was made from (see audit_events)
+        self._decided_from: dict[str, Decision] = {}
         self._disclosed: dict[str, _Shared] = {}
 
     # -- reading what the engine needs -------------------------------------------
@@ -229,6 +246,7 @@ class PartnerView:
         known = self.derived.decisions.get(key)
         if known is not None and known[1] <= self.at < known[2]:
             decision = replace(known[0], at=self.at)
+            self._decided_from[patient_id] = known[0]
         else:
             consents, actors = self._consent_inputs(patient_id)
             decision = decide(
@@ -243,6 +261,7 @@ class PartnerView:
             start, end = steady_span(consents, self.at)
             if start < end:
                 self.derived.decisions[key] = (decision, start, end)
+            self._decided_from[patient_id] = decision
         self._decisions[patient_id] = decision
         return decision
 
@@ -315,7 +334,10 @@ class PartnerView:
         """Note for the audit what this request disclosed, or withheld, of `key`."""
         if not account:
             return shown.content
-        record = self._disclosed.setdefault(patient, _Shared(decision))
+        record = self._disclosed.get(patient)
+        if record is None:
+            record = self._disclosed[patient] = _Shared(decision)
+        record.accounted.append(shown)
         record.withheld += shown.withheld
         if shown.content is None:
             return None
@@ -373,10 +395,39 @@ class PartnerView:
         """One AuditEvent per patient whose information this request disclosed."""
         events = []
         recorded = None
+        observer_key = orjson.dumps(observer)
+        by_account = self.derived.audit_by_account
         for patient, shared in self._disclosed.items():
             if not shared.shared:
                 continue
             decision = shared.decision
+            if recorded is None:
+                recorded = audit_instant(decision.at)
+            # Decisions and filtered forms are kept (in `derived`) while they hold, so
+            # the same objects mean the same disclosure (a decision differs only in its
+            # time, which the template does not hold); the identities are checked, as
+            # an id may be reused once its object is gone.
+            source = (
+                self._decided_from.get(patient)
+                if self._decisions.get(patient) is decision
+                else None
+            )
+            accounted = tuple(shared.accounted)
+            quick = (
+                patient,
+                self.recipient.reference,
+                id(source),
+                tuple(map(id, accounted)),
+                observer_key,
+            )
+            known = by_account.get(quick) if source is not None else None
+            if (
+                known is not None
+                and known[0] is source
+                and all(map(operator.is_, known[1], accounted))
+            ):
+                events.append({**known[2], "id": new_id(), "recorded": recorded})
+                continue
             categories = tuple(sorted(shared.categories & decision.allowed.keys()))
             counts = tuple(sorted(withheld_counts(shared.withheld).items()))
             # Disclosures alike but for their id and time have one AuditEvent but for those.
@@ -388,7 +439,7 @@ class PartnerView:
                 tuple(decision.allowed[c] for c in categories),
                 tuple(shared.shared),
                 counts,
-                orjson.dumps(observer),
+                observer_key,
             )
             template = self.derived.audit_templates.get(key)
             if template is None:
@@ -403,8 +454,8 @@ class PartnerView:
                     patient=f"Patient/{patient}",
                 )
                 self.derived.audit_templates[key] = template
-            if recorded is None:
-                recorded = audit_instant(decision.at)
+            if source is not None:
+                by_account[quick] = (source, accounted, template)
             # A new top level; what lies below is shared with the template, never changed.
             events.append({**template, "id": new_id(), "recorded": recorded})
         return events

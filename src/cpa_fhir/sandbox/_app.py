@@ -33,6 +33,7 @@ from cpa_fhir.sandbox._server import Sandbox
 from cpa_fhir.store._engine import POOL_SIZE
 
 MAX_BODY = 5 * 1024 * 1024
+INDEX_BEHIND = (503, "the audit trail's search index could not be brought up to date; try again")
 FHIR_PREFIX = "/fhir"
 # Requests doing database work run on at most this many threads at once, as many as
 # the store keeps pooled connections: more threads would only wait for a connection
@@ -41,6 +42,18 @@ WORKER_THREADS = POOL_SIZE
 INLINE_METHODS = frozenset({"GET", "HEAD"})
 # A read: `Type/id`.
 _READ_BY_ID = re.compile(r"[A-Z][A-Za-z]*/[A-Za-z0-9.\-]{1,64}/?")
+# What a request must name to find the server's own records (AuditEvents) by search:
+# the audit child writes their index rows after it answers, so such a request waits
+# for them first (`AuditBatcher.index`).
+_FINDS_APPENDED = re.compile(r"AuditEvent|_revinclude|_has|_type|_search")
+
+
+def _may_find_appended(method: str, path: str, query_string: bytes) -> bool:
+    if method == "POST" and not path.strip("/"):
+        return True  # a batch or transaction: its entries may search
+    return bool(
+        _FINDS_APPENDED.search(path) or _FINDS_APPENDED.search(query_string.decode("latin-1"))
+    )
 
 
 _BASE_URLS: dict[tuple[Any, ...], str] = {}
@@ -147,7 +160,6 @@ def create_app(
 
         app.router.add_route("/_bare/{resource_type}/{id}", bare_read, methods=["GET"])
 
-    @app.post("/token")
     async def token(request: HttpRequest) -> HttpResponse:
         try:
             body = await _body(request)
@@ -191,6 +203,11 @@ def create_app(
             )
         except (HttpError, AuthFailure) as exc:
             return _send(outcome_response(exc))
+        if _may_find_appended(req.method, path, request.scope["query_string"]):
+            try:
+                await audit.index()
+            except AuditWriteFailed:
+                return _send(outcome_response(HttpError(*INDEX_BEHIND, code="transient")))
         if req.method in INLINE_METHODS and (inline_reads or _READ_BY_ID.fullmatch(path)):
             # On an embedded store reads are CPU-bound, never waiting on a network; on
             # a database server a read by id is a primary-key lookup on a kept
@@ -213,11 +230,14 @@ def create_app(
                 response = audit_failed_response()
         return _send(response)
 
+    # Routes are matched in order: the FHIR API, which takes nearly every request,
+    # before the token endpoint.
     app.router.add_route(
         FHIR_PREFIX + "/{path:path}",
         fhir,
         methods=["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD"],
     )
+    app.add_api_route("/token", token, methods=["POST"])
 
     @app.exception_handler(Exception)
     async def unexpected(request: HttpRequest, exc: Exception) -> HttpResponse:

@@ -182,6 +182,17 @@ class AuditBatcher:
             asyncio.get_running_loop().create_task(self._flush())
         await committed
 
+    async def index(self) -> None:
+        """Return once the AuditEvents already recorded can be found by search (the
+        child writes their index rows after their commit); AuditWriteFailed if they
+        cannot be. Without a child they are indexed as they are stored."""
+        if self._child is None:
+            return
+        try:
+            await self._child.index()
+        except Exception as exc:
+            raise AuditWriteFailed(str(exc)) from exc
+
     async def _flush(self) -> None:
         try:
             # Let the requests already read off their connections reach this batch too.

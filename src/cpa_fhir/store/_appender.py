@@ -14,10 +14,16 @@ server's side) and answers with one result per request, in the order sent:
     server -> child   {"url": ..., "schema": ...}              (once, first)
     child  -> server  {"ready": true} | {"error": "..."}
     server -> child   {"at": ISO instant, "resources": [...]}  (one per request)
+                    | {"index": true}                         (before a search)
     child  -> server  {"results": [n | {"error": "..."}, ...]}  (one per transaction)
 
 A transaction that fails is retried one request at a time, so one bad request
-fails alone. On SQLite the child commits durably (synchronous=FULL): an answer
+fails alone. The records' search-index rows, most of what a commit writes, follow
+in a transaction of their own once the child has answered and no request waits
+(`SqlRepository.append_indexing_later`): a disclosure waits only for its record.
+An `index` request is answered once every record sent before it is indexed; the
+server makes one before a search that could find these records. Records a child
+committed but did not index before it stopped are indexed by the next child. On SQLite the child commits durably (synchronous=FULL): an answer
 means the records are on disk. The child stamps meta.lastUpdated with the
 server's `at` (the latest of the transaction's), so records read the same
 whichever process stored them. If the child dies, every request it had not
@@ -30,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
+import select
 import signal
 import socket
 import struct
@@ -182,6 +189,12 @@ class ProcessAppender:
         payload = orjson.dumps({"at": at.isoformat(), "resources": resources})
         return await self._open().send(payload)
 
+    async def index(self) -> None:
+        """Return once the index rows of every record sent before are written (the
+        child writes them after the commit it answers, when it is idle): a search
+        then finds them."""
+        await self._open().send(orjson.dumps({"index": True}))
+
     def _open(self) -> _Channel:
         channel = self._channel
         if channel is not None and channel.broken is not None:
@@ -255,17 +268,40 @@ class _Frames:
                 self._ended = True
             self._buffer += part
 
+    def waiting(self) -> bool:
+        """Whether more input has arrived (a frame, or part of one)."""
+        if self._buffer or self._ended:
+            return True
+        return bool(select.select([self._sock], [], [], 0)[0])
 
-def _store(repo: Any, stamp: list[datetime], requests: list[dict[str, Any]]) -> list[Any]:
-    """Commit the requests' records together (else each alone); a result per request."""
+
+def _store(
+    repo: Any, stamp: list[datetime], requests: list[dict[str, Any]], unindexed: list[Any]
+) -> list[Any]:
+    """Commit the requests' records together (else each alone), their index rows left
+    in `unindexed` for later; a result per request."""
     stamp[:] = [max(datetime.fromisoformat(r["at"]) for r in requests)]
+    committed: list[Any] = []
     try:
-        repo.append([record for r in requests for record in r["resources"]])
+        repo.append_indexing_later(
+            [record for r in requests for record in r["resources"]], committed
+        )
+        unindexed += committed
         return [len(r["resources"]) for r in requests]
     except Exception as exc:  # rolled back
         if len(requests) == 1:
             return [{"error": f"{type(exc).__name__}: {exc}"}]
-    return [result for r in requests for result in _store(repo, stamp, [r])]
+    return [result for r in requests for result in _store(repo, stamp, [r], unindexed)]
+
+
+def _index(repo: Any, unindexed: list[Any]) -> dict[str, str] | None:
+    """Write the index rows left for later; the error, if that failed (they stay)."""
+    try:
+        repo.index_appended(unindexed)
+    except Exception as exc:  # rolled back: tried again when next asked, or idle
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    unindexed.clear()
+    return None
 
 
 def serve(sock: socket.socket) -> None:
@@ -290,7 +326,13 @@ def serve(sock: socket.socket) -> None:
         return
     stamp: list[datetime] = []
     repo.clock = lambda: stamp[0]
+    try:
+        # Records an earlier child stored but did not live to index.
+        repo.index_pending()
+    except Exception:  # noqa: S110 - they stay pending, and the next child tries again
+        pass
     sock.sendall(_frame(orjson.dumps({"ready": True})))
+    unindexed: list[Any] = []
     try:
         while (frame := frames.next()) is not None:
             requests: list[dict[str, Any]] = []
@@ -298,17 +340,30 @@ def serve(sock: socket.socket) -> None:
             while frame is not None:
                 try:
                     request = orjson.loads(frame)
-                    datetime.fromisoformat(request["at"])
-                    records += len(request["resources"])
-                except (ValueError, TypeError, KeyError) as exc:
+                    if not request.get("index"):
+                        datetime.fromisoformat(request["at"])
+                        records += len(request["resources"])
+                except (ValueError, TypeError, KeyError, AttributeError) as exc:
                     request = {"error": f"unreadable request: {exc}"}
                 requests.append(request)
                 frame = frames.next(wait=False) if records < MAX_RECORDS else None
-            readable = [r for r in requests if "error" not in r]
-            results = iter(_store(repo, stamp, readable) if readable else [])
-            reply = [r if "error" in r else next(results) for r in requests]
+            appends = [r for r in requests if "error" not in r and not r.get("index")]
+            results = iter(_store(repo, stamp, appends, unindexed) if appends else [])
+            # Asked to bring the index up to date (before a search of these records):
+            # after this group's own records, so that it covers all sent before it.
+            indexed = None
+            if unindexed and any(r.get("index") for r in requests if "error" not in r):
+                indexed = _index(repo, unindexed)
+            reply = [
+                r if "error" in r else (indexed or 0) if r.get("index") else next(results)
+                for r in requests
+            ]
             sock.sendall(_frame(orjson.dumps({"results": reply})))
+            if unindexed and not frames.waiting():
+                _index(repo, unindexed)  # idle: index rows now, not in a request's way
     finally:
+        if unindexed:
+            _index(repo, unindexed)
         repo.close()
 
 

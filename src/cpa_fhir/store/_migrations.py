@@ -22,6 +22,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from cpa_fhir.store._indexing import normalise
 from cpa_fhir.store._schema import (
+    index_pending,
     metadata,
     schema_version,
     search_string,
@@ -86,6 +87,10 @@ def _renormalise_strings(connection: Connection) -> None:
         )
 
 
+def _create_index_pending(connection: Connection) -> None:
+    index_pending.create(connection, checkfirst=True)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "resource, history and search index tables", _create_tables),
     Migration(2, "index history by time", _index_history_by_time),
@@ -94,6 +99,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         5, "string index values folded as a compatibility caseless match", _renormalise_strings
     ),
+    Migration(6, "appended records awaiting their search index", _create_index_pending),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 

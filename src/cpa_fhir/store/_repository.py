@@ -51,6 +51,7 @@ from cpa_fhir.store._migrations import migrate as migrate_schema
 from cpa_fhir.store._query import Include, SearchQuery, parse_search
 from cpa_fhir.store._schema import (
     INDEX_TABLES,
+    index_pending,
     resource_current,
     resource_history,
     search_date,
@@ -237,6 +238,12 @@ _COLUMNS = (
 
 # Rows inserted as one pipeline of statements on PostgreSQL; more go by COPY.
 _PIPELINE_ROWS = 1_000
+
+
+# An appended record's index rows, kept for a later transaction: type, id, rows.
+IndexedRecord = tuple[str, str, IndexRows]
+# Keys per statement when clearing pending records: well within any bound-parameter limit.
+_PENDING_CHUNK = 400
 
 
 def _index_tables(
@@ -615,15 +622,19 @@ class _Operations:
         self, resource_type: str, resource_id: str, resource: dict[str, Any] | None, *, exists: bool
     ) -> None:
         if exists:
-            for table in INDEX_TABLES:
-                self.connection.execute(
-                    table.delete().where(
-                        table.c.resource_type == resource_type, table.c.resource_id == resource_id
-                    )
-                )
+            self._forget_index(resource_type, resource_id)
         if resource is not None:
             rows = index_resource(resource, self.parameters.indexed(resource_type))
             self._insert_index([(resource_type, resource_id, rows)])
+
+    def _forget_index(self, resource_type: str, resource_id: str) -> None:
+        """Delete a resource's index rows, and any still to come for what was appended."""
+        for table in (*INDEX_TABLES, index_pending):
+            self.connection.execute(
+                table.delete().where(
+                    table.c.resource_type == resource_type, table.c.resource_id == resource_id
+                )
+            )
 
     def _insert_index(self, indexed: list[tuple[str, str, IndexRows]]) -> None:
         self._insert_tables(_index_tables(indexed))
@@ -680,10 +691,15 @@ class _Operations:
             batch[key] = resource
         return loaded + self._load_batch(batch)
 
-    def append_new(self, resources: Iterable[dict[str, Any]]) -> int:
+    def append_new(
+        self,
+        resources: Iterable[dict[str, Any]],
+        index_later: list[IndexedRecord] | None = None,
+    ) -> int:
         """Insert resources that are new by construction (the server's own records,
         with fresh ids), straight through the driver: no lookup of a current version.
-        An id already taken fails the whole call (primary key)."""
+        An id already taken fails the whole call (primary key). With `index_later`,
+        their index rows are added to it, for `index_appended`, and noted as pending."""
         now = self._now()
         instant = _instant(now)
         stamp: Any = now
@@ -704,11 +720,66 @@ class _Operations:
                     self.records.index(stored, self.parameters.indexed(resource_type)),
                 )
             )
-        if rows:
+        if not rows:
+            return 0
+        if index_later is None:
             self._insert_tables(
                 [(resource_history, rows), (resource_current, rows), *_index_tables(indexed)]
             )
+        else:
+            pending = [(resource_type, resource_id) for resource_type, resource_id, _ in indexed]
+            self._insert_tables(
+                [(resource_history, rows), (resource_current, rows), (index_pending, pending)]
+            )
+            index_later.extend(indexed)
         return len(rows)
+
+    def index_appended(self, indexed: list[IndexedRecord]) -> int:
+        """Write the index rows of appended records still pending (those a later write
+        has not replaced meanwhile); how many records were indexed."""
+        c = index_pending.c
+        still: set[tuple[str, str]] = set()
+        keys = [(resource_type, resource_id) for resource_type, resource_id, _ in indexed]
+        for start in range(0, len(keys), _PENDING_CHUNK):
+            chunk = keys[start : start + _PENDING_CHUNK]
+            removed = self.connection.execute(
+                index_pending.delete()
+                .where(sa.tuple_(c.resource_type, c.resource_id).in_(chunk))
+                .returning(c.resource_type, c.resource_id)
+            )
+            still.update((row[0], row[1]) for row in removed)
+        kept = [entry for entry in indexed if (entry[0], entry[1]) in still]
+        self._insert_index(kept)
+        return len(kept)
+
+    def index_pending(self) -> int:
+        """Index every appended record still pending, from its stored content (after a
+        stop between an append and its index); how many were indexed."""
+        c = resource_current.c
+        found = self.connection.execute(
+            sa.select(c.resource_type, c.id, c.content)
+            .join(
+                index_pending,
+                sa.and_(
+                    index_pending.c.resource_type == c.resource_type,
+                    index_pending.c.resource_id == c.id,
+                ),
+            )
+            .where(~c.deleted)
+        ).all()
+        indexed = [
+            (
+                row.resource_type,
+                row.id,
+                index_resource(
+                    orjson.loads(row.content), self.parameters.indexed(row.resource_type)
+                ),
+            )
+            for row in found
+        ]
+        # Deleting or replacing a record clears its pending note, so every one found
+        # here is current; another writer's are taken by whichever clears them first.
+        return self.index_appended(indexed)
 
     def _load_batch(self, batch: dict[tuple[str, str], dict[str, Any]]) -> int:
         if not batch:
@@ -762,13 +833,7 @@ class _Operations:
                     .where(c.resource_type == values["resource_type"], c.id == values["id"])
                     .values(**values)
                 )
-                for table in INDEX_TABLES:
-                    self.connection.execute(
-                        table.delete().where(
-                            table.c.resource_type == values["resource_type"],
-                            table.c.resource_id == values["id"],
-                        )
-                    )
+                self._forget_index(str(values["resource_type"]), str(values["id"]))
         self._insert_index(indexed)
         return len(batch)
 
@@ -1084,6 +1149,27 @@ class SqlRepository:
         if self.parameters is not default_search_parameters() or not ProcessAppender.supported():
             return None
         return ProcessAppender(self.engine.url.render_as_string(hide_password=False), self.schema)
+
+    def append_indexing_later(
+        self, resources: Iterable[dict[str, Any]], index_later: list[IndexedRecord]
+    ) -> int:
+        """`append`, with the records' search-index rows left for `index_appended`, in a
+        later transaction: fewer rows to write before the caller may go on (the
+        server's AuditEvents, whose disclosure waits on their commit). Until then a
+        search does not find them; reads by id do."""
+        with self._bound(read_only=False, counted=False) as bound:
+            return bound._operations.append_new(resources, index_later)
+
+    def index_appended(self, indexed: list[IndexedRecord]) -> int:
+        """Write the index rows `append_indexing_later` left (see `_Operations`)."""
+        with self._bound(read_only=False, counted=False) as bound:
+            return bound._operations.index_appended(indexed)
+
+    def index_pending(self) -> int:
+        """Index the appended records whose index rows never came (their writer
+        stopped first), from the stored content."""
+        with self._bound(read_only=False, counted=False) as bound:
+            return bound._operations.index_pending()
 
     def append(self, resources: Iterable[dict[str, Any]]) -> int:
         """Store new records the server itself makes (its AuditEvents), each with a

@@ -160,6 +160,16 @@ store_setting = sa.Table(
     sa.Column("value", sa.Text, nullable=False),
 )
 
+# Records appended whose search-index rows are still to come, in a later transaction
+# (`SqlRepository.append_indexing_later`); a store that stopped in between gets them
+# from `SqlRepository.index_pending`.
+index_pending = sa.Table(
+    "index_pending",
+    metadata,
+    sa.Column("resource_type", sa.String(64), primary_key=True),
+    sa.Column("resource_id", sa.String(64), primary_key=True),
+)
+
 store_change = sa.Table(
     "store_change",
     metadata,

@@ -1,0 +1,97 @@
+"""Records appended with their search-index rows to follow (`append_indexing_later`,
+`index_appended`, `index_pending`): read by id at once, found by search once indexed,
+indexed exactly once, and never for a version that was replaced or deleted first."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import sqlalchemy as sa
+
+from cpa_fhir.store import SqlRepository
+from cpa_fhir.store._schema import index_pending, search_reference
+
+
+def _event(patient: str) -> dict[str, Any]:
+    return {
+        "resourceType": "AuditEvent",
+        "id": uuid.uuid4().hex,
+        "type": {"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "110106"},
+        "recorded": "2026-11-01T10:00:00Z",
+        "agent": [{"who": {"display": "tests"}, "requestor": True}],
+        "source": {"observer": {"display": "tests"}},
+        "entity": [{"what": {"reference": f"Patient/{patient}"}}],
+    }
+
+
+def _found(store: SqlRepository, patient: str) -> set[str]:
+    query = store.parse("AuditEvent", [("entity", f"Patient/{patient}"), ("_count", "1000")])
+    return {m.id for m in store.search(query).matches}
+
+
+def _reference_rows(store: SqlRepository, resource_id: str) -> int:
+    c = search_reference.c
+    with store.engine.connect() as connection:
+        count = connection.execute(
+            sa.select(sa.func.count()).where(
+                c.resource_type == "AuditEvent", c.resource_id == resource_id
+            )
+        ).scalar_one()
+    return int(count)
+
+
+def _pending(store: SqlRepository) -> int:
+    with store.engine.connect() as connection:
+        return int(
+            connection.execute(sa.select(sa.func.count()).select_from(index_pending)).scalar_one()
+        )
+
+
+def test_read_at_once_and_found_once_indexed(store: SqlRepository) -> None:
+    patient = uuid.uuid4().hex
+    events = [_event(patient) for _ in range(3)]
+    later: list[Any] = []
+    assert store.append_indexing_later(events, later) == 3
+    assert len(store.read_many(("AuditEvent", e["id"]) for e in events)) == 3
+    assert _found(store, patient) == set()
+    assert _pending(store) == 3
+    assert store.index_appended(later) == 3
+    assert _found(store, patient) == {e["id"] for e in events}
+    assert _pending(store) == 0
+
+
+def test_what_a_stopped_writer_left_is_indexed_once(store: SqlRepository) -> None:
+    patient = uuid.uuid4().hex
+    events = [_event(patient) for _ in range(2)]
+    later: list[Any] = []
+    store.append_indexing_later(events, later)
+    # Its writer stopped before indexing: the next one indexes from the stored content.
+    assert store.index_pending() == 2
+    assert _found(store, patient) == {e["id"] for e in events}
+    # The first writer coming back late indexes nothing twice.
+    assert store.index_appended(later) == 0
+    assert store.index_pending() == 0
+    for e in events:
+        assert _reference_rows(store, e["id"]) == _reference_rows_of_fresh(store, patient)
+
+
+def _reference_rows_of_fresh(store: SqlRepository, patient: str) -> int:
+    fresh = _event(patient)
+    store.append([fresh])
+    return _reference_rows(store, fresh["id"])
+
+
+def test_a_record_replaced_or_deleted_first_keeps_only_its_own_index(
+    store: SqlRepository,
+) -> None:
+    before, after = uuid.uuid4().hex, uuid.uuid4().hex
+    replaced, deleted = _event(before), _event(before)
+    later: list[Any] = []
+    store.append_indexing_later([replaced, deleted], later)
+    store.update(_event(after) | {"id": replaced["id"]})
+    store.delete("AuditEvent", deleted["id"])
+    assert store.index_appended(later) == 0
+    assert store.index_pending() == 0
+    assert _found(store, before) == set()
+    assert _found(store, after) == {replaced["id"]}
