@@ -281,23 +281,58 @@ def test_a_stopping_child_indexes_what_it_committed(store: SqlRepository) -> Non
 
 
 @pytest.mark.parametrize(
-    ("method", "path", "query", "waits"),
+    ("method", "path", "query", "headers", "waits"),
     [
-        ("GET", "AuditEvent", b"patient=Patient/1", True),
-        ("POST", "AuditEvent/_search", b"", True),
-        ("GET", "Patient", b"_revinclude=AuditEvent:patient", True),
-        ("GET", "Patient", b"_revinclude=*", True),
-        ("GET", "Patient", b"_has:AuditEvent:patient:type=110106", True),
-        ("GET", "", b"_type=AuditEvent", True),
-        ("POST", "", b"", True),  # a batch or transaction may search
-        ("GET", "Patient/1", b"", False),
-        ("GET", "CarePlan", b"subject=Patient/1&status=active", False),
-        ("PUT", "Flag/1", b"", False),
+        ("GET", "AuditEvent", b"patient=Patient/1", {}, True),
+        ("POST", "Patient/_search", b"", {}, True),
+        ("GET", "Patient", b"_revinclude=*", {}, True),
+        ("GET", "Patient", b"_h%61s:Audit%45vent:patient:action=R", {}, True),
+        ("GET", "Provenance", b"target.action=R", {}, True),  # an untyped chain
+        ("GET", "CarePlan", b"subject=Patient/1&status=active", {}, True),
+        ("POST", "Patient", b"", {"if-none-exist": "_has:AuditEvent:patient:action=R"}, True),
+        ("PUT", "Flag", b"identifier=urn:x|1", {}, True),
+        ("GET", "", b"_type=AuditEvent", {}, False),  # the base answers GET with 405
+        ("POST", "", b"", {}, True),  # a batch or transaction may search
+        ("GET", "Patient/1", b"", {}, False),
+        ("GET", "Patient/1", b"_format=json", {}, False),
+        ("GET", "Patient/1/_history/2", b"", {}, False),
+        ("PUT", "Flag/1", b"", {}, False),
     ],
 )
-def test_searches_that_may_find_audit_events_wait_for_their_index(
-    method: str, path: str, query: bytes, waits: bool
+def test_searches_and_conditional_writes_wait_for_the_audit_index(
+    method: str, path: str, query: bytes, headers: dict[str, str], waits: bool
 ) -> None:
     from cpa_fhir.sandbox._app import _may_find_appended
 
-    assert _may_find_appended(method, path, query) is waits
+    assert _may_find_appended(method, path, query, headers) is waits
+
+
+class _FlakyStore:
+    """A store whose first read of pending records fails (its write lock held, say)."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+        self.indexed: list[Any] = []
+
+    def pending_records(self) -> list[Any]:
+        self.reads += 1
+        if self.reads == 1:
+            raise OSError("database is locked")
+        return [("AuditEvent", "left", None)]
+
+    def index_appended(self, records: list[Any]) -> int:
+        self.indexed += records
+        return len(records)
+
+
+def test_what_an_earlier_child_left_is_read_again_until_it_can_be() -> None:
+    from cpa_fhir.store._appender import _Backlog
+
+    store = _FlakyStore()
+    backlog = _Backlog(store)
+    assert backlog.write() is not None  # the start-up read failed: not done, still due
+    assert backlog
+    backlog.records.append(("AuditEvent", "mine", None))  # this child's, meanwhile
+    assert backlog.write() is None
+    # Read from the store, which holds this child's pending records too.
+    assert store.indexed == [("AuditEvent", "left", None)] and not backlog

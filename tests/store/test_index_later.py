@@ -4,12 +4,16 @@ indexed exactly once, and never for a version that was replaced or deleted first
 
 from __future__ import annotations
 
+import threading
 import uuid
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
 
+from cpa_fhir.errors import InputError
 from cpa_fhir.store import SqlRepository
+from cpa_fhir.store._repository import _Operations
 from cpa_fhir.store._schema import index_pending, search_reference
 
 
@@ -95,3 +99,42 @@ def test_a_record_replaced_or_deleted_first_keeps_only_its_own_index(
     assert store.index_pending() == 0
     assert _found(store, before) == set()
     assert _found(store, after) == {replaced["id"]}
+
+
+def test_a_record_whose_index_cannot_be_stored_fails_its_append(store: SqlRepository) -> None:
+    # Else it would be committed, and every later indexing of every record would fail.
+    patient = uuid.uuid4().hex
+    bad = _event(patient) | {"agent": [{"who": {"reference": "Organization/" + "x" * 70}}]}
+    later: list[Any] = []
+    with pytest.raises(InputError, match="longer than"):
+        store.append_indexing_later([bad], later)
+    assert later == [] and store.read_many([("AuditEvent", bad["id"])]) == {}
+    good = _event(patient)
+    store.append_indexing_later([good], later)
+    assert store.index_appended(later) == 1
+    assert _found(store, patient) == {good["id"]}
+
+
+def test_an_update_racing_the_indexing_leaves_only_its_own_rows(
+    store: SqlRepository,
+) -> None:
+    if store.engine.dialect.name != "postgresql":
+        pytest.skip("SQLite lets one writer in at a time: the two cannot overlap")
+    before, after = uuid.uuid4().hex, uuid.uuid4().hex
+    record = _event(before)
+    later: list[Any] = []
+    store.append_indexing_later([record], later)
+    with store.engine.connect() as indexing:
+        transaction = indexing.begin()
+        # The index rows written, not yet committed, while an update of the record runs.
+        _Operations(indexing, store.parameters, store.clock).index_appended(later)
+        updating = threading.Thread(
+            target=store.update, args=(_event(after) | {"id": record["id"]},)
+        )
+        updating.start()
+        updating.join(0.5)
+        assert updating.is_alive()  # waiting for the indexing's locks
+        transaction.commit()
+    updating.join(10)
+    assert _found(store, before) == set()
+    assert _found(store, after) == {record["id"]}

@@ -275,6 +275,33 @@ class _Frames:
         return bool(select.select([self._sock], [], [], 0)[0])
 
 
+class _Backlog:
+    """Index rows still to write: those of the records this child committed, and,
+    until it has read them, those of records an earlier child committed and did not
+    index (read from the store)."""
+
+    def __init__(self, repo: Any) -> None:
+        self.repo = repo
+        self.records: list[Any] = []
+        self.complete = False  # whether `records` holds every record still pending
+
+    def __bool__(self) -> bool:
+        return bool(self.records) or not self.complete
+
+    def write(self) -> dict[str, str] | None:
+        """Write them all; the error, if that failed (they stay, to be tried again)."""
+        try:
+            if not self.complete:
+                self.records = self.repo.pending_records()  # this child's among them
+                self.complete = True
+            if self.records:
+                self.repo.index_appended(self.records)
+        except Exception as exc:  # rolled back: tried again when next asked, or idle
+            return {"error": f"{type(exc).__name__}: {exc}"}
+        self.records = []
+        return None
+
+
 def _store(
     repo: Any, stamp: list[datetime], requests: list[dict[str, Any]], unindexed: list[Any]
 ) -> list[Any]:
@@ -292,16 +319,6 @@ def _store(
         if len(requests) == 1:
             return [{"error": f"{type(exc).__name__}: {exc}"}]
     return [result for r in requests for result in _store(repo, stamp, [r], unindexed)]
-
-
-def _index(repo: Any, unindexed: list[Any]) -> dict[str, str] | None:
-    """Write the index rows left for later; the error, if that failed (they stay)."""
-    try:
-        repo.index_appended(unindexed)
-    except Exception as exc:  # rolled back: tried again when next asked, or idle
-        return {"error": f"{type(exc).__name__}: {exc}"}
-    unindexed.clear()
-    return None
 
 
 def serve(sock: socket.socket) -> None:
@@ -326,13 +343,9 @@ def serve(sock: socket.socket) -> None:
         return
     stamp: list[datetime] = []
     repo.clock = lambda: stamp[0]
-    try:
-        # Records an earlier child stored but did not live to index.
-        repo.index_pending()
-    except Exception:  # noqa: S110 - they stay pending, and the next child tries again
-        pass
+    backlog = _Backlog(repo)
+    backlog.write()  # what an earlier child left; if this fails, tried again later
     sock.sendall(_frame(orjson.dumps({"ready": True})))
-    unindexed: list[Any] = []
     try:
         while (frame := frames.next()) is not None:
             requests: list[dict[str, Any]] = []
@@ -348,22 +361,22 @@ def serve(sock: socket.socket) -> None:
                 requests.append(request)
                 frame = frames.next(wait=False) if records < MAX_RECORDS else None
             appends = [r for r in requests if "error" not in r and not r.get("index")]
-            results = iter(_store(repo, stamp, appends, unindexed) if appends else [])
+            results = iter(_store(repo, stamp, appends, backlog.records) if appends else [])
             # Asked to bring the index up to date (before a search of these records):
             # after this group's own records, so that it covers all sent before it.
             indexed = None
-            if unindexed and any(r.get("index") for r in requests if "error" not in r):
-                indexed = _index(repo, unindexed)
+            if backlog and any(r.get("index") for r in requests if "error" not in r):
+                indexed = backlog.write()
             reply = [
                 r if "error" in r else (indexed or 0) if r.get("index") else next(results)
                 for r in requests
             ]
             sock.sendall(_frame(orjson.dumps({"results": reply})))
-            if unindexed and not frames.waiting():
-                _index(repo, unindexed)  # idle: index rows now, not in a request's way
+            if backlog and not frames.waiting():
+                backlog.write()  # idle: index rows now, not in a request's way
     finally:
-        if unindexed:
-            _index(repo, unindexed)
+        if backlog:
+            backlog.write()
         repo.close()
 
 

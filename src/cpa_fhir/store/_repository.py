@@ -271,6 +271,30 @@ def _index_tables(
     ]
 
 
+def _string_bounds(table: sa.Table) -> list[tuple[int, str, int]]:
+    return [
+        (i, column.name, column.type.length)
+        for i, column in enumerate(table.columns)
+        if isinstance(column.type, sa.String) and column.type.length
+    ]
+
+
+_BOUNDS = {table: _string_bounds(table) for table in INDEX_TABLES}
+
+
+def _check_fits(table: sa.Table, rows: list[tuple[Any, ...]]) -> None:
+    """InputError for an index row with a value longer than its column holds."""
+    bounds = _BOUNDS[table]
+    for row in rows:
+        for i, name, length in bounds:
+            value = row[i]
+            if isinstance(value, str) and len(value) > length:
+                raise InputError(
+                    f"{row[0]}/{row[1]}: a {name} of {len(value)} characters is longer than "
+                    f"the {length} the search index holds"
+                )
+
+
 class _Operations:
     """The interactions on one open connection, inside its transaction."""
 
@@ -629,7 +653,9 @@ class _Operations:
 
     def _forget_index(self, resource_type: str, resource_id: str) -> None:
         """Delete a resource's index rows, and any still to come for what was appended."""
-        for table in (*INDEX_TABLES, index_pending):
+        # The pending note first: a writer indexing the record meanwhile then either
+        # finished before (its rows deleted next) or finds no note and writes none.
+        for table in (index_pending, *INDEX_TABLES):
             self.connection.execute(
                 table.delete().where(
                     table.c.resource_type == resource_type, table.c.resource_id == resource_id
@@ -727,6 +753,10 @@ class _Operations:
                 [(resource_history, rows), (resource_current, rows), *_index_tables(indexed)]
             )
         else:
+            # Rows that cannot be stored fail the append now, as they would have with
+            # the records, not the later transaction of every record's index rows.
+            for table, index_rows in _index_tables(indexed):
+                _check_fits(table, index_rows)
             pending = [(resource_type, resource_id) for resource_type, resource_id, _ in indexed]
             self._insert_tables(
                 [(resource_history, rows), (resource_current, rows), (index_pending, pending)]
@@ -748,13 +778,23 @@ class _Operations:
                 .returning(c.resource_type, c.resource_id)
             )
             still.update((row[0], row[1]) for row in removed)
-        kept = [entry for entry in indexed if (entry[0], entry[1]) in still]
+        kept = []
+        for entry in indexed:  # each once, should it be listed twice
+            key = (entry[0], entry[1])
+            if key in still:
+                still.discard(key)
+                kept.append(entry)
         self._insert_index(kept)
         return len(kept)
 
     def index_pending(self) -> int:
         """Index every appended record still pending, from its stored content (after a
         stop between an append and its index); how many were indexed."""
+        return self.index_appended(self.pending_records())
+
+    def pending_records(self) -> list[IndexedRecord]:
+        """The appended records still pending, with their index rows made from what
+        is stored."""
         c = resource_current.c
         found = self.connection.execute(
             sa.select(c.resource_type, c.id, c.content)
@@ -779,7 +819,7 @@ class _Operations:
         ]
         # Deleting or replacing a record clears its pending note, so every one found
         # here is current; another writer's are taken by whichever clears them first.
-        return self.index_appended(indexed)
+        return indexed
 
     def _load_batch(self, batch: dict[tuple[str, str], dict[str, Any]]) -> int:
         if not batch:
@@ -1170,6 +1210,12 @@ class SqlRepository:
         stopped first), from the stored content."""
         with self._bound(read_only=False, counted=False) as bound:
             return bound._operations.index_pending()
+
+    def pending_records(self) -> list[IndexedRecord]:
+        """The appended records whose index rows never came, with those rows, for
+        `index_appended`."""
+        with self._bound(read_only=True) as bound:
+            return bound._operations.pending_records()
 
     def append(self, resources: Iterable[dict[str, Any]]) -> int:
         """Store new records the server itself makes (its AuditEvents), each with a
