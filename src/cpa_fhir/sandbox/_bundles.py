@@ -174,6 +174,7 @@ def _transaction(
         method = req["method"]
         resource = copy.deepcopy(e.get("resource")) if isinstance(e.get("resource"), dict) else None
         rtype = req["url"].split("?")[0].strip("/").split("/")[0]
+        if_match = _if_match(req.get("ifMatch")) if method in ("PUT", "DELETE") else None
         if resource is not None and view is not None:
             resource = _without_server_labels(resource)
         if method == "POST":
@@ -221,9 +222,8 @@ def _transaction(
                     "id": rid,
                     "resource": resource,
                     "req": req,
-                    "expected": router._version_to_replace(
-                        view, rtype, rid, _if_match(req.get("ifMatch"))
-                    ),
+                    "if_match": if_match,
+                    "expected": router._version_to_replace(view, rtype, rid, if_match),
                 }
             )
         elif method == "DELETE":
@@ -232,9 +232,7 @@ def _transaction(
             if len(parts) != 2:
                 raise HttpError(400, f"entry {i}: DELETE needs Type/id")
             try:
-                expected = router._version_to_replace(
-                    view, rtype, parts[1], _if_match(req.get("ifMatch"))
-                )
+                expected = router._version_to_replace(view, rtype, parts[1], if_match)
             except ResourceGone:
                 expected = None  # deleted already, and the partner could see it
             prepared.append(
@@ -245,6 +243,7 @@ def _transaction(
                     "id": parts[1],
                     "resource": None,
                     "req": req,
+                    "if_match": if_match,
                     "expected": expected,
                 }
             )
@@ -281,7 +280,7 @@ def _transaction(
                     try:
                         tx.delete(p["type"], p["id"], if_match=p["expected"])
                     except VersionConflict as exc:
-                        raise _conflict(exc, _if_match(p["req"].get("ifMatch")), view) from None
+                        raise _conflict(exc, p["if_match"], view) from None
                     except FhirError as exc:
                         if exc.code != "deleted":
                             raise
@@ -310,11 +309,11 @@ def _transaction(
                         stored = tx.read(p["type"], p["id"])
                         status = "200"
                     else:
-                        if_match = p["expected"] if p["method"] == "PUT" else None
+                        expected = p["expected"] if p["method"] == "PUT" else None
                         try:
-                            stored = tx.update(p["resource"], if_match=if_match)
+                            stored = tx.update(p["resource"], if_match=expected)
                         except VersionConflict as exc:
-                            raise _conflict(exc, _if_match(p["req"].get("ifMatch")), view) from None
+                            raise _conflict(exc, p["if_match"], view) from None
                         status = "201" if stored.created else "200"
                     results[i] = {
                         "fullUrl": f"{request.base_url}/{stored.resource_type}/{stored.id}",

@@ -402,11 +402,7 @@ class Router:
         _partner_writable(view, rtype)
         current = self._partner_current(view, rtype, rid)
         self._partner_replaceable(view, current)
-        if if_match is not None and if_match != current.version_id:
-            raise HttpError(
-                412, f"{rtype}/{rid} is at version {current.version_id}, not {if_match}",
-                code="conflict",
-            )  # fmt: skip
+        _check_if_match(current, if_match)
         return current.version_id
 
     def _partner_replaceable(self, view: PartnerView, stored: Stored) -> None:
@@ -554,11 +550,7 @@ class Router:
             raise HttpError(400, f"the body is not a JSON Patch: {exc}", code="structure") from None
         if_match = _if_match(request.headers.get("if-match"))
         current = self.repo.read(rtype, rid)
-        if if_match is not None and if_match != current.version_id:
-            raise HttpError(
-                412, f"{rtype}/{rid} is at version {current.version_id}, not {if_match}",
-                code="conflict",
-            )  # fmt: skip
+        _check_if_match(current, if_match)
         try:
             patched = patch.apply(current.resource())
         except (jsonpatch.JsonPatchException, jsonpointer.JsonPointerException) as exc:
@@ -879,6 +871,17 @@ def _write_criteria(request: Request, rtype: str, view: PartnerView | None, what
         )  # fmt: skip
     _whole_store_search(view, what)
     return criteria
+
+
+def _check_if_match(current: Stored, if_match: int | None) -> None:
+    """412 when the client's If-Match names another version than the current one."""
+    if if_match is not None and if_match != current.version_id:
+        raise HttpError(
+            412,
+            f"{current.resource_type}/{current.id} is at version {current.version_id}, "
+            f"not {if_match}",
+            code="conflict",
+        )
 
 
 def _unknown(rtype: str, rid: str) -> ResourceNotFound:
