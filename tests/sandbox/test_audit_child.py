@@ -248,6 +248,30 @@ def test_index_returns_once_everything_sent_before_can_be_found(store: SqlReposi
         log.close()
 
 
+def test_an_idle_child_indexes_unasked(store: SqlRepository) -> None:
+    # Another process searching the store (no `index()` to ask with) finds the
+    # records once the child has had nothing to do for a moment.
+    log = AuditLog(store)
+    patient = uuid.uuid4().hex
+    sent = [_about(patient) for _ in range(3)]
+
+    async def main() -> set[str]:
+        await AuditBatcher(log, asyncio.to_thread, child(log)).record(sent)
+        found: set[str] = set()
+        for _ in range(200):
+            found = _by_patient(store, patient)
+            if found:
+                break
+            await asyncio.sleep(0.01)
+        return found
+
+    try:
+        found = asyncio.run(main())
+    finally:
+        log.close()
+    assert found == {e["id"] for e in sent}
+
+
 def test_a_new_child_indexes_what_an_earlier_one_left(store: SqlRepository) -> None:
     # As if a child had committed these and stopped before writing their index rows.
     patient = uuid.uuid4().hex
