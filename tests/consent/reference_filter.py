@@ -9,6 +9,7 @@ filter (`cpa_fhir.consent.filter_record`) must give exactly what this gives.
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,19 +17,47 @@ from typing import Any
 from cpa_fhir.conformance.package import ConformancePackage
 from cpa_fhir.consent._decision import Decision
 from cpa_fhir.consent._filtering import WithheldItem
-from cpa_fhir.consent._labelling import (
-    ElementLabel,
-    LabelledResource,
-    Path,
-    reference_key,
-    security_labels,
+from cpa_fhir.consent._labelling import ElementLabel, LabelledResource, Path
+from cpa_fhir.consent._policy import (
+    CATEGORY_SYSTEM,
+    CONFIDENTIALITY_SYSTEM,
+    HANDLING_SYSTEM,
+    SENSITIVITY_SYSTEM,
+    SharingPolicy,
 )
-from cpa_fhir.consent._policy import HANDLING_SYSTEM, SharingPolicy
 
 DATA_ABSENT_REASON = "http://hl7.org/fhir/StructureDefinition/data-absent-reason"
 MASKED = {"extension": [{"url": DATA_ABSENT_REASON, "valueCode": "masked"}]}
 REDACTED = {"system": HANDLING_SYSTEM, "code": "REDACTED", "display": "redacted"}
 _BASE = "http://hl7.org/fhir/StructureDefinition/"
+# `Type/id`, perhaps with a path before it and a version after it.
+_TYPE_ID = re.compile(r"(?:.*/)?([A-Z][A-Za-z]*)/([^/]+)(/_history/[^/]+)?")
+_LEVELS = "NRV"  # HL7 confidentiality, least to most restricted, as far as CPA uses it
+
+
+def reference_key(ref: str) -> str | None:
+    """The `Type/id` a reference names without the record's fullUrls: a relative one
+    (https://hl7.org/fhir/R4/references.html#literal), or a versioned absolute one;
+    an absolute URL of a current version is found by fullUrl only, urn: ones never."""
+    found = _TYPE_ID.fullmatch(ref)
+    if found is None or ref.startswith("urn:"):
+        return None
+    if "://" in ref and found.group(3) is None:
+        return None
+    return f"{found.group(1)}/{found.group(2)}"
+
+
+def security_labels(categories: set[str], policy: SharingPolicy) -> list[dict[str, str]]:
+    """meta.security of content carrying the categories: the most restrictive of their
+    confidentiality codes, then their sensitivity codes, then the categories, each sorted."""
+    kinds = [policy.categories[c] for c in categories]
+    level = max((k.confidentiality for k in kinds), key=_LEVELS.index, default="N")
+    sensitivity = sorted({code for k in kinds for code in k.sensitivity})
+    return [
+        {"system": CONFIDENTIALITY_SYSTEM, "code": level},
+        *({"system": SENSITIVITY_SYSTEM, "code": code} for code in sensitivity),
+        *({"system": CATEGORY_SYSTEM, "code": c} for c in sorted(categories)),
+    ]
 
 
 @dataclass(frozen=True, slots=True)

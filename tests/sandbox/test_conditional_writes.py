@@ -114,18 +114,18 @@ def test_concurrent_conditional_updates_create_one_resource(sandbox: Sandbox) ->
     assert len(stored) == 1 and ids == {stored[0].id}, results
 
 
-def test_concurrent_transactions_with_if_none_exist_create_one_resource(
-    sandbox: Sandbox,
+@pytest.mark.parametrize("conditional", ["ifNoneExist", "conditional update"])
+def test_concurrent_transactions_with_a_condition_create_one_resource(
+    sandbox: Sandbox, conditional: str
 ) -> None:
     marker = uuid.uuid4().hex
+    criteria = f"identifier=urn:test|{marker}"
     entry = {
         "fullUrl": "urn:uuid:" + str(uuid.uuid4()),
         "resource": _flag(marker),
-        "request": {
-            "method": "POST",
-            "url": "Flag",
-            "ifNoneExist": f"identifier=urn:test|{marker}",
-        },
+        "request": {"method": "POST", "url": "Flag", "ifNoneExist": criteria}
+        if conditional == "ifNoneExist"
+        else {"method": "PUT", "url": f"Flag?{criteria}"},
     }
     body = orjson.dumps({"resourceType": "Bundle", "type": "transaction", "entry": [entry]})
     request = Request("POST", "", [], {"content-type": "application/fhir+json"}, body)

@@ -9,6 +9,8 @@ same consent filtering as single requests.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import copy
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -24,7 +26,9 @@ from cpa_fhir.store import time_ordered_id
 if TYPE_CHECKING:
     from cpa_fhir.sandbox._access import PartnerView
     from cpa_fhir.sandbox._router import Request, Response, Router
+    from cpa_fhir.store import Repository
 
+JSON_PATCH = "application/json-patch+json"
 MAX_ENTRIES = 500
 _ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "PATCH": 2, "GET": 3, "HEAD": 3}
 
@@ -57,9 +61,25 @@ def _entries(bundle: dict[str, Any]) -> list[dict[str, Any]]:
             raise _error(
                 400, f"a {req['method']} entry needs a resource", f"Bundle.entry[{i}].resource"
             )
-        if req["method"] == "PATCH":
-            raise _error(422, "PATCH is not supported in Bundles", f"Bundle.entry[{i}].request")
     return entries
+
+
+def _patch_body(entry: dict[str, Any], i: int) -> bytes:
+    """A PATCH entry's JSON Patch: the data of the Binary it carries, whose contentType
+    says it is one (https://hl7.org/fhir/R4/http.html#patch)."""
+    binary = entry.get("resource")
+    where = f"Bundle.entry[{i}].resource"
+    if not isinstance(binary, dict) or binary.get("resourceType") != "Binary":
+        raise _error(400, "a PATCH entry carries its JSON Patch as a Binary resource", where)
+    if binary.get("contentType") != JSON_PATCH:
+        raise _error(415, f"a PATCH entry's Binary must be a JSON Patch ({JSON_PATCH})", where)
+    data = binary.get("data")
+    try:
+        if not isinstance(data, str):
+            raise ValueError("no data")
+        return base64.b64decode(data, validate=True)
+    except (ValueError, binascii.Error):
+        raise _error(400, "a PATCH entry's Binary.data must be base64", where) from None
 
 
 def _rewrite(node: Any, ids: dict[str, str]) -> Any:
@@ -77,17 +97,25 @@ def _rewrite(node: Any, ids: dict[str, str]) -> Any:
 
 
 def _sub_request(
-    request: Request, method: str, url: str, body: dict[str, Any] | None, headers: dict[str, str]
+    request: Request,
+    method: str,
+    url: str,
+    body: dict[str, Any] | None,
+    headers: dict[str, str],
+    *,
+    patch: bytes | None = None,
 ) -> Request:
+    """An entry as the request it stands for; `patch`: a PATCH entry's JSON Patch."""
     from cpa_fhir.sandbox._router import Request
 
     parts = urlsplit(url)
+    content_type = "application/fhir+json" if patch is None else JSON_PATCH
     return Request(
         method=method,
         path=parts.path.strip("/"),
         query=parse_qsl(parts.query, keep_blank_values=True),
-        headers={"content-type": "application/fhir+json", **headers},
-        body=orjson.dumps(body) if body is not None else b"",
+        headers={"content-type": content_type, **headers},
+        body=patch if patch is not None else orjson.dumps(body) if body is not None else b"",
         base_url=request.base_url,
     )
 
@@ -114,7 +142,7 @@ def run_bundle(
     scopes: frozenset[str],
     view: PartnerView | None,
 ) -> Response:
-    from cpa_fhir.sandbox._router import HttpError
+    from cpa_fhir.sandbox._router import HttpError, outcome_response
 
     bundle = router._body(request)
     if bundle["resourceType"] != "Bundle" or bundle.get("type") not in ("batch", "transaction"):
@@ -122,10 +150,16 @@ def run_bundle(
     entries = _entries(bundle)
     if bundle["type"] == "batch":
         results = []
-        for e in entries:
+        for i, e in enumerate(entries):
             req = e["request"]
+            try:
+                patch = _patch_body(e, i) if req["method"] == "PATCH" else None
+            except FhirError as exc:  # this entry's own error
+                results.append(_response_entry(outcome_response(exc)))
+                continue
+            resource = e.get("resource") if patch is None else None
             sub = _sub_request(
-                request, req["method"], req["url"], e.get("resource"), _entry_headers(req)
+                request, req["method"], req["url"], resource, _entry_headers(req), patch=patch
             )
             results.append(_response_entry(router._route_safely(sub, client, scopes, view)))
         return router._json(
@@ -159,98 +193,135 @@ def _transaction(
 ) -> Response:
     from cpa_fhir.sandbox._router import (
         HttpError,
+        _check_if_match,
         _conflict,
         _if_match,
         _partner_writable,
+        _trust_only,
         _whole_store_search,
         _without_server_labels,
+        json_patch,
+        patched_resource,
     )
 
-    # Assign ids to new resources first, so that entries can refer to each other.
+    # Find what each entry writes first (new ids assigned, conditional ones matched), so
+    # that entries can refer to each other and none writes what another does.
     ids: dict[str, str] = {}
     prepared: list[dict[str, Any]] = []
     for i, e in enumerate(entries):
         req = e["request"]
         method = req["method"]
         resource = copy.deepcopy(e.get("resource")) if isinstance(e.get("resource"), dict) else None
-        rtype = req["url"].split("?")[0].strip("/").split("/")[0]
-        if_match = _if_match(req.get("ifMatch")) if method in ("PUT", "DELETE") else None
+        path, _, criteria = req["url"].partition("?")
+        parts = path.strip("/").split("/")
+        rtype = parts[0]
+        if_match = _if_match(req.get("ifMatch")) if method in ("PUT", "DELETE", "PATCH") else None
         if resource is not None and view is not None:
             resource = _without_server_labels(resource)
+        p: dict[str, Any] = {
+            "i": i, "method": method, "type": rtype, "id": None, "resource": None, "req": req,
+            "if_match": if_match, "expected": None, "condition": None, "matched": None,
+        }  # fmt: skip
         if method == "POST":
             assert resource is not None
             require(scopes, rtype, "create")
             _partner_writable(view, rtype)
             if resource.get("resourceType") != rtype:
                 raise HttpError(400, f"entry {i}: the resource is not a {rtype}")
-            new_id = time_ordered_id()
+            p["id"] = time_ordered_id()
+            p["resource"] = resource
             condition = req.get("ifNoneExist")
-            matched = None
             if isinstance(condition, str):
                 _whole_store_search(view, "a conditional create")
                 found = router.repo.conditional_match(rtype, condition, f"entry {i}: ifNoneExist")
+                p["condition"] = condition
                 if found is not None:
-                    new_id = matched = found.id
-                    resource = None  # exists already: nothing to write
-            if isinstance(e.get("fullUrl"), str):
-                ids[e["fullUrl"]] = f"{rtype}/{new_id}"
-            prepared.append(
-                {
-                    "i": i,
-                    "method": method,
-                    "type": rtype,
-                    "id": new_id,
-                    "resource": resource,
-                    "req": req,
-                    "condition": condition if isinstance(condition, str) else None,
-                    "matched": matched,
-                }
-            )
+                    p["id"] = p["matched"] = found.id
+                    p["resource"] = None  # exists already: nothing to write
         elif method == "PUT":
             assert resource is not None
             require(scopes, rtype, "update")
-            rid = req["url"].strip("/").split("/")[1] if "/" in req["url"].strip("/") else None
-            if rid is None or resource.get("id") != rid or resource.get("resourceType") != rtype:
-                raise HttpError(400, f"entry {i}: PUT needs Type/id matching the resource")
-            if isinstance(e.get("fullUrl"), str):
-                ids[e["fullUrl"]] = f"{rtype}/{rid}"
-            prepared.append(
-                {
-                    "i": i,
-                    "method": method,
-                    "type": rtype,
-                    "id": rid,
-                    "resource": resource,
-                    "req": req,
-                    "if_match": if_match,
-                    "expected": router._version_to_replace(view, rtype, rid, if_match),
-                }
-            )
+            _partner_writable(view, rtype)
+            if resource.get("resourceType") != rtype:
+                raise HttpError(400, f"entry {i}: the resource is not a {rtype}")
+            if len(parts) == 1 and criteria:
+                # Conditional update: the one match is updated, or, with none, the
+                # resource is created (with its own id, if it has one).
+                _whole_store_search(view, "a conditional update")
+                found = router.repo.conditional_match(
+                    rtype, criteria, f"entry {i}: conditional update"
+                )
+                body_id = resource.get("id")
+                if found is not None and body_id not in (None, found.id):
+                    raise HttpError(
+                        400, f"entry {i}: the resource's id '{body_id}' is not that of the "
+                        f"{rtype} the criteria match", code="invalid",
+                    )  # fmt: skip
+                if found is None and if_match is not None:
+                    raise HttpError(
+                        412, f"entry {i}: no {rtype} matches, so none is at version {if_match}",
+                        code="conflict",
+                    )  # fmt: skip
+                p["condition"] = criteria
+                p["matched"] = found.id if found is not None else None
+                p["id"] = p["matched"] or (body_id if isinstance(body_id, str) else None)
+                p["id"] = p["id"] or time_ordered_id()
+                p["expected"] = if_match
+            elif len(parts) == 2 and not criteria:
+                if resource.get("id") != parts[1]:
+                    raise HttpError(400, f"entry {i}: PUT needs Type/id matching the resource")
+                p["id"] = parts[1]
+                p["expected"] = router._version_to_replace(view, rtype, parts[1], if_match)
+            else:
+                raise HttpError(400, f"entry {i}: PUT needs Type/id, or Type?criteria")
+            p["resource"] = resource
         elif method == "DELETE":
             require(scopes, rtype, "delete")
-            parts = req["url"].strip("/").split("/")
-            if len(parts) != 2:
-                raise HttpError(400, f"entry {i}: DELETE needs Type/id")
-            try:
-                expected = router._version_to_replace(view, rtype, parts[1], if_match)
-            except ResourceGone:
-                expected = None  # deleted already, and the partner could see it
-            prepared.append(
-                {
-                    "i": i,
-                    "method": method,
-                    "type": rtype,
-                    "id": parts[1],
-                    "resource": None,
-                    "req": req,
-                    "if_match": if_match,
-                    "expected": expected,
-                }
-            )
-        else:
-            prepared.append(
-                {"i": i, "method": method, "type": rtype, "id": None, "resource": None, "req": req}
-            )
+            if len(parts) == 1 and criteria:
+                _whole_store_search(view, "a conditional delete")
+                found = router.repo.conditional_match(
+                    rtype, criteria, f"entry {i}: conditional delete"
+                )
+                p["condition"] = criteria
+                p["id"] = p["matched"] = found.id if found is not None else None
+                p["expected"] = if_match
+            elif len(parts) == 2 and not criteria:
+                p["id"] = parts[1]
+                try:
+                    p["expected"] = router._version_to_replace(view, rtype, parts[1], if_match)
+                except ResourceGone:
+                    p["gone"] = True  # deleted already, and the partner could see it
+            else:
+                raise HttpError(400, f"entry {i}: DELETE needs Type/id, or Type?criteria")
+        elif method == "PATCH":
+            require(scopes, rtype, "update")
+            _trust_only(view, "a patch", "it works on the whole stored resource")
+            if len(parts) != 2 or criteria:
+                raise HttpError(400, f"entry {i}: PATCH needs Type/id")
+            patch = json_patch(_patch_body(e, i), f"entry {i}'s Binary")
+            current = router.repo.read(rtype, parts[1])
+            _check_if_match(current, if_match)
+            p["id"] = parts[1]
+            p["resource"] = patched_resource(patch, current)
+            # Written over the version patched, so that a write in between is not undone.
+            p["expected"] = current.version_id
+        if isinstance(e.get("fullUrl"), str) and method in ("POST", "PUT") and p["id"]:
+            ids[e["fullUrl"]] = f"{rtype}/{p['id']}"
+        prepared.append(p)
+    # What this transaction writes or deletes, as Type/id. Two entries may not both
+    # (R4 http.html#trules); an ifNoneExist or condition that matches it differently once
+    # the writes are made is the bundle's own contradiction, not a race.
+    touched: dict[str, set[int]] = {}
+    for p in prepared:
+        if p["method"] != "GET" and p["method"] != "HEAD" and p["id"] is not None:
+            touched.setdefault(f"{p['type']}/{p['id']}", set()).add(p["i"])
+    for key, which in touched.items():
+        if len(which) > 1:
+            first, second = sorted(which)[:2]
+            raise HttpError(
+                400, f"entries {first} and {second} both write {key}: a transaction may "
+                "change each resource once", code="invalid",
+            )  # fmt: skip
     # Resolve references, then validate everything before writing anything.
     for p in prepared:
         if p["resource"] is not None:
@@ -266,52 +337,37 @@ def _transaction(
                     issues=issues,
                 )
     results: dict[int, dict[str, Any]] = {}
-    # What this transaction writes or deletes, as Type/id: an ifNoneExist that matches
-    # it differently once those are made is the bundle's own contradiction, not a race.
-    touched: dict[str, set[int]] = {}
-    for p in prepared:
-        if p["method"] in ("POST", "PUT", "DELETE"):
-            touched.setdefault(f"{p['type']}/{p['id']}", set()).add(p["i"])
     with router.repo.transaction() as tx:
         for p in sorted(prepared, key=lambda p: _ORDER[p["method"]]):
             i = p["i"]
             try:
+                if p["condition"] is not None:
+                    _match_again(tx, p, touched)
                 if p["method"] == "DELETE":
-                    try:
-                        tx.delete(p["type"], p["id"], if_match=p["expected"])
-                    except VersionConflict as exc:
-                        raise _conflict(exc, p["if_match"], view) from None
-                    except FhirError as exc:
-                        if exc.code != "deleted":
-                            raise
+                    if p["id"] is not None and not p.get("gone"):
+                        try:
+                            tx.delete(p["type"], p["id"], if_match=p["expected"])
+                        except VersionConflict as exc:
+                            raise _conflict(exc, p["if_match"], view) from None
+                        except FhirError as exc:
+                            if exc.code != "deleted":
+                                raise
                     results[i] = {"response": {"status": "204"}}
-                elif p["method"] in ("POST", "PUT"):
-                    if p.get("condition") is not None:
-                        # Matched again, now that writers are serialised: another
-                        # transaction may have created a match since (or removed it).
-                        found = tx.conditional_match(p["type"], p["condition"], "ifNoneExist")
-                        now = found.id if found is not None else None
-                        if now != p["matched"]:
-                            mine = {f"{p['type']}/{x}" for x in (now, p["matched"]) if x}
-                            if any(touched.get(k, set()) - {i} for k in mine):
-                                raise HttpError(
-                                    400,
-                                    f"entry {i}: what ifNoneExist {p['condition']!r} matches "
-                                    "is written or deleted by another entry of this "
-                                    "transaction",
-                                    code="invalid",
-                                )
-                            raise VersionConflict(
-                                f"entry {i}: what ifNoneExist {p['condition']!r} matches "
-                                "changed while the transaction ran; send it again"
-                            )
+                elif p["method"] in ("POST", "PUT", "PATCH"):
                     if p["resource"] is None:
                         stored = tx.read(p["type"], p["id"])
                         status = "200"
                     else:
-                        expected = p["expected"] if p["method"] == "PUT" else None
+                        expected = None if p["method"] == "POST" else p["expected"]
                         try:
-                            stored = tx.update(p["resource"], if_match=expected)
+                            if p["method"] == "PUT" and p["condition"] is not None:
+                                # As a conditional update alone: none matching, an id
+                                # the resource brings must not be another's.
+                                stored = tx.conditional_update(
+                                    p["resource"], p["condition"], if_match=expected
+                                )
+                            else:
+                                stored = tx.update(p["resource"], if_match=expected)
                         except VersionConflict as exc:
                             raise _conflict(exc, p["if_match"], view) from None
                         status = "201" if stored.created else "200"
@@ -339,6 +395,30 @@ def _transaction(
         "entry": [results[i] for i in range(len(entries))],
     }
     return router._json(200, body)
+
+
+def _match_again(tx: Repository, p: dict[str, Any], touched: dict[str, set[int]]) -> None:
+    """Match an entry's condition (ifNoneExist, or a conditional update's or delete's
+    criteria) again, now that writers are serialised: another transaction may have
+    made or removed a match since it was first matched."""
+    from cpa_fhir.sandbox._router import HttpError
+
+    what = "ifNoneExist" if p["method"] == "POST" else f"conditional {p['method']}"
+    found = tx.conditional_match(p["type"], p["condition"], what)
+    now = found.id if found is not None else None
+    if now == p["matched"]:
+        return
+    i = p["i"]
+    mine = {f"{p['type']}/{x}" for x in (now, p["matched"]) if x}
+    if any(touched.get(k, set()) - {i} for k in mine):
+        raise HttpError(
+            400, f"entry {i}: what {what} {p['condition']!r} matches is written or deleted "
+            "by another entry of this transaction", code="invalid",
+        )  # fmt: skip
+    raise VersionConflict(
+        f"entry {i}: what {what} {p['condition']!r} matches changed while the transaction "
+        "ran; send it again"
+    )
 
 
 def _in_entry(issue: Issue, index: int, rtype: str) -> Issue:

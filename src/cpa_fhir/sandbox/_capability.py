@@ -115,7 +115,13 @@ def capability_statement(
                     "description": "OAuth 2.0 client credentials (client secret or private_key_jwt); SMART system scopes. Partner clients see only what the consent engine allows; with write scopes, they update or delete only what they see whole, and never update as create; conditional writes and PATCH are for the trust's own clients.",
                 },
                 "resource": resources,
-                "interaction": [{"code": "transaction"}, {"code": "batch"}],
+                "interaction": [
+                    {
+                        "code": "transaction",
+                        "documentation": "All or nothing; entries may be creates (with ifNoneExist), updates, conditional updates, deletes, conditional deletes, JSON Patches (as a Binary) and reads; urn:uuid references between entries are resolved, and two entries may not change one resource.",
+                    },
+                    {"code": "batch"},
+                ],
                 "operation": [
                     {
                         "name": "validate",

@@ -541,26 +541,11 @@ class Router:
                 415, f"send a JSON Patch as {JSON_PATCH}, not '{ctype or 'no content type'}'",
                 code="not-supported",
             )  # fmt: skip
-        try:
-            operations = orjson.loads(request.body)
-            if not isinstance(operations, list):
-                raise TypeError("a JSON Patch is a list of operations")
-            patch = jsonpatch.JsonPatch(operations)
-        except (orjson.JSONDecodeError, jsonpatch.InvalidJsonPatch, TypeError) as exc:
-            raise HttpError(400, f"the body is not a JSON Patch: {exc}", code="structure") from None
+        patch = json_patch(request.body, "the body")
         if_match = _if_match(request.headers.get("if-match"))
         current = self.repo.read(rtype, rid)
         _check_if_match(current, if_match)
-        try:
-            patched = patch.apply(current.resource())
-        except (jsonpatch.JsonPatchException, jsonpointer.JsonPointerException) as exc:
-            raise HttpError(422, f"the patch cannot be applied: {exc}", code="processing") from None
-        if not isinstance(patched, dict) or (
-            patched.get("resourceType"), patched.get("id")) != (rtype, rid
-        ):  # fmt: skip
-            raise HttpError(
-                422, "a patch may not change the resource's type or id", code="invariant"
-            )
+        patched = patched_resource(patch, current)
         self._check_valid(patched)
         try:
             # Against the version patched, so that a write in between is not undone.
@@ -871,6 +856,31 @@ def _write_criteria(request: Request, rtype: str, view: PartnerView | None, what
         )  # fmt: skip
     _whole_store_search(view, what)
     return criteria
+
+
+def json_patch(body: bytes, what: str) -> jsonpatch.JsonPatch:
+    """A JSON Patch (RFC 6902) read from bytes; 400 if they are not one."""
+    try:
+        operations = orjson.loads(body)
+        if not isinstance(operations, list):
+            raise TypeError("a JSON Patch is a list of operations")
+        return jsonpatch.JsonPatch(operations)
+    except (orjson.JSONDecodeError, jsonpatch.InvalidJsonPatch, TypeError) as exc:
+        raise HttpError(400, f"{what} is not a JSON Patch: {exc}", code="structure") from None
+
+
+def patched_resource(patch: jsonpatch.JsonPatch, current: Stored) -> dict[str, Any]:
+    """The current version with the patch applied; 422 if it cannot be, or would change
+    the resource's type or id."""
+    try:
+        patched = patch.apply(current.resource())
+    except (jsonpatch.JsonPatchException, jsonpointer.JsonPointerException) as exc:
+        raise HttpError(422, f"the patch cannot be applied: {exc}", code="processing") from None
+    if not isinstance(patched, dict) or (
+        patched.get("resourceType"), patched.get("id")) != (current.resource_type, current.id
+    ):  # fmt: skip
+        raise HttpError(422, "a patch may not change the resource's type or id", code="invariant")
+    return patched
 
 
 def _check_if_match(current: Stored, if_match: int | None) -> None:

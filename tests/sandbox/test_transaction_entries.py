@@ -1,0 +1,261 @@
+"""Conditional update, conditional delete and PATCH as entries of transactions and
+batches, on SQLite and PostgreSQL: https://hl7.org/fhir/R4/http.html#trules.
+
+The commonest feed from an EPR is a transaction that upserts the patient by NHS
+number and writes what refers to them: the conditional entry's fullUrl must resolve
+to whichever resource it matched or made, and nothing may land if any entry fails.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import random
+import uuid
+from dataclasses import replace
+from typing import Any
+
+import orjson
+import pytest
+
+from cpa_fhir.sandbox import Sandbox
+from cpa_fhir.sandbox._router import Request
+from cpa_fhir.validation.identifiers import nhs_number_check_digit
+from tests.sandbox.conftest import Fhir, outcome
+from tests.sandbox.test_conditional_writes import RECORD_A, _count, _flag
+
+NHS = "https://fhir.nhs.uk/Id/nhs-number"
+
+
+def _nhs_number() -> str:
+    while True:
+        first_nine = f"{random.randrange(10**8, 10**9)}"
+        digit = nhs_number_check_digit(first_nine)
+        if digit is not None:
+            return f"{first_nine}{digit}"
+
+
+def _patient(nhs: str, family: str = "Upsert") -> dict[str, Any]:
+    patient = copy.deepcopy(
+        next(e["resource"] for e in RECORD_A["entry"] if e["resource"]["resourceType"] == "Patient")
+    )
+    patient.pop("id")
+    patient.pop("generalPractitioner", None)
+    patient["identifier"][0]["value"] = nhs
+    patient["name"][0]["family"] = family
+    return patient
+
+
+def _transaction(*entries: dict[str, Any], kind: str = "transaction") -> dict[str, Any]:
+    return {"resourceType": "Bundle", "type": kind, "entry": list(entries)}
+
+
+def _json_patch(operations: Any, content_type: str = "application/json-patch+json") -> Any:
+    data = base64.b64encode(orjson.dumps(operations)).decode()
+    return {"resourceType": "Binary", "contentType": content_type, "data": data}
+
+
+def _statuses(response: Any) -> list[str]:
+    assert response.status_code == 200, response.text
+    return [e["response"]["status"] for e in response.json()["entry"]]
+
+
+def _version(trust: Fhir, url: str) -> str:
+    return str(trust.get(url).headers["etag"])
+
+
+# -- conditional update -------------------------------------------------------------------
+
+
+def test_a_conditional_update_entry_upserts_and_references_follow_it(trust: Fhir) -> None:
+    nhs = _nhs_number()
+    patient_url = "urn:uuid:" + str(uuid.uuid4())
+
+    def upsert(family: str) -> Any:
+        flag = _flag(uuid.uuid4().hex, subject={"reference": patient_url})
+        flag.pop("author", None)
+        return trust.post(
+            "",
+            _transaction(
+                {
+                    "fullUrl": patient_url,
+                    "resource": _patient(nhs, family),
+                    "request": {"method": "PUT", "url": f"Patient?identifier={NHS}|{nhs}"},
+                },
+                {"resource": flag, "request": {"method": "POST", "url": "Flag"}},
+            ),
+        )
+
+    first = upsert("Before")
+    assert _statuses(first) == ["201", "201"]
+    made = first.json()["entry"][0]["resource"]["id"]
+    assert first.json()["entry"][1]["resource"]["subject"]["reference"] == f"Patient/{made}"
+    second = upsert("After")
+    assert _statuses(second) == ["200", "201"]
+    entries = second.json()["entry"]
+    assert entries[0]["resource"]["id"] == made and entries[0]["response"]["etag"] == 'W/"2"'
+    assert entries[1]["resource"]["subject"]["reference"] == f"Patient/{made}"
+    found = trust.get("Patient", params={"identifier": f"{NHS}|{nhs}"}).json()
+    assert found["total"] == 1 and found["entry"][0]["resource"]["name"][0]["family"] == "After"
+
+
+def test_a_conditional_update_entry_keeps_the_rules_of_one_alone(trust: Fhir) -> None:
+    marker, other = uuid.uuid4().hex, uuid.uuid4().hex
+    mine = trust.post("Flag", _flag(marker)).json()
+    theirs = trust.post("Flag", _flag(other)).json()
+    criteria = f"Flag?identifier=urn:test|{marker}"
+
+    def put(resource: dict[str, Any], url: str = criteria, **request: Any) -> Any:
+        tail = {"resource": _flag(uuid.uuid4().hex), "request": {"method": "POST", "url": "Flag"}}
+        entry = {"resource": resource, "request": {"method": "PUT", "url": url, **request}}
+        return trust.post("", _transaction(entry, tail))
+
+    # The match's version, named and stale: 412; an id that is not the match's: 400.
+    outcome(put(_flag(marker, status="inactive"), ifMatch='W/"7"'), 412)
+    outcome(put(_flag(marker, id=theirs["id"])), 400)
+    # None matching, and the resource's own id is another's: that one is not overwritten.
+    outcome(put(_flag(uuid.uuid4().hex, id=theirs["id"]), f"Flag?identifier=urn:test|{uuid.uuid4().hex}"), 409)  # fmt: skip
+    # Several matching: 412, as alone.
+    trust.post("Flag", _flag(other))
+    outcome(put(_flag(other), f"Flag?identifier=urn:test|{other}"), 412)
+    outcome(put(_flag(marker), "Flag?"), 400)
+    outcome(put(_flag(marker), "Flag/1?identifier=x"), 400)
+    assert _version(trust, f"Flag/{mine['id']}") == 'W/"1"'
+    assert _version(trust, f"Flag/{theirs['id']}") == 'W/"1"'
+    # Each refusal left the whole transaction out: one Flag POSTed per try, none kept.
+    updated = put(_flag(marker, status="inactive"), ifMatch='W/"1"')
+    assert _statuses(updated) == ["200", "201"]
+    assert trust.get(f"Flag/{mine['id']}").json()["status"] == "inactive"
+
+
+# -- conditional delete -------------------------------------------------------------------
+
+
+def test_a_conditional_delete_entry_removes_the_one_match_or_nothing(trust: Fhir) -> None:
+    gone, kept, several = (uuid.uuid4().hex for _ in range(3))
+    trust.post("Flag", _flag(gone))
+    for _ in range(2):
+        trust.post("Flag", _flag(several))
+
+    def delete(marker: str) -> Any:
+        new = uuid.uuid4().hex
+        answer = trust.post(
+            "",
+            _transaction(
+                {"request": {"method": "DELETE", "url": f"Flag?identifier=urn:test|{marker}"}},
+                {"resource": _flag(new), "request": {"method": "POST", "url": "Flag"}},
+            ),
+        )
+        return answer, new
+
+    answer, new = delete(gone)
+    assert _statuses(answer) == ["204", "201"]
+    assert (_count(trust, gone), _count(trust, new)) == (0, 1)
+    answer, new = delete(kept)  # none matches: nothing to delete
+    assert _statuses(answer) == ["204", "201"]
+    answer, new = delete(several)  # never several at once, and then nothing lands
+    outcome(answer, 412)
+    assert (_count(trust, several), _count(trust, new)) == (2, 0)
+
+
+def test_entries_may_not_change_one_resource_twice(trust: Fhir) -> None:
+    marker = uuid.uuid4().hex
+    flag = trust.post("Flag", _flag(marker)).json()
+    by_id = {"resource": flag, "request": {"method": "PUT", "url": f"Flag/{flag['id']}"}}
+    for second in (
+        {
+            "resource": _flag(marker),
+            "request": {"method": "PUT", "url": f"Flag?identifier=urn:test|{marker}"},
+        },  # fmt: skip
+        {"request": {"method": "DELETE", "url": f"Flag?identifier=urn:test|{marker}"}},
+        {"request": {"method": "DELETE", "url": f"Flag/{flag['id']}"}},
+    ):
+        body = outcome(trust.post("", _transaction(by_id, second)), 400)
+        assert "both write" in body["issue"][0]["details"]["text"]
+    assert _version(trust, f"Flag/{flag['id']}") == 'W/"1"'
+
+
+# -- PATCH --------------------------------------------------------------------------------
+
+
+def test_a_patch_entry_applies_to_the_version_it_names(trust: Fhir) -> None:
+    flag = trust.post("Flag", _flag(uuid.uuid4().hex)).json()
+    url = f"Flag/{flag['id']}"
+    to_inactive = [{"op": "replace", "path": "/status", "value": "inactive"}]
+
+    def patch(resource: Any, **request: Any) -> tuple[Any, str]:
+        new = uuid.uuid4().hex
+        entry = {"resource": resource, "request": {"method": "PATCH", "url": url, **request}}
+        tail = {"resource": _flag(new), "request": {"method": "POST", "url": "Flag"}}
+        return trust.post("", _transaction(entry, tail)), new
+
+    answer, new = patch(_json_patch(to_inactive), ifMatch='W/"1"')
+    assert _statuses(answer) == ["200", "201"]
+    assert answer.json()["entry"][0]["resource"]["status"] == "inactive"
+    assert trust.get(url).json()["status"] == "inactive" and _version(trust, url) == 'W/"2"'
+    refusals = [
+        (patch(_json_patch(to_inactive), ifMatch='W/"1"'), 412),  # stale
+        (patch(_flag("x")), 400),  # not a Binary
+        (patch(_json_patch(to_inactive, "application/fhir+json")), 415),
+        (patch({**_json_patch(to_inactive), "data": "not base64!"}), 400),
+        (patch(_json_patch({"op": "remove"})), 400),  # not a list of operations
+        (patch(_json_patch([{"op": "replace", "path": "/id", "value": "x"}])), 422),
+        (patch(_json_patch([{"op": "remove", "path": "/code"}])), 422),  # Flag.code is 1..1
+    ]
+    for (answer, new), status in refusals:
+        outcome(answer, status)
+        assert _count(trust, new) == 0  # nothing of the transaction landed
+    assert _version(trust, url) == 'W/"2"'
+
+
+def test_a_patch_entry_in_a_batch(trust: Fhir) -> None:
+    flag = trust.post("Flag", _flag(uuid.uuid4().hex)).json()
+    to_inactive = [{"op": "replace", "path": "/status", "value": "inactive"}]
+    batch = _transaction(
+        {
+            "resource": _json_patch(to_inactive),
+            "request": {"method": "PATCH", "url": f"Flag/{flag['id']}"},
+        },
+        {"resource": _flag("x"), "request": {"method": "PATCH", "url": f"Flag/{flag['id']}"}},
+        kind="batch",
+    )
+    answer = trust.post("", batch)
+    assert _statuses(answer) == ["200", "400"]
+    assert trust.get(f"Flag/{flag['id']}").json()["status"] == "inactive"
+
+
+# -- partners ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"request": {"method": "PUT", "url": "Flag?identifier=urn:test|{marker}"}},
+        {"request": {"method": "DELETE", "url": "Flag?identifier=urn:test|{marker}"}},
+        {"request": {"method": "PATCH", "url": "Flag/{id}"}},
+    ],
+    ids=["conditional-update", "conditional-delete", "patch"],
+)
+def test_a_partner_cannot_use_these_entries_even_with_write_scopes(
+    sandbox: Sandbox, entry: dict[str, Any]
+) -> None:
+    # A conditional entry's match would tell of what the partner may not see; a patch
+    # works on the whole stored resource.
+    scopes = frozenset({"system/*.read", "system/*.write"})
+    writer = replace(sandbox.registry.clients["gp"], scopes=scopes)
+    marker = uuid.uuid4().hex
+    existing = sandbox.repo.create(_flag(marker))
+    request = entry["request"]
+    url = request["url"].format(marker=marker, id=existing.id)
+    to_inactive = [{"op": "replace", "path": "/status", "value": "inactive"}]
+    resource = _json_patch(to_inactive) if request["method"] == "PATCH" else _flag(marker)
+    bundle = _transaction(
+        {"resource": resource, "request": {**request, "url": url}}
+        if request["method"] != "DELETE"
+        else {"request": {**request, "url": url}}
+    )
+    headers = {"content-type": "application/fhir+json"}
+    answer = sandbox.router.handle(Request("POST", "", [], headers, orjson.dumps(bundle)), writer, scopes)  # fmt: skip
+    assert answer.status == 403, answer.body
+    assert b"trust's own clients" in answer.body and existing.content not in answer.body
+    assert sandbox.repo.read("Flag", existing.id).version_id == 1
