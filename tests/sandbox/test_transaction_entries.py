@@ -259,3 +259,13 @@ def test_a_partner_cannot_use_these_entries_even_with_write_scopes(
     assert answer.status == 403, answer.body
     assert b"trust's own clients" in answer.body and existing.content not in answer.body
     assert sandbox.repo.read("Flag", existing.id).version_id == 1
+
+
+def test_an_entry_that_fails_before_the_writes_is_named(trust: Fhir) -> None:
+    to_inactive = [{"op": "replace", "path": "/status", "value": "inactive"}]
+    bundle = _transaction(
+        {"resource": _flag(uuid.uuid4().hex), "request": {"method": "POST", "url": "Flag"}},
+        {"resource": _json_patch(to_inactive), "request": {"method": "PATCH", "url": "Flag/none"}},
+    )
+    body = outcome(trust.post("", bundle), 404)
+    assert body["issue"][0]["expression"] == ["Bundle.entry[1]"]

@@ -209,102 +209,112 @@ def _transaction(
     ids: dict[str, str] = {}
     prepared: list[dict[str, Any]] = []
     for i, e in enumerate(entries):
-        req = e["request"]
-        method = req["method"]
-        resource = copy.deepcopy(e.get("resource")) if isinstance(e.get("resource"), dict) else None
-        path, _, criteria = req["url"].partition("?")
-        parts = path.strip("/").split("/")
-        rtype = parts[0]
-        if_match = _if_match(req.get("ifMatch")) if method in ("PUT", "DELETE", "PATCH") else None
-        if resource is not None and view is not None:
-            resource = _without_server_labels(resource)
-        p: dict[str, Any] = {
-            "i": i, "method": method, "type": rtype, "id": None, "resource": None, "req": req,
-            "if_match": if_match, "expected": None, "condition": None, "matched": None,
-        }  # fmt: skip
-        if method == "POST":
-            assert resource is not None
-            require(scopes, rtype, "create")
-            _partner_writable(view, rtype)
-            if resource.get("resourceType") != rtype:
-                raise HttpError(400, f"entry {i}: the resource is not a {rtype}")
-            p["id"] = time_ordered_id()
-            p["resource"] = resource
-            condition = req.get("ifNoneExist")
-            if isinstance(condition, str):
-                _whole_store_search(view, "a conditional create")
-                found = router.repo.conditional_match(rtype, condition, f"entry {i}: ifNoneExist")
-                p["condition"] = condition
-                if found is not None:
-                    p["id"] = p["matched"] = found.id
-                    p["resource"] = None  # exists already: nothing to write
-        elif method == "PUT":
-            assert resource is not None
-            require(scopes, rtype, "update")
-            _partner_writable(view, rtype)
-            if resource.get("resourceType") != rtype:
-                raise HttpError(400, f"entry {i}: the resource is not a {rtype}")
-            if len(parts) == 1 and criteria:
-                # Conditional update: the one match is updated, or, with none, the
-                # resource is created (with its own id, if it has one).
-                _whole_store_search(view, "a conditional update")
-                found = router.repo.conditional_match(
-                    rtype, criteria, f"entry {i}: conditional update"
-                )
-                body_id = resource.get("id")
-                if found is not None and body_id not in (None, found.id):
-                    raise HttpError(
-                        400, f"entry {i}: the resource's id '{body_id}' is not that of the "
-                        f"{rtype} the criteria match", code="invalid",
-                    )  # fmt: skip
-                if found is None and if_match is not None:
-                    raise HttpError(
-                        412, f"entry {i}: no {rtype} matches, so none is at version {if_match}",
-                        code="conflict",
-                    )  # fmt: skip
-                p["condition"] = criteria
-                p["matched"] = found.id if found is not None else None
-                p["id"] = p["matched"] or (body_id if isinstance(body_id, str) else None)
-                p["id"] = p["id"] or time_ordered_id()
-                p["expected"] = if_match
-            elif len(parts) == 2 and not criteria:
-                if resource.get("id") != parts[1]:
-                    raise HttpError(400, f"entry {i}: PUT needs Type/id matching the resource")
-                p["id"] = parts[1]
-                p["expected"] = router._version_to_replace(view, rtype, parts[1], if_match)
-            else:
-                raise HttpError(400, f"entry {i}: PUT needs Type/id, or Type?criteria")
-            p["resource"] = resource
-        elif method == "DELETE":
-            require(scopes, rtype, "delete")
-            if len(parts) == 1 and criteria:
-                _whole_store_search(view, "a conditional delete")
-                found = router.repo.conditional_match(
-                    rtype, criteria, f"entry {i}: conditional delete"
-                )
-                p["condition"] = criteria
-                p["id"] = p["matched"] = found.id if found is not None else None
-                p["expected"] = if_match
-            elif len(parts) == 2 and not criteria:
-                p["id"] = parts[1]
-                try:
+        try:
+            req = e["request"]
+            method = req["method"]
+            resource = (
+                copy.deepcopy(e.get("resource")) if isinstance(e.get("resource"), dict) else None
+            )
+            path, _, criteria = req["url"].partition("?")
+            parts = path.strip("/").split("/")
+            rtype = parts[0]
+            if_match = (
+                _if_match(req.get("ifMatch")) if method in ("PUT", "DELETE", "PATCH") else None
+            )
+            if resource is not None and view is not None:
+                resource = _without_server_labels(resource)
+            p: dict[str, Any] = {
+                "i": i, "method": method, "type": rtype, "id": None, "resource": None, "req": req,
+                "if_match": if_match, "expected": None, "condition": None, "matched": None,
+            }  # fmt: skip
+            if method == "POST":
+                assert resource is not None
+                require(scopes, rtype, "create")
+                _partner_writable(view, rtype)
+                if resource.get("resourceType") != rtype:
+                    raise HttpError(400, f"entry {i}: the resource is not a {rtype}")
+                p["id"] = time_ordered_id()
+                p["resource"] = resource
+                condition = req.get("ifNoneExist")
+                if isinstance(condition, str):
+                    _whole_store_search(view, "a conditional create")
+                    found = router.repo.conditional_match(
+                        rtype, condition, f"entry {i}: ifNoneExist"
+                    )
+                    p["condition"] = condition
+                    if found is not None:
+                        p["id"] = p["matched"] = found.id
+                        p["resource"] = None  # exists already: nothing to write
+            elif method == "PUT":
+                assert resource is not None
+                require(scopes, rtype, "update")
+                _partner_writable(view, rtype)
+                if resource.get("resourceType") != rtype:
+                    raise HttpError(400, f"entry {i}: the resource is not a {rtype}")
+                if len(parts) == 1 and criteria:
+                    # Conditional update: the one match is updated, or, with none, the
+                    # resource is created (with its own id, if it has one).
+                    _whole_store_search(view, "a conditional update")
+                    found = router.repo.conditional_match(
+                        rtype, criteria, f"entry {i}: conditional update"
+                    )
+                    body_id = resource.get("id")
+                    if found is not None and body_id not in (None, found.id):
+                        raise HttpError(
+                            400, f"entry {i}: the resource's id '{body_id}' is not that of the "
+                            f"{rtype} the criteria match", code="invalid",
+                        )  # fmt: skip
+                    if found is None and if_match is not None:
+                        raise HttpError(
+                            412, f"entry {i}: no {rtype} matches, so none is at version {if_match}",
+                            code="conflict",
+                        )  # fmt: skip
+                    p["condition"] = criteria
+                    p["matched"] = found.id if found is not None else None
+                    p["id"] = p["matched"] or (body_id if isinstance(body_id, str) else None)
+                    p["id"] = p["id"] or time_ordered_id()
+                    p["expected"] = if_match
+                elif len(parts) == 2 and not criteria:
+                    if resource.get("id") != parts[1]:
+                        raise HttpError(400, f"entry {i}: PUT needs Type/id matching the resource")
+                    p["id"] = parts[1]
                     p["expected"] = router._version_to_replace(view, rtype, parts[1], if_match)
-                except ResourceGone:
-                    p["gone"] = True  # deleted already, and the partner could see it
-            else:
-                raise HttpError(400, f"entry {i}: DELETE needs Type/id, or Type?criteria")
-        elif method == "PATCH":
-            require(scopes, rtype, "update")
-            _trust_only(view, "a patch", "it works on the whole stored resource")
-            if len(parts) != 2 or criteria:
-                raise HttpError(400, f"entry {i}: PATCH needs Type/id")
-            patch = json_patch(_patch_body(e, i), f"entry {i}'s Binary")
-            current = router.repo.read(rtype, parts[1])
-            _check_if_match(current, if_match)
-            p["id"] = parts[1]
-            p["resource"] = patched_resource(patch, current)
-            # Written over the version patched, so that a write in between is not undone.
-            p["expected"] = current.version_id
+                else:
+                    raise HttpError(400, f"entry {i}: PUT needs Type/id, or Type?criteria")
+                p["resource"] = resource
+            elif method == "DELETE":
+                require(scopes, rtype, "delete")
+                if len(parts) == 1 and criteria:
+                    _whole_store_search(view, "a conditional delete")
+                    found = router.repo.conditional_match(
+                        rtype, criteria, f"entry {i}: conditional delete"
+                    )
+                    p["condition"] = criteria
+                    p["id"] = p["matched"] = found.id if found is not None else None
+                    p["expected"] = if_match
+                elif len(parts) == 2 and not criteria:
+                    p["id"] = parts[1]
+                    try:
+                        p["expected"] = router._version_to_replace(view, rtype, parts[1], if_match)
+                    except ResourceGone:
+                        p["gone"] = True  # deleted already, and the partner could see it
+                else:
+                    raise HttpError(400, f"entry {i}: DELETE needs Type/id, or Type?criteria")
+            elif method == "PATCH":
+                require(scopes, rtype, "update")
+                _trust_only(view, "a patch", "it works on the whole stored resource")
+                if len(parts) != 2 or criteria:
+                    raise HttpError(400, f"entry {i}: PATCH needs Type/id")
+                patch = json_patch(_patch_body(e, i), f"entry {i}'s Binary")
+                current = router.repo.read(rtype, parts[1])
+                _check_if_match(current, if_match)
+                p["id"] = parts[1]
+                p["resource"] = patched_resource(patch, current)
+                # Written over the version patched, so that a write in between is not undone.
+                p["expected"] = current.version_id
+        except FhirError as exc:
+            exc.expression = exc.expression or f"Bundle.entry[{i}]"
+            raise
         if isinstance(e.get("fullUrl"), str) and method in ("POST", "PUT") and p["id"]:
             ids[e["fullUrl"]] = f"{rtype}/{p['id']}"
         prepared.append(p)
