@@ -19,9 +19,9 @@ server's side) and answers with one result per request, in the order sent:
 
 A transaction that fails is retried one request at a time, so one bad request
 fails alone. The records' search-index rows, most of what a commit writes, follow
-in a transaction of their own once the child has answered, when it is idle or
-enough have gathered (`SqlRepository.append_indexing_later`): a disclosure waits
-only for its record.
+in a transaction of their own once the child has answered and no request waits
+(or many records await them) (`SqlRepository.append_indexing_later`): a disclosure
+waits only for its record.
 An `index` request is answered once every record sent before it is indexed; the
 server makes one before a search that could find these records. Records a child
 committed but did not index before it stopped are indexed by the next child. On SQLite the child commits durably (synchronous=FULL): an answer
@@ -55,11 +55,9 @@ _STARTUP_SECONDS = 60.0
 # Records the child commits together at most: a transaction stays short even when
 # many requests wait.
 MAX_RECORDS = 500
-# The index rows of many records share the index pages a commit writes: they are
-# written once INDEX_BATCH records await them, or when no request has come for
-# INDEX_IDLE_SECONDS (or before a search, or at stop), not after every small group.
+# Index rows are written when no request waits, and, should requests never stop
+# coming, once this many records await them: a search waits for them all.
 INDEX_BATCH = 128
-INDEX_IDLE_SECONDS = 0.002
 # Run by import, not `-m`: the package imports this module before `-m` would run it.
 _CHILD = "import sys; from cpa_fhir.store._appender import run_child; run_child(int(sys.argv[1]))"
 
@@ -274,12 +272,11 @@ class _Frames:
                 self._ended = True
             self._buffer += part
 
-    def waiting(self, seconds: float = 0.0) -> bool:
-        """Whether more input has arrived (a frame, or part of one), or arrives
-        within `seconds`."""
+    def waiting(self) -> bool:
+        """Whether more input has arrived (a frame, or part of one)."""
         if self._buffer or self._ended:
             return True
-        return bool(select.select([self._sock], [], [], seconds)[0])
+        return bool(select.select([self._sock], [], [], 0)[0])
 
 
 class _Backlog:
@@ -379,10 +376,8 @@ def serve(sock: socket.socket) -> None:
                 for r in requests
             ]
             sock.sendall(_frame(orjson.dumps({"results": reply})))
-            if backlog and (
-                len(backlog.records) >= INDEX_BATCH or not frames.waiting(INDEX_IDLE_SECONDS)
-            ):
-                backlog.write()  # enough gathered, or idle: not in a request's way
+            if backlog and (not frames.waiting() or len(backlog.records) >= INDEX_BATCH):
+                backlog.write()  # idle (or put off long enough): not in a request's way
     finally:
         if backlog:
             backlog.write()
