@@ -43,17 +43,12 @@ from cpa_fhir.consent import (
 )
 from cpa_fhir.consent._labelling import reference_key
 from cpa_fhir.errors import SharingError
-from cpa_fhir.sandbox._auth import Client, allows
+from cpa_fhir.sandbox._auth import Client
 from cpa_fhir.store import SqlRepository, Stored
 
 # The server's own records (`AuditLog`) are appended without moving the generation:
 # a read of one is never taken from what was derived.
 APPENDED_TYPES = frozenset({"AuditEvent"})
-# What refers to a professional, organisation or place, examined to learn whether a
-# partner is shown it (`PartnerView._reached_from_shown`): at most this many in a
-# request, in batches of this many.
-REFERRERS_EXAMINED = 2_000
-_REFERRER_BATCH = 50
 # Where each resource type names the patient whose record it belongs to.
 PATIENT_ELEMENTS = ("subject", "patient", "for", "beneficiary")
 
@@ -195,9 +190,6 @@ class PartnerView:
             client.id,
         )
         self._decisions: dict[str, Decision] = {}
-        # professionals, organisations and places: whether shown content refers to them
-        self._reached: dict[str, bool] = {}
-        self._referrers_left = REFERRERS_EXAMINED
         # patient -> the kept decision this request's was made from (see audit_events)
         self._decided_from: dict[str, Decision] = {}
         self._disclosed: dict[str, _Shared] = {}
@@ -308,9 +300,7 @@ class PartnerView:
                 resource = stored.resource()
                 patient = derived.patients[version] = patient_of(resource)
             if patient is None:
-                if stored.resource_type in self.policy.supporting and (
-                    referred or self._reached_from_shown(stored.resource_type, stored.id)
-                ):
+                if stored.resource_type in self.policy.supporting and referred:
                     out[i] = self._filter_supporting(stored)
                 continue
             decision = self.decision(patient)
@@ -387,32 +377,6 @@ class PartnerView:
             )
             out[key] = _Shown(orjson.dumps(mine), labels, withheld)
         return out
-
-    def _reached_from_shown(self, resource_type: str, id: str) -> bool:
-        """Whether content this client is shown refers to a professional, organisation
-        or place, directly or through others (a PractitionerRole, say): as the engine
-        sends with a record only those its shared content refers to, so a read of one
-        by id shows it only then. Within this request's budget of resources examined;
-        past it, the answer is no."""
-        key = f"{resource_type}/{id}"
-        known = self._reached.get(key)
-        if known is not None:
-            return known
-        self._reached[key] = False  # while looking: a way round back to it is no way
-        limit = max(0, min(self._referrers_left, REFERRERS_EXAMINED))
-        referrers = [
-            s
-            for s in self.repo.referrers(resource_type, id, limit=limit)
-            if allows(self.scopes, s.resource_type, "read")
-        ]
-        self._referrers_left -= len(referrers)
-        for start in range(0, len(referrers), _REFERRER_BATCH):
-            batch = referrers[start : start + _REFERRER_BATCH]
-            for shown in self.filter_many(batch, account=False):
-                if shown is not None and key in _references(orjson.loads(shown)):
-                    self._reached[key] = True
-                    return True
-        return False
 
     def _filter_supporting(self, stored: Stored) -> bytes | None:
         version = (f"{stored.resource_type}/{stored.id}", stored.version_id)

@@ -17,23 +17,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from cpa_fhir.store._indexing import index_resource, normalise
+from cpa_fhir.store._indexing import normalise
 from cpa_fhir.store._schema import (
-    REFERRERS_WHERE,
     index_pending,
     metadata,
-    resource_current,
     schema_version,
-    search_reference,
     search_string,
     store_change,
     store_setting,
 )
-from cpa_fhir.store._search_parameters import EVERY_REFERENCE, EVERY_REFERENCE_PARAMETER
 
 _LOCK_KEY = "cpa_fhir.store.migrate"
 
@@ -96,46 +91,6 @@ def _create_index_pending(connection: Connection) -> None:
     index_pending.create(connection, checkfirst=True)
 
 
-def _index_referrers(connection: Connection) -> None:
-    # Every reference of what is stored now, then the index that finds them by target.
-    r = search_reference.c
-    if connection.scalar(sa.select(r.param).where(r.param == EVERY_REFERENCE).limit(1)) is None:
-        c = resource_current.c
-        after: tuple[str, str] = ("", "")
-        while True:
-            chunk = connection.execute(
-                sa.select(c.resource_type, c.id, c.content)
-                .where(
-                    ~c.deleted,
-                    c.resource_type != "AuditEvent",
-                    sa.tuple_(c.resource_type, c.id)
-                    > sa.tuple_(sa.literal(after[0]), sa.literal(after[1])),
-                )
-                .order_by(c.resource_type, c.id)
-                .limit(_BACKFILL_CHUNK)
-            ).all()
-            if not chunk:
-                break
-            rows = [
-                {"resource_type": t, "resource_id": i, "param": param,
-                 "target_type": target_type, "target_id": target_id, "url": url}
-                for t, i, content in chunk
-                for param, target_type, target_id, url in index_resource(
-                    orjson.loads(content), [EVERY_REFERENCE_PARAMETER]
-                ).references
-            ]  # fmt: skip
-            if rows:
-                connection.execute(search_reference.insert(), rows)
-            after = (chunk[-1][0], chunk[-1][1])
-    connection.exec_driver_sql(
-        "CREATE INDEX IF NOT EXISTS ix_reference_to ON search_reference "
-        f"(target_id, target_type, resource_type, resource_id) WHERE {REFERRERS_WHERE}"
-    )
-
-
-_BACKFILL_CHUNK = 500
-
-
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "resource, history and search index tables", _create_tables),
     Migration(2, "index history by time", _index_history_by_time),
@@ -145,7 +100,6 @@ MIGRATIONS: tuple[Migration, ...] = (
         5, "string index values folded as a compatibility caseless match", _renormalise_strings
     ),
     Migration(6, "appended records awaiting their search index", _create_index_pending),
-    Migration(7, "every reference each resource makes, found by its target", _index_referrers),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 

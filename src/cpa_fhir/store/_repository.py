@@ -51,7 +51,6 @@ from cpa_fhir.store._migrations import migrate as migrate_schema
 from cpa_fhir.store._query import Include, SearchQuery, parse_search
 from cpa_fhir.store._schema import (
     INDEX_TABLES,
-    REFERRERS_WHERE,
     index_pending,
     resource_current,
     resource_history,
@@ -1045,18 +1044,6 @@ class SqlRepository:
             "SELECT resource_id FROM search_reference WHERE resource_type = %s AND param = %s"
             " AND target_id = %s AND target_type = %s) ORDER BY id",
             (resource_type, resource_type, parameter, target[1], target[0]),
-        )
-        return [_driver_row_to_stored(row) for row in rows]
-
-    def referrers(self, resource_type: str, id: str, *, limit: int) -> list[Stored]:
-        """The current resources that refer to `Type/id` (relatively, from any element),
-        by type and id, at most `limit`; AuditEvents left out."""
-        rows = self._driver_rows(
-            f"{_SELECT_CURRENT} WHERE NOT deleted AND (resource_type, id) IN ("
-            "SELECT resource_type, resource_id FROM search_reference"
-            f" WHERE target_id = %s AND target_type = %s AND {REFERRERS_WHERE})"
-            " ORDER BY resource_type, id LIMIT %s",
-            (id, resource_type, limit),
         )
         return [_driver_row_to_stored(row) for row in rows]
 

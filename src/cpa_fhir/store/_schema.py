@@ -60,10 +60,6 @@ def _id_column(name: str = "resource_id") -> sa.Column[str]:
 
 # Normalised strings compare byte-wise, so that a prefix range uses the btree index
 # whatever the database's default collation.
-# The rows `ix_reference_to` holds, those of every reference a resource makes
-# (`_search_parameters.EVERY_REFERENCE`); a query must say the same to use it.
-REFERRERS_WHERE = "param = '*'"
-
 _BYTEWISE_TEXT = sa.Text().with_variant(sa.Text(collation="C"), "postgresql")
 
 resource_history = sa.Table(
@@ -129,16 +125,6 @@ search_reference = sa.Table(
         "ix_reference_target", "resource_type", "param", "target_id", "target_type", "resource_id"
     ),
     sa.Index("ix_reference_resource", "resource_type", "resource_id", "param"),
-    # What refers to a resource, from whatever element (`SqlRepository.referrers`).
-    sa.Index(
-        "ix_reference_to",
-        "target_id",
-        "target_type",
-        "resource_type",
-        "resource_id",
-        sqlite_where=sa.text(REFERRERS_WHERE),
-        postgresql_where=sa.text(REFERRERS_WHERE),
-    ),
 )
 
 search_date = sa.Table(

@@ -8,7 +8,6 @@ resources in the profiles package (https://hl7.org/fhir/R4/searchparameter.html)
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cache
@@ -60,41 +59,6 @@ class SearchParameter:
         )
 
 
-# Every relative reference a resource makes, wherever it is, indexed under a code no
-# search can name (`SearchParameters.indexed` adds it, `get` never gives it): what
-# refers to a resource is then found whatever element holds the reference
-# (`SqlRepository.referrers`). The server's own AuditEvents, most of the rows, are
-# left out: they are records of what was sent, not content sent.
-EVERY_REFERENCE = "*"
-_WITHOUT_EVERY_REFERENCE = frozenset({"AuditEvent"})
-_RELATIVE_REFERENCE = re.compile(r"[A-Z][A-Za-z]{1,63}/[A-Za-z0-9\-.]{1,64}(/_history/[^/]+)?")
-
-
-def every_reference(resource: Any) -> list[dict[str, Any]]:
-    """The Reference objects anywhere in a resource whose reference is relative
-    (`Type/id`, perhaps versioned): those that name a resource of this store."""
-    found: list[dict[str, Any]] = []
-    stack = [resource]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, dict):
-            ref = node.get("reference")
-            if isinstance(ref, str) and _RELATIVE_REFERENCE.fullmatch(ref):
-                found.append(node)
-            stack.extend(v for v in node.values() if isinstance(v, (dict, list)))
-        elif isinstance(node, list):
-            stack.extend(v for v in node if isinstance(v, (dict, list)))
-    return found
-
-
-EVERY_REFERENCE_PARAMETER = SearchParameter(
-    code=EVERY_REFERENCE,
-    type="reference",
-    expression="descendants().reference",
-    evaluate=every_reference,
-)
-
-
 @cache
 def _evaluator(expression: str) -> Evaluator:
     return compile_fhirpath_evaluator(expression)
@@ -123,8 +87,6 @@ class SearchParameters:
         if known is None:
             params = self.for_type(resource_type).values()
             known = tuple(p for p in params if p.code not in COLUMN_PARAMETERS)
-            if resource_type not in _WITHOUT_EVERY_REFERENCE:
-                known += (EVERY_REFERENCE_PARAMETER,)
             self._indexed[resource_type] = known
         return known
 
