@@ -269,3 +269,28 @@ def test_an_entry_that_fails_before_the_writes_is_named(trust: Fhir) -> None:
     )
     body = outcome(trust.post("", bundle), 404)
     assert body["issue"][0]["expression"] == ["Bundle.entry[1]"]
+
+
+def test_entries_are_read_as_the_same_requests_alone_would_be(trust: Fhir) -> None:
+    marker = uuid.uuid4().hex
+    existing = trust.post("Flag", _flag(marker)).json()
+    criteria = f"identifier=urn:test|{marker}"
+    # Two conditional creates finding the one resource write nothing: both answer it.
+    same = {"resource": _flag(marker), "request": {"method": "POST", "url": "Flag", "ifNoneExist": criteria}}  # fmt: skip
+    answer = trust.post("", _transaction(same, copy.deepcopy(same)))
+    assert _statuses(answer) == ["200", "200"]
+    assert {e["resource"]["id"] for e in answer.json()["entry"]} == {existing["id"]}
+    # `_format` in criteria names no criterion; a JSON Patch type may carry parameters.
+    put = {"resource": _flag(marker, status="inactive"), "request": {"method": "PUT", "url": f"Flag?{criteria}&_format=json"}}  # fmt: skip
+    assert _statuses(trust.post("", _transaction(put))) == ["200"]
+    patch = _json_patch(
+        [{"op": "replace", "path": "/status", "value": "active"}],
+        "application/json-patch+json; charset=utf-8",
+    )
+    entry = {"resource": patch, "request": {"method": "PATCH", "url": f"Flag/{existing['id']}"}}
+    assert _statuses(trust.post("", _transaction(entry))) == ["200"]
+    # A version named for what no longer matches anything: 412, as for an update.
+    gone = f"Flag?identifier=urn:test|{uuid.uuid4().hex}"
+    delete = {"request": {"method": "DELETE", "url": gone, "ifMatch": 'W/"1"'}}
+    outcome(trust.post("", _transaction(delete)), 412)
+    assert _version(trust, f"Flag/{existing['id']}") == 'W/"3"'

@@ -14,7 +14,7 @@ import binascii
 import copy
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import orjson
 
@@ -71,7 +71,8 @@ def _patch_body(entry: dict[str, Any], i: int) -> bytes:
     where = f"Bundle.entry[{i}].resource"
     if not isinstance(binary, dict) or binary.get("resourceType") != "Binary":
         raise _error(400, "a PATCH entry carries its JSON Patch as a Binary resource", where)
-    if binary.get("contentType") != JSON_PATCH:
+    content_type = binary.get("contentType")
+    if not isinstance(content_type, str) or content_type.split(";")[0].strip() != JSON_PATCH:
         raise _error(415, f"a PATCH entry's Binary must be a JSON Patch ({JSON_PATCH})", where)
     data = binary.get("data")
     try:
@@ -80,6 +81,15 @@ def _patch_body(entry: dict[str, Any], i: int) -> bytes:
         return base64.b64decode(data, validate=True)
     except (ValueError, binascii.Error):
         raise _error(400, "a PATCH entry's Binary.data must be base64", where) from None
+
+
+def _without_format(query: str) -> str:
+    """Search criteria as a conditional entry gives them, less `_format` (which names
+    no criterion), as for a conditional write alone."""
+    pairs = parse_qsl(query, keep_blank_values=True)
+    if all(k != "_format" for k, _ in pairs):
+        return query
+    return urlencode([(k, v) for k, v in pairs if k != "_format"])
 
 
 def _rewrite(node: Any, ids: dict[str, str]) -> Any:
@@ -215,7 +225,8 @@ def _transaction(
             resource = (
                 copy.deepcopy(e.get("resource")) if isinstance(e.get("resource"), dict) else None
             )
-            path, _, criteria = req["url"].partition("?")
+            path, _, query = req["url"].partition("?")
+            criteria = _without_format(query)
             parts = path.strip("/").split("/")
             rtype = parts[0]
             if_match = (
@@ -237,6 +248,7 @@ def _transaction(
                 p["resource"] = resource
                 condition = req.get("ifNoneExist")
                 if isinstance(condition, str):
+                    condition = _without_format(condition.lstrip("?"))
                     _whole_store_search(view, "a conditional create")
                     found = router.repo.conditional_match(
                         rtype, condition, f"entry {i}: ifNoneExist"
@@ -289,6 +301,11 @@ def _transaction(
                     found = router.repo.conditional_match(
                         rtype, criteria, f"entry {i}: conditional delete"
                     )
+                    if found is None and if_match is not None:
+                        raise HttpError(
+                            412, f"entry {i}: no {rtype} matches, so none is at version {if_match}",
+                            code="conflict",
+                        )  # fmt: skip
                     p["condition"] = criteria
                     p["id"] = p["matched"] = found.id if found is not None else None
                     p["expected"] = if_match
@@ -323,7 +340,8 @@ def _transaction(
     # the writes are made is the bundle's own contradiction, not a race.
     touched: dict[str, set[int]] = {}
     for p in prepared:
-        if p["method"] != "GET" and p["method"] != "HEAD" and p["id"] is not None:
+        writes = p["resource"] is not None if p["method"] == "POST" else p["method"] != "GET"
+        if writes and p["method"] != "HEAD" and p["id"] is not None:
             touched.setdefault(f"{p['type']}/{p['id']}", set()).add(p["i"])
     for key, which in touched.items():
         if len(which) > 1:
