@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 import pytest
 
+from cpa_fhir.errors import FhirError
 from cpa_fhir.sandbox import Sandbox
 from cpa_fhir.sandbox._router import Request, Response
 from tests.sandbox.test_leaks import C_KEYS, CLINICAL, PARTNERS, _expected
@@ -239,6 +240,51 @@ def test_a_partner_cannot_write_what_consent_decisions_are_made_from(
         assert b"trust's own clients" in refused.body
     assert sandbox.repo.read("Consent", "c-consent").version_id == 1
     assert gp("GET", withheld).status == 404
+
+
+@pytest.mark.parametrize(
+    ("client_id", "key"),
+    [
+        ("gp", "Organization/c-gp-practice"),  # its own: a partner always sees itself
+        ("gp", "Patient/c-patient"),
+        ("probation", "Patient/a-patient"),
+        ("carer", "RelatedPerson/c-carer-son"),
+        ("gp", "Practitioner/no-such-practitioner"),  # refused alike, there or not
+    ],
+)
+def test_a_partner_cannot_write_whom_a_consent_may_name(
+    sandbox: Sandbox, client_id: str, key: str
+) -> None:
+    # A Consent names its actors by reference, and a recipient is matched to one by
+    # identifier too: a partner that could edit an actor could make it name itself,
+    # and inherit what the service user agreed to give that actor.
+    call = _caller(sandbox, client_id)
+    rtype, rid = key.split("/")
+    try:
+        body: dict[str, Any] = {**sandbox.repo.read(rtype, rid).resource(), "meta": {}}
+    except FhirError:
+        body = {"resourceType": rtype, "id": rid}
+    before = _version_or_none(sandbox, rtype, rid)
+    mine = {**body, "identifier": [{"system": "https://fhir.nhs.uk/Id/ods-organization-code", "value": "Y90303"}]}  # fmt: skip
+    created = {k: v for k, v in mine.items() if k != "id"}
+    for method, path, sent in (
+        ("PUT", key, mine),
+        ("DELETE", key, None),
+        ("POST", rtype, created),
+        ("POST", "", {"resourceType": "Bundle", "type": "transaction", "entry": [
+            {"resource": mine, "request": {"method": "PUT", "url": key}}]}),
+    ):  # fmt: skip
+        refused = call(method, path, sent)
+        assert refused.status == 403, (method, path, refused.body)
+        assert b"consent decisions are made from them" in refused.body
+    assert _version_or_none(sandbox, rtype, rid) == before
+
+
+def _version_or_none(sandbox: Sandbox, rtype: str, rid: str) -> int | None:
+    try:
+        return sandbox.repo.read(rtype, rid).version_id
+    except FhirError:
+        return None
 
 
 def test_a_partner_writes_only_the_version_it_was_checked_against(

@@ -112,7 +112,7 @@ def capability_statement(
                             ]
                         }
                     ],
-                    "description": "OAuth 2.0 client credentials (client secret or private_key_jwt); SMART system scopes. Partner clients see only what the consent engine allows; with write scopes, they update or delete only what they see whole, and never update as create; conditional writes and PATCH are for the trust's own clients.",
+                    "description": "OAuth 2.0 client credentials (client secret or private_key_jwt); SMART system scopes. Partner clients see only what the consent engine allows; with write scopes, they update or delete only what they see whole, never update as create, and never write a Consent or what a Consent may name as an actor; conditional writes and PATCH are for the trust's own clients.",
                 },
                 "resource": resources,
                 "interaction": [

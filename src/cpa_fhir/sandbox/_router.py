@@ -909,9 +909,23 @@ def _conflict(
     return HttpError(412 if if_match is not None else 409, message, code="conflict")
 
 
-# What the consent engine decides from: the trust's record of what the service user
-# agreed, never a partner's to write.
-DECISION_TYPES = frozenset({"Consent"})
+# What the consent engine decides from, never a partner's to write: the trust's
+# record of what the service user agreed, and every type a Consent may name as an
+# actor (R4 Consent.provision.actor.reference), whose identifiers decide whether a
+# recipient is the one named: a partner that could edit one could make it name itself.
+DECISION_TYPES = frozenset(
+    {
+        "Consent",
+        "CareTeam",
+        "Device",
+        "Group",
+        "Organization",
+        "Patient",
+        "Practitioner",
+        "PractitionerRole",
+        "RelatedPerson",
+    }
+)
 
 
 def _partner_writable(view: PartnerView | None, rtype: str) -> None:
@@ -919,8 +933,8 @@ def _partner_writable(view: PartnerView | None, rtype: str) -> None:
     if view is not None and rtype in DECISION_TYPES:
         raise HttpError(
             403,
-            f"{rtype} resources are written by the trust's own clients only: they decide "
-            "what is shared",
+            f"{rtype} resources are written by the trust's own clients only: consent "
+            "decisions are made from them",
             code="forbidden",
         )
 
