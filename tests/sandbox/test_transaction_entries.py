@@ -294,3 +294,15 @@ def test_entries_are_read_as_the_same_requests_alone_would_be(trust: Fhir) -> No
     delete = {"request": {"method": "DELETE", "url": gone, "ifMatch": 'W/"1"'}}
     outcome(trust.post("", _transaction(delete)), 412)
     assert _version(trust, f"Flag/{existing['id']}") == 'W/"3"'
+
+
+def test_a_bundle_is_taken_at_the_base_written_without_a_slash(trust: Fhir) -> None:
+    # Clients POST batches and transactions to the base URL as configured: no redirect.
+    bundle = _transaction({"request": {"method": "GET", "url": "Patient/a-patient"}}, kind="batch")
+    answer = trust.http.post(
+        "/fhir",
+        content=orjson.dumps(bundle),
+        headers={**trust.headers, "content-type": "application/fhir+json"},
+        follow_redirects=False,
+    )
+    assert _statuses(answer) == ["200"]

@@ -189,7 +189,7 @@ def create_app(
         return JSONResponse(payload, status, headers={"cache-control": "no-store"})
 
     async def fhir(request: HttpRequest) -> HttpResponse:
-        path = request.path_params["path"]
+        path = request.path_params.get("path", "")  # none at the base itself
         try:
             body = await _body(request)
             client, scopes = None, frozenset[str]()
@@ -241,11 +241,11 @@ def create_app(
 
     # Routes are matched in order: the FHIR API, which takes nearly every request,
     # before the token endpoint.
-    app.router.add_route(
-        FHIR_PREFIX + "/{path:path}",
-        fhir,
-        methods=["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD"],
-    )
+    methods = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD"]
+    app.router.add_route(FHIR_PREFIX + "/{path:path}", fhir, methods=methods)
+    # The base as clients write it, with no slash: a batch or transaction is POSTed
+    # there, and a redirect would make a client send it twice or not at all.
+    app.router.add_route(FHIR_PREFIX, fhir, methods=methods)
     app.add_api_route("/token", token, methods=["POST"])
 
     @app.exception_handler(Exception)
