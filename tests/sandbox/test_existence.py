@@ -65,12 +65,16 @@ def _copy(sandbox: Sandbox, key: str, new_id: str, **changes: Any) -> dict[str, 
     return resource
 
 
+def _withheld_and_absent(sandbox: Sandbox, client_id: str) -> tuple[Call, str, str, str]:
+    """The partner's caller, the type and id of a resource withheld from it, and an id
+    of that type that is absent."""
+    rtype, hidden = _withheld_key(client_id).split("/")
+    return _caller(sandbox, client_id), rtype, hidden, f"no-such-{uuid.uuid4().hex[:12]}"
+
+
 @pytest.mark.parametrize("client_id", list(PARTNERS))
 def test_withheld_and_absent_answer_word_for_word_alike(sandbox: Sandbox, client_id: str) -> None:
-    call = _caller(sandbox, client_id)
-    key = _withheld_key(client_id)
-    rtype, hidden = key.split("/")
-    absent = f"no-such-{uuid.uuid4().hex[:12]}"
+    call, rtype, hidden, absent = _withheld_and_absent(sandbox, client_id)
     before = sandbox.repo.read(rtype, hidden)
     body = before.resource()
 
@@ -101,10 +105,7 @@ def test_withheld_and_absent_answer_word_for_word_alike(sandbox: Sandbox, client
 
 @pytest.mark.parametrize("client_id", list(PARTNERS))
 def test_withheld_and_absent_alike_in_a_transaction(sandbox: Sandbox, client_id: str) -> None:
-    call = _caller(sandbox, client_id)
-    key = _withheld_key(client_id)
-    rtype, hidden = key.split("/")
-    absent = f"no-such-{uuid.uuid4().hex[:12]}"
+    call, rtype, hidden, absent = _withheld_and_absent(sandbox, client_id)
     body = sandbox.repo.read(rtype, hidden).resource()
 
     def transaction(method: str, rid: str) -> Response:

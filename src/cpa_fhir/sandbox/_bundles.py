@@ -13,7 +13,7 @@ import base64
 import binascii
 import copy
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import orjson
@@ -206,7 +206,6 @@ def _transaction(
         _check_if_match,
         _conflict,
         _if_match,
-        _partner_writable,
         _trust_only,
         _whole_store_search,
         _without_server_labels,
@@ -240,10 +239,7 @@ def _transaction(
             }  # fmt: skip
             if method == "POST":
                 assert resource is not None
-                require(scopes, rtype, "create")
-                _partner_writable(view, rtype)
-                if resource.get("resourceType") != rtype:
-                    raise HttpError(400, f"entry {i}: the resource is not a {rtype}")
+                _may_write(i, resource, rtype, "create", scopes, view)
                 p["id"] = time_ordered_id()
                 p["resource"] = resource
                 condition = req.get("ifNoneExist")
@@ -259,10 +255,7 @@ def _transaction(
                         p["resource"] = None  # exists already: nothing to write
             elif method == "PUT":
                 assert resource is not None
-                require(scopes, rtype, "update")
-                _partner_writable(view, rtype)
-                if resource.get("resourceType") != rtype:
-                    raise HttpError(400, f"entry {i}: the resource is not a {rtype}")
+                _may_write(i, resource, rtype, "update", scopes, view)
                 if len(parts) == 1 and criteria:
                     # Conditional update: the one match is updated, or, with none, the
                     # resource is created (with its own id, if it has one).
@@ -277,10 +270,7 @@ def _transaction(
                             f"{rtype} the criteria match", code="invalid",
                         )  # fmt: skip
                     if found is None and if_match is not None:
-                        raise HttpError(
-                            412, f"entry {i}: no {rtype} matches, so none is at version {if_match}",
-                            code="conflict",
-                        )  # fmt: skip
+                        raise _none_at_version(i, rtype, if_match)
                     p["condition"] = criteria
                     p["matched"] = found.id if found is not None else None
                     p["id"] = p["matched"] or (body_id if isinstance(body_id, str) else None)
@@ -302,10 +292,7 @@ def _transaction(
                         rtype, criteria, f"entry {i}: conditional delete"
                     )
                     if found is None and if_match is not None:
-                        raise HttpError(
-                            412, f"entry {i}: no {rtype} matches, so none is at version {if_match}",
-                            code="conflict",
-                        )  # fmt: skip
+                        raise _none_at_version(i, rtype, if_match)
                     p["condition"] = criteria
                     p["id"] = p["matched"] = found.id if found is not None else None
                     p["expected"] = if_match
@@ -423,6 +410,32 @@ def _transaction(
         "entry": [results[i] for i in range(len(entries))],
     }
     return router._json(200, body)
+
+
+def _may_write(
+    i: int,
+    resource: dict[str, Any],
+    rtype: str,
+    interaction: Literal["create", "update"],
+    scopes: frozenset[str],
+    view: PartnerView | None,
+) -> None:
+    """Refuse an entry that would write what its client may not, or another type."""
+    from cpa_fhir.sandbox._router import HttpError, _partner_writable
+
+    require(scopes, rtype, interaction)
+    _partner_writable(view, rtype)
+    if resource.get("resourceType") != rtype:
+        raise HttpError(400, f"entry {i}: the resource is not a {rtype}")
+
+
+def _none_at_version(i: int, rtype: str, if_match: int) -> FhirError:
+    """412 for a conditional entry naming a version when nothing matches."""
+    from cpa_fhir.sandbox._router import HttpError
+
+    return HttpError(
+        412, f"entry {i}: no {rtype} matches, so none is at version {if_match}", code="conflict"
+    )
 
 
 def _match_again(tx: Repository, p: dict[str, Any], touched: dict[str, set[int]]) -> None:
