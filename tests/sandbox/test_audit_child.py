@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import threading
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -217,6 +218,120 @@ def test_the_appender_serves_one_event_loop_after_another(store: SqlRepository) 
     finally:
         appender.close()
     assert stored_ids(store, ids(first + second)) == set(ids(first + second))
+
+
+def test_event_loops_running_at_once_in_threads_each_hear_their_replies(
+    store: SqlRepository,
+) -> None:
+    """Replies are read on one loop; requests from loops in other threads, running
+    meanwhile, are answered on their own."""
+    appender = store.child_appender()
+    assert appender is not None
+    sent = {n: [events(1 + k % 2, marker=f"t{n}-{k}") for k in range(15)] for n in range(4)}
+    counts: dict[int, list[int]] = {}
+    start = threading.Barrier(len(sent))
+
+    def in_thread(n: int) -> None:
+        async def main() -> list[int]:
+            start.wait()
+            results = []
+            for batch in sent[n]:  # one after another, interleaved with the others'
+                results.append(await asyncio.wait_for(appender.append(batch, FIXED), 30))
+            return results
+
+        counts[n] = asyncio.run(main())
+
+    threads = [threading.Thread(target=in_thread, args=(n,)) for n in sent]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        appender.close()
+    assert counts == {n: [len(b) for b in batches] for n, batches in sent.items()}
+    wanted = [i for batches in sent.values() for b in batches for i in ids(b)]
+    assert stored_ids(store, wanted) == set(wanted)
+
+
+def test_a_request_waiting_when_the_listening_loop_ends_hears_its_reply(
+    store: SqlRepository,
+) -> None:
+    appender = store.child_appender()
+    assert appender is not None
+    listening, waiting, answered = threading.Event(), threading.Event(), threading.Event()
+    home_may_end = threading.Event()
+    outcome: list[Any] = []
+
+    async def home() -> None:
+        assert await appender.append(events(1), FIXED) == 1  # replies are read here
+        listening.set()
+        home_may_end.wait(30)
+
+    async def other() -> None:
+        task = asyncio.ensure_future(appender.append(events(2), FIXED))
+        await asyncio.sleep(0.05)  # sent while the home loop still runs
+        waiting.set()
+        outcome.append(await asyncio.wait_for(task, 30))
+        answered.set()
+
+    try:
+        home_thread = threading.Thread(target=asyncio.run, args=(home(),))
+        home_thread.start()
+        assert listening.wait(30)
+        process = appender._process
+        assert process is not None
+        process.send_signal(signal.SIGSTOP)  # its reply comes only once the home has ended
+        other_thread = threading.Thread(target=asyncio.run, args=(other(),))
+        other_thread.start()
+        assert waiting.wait(30)
+        home_may_end.set()
+        home_thread.join(30)
+        process.send_signal(signal.SIGCONT)
+        assert answered.wait(30)
+        other_thread.join(30)
+    finally:
+        appender.close()
+    assert outcome == [2]
+
+
+def test_a_loop_that_stopped_without_closing_hands_the_replies_on(store: SqlRepository) -> None:
+    appender = store.child_appender()
+    assert appender is not None
+    first, second = events(1), events(2)
+    stopped = asyncio.new_event_loop()
+    try:
+        assert stopped.run_until_complete(appender.append(first, FIXED)) == 1
+        # `stopped` is open but runs no more: the next loop must read the replies.
+        assert asyncio.run(asyncio.wait_for(appender.append(second, FIXED), 30)) == 2
+    finally:
+        appender.close()
+        stopped.close()
+    assert stored_ids(store, ids(first + second)) == set(ids(first + second))
+
+
+def test_closing_fails_what_waits_and_a_new_child_serves(store: SqlRepository) -> None:
+    appender = store.child_appender()
+    assert appender is not None
+
+    async def main() -> None:
+        await appender.append(events(1), FIXED)
+        process = appender._process
+        assert process is not None
+        process.send_signal(signal.SIGSTOP)  # it answers nothing more
+        waiting = asyncio.ensure_future(appender.append(events(1), FIXED))
+        await asyncio.sleep(0.05)
+        process.send_signal(signal.SIGCONT)
+        appender.close()
+        with pytest.raises(AppendFailed):
+            await waiting
+        assert await appender.append(events(2), FIXED) == 2
+        assert appender._process is not process
+
+    try:
+        asyncio.run(main())
+    finally:
+        appender.close()
 
 
 def _by_patient(store: SqlRepository, patient: str) -> set[str]:
