@@ -264,9 +264,11 @@ def test_a_request_waiting_when_the_listening_loop_ends_hears_its_reply(
     outcome: list[Any] = []
 
     async def home() -> None:
-        assert await appender.append(events(1), FIXED) == 1  # replies are read here
+        appender.attach()  # replies are read here, as the server's loop reads them
+        assert await appender.append(events(1), FIXED) == 1
         listening.set()
         home_may_end.wait(30)
+        appender.detach()  # the server stops serving: a thread reads from now on
 
     async def other() -> None:
         task = asyncio.ensure_future(appender.append(events(2), FIXED))
@@ -475,3 +477,33 @@ def test_what_an_earlier_child_left_is_read_again_until_it_can_be() -> None:
     assert backlog.write() is None
     # Read from the store, which holds this child's pending records too.
     assert store.indexed == [("AuditEvent", "left", None)] and not backlog
+
+
+def test_the_serving_app_hears_the_child_on_its_own_event_loop(tmp_path: Any) -> None:
+    """While the app serves, no thread of its own reads the child's answers (one
+    would contend with the event loop for the interpreter on every disclosure);
+    once it stops, whatever still waits is heard by a thread."""
+    from fastapi.testclient import TestClient
+
+    from cpa_fhir.sandbox import create_app, open_sandbox, seed_examples
+
+    box = open_sandbox(f"sqlite:///{tmp_path / 'store.db'}")
+    try:
+        seed_examples(box)
+        token = box.token_for("gp", "http://testserver/fhir")["access_token"]
+        with TestClient(create_app(box)) as http:
+            response = http.get(
+                "/fhir/CarePlan/c-careplan", headers={"Authorization": f"Bearer {token}"}
+            )
+            assert response.status_code == 200
+            (appender,) = box.router.audit_log._children
+            channel = appender._channel
+            assert channel is not None and channel._reader is None
+        assert appender._attached is None
+        # Served again, by a client that runs no lifespan: a thread hears the answers.
+        response = TestClient(create_app(box)).get(
+            "/fhir/CarePlan/c-careplan", headers={"Authorization": f"Bearer {token}"}
+        )
+        assert response.status_code == 200
+    finally:
+        box.close()

@@ -99,6 +99,18 @@ async def _steady_heap(_app: FastAPI) -> AsyncIterator[None]:
         gc.unfreeze()
 
 
+@asynccontextmanager
+async def _serving(app: FastAPI, audit: AuditBatcher) -> AsyncIterator[None]:
+    """While the app serves: a steady heap, and the audit child's answers heard on
+    the serving event loop itself."""
+    async with _steady_heap(app):
+        audit.attach()
+        try:
+            yield
+        finally:
+            audit.detach()
+
+
 async def _body(request: HttpRequest) -> bytes:
     headers = request.headers
     if "content-length" not in headers and "transfer-encoding" not in headers:
@@ -131,7 +143,7 @@ def create_app(
         docs_url=None,
         redoc_url=None,
         openapi_url=None,
-        lifespan=_steady_heap,
+        lifespan=lambda app: _serving(app, audit),
     )
     workers: list[anyio.CapacityLimiter] = []  # made on first use, inside the event loop
 
@@ -147,7 +159,7 @@ def create_app(
     # A child process indexes and stores the AuditEvents on another core. Where none
     # can: on an embedded store a batch's commit is a short local write, made on the
     # event loop with no thread hand-over (and no wait for the interpreter lock).
-    audit = AuditBatcher(
+    audit: AuditBatcher = AuditBatcher(
         sandbox.router.audit_log,
         inline if inline_reads else in_worker_thread,
         sandbox.router.audit_log.child_appender() if audit_process else None,

@@ -182,6 +182,16 @@ class AuditBatcher:
             asyncio.get_running_loop().create_task(self._flush())
         await committed
 
+    def attach(self) -> None:
+        """Hear the child's answers on the running event loop (the server's), until
+        `detach` there (see `ProcessAppender.attach`)."""
+        if self._child is not None:
+            self._child.attach()
+
+    def detach(self) -> None:
+        if self._child is not None:
+            self._child.detach()
+
     async def index(self) -> None:
         """Return once the AuditEvents already recorded can be found by search (the
         child writes their index rows after their commit); AuditWriteFailed if they

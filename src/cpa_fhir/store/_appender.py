@@ -44,6 +44,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -52,8 +53,6 @@ import orjson
 
 _LENGTH = struct.Struct("!I")
 _STARTUP_SECONDS = 60.0
-# How often a request on a loop that does not read the replies checks that one does.
-_HANDOVER_SECONDS = 0.05
 # Records the child commits together at most: a transaction stays short even when
 # many requests wait.
 MAX_RECORDS = 500
@@ -74,30 +73,80 @@ class AppendRejected(Exception):
 
 class _Channel:
     """The server's end of one child's socket. Frames go out as requests come, from
-    any thread or event loop, in order. Replies are read on an event loop, the
-    channel's home (that of the first request, or of a later one once the home has
-    stopped running), as its socket becomes readable: a thread of its own would
-    contend with the event loop for the interpreter lock and wake it through its
-    self-pipe for every reply, which cost about a tenth of a consent-filtered read.
-    Each result goes to the event loop of the request waiting for it, in order."""
+    any thread or event loop, in order; each result goes, in the same order, to the
+    event loop of the request waiting for it.
+
+    Replies are read on the event loop the channel is attached to (`attach`: the
+    server's, for as long as it serves), as the socket becomes readable: a thread
+    of its own would contend with that loop for the interpreter lock and wake it
+    through its self-pipe for every reply, which cost about a tenth of a
+    consent-filtered read. Unattached (or once detached), a reader thread reads
+    them, for requests from any loop."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.broken: str | None = None
-        # Guards the home and `_waiting`, whose order is the order on the wire.
+        # Guards `_waiting` (whose order is the order on the wire) and who reads.
         self._lock = threading.Lock()
         self._waiting: collections.deque[asyncio.Future[int]] = collections.deque()
         self._frames = _Frames(sock)
-        self._home: asyncio.AbstractEventLoop | None = None
         self._ready = False
+        self._deadline = time.monotonic() + _STARTUP_SECONDS
+        self._loop: asyncio.AbstractEventLoop | None = None  # reading, when attached
         self._startup: asyncio.TimerHandle | None = None
+        self._reader: threading.Thread | None = None
+        self._closed = False
+
+    # -- who reads ---------------------------------------------------------------------
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """Read replies on `loop`, the caller's, until `detach` (called on it too);
+        False if a reader thread already reads them."""
+        with self._lock:
+            if self._reader is not None or self._loop is not None or self._closed:
+                return self._loop is loop
+            self._loop = loop
+            loop.add_reader(self.sock.fileno(), self._on_readable)
+            if not self._ready:
+                delay = max(0.0, self._deadline - time.monotonic())
+                self._startup = loop.call_later(delay, self._fail, "it did not start")
+        return True
+
+    def detach(self) -> None:
+        """Stop reading on the attached loop (the caller's); a reader thread takes over
+        for whatever still waits and comes."""
+        with self._lock:
+            loop, self._loop = self._loop, None
+            if loop is None:
+                return
+            self._unwatch(loop)
+            if self.broken is None and not self._closed:
+                self._start_reader()
+
+    def _unwatch(self, loop: asyncio.AbstractEventLoop) -> None:
+        """(under the lock, on `loop` or with it stopped)"""
+        if self._startup is not None:
+            self._startup.cancel()
+            self._startup = None
+        if not loop.is_closed():
+            loop.remove_reader(self.sock.fileno())
+
+    def _start_reader(self) -> None:
+        """(under the lock)"""
+        if self._reader is None:
+            self._reader = threading.Thread(
+                target=self._read, name="cpa-fhir-audit-replies", daemon=True
+            )
+            self._reader.start()
+
+    # -- requests --------------------------------------------------------------------
 
     def send(self, payload: bytes) -> asyncio.Future[int]:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[int] = loop.create_future()
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         with self._lock:
             if self.broken is None:
-                self._listen_on(loop)
+                if self._loop is None:
+                    self._start_reader()
                 try:
                     self.sock.sendall(_frame(payload))
                     self._waiting.append(future)
@@ -108,91 +157,100 @@ class _Channel:
         future.set_exception(AppendFailed(f"the audit writer failed: {why}"))
         return future
 
-    async def result(self, future: asyncio.Future[int]) -> int:
-        """A request's result. A request on a loop other than the home takes the
-        listening over should the home stop running before its reply is read."""
-        loop = asyncio.get_running_loop()
-        while not future.done() and self._home is not loop:
-            await asyncio.wait((future,), timeout=_HANDOVER_SECONDS)
-            if not future.done():
-                with self._lock:
-                    if self.broken is None:
-                        self._listen_on(loop)
-        return await future
-
-    def _listen_on(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Read replies on `loop` unless a home loop still runs (under the lock)."""
-        home = self._home
-        if home is loop or (home is not None and home.is_running()):
-            return
-        if home is not None and not home.is_closed():
-            home.remove_reader(self.sock.fileno())  # stopped: nothing reads there
-        if self._startup is not None:
-            self._startup.cancel()
-            self._startup = None
-        loop.add_reader(self.sock.fileno(), self._on_readable)
-        self._home = loop
-        if not self._ready:
-            self._startup = loop.call_later(_STARTUP_SECONDS, self._fail, "it did not start")
+    # -- replies ---------------------------------------------------------------------
 
     def _on_readable(self) -> None:
-        """On the home loop: settle what the replies that have arrived answer."""
+        """On the attached loop: settle what the replies that have arrived answer."""
         try:
             while (frame := self._frames.next(wait=False)) is not None:
-                reply = orjson.loads(frame)
-                if not isinstance(reply, dict):
-                    raise ValueError("a reply is not an object")
-                if not self._ready:
-                    if "error" in reply:
-                        raise AppendFailed(f"it could not start: {reply['error']}")
-                    self._ready = True
-                    if self._startup is not None:
-                        self._startup.cancel()
-                    continue
-                results = reply["results"]
-                with self._lock:
-                    answered = [(self._waiting.popleft(), r) for r in results]
-                _settle(answered)
+                self._take(frame)
             if self._frames.ended:
                 raise OSError("the audit writer closed its end")
-        except (AppendFailed, OSError, ValueError, TypeError, KeyError, IndexError) as exc:
+        except (AppendFailed, OSError, ValueError) as exc:
             self._fail(str(exc) if isinstance(exc, AppendFailed) else f"it stopped ({exc})")
 
-    def _fail(self, why: str) -> None:
-        """Fail every request not answered, and stop listening (on the home loop, or
-        with none running)."""
+    def _read(self) -> None:
+        """The reader thread: the same, blocking."""
+        try:
+            if not self._ready:
+                self.sock.settimeout(max(0.001, self._deadline - time.monotonic()))
+                try:
+                    frame = self._frames.next()
+                except TimeoutError:
+                    raise AppendFailed("it did not start") from None
+                self.sock.settimeout(None)
+                if frame is not None:
+                    self._take(frame)
+            while (frame := self._frames.next()) is not None:
+                self._take(frame)
+            raise OSError("the audit writer closed its end")
+        except (AppendFailed, OSError, ValueError) as exc:
+            self._fail(str(exc) if isinstance(exc, AppendFailed) else f"it stopped ({exc})")
+
+    def _take(self, frame: bytes) -> None:
+        """Settle the requests one reply answers; ValueError for a reply out of step."""
+        reply = orjson.loads(frame)
+        if not isinstance(reply, dict):
+            raise ValueError("a reply is not an object")
+        if not self._ready:
+            if "error" in reply:
+                raise AppendFailed(f"it could not start: {reply['error']}")
+            self._ready = True
+            with self._lock:
+                if self._startup is not None:
+                    self._startup.cancel()
+                    self._startup = None
+            return
+        results = reply.get("results")
+        if not isinstance(results, list) or not all(
+            isinstance(r, int) or (isinstance(r, dict) and "error" in r) for r in results
+        ):
+            raise ValueError("a reply's results are unreadable")
+        with self._lock:
+            if len(results) > len(self._waiting):
+                raise ValueError("a reply answers more requests than were sent")
+            answered = [(self._waiting.popleft(), r) for r in results]
+        _settle(answered)
+
+    def _fail(self, why: str) -> bool:
+        """Fail every request not answered; reading stops. True if the attached loop,
+        running in another thread, is yet to stop watching the socket."""
+        deferred = False
         with self._lock:
             self.broken = self.broken or why
             failed = [(f, {"failed": self.broken}) for f in self._waiting]
             self._waiting.clear()
-            home, self._home = self._home, None
-        if home is not None and not home.is_closed():
-            home.remove_reader(self.sock.fileno())
+            loop, self._loop = self._loop, None
+            if loop is not None:
+                if _running_on(loop) or not loop.is_running():
+                    self._unwatch(loop)
+                else:
+                    loop.call_soon_threadsafe(self._unwatch_later, loop)
+                    deferred = True
         _settle(failed)
+        return deferred
+
+    def _unwatch_later(self, loop: asyncio.AbstractEventLoop) -> None:
+        with self._lock:
+            self._unwatch(loop)
+            if self._closed:
+                self.sock.close()
 
     def close(self) -> None:
         """The child reads end-of-file and exits; any request still waiting fails."""
-        with self._lock:
-            home = self._home
-        if home is not None and home.is_running() and not _running_on(home):
-            # Another thread's loop listens: it must stop before the socket closes.
-            stopped = threading.Event()
-
-            def stop_there() -> None:
-                self._fail("it was closed")
-                stopped.set()
-
-            try:
-                home.call_soon_threadsafe(stop_there)
-                stopped.wait(timeout=10)
-            except RuntimeError:  # that loop closed meanwhile
-                pass
-        self._fail("it was closed")
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
-        self.sock.close()
+        with self._lock:
+            self._closed = True
+            reader = self._reader
+        if reader is not None and reader is not threading.current_thread():
+            reader.join(timeout=10)  # it reads end-of-file and fails what waits
+        # An attached loop in another thread stops watching first and then closes the
+        # socket, so that its descriptor is not reused while still watched.
+        if not self._fail("it was closed"):
+            self.sock.close()
 
 
 def _running_on(loop: asyncio.AbstractEventLoop) -> bool:
@@ -240,6 +298,7 @@ class ProcessAppender:
         self._lock = threading.Lock()
         self._process: subprocess.Popen[bytes] | None = None
         self._channel: _Channel | None = None
+        self._attached: asyncio.AbstractEventLoop | None = None
 
     @staticmethod
     def supported() -> bool:
@@ -264,15 +323,25 @@ class ProcessAppender:
     async def append(self, resources: Sequence[dict[str, Any]], at: datetime) -> int:
         """Store the records in one transaction in the child; how many were stored."""
         payload = orjson.dumps({"at": at.isoformat(), "resources": resources})
-        channel = self._open()
-        return await channel.result(channel.send(payload))
+        return await self._open().send(payload)
 
     async def index(self) -> None:
         """Return once the index rows of every record sent before are written (the
         child writes them after the commit it answers, when it is idle): a search
         then finds them."""
-        channel = self._open()
-        await channel.result(channel.send(orjson.dumps({"index": True})))
+        await self._open().send(orjson.dumps({"index": True}))
+
+    def attach(self) -> None:
+        """Read the child's replies on the running event loop (the server's), with no
+        thread of their own, until `detach` (on the same loop): call both there."""
+        self._attached = asyncio.get_running_loop()
+        self._open().attach(self._attached)
+
+    def detach(self) -> None:
+        self._attached = None
+        channel = self._channel
+        if channel is not None:
+            channel.detach()
 
     def _open(self) -> _Channel:
         channel = self._channel
@@ -282,7 +351,9 @@ class ProcessAppender:
         if channel is None:
             self.start()
             channel = self._channel
-        assert channel is not None
+            assert channel is not None
+            if self._attached is not None and _running_on(self._attached):
+                channel.attach(self._attached)
         return channel
 
     def close(self) -> None:
