@@ -41,6 +41,14 @@ def outcome(result: object) -> object:
     return type(result).__name__ if isinstance(result, BaseException) else result
 
 
+async def heard(futures: list[asyncio.Future[int]]) -> list[object]:
+    """What each request heard, within 5 s: its result or its exception's name."""
+    results = await asyncio.gather(
+        *(asyncio.wait_for(f, 5) for f in futures), return_exceptions=True
+    )
+    return [outcome(r) for r in results]
+
+
 @pytest.mark.parametrize("attached", [True, False], ids=["on-the-loop", "reader-thread"])
 def test_each_request_hears_its_own_result_in_order(
     pair: tuple[_Channel, socket.socket], attached: bool
@@ -52,12 +60,10 @@ def test_each_request_hears_its_own_result_in_order(
             assert channel.attach(asyncio.get_running_loop())
         sent = [channel.send(b"{}") for _ in range(3)]
         child.sendall(READY + reply(2) + reply(1, {"error": "taken"}))
-        results = await asyncio.gather(
-            *(asyncio.wait_for(f, 5) for f in sent), return_exceptions=True
-        )
+        results = await heard(sent)
         # Attached, the loop reads the replies: no thread contends for the interpreter.
         assert (channel._reader is None) is attached
-        return [outcome(r) for r in results]
+        return results
 
     assert asyncio.run(main()) == [2, 1, AppendRejected.__name__]
 
@@ -65,8 +71,14 @@ def test_each_request_hears_its_own_result_in_order(
 @pytest.mark.parametrize("attached", [True, False], ids=["on-the-loop", "reader-thread"])
 @pytest.mark.parametrize(
     "bad",
-    [reply(1, 2, 3), reply("x", 2), _frame(b"[1]"), _frame(b"not json")],
-    ids=["too-many-results", "unreadable-result", "not-an-object", "not-json"],
+    [
+        READY + reply(1, 2, 3),
+        READY + reply("x", 2),
+        READY + _frame(b"[1]"),
+        READY + _frame(b"not json"),
+        reply(2) + reply(1),
+    ],
+    ids=["too-many-results", "unreadable-result", "not-an-object", "not-json", "before-ready"],
 )
 def test_a_reply_out_of_step_fails_every_waiting_request(
     pair: tuple[_Channel, socket.socket], attached: bool, bad: bytes
@@ -77,11 +89,8 @@ def test_a_reply_out_of_step_fails_every_waiting_request(
         if attached:
             channel.attach(asyncio.get_running_loop())
         sent = [channel.send(b"{}"), channel.send(b"{}")]
-        child.sendall(READY + bad)
-        results = await asyncio.gather(
-            *(asyncio.wait_for(f, 5) for f in sent), return_exceptions=True
-        )
-        return [outcome(r) for r in results]
+        child.sendall(bad)
+        return await heard(sent)
 
     assert asyncio.run(main()) == [AppendFailed.__name__] * 2
     assert channel.broken is not None
@@ -200,3 +209,67 @@ def test_close_from_another_thread_fails_what_waits_without_stalling(
     assert results[0] == "failed" or results[1] == "failed"
     assert min(r for r in results if isinstance(r, float)) < 2
     assert channel.sock.fileno() == -1  # closed, once no longer watched
+
+
+@pytest.mark.parametrize("attached", [True, False], ids=["on-the-loop", "reader-thread"])
+def test_a_send_the_child_cannot_take_fails_every_waiting_request(
+    pair: tuple[_Channel, socket.socket], attached: bool
+) -> None:
+    channel, child = pair
+
+    async def main() -> list[object]:
+        if attached:
+            channel.attach(asyncio.get_running_loop())
+        first = channel.send(b"{}")
+        child.close()  # the child died before answering
+        second = channel.send(b"x" * 1_000_000)  # cannot be written
+        if attached:
+            channel.detach()  # whatever reads next must still hear of the failure
+        return await heard([first, second])
+
+    assert asyncio.run(main()) == [AppendFailed.__name__] * 2
+
+
+@pytest.mark.parametrize("attached", [True, False], ids=["on-the-loop", "reader-thread"])
+def test_a_child_that_takes_nothing_in_does_not_hold_the_sender(
+    monkeypatch: pytest.MonkeyPatch, attached: bool
+) -> None:
+    monkeypatch.setattr(_appender, "_STARTUP_SECONDS", 0.3)
+    ours, child = socket.socketpair()
+    channel = _Channel(ours)
+
+    async def main() -> tuple[set[object], float]:
+        if attached:
+            channel.attach(asyncio.get_running_loop())
+        started = time.monotonic()
+        sent = [channel.send(b"x" * 100_000) for _ in range(100)]  # far past any buffer
+        return set(await heard(sent)), time.monotonic() - started
+
+    try:
+        kinds, took = asyncio.run(main())
+        assert kinds == {AppendFailed.__name__}
+        assert took < 3
+    finally:
+        channel.close()
+        child.close()
+
+
+def test_a_loop_that_ended_without_detaching_leaves_the_reading_to_a_thread(
+    pair: tuple[_Channel, socket.socket],
+) -> None:
+    channel, child = pair
+
+    async def server() -> object:
+        channel.attach(asyncio.get_running_loop())
+        future = channel.send(b"{}")
+        child.sendall(READY + reply(1))
+        return await asyncio.wait_for(future, 5)  # and it ends, never detaching
+
+    assert asyncio.run(server()) == 1
+
+    async def later() -> object:
+        future = channel.send(b"{}")
+        child.sendall(reply(6))
+        return await asyncio.wait_for(future, 5)
+
+    assert asyncio.run(later()) == 6

@@ -85,6 +85,14 @@ class _Channel:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
+        # A child that takes nothing in for this long is stuck: a send fails rather
+        # than hold the event loop it is made on.
+        seconds, fraction = divmod(_STARTUP_SECONDS, 1)
+        sock.setsockopt(
+            socket.SOL_SOCKET,
+            socket.SO_SNDTIMEO,
+            struct.pack("ll", int(seconds), max(1, int(fraction * 1_000_000))),
+        )
         self.broken: str | None = None
         # Guards `_waiting` (whose order is the order on the wire) and who reads.
         self._lock = threading.Lock()
@@ -133,7 +141,7 @@ class _Channel:
 
     def _start_reader(self) -> None:
         """(under the lock)"""
-        if self._reader is None:
+        if self._reader is None and not self._closed:
             self._reader = threading.Thread(
                 target=self._read, name="cpa-fhir-audit-replies", daemon=True
             )
@@ -143,8 +151,15 @@ class _Channel:
 
     def send(self, payload: bytes) -> asyncio.Future[int]:
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        failed = None
         with self._lock:
             if self.broken is None:
+                loop = self._loop
+                if loop is not None and not loop.is_running():
+                    # It stopped without detaching (a server that did not shut down
+                    # cleanly): a thread reads from now on.
+                    self._loop = None
+                    self._unwatch(loop)
                 if self._loop is None:
                     self._start_reader()
                 try:
@@ -152,9 +167,11 @@ class _Channel:
                     self._waiting.append(future)
                     return future
                 except OSError as exc:
-                    self.broken = f"it cannot be written to ({exc})"
-            why = self.broken
-        future.set_exception(AppendFailed(f"the audit writer failed: {why}"))
+                    # Part of a frame may be on the wire: nothing after it is in step.
+                    failed = f"it cannot be written to ({exc})"
+        if failed is not None:
+            self._fail(failed)
+        future.set_exception(AppendFailed(f"the audit writer failed: {self.broken}"))
         return future
 
     # -- replies ---------------------------------------------------------------------
@@ -195,6 +212,8 @@ class _Channel:
         if not self._ready:
             if "error" in reply:
                 raise AppendFailed(f"it could not start: {reply['error']}")
+            if reply.get("ready") is not True:
+                raise ValueError("an answer came before the writer said it was ready")
             self._ready = True
             with self._lock:
                 if self._startup is not None:
@@ -225,8 +244,11 @@ class _Channel:
                 if _running_on(loop) or not loop.is_running():
                     self._unwatch(loop)
                 else:
-                    loop.call_soon_threadsafe(self._unwatch_later, loop)
-                    deferred = True
+                    try:
+                        loop.call_soon_threadsafe(self._unwatch_later, loop)
+                        deferred = True
+                    except RuntimeError:  # it closed meanwhile: nothing watches
+                        pass
         _settle(failed)
         return deferred
 
