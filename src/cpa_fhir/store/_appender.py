@@ -184,7 +184,7 @@ class _Channel:
             if self._frames.ended:
                 raise OSError("the audit writer closed its end")
         except (AppendFailed, OSError, ValueError) as exc:
-            self._fail(str(exc) if isinstance(exc, AppendFailed) else f"it stopped ({exc})")
+            self._stopped(exc)
 
     def _read(self) -> None:
         """The reader thread: the same, blocking."""
@@ -202,7 +202,11 @@ class _Channel:
                 self._take(frame)
             raise OSError("the audit writer closed its end")
         except (AppendFailed, OSError, ValueError) as exc:
-            self._fail(str(exc) if isinstance(exc, AppendFailed) else f"it stopped ({exc})")
+            self._stopped(exc)
+
+    def _stopped(self, exc: Exception) -> None:
+        """Reading ended on `exc`: what waits fails with its reason."""
+        self._fail(str(exc) if isinstance(exc, AppendFailed) else f"it stopped ({exc})")
 
     def _take(self, frame: bytes) -> None:
         """Settle the requests one reply answers; ValueError for a reply out of step."""
