@@ -67,6 +67,7 @@ def _may_find_appended(
 
 _BASE_URLS: dict[tuple[Any, ...], str] = {}
 _MAX_BASE_URLS = 64  # the Host header is the client's: do not keep every one
+_MAX_BARE_ANSWERS = 1024  # the benchmark's twin endpoint keeps no more answers than this
 
 
 def _base_url(request: HttpRequest) -> str:
@@ -134,10 +135,13 @@ def _send(response: Any) -> HttpResponse:
 def create_app(
     sandbox: Sandbox, bare_endpoint: bool = False, *, audit_process: bool = True
 ) -> FastAPI:
-    """The ASGI app. `bare_endpoint` (for benchmarks) adds `GET /_bare/{type}/{id}`: the
-    stored JSON a read returns, kept in memory after its first request, with no auth,
-    consent or database work: the HTTP stack's own cost. `audit_process`: AuditEvents
-    are stored by a child process where one can serve (stopped by `Sandbox.close`)."""
+    """The ASGI app. `bare_endpoint` (for benchmarks) adds `GET /_bare/fhir/...`, the
+    twin of each FHIR read and search: the first request for a path, query and
+    Authorization header is answered by the FHIR endpoint, and its answer (status,
+    headers and body) is kept in memory and sent again, as it was, to every later
+    one, with no auth, consent or database work: the HTTP stack's own cost for the
+    same exchange. `audit_process`: AuditEvents are stored by a child process where
+    one can serve (stopped by `Sandbox.close`)."""
     app = FastAPI(
         title="cpa-fhir sandbox",
         docs_url=None,
@@ -165,22 +169,6 @@ def create_app(
         sandbox.router.audit_log.child_appender() if audit_process else None,
     )
 
-    if bare_endpoint:
-        bare: dict[tuple[str, str], bytes] = {}
-
-        # Routed exactly as the FHIR endpoint is (a plain Starlette route), so that
-        # the two differ only in the work behind them.
-        async def bare_read(request: HttpRequest) -> HttpResponse:
-            key = (request.path_params["resource_type"], request.path_params["id"])
-            if key not in bare:
-                try:
-                    bare[key] = sandbox.repo.read(*key).content
-                except FhirError as exc:
-                    return _send(outcome_response(exc))
-            return HttpResponse(bare[key], media_type=FHIR_JSON)
-
-        app.router.add_route("/_bare/{resource_type}/{id}", bare_read, methods=["GET"])
-
     async def token(request: HttpRequest) -> HttpResponse:
         try:
             body = await _body(request)
@@ -201,7 +189,9 @@ def create_app(
         return JSONResponse(payload, status, headers={"cache-control": "no-store"})
 
     async def fhir(request: HttpRequest) -> HttpResponse:
-        path = request.path_params.get("path", "")  # none at the base itself
+        return await answer(request, request.path_params.get("path", ""))  # none at the base
+
+    async def answer(request: HttpRequest, path: str) -> HttpResponse:
         try:
             body = await _body(request)
             client, scopes = None, frozenset[str]()
@@ -259,6 +249,26 @@ def create_app(
     # there, and a redirect would make a client send it twice or not at all.
     app.router.add_route(FHIR_PREFIX, fhir, methods=methods)
     app.add_api_route("/token", token, methods=["POST"])
+
+    if bare_endpoint:
+        answered: dict[tuple[str, bytes, str | None], tuple[bytes, int, dict[str, str]]] = {}
+
+        # Routed as the FHIR endpoint is (a plain Starlette route, its response made as
+        # `_send` makes it), so that the two differ only in the work behind them.
+        async def bare(request: HttpRequest) -> HttpResponse:
+            path = request.path_params["path"]
+            key = (path, request.scope["query_string"], request.headers.get("authorization"))
+            kept = answered.get(key)
+            if kept is None:
+                first = await answer(request, path)
+                headers = {k: v for k, v in first.headers.items() if k != "content-length"}
+                kept = (bytes(first.body), first.status_code, headers)
+                if len(answered) < _MAX_BARE_ANSWERS:
+                    answered[key] = kept
+            body, status, headers = kept
+            return HttpResponse(body, status_code=status, headers=headers)
+
+        app.router.add_route("/_bare" + FHIR_PREFIX + "/{path:path}", bare, methods=["GET"])
 
     @app.exception_handler(Exception)
     async def unexpected(request: HttpRequest, exc: Exception) -> HttpResponse:
