@@ -138,3 +138,31 @@ def test_an_update_racing_the_indexing_leaves_only_its_own_rows(
     updating.join(10)
     assert _found(store, before) == set()
     assert _found(store, after) == {record["id"]}
+
+
+def test_many_records_of_several_types_are_each_indexed_once(store: SqlRepository) -> None:
+    # More than one statement's worth of pending notes, of two types, one of them
+    # indexed already by another writer: each of the rest is indexed, once.
+    patient = uuid.uuid4().hex
+    events = [_event(patient) for _ in range(450)]
+    flags = [
+        {
+            "resourceType": "Flag",
+            "id": uuid.uuid4().hex,
+            "status": "active",
+            "code": {"text": "appended"},
+            "subject": {"reference": f"Patient/{patient}"},
+        }
+        for _ in range(3)
+    ]
+    later: list[Any] = []
+    assert store.append_indexing_later([*events, *flags], later) == 453
+    first = [entry for entry in later if entry[1] == events[0]["id"]]
+    assert store.index_appended(first) == 1
+    assert store.index_appended(later) == 452
+    assert store.index_appended(later) == 0
+    assert _pending(store) == 0
+    assert _found(store, patient) == {e["id"] for e in events}
+    flag_query = store.parse("Flag", [("patient", f"Patient/{patient}")])
+    assert {m.id for m in store.search(flag_query).matches} == {f["id"] for f in flags}
+    assert _reference_rows(store, events[-1]["id"]) == _reference_rows(store, events[0]["id"])

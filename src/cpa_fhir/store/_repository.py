@@ -767,17 +767,7 @@ class _Operations:
     def index_appended(self, indexed: list[IndexedRecord]) -> int:
         """Write the index rows of appended records still pending (those a later write
         has not replaced meanwhile); how many records were indexed."""
-        c = index_pending.c
-        still: set[tuple[str, str]] = set()
-        keys = [(resource_type, resource_id) for resource_type, resource_id, _ in indexed]
-        for start in range(0, len(keys), _PENDING_CHUNK):
-            chunk = keys[start : start + _PENDING_CHUNK]
-            removed = self.connection.execute(
-                index_pending.delete()
-                .where(sa.tuple_(c.resource_type, c.resource_id).in_(chunk))
-                .returning(c.resource_type, c.resource_id)
-            )
-            still.update((row[0], row[1]) for row in removed)
+        still = self._clear_pending([(entry[0], entry[1]) for entry in indexed])
         kept = []
         for entry in indexed:  # each once, should it be listed twice
             key = (entry[0], entry[1])
@@ -786,6 +776,36 @@ class _Operations:
                 kept.append(entry)
         self._insert_index(kept)
         return len(kept)
+
+    def _clear_pending(self, keys: list[tuple[str, str]]) -> set[tuple[str, str]]:
+        """Delete the pending notes of these records; the keys of those there were.
+
+        Straight through the driver, a statement per type and chunk of ids: the
+        audit writer does this after every few requests, and a statement built and
+        compiled afresh each time (its list of keys written into it) cost more than
+        the rest of indexing them."""
+        ids_by_type: dict[str, list[str]] = {}
+        for resource_type, resource_id in keys:
+            ids_by_type.setdefault(resource_type, []).append(resource_id)
+        cleared: set[tuple[str, str]] = set()
+        for resource_type, ids in ids_by_type.items():
+            for start in range(0, len(ids), _PENDING_CHUNK):
+                chunk = ids[start : start + _PENDING_CHUNK]
+                if self.postgres:
+                    sql = (
+                        "DELETE FROM index_pending WHERE resource_type = %s"
+                        " AND resource_id = ANY(%s) RETURNING resource_id"
+                    )
+                    params: tuple[Any, ...] = (resource_type, chunk)
+                else:
+                    sql = (
+                        "DELETE FROM index_pending WHERE resource_type = ? AND resource_id IN "
+                        f"({', '.join('?' * len(chunk))}) RETURNING resource_id"
+                    )
+                    params = (resource_type, *chunk)
+                removed = self.connection.exec_driver_sql(sql, params)
+                cleared.update((resource_type, row[0]) for row in removed)
+        return cleared
 
     def index_pending(self) -> int:
         """Index every appended record still pending, from its stored content (after a
