@@ -444,3 +444,33 @@ def test_index_rows_are_the_same_by_copy_or_by_pipeline(
         ):
             expected[table.name] += [tuple(map(str, (*key, *row))) for row in found]
     assert stored == {name: sorted(rows) for name, rows in expected.items()}
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 5, 6])
+def test_every_page_tells_the_same_total(store: SqlRepository, count: int) -> None:
+    flags = [
+        {
+            "resourceType": "Flag",
+            "id": f"paged-{i}",
+            "status": "active",
+            "code": {"text": "paged"},
+            "subject": {"reference": "Patient/paged"},
+        }
+        for i in range(5)
+    ]
+    store.load(flags)
+    seen: list[str] = []
+    for offset in range(0, 8):
+        query = store.parse(
+            "Flag",
+            [("patient", "Patient/paged"), ("_count", str(count)), ("_offset", str(offset))],
+        )
+        result = store.search(query)
+        assert result.total == 5, (count, offset)
+        if offset % count == 0:
+            seen += [m.id for m in result.matches]
+    assert sorted(seen) == sorted(f["id"] for f in flags)
+    unnumbered = store.parse("Flag", [("patient", "Patient/paged"), ("_total", "none")])
+    assert store.search(unnumbered).total is None
+    counted = store.parse("Flag", [("patient", "Patient/paged"), ("_summary", "count")])
+    assert (store.search(counted).total, store.search(counted).matches) == (5, [])

@@ -393,15 +393,9 @@ class _Operations:
 
     def search(self, query: SearchQuery) -> SearchResult:
         conditions = where_clause(query, now_micros=to_micros(self.clock()))
-        total: int | None = None
-        if query.total != "none" or query.summary_count:
-            total = int(
-                self.connection.scalar(
-                    sa.select(sa.func.count()).select_from(resource_current).where(*conditions)
-                )
-                or 0
-            )
+        counted = query.total != "none" or query.summary_count
         if query.summary_count or query.count == 0:
+            total = self._count(conditions) if counted else None
             return SearchResult([], [], total, query.offset, query.count)
         statement = (
             sa.select(*_COLUMNS)
@@ -411,8 +405,21 @@ class _Operations:
             .offset(query.offset)
         )
         matches = [_row_to_stored(r) for r in self.connection.execute(statement)]
+        total: int | None = None
+        if counted:
+            if len(matches) < query.count and (matches or query.offset == 0):
+                # A page that is not full is the last: the matches before it and on it
+                # are all there are. Most searches of one patient's record fit one
+                # page, and so need no second statement.
+                total = query.offset + len(matches)
+            else:
+                total = self._count(conditions)
         included = self._included(query, matches)
         return SearchResult(matches, included, total, query.offset, query.count)
+
+    def _count(self, conditions: list[Any]) -> int:
+        statement = sa.select(sa.func.count()).select_from(resource_current).where(*conditions)
+        return int(self.connection.scalar(statement) or 0)
 
     def _included(self, query: SearchQuery, matches: list[Stored]) -> list[Stored]:
         if not matches or not (query.include or query.revinclude):

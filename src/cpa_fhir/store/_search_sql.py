@@ -146,9 +146,14 @@ def _direct_criterion(
 def _indexed(resource_type: str, criterion: Criterion, now_micros: int) -> sa.Select[Any]:
     """Ids of resources indexed with the parameter: with any of its values, or (for
     `:missing`) with any value at all."""
-    table = _TABLES[criterion.type].alias()
-    matching = sa.select(table.c.resource_id).where(
-        table.c.resource_type == resource_type, table.c.param == criterion.parameter
+    table = _TABLES[criterion.type]
+    # Never correlated to a query it sits in, even one over the same table (a chain
+    # through search_reference): so it needs no alias, whose columns cost more to
+    # make and to key the statement cache with than the rest of the subquery.
+    matching = (
+        sa.select(table.c.resource_id)
+        .where(table.c.resource_type == resource_type, table.c.param == criterion.parameter)
+        .correlate(None)
     )
     if criterion.missing is not None:
         return matching
