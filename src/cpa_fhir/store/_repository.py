@@ -395,8 +395,8 @@ class _Operations:
         conditions = where_clause(query, now_micros=to_micros(self.clock()))
         counted = query.total != "none" or query.summary_count
         if query.summary_count or query.count == 0:
-            total = self._count(conditions) if counted else None
-            return SearchResult([], [], total, query.offset, query.count)
+            counts = self._count(conditions) if counted else None
+            return SearchResult([], [], counts, query.offset, query.count)
         statement = (
             sa.select(*_COLUMNS)
             .where(*conditions)
