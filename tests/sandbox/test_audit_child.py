@@ -408,6 +408,31 @@ def test_a_new_child_indexes_what_an_earlier_one_left(store: SqlRepository) -> N
     assert _by_patient(store, patient) == {e["id"] for e in left}
 
 
+def test_index_waits_for_what_another_writer_committed_and_has_not_indexed(
+    store: SqlRepository,
+) -> None:
+    # Two servers on one store, each with its own child: a search on one must find
+    # the AuditEvents the other's child committed and is yet to index (here, as if
+    # that child were still busy, their index rows never come from it).
+    log = AuditLog(store)
+
+    async def main() -> None:
+        batcher = AuditBatcher(log, asyncio.to_thread, child(log))
+        await batcher.record(events(1))  # this child is up, its own backlog read
+        for _ in range(3):
+            patient = uuid.uuid4().hex
+            elsewhere = [_about(patient) for _ in range(4)]
+            store.append_indexing_later(elsewhere, [])
+            assert _by_patient(store, patient) == set()
+            await batcher.index()
+            assert _by_patient(store, patient) == {e["id"] for e in elsewhere}
+
+    try:
+        asyncio.run(main())
+    finally:
+        log.close()
+
+
 def test_a_stopping_child_indexes_what_it_committed(store: SqlRepository) -> None:
     log = AuditLog(store)
     patient = uuid.uuid4().hex

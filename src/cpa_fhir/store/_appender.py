@@ -22,8 +22,9 @@ fails alone. The records' search-index rows, most of what a commit writes, follo
 in a transaction of their own once the child has answered and no request waits
 (or many records await them) (`SqlRepository.append_indexing_later`): a disclosure
 waits only for its record.
-An `index` request is answered once every record sent before it is indexed; the
-server makes one before a search that could find these records. Records a child
+An `index` request is answered once every record sent before it is indexed, and
+every record another writer (another server's child) committed and has not yet
+indexed: the server makes one before a search that could find such records. Records a child
 committed but did not index before it stopped are indexed by the next child. On SQLite the child commits durably (synchronous=FULL): an answer
 means the records are on disk. The child stamps meta.lastUpdated with the
 server's `at` (the latest of the transaction's), so records read the same
@@ -459,6 +460,15 @@ class _Backlog:
     def __bool__(self) -> bool:
         return bool(self.records) or not self.complete
 
+    def write_all(self) -> dict[str, str] | None:
+        """`write`, then the rows of records other writers committed and have not
+        indexed yet (read from the store): a search waits for those too."""
+        error = self.write()
+        if error is None:
+            self.complete = False
+            error = self.write()
+        return error
+
     def write(self) -> dict[str, str] | None:
         """Write them all; the error, if that failed (they stay, to be tried again)."""
         try:
@@ -534,10 +544,12 @@ def serve(sock: socket.socket) -> None:
             appends = [r for r in requests if "error" not in r and not r.get("index")]
             results = iter(_store(repo, stamp, appends, backlog.records) if appends else [])
             # Asked to bring the index up to date (before a search of these records):
-            # after this group's own records, so that it covers all sent before it.
+            # after this group's own records, so that it covers all sent before it,
+            # and with what other writers left (a search on one server must find
+            # another's AuditEvents as soon as they are committed).
             indexed = None
-            if backlog and any(r.get("index") for r in requests if "error" not in r):
-                indexed = backlog.write()
+            if any(r.get("index") for r in requests if "error" not in r):
+                indexed = backlog.write_all()
             reply = [
                 r if "error" in r else (indexed or 0) if r.get("index") else next(results)
                 for r in requests
