@@ -67,7 +67,10 @@ def _may_find_appended(
 
 _BASE_URLS: dict[tuple[Any, ...], str] = {}
 _MAX_BASE_URLS = 64  # the Host header is the client's: do not keep every one
-_MAX_BARE_ANSWERS = 1024  # the benchmark's twin endpoint keeps no more answers than this
+# What the benchmark's twin endpoint keeps at most: answers, and their bytes.
+_MAX_BARE_ANSWERS = 1024
+_MAX_BARE_BYTES = 64 * 1024 * 1024
+_LOOPBACK = frozenset({"127.0.0.1", "::1"})
 
 
 def _base_url(request: HttpRequest) -> str:
@@ -135,13 +138,15 @@ def _send(response: Any) -> HttpResponse:
 def create_app(
     sandbox: Sandbox, bare_endpoint: bool = False, *, audit_process: bool = True
 ) -> FastAPI:
-    """The ASGI app. `bare_endpoint` (for benchmarks) adds `GET /_bare/fhir/...`, the
-    twin of each FHIR read and search: the first request for a path, query and
-    Authorization header is answered by the FHIR endpoint, and its answer (status,
-    headers and body) is kept in memory and sent again, as it was, to every later
-    one, with no auth, consent or database work: the HTTP stack's own cost for the
-    same exchange. `audit_process`: AuditEvents are stored by a child process where
-    one can serve (stopped by `Sandbox.close`)."""
+    """The ASGI app. `bare_endpoint` (for benchmarks only) adds `GET /_bare/fhir/...`,
+    the twin of each FHIR read and search: the first request with a given path,
+    query and headers is answered by the FHIR endpoint, and a successful answer
+    (status, headers and body) is kept in memory and sent again, as it was, to every
+    later request identical to it, with no auth, consent, audit or database work:
+    the HTTP stack's own cost for the same exchange. Since it neither authorises nor
+    audits what it sends again, it answers loopback clients only, and the sandbox
+    never serves it. `audit_process`: AuditEvents are stored by a child process
+    where one can serve (stopped by `Sandbox.close`)."""
     app = FastAPI(
         title="cpa-fhir sandbox",
         docs_url=None,
@@ -251,20 +256,37 @@ def create_app(
     app.add_api_route("/token", token, methods=["POST"])
 
     if bare_endpoint:
-        answered: dict[tuple[str, bytes, str | None], tuple[bytes, int, dict[str, str]]] = {}
+        answered: dict[tuple[Any, ...], tuple[bytes, int, dict[str, str]]] = {}
+        kept_bytes = [0]
 
         # Routed as the FHIR endpoint is (a plain Starlette route, its response made as
         # `_send` makes it), so that the two differ only in the work behind them.
         async def bare(request: HttpRequest) -> HttpResponse:
+            scope = request.scope
+            client = scope.get("client")
+            if request.method != "GET" or not client or client[0] not in _LOOPBACK:
+                return _send(outcome_response(HttpError(404, "no such endpoint", code="not-found")))
             path = request.path_params["path"]
-            key = (path, request.scope["query_string"], request.headers.get("authorization"))
+            # Every header counts (the token, Accept, Host for the links): the same
+            # request, byte for byte, or the endpoint itself answers.
+            key = (path, scope["query_string"], tuple(scope["headers"]))
             kept = answered.get(key)
             if kept is None:
                 first = await answer(request, path)
+                if not 200 <= first.status_code < 300:
+                    return first  # an error is answered afresh each time
+                if len(answered) >= _MAX_BARE_ANSWERS or kept_bytes[0] > _MAX_BARE_BYTES:
+                    # Doing the work each time would pass for the twin's speed.
+                    return _send(
+                        outcome_response(
+                            HttpError(
+                                507, "the twin endpoint keeps no more answers", code="too-costly"
+                            )
+                        )
+                    )
                 headers = {k: v for k, v in first.headers.items() if k != "content-length"}
-                kept = (bytes(first.body), first.status_code, headers)
-                if len(answered) < _MAX_BARE_ANSWERS:
-                    answered[key] = kept
+                kept = answered[key] = (bytes(first.body), first.status_code, headers)
+                kept_bytes[0] += len(kept[0])
             body, status, headers = kept
             return HttpResponse(body, status_code=status, headers=headers)
 

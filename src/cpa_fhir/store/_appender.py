@@ -465,8 +465,13 @@ class _Backlog:
         indexed yet (read from the store): a search waits for those too."""
         error = self.write()
         if error is None:
-            self.complete = False
-            error = self.write()
+            try:
+                others = self.repo.any_pending()  # seldom: read them only then
+            except Exception as exc:
+                return {"error": f"{type(exc).__name__}: {exc}"}
+            if others:
+                self.complete = False
+                error = self.write()
         return error
 
     def write(self) -> dict[str, str] | None:

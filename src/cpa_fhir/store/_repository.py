@@ -1238,6 +1238,10 @@ class SqlRepository:
         with self._bound(read_only=False, counted=False) as bound:
             return bound._operations.index_pending()
 
+    def any_pending(self) -> bool:
+        """Whether any appended record awaits its index rows (one short statement)."""
+        return bool(self._driver_rows("SELECT 1 FROM index_pending LIMIT 1", ()))
+
     def pending_records(self) -> list[IndexedRecord]:
         """The appended records whose index rows never came, with those rows, for
         `index_appended`."""
