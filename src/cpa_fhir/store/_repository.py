@@ -795,7 +795,10 @@ class _Operations:
         for resource_type, resource_id in keys:
             ids_by_type.setdefault(resource_type, []).append(resource_id)
         cleared: set[tuple[str, str]] = set()
-        for resource_type, ids in ids_by_type.items():
+        # In one order for every writer, so that two clearing the same notes in
+        # several statements each cannot wait on each other's row locks.
+        for resource_type, ids in sorted(ids_by_type.items()):
+            ids.sort()
             for start in range(0, len(ids), _PENDING_CHUNK):
                 chunk = ids[start : start + _PENDING_CHUNK]
                 if self.postgres:
