@@ -257,11 +257,12 @@ def create_app(
 
     if bare_endpoint:
         answered: dict[tuple[Any, ...], tuple[bytes, int, dict[str, str]]] = {}
-        kept_bytes = [0]
+        kept_bytes = 0
 
         # Routed as the FHIR endpoint is (a plain Starlette route, its response made as
         # `_send` makes it), so that the two differ only in the work behind them.
         async def bare(request: HttpRequest) -> HttpResponse:
+            nonlocal kept_bytes
             scope = request.scope
             client = scope.get("client")
             if request.method != "GET" or not client or client[0] not in _LOOPBACK:
@@ -275,7 +276,7 @@ def create_app(
                 first = await answer(request, path)
                 if not 200 <= first.status_code < 300:
                     return first  # an error is answered afresh each time
-                if len(answered) >= _MAX_BARE_ANSWERS or kept_bytes[0] > _MAX_BARE_BYTES:
+                if len(answered) >= _MAX_BARE_ANSWERS or kept_bytes > _MAX_BARE_BYTES:
                     # Doing the work each time would pass for the twin's speed.
                     return _send(
                         outcome_response(
@@ -286,7 +287,7 @@ def create_app(
                     )
                 headers = {k: v for k, v in first.headers.items() if k != "content-length"}
                 kept = answered[key] = (bytes(first.body), first.status_code, headers)
-                kept_bytes[0] += len(kept[0])
+                kept_bytes += len(kept[0])
             body, status, headers = kept
             return HttpResponse(body, status_code=status, headers=headers)
 
