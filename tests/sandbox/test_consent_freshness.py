@@ -283,6 +283,27 @@ def test_a_change_written_by_another_process_takes_effect(
     assert trust.get("Consent/c-consent").json()["status"] == "active"
 
 
+def test_a_change_written_by_another_process_takes_effect_on_a_running_server(
+    base_url: str, sandbox: Sandbox
+) -> None:
+    """The same through a served app, which (on a database server) reads the store's
+    generation on its event loop, shared among concurrent requests."""
+    token = sandbox.token_for("gp", f"{base_url}/fhir")["access_token"]
+    other = _other_repository(sandbox)
+    original = other.read("Consent", "c-consent").resource()
+    with httpx.Client(
+        base_url=f"{base_url}/fhir", headers={"authorization": f"Bearer {token}"}, timeout=30
+    ) as http:
+        try:
+            assert http.get(C_PLAN).status_code == 200
+            other.update({**original, "status": "inactive"})
+            assert http.get(C_PLAN).status_code == 404
+        finally:
+            other.update(original)
+            other.close()
+        assert http.get(C_PLAN).status_code == 200
+
+
 # -- consent given --------------------------------------------------------------------
 
 

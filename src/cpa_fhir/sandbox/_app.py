@@ -30,7 +30,9 @@ from cpa_fhir.sandbox._router import (
     outcome_response,
 )
 from cpa_fhir.sandbox._server import Sandbox
+from cpa_fhir.store import SqlRepository
 from cpa_fhir.store._engine import POOL_SIZE
+from cpa_fhir.store._generation import GenerationWatch
 
 MAX_BODY = 5 * 1024 * 1024
 INDEX_BEHIND = (503, "the audit trail's search index could not be brought up to date; try again")
@@ -104,15 +106,24 @@ async def _steady_heap(_app: FastAPI) -> AsyncIterator[None]:
 
 
 @asynccontextmanager
-async def _serving(app: FastAPI, audit: AuditBatcher) -> AsyncIterator[None]:
-    """While the app serves: a steady heap, and the audit child's answers heard on
-    the serving event loop itself."""
+async def _serving(
+    app: FastAPI, audit: AuditBatcher, repo: SqlRepository, watching: list[GenerationWatch]
+) -> AsyncIterator[None]:
+    """While the app serves: a steady heap, the audit child's answers heard on the
+    serving event loop itself, and the store's generation read on that loop (in
+    `watching`; without this lifespan each request reads it itself)."""
     async with _steady_heap(app):
         audit.attach()
+        watch = repo.generation_watch()
+        if watch is not None:
+            watching.append(watch)
         try:
             yield
         finally:
             audit.detach()
+            if watch is not None:
+                watching.remove(watch)
+                await watch.close()
 
 
 async def _body(request: HttpRequest) -> bytes:
@@ -152,8 +163,9 @@ def create_app(
         docs_url=None,
         redoc_url=None,
         openapi_url=None,
-        lifespan=lambda app: _serving(app, audit),
+        lifespan=lambda app: _serving(app, audit, sandbox.repo, watching),
     )
+    watching: list[GenerationWatch] = []
     workers: list[anyio.CapacityLimiter] = []  # made on first use, inside the event loop
 
     def in_worker_thread(fn: Any, *args: Any) -> Any:
@@ -224,18 +236,28 @@ def create_app(
                 await audit.index()
             except AuditWriteFailed:
                 return _send(outcome_response(HttpError(*INDEX_BEHIND, code="transient")))
+        # A partner's request reads the generation first (see `PartnerView`): on a
+        # database server, without holding the event loop for the round trip.
+        generation = None
+        if watching and client is not None and not client.sees_everything:
+            generation = await watching[0].current()
         if req.method in INLINE_METHODS and (inline_reads or _READ_BY_ID.fullmatch(path)):
             # On an embedded store reads are CPU-bound, never waiting on a network; on
             # a database server a read by id is a primary-key lookup on a kept
             # connection (its time bounded, see `ReadConnections`). Either way a hop
             # to a worker thread, and the contest for the interpreter lock it starts,
             # would cost more than it frees the event loop.
-            response = sandbox.router.handle(req, client, scopes, defer_audit=True)
+            response = sandbox.router.handle(
+                req, client, scopes, defer_audit=True, generation=generation
+            )
         else:
             # Writes wait on locks and commits, and a database server's replies
             # take a network round trip: off the event loop.
             response = await in_worker_thread(
-                partial(sandbox.router.handle, defer_audit=True), req, client, scopes
+                partial(sandbox.router.handle, defer_audit=True, generation=generation),
+                req,
+                client,
+                scopes,
             )
         if response.audit is not None:
             # The disclosure's AuditEvents commit (with others', in one transaction)

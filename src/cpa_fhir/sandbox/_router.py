@@ -173,10 +173,12 @@ class Router:
         scopes: frozenset[str],
         *,
         defer_audit: bool = False,
+        generation: int | None = None,
     ) -> Response:
         """Answer one request. A partner's disclosure is committed to the audit trail
         before this returns, or, with `defer_audit`, handed back in `Response.audit`
-        for the caller to commit before it sends the body."""
+        for the caller to commit before it sends the body. `generation`: the store's,
+        read after the request arrived (else read here)."""
         try:
             self._negotiate(request)
             parts = [p for p in request.path.split("/") if p]
@@ -194,7 +196,7 @@ class Router:
                     self.required,
                     self.clock(),
                     scopes,
-                    self.derived.at(self.repo.generation()),
+                    self.derived.at(self.repo.generation() if generation is None else generation),
                 )
             )
             response = self._route(request, parts, client, scopes, view)

@@ -47,6 +47,7 @@ from cpa_fhir.fhir.models import R4_RESOURCE_TYPES
 from cpa_fhir.store._appender import ProcessAppender
 from cpa_fhir.store._dates import to_micros
 from cpa_fhir.store._engine import READ_ONLY, ReadConnections, create_store_engine
+from cpa_fhir.store._generation import GENERATION_SQL, AsyncGenerationReader, GenerationWatch
 from cpa_fhir.store._ids import time_ordered_id
 from cpa_fhir.store._indexing import IndexRows, RecordIndexer, index_resource
 from cpa_fhir.store._migrations import migrate as migrate_schema
@@ -1079,8 +1080,17 @@ class SqlRepository:
     def generation(self) -> int:
         """How many changing write transactions the store has committed: equal values
         mean nothing was created, updated or deleted in between (`append` aside)."""
-        rows = self._driver_rows("SELECT generation FROM store_change WHERE id = 1", ())
+        rows = self._driver_rows(GENERATION_SQL, ())
         return int(rows[0][0]) if rows else 0
+
+    def generation_watch(self) -> GenerationWatch | None:
+        """`generation` for the requests of one event loop, without blocking it (see
+        `GenerationWatch`), or None on an embedded store, whose `generation` is a
+        short local read. `GenerationWatch.close` closes its connection."""
+        if self.embedded:
+            return None
+        reader = AsyncGenerationReader(self.engine)
+        return GenerationWatch(reader.read, reader.close)
 
     def referring(
         self, resource_type: str, parameter: str, target: tuple[str, str]
