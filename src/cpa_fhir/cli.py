@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import sys
 import uuid
 from datetime import UTC, date, datetime
@@ -335,7 +336,9 @@ def sandbox(
     ctx: typer.Context,
     db: DbOption = "sqlite:///cpa-sandbox.db",
     host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8080,
+    port: Annotated[
+        int, typer.Option("--port", min=0, max=65535, help="Port to listen on (0: any free one).")
+    ] = 8080,
 ) -> None:
     """Start the sandbox: create the schema, load patients A–D into an empty store, serve."""
     if ctx.invoked_subcommand is not None:
@@ -344,9 +347,18 @@ def sandbox(
 
     from cpa_fhir.sandbox import create_app, seed_examples
 
+    # Listen before anything else: an address that cannot be had is said at once,
+    # not after a banner naming it (and the port chosen for 0 is the one printed).
+    listening = _listen(host, port)
     box = _open_sandbox(db)
-    loaded = seed_examples(box)
-    base = f"http://{host}:{port}"
+    try:
+        loaded = seed_examples(box)
+    except BaseException:
+        box.close()
+        listening.close()
+        raise
+    port = listening.getsockname()[1]
+    base = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
     if loaded:
         out.print(f"loaded the example patients A–D: {loaded} resources", markup=False)
     out.print(
@@ -360,7 +372,22 @@ def sandbox(
         f"clients:       {', '.join(sorted(box.registry.clients))} (sandbox/clients.toml)",
         markup=False,
     )
-    uvicorn.run(create_app(box), host=host, port=port, log_level="warning")
+    try:
+        server = uvicorn.Server(uvicorn.Config(create_app(box), log_level="warning"))
+        server.run(sockets=[listening])
+    finally:
+        listening.close()
+        box.close()
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening socket on host and port; a one-line error if there is none to have."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        return socket.create_server((host, port), family=family, backlog=2048)
+    except OSError as exc:
+        why = (exc.strerror or str(exc)).split(" (while attempting")[0]
+        raise _fail(f"cannot listen on {host} port {port}: {why}", 1) from None
 
 
 @sandbox_app.command("token")

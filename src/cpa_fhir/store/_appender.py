@@ -575,4 +575,7 @@ def run_child(fd: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     with socket.socket(fileno=fd) as channel:
         channel.setblocking(True)
-        serve(channel)
+        try:
+            serve(channel)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server has gone (it stopped, or never began to serve): none to answer
