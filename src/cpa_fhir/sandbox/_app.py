@@ -15,6 +15,7 @@ import anyio
 import anyio.to_thread
 import orjson
 from fastapi import FastAPI
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse
 from starlette.responses import Response as HttpResponse
@@ -131,7 +132,7 @@ async def _body(request: HttpRequest) -> bytes:
     if "content-length" not in headers and "transfer-encoding" not in headers:
         return b""  # no body (RFC 9112 §6.3)
     declared = headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > MAX_BODY:
+    if declared and declared.isascii() and declared.isdigit() and int(declared) > MAX_BODY:
         raise HttpError(413, f"the body is larger than {MAX_BODY} bytes", code="too-costly")
     chunks, size = [], 0
     async for chunk in request.stream():
@@ -142,8 +143,21 @@ async def _body(request: HttpRequest) -> bytes:
     return b"".join(chunks)
 
 
+def _fhir_path(full: str, prefix: str) -> str:
+    """The path under the FHIR base, from the request's own: a route's path parameter
+    drops a final newline (its pattern's `$` matches before one), and the id before
+    it would pass for the id without it."""
+    return full[len(prefix) + 1 :]  # after "{prefix}/"; nothing at the base
+
+
 def _send(response: Any) -> HttpResponse:
     return HttpResponse(response.body, status_code=response.status, headers=response.headers)
+
+
+def _send_head(response: Any) -> HttpResponse:
+    """The answer to HEAD: GET's status and headers (its length included), no body."""
+    headers = {**response.headers, "content-length": str(len(response.body))}
+    return HttpResponse(b"", status_code=response.status, headers=headers)
 
 
 def create_app(
@@ -206,7 +220,7 @@ def create_app(
         return JSONResponse(payload, status, headers={"cache-control": "no-store"})
 
     async def fhir(request: HttpRequest) -> HttpResponse:
-        return await answer(request, request.path_params.get("path", ""))  # none at the base
+        return await answer(request, _fhir_path(request.scope["path"], FHIR_PREFIX))
 
     async def answer(request: HttpRequest, path: str) -> HttpResponse:
         try:
@@ -217,7 +231,9 @@ def create_app(
                     request.headers.get("authorization"), now=int(time.time())
                 )
             req = Request(
-                method=request.method,
+                # HEAD is GET without the body (RFC 9110 §9.3.2): answered as GET, and
+                # the body left off when it is sent.
+                method="GET" if request.method == "HEAD" else request.method,
                 path=path,
                 # Straight from the ASGI scope: the parsed URL object costs more.
                 query=parse_qsl(
@@ -266,6 +282,8 @@ def create_app(
                 await audit.record(response.audit)
             except AuditWriteFailed:
                 response = audit_failed_response()
+        if request.method == "HEAD":
+            return _send_head(response)
         return _send(response)
 
     # Routes are matched in order: the FHIR API, which takes nearly every request,
@@ -289,7 +307,7 @@ def create_app(
             client = scope.get("client")
             if request.method != "GET" or not client or client[0] not in _LOOPBACK:
                 return _send(outcome_response(HttpError(404, "no such endpoint", code="not-found")))
-            path = request.path_params["path"]
+            path = _fhir_path(request.scope["path"], "/_bare" + FHIR_PREFIX)
             # Every header counts (the token, Accept, Host for the links): the same
             # request, byte for byte, or the endpoint itself answers.
             key = (path, scope["query_string"], tuple(scope["headers"]))
@@ -314,6 +332,21 @@ def create_app(
             return HttpResponse(body, status_code=status, headers=headers)
 
         app.router.add_route("/_bare" + FHIR_PREFIX + "/{path:path}", bare, methods=["GET"])
+
+    @app.exception_handler(StarletteHTTPException)
+    async def routing(request: HttpRequest, exc: StarletteHTTPException) -> HttpResponse:
+        # What the framework answers itself (no route for the path, a method no route
+        # takes): an OperationOutcome like every other error, with its status.
+        code = {404: "not-found", 405: "not-supported"}.get(exc.status_code, "processing")
+        text = f"{request.method} {request.url.path}: {exc.detail}"
+        outcome = FhirError(text, code=code)
+        headers = dict(exc.headers or {})
+        return HttpResponse(
+            orjson.dumps(outcome.to_operation_outcome()),
+            exc.status_code,
+            headers=headers,
+            media_type=FHIR_JSON,
+        )
 
     @app.exception_handler(Exception)
     async def unexpected(request: HttpRequest, exc: Exception) -> HttpResponse:

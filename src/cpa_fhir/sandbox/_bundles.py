@@ -57,6 +57,11 @@ def _entries(bundle: dict[str, Any]) -> list[dict[str, Any]]:
             raise _error(
                 400, "each entry needs request.method and request.url", f"Bundle.entry[{i}].request"
             )
+        for header in ("ifMatch", "ifNoneExist", "ifNoneMatch", "ifModifiedSince"):
+            # A condition that cannot be read must not be skipped: the write would go
+            # ahead unconditionally.
+            if header in req and not isinstance(req[header], str):
+                raise _error(400, f"{header} must be a string", f"Bundle.entry[{i}].request")
         if req["method"] in ("POST", "PUT") and not isinstance(e.get("resource"), dict):
             raise _error(
                 400, f"a {req['method']} entry needs a resource", f"Bundle.entry[{i}].resource"

@@ -9,6 +9,7 @@ the profiles first. Partner clients see only what the consent engine allows
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -45,9 +46,14 @@ from cpa_fhir.validation import Validator
 FHIR_JSON = "application/fhir+json; charset=utf-8"
 JSON_PATCH = "application/json-patch+json"
 _JSON_TYPES = ("application/fhir+json", "application/json", "json", "application/json+fhir")
-_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 # Version ids are stored as 32-bit integers: a longer one names no version.
+_log = logging.getLogger(__name__)
 _VERSION_DIGITS = 9
+# The furthest `_offset` taken as given: beyond any store, and within a 64-bit integer.
+MAX_OFFSET = 10**12
+# Far deeper than any FHIR content nests; deeper would break copying and writing it.
+MAX_BODY_DEPTH = 128
 MAX_PARTNER_MATCHES = 1000
 
 
@@ -182,7 +188,11 @@ class Router:
         try:
             self._negotiate(request)
             parts = [p for p in request.path.split("/") if p]
-            if parts == ["metadata"] and request.method == "GET":
+            if parts == ["metadata"]:
+                if request.method != "GET":
+                    raise HttpError(
+                        405, f"{request.method} is not allowed on metadata", code="not-supported"
+                    )
                 return self._json(200, self.capability(request.base_url))
             if client is None:
                 raise AuthFailure("this server needs a bearer token: POST /token first", status=401)
@@ -217,13 +227,20 @@ class Router:
     def _route_safely(
         self, request: Request, client: Client, scopes: frozenset[str], view: PartnerView | None
     ) -> Response:
-        """One entry of a batch: its error becomes its own response."""
+        """One entry of a batch: its error becomes its own response. So does a fault of
+        the server's (logged), since the entries before it may have been committed:
+        the client must still learn which."""
         try:
             return self._route(
                 request, [p for p in request.path.split("/") if p], client, scopes, view
             )
         except FhirError as exc:
             return outcome_response(exc)
+        except Exception:
+            _log.exception("a Bundle entry failed: %s %s", request.method, request.path)
+            return outcome_response(
+                HttpError(500, "the server could not complete this entry", code="exception")
+            )
 
     def _route(
         self,
@@ -260,7 +277,7 @@ class Router:
             return self._history(request, rtype, None, client, scopes, view)
         if n == 2 and second == "$validate" and method == "POST":
             return self._validate(request, rtype, None, client, scopes)
-        if not _ID.match(second):
+        if not _ID.fullmatch(second):
             raise HttpError(400, f"'{second}' is not a valid resource id", code="value")
         rid = second
         if n == 2:
@@ -279,7 +296,7 @@ class Router:
             if n == 3:
                 return self._history(request, rtype, rid, client, scopes, view)
             if n == 4:
-                if not parts[3].isdigit() or len(parts[3]) > _VERSION_DIGITS:
+                if not _is_decimal(parts[3]) or len(parts[3]) > _VERSION_DIGITS:
                     raise HttpError(400, f"'{parts[3]}' is not a version id", code="value")
                 return self._read(request, rtype, rid, int(parts[3]), client, scopes, view)
         raise HttpError(404, f"no such interaction: {method} {request.path}", code="not-supported")
@@ -313,6 +330,12 @@ class Router:
             raise HttpError(400, f"the body is not JSON: {exc}", code="structure") from None
         if not isinstance(data, dict) or not isinstance(data.get("resourceType"), str):
             raise HttpError(400, "the body is not a FHIR resource", code="structure")
+        if _deeper_than(data, MAX_BODY_DEPTH):
+            raise HttpError(
+                400,
+                f"the body nests objects and lists more than {MAX_BODY_DEPTH} deep",
+                code="too-costly",
+            )
         return data
 
     def _json(
@@ -582,6 +605,8 @@ class Router:
             for p in params:
                 if p.get("name") == "profile":
                     profile = p.get("valueUri") or p.get("valueCanonical")
+                    if not isinstance(profile, str):
+                        raise HttpError(400, "the 'profile' parameter is not a canonical URL")
             if not isinstance(resource, dict):
                 raise HttpError(400, "the Parameters carry no 'resource'")
         if resource.get("resourceType") != rtype:
@@ -756,8 +781,18 @@ class Router:
                 ) from None
             if since.tzinfo is None:
                 raise HttpError(400, "_since needs a time zone", code="value")
+            try:
+                since = since.astimezone(UTC)
+            except OverflowError:
+                raise HttpError(
+                    400,
+                    f"_since {q['_since']!r} is outside the instants this server keeps",
+                    code="value",
+                ) from None
         count = _bounded_int(q, "_count", 100, 1, 1000)
-        offset = _bounded_int(q, "_offset", 0, 0, None)
+        # Past the end of any store is past the end: an empty page, not a number the
+        # database cannot bind.
+        offset = min(_bounded_int(q, "_offset", 0, 0, None), MAX_OFFSET)
         if view is None:
             versions = self.repo.history(rtype, rid, since=since, count=count, offset=offset)
             total = self.repo.history_total(rtype, rid, since=since)
@@ -872,7 +907,12 @@ def json_patch(body: bytes, what: str) -> jsonpatch.JsonPatch:
         if not isinstance(operations, list):
             raise TypeError("a JSON Patch is a list of operations")
         return jsonpatch.JsonPatch(operations)
-    except (orjson.JSONDecodeError, jsonpatch.InvalidJsonPatch, TypeError) as exc:
+    except (
+        orjson.JSONDecodeError,
+        jsonpatch.InvalidJsonPatch,
+        jsonpointer.JsonPointerException,  # a path that is not a JSON Pointer
+        TypeError,
+    ) as exc:
         raise HttpError(400, f"{what} is not a JSON Patch: {exc}", code="structure") from None
 
 
@@ -980,13 +1020,31 @@ def _if_match(value: Any) -> int | None:
     return int(m.group(1))
 
 
+def _deeper_than(node: Any, limit: int) -> bool:
+    """Whether JSON content nests objects and lists more than `limit` deep (walked
+    without recursion, so that depth itself cannot break the walk)."""
+    stack: list[tuple[Any, int]] = [(node, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = node.values() if type(node) is dict else node
+        stack.extend((c, depth + 1) for c in children if type(c) in (dict, list))
+    return False
+
+
+def _is_decimal(text: str) -> bool:
+    """ASCII digits only: str.isdigit() also takes superscripts, which int() refuses."""
+    return text.isascii() and text.isdigit()
+
+
 def _bounded_int(
     query: Mapping[str, str], name: str, default: int, low: int, high: int | None
 ) -> int:
     raw = query.get(name)
     if raw is None:
         return default
-    if not raw.isdigit():
+    if not _is_decimal(raw):
         raise HttpError(400, f"{name} must be a whole number, not {raw!r}", code="value")
     value = int(raw)
     if value < low or (high is not None and value > high):

@@ -1,0 +1,215 @@
+"""Requests a client can send that once broke the server: each now gets an
+OperationOutcome with a 4xx status (or, for HEAD, GET's headers without the body),
+and changes nothing stored.
+
+Found by probing the API with malformed ids, numbers, JSON Patches, nested
+Bundles, conditions of the wrong type, hostile tokens and odd methods.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from cpa_fhir.sandbox import Sandbox
+from tests.sandbox.conftest import Fhir, outcome
+
+FLAG = "Flag/c-risk-self-harm"
+
+
+def _versions(trust: Fhir, key: str) -> int:
+    return int(trust.get(f"{key}/_history", params={"_summary": "count"}).json()["total"])
+
+
+def test_an_id_with_a_trailing_newline_is_not_the_id_without_it(trust: Fhir) -> None:
+    """`$` in a pattern matches before a final newline: the id must match whole."""
+    before = _versions(trust, FLAG)
+    for method in (trust.get, trust.delete):
+        outcome(method(f"{FLAG}%0A"), 400)
+    assert trust.get(FLAG).status_code == 200
+    assert _versions(trust, FLAG) == before
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"{FLAG}/_history/%C2%B2",  # a superscript two: str.isdigit() says yes, int() no
+        "Flag/_history?_count=%C2%B2",
+        "Flag/_history?_offset=%C2%B3",
+        f"{FLAG}/_history?_since=0001-01-01T00:00:00%2B14:00",
+        f"{FLAG}/_history?_since=9999-12-31T23:59:59-14:00",
+    ],
+)
+def test_numbers_and_instants_a_server_cannot_take_are_400(trust: Fhir, url: str) -> None:
+    outcome(trust.get(url), 400)
+
+
+def test_an_offset_past_any_store_is_an_empty_page(trust: Fhir) -> None:
+    page = trust.get(f"{FLAG}/_history", params={"_offset": "99999999999999999999"})
+    assert page.status_code == 200, page.text
+    assert page.json().get("entry", []) == []
+    assert page.json()["total"] >= 1
+
+
+@pytest.mark.parametrize("path", ["status", "/a~", "/~2"])
+def test_a_json_patch_whose_path_is_no_json_pointer_is_400(trust: Fhir, path: str) -> None:
+    before = _versions(trust, FLAG)
+    r = trust.http.patch(
+        f"/fhir/{FLAG}",
+        content=json.dumps([{"op": "replace", "path": path, "value": "inactive"}]),
+        headers={**trust.headers, "content-type": "application/json-patch+json"},
+    )
+    outcome(r, 400)
+    assert _versions(trust, FLAG) == before
+
+
+def test_the_same_patch_in_a_batch_entry_is_that_entry_s_400(trust: Fhir) -> None:
+    patch = base64.b64encode(json.dumps([{"op": "remove", "path": "x"}]).encode()).decode()
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "batch",
+        "entry": [
+            {
+                "resource": {
+                    "resourceType": "Binary",
+                    "contentType": "application/json-patch+json",
+                    "data": patch,
+                },
+                "request": {"method": "PATCH", "url": FLAG},
+            },
+            {"request": {"method": "GET", "url": FLAG}},
+        ],
+    }
+    r = trust.post("", bundle)
+    assert r.status_code == 200, r.text
+    statuses = [e["response"]["status"] for e in r.json()["entry"]]
+    assert statuses[0].startswith("400") and statuses[1].startswith("200")
+
+
+@pytest.mark.parametrize("profile", [5, ["x"], {"a": 1}])
+def test_validate_with_a_profile_that_is_no_url_is_400(trust: Fhir, profile: Any) -> None:
+    flag = trust.get(FLAG).json()
+    params = {
+        "resourceType": "Parameters",
+        "parameter": [
+            {"name": "resource", "resource": flag},
+            {"name": "profile", "valueUri": profile},
+        ],
+    }
+    outcome(trust.post("Flag/$validate", params), 400)
+
+
+def _nested(depth: int) -> dict[str, Any]:
+    node: dict[str, Any] = {}
+    for _ in range(depth):
+        node = {"a": node}
+    return node
+
+
+@pytest.mark.parametrize("kind", ["batch", "transaction"])
+def test_a_bundle_nested_past_any_fhir_content_is_refused_whole(trust: Fhir, kind: str) -> None:
+    flags = int(trust.get("Flag", params={"_summary": "count"}).json()["total"])
+    flag = {
+        "resourceType": "Flag",
+        "status": "active",
+        "code": {"text": "deep"},
+        "subject": {"reference": "Patient/c-patient"},
+        "deep": _nested(900),
+    }
+    bundle = {
+        "resourceType": "Bundle",
+        "type": kind,
+        "entry": [{"resource": flag, "request": {"method": "POST", "url": "Flag"}}],
+    }
+    body = outcome(trust.post("", bundle), 400)
+    assert body["issue"][0]["code"] == "too-costly"
+    assert int(trust.get("Flag", params={"_summary": "count"}).json()["total"]) == flags
+
+
+@pytest.mark.parametrize("condition", [{"ifMatch": 5}, {"ifNoneExist": ["identifier=x"]}])
+@pytest.mark.parametrize("kind", ["batch", "transaction"])
+def test_a_condition_that_is_not_a_string_is_not_skipped(
+    trust: Fhir, kind: str, condition: dict[str, Any]
+) -> None:
+    before = _versions(trust, FLAG)
+    flag = trust.get(FLAG).json()
+    method, url = ("PUT", FLAG) if "ifMatch" in condition else ("POST", "Flag")
+    if method == "POST":
+        flag.pop("id")
+    bundle = {
+        "resourceType": "Bundle",
+        "type": kind,
+        "entry": [{"resource": flag, "request": {"method": method, "url": url, **condition}}],
+    }
+    outcome(trust.post("", bundle), 400)
+    assert _versions(trust, FLAG) == before
+
+
+def _jwt_with_header(header: dict[str, Any]) -> str:
+    def part(obj: Any) -> str:
+        return base64.urlsafe_b64encode(json.dumps(obj).encode()).rstrip(b"=").decode()
+
+    return f"{part(header)}.{part({})}.x"
+
+
+@pytest.mark.parametrize("crit", [5, None, True, 1.5, [5]])
+def test_a_token_with_a_malformed_crit_header_is_401(http: TestClient, crit: Any) -> None:
+    token = _jwt_with_header({"alg": "HS256", "crit": crit})
+    r = http.get(f"/fhir/{FLAG}", headers={"authorization": f"Bearer {token}"})
+    outcome(r, 401)
+
+
+@pytest.mark.parametrize(
+    "assertion",
+    [
+        _jwt_with_header({"alg": "RS384", "crit": 5}),
+        "x." + base64.urlsafe_b64encode(b"[" * 100_000 + b"]" * 100_000).decode() + ".x",
+    ],
+)
+def test_a_hostile_client_assertion_is_invalid_client(http: TestClient, assertion: str) -> None:
+    r = http.post(
+        "/token",
+        data={
+            "grant_type": "client_credentials",
+            "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+            "client_assertion": assertion,
+        },
+    )
+    assert r.status_code in (400, 401), r.text
+    assert r.json()["error"] == "invalid_client"
+
+
+def test_head_is_get_without_the_body(trust: Fhir) -> None:
+    got = trust.get(FLAG)
+    head = trust.http.head(f"/fhir/{FLAG}", headers=trust.headers)
+    assert head.status_code == 200
+    assert head.content == b""
+    assert head.headers["etag"] == got.headers["etag"]
+    assert int(head.headers["content-length"]) == len(got.content)
+
+
+def test_metadata_takes_get_only(http: TestClient, trust: Fhir) -> None:
+    assert http.head("/fhir/metadata").status_code == 200
+    for method in ("POST", "DELETE"):
+        body = outcome(http.request(method, "/fhir/metadata", headers=trust.headers), 405)
+        assert body["issue"][0]["code"] == "not-supported"
+
+
+@pytest.mark.parametrize(
+    ("method", "url", "status"),
+    [
+        ("OPTIONS", f"/fhir/{FLAG}", 405),
+        ("GET", "/token", 405),
+        ("GET", f"/fhir/{FLAG}%0A/_history/1", 404),
+        ("GET", "/nowhere", 404),
+    ],
+)
+def test_what_the_framework_answers_is_an_operation_outcome_too(
+    http: TestClient, sandbox: Sandbox, method: str, url: str, status: int
+) -> None:
+    token = sandbox.token_for("trust", "http://testserver/fhir")["access_token"]
+    outcome(http.request(method, url, headers={"authorization": f"Bearer {token}"}), status)
