@@ -320,6 +320,10 @@ DbOption = Annotated[
 ]
 
 
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 def _open_sandbox(db: str) -> Any:
     from cpa_fhir.sandbox import open_sandbox
 
@@ -328,7 +332,7 @@ def _open_sandbox(db: str) -> Any:
     except FhirError as exc:
         raise _fail(exc.message) from None
     except Exception as exc:  # a database that cannot be reached or opened
-        raise _fail(f"cannot open the store {db}: {str(exc).splitlines()[0]}") from None
+        raise _fail(f"cannot open the store {db}: {_first_line(exc)}") from None
 
 
 @sandbox_app.callback()
@@ -353,10 +357,15 @@ def sandbox(
     box = _open_sandbox(db)
     try:
         loaded = seed_examples(box)
-    except BaseException:
+    except BaseException as exc:
         box.close()
         listening.close()
-        raise
+        if not isinstance(exc, Exception):
+            raise  # Ctrl-C and the like end the command as they would anywhere else
+        # A store that opens but cannot take the examples, e.g. a file whose tables
+        # are someone else's: the database's own first line says why.
+        why = exc.message if isinstance(exc, FhirError) else _first_line(exc)
+        raise _fail(f"cannot load the example patients into {db}: {why}", 1) from None
     port = listening.getsockname()[1]
     base = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
     if loaded:
@@ -388,6 +397,10 @@ def _listen(host: str, port: int) -> socket.socket:
     except OSError as exc:
         why = (exc.strerror or str(exc)).split(" (while attempting")[0]
         raise _fail(f"cannot listen on {host} port {port}: {why}", 1) from None
+    except UnicodeError as exc:
+        # A host name the idna codec cannot encode (an empty label, or one over 63
+        # characters) fails before any lookup, as UnicodeError rather than OSError.
+        raise _fail(f"cannot listen on {host} port {port}: {exc}", 1) from None
 
 
 @sandbox_app.command("token")

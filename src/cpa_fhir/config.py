@@ -34,7 +34,11 @@ def load_policy(path: Path | None = None) -> SharingPolicy:
         raise PolicyError(f"cannot read the sharing policy {path}: {exc.strerror}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise PolicyError(f"the sharing policy {path} is not valid TOML: {exc}") from None
-    return parse_policy(data)
+    try:
+        return parse_policy(data)
+    except PolicyError as exc:
+        # parse_policy sees only data: the reader of the message needs the file too.
+        raise PolicyError(f"{path}: {exc.message}", expression=exc.expression) from None
 
 
 __all__ = ["default_policy_path", "load_policy"]

@@ -16,7 +16,11 @@ from typing import Any
 import orjson
 
 from cpa_fhir._artifacts import find_artifact
-from cpa_fhir.conformance.snapshot import generate_snapshot
+from cpa_fhir.conformance.snapshot import (
+    differential_elements,
+    generate_snapshot,
+    snapshot_elements,
+)
 from cpa_fhir.conformance.terminology import Terminology
 from cpa_fhir.errors import ProfileError
 
@@ -37,7 +41,7 @@ class ConformancePackage:
     def __post_init__(self) -> None:
         self.terminology = Terminology(self.resolve)
         for sd in self.structure_definitions():
-            if not sd.get("snapshot", {}).get("element"):
+            if not snapshot_elements(sd):
                 sd["snapshot"] = {"element": generate_snapshot(sd, self.resolve)}
 
     def resolve(self, url: str) -> dict[str, Any] | None:
@@ -54,13 +58,18 @@ class ConformancePackage:
             if sd["url"] in seen:
                 return
             seen.add(sd["url"])
-            base = self.own.get(sd.get("baseDefinition", ""))
+            base_url = sd.get("baseDefinition")
+            base = self.own.get(base_url) if isinstance(base_url, str) else None
             if base is not None:
                 visit(base)
-            for el in sd.get("differential", {}).get("element", []):
-                for t in el.get("type", []):
-                    for p in t.get("profile", []):
-                        if p in self.own:
+            for el in differential_elements(sd):
+                types = el.get("type")
+                for t in types if isinstance(types, list) else []:
+                    # Only the order depends on these: a malformed type is for
+                    # snapshot generation and validation to report, not to crash on.
+                    profiles = t.get("profile") if isinstance(t, dict) else None
+                    for p in profiles if isinstance(profiles, list) else []:
+                        if isinstance(p, str) and p in self.own:
                             visit(self.own[p])
             ordered.append(sd)
 
@@ -84,11 +93,23 @@ class ConformancePackage:
         )
 
 
-def _read_json(path: Path) -> Any:
+def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return orjson.loads(path.read_bytes())
+        data = orjson.loads(path.read_bytes())
     except (OSError, orjson.JSONDecodeError) as exc:
         raise ProfileError(f"{path.name}: cannot read conformance resource ({exc})") from exc
+    # Every JSON file of a package is a manifest or a resource: both are objects. Saying
+    # so here keeps every command that loads the package from failing (or skipping the
+    # file) in its own way further on.
+    if not isinstance(data, dict):
+        raise ProfileError(f"{path}: not a JSON object (it is {_json_type(data)})")
+    return data
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {list: "an array", str: "a string", bool: "true or false"}.get(type(value), "a number")
 
 
 @cache
@@ -112,12 +133,17 @@ def load_package(
     if not manifest_path.is_file():
         raise ProfileError(f"{root} is not a FHIR package: it has no package.json")
     manifest = _read_json(manifest_path)
+    for key in ("name", "version", "canonical"):
+        if not isinstance(manifest.get(key), str):
+            raise ProfileError(f"{manifest_path}: '{key}' must be a string")
     own: dict[str, dict[str, Any]] = {}
     for path in sorted(root.glob("*.json")):
         if path.name == "package.json":
             continue
         res = _read_json(path)
-        if isinstance(res, dict) and res.get("resourceType") in CANONICAL_TYPES and "url" in res:
+        if res.get("resourceType") in CANONICAL_TYPES and "url" in res:
+            if not isinstance(res["url"], str):
+                raise ProfileError(f"{path}: 'url' must be a string")
             if rebuild_snapshots and res["resourceType"] == "StructureDefinition":
                 res.pop("snapshot", None)
             own[res["url"]] = res

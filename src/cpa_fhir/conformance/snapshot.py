@@ -43,29 +43,66 @@ def _in_group(element_id: str, group_id: str) -> bool:
 
 def snapshot_of(sd: dict[str, Any], resolve: Resolve) -> list[dict[str, Any]]:
     """The snapshot elements of `sd`: its own when present, else generated."""
-    snap = sd.get("snapshot", {}).get("element")
+    snap = snapshot_elements(sd)
     if snap:
         return list(snap)
     return generate_snapshot(sd, resolve)
 
 
+def snapshot_elements(sd: dict[str, Any]) -> list[dict[str, Any]]:
+    """The elements of `sd`'s own snapshot (none if it has none); ProfileError if malformed."""
+    return _elements(sd, "snapshot")
+
+
+def differential_elements(sd: dict[str, Any]) -> list[dict[str, Any]]:
+    """The elements of `sd`'s differential; ProfileError if malformed."""
+    return _elements(sd, "differential")
+
+
+def _elements(sd: dict[str, Any], part: str) -> list[dict[str, Any]]:
+    # Package files are edited by hand: a wrong shape is said, not met as a TypeError.
+    holder = sd.get(part, {})
+    elements = holder.get("element", []) if isinstance(holder, dict) else None
+    if not isinstance(elements, list) or not all(isinstance(el, dict) for el in elements):
+        raise ProfileError(f"{sd.get('url')}: {part}.element must be a list of objects")
+    return elements
+
+
 def generate_snapshot(sd: dict[str, Any], resolve: Resolve) -> list[dict[str, Any]]:
     """Lay `sd`'s differential over its base definition's snapshot."""
     base_url = sd.get("baseDefinition")
-    if not base_url:
+    if not isinstance(base_url, str) or not base_url:
         raise ProfileError(f"{sd.get('url')} has no baseDefinition to build a snapshot from")
     base = resolve(base_url)
     if base is None:
         raise ProfileError(f"{sd.get('url')}: base definition {base_url} is not available")
     pristine = snapshot_of(base, resolve)
     elements = copy.deepcopy(pristine)
-    for diff in sd.get("differential", {}).get("element", []):
-        element_id = diff.get("id") or diff["path"]
-        index = _find(elements, element_id)
-        if index is None:
-            index = _materialize(elements, element_id, resolve, pristine)
-        _merge(elements[index], diff)
+    root = elements[0]["id"] if elements else ""
+    for n, diff in enumerate(differential_elements(sd)):
+        try:
+            element_id = _diff_id(diff, n, root)
+            index = _find(elements, element_id)
+            if index is None:
+                index = _materialize(elements, element_id, resolve, pristine)
+            _merge(elements[index], diff)
+        except ProfileError as exc:
+            raise ProfileError(f"{sd.get('url')}: {exc.message}") from None
     return elements
+
+
+def _diff_id(diff: dict[str, Any], n: int, root: str) -> str:
+    """The id of the n-th differential element, checked to lie inside the root element."""
+    element_id = diff.get("id") or diff.get("path")
+    if not isinstance(element_id, str):
+        raise ProfileError(f"differential element {n + 1} has no id or path that is a string")
+    if not isinstance(diff.get("path", ""), str):
+        raise ProfileError(f"differential element {element_id}: its path is not a string")
+    # Elements are made by walking up to their parent; an id outside the root (e.g.
+    # `x` in a Patient profile) has no parent, and the walk up would never end.
+    if segments(element_id)[0].split(":", 1)[0] != root:
+        raise ProfileError(f"differential element {element_id} is not inside {root}")
+    return element_id
 
 
 def _find(elements: list[dict[str, Any]], element_id: str) -> int | None:
@@ -116,6 +153,9 @@ def _materialize(
             copies.append(dup)
         elements[end:end] = copies
         return end
+    if not parent_id:
+        # The root itself is missing: nothing to derive it from (and no end to recursion).
+        raise ProfileError(f"no element {element_id} in the base definition")
     parent = _find(elements, parent_id)
     if parent is None:
         parent = _materialize(elements, parent_id, resolve, base)
@@ -180,6 +220,8 @@ def _merge(element: dict[str, Any], diff: dict[str, Any]) -> None:
         if key in ("id", "path"):
             continue
         if key in _APPENDED:
+            if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+                raise ProfileError(f"{element['id']}: {key} must be a list of objects")
             existing = element.setdefault(key, [])
             if key == "constraint":
                 keys = {c.get("key") for c in value}

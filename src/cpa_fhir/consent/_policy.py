@@ -101,6 +101,15 @@ def _strings(value: Any, where: str) -> tuple[str, ...]:
     raise PolicyError(f"{where} must be a string or a list of strings")
 
 
+def _toml_type(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    named = {bool: "true or false", int: "an integer", float: "a float"}
+    return named.get(type(value), f"a {type(value).__name__}")
+
+
 def _known(codes: tuple[str, ...], known: Mapping[str, Any], what: str, where: str) -> None:
     for c in codes:
         if c not in known:
@@ -192,6 +201,12 @@ def parse_policy(data: Mapping[str, Any]) -> SharingPolicy:
         if not isinstance(spec, Mapping):
             raise PolicyError(f"category '{code}' must be a table")
         level = spec.get("confidentiality")
+        if level is not None and not isinstance(level, str):
+            # Checked first: a TOML array or table is not even hashable, let alone a code.
+            raise PolicyError(
+                f"category '{code}': confidentiality must be a string (N, R or V), "
+                f"not {_toml_type(level)}"
+            )
         if level not in CONFIDENTIALITY_ORDER:
             raise PolicyError(f"category '{code}' needs a confidentiality code (N, R or V)")
         sensitivity = _strings(spec.get("sensitivity", []), f"category '{code}': sensitivity")

@@ -1,0 +1,173 @@
+"""Bad input found by probing the CLI: each is one `cpa-fhir: ` line and a non-zero exit.
+
+Hand-edited files (a profiles package, the sharing policy, a store file) and odd
+options must be reported, naming what is wrong, never met with a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.common import EXAMPLES, POLICY
+
+RECORD_C = next(EXAMPLES.glob("Bundle-record-C-*.json"))
+MANIFEST = {"name": "test.package", "version": "0.1.0", "canonical": "http://example.org/fhir"}
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cpa_fhir", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def one_line(result: subprocess.CompletedProcess[str], code: int) -> str:
+    """The single stderr line of a refused command, after the common checks."""
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == code, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cpa-fhir: "), result.stderr
+    return lines[0]
+
+
+def package(folder: Path, *files: tuple[str, object]) -> Path:
+    """A small profiles package: a manifest plus the given files (name, JSON value)."""
+    folder.mkdir()
+    (folder.parent / "patient.json").write_text('{"resourceType": "Patient"}')
+    (folder / "package.json").write_text(json.dumps(MANIFEST))
+    for name, content in files:
+        (folder / name).write_text(json.dumps(content))
+    return folder
+
+
+def profile(*differential: object) -> dict[str, object]:
+    return {
+        "resourceType": "StructureDefinition",
+        "url": "http://example.org/fhir/StructureDefinition/Odd",
+        "name": "Odd",
+        "status": "draft",
+        "kind": "resource",
+        "abstract": False,
+        "type": "Patient",
+        "baseDefinition": "http://hl7.org/fhir/StructureDefinition/Patient",
+        "derivation": "constraint",
+        "differential": {"element": list(differential)},
+    }
+
+
+def package_commands(folder: Path, tmp_path: Path) -> list[list[str]]:
+    """Every command that loads a profiles package, pointed at `folder`."""
+    audit = str(tmp_path / "audit.json")
+    return [
+        ["validate", str(folder.parent / "patient.json"), "--package", str(folder)],
+        ["share", str(RECORD_C), "--to", "gp", "--purpose", "TREAT", "--audit", audit,
+         "--package", str(folder)],
+        ["profiles", "build", "--package", str(folder)],
+    ]  # fmt: skip
+
+
+# ---------------------------------------------------------------- sandbox --host
+
+
+@pytest.mark.parametrize("host", ["a" * 64 + ".com", "a..b"])
+def test_a_host_name_idna_cannot_encode_is_one_line(tmp_path: Path, host: str) -> None:
+    result = run("sandbox", "--port", "0", "--host", host, "--db", f"sqlite:///{tmp_path / 's.db'}")
+    line = one_line(result, 1)
+    assert line.startswith(f"cpa-fhir: cannot listen on {host} port 0: ")
+    assert not (tmp_path / "s.db").exists()  # refused before the store was made
+
+
+# ---------------------------------------------------------------- profiles packages
+
+
+def test_a_manifest_that_is_not_an_object_is_one_line(tmp_path: Path) -> None:
+    folder = package(tmp_path / "pkg")
+    (folder / "package.json").write_text("[]")
+    for command in package_commands(folder, tmp_path):
+        line = one_line(run(*command), 2)
+        assert f"{folder / 'package.json'}: not a JSON object" in line, command
+
+
+def test_a_manifest_without_a_name_is_one_line(tmp_path: Path) -> None:
+    folder = package(tmp_path / "pkg")
+    (folder / "package.json").write_text('{"version": "1", "canonical": "http://x"}')
+    line = one_line(
+        run("validate", str(folder.parent / "patient.json"), "--package", str(folder)), 2
+    )
+    assert "package.json: 'name' must be a string" in line
+
+
+def test_a_package_file_that_is_not_an_object_is_one_line_for_every_command(
+    tmp_path: Path,
+) -> None:
+    # validate used to skip such a file, and profiles build to crash on it.
+    folder = package(tmp_path / "pkg", ("StructureDefinition-odd.json", [1]))
+    for command in package_commands(folder, tmp_path):
+        line = one_line(run(*command), 2)
+        assert f"{folder / 'StructureDefinition-odd.json'}: not a JSON object" in line, command
+
+
+@pytest.mark.parametrize(
+    ("element", "says"),
+    [
+        # An id with no parent sent snapshot generation into endless recursion.
+        ({"id": "x"}, "differential element x is not inside Patient"),
+        ({"id": "x", "path": 5}, "differential element x: its path is not a string"),
+        ({"id": 5}, "differential element 1 has no id or path that is a string"),
+        ({"path": ["Patient"]}, "differential element 1 has no id or path that is a string"),
+    ],
+)
+def test_a_differential_element_without_a_place_is_one_line(
+    tmp_path: Path, element: dict[str, object], says: str
+) -> None:
+    folder = package(tmp_path / "pkg", ("StructureDefinition-odd.json", profile(element)))
+    for command in (
+        ["validate", str(folder.parent / "patient.json"), "--package", str(folder)],
+        ["profiles", "build", "--package", str(folder)],
+    ):
+        line = one_line(run(*command), 2)
+        assert line == f"cpa-fhir: http://example.org/fhir/StructureDefinition/Odd: {says}"
+
+
+# ---------------------------------------------------------------- sharing policy
+
+
+@pytest.mark.parametrize(("value", "kind"), [("[]", "an array"), ("{}", "a table")])
+def test_a_policy_value_of_the_wrong_type_is_one_line(
+    tmp_path: Path, value: str, kind: str
+) -> None:
+    text = POLICY.read_text()
+    assert 'confidentiality = "N"' in text
+    policy = tmp_path / "sharing.toml"
+    policy.write_text(text.replace('confidentiality = "N"', f"confidentiality = {value}", 1))
+    result = run(
+        "share", str(RECORD_C), "--to", "gp", "--purpose", "TREAT",
+        "--audit", str(tmp_path / "audit.json"), "--policy", str(policy),
+    )  # fmt: skip
+    line = one_line(result, 2)
+    assert line == (
+        f"cpa-fhir: {policy}: category 'administrative': "
+        f"confidentiality must be a string (N, R or V), not {kind}"
+    )
+    assert result.stdout == "" and not (tmp_path / "audit.json").exists()
+
+
+# ---------------------------------------------------------------- sandbox --db
+
+
+def test_a_store_whose_tables_are_not_ours_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "w2.db"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE resource_current(x text)")
+    db.close()
+    url = f"sqlite:///{path}"
+    result = run("sandbox", "--port", "0", "--db", url)
+    line = one_line(result, 1)
+    assert line.startswith(f"cpa-fhir: cannot load the example patients into {url}: ")
+    assert "resource_current" in line
+    assert "FHIR base URL" not in result.stdout
