@@ -19,6 +19,7 @@ MIN_TIME = -(2**62)
 MAX_TIME = 2**62
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
+_DAY_MICROS = 86_400_000_000
 
 _DATE = re.compile(
     r"(?P<year>\d{4})(?:-(?P<month>\d{2})(?:-(?P<day>\d{2})"
@@ -34,6 +35,18 @@ def to_micros(moment: datetime) -> int:
 
 def from_micros(micros: int) -> datetime:
     return EPOCH + timedelta(microseconds=micros)
+
+
+# The instants a datetime can hold, in UTC: a search bound beyond them (`_lastUpdated`
+# near year 1 or 9999, an open end) is compared as the nearest one, as nothing stored
+# lies outside them.
+_FIRST = to_micros(datetime.min.replace(tzinfo=UTC))
+_LAST = to_micros(datetime.max.replace(tzinfo=UTC))
+
+
+def clamped_moment(micros: int) -> datetime:
+    """`from_micros`, clamped to the range a datetime holds."""
+    return from_micros(min(max(micros, _FIRST), _LAST))
 
 
 def date_range(text: str) -> tuple[int, int] | None:
@@ -60,7 +73,8 @@ def _range(parts: dict[str, str | None]) -> tuple[int, int]:
         high = _next_year(year, 1, zone) if month == 12 else low.replace(month=month + 1)
     elif parts["hour"] is None:
         low = datetime(year, int(parts["month"]), int(parts["day"]), tzinfo=zone)
-        high = low + timedelta(days=1)
+        # In microseconds: the end of 9999-12-31 is past what a datetime holds.
+        return to_micros(low), to_micros(low) + _DAY_MICROS
     else:
         fraction = parts["fraction"] or ""
         low = datetime(
@@ -74,12 +88,12 @@ def _range(parts: dict[str, str | None]) -> tuple[int, int]:
             tzinfo=zone,
         )
         if parts["second"] is None:
-            step = timedelta(minutes=1)
+            step = 60_000_000
         elif not fraction:
-            step = timedelta(seconds=1)
+            step = 1_000_000
         else:
-            step = timedelta(microseconds=10 ** max(0, 6 - len(fraction)))
-        high = low + step
+            step = 10 ** max(0, 6 - len(fraction))
+        return to_micros(low), to_micros(low) + step
     low_micros = to_micros(low)
     return low_micros, (to_micros(high) if high is not None else MAX_TIME)
 

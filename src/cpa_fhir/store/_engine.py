@@ -5,7 +5,8 @@ mid-write leaves the last committed state: https://sqlite.org/wal.html). Every w
 transaction starts with `BEGIN IMMEDIATE`, taking the write lock before it reads, so a
 read-modify-write cannot interleave with another; reads start a plain `BEGIN`.
 PostgreSQL URLs (`postgresql://...`) use the psycopg 3 driver; `schema` puts the
-store's tables in that schema (via the connection's search_path).
+store's tables in that schema (via the connection's search_path). A URL's own
+`options` (`?options=-csearch_path%3Dmine`) are kept, the store's added after them.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ POOL_SIZE = 16
 POOL_OVERFLOW = 24
 # The longest a kept read connection's statement may run on PostgreSQL.
 READ_TIMEOUT_MS = 5_000
+# The longest a search's statement may run on PostgreSQL: far past any real search,
+# it stops one the database cannot answer in reasonable time (whose client has
+# most likely gone) from running on.
+SEARCH_TIMEOUT_MS = 30_000
 
 
 def normalise_url(url: str | URL) -> URL:
@@ -46,7 +51,11 @@ def create_store_engine(
 ) -> Engine:
     """An engine on the store. `durable`: on SQLite, each commit is on disk before it
     returns (synchronous=FULL), not only safe from a crash of the process (NORMAL);
-    PostgreSQL commits durably either way."""
+    PostgreSQL commits durably either way.
+
+    On PostgreSQL the URL's `options` are kept and the store's own follow them; the
+    server applies them in order, so `schema`, when given, wins over a search_path
+    the URL sets."""
     parsed = normalise_url(url)
     kwargs.setdefault("pool_size", POOL_SIZE)
     kwargs.setdefault("max_overflow", POOL_OVERFLOW)
@@ -62,7 +71,10 @@ def create_store_engine(
     # psycopg prepares statements it runs often, and PostgreSQL may then switch to one
     # generic plan for all values; a search's best plan depends on its values (one
     # patient's few rows versus every active care plan), so plan each execution.
-    options = ["-cplan_cache_mode=force_custom_plan"]
+    # psycopg takes `options` from connect_args in place of the URL's: keep both.
+    given = parsed.query.get("options", ())
+    options = [given] if isinstance(given, str) else list(given)
+    options.append("-cplan_cache_mode=force_custom_plan")
     if schema is not None:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,62}", schema):
             raise ValueError(f"{schema!r} is not a plain schema name")

@@ -20,7 +20,9 @@ Pure: no I/O.
 
 from __future__ import annotations
 
+import math
 import re
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from decimal import Decimal, InvalidOperation
@@ -44,6 +46,23 @@ Total = Literal["none", "estimate", "accurate"]
 
 DEFAULT_COUNT = 50
 MAX_COUNT = 1000
+# An offset past every row gives an empty page; larger ones are read as this, which
+# no store reaches and every database's integer holds.
+MAX_OFFSET = 10**18 - 1
+# Each criterion is one more subquery and each value one more condition: past these a
+# search costs the database far more than any real one (SQLite refuses an expression
+# that deep; PostgreSQL spent 16 s planning 200 criteria), so they are refused first.
+# A real search has a handful of criteria and values; the server's own searches keep
+# to a few criteria, but list up to a page of ids, hence the separate `_id` bound
+# (one IN list, cheap on any database).
+MAX_CRITERIA = 50
+MAX_VALUES = 100
+MAX_IDS = 10_000
+# A chain through a reference to many types is one subquery per type, each comparing
+# every value: all the criteria's subqueries and comparisons together may number at
+# most these (SQLite took over a second to prepare 1,000 such subqueries).
+MAX_SUBQUERIES = 500
+MAX_COMPARISONS = 5_000
 # Each link is one more join; four covers a forward chain inside a nested `_has`.
 MAX_CHAIN_LINKS = 4
 
@@ -78,6 +97,8 @@ _KNOWN_UNSUPPORTED_MODIFIERS = frozenset(
     {"text", "in", "not-in", "below", "above", "of-type", "identifier", "iterate"}
 )
 _ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+# A double's decimal exponents run from about -324 to 308.
+_MAX_EXPONENT = 330
 _SORTABLE = frozenset({"date", "string", "token", "uri", "number", "quantity"})
 
 
@@ -285,9 +306,9 @@ def parse_search(
                     code="not-supported",
                 )
             if name == "_count":
-                count = min(_non_negative_int(name, value), MAX_COUNT)
+                count = _non_negative_int(name, value, MAX_COUNT)
             elif name == "_offset":
-                offset = _non_negative_int(name, value)
+                offset = _non_negative_int(name, value, MAX_OFFSET)
             elif name == "_sort":
                 sort = _parse_sort(resource_type, value, registry)
             elif name == "_include":
@@ -313,23 +334,67 @@ def parse_search(
         criterion = _parse_criterion(resource_type, name, modifier or None, value, registry)
         if criterion is not None:
             criteria.append(criterion)
+    _check_cost(criteria)
     return SearchQuery(
         resource_type=resource_type,
         criteria=tuple(criteria),
         count=count,
         offset=offset,
         sort=sort,
-        include=tuple(include),
-        revinclude=tuple(revinclude),
+        # Each is a statement of its own: one given twice is run once.
+        include=tuple(dict.fromkeys(include)),
+        revinclude=tuple(dict.fromkeys(revinclude)),
         summary_count=summary_count,
         total=total,
     )
 
 
-def _non_negative_int(name: str, value: str) -> int:
-    if not re.fullmatch(r"\d{1,9}", value):
+def _check_cost(criteria: list[Criterion]) -> None:
+    """SearchError (too-costly) for a search past `MAX_CRITERIA`, `MAX_SUBQUERIES` or
+    `MAX_COMPARISONS`."""
+    if len(criteria) > MAX_CRITERIA:
+        raise SearchError(
+            f"a search may have at most {MAX_CRITERIA} criteria, not {len(criteria)}",
+            code="too-costly",
+        )
+    subqueries = sum(_branches(c) for c in criteria)
+    if subqueries > MAX_SUBQUERIES:
+        raise SearchError(
+            f"the search's criteria come to {subqueries} subqueries, more than the "
+            f"{MAX_SUBQUERIES} allowed: give fewer criteria, or name the target type of "
+            "a chained reference (reference:Type.parameter)",
+            code="too-costly",
+        )
+    comparisons = sum(_branches(c) * max(1, len(c.values)) for c in criteria if not _ids(c))
+    if comparisons > MAX_COMPARISONS:
+        raise SearchError(
+            f"the search's criteria come to {comparisons} comparisons, more than the "
+            f"{MAX_COMPARISONS} allowed: give fewer values or criteria, or name the "
+            "target type of a chained reference (reference:Type.parameter)",
+            code="too-costly",
+        )
+
+
+def _branches(criterion: Criterion) -> int:
+    """How many subqueries compare the criterion's values (see `_search_sql`): a
+    forward link is one per type it may reach, each repeating the rest of the chain."""
+    return math.prod(len(link.to_types) for link in criterion.chain if not link.reverse)
+
+
+def _ids(criterion: Criterion) -> bool:
+    """Whether the criterion is an unchained `_id`: one IN list, by primary key."""
+    return criterion.parameter == "_id" and not criterion.chain
+
+
+def _non_negative_int(name: str, value: str, limit: int) -> int:
+    """The value, at most `limit`."""
+    if not re.fullmatch(r"\d+", value, re.ASCII):
         raise SearchError(f"{name} must be a non-negative integer, not {value!r}", expression=name)
-    return int(value)
+    digits = value.lstrip("0")
+    # Compared as text first: int() refuses thousands of digits.
+    if len(digits) > len(str(limit)):
+        return limit
+    return min(int(digits or "0"), limit)
 
 
 def _lookup(resource_type: str, name: str, registry: SearchParameters) -> SearchParameter:
@@ -352,11 +417,11 @@ def _parse_criterion(
 ) -> Criterion | None:
     parameter = _lookup(resource_type, name, registry)
     where = f"{name}:{modifier}" if modifier else name
-    return _criterion_of(parameter, modifier, value, where)
+    return _criterion_of(parameter, modifier, value, where, chained=False)
 
 
 def _criterion_of(
-    parameter: SearchParameter, modifier: str | None, value: str, where: str
+    parameter: SearchParameter, modifier: str | None, value: str, where: str, *, chained: bool
 ) -> Criterion | None:
     code, kind = parameter.code, parameter.type
     if modifier is not None:
@@ -365,11 +430,23 @@ def _criterion_of(
         if value not in ("true", "false"):
             raise SearchError(f"{where} must be true or false, not {value!r}", expression=where)
         return Criterion(code, kind, modifier, (), missing=value == "true", name=where)
+    if "\x00" in value:
+        # No stored text holds it (PostgreSQL's cannot, and writes refuse it), and
+        # PostgreSQL refuses it as a value to compare with.
+        raise SearchError(
+            f"{where}: a search value cannot contain the NUL character", expression=where
+        )
     if value == "":
         return None
-    values = tuple(
-        _parse_value(parameter, modifier, piece, where) for piece in _escaped_pieces(value, ",")
-    )
+    pieces = _escaped_pieces(value, ",")
+    limit = MAX_IDS if code == "_id" and not chained else MAX_VALUES
+    if len(pieces) > limit:
+        raise SearchError(
+            f"{where}: at most {limit} values may be given, not {len(pieces)}",
+            expression=where,
+            code="too-costly",
+        )
+    values = tuple(_parse_value(parameter, modifier, piece, where) for piece in pieces)
     return Criterion(code, kind, modifier, values, name=where)
 
 
@@ -398,7 +475,7 @@ def _parse_chained_criterion(
     resource_type: str, raw_name: str, value: str, registry: SearchParameters
 ) -> Criterion | None:
     path = _resolve_path((resource_type,), raw_name, raw_name, registry, links=0)
-    criterion = _criterion_of(path.parameter, path.modifier, value, raw_name)
+    criterion = _criterion_of(path.parameter, path.modifier, value, raw_name, chained=True)
     return None if criterion is None else replace(criterion, chain=path.links)
 
 
@@ -633,13 +710,25 @@ def _parse_number(raw: str, where: str, *, quantity: bool) -> NumberValue:
         number = Decimal("NaN")
     if not re.fullmatch(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?", text) or not number.is_finite():
         raise SearchError(f"{where}: {raw!r} is not a number", expression=where)
-    exponent = number.as_tuple().exponent
-    half = Decimal(5).scaleb(int(exponent) - 1)
+    exponent = int(number.as_tuple().exponent)
+    value = float(number)
+    # Stored numbers are doubles: a value or precision far outside their range
+    # (1e9999999, 1e-9999999, 0e-9999999) has no meaning to compare with here.
+    if (
+        math.isinf(value)
+        or (value == 0 and not number.is_zero())
+        or not -_MAX_EXPONENT <= exponent <= _MAX_EXPONENT
+    ):
+        raise SearchError(
+            f"{where}: {raw!r} is not a number this server can search with", expression=where
+        )
+    half = Decimal(5).scaleb(exponent - 1)
+    # Within a double's range, so that no bound is infinite.
+    low = max(float(number - half), -sys.float_info.max)
+    high = min(float(number + half), sys.float_info.max)
     system = pieces[1] or None if len(pieces) == 3 else None
     code = pieces[2] or None if len(pieces) == 3 else None
-    return NumberValue(
-        prefix, float(number), float(number - half), float(number + half), system, code
-    )
+    return NumberValue(prefix, value, low, high, system, code)
 
 
 def _parse_reference(

@@ -34,24 +34,30 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from cpa_fhir.errors import (
     InputError,
     PreconditionFailed,
     ResourceGone,
     ResourceNotFound,
+    SearchError,
     VersionConflict,
 )
 from cpa_fhir.fhir.models import R4_RESOURCE_TYPES
 from cpa_fhir.store._appender import ProcessAppender
 from cpa_fhir.store._dates import to_micros
-from cpa_fhir.store._engine import READ_ONLY, ReadConnections, create_store_engine
+from cpa_fhir.store._engine import (
+    READ_ONLY,
+    SEARCH_TIMEOUT_MS,
+    ReadConnections,
+    create_store_engine,
+)
 from cpa_fhir.store._generation import GENERATION_SQL, AsyncGenerationReader, GenerationWatch
 from cpa_fhir.store._ids import time_ordered_id
 from cpa_fhir.store._indexing import IndexRows, RecordIndexer, index_resource
 from cpa_fhir.store._migrations import migrate as migrate_schema
-from cpa_fhir.store._query import Include, SearchQuery, parse_search
+from cpa_fhir.store._query import MAX_OFFSET, Include, SearchQuery, parse_search
 from cpa_fhir.store._schema import (
     INDEX_TABLES,
     index_pending,
@@ -188,6 +194,41 @@ def _with_meta(resource: dict[str, Any], version: int, last_updated: str) -> dic
     meta = resource.get("meta")
     kept: dict[str, Any] = meta if isinstance(meta, dict) else {}
     return {**resource, "meta": {**kept, "versionId": str(version), "lastUpdated": last_updated}}
+
+
+# PostgreSQL's SQLSTATE for a statement cancelled, as by statement_timeout.
+_QUERY_CANCELED = "57014"
+
+
+def _reset_timeout(connection: Connection) -> None:
+    """Give the pooled connection back without a search's statement_timeout."""
+    try:
+        connection.exec_driver_sql("RESET statement_timeout")
+    except Exception:  # broken: the pool must not hand it out again, timeout and all
+        connection.invalidate()
+
+
+def _content(resource: dict[str, Any]) -> bytes:
+    """The resource's JSON to store; InputError if any of its text holds a NUL.
+
+    PostgreSQL's text (the search index) cannot hold one, nor can FHIR's XML form:
+    refused on every database, so that a store behaves the same on each.
+    """
+    content = orjson.dumps(resource)
+    # JSON escapes a NUL as \u0000: only then need the resource be walked.
+    if b"\\u0000" in content and _has_nul(resource):
+        raise InputError("the resource's text contains a NUL character (U+0000)", code="invalid")
+    return content
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
 
 
 def _row_to_stored(row: Any, *, created: bool = False) -> Stored:
@@ -375,7 +416,13 @@ class _Operations:
                 raise ValueError("instance history needs the resource type")
             conditions.append(h.id == id)
         if since is not None:
-            conditions.append(h.last_updated >= since)
+            try:
+                conditions.append(h.last_updated >= since.astimezone(UTC))
+            except OverflowError:
+                # Before year 1 or after 9999 in UTC (`0001-01-01T00:00+14:00`): every
+                # version is since the one, none since the other.
+                if since.year != 1:
+                    conditions.append(sa.false())
         return conditions
 
     def history(
@@ -392,8 +439,10 @@ class _Operations:
             .where(*self._history_where(resource_type, id, since))
             # Newest first; ties in time broken by identity, so that pages never overlap.
             .order_by(h.last_updated.desc(), h.resource_type, h.id, h.version_id.desc())
-            .limit(count)
-            .offset(offset)
+            # Past every row, a page is empty however far: bounded, the database's
+            # integer holds them.
+            .limit(min(count, MAX_OFFSET))
+            .offset(min(offset, MAX_OFFSET))
         )
         rows = [_row_to_stored(r) for r in self.connection.execute(statement)]
         if id is not None and not rows and since is None and offset == 0:
@@ -421,7 +470,7 @@ class _Operations:
             .where(*conditions)
             .order_by(*order_by(query))
             .limit(query.count)
-            .offset(query.offset)
+            .offset(min(query.offset, MAX_OFFSET))
         )
         matches = [_row_to_stored(r) for r in self.connection.execute(statement)]
         total: int | None = None
@@ -623,7 +672,7 @@ class _Operations:
         version = current.version_id + 1 if current is not None else 1
         now = self._now()
         stored = _with_meta(resource, version, _instant(now))
-        content = orjson.dumps(stored)
+        content = _content(stored)
         try:
             self._store_version(
                 resource_type, resource_id, version, now, content, exists=current is not None
@@ -764,7 +813,7 @@ class _Operations:
             resource_type, resource_id = _check_resource(resource, needs_id=True)
             assert resource_id is not None
             stored = _with_meta(resource, 1, instant)
-            rows.append((resource_type, resource_id, 1, stamp, False, orjson.dumps(stored)))
+            rows.append((resource_type, resource_id, 1, stamp, False, _content(stored)))
             indexed.append(
                 (
                     resource_type,
@@ -901,7 +950,7 @@ class _Operations:
                 "version_id": version,
                 "last_updated": now,
                 "deleted": False,
-                "content": orjson.dumps(stored),
+                "content": _content(stored),
             }
             history_rows.append(values)
             (changed_rows if version > 1 else new_rows).append(values)
@@ -1017,6 +1066,8 @@ class SqlRepository:
         self.clock: Clock = clock if clock is not None else _utc_now
         self.postgres = self.engine.dialect.name == "postgresql"
         self.schema = schema
+        # How long a search's statement may run on PostgreSQL (see `_bound`).
+        self.search_timeout_ms = SEARCH_TIMEOUT_MS
         self._readers = ReadConnections(self.engine)
         self._records = RecordIndexer()
         if migrate:
@@ -1049,23 +1100,48 @@ class SqlRepository:
         self.close()
 
     @contextmanager
-    def _bound(self, *, read_only: bool, counted: bool = True) -> Iterator[_Bound]:
+    def _bound(
+        self, *, read_only: bool, counted: bool = True, searching: bool = False
+    ) -> Iterator[_Bound]:
+        """A connection and its transaction. `searching` (read-only): on PostgreSQL each
+        statement runs for at most `search_timeout_ms`, past which SearchError."""
         with self.engine.connect() as connection:
-            if read_only and self.engine.dialect.name == "postgresql":
+            limited = searching and read_only and self.postgres
+            if read_only and self.postgres:
                 # READ COMMITTED gives each statement its own snapshot anyway, so a
                 # read needs no BEGIN and COMMIT round trips.
                 connection = connection.execution_options(isolation_level="AUTOCOMMIT")
             elif read_only:
                 connection = connection.execution_options(**{READ_ONLY: True})
-            with connection.begin():
-                yield _Bound(_Operations(connection, self.parameters, self.clock, self._records))
-                if not read_only and counted:
-                    # In the same transaction: the change and its count commit together.
-                    connection.execute(
-                        store_change.update()
-                        .where(store_change.c.id == 1)
-                        .values(generation=store_change.c.generation + 1)
+            try:
+                with connection.begin():
+                    if limited:
+                        # For the session, as autocommit has no transaction for SET
+                        # LOCAL; reset below, so that the pooled connection's writes
+                        # run unbounded.
+                        timeout = int(self.search_timeout_ms)
+                        connection.exec_driver_sql(f"SET statement_timeout = {timeout}")
+                    yield _Bound(
+                        _Operations(connection, self.parameters, self.clock, self._records)
                     )
+                    if not read_only and counted:
+                        # In the same transaction: the change and its count commit together.
+                        connection.execute(
+                            store_change.update()
+                            .where(store_change.c.id == 1)
+                            .values(generation=store_change.c.generation + 1)
+                        )
+            except DBAPIError as exc:
+                if limited and getattr(exc.orig, "sqlstate", None) == _QUERY_CANCELED:
+                    raise SearchError(
+                        f"the search did not finish within {self.search_timeout_ms / 1000:g} s;"
+                        " narrow it with fewer or more selective criteria",
+                        code="too-costly",
+                    ) from exc
+                raise
+            finally:
+                if limited:
+                    _reset_timeout(connection)
 
     # --- the hot read paths, straight through the driver --------------------------
     # A read by id is the server's commonest request; SQLAlchemy's statement
@@ -1200,7 +1276,7 @@ class SqlRepository:
         PreconditionFailed if several do (`what` names the request in the message).
         A read: only within `transaction()` is a write that follows serialised with
         the others that search first, as a conditional create is."""
-        with self._bound(read_only=True) as bound:
+        with self._bound(read_only=True, searching=True) as bound:
             return bound.conditional_match(resource_type, criteria, what)
 
     def history(
@@ -1213,7 +1289,7 @@ class SqlRepository:
         offset: int = 0,
     ) -> list[Stored]:
         """Versions newest first, `count` of them from `offset`."""
-        with self._bound(read_only=True) as bound:
+        with self._bound(read_only=True, searching=True) as bound:
             return bound.history(resource_type, id, since=since, count=count, offset=offset)
 
     def history_total(
@@ -1224,11 +1300,11 @@ class SqlRepository:
         since: datetime | None = None,
     ) -> int:
         """How many versions `history` pages through."""
-        with self._bound(read_only=True) as bound:
+        with self._bound(read_only=True, searching=True) as bound:
             return bound.history_total(resource_type, id, since=since)
 
     def search(self, query: SearchQuery) -> SearchResult:
-        with self._bound(read_only=True) as bound:
+        with self._bound(read_only=True, searching=True) as bound:
             return bound.search(query)
 
     def load(self, resources: Iterable[dict[str, Any]], *, batch_size: int = 1000) -> int:

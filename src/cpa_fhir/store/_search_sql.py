@@ -21,7 +21,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.sql.elements import ColumnElement
 
-from cpa_fhir.store._dates import from_micros
+from cpa_fhir.store._dates import clamped_moment
 from cpa_fhir.store._query import (
     ChainLink,
     Criterion,
@@ -302,8 +302,11 @@ def number_condition(value: NumberValue, column: ColumnElement[Any]) -> Conditio
 
 
 def _last_updated(column: ColumnElement[Any], value: DateValue, now_micros: int) -> Condition:
-    """`_lastUpdated` against the stored instant, a point in time (millisecond precision)."""
-    low, high = from_micros(value.low), from_micros(value.high)
+    """`_lastUpdated` against the stored instant, a point in time (millisecond precision).
+
+    Bounds past year 9999 or before year 1 (`9999`, `ap0001`) are clamped to the
+    instants a datetime holds, which every stored one lies within."""
+    low, high = clamped_moment(value.low), clamped_moment(value.high)
     match value.prefix:
         case "eq":
             return sa.and_(column >= low, column < high)
@@ -320,7 +323,8 @@ def _last_updated(column: ColumnElement[Any], value: DateValue, now_micros: int)
         case _:  # ap
             margin = approximate_margin(value, now_micros)
             return sa.and_(
-                column >= from_micros(value.low - margin), column < from_micros(value.high + margin)
+                column >= clamped_moment(value.low - margin),
+                column < clamped_moment(value.high + margin),
             )
 
 
