@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from cpa_fhir.errors import InputError, SearchError
 from cpa_fhir.store import SqlRepository
 from cpa_fhir.store._dates import clamped_moment, to_micros
-from cpa_fhir.store._engine import create_store_engine
+from cpa_fhir.store._engine import STATEMENT_TIMEOUT_MS, create_store_engine
 from cpa_fhir.store._query import (
     MAX_COUNT,
     MAX_CRITERIA,
@@ -209,33 +209,36 @@ def test_repeated_includes_run_once(store: SqlRepository) -> None:
 
 
 def test_a_search_past_its_time_stops_with_a_clear_error(postgres: Postgres) -> None:
-    """PostgreSQL's searches have a time limit (SQLite has no statement timeout: there
-    the limits on criteria bound them)."""
-    store = SqlRepository(POSTGRES_URL, schema=postgres.new_schema())
+    """PostgreSQL's statements have a time limit, a search's reported as too costly
+    (SQLite has no statement timeout: there the limits on criteria bound searches)."""
+    schema = postgres.new_schema()
+    engine = create_store_engine(POSTGRES_URL, schema=schema, statement_timeout_ms=200)
+    store = SqlRepository(POSTGRES_URL, schema=schema, engine=engine)
     try:
-        _search_past_its_time(store)
+        store.create({"resourceType": "Patient"})
+        with store.engine.connect() as blocker:
+            # A lock the search waits on: as long a wait as any slow statement.
+            blocker.exec_driver_sql("SET statement_timeout = 0")
+            blocker.exec_driver_sql("LOCK TABLE resource_current IN ACCESS EXCLUSIVE MODE")
+            started = time.monotonic()
+            with pytest.raises(SearchError) as caught:
+                store.search(store.parse("Patient", []))
+            assert time.monotonic() - started < 5
+            assert caught.value.code == "too-costly"
+            assert "longer than this server allows" in caught.value.message
+            blocker.rollback()
+        assert len(ids(store, "Patient", [])) == 1  # the store serves on
     finally:
         store.close()
 
 
-def _search_past_its_time(store: SqlRepository) -> None:
-    store.create({"resourceType": "Patient"})
-    store.search_timeout_ms = 200
-    with store.engine.connect() as blocker:
-        # A lock the search waits on: as long a wait as any slow statement.
-        blocker.exec_driver_sql("LOCK TABLE resource_current IN ACCESS EXCLUSIVE MODE")
-        started = time.monotonic()
-        with pytest.raises(SearchError) as caught:
-            store.search(store.parse("Patient", []))
-        assert time.monotonic() - started < 5
-        assert caught.value.code == "too-costly"
-        assert "did not finish within 0.2 s" in caught.value.message
-        blocker.rollback()
-    assert len(ids(store, "Patient", [])) == 1
-    # The pooled connections went back without the search's timeout.
-    with store.engine.connect() as one, store.engine.connect() as two:
-        for connection in (one, two):
-            assert connection.exec_driver_sql("SHOW statement_timeout").scalar() == "0"
+def test_every_connection_of_the_store_has_the_bound(postgres: Postgres) -> None:
+    with SqlRepository(POSTGRES_URL, schema=postgres.new_schema()) as store:
+        store.analyze()  # lifts it for itself, and gives the connection back bounded
+        with store.engine.connect() as one, store.engine.connect() as two:
+            for connection in (one, two):
+                shown = connection.exec_driver_sql("SHOW statement_timeout").scalar()
+                assert shown == f"{STATEMENT_TIMEOUT_MS // 1000}s"
 
 
 # --- 5. NUL characters ----------------------------------------------------------------

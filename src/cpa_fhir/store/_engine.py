@@ -26,10 +26,11 @@ POOL_SIZE = 16
 POOL_OVERFLOW = 24
 # The longest a kept read connection's statement may run on PostgreSQL.
 READ_TIMEOUT_MS = 5_000
-# The longest a search's statement may run on PostgreSQL: far past any real search,
-# it stops one the database cannot answer in reasonable time (whose client has
-# most likely gone) from running on.
-SEARCH_TIMEOUT_MS = 30_000
+# The longest any of the store's statements may run on PostgreSQL (migrations and
+# ANALYZE aside): far past any real search or write, it stops one the database
+# cannot answer in reasonable time (whose client has most likely gone) from running
+# on. Set as a connection option, so that it costs no round trip.
+STATEMENT_TIMEOUT_MS = 30_000
 
 
 def normalise_url(url: str | URL) -> URL:
@@ -47,7 +48,12 @@ def normalise_url(url: str | URL) -> URL:
 
 
 def create_store_engine(
-    url: str | URL, *, schema: str | None = None, durable: bool = False, **kwargs: Any
+    url: str | URL,
+    *,
+    schema: str | None = None,
+    durable: bool = False,
+    statement_timeout_ms: int = STATEMENT_TIMEOUT_MS,
+    **kwargs: Any,
 ) -> Engine:
     """An engine on the store. `durable`: on SQLite, each commit is on disk before it
     returns (synchronous=FULL), not only safe from a crash of the process (NORMAL);
@@ -75,6 +81,7 @@ def create_store_engine(
     given = parsed.query.get("options", ())
     options = [given] if isinstance(given, str) else list(given)
     options.append("-cplan_cache_mode=force_custom_plan")
+    options.append(f"-cstatement_timeout={int(statement_timeout_ms)}")
     if schema is not None:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,62}", schema):
             raise ValueError(f"{schema!r} is not a plain schema name")

@@ -110,6 +110,8 @@ def migrate(engine: Engine, *, target: int | None = None) -> list[int]:
     applied_now: list[int] = []
     with engine.begin() as connection:
         if connection.dialect.name == "postgresql":
+            # A migration over a large store may run longer than a statement may.
+            connection.exec_driver_sql("SET LOCAL statement_timeout = 0")
             connection.execute(
                 sa.text("SELECT pg_advisory_xact_lock(hashtext(:key || current_schema()))"),
                 {"key": _LOCK_KEY},

@@ -49,7 +49,6 @@ from cpa_fhir.store._appender import ProcessAppender
 from cpa_fhir.store._dates import to_micros
 from cpa_fhir.store._engine import (
     READ_ONLY,
-    SEARCH_TIMEOUT_MS,
     ReadConnections,
     create_store_engine,
 )
@@ -198,14 +197,6 @@ def _with_meta(resource: dict[str, Any], version: int, last_updated: str) -> dic
 
 # PostgreSQL's SQLSTATE for a statement cancelled, as by statement_timeout.
 _QUERY_CANCELED = "57014"
-
-
-def _reset_timeout(connection: Connection) -> None:
-    """Give the pooled connection back without a search's statement_timeout."""
-    try:
-        connection.exec_driver_sql("RESET statement_timeout")
-    except Exception:  # broken: the pool must not hand it out again, timeout and all
-        connection.invalidate()
 
 
 def _content(resource: dict[str, Any]) -> bytes:
@@ -1066,8 +1057,6 @@ class SqlRepository:
         self.clock: Clock = clock if clock is not None else _utc_now
         self.postgres = self.engine.dialect.name == "postgresql"
         self.schema = schema
-        # How long a search's statement may run on PostgreSQL (see `_bound`).
-        self.search_timeout_ms = SEARCH_TIMEOUT_MS
         self._readers = ReadConnections(self.engine)
         self._records = RecordIndexer()
         if migrate:
@@ -1088,7 +1077,13 @@ class SqlRepository:
         if self.engine.dialect.name == "postgresql":
             autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
             with autocommit.connect() as connection:
-                connection.exec_driver_sql(f"ANALYZE {tables}")
+                # Over a large store ANALYZE may take longer than a statement may;
+                # the pooled connection gets its bound back after.
+                connection.exec_driver_sql("SET statement_timeout = 0")
+                try:
+                    connection.exec_driver_sql(f"ANALYZE {tables}")
+                finally:
+                    connection.exec_driver_sql("RESET statement_timeout")
         else:
             with self.engine.begin() as connection:
                 connection.exec_driver_sql("ANALYZE")
@@ -1103,10 +1098,9 @@ class SqlRepository:
     def _bound(
         self, *, read_only: bool, counted: bool = True, searching: bool = False
     ) -> Iterator[_Bound]:
-        """A connection and its transaction. `searching` (read-only): on PostgreSQL each
-        statement runs for at most `search_timeout_ms`, past which SearchError."""
+        """A connection and its transaction. `searching` (read-only): a statement that
+        PostgreSQL stopped for running too long (`STATEMENT_TIMEOUT_MS`) is SearchError."""
         with self.engine.connect() as connection:
-            limited = searching and read_only and self.postgres
             if read_only and self.postgres:
                 # READ COMMITTED gives each statement its own snapshot anyway, so a
                 # read needs no BEGIN and COMMIT round trips.
@@ -1115,12 +1109,6 @@ class SqlRepository:
                 connection = connection.execution_options(**{READ_ONLY: True})
             try:
                 with connection.begin():
-                    if limited:
-                        # For the session, as autocommit has no transaction for SET
-                        # LOCAL; reset below, so that the pooled connection's writes
-                        # run unbounded.
-                        timeout = int(self.search_timeout_ms)
-                        connection.exec_driver_sql(f"SET statement_timeout = {timeout}")
                     yield _Bound(
                         _Operations(connection, self.parameters, self.clock, self._records)
                     )
@@ -1132,16 +1120,13 @@ class SqlRepository:
                             .values(generation=store_change.c.generation + 1)
                         )
             except DBAPIError as exc:
-                if limited and getattr(exc.orig, "sqlstate", None) == _QUERY_CANCELED:
+                if searching and getattr(exc.orig, "sqlstate", None) == _QUERY_CANCELED:
                     raise SearchError(
-                        f"the search did not finish within {self.search_timeout_ms / 1000:g} s;"
+                        "the search ran longer than this server allows;"
                         " narrow it with fewer or more selective criteria",
                         code="too-costly",
                     ) from exc
                 raise
-            finally:
-                if limited:
-                    _reset_timeout(connection)
 
     # --- the hot read paths, straight through the driver --------------------------
     # A read by id is the server's commonest request; SQLAlchemy's statement
