@@ -213,3 +213,42 @@ def test_what_the_framework_answers_is_an_operation_outcome_too(
 ) -> None:
     token = sandbox.token_for("trust", "http://testserver/fhir")["access_token"]
     outcome(http.request(method, url, headers={"authorization": f"Bearer {token}"}), status)
+
+
+def test_thousands_of_digits_in_a_history_count_or_offset_are_no_fault(trust: Fhir) -> None:
+    nines = "9" * 5000
+    page = trust.get(f"{FLAG}/_history", params={"_offset": nines})
+    assert page.status_code == 200, page.text
+    assert page.json().get("entry", []) == []
+    outcome(trust.get(f"{FLAG}/_history", params={"_count": nines}), 400)
+
+
+@pytest.mark.parametrize("depth", [100, 400])
+def test_a_patch_nesting_deeper_than_a_body_may_is_refused(trust: Fhir, depth: int) -> None:
+    before = _versions(trust, FLAG)
+    # Written out as text: past a few hundred levels the JSON libraries refuse to.
+    ext = '{"url": "https://example.org/deep", "extension": ['
+    value = ext * depth + '{"url": "https://example.org/deep"}' + "]}" * depth
+    r = trust.http.patch(
+        f"/fhir/{FLAG}",
+        content=f'[{{"op": "add", "path": "/extension/-", "value": {value}}}]',
+        headers={**trust.headers, "content-type": "application/json-patch+json"},
+    )
+    body = outcome(r, 400)
+    assert body["issue"][0]["code"] == "too-costly"
+    assert _versions(trust, FLAG) == before
+
+
+def test_the_api_answers_below_the_root_path_it_is_mounted_at(sandbox: Sandbox) -> None:
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    from cpa_fhir.sandbox import create_app
+
+    outer = Starlette(routes=[Mount("/api", create_app(sandbox, audit_process=False))])
+    token = sandbox.token_for("trust", "http://testserver/api/fhir")["access_token"]
+    http = TestClient(outer)
+    assert http.get("/api/fhir/metadata").status_code == 200
+    read = http.get(f"/api/fhir/{FLAG}", headers={"authorization": f"Bearer {token}"})
+    assert read.status_code == 200, read.text
+    assert read.json()["id"] == "c-risk-self-harm"

@@ -362,3 +362,26 @@ def test_clamped_moment_moves_only_what_a_datetime_cannot_hold() -> None:
     assert clamped_moment(to_micros(now)) == now
     assert clamped_moment(2**62) == datetime.max.replace(tzinfo=UTC)
     assert clamped_moment(-(2**62)) == datetime.min.replace(tzinfo=UTC)
+
+
+# --- values longer than the index holds ---------------------------------------------
+
+
+def test_a_reference_longer_than_the_index_holds_is_refused_not_cut_short(
+    store: SqlRepository,
+) -> None:
+    """Cut to 64 characters, the id of another patient's reference would index as
+    this one's, and a search (or the Consents looked up for a patient) would find it."""
+    mine = "p" * 64
+    store.create({"resourceType": "Patient", "id": mine})
+    with pytest.raises(InputError, match="longer than"):
+        store.create(
+            {
+                "resourceType": "Flag",
+                "status": "active",
+                "code": {"text": "risk"},
+                "subject": {"reference": f"Patient/{mine}-someone-else"},
+            }
+        )
+    assert ids(store, "Flag", [("subject", f"Patient/{mine}")]) == []
+    assert store.referring("Flag", "subject", ("Patient", mine)) == []

@@ -143,11 +143,14 @@ async def _body(request: HttpRequest) -> bytes:
     return b"".join(chunks)
 
 
-def _fhir_path(full: str, prefix: str) -> str:
+def _fhir_path(scope: Mapping[str, Any], prefix: str) -> str:
     """The path under the FHIR base, from the request's own: a route's path parameter
     drops a final newline (its pattern's `$` matches before one), and the id before
-    it would pass for the id without it."""
-    return full[len(prefix) + 1 :]  # after "{prefix}/"; nothing at the base
+    it would pass for the id without it. Below the root path the app is served at."""
+    full, root = scope["path"], scope.get("root_path", "")
+    if root and full.startswith(root):
+        full = full[len(root) :]
+    return str(full[len(prefix) + 1 :])  # after "{prefix}/"; nothing at the base
 
 
 def _send(response: Any) -> HttpResponse:
@@ -220,7 +223,7 @@ def create_app(
         return JSONResponse(payload, status, headers={"cache-control": "no-store"})
 
     async def fhir(request: HttpRequest) -> HttpResponse:
-        return await answer(request, _fhir_path(request.scope["path"], FHIR_PREFIX))
+        return await answer(request, _fhir_path(request.scope, FHIR_PREFIX))
 
     async def answer(request: HttpRequest, path: str) -> HttpResponse:
         try:
@@ -307,7 +310,7 @@ def create_app(
             client = scope.get("client")
             if request.method != "GET" or not client or client[0] not in _LOOPBACK:
                 return _send(outcome_response(HttpError(404, "no such endpoint", code="not-found")))
-            path = _fhir_path(request.scope["path"], "/_bare" + FHIR_PREFIX)
+            path = _fhir_path(request.scope, "/_bare" + FHIR_PREFIX)
             # Every header counts (the token, Accept, Host for the links): the same
             # request, byte for byte, or the endpoint itself answers.
             key = (path, scope["query_string"], tuple(scope["headers"]))

@@ -906,6 +906,12 @@ def json_patch(body: bytes, what: str) -> jsonpatch.JsonPatch:
         operations = orjson.loads(body)
         if not isinstance(operations, list):
             raise TypeError("a JSON Patch is a list of operations")
+        if _deeper_than(operations, MAX_BODY_DEPTH):
+            raise HttpError(
+                400,
+                f"{what} nests objects and lists more than {MAX_BODY_DEPTH} deep",
+                code="too-costly",
+            )
         return jsonpatch.JsonPatch(operations)
     except (
         orjson.JSONDecodeError,
@@ -927,6 +933,10 @@ def patched_resource(patch: jsonpatch.JsonPatch, current: Stored) -> dict[str, A
         patched.get("resourceType"), patched.get("id")) != (current.resource_type, current.id
     ):  # fmt: skip
         raise HttpError(422, "a patch may not change the resource's type or id", code="invariant")
+    if _deeper_than(patched, MAX_BODY_DEPTH):  # as a resource sent whole would be
+        raise HttpError(
+            400, f"the patched resource nests more than {MAX_BODY_DEPTH} deep", code="too-costly"
+        )
     return patched
 
 
@@ -1046,7 +1056,9 @@ def _bounded_int(
         return default
     if not _is_decimal(raw):
         raise HttpError(400, f"{name} must be a whole number, not {raw!r}", code="value")
-    value = int(raw)
+    digits = raw.lstrip("0") or "0"
+    # Past 18 digits it is past every bound here; int() refuses thousands of digits.
+    value = int(digits) if len(digits) <= 18 else 10**18
     if value < low or (high is not None and value > high):
         bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
         raise HttpError(400, f"{name} must be {bounds}", code="value")

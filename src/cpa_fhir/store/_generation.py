@@ -120,7 +120,11 @@ class AsyncGenerationReader:
         finally:
             wrapper.close()
         connection = await psycopg.AsyncConnection.connect(dsn, password=password, autocommit=True)
-        await connection.execute(f"SET statement_timeout = {READ_TIMEOUT_MS}")
+        try:
+            await connection.execute(f"SET statement_timeout = {READ_TIMEOUT_MS}")
+        except BaseException:
+            await _close_quietly(connection)
+            raise
         return connection
 
     async def close(self) -> None:

@@ -22,6 +22,7 @@ so that two cannot both find no match and both create.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -277,8 +278,11 @@ _PIPELINE_ROWS = 1_000
 
 
 def _array_type(column: sa.Column[Any]) -> str:
-    """PostgreSQL's array type of a column's values (collation aside: the column has it)."""
-    return column.type.compile(dialect=_POSTGRES).split(" COLLATE ")[0] + "[]"
+    """PostgreSQL's array type of a column's values: collation aside (the column has
+    it), and length too, since an explicit cast to varchar(n) cuts a longer value
+    short without a word, where storing it in the column refuses it."""
+    compiled = column.type.compile(dialect=_POSTGRES).split(" COLLATE ")[0]
+    return re.sub(r"VARCHAR\(\d+\)", "VARCHAR", compiled) + "[]"
 
 
 @cache
@@ -729,7 +733,11 @@ class _Operations:
             )
 
     def _insert_index(self, indexed: list[tuple[str, str, IndexRows]]) -> None:
-        self._insert_tables(_index_tables(indexed))
+        batches = _index_tables(indexed)
+        # Said the same on every database (SQLite would store a longer value as it is).
+        for table, rows in batches:
+            _check_fits(table, rows)
+        self._insert_tables(batches)
 
     def _insert_tables(self, batches: list[tuple[sa.Table, list[tuple[Any, ...]]]]) -> None:
         """Insert rows into several tables (see `_insert_rows`). On PostgreSQL a few rows
