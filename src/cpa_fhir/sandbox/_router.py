@@ -41,6 +41,7 @@ from cpa_fhir.sandbox._audit_log import AuditLog, AuditWriteFailed, Events
 from cpa_fhir.sandbox._auth import AuthFailure, Client, allows, require
 from cpa_fhir.sandbox._chains import chains_hold
 from cpa_fhir.store import SearchQuery, SqlRepository, Stored, index_resource, time_ordered_id
+from cpa_fhir.store._query import MAX_OFFSET, whole_number
 from cpa_fhir.validation import Validator
 
 FHIR_JSON = "application/fhir+json; charset=utf-8"
@@ -50,8 +51,6 @@ _ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 # Version ids are stored as 32-bit integers: a longer one names no version.
 _log = logging.getLogger(__name__)
 _VERSION_DIGITS = 9
-# The furthest `_offset` taken as given: beyond any store, and within a 64-bit integer.
-MAX_OFFSET = 10**12
 # Far deeper than any FHIR content nests; deeper would break copying and writing it.
 MAX_BODY_DEPTH = 128
 MAX_PARTNER_MATCHES = 1000
@@ -790,9 +789,7 @@ class Router:
                     code="value",
                 ) from None
         count = _bounded_int(q, "_count", 100, 1, 1000)
-        # Past the end of any store is past the end: an empty page, not a number the
-        # database cannot bind.
-        offset = min(_bounded_int(q, "_offset", 0, 0, None), MAX_OFFSET)
+        offset = _bounded_int(q, "_offset", 0, 0, None)
         if view is None:
             versions = self.repo.history(rtype, rid, since=since, count=count, offset=offset)
             total = self.repo.history_total(rtype, rid, since=since)
@@ -1054,11 +1051,7 @@ def _bounded_int(
     raw = query.get(name)
     if raw is None:
         return default
-    if not _is_decimal(raw):
-        raise HttpError(400, f"{name} must be a whole number, not {raw!r}", code="value")
-    digits = raw.lstrip("0") or "0"
-    # Past 18 digits it is past every bound here; int() refuses thousands of digits.
-    value = int(digits) if len(digits) <= 18 else 10**18
+    value = whole_number(name, raw, MAX_OFFSET)
     if value < low or (high is not None and value > high):
         bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
         raise HttpError(400, f"{name} must be {bounds}", code="value")

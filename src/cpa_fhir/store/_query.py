@@ -306,9 +306,9 @@ def parse_search(
                     code="not-supported",
                 )
             if name == "_count":
-                count = _non_negative_int(name, value, MAX_COUNT)
+                count = whole_number(name, value, MAX_COUNT)
             elif name == "_offset":
-                offset = _non_negative_int(name, value, MAX_OFFSET)
+                offset = whole_number(name, value, MAX_OFFSET)
             elif name == "_sort":
                 sort = _parse_sort(resource_type, value, registry)
             elif name == "_include":
@@ -386,8 +386,9 @@ def _ids(criterion: Criterion) -> bool:
     return criterion.parameter == "_id" and not criterion.chain
 
 
-def _non_negative_int(name: str, value: str, limit: int) -> int:
-    """The value, at most `limit`."""
+def whole_number(name: str, value: str, limit: int) -> int:
+    """A query parameter's non-negative integer, at most `limit` (a larger one is
+    read as `limit`); SearchError if it is not one."""
     if not re.fullmatch(r"\d+", value, re.ASCII):
         raise SearchError(f"{name} must be a non-negative integer, not {value!r}", expression=name)
     digits = value.lstrip("0")

@@ -848,7 +848,8 @@ class _Operations:
             if key in still:
                 still.discard(key)
                 kept.append(entry)
-        self._insert_index(kept)
+        # Checked to fit when they were appended (`append_new`): not again.
+        self._insert_tables(_index_tables(kept))
         return len(kept)
 
     def _clear_pending(self, keys: list[tuple[str, str]]) -> set[tuple[str, str]]:
