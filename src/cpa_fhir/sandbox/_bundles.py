@@ -13,6 +13,7 @@ import base64
 import binascii
 import copy
 from dataclasses import replace
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
@@ -190,11 +191,26 @@ def run_bundle(
 
 
 def _entry_headers(req: dict[str, Any]) -> dict[str, str]:
+    """An entry's conditions as the HTTP headers they stand for."""
     headers = {}
     if isinstance(req.get("ifNoneExist"), str):
         headers["if-none-exist"] = req["ifNoneExist"]
     if isinstance(req.get("ifMatch"), str):
         headers["if-match"] = req["ifMatch"]
+    if isinstance(req.get("ifNoneMatch"), str):
+        headers["if-none-match"] = req["ifNoneMatch"]
+    since = req.get("ifModifiedSince")
+    if isinstance(since, str):
+        # An instant here, an HTTP date in the header; one that cannot be read is
+        # ignored, as the header's would be.
+        try:
+            moment = datetime.fromisoformat(since.replace("Z", "+00:00"))
+        except ValueError:
+            moment = None
+        if moment is not None and moment.tzinfo is not None:
+            from cpa_fhir.sandbox._router import http_date
+
+            headers["if-modified-since"] = http_date(moment)
     return headers
 
 

@@ -59,6 +59,8 @@ def capability_statement(
             "versioning": "versioned-update",
             "readHistory": True,
             "updateCreate": True,
+            # If-None-Match and If-Modified-Since (a partner's are answered in full).
+            "conditionalRead": "full-support",
             "conditionalCreate": True,
             "conditionalUpdate": True,
             "conditionalDelete": "single",

@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from email.utils import format_datetime
+from email.utils import format_datetime, parsedate_to_datetime
 from functools import lru_cache
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
@@ -129,11 +129,46 @@ def outcome_response(exc: FhirError) -> Response:
 
 
 def _etag(stored: Stored) -> dict[str, str]:
-    return {"etag": f'W/"{stored.version_id}"', "last-modified": _http_date(stored.last_updated)}
+    return {"etag": f'W/"{stored.version_id}"', "last-modified": http_date(stored.last_updated)}
+
+
+# https://hl7.org/fhir/R4/http.html#ops: the values of Prefer's `return`, as written there.
+_RETURN_PREFERENCES = {p.lower(): p for p in ("minimal", "representation", "OperationOutcome")}
+
+
+def _return_preference(header: str | None) -> str | None:
+    """The `return` preference of a Prefer header (RFC 7240), None if it states none
+    this server knows (then it answers as it would without one)."""
+    for preference in (header or "").split(","):
+        name, _, value = preference.split(";")[0].partition("=")
+        if name.strip().lower() == "return":
+            return _RETURN_PREFERENCES.get(value.strip().strip('"').lower())
+    return None
+
+
+def _not_modified(headers: Mapping[str, str], stored: Stored) -> bool:
+    """Whether a conditional read (RFC 9110 §13.1.2 and §13.1.3) finds the client's
+    copy current: If-None-Match names its version (weakly compared, or `*`), or,
+    without If-None-Match, If-Modified-Since is no earlier than its last update (to
+    the second, as HTTP dates go). An unreadable date is ignored, as RFC 9110 says."""
+    if_none_match = headers.get("if-none-match")
+    if if_none_match is not None:
+        tags = [tag.strip() for tag in if_none_match.split(",")]
+        return "*" in tags or f'"{stored.version_id}"' in (t.removeprefix("W/") for t in tags)
+    since = headers.get("if-modified-since")
+    if since is None:
+        return False
+    try:
+        client_copy = parsedate_to_datetime(since)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return False
+    if client_copy.tzinfo is None:  # RFC 850 and asctime dates: GMT all the same
+        client_copy = client_copy.replace(tzinfo=UTC)
+    return stored.last_updated.replace(microsecond=0) <= client_copy
 
 
 @lru_cache(maxsize=4096)
-def _http_date(moment: datetime) -> str:
+def http_date(moment: datetime) -> str:
     """An HTTP date (RFC 9110 §5.6.7), kept: the same versions are read again and
     again, and writing one takes some twenty times as long as looking it up."""
     return format_datetime(moment.astimezone(UTC), usegmt=True)
@@ -370,7 +405,12 @@ class Router:
                 stored = self.repo.read(rtype, rid)
             else:
                 stored = self.repo.vread(rtype, rid, version)
+            if _not_modified(request.headers, stored):
+                return Response(304, b"", _etag(stored))
             return Response(200, stored.content, {"content-type": FHIR_JSON, **_etag(stored)})
+        # A partner's conditional read is always answered in full: its copy of a version
+        # was filtered under the consent of its day, and a 304 would vouch for it
+        # still (HTTP lets a server answer 200 to any conditional GET).
         if version is None:
             stored = self._partner_current(view, rtype, rid)
         else:
@@ -584,9 +624,23 @@ class Router:
         return self._written(request, stored)
 
     def _written(self, request: Request, stored: Stored) -> Response:
+        """The answer to a write, its body as the client's `Prefer: return=` asks
+        (https://hl7.org/fhir/R4/http.html#ops): the resource (the default), none,
+        or an OperationOutcome."""
         location = f"{request.base_url}/{stored.resource_type}/{stored.id}"
         headers = {"location": f"{location}/_history/{stored.version_id}", **_etag(stored)}
         status = 201 if stored.created else 200
+        wanted = _return_preference(request.headers.get("prefer"))
+        if wanted is not None:
+            headers["preference-applied"] = f"return={wanted}"
+        if wanted == "minimal":
+            return Response(status, b"", headers)
+        if wanted == "OperationOutcome":
+            done = "created" if stored.created else "updated"
+            message = f"{stored.resource_type}/{stored.id} {done}: version {stored.version_id}"
+            return self._json(
+                status, operation_outcome([Issue("information", "informational", message)]), headers
+            )
         return Response(status, stored.content, {"content-type": FHIR_JSON, **headers})
 
     def _validate(

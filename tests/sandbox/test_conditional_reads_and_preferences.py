@@ -1,0 +1,194 @@
+"""Conditional reads (If-None-Match, If-Modified-Since: 304 Not Modified) and the
+`Prefer: return=` of writes (https://hl7.org/fhir/R4/http.html#cread,
+https://hl7.org/fhir/R4/http.html#ops), on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import copy
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime, parsedate_to_datetime
+from typing import Any
+
+import orjson
+import pytest
+
+from tests.common import EXAMPLES
+from tests.sandbox.conftest import Fhir
+
+RECORD_A = orjson.loads(next(EXAMPLES.glob("Bundle-record-A-*.json")).read_bytes())
+
+
+def _flag() -> dict[str, Any]:
+    flag = copy.deepcopy(
+        next(e["resource"] for e in RECORD_A["entry"] if e["resource"]["resourceType"] == "Flag")
+    )
+    flag.pop("id", None)
+    return flag
+
+
+@pytest.fixture
+def flag_v2(trust: Fhir) -> dict[str, Any]:
+    """A Flag at version 2, as read back."""
+    created = trust.post("Flag", _flag()).json()
+    created["status"] = "inactive"
+    assert trust.put(f"Flag/{created['id']}", created).status_code == 200
+    return dict(trust.get(f"Flag/{created['id']}").json())
+
+
+def _http_date(moment: datetime) -> str:
+    return format_datetime(moment.astimezone(UTC), usegmt=True)
+
+
+def _not_modified(response: Any, version: int) -> None:
+    assert response.status_code == 304, response.text
+    assert response.content == b""
+    assert response.headers["etag"] == f'W/"{version}"'
+
+
+@pytest.mark.parametrize("tag", ['W/"2"', '"2"', "*", 'W/"1", W/"2"', ' W/"7" ,W/"2" '], ids=repr)
+def test_if_none_match_naming_the_current_version_is_not_modified(
+    trust: Fhir, flag_v2: dict[str, Any], tag: str
+) -> None:
+    _not_modified(trust.get(f"Flag/{flag_v2['id']}", headers={"if-none-match": tag}), 2)
+
+
+@pytest.mark.parametrize("tag", ['W/"1"', 'W/"20"', 'W/"2x"', "2", ""], ids=repr)
+def test_if_none_match_naming_another_version_reads_it_in_full(
+    trust: Fhir, flag_v2: dict[str, Any], tag: str
+) -> None:
+    response = trust.get(f"Flag/{flag_v2['id']}", headers={"if-none-match": tag})
+    assert response.status_code == 200
+    assert response.json() == flag_v2
+
+
+def test_if_modified_since_compares_with_the_last_update_to_the_second(
+    trust: Fhir, flag_v2: dict[str, Any]
+) -> None:
+    url = f"Flag/{flag_v2['id']}"
+    updated = datetime.fromisoformat(flag_v2["meta"]["lastUpdated"])
+    # The header the server sent is the moment the client's copy dates from.
+    sent = trust.get(url).headers["last-modified"]
+    assert parsedate_to_datetime(sent) == updated.replace(microsecond=0)
+    _not_modified(trust.get(url, headers={"if-modified-since": sent}), 2)
+    later = _http_date(updated + timedelta(days=1))
+    _not_modified(trust.get(url, headers={"if-modified-since": later}), 2)
+    earlier = _http_date(updated - timedelta(seconds=1))
+    assert trust.get(url, headers={"if-modified-since": earlier}).status_code == 200
+    # An unreadable date is ignored (RFC 9110 §13.1.3), not an error.
+    for bad in ("yesterday", "Mon, 99 Foo 2026 99:99:99 GMT", "9" * 400):
+        assert trust.get(url, headers={"if-modified-since": bad}).status_code == 200
+    # If-None-Match, when present, decides alone.
+    both = {"if-none-match": 'W/"1"', "if-modified-since": later}
+    assert trust.get(url, headers=both).status_code == 200
+
+
+def test_vread_and_head_answer_conditionally_too(trust: Fhir, flag_v2: dict[str, Any]) -> None:
+    fid = flag_v2["id"]
+    _not_modified(trust.get(f"Flag/{fid}/_history/1", headers={"if-none-match": 'W/"1"'}), 1)
+    assert (
+        trust.get(f"Flag/{fid}/_history/1", headers={"if-none-match": 'W/"2"'}).json()["status"]
+        == "active"
+    )
+    head = trust.http.head(f"/fhir/Flag/{fid}", headers={**trust.headers, "if-none-match": 'W/"2"'})
+    _not_modified(head, 2)
+
+
+def test_a_deleted_or_unknown_resource_is_not_answered_not_modified(trust: Fhir) -> None:
+    created = trust.post("Flag", _flag()).json()
+    assert trust.delete(f"Flag/{created['id']}").status_code == 204
+    gone = trust.get(f"Flag/{created['id']}", headers={"if-none-match": "*"})
+    assert gone.status_code == 410
+    assert trust.get("Flag/no-such-flag", headers={"if-none-match": "*"}).status_code == 404
+
+
+def test_a_partners_conditional_read_is_answered_in_full_and_audited(
+    trust: Fhir, as_client: Any
+) -> None:
+    gp = as_client("gp")
+    first = gp.get("CarePlan/c-careplan")
+    assert first.status_code == 200
+    audits_before = trust.get("AuditEvent", params={"_summary": "count"}).json()["total"]
+    again = gp.get(
+        "CarePlan/c-careplan",
+        headers={
+            "if-none-match": first.headers["etag"],
+            "if-modified-since": first.headers["last-modified"],
+        },
+    )
+    # The GP's copy was filtered under the consent of its day: a 304 would vouch for it.
+    assert again.status_code == 200
+    assert again.content == first.content
+    audits_after = trust.get("AuditEvent", params={"_summary": "count"}).json()["total"]
+    assert audits_after == audits_before + 1
+
+
+def test_a_batch_read_entry_carries_its_conditions(trust: Fhir, flag_v2: dict[str, Any]) -> None:
+    fid = flag_v2["id"]
+    updated = datetime.fromisoformat(flag_v2["meta"]["lastUpdated"])
+
+    def read(**conditions: str) -> dict[str, Any]:
+        return {"request": {"method": "GET", "url": f"Flag/{fid}", **conditions}}
+
+    batch = {
+        "resourceType": "Bundle",
+        "type": "batch",
+        "entry": [
+            read(ifNoneMatch='W/"2"'),
+            read(ifNoneMatch='W/"1"'),
+            read(ifModifiedSince=(updated + timedelta(hours=1)).isoformat()),
+            read(ifModifiedSince=(updated - timedelta(hours=1)).isoformat().replace("+00:00", "Z")),
+            read(ifModifiedSince="not an instant"),
+        ],
+    }
+    answered = trust.post("", batch)
+    assert answered.status_code == 200, answered.text
+    entries = answered.json()["entry"]
+    assert [e["response"]["status"] for e in entries] == ["304", "200", "304", "200", "200"]
+    assert "resource" not in entries[0] and entries[0]["response"]["etag"] == 'W/"2"'
+    assert entries[1]["resource"] == flag_v2
+
+
+def test_prefer_return_minimal_answers_a_write_with_no_body(trust: Fhir) -> None:
+    created = trust.post("Flag", _flag(), headers={"prefer": "return=minimal"})
+    assert created.status_code == 201
+    assert created.content == b""
+    assert created.headers["preference-applied"] == "return=minimal"
+    assert created.headers["etag"] == 'W/"1"'
+    location = created.headers["location"]
+    fid = location.split("/Flag/")[1].split("/")[0]
+    stored = trust.get(f"Flag/{fid}").json()  # created all the same
+    stored["status"] = "inactive"
+    updated = trust.put(f"Flag/{fid}", stored, headers={"prefer": "return=minimal"})
+    assert updated.status_code == 200 and updated.content == b""
+    assert updated.headers["etag"] == 'W/"2"'
+    assert trust.get(f"Flag/{fid}").json()["status"] == "inactive"
+
+
+def test_prefer_return_operation_outcome_reports_the_write(trust: Fhir) -> None:
+    created = trust.post("Flag", _flag(), headers={"prefer": 'return="OperationOutcome"'})
+    assert created.status_code == 201
+    body = created.json()
+    assert body["resourceType"] == "OperationOutcome"
+    (issue,) = body["issue"]
+    assert issue["severity"] == "information"
+    fid = created.headers["location"].split("/Flag/")[1].split("/")[0]
+    assert f"Flag/{fid} created: version 1" in issue["details"]["text"]
+    assert created.headers["preference-applied"] == "return=OperationOutcome"
+
+
+@pytest.mark.parametrize(
+    "prefer", [None, "return=representation", "respond-async", "return=everything"]
+)
+def test_otherwise_a_write_answers_with_the_resource(trust: Fhir, prefer: str | None) -> None:
+    headers = {"prefer": prefer} if prefer else {}
+    created = trust.post("Flag", _flag(), headers=headers)
+    assert created.status_code == 201
+    body = created.json()
+    assert body["resourceType"] == "Flag" and body["meta"]["versionId"] == "1"
+    applied = created.headers.get("preference-applied")
+    assert applied == ("return=representation" if prefer == "return=representation" else None)
+
+
+def test_the_capability_statement_says_reads_may_be_conditional(trust: Fhir) -> None:
+    resources = trust.get("metadata").json()["rest"][0]["resource"]
+    assert {r["conditionalRead"] for r in resources} == {"full-support"}
