@@ -126,6 +126,11 @@ class SearchError(FhirError):
     code = "invalid"
 
 
+class UnknownParameter(SearchError):
+    """A search parameter, or its modifier, that this server does not know or does not
+    support: what a client's `Prefer: handling=lenient` asks to have ignored."""
+
+
 class StoreError(FhirError):
     """A create, read, update or delete refused for the stored resource's state."""
 

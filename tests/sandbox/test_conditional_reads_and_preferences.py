@@ -192,3 +192,81 @@ def test_otherwise_a_write_answers_with_the_resource(trust: Fhir, prefer: str | 
 def test_the_capability_statement_says_reads_may_be_conditional(trust: Fhir) -> None:
     resources = trust.get("metadata").json()["rest"][0]["resource"]
     assert {r["conditionalRead"] for r in resources} == {"full-support"}
+
+
+def _searchset_parts(bundle: dict[str, Any]) -> tuple[set[str], list[dict[str, Any]]]:
+    matches = {
+        f"{e['resource']['resourceType']}/{e['resource']['id']}"
+        for e in bundle.get("entry", [])
+        if e["search"]["mode"] == "match"
+    }
+    outcomes = [e["resource"] for e in bundle.get("entry", []) if e["search"]["mode"] == "outcome"]
+    return matches, outcomes
+
+
+def test_a_search_is_strict_unless_asked_to_be_lenient(trust: Fhir) -> None:
+    query = {"patient": "Patient/c-patient", "colour": "blue"}
+    assert trust.get("Flag", params=query).status_code == 400
+    strict = trust.get("Flag", params=query, headers={"prefer": "handling=strict"})
+    assert strict.status_code == 400
+
+
+def test_a_lenient_search_leaves_out_what_it_does_not_understand_and_says_so(
+    trust: Fhir,
+) -> None:
+    plain = trust.get("CarePlan", params={"subject": "Patient/c-patient"}).json()
+    lenient = trust.get(
+        "CarePlan",
+        params=[
+            ("subject", "Patient/c-patient"),
+            ("colour", "blue"),
+            ("status:text", "active"),
+            ("_elements", "id"),
+            ("subject:Patient.shoe-size", "9"),
+        ],
+        headers={"prefer": "return=minimal, handling=lenient"},
+    )
+    assert lenient.status_code == 200, lenient.text
+    assert lenient.headers["preference-applied"] == "handling=lenient"
+    bundle = lenient.json()
+    matches, outcomes = _searchset_parts(bundle)
+    assert matches == _searchset_parts(plain)[0] and matches
+    assert bundle["total"] == plain["total"]
+    (outcome,) = outcomes
+    ignored = " ".join(i["details"]["text"] for i in outcome["issue"])
+    assert {i["severity"] for i in outcome["issue"]} == {"warning"}
+    for name in ("colour", "status:text", "_elements", "shoe-size"):
+        assert name in ignored
+    # The self link holds the parameters used, and only those.
+    self_link = next(link["url"] for link in bundle["link"] if link["relation"] == "self")
+    assert "subject=Patient" in self_link
+    assert not any(n in self_link for n in ("colour", "status", "_elements", "shoe"))
+
+
+def test_a_lenient_search_still_refuses_a_known_parameter_it_cannot_read(trust: Fhir) -> None:
+    lenient = {"prefer": "handling=lenient"}
+    assert trust.get("Flag", params={"date": "yesterday"}, headers=lenient).status_code == 400
+    assert trust.get("Flag", params={"_count": "-1"}, headers=lenient).status_code == 400
+
+
+def test_a_partners_lenient_search_is_filtered_as_any_other(trust: Fhir, as_client: Any) -> None:
+    gp = as_client("gp")
+    query = [("patient", "Patient/c-patient"), ("colour", "blue")]
+    strict = gp.get("Flag", params=query[:1]).json()
+    lenient = gp.get("Flag", params=query, headers={"prefer": "handling=lenient"})
+    assert lenient.status_code == 200
+    bundle = lenient.json()
+    # Record C's risk flags are withheld from the GP: none found, none counted.
+    assert bundle["total"] == strict["total"] == 0
+    matches, outcomes = _searchset_parts(bundle)
+    assert matches == set() and len(outcomes) == 1
+    posted = gp.http.post(
+        "/fhir/Flag/_search",
+        content="patient=Patient/c-patient&colour=blue",
+        headers={
+            **gp.headers,
+            "content-type": "application/x-www-form-urlencoded",
+            "prefer": "handling=lenient",
+        },
+    )
+    assert posted.status_code == 200 and posted.json()["total"] == 0

@@ -32,6 +32,7 @@ from cpa_fhir.errors import (
     ResourceNotFound,
     SearchError,
     SharingError,
+    UnknownParameter,
     VersionConflict,
 )
 from cpa_fhir.fhir.models import R4_RESOURCE_TYPES
@@ -40,7 +41,14 @@ from cpa_fhir.sandbox._access import DerivedCache, PartnerView
 from cpa_fhir.sandbox._audit_log import AuditLog, AuditWriteFailed, Events
 from cpa_fhir.sandbox._auth import AuthFailure, Client, allows, require
 from cpa_fhir.sandbox._chains import chains_hold
-from cpa_fhir.store import SearchQuery, SqlRepository, Stored, index_resource, time_ordered_id
+from cpa_fhir.store import (
+    SearchQuery,
+    SqlRepository,
+    Stored,
+    index_resource,
+    known_parameters,
+    time_ordered_id,
+)
 from cpa_fhir.store._query import MAX_OFFSET, whole_number
 from cpa_fhir.validation import Validator
 
@@ -132,18 +140,30 @@ def _etag(stored: Stored) -> dict[str, str]:
     return {"etag": f'W/"{stored.version_id}"', "last-modified": http_date(stored.last_updated)}
 
 
-# https://hl7.org/fhir/R4/http.html#ops: the values of Prefer's `return`, as written there.
-_RETURN_PREFERENCES = {p.lower(): p for p in ("minimal", "representation", "OperationOutcome")}
+# https://hl7.org/fhir/R4/http.html#ops and search.html#errors: the values of Prefer's
+# `return` and `handling` this server knows, as written there.
+_PREFERENCES = {
+    "return": {p.lower(): p for p in ("minimal", "representation", "OperationOutcome")},
+    "handling": {"strict": "strict", "lenient": "lenient"},
+}
 
 
-def _return_preference(header: str | None) -> str | None:
-    """The `return` preference of a Prefer header (RFC 7240), None if it states none
-    this server knows (then it answers as it would without one)."""
+def _preference(header: str | None, name: str) -> str | None:
+    """A preference of a Prefer header (RFC 7240), None if it states none this server
+    knows under `name` (then it answers as it would without one)."""
     for preference in (header or "").split(","):
-        name, _, value = preference.split(";")[0].partition("=")
-        if name.strip().lower() == "return":
-            return _RETURN_PREFERENCES.get(value.strip().strip('"').lower())
+        token, _, value = preference.split(";")[0].partition("=")
+        if token.strip().lower() == name:
+            return _PREFERENCES[name].get(value.strip().strip('"').lower())
     return None
+
+
+def _with_outcome(searchset: bytes, issues: list[Issue]) -> bytes:
+    """A searchset with an OperationOutcome entry (search.mode `outcome`) added."""
+    bundle = orjson.loads(searchset)
+    entry = {"resource": operation_outcome(issues), "search": {"mode": "outcome"}}
+    bundle.setdefault("entry", []).append(entry)
+    return orjson.dumps(bundle)
 
 
 def _not_modified(headers: Mapping[str, str], stored: Stored) -> bool:
@@ -630,7 +650,7 @@ class Router:
         location = f"{request.base_url}/{stored.resource_type}/{stored.id}"
         headers = {"location": f"{location}/_history/{stored.version_id}", **_etag(stored)}
         status = 201 if stored.created else 200
-        wanted = _return_preference(request.headers.get("prefer"))
+        wanted = _preference(request.headers.get("prefer"), "return")
         if wanted is not None:
             headers["preference-applied"] = f"return={wanted}"
         if wanted == "minimal":
@@ -680,15 +700,33 @@ class Router:
     ) -> Response:
         require(scopes, rtype, "search")
         params = [(k, v) for k, v in params if k != "_format"]
+        lenient = _preference(request.headers.get("prefer"), "handling") == "lenient"
+        left_out: list[UnknownParameter] = []
+        if lenient:
+            # https://hl7.org/fhir/R4/search.html#errors: what is not understood is
+            # left out of the search and of its self link, and said why.
+            params, left_out = known_parameters(rtype, params, self.repo.parameters)
         query = self.repo.parse(rtype, params)
         if view is None:
             result = self.repo.search(query)
             # Included resources go only where the token's scopes reach.
             included = [s for s in result.included if _allowed(scopes, s.resource_type)]
-            return self._searchset(
+            response = self._searchset(
                 request, rtype, params, query, result.matches, included, result.total
             )
-        return self._partner_search(request, rtype, params, query, view)
+        else:
+            response = self._partner_search(request, rtype, params, query, view)
+        if lenient:
+            response.headers["preference-applied"] = "handling=lenient"
+        if left_out:
+            response.body = _with_outcome(
+                response.body,
+                [
+                    Issue("warning", exc.code, f"ignored: {exc.message}", exc.expression)
+                    for exc in left_out
+                ],
+            )
+        return response
 
     def _partner_search(
         self,

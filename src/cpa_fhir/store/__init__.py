@@ -21,6 +21,7 @@ from cpa_fhir.store._query import (
     SortKey,
     StringValue,
     TokenValue,
+    known_parameters,
     parse_search,
 )
 from cpa_fhir.store._repository import Repository, SearchResult, SqlRepository, Stored
@@ -58,6 +59,7 @@ __all__ = [
     "index_resource",
     "migrate",
     "normalise",
+    "known_parameters",
     "parse_search",
     "r4_search_parameters",
     "time_ordered_id",

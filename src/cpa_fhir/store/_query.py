@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 from decimal import Decimal, InvalidOperation
 from typing import Literal, cast
 
-from cpa_fhir.errors import SearchError
+from cpa_fhir.errors import SearchError, UnknownParameter
 from cpa_fhir.fhir.models import R4_RESOURCE_TYPES
 from cpa_fhir.store._dates import date_range
 from cpa_fhir.store._indexing import normalise
@@ -300,7 +300,7 @@ def parse_search(
                     raise SearchError(f"{name} given more than once", expression=name)
                 seen_result.add(name)
             if modifier:
-                raise SearchError(
+                raise UnknownParameter(
                     f"{raw_name}: modifiers on {name} are not supported",
                     expression=raw_name,
                     code="not-supported",
@@ -400,13 +400,38 @@ def whole_number(name: str, value: str, limit: int) -> int:
 
 def _lookup(resource_type: str, name: str, registry: SearchParameters) -> SearchParameter:
     if name in _UNSUPPORTED:
-        raise SearchError(
+        raise UnknownParameter(
             f"search parameter {name} is not supported", expression=name, code="not-supported"
         )
     parameter = registry.get(resource_type, name)
     if parameter is None:
-        raise SearchError(f"unknown search parameter {name!r} for {resource_type}", expression=name)
+        raise UnknownParameter(
+            f"unknown search parameter {name!r} for {resource_type}", expression=name
+        )
     return parameter
+
+
+def known_parameters(
+    resource_type: str,
+    params: Iterable[tuple[str, str]],
+    parameters: SearchParameters | None = None,
+) -> tuple[list[tuple[str, str]], list[UnknownParameter]]:
+    """The parameters of a search less those this server does not know or support
+    (a name, a chain through one, or a modifier), and why each was left out: a
+    search with lenient handling (https://hl7.org/fhir/R4/search.html#errors). A
+    known parameter with a malformed value stays, for `parse_search` to refuse."""
+    kept: list[tuple[str, str]] = []
+    left_out: list[UnknownParameter] = []
+    for param in params:
+        try:
+            parse_search(resource_type, [param], parameters)
+        except UnknownParameter as exc:
+            left_out.append(exc)
+            continue
+        except SearchError:
+            pass
+        kept.append(param)
+    return kept, left_out
 
 
 def _parse_criterion(
@@ -549,7 +574,7 @@ def _resolve_reverse(
         raise SearchError(f"{where}: {source_type!r} is not a resource type", expression=where)
     reference = registry.get(source_type, name)
     if reference is None:
-        raise SearchError(
+        raise UnknownParameter(
             f"{where}: unknown search parameter {name!r} for {source_type}", expression=where
         )
     if reference.type != "reference":
@@ -579,12 +604,12 @@ def _shared_parameter(
     ambiguous and refused, as https://hl7.org/fhir/R4/search.html#chaining advises.
     """
     if name in _UNSUPPORTED or name in _RESULT_PARAMETERS:
-        raise SearchError(
+        raise UnknownParameter(
             f"{where}: {name} cannot be used in a chain", expression=where, code="not-supported"
         )
     found = {t: p for t in types if (p := registry.get(t, name)) is not None}
     if not found:
-        raise SearchError(
+        raise UnknownParameter(
             f"{where}: unknown search parameter {name!r} for {_either(types)}", expression=where
         )
     kinds: dict[str, list[str]] = {}
@@ -624,7 +649,7 @@ def _either(types: Iterable[str]) -> str:
 
 def _check_modifier(parameter: SearchParameter, modifier: str, where: str) -> None:
     if parameter.code in COLUMN_PARAMETERS:
-        raise SearchError(f"{where}: {parameter.code} takes no modifier", expression=where)
+        raise UnknownParameter(f"{where}: {parameter.code} takes no modifier", expression=where)
     if modifier in _MODIFIERS[parameter.type]:
         return
     if parameter.type == "reference" and modifier in R4_RESOURCE_TYPES:
@@ -636,10 +661,12 @@ def _check_modifier(parameter: SearchParameter, modifier: str, where: str) -> No
             )
         return
     if modifier in _KNOWN_UNSUPPORTED_MODIFIERS:
-        raise SearchError(
-            f"modifier :{modifier} is not supported", expression=where, code="not-supported"
+        raise UnknownParameter(
+            f"{where}: modifier :{modifier} is not supported",
+            expression=where,
+            code="not-supported",
         )
-    raise SearchError(
+    raise UnknownParameter(
         f"modifier :{modifier} does not apply to {parameter.type} parameter {parameter.code}",
         expression=where,
     )
