@@ -11,6 +11,7 @@ which survives the server dropping it.
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -199,3 +200,48 @@ def test_the_watch_sees_another_writers_commits_and_survives_a_dropped_connectio
 def _terminate(store: SqlRepository, pid: int) -> None:
     with store.engine.connect() as connection:
         connection.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+
+
+class _UnreachableEngine:
+    """An engine whose every connection attempt hangs a while, then fails (a database
+    server that does not answer)."""
+
+    def __init__(self, hang: float) -> None:
+        self.hang = hang
+        self.attempts = 0
+
+    def raw_connection(self) -> Any:
+        self.attempts += 1
+        time.sleep(self.hang)
+        raise OSError("connection timed out")
+
+
+def test_an_unreachable_database_never_holds_the_event_loop() -> None:
+    engine = _UnreachableEngine(hang=0.3)
+    reader = AsyncGenerationReader(engine)  # type: ignore[arg-type]
+    watch = GenerationWatch(reader.read, reader.close)
+
+    async def scenario() -> list[float]:
+        gaps: list[float] = []
+        running = True
+
+        async def tick() -> None:
+            last = time.monotonic()
+            while running:
+                await asyncio.sleep(0.01)
+                now = time.monotonic()
+                gaps.append(now - last)
+                last = now
+
+        ticker = asyncio.create_task(tick())
+        for _ in range(2):  # the first request's attempt, and the next one's again
+            with pytest.raises(OSError, match="timed out"):
+                await watch.current()
+        running = False
+        await ticker
+        return gaps
+
+    gaps = asyncio.run(scenario())
+    assert engine.attempts == 2
+    # Other requests were served all along: the loop never stood still for the hang.
+    assert max(gaps) < 0.2

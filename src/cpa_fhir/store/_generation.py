@@ -89,11 +89,15 @@ class AsyncGenerationReader:
     """Reads the generation on an asyncio connection of its own (PostgreSQL), opened
     on first use with the store's connection parameters and kept; dropped after a
     failure, and opened again on the next read. A read runs for at most
-    `READ_TIMEOUT_MS`, as the store's kept read connections do."""
+    `READ_TIMEOUT_MS`, as the store's kept read connections do, and so does opening
+    a connection. Nothing here blocks the event loop, not even while the database
+    is unreachable: the parameters are learnt once, from a connection the engine
+    opens on a worker thread."""
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
         self._connection: Any = None
+        self._parameters: tuple[str, str | None] | None = None  # dsn, password
 
     async def read(self) -> int:
         connection = self._connection
@@ -111,21 +115,31 @@ class AsyncGenerationReader:
     async def _connect(self) -> Any:
         import psycopg
 
-        # The parameters of a connection the engine opened (its options, such as the
-        # schema's search_path, included): the same server, database and settings.
-        wrapper = self._engine.raw_connection()
-        try:
-            info = wrapper.driver_connection.info  # type: ignore[union-attr]
-            dsn, password = info.dsn, info.password
-        finally:
-            wrapper.close()
-        connection = await psycopg.AsyncConnection.connect(dsn, password=password, autocommit=True)
+        if self._parameters is None:
+            self._parameters = await asyncio.to_thread(self._engine_parameters)
+        dsn, password = self._parameters
+        connection = await psycopg.AsyncConnection.connect(
+            dsn,
+            password=password,
+            autocommit=True,
+            connect_timeout=max(1, READ_TIMEOUT_MS // 1000),
+        )
         try:
             await connection.execute(f"SET statement_timeout = {READ_TIMEOUT_MS}")
         except BaseException:
             await _close_quietly(connection)
             raise
         return connection
+
+    def _engine_parameters(self) -> tuple[str, str | None]:
+        """The parameters of a connection the engine opens (its options, such as the
+        schema's search_path, included): the same server, database and settings."""
+        wrapper = self._engine.raw_connection()
+        try:
+            info = wrapper.driver_connection.info  # type: ignore[union-attr]
+            return str(info.dsn), info.password
+        finally:
+            wrapper.close()
 
     async def close(self) -> None:
         connection, self._connection = self._connection, None
