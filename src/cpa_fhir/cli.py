@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import socket
 import sys
 import uuid
@@ -359,14 +360,15 @@ def sandbox(
         loaded = seed_examples(box)
     except BaseException as exc:
         box.close()
-        listening.close()
+        for sock in listening:
+            sock.close()
         if not isinstance(exc, Exception):
             raise  # Ctrl-C and the like end the command as they would anywhere else
         # A store that opens but cannot take the examples, e.g. a file whose tables
         # are someone else's: the database's own first line says why.
         why = exc.message if isinstance(exc, FhirError) else _first_line(exc)
         raise _fail(f"cannot load the example patients into {db}: {why}", 1) from None
-    port = listening.getsockname()[1]
+    port = listening[0].getsockname()[1]
     base = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
     if loaded:
         out.print(f"loaded the example patients A–D: {loaded} resources", markup=False)
@@ -383,24 +385,55 @@ def sandbox(
     )
     try:
         server = uvicorn.Server(uvicorn.Config(create_app(box), log_level="warning"))
-        server.run(sockets=[listening])
+        server.run(sockets=listening)
     finally:
-        listening.close()
+        for sock in listening:
+            sock.close()
         box.close()
 
 
-def _listen(host: str, port: int) -> socket.socket:
-    """A listening socket on host and port; a one-line error if there is none to have."""
+def _listen(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets on every address the host names (`localhost`: 127.0.0.1 and
+    ::1, where the machine has both), on one port; a one-line error if there is none
+    to have. An address the machine cannot listen on (IPv6 turned off, say) is passed
+    over if another can be had. With port 0 the system chooses a port on the first
+    address, and the others listen on it where they can."""
+    sockets: list[socket.socket] = []
     try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        return socket.create_server((host, port), family=family, backlog=2048)
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        addresses = list(dict.fromkeys((family, sockaddr[0]) for family, *_, sockaddr in found))
+        unusable: OSError | None = None
+        for family, address in addresses:
+            try:
+                sockets.append(
+                    socket.create_server(
+                        (address, port or _chosen(sockets)), family=family, backlog=2048
+                    )
+                )
+            except OSError as exc:
+                if exc.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL) or (
+                    port == 0 and sockets
+                ):
+                    unusable = exc
+                    continue
+                raise
+        if not sockets:
+            raise unusable or OSError(f"{host} names no address")
+        return sockets
     except OSError as exc:
+        for taken in sockets:
+            taken.close()
         why = (exc.strerror or str(exc)).split(" (while attempting")[0]
         raise _fail(f"cannot listen on {host} port {port}: {why}", 1) from None
     except UnicodeError as exc:
         # A host name the idna codec cannot encode (an empty label, or one over 63
         # characters) fails before any lookup, as UnicodeError rather than OSError.
         raise _fail(f"cannot listen on {host} port {port}: {exc}", 1) from None
+
+
+def _chosen(sockets: list[socket.socket]) -> int:
+    """The port the first socket listens on (0, to have the system choose, if none)."""
+    return int(sockets[0].getsockname()[1]) if sockets else 0
 
 
 @sandbox_app.command("token")

@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -164,3 +165,66 @@ def test_the_token_of_an_unknown_client_is_one_line(tmp_path: Path) -> None:
     assert done.returncode != 0
     assert done.stderr.startswith("cpa-fhir: no client 'nobody': the sandbox has ")
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+# -- every address a host name names --------------------------------------------------
+
+
+_GETADDRINFO = socket.getaddrinfo
+
+
+def _both_loopbacks(host: str, port: int, *args: Any, **kwargs: Any) -> list[Any]:
+    """getaddrinfo, as on a machine whose hosts file gives localhost both loopbacks."""
+    if host != "localhost":
+        return _GETADDRINFO(host, port, *args, **kwargs)
+    return [
+        (socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", port, 0, 0)),
+        (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port)),
+        (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port)),  # listed twice
+    ]
+
+
+def _ipv6_loopback_usable() -> bool:
+    try:
+        socket.create_server(("::1", 0), family=socket.AF_INET6).close()
+    except OSError:
+        return False
+    return True
+
+
+def test_localhost_is_listened_on_at_each_of_its_addresses_on_one_port(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from cpa_fhir.cli import _listen
+
+    monkeypatch.setattr(socket, "getaddrinfo", _both_loopbacks)
+    listening = _listen("localhost", 0)
+    try:
+        addresses = sorted(s.getsockname()[0] for s in listening)
+        ports = {s.getsockname()[1] for s in listening}
+        # ::1 where the machine has IPv6, and 127.0.0.1 always (named twice, bound once).
+        assert addresses == (["127.0.0.1", "::1"] if _ipv6_loopback_usable() else ["127.0.0.1"])
+        (port,) = ports
+        assert port != 0
+        for address in addresses:  # each takes connections
+            socket.create_connection((address, port)).close()
+    finally:
+        for s in listening:
+            s.close()
+
+
+def test_a_port_taken_on_one_of_a_hosts_addresses_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import typer
+
+    from cpa_fhir.cli import _listen
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        monkeypatch.setattr(socket, "getaddrinfo", _both_loopbacks)
+        with pytest.raises(typer.Exit) as stopped:
+            _listen("localhost", port)
+    assert stopped.value.exit_code == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and f"cannot listen on localhost port {port}" in lines[0]
