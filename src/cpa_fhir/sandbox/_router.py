@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from email.utils import format_datetime, parsedate_to_datetime
 from functools import lru_cache
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qsl, urlencode
 
 import jsonpatch
@@ -37,6 +37,7 @@ from cpa_fhir.errors import (
 )
 from cpa_fhir.fhir.models import R4_RESOURCE_TYPES
 from cpa_fhir.fhir.outcome import Issue, operation_outcome
+from cpa_fhir.fhir.subset import SubsetError, Summary, requested_elements, subset
 from cpa_fhir.sandbox._access import DerivedCache, PartnerView
 from cpa_fhir.sandbox._audit_log import AuditLog, AuditWriteFailed, Events
 from cpa_fhir.sandbox._auth import AuthFailure, Client, allows, require
@@ -156,6 +157,35 @@ def _preference(header: str | None, name: str) -> str | None:
         if token.strip().lower() == name:
             return _PREFERENCES[name].get(value.strip().strip('"').lower())
     return None
+
+
+def _read_subset(request: Request, rtype: str) -> tuple[Summary | None, frozenset[str] | None]:
+    """The `_summary` (true, text, data; count and false ask for the whole) and
+    `_elements` of a read (https://hl7.org/fhir/R4/http.html#read); 400 for others."""
+    summary: Summary | None = None
+    elements = None
+    for name, value in request.query:
+        if name == "_summary":
+            if value not in ("true", "text", "data", "false", "count"):
+                raise HttpError(400, f"_summary must be true, text, data or false, not {value!r}")
+            summary = cast(Summary, value) if value in ("true", "text", "data") else None
+        elif name == "_elements":
+            try:
+                elements = requested_elements(rtype, value)
+            except SubsetError as exc:
+                raise HttpError(400, str(exc), code="value") from None
+    if summary is not None and elements is not None:
+        raise HttpError(400, "_elements and _summary cannot be used together")
+    return summary, elements
+
+
+def _subset_bytes(
+    content: bytes, summary: Summary | None, elements: frozenset[str] | None
+) -> bytes:
+    """Stored (or filtered) JSON as `_summary` or `_elements` asks: as it is if neither."""
+    if summary is None and elements is None:
+        return content
+    return orjson.dumps(subset(orjson.loads(content), summary=summary, elements=elements))
 
 
 def _with_outcome(searchset: bytes, issues: list[Issue]) -> bytes:
@@ -427,7 +457,9 @@ class Router:
                 stored = self.repo.vread(rtype, rid, version)
             if _not_modified(request.headers, stored):
                 return Response(304, b"", _etag(stored))
-            return Response(200, stored.content, {"content-type": FHIR_JSON, **_etag(stored)})
+            summary, elements = _read_subset(request, rtype)
+            content = _subset_bytes(stored.content, summary, elements)
+            return Response(200, content, {"content-type": FHIR_JSON, **_etag(stored)})
         # A partner's conditional read is always answered in full: its copy of a version
         # was filtered under the consent of its day, and a 304 would vouch for it
         # still (HTTP lets a server answer 200 to any conditional GET).
@@ -435,10 +467,12 @@ class Router:
             stored = self._partner_current(view, rtype, rid)
         else:
             stored = self._partner_version(view, rtype, rid, version)
+        summary, elements = _read_subset(request, rtype)
         shown = view.filter_bytes(stored)
         if shown is None:
             # Withheld and absent look the same: a 403 would tell that it exists.
             raise _unknown(rtype, rid)
+        shown = _subset_bytes(shown, summary, elements)
         return Response(200, shown, {"content-type": FHIR_JSON, **_etag(stored)})
 
     # -- what a partner may know exists ----------------------------------------------
@@ -833,6 +867,10 @@ class Router:
         if total is not None:
             head["total"] = total
         head["link"] = links
+        if query.summary is not None or query.elements is not None:
+            matches = [
+                (s, _subset_bytes(content, query.summary, query.elements)) for s, content in matches
+            ]
         parts = [
             b'{"fullUrl":'
             + orjson.dumps(f"{base}/{s.resource_type}/{s.id}")

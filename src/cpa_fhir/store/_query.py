@@ -30,6 +30,7 @@ from typing import Literal, cast
 
 from cpa_fhir.errors import SearchError, UnknownParameter
 from cpa_fhir.fhir.models import R4_RESOURCE_TYPES
+from cpa_fhir.fhir.subset import SubsetError, Summary, requested_elements
 from cpa_fhir.store._dates import date_range
 from cpa_fhir.store._indexing import normalise
 from cpa_fhir.store._search_parameters import (
@@ -69,11 +70,10 @@ MAX_CHAIN_LINKS = 4
 # The result parameters (https://hl7.org/fhir/R4/search.html#return) understood here,
 # and those refused as not supported rather than unknown.
 _RESULT_PARAMETERS = frozenset(
-    {"_count", "_offset", "_sort", "_include", "_revinclude", "_summary", "_total"}
+    {"_count", "_offset", "_sort", "_include", "_revinclude", "_summary", "_total", "_elements"}
 )
 _UNSUPPORTED = frozenset(
     {
-        "_elements",
         "_contained",
         "_containedType",
         "_list",
@@ -229,6 +229,9 @@ class SearchQuery:
     revinclude: tuple[Include, ...] = ()
     summary_count: bool = False
     total: Total = "accurate"
+    # What of each match goes (`cpa_fhir.fhir.subset`): a summary, or the elements named.
+    summary: Summary | None = None
+    elements: frozenset[str] | None = None
 
 
 def split_escaped(value: str, separator: str) -> list[str]:
@@ -283,6 +286,8 @@ def parse_search(
     include: list[Include] = []
     revinclude: list[Include] = []
     count, offset, summary_count = DEFAULT_COUNT, 0, False
+    summary: Summary | None = None
+    elements: frozenset[str] | None = None
     total: Total = "accurate"
     seen_result: set[str] = set()
     for raw_name, value in params:
@@ -316,13 +321,18 @@ def parse_search(
             elif name == "_revinclude":
                 revinclude.append(_parse_include(resource_type, value, registry, reverse=True))
             elif name == "_summary":
-                if value not in ("count", "false"):
+                if value not in ("count", "false", "true", "text", "data"):
                     raise SearchError(
-                        f"_summary={value} is not supported (only count and false)",
+                        f"_summary must be true, text, data, count or false, not {value!r}",
                         expression=name,
-                        code="not-supported",
                     )
                 summary_count = value == "count"
+                summary = cast(Summary, value) if value in ("true", "text", "data") else None
+            elif name == "_elements":
+                try:
+                    elements = requested_elements(resource_type, value)
+                except SubsetError as exc:
+                    raise SearchError(str(exc), expression=name) from None
             else:
                 if value not in ("none", "estimate", "accurate"):
                     raise SearchError(
@@ -335,6 +345,8 @@ def parse_search(
         if criterion is not None:
             criteria.append(criterion)
     _check_cost(criteria)
+    if elements is not None and (summary is not None or summary_count):
+        raise SearchError("_elements and _summary cannot be used together", expression="_elements")
     return SearchQuery(
         resource_type=resource_type,
         criteria=tuple(criteria),
@@ -346,6 +358,8 @@ def parse_search(
         revinclude=tuple(dict.fromkeys(revinclude)),
         summary_count=summary_count,
         total=total,
+        summary=summary,
+        elements=elements,
     )
 
 
