@@ -270,3 +270,36 @@ def test_a_partners_lenient_search_is_filtered_as_any_other(trust: Fhir, as_clie
         },
     )
     assert posted.status_code == 200 and posted.json()["total"] == 0
+
+
+def _bundle_of_writes(kind: str) -> dict[str, Any]:
+    return {
+        "resourceType": "Bundle",
+        "type": kind,
+        "entry": [
+            {
+                "fullUrl": "urn:uuid:0d6f0c59-3bb1-4d4c-9c1b-5d1c2a5b7e01",
+                "resource": _flag(),
+                "request": {"method": "POST", "url": "Flag"},
+            }
+        ],
+    }
+
+
+@pytest.mark.parametrize("kind", ["transaction", "batch"])
+def test_a_bundles_prefer_holds_for_each_of_its_writes(trust: Fhir, kind: str) -> None:
+    plain = trust.post("", _bundle_of_writes(kind)).json()["entry"][0]
+    assert plain["resource"]["resourceType"] == "Flag"
+    assert plain["response"]["status"].startswith("201")
+    minimal = trust.post("", _bundle_of_writes(kind), headers={"prefer": "return=minimal"})
+    (entry,) = minimal.json()["entry"]
+    assert "resource" not in entry and "outcome" not in entry["response"]
+    assert entry["response"]["status"].startswith("201")
+    assert entry["response"]["etag"] == 'W/"1"' and "/Flag/" in entry["response"]["location"]
+    reported = trust.post(
+        "", _bundle_of_writes(kind), headers={"prefer": "return=OperationOutcome"}
+    )
+    (entry,) = reported.json()["entry"]
+    assert "resource" not in entry
+    assert entry["response"]["outcome"]["resourceType"] == "OperationOutcome"
+    assert "created: version 1" in entry["response"]["outcome"]["issue"][0]["details"]["text"]

@@ -126,11 +126,13 @@ def _sub_request(
 
     parts = urlsplit(url)
     content_type = "application/fhir+json" if patch is None else JSON_PATCH
+    # The Bundle's Prefer (return=, handling=) holds for each entry.
+    prefer = {"prefer": request.headers["prefer"]} if "prefer" in request.headers else {}
     return Request(
         method=method,
         path=parts.path.strip("/"),
         query=parse_qsl(parts.query, keep_blank_values=True),
-        headers={"content-type": content_type, **headers},
+        headers={"content-type": content_type, **prefer, **headers},
         body=patch if patch is not None else orjson.dumps(body) if body is not None else b"",
         base_url=request.base_url,
     )
@@ -144,7 +146,10 @@ def _response_entry(resp: Response) -> dict[str, Any]:
         entry["response"]["etag"] = resp.headers["etag"]
     if resp.body:
         body = orjson.loads(resp.body)
-        if resp.status >= 400:
+        if (
+            resp.status >= 400
+            or resp.headers.get("preference-applied") == "return=OperationOutcome"
+        ):
             entry["response"]["outcome"] = body
         else:
             entry["resource"] = body
@@ -407,14 +412,13 @@ def _transaction(
                         except VersionConflict as exc:
                             raise _conflict(exc, p["if_match"], view) from None
                         status = "201" if stored.created else "200"
+                    # As the write alone would answer (`Router._written`), in the
+                    # entry's resource or response.outcome.
+                    written = _response_entry(router._written(request, stored))
                     results[i] = {
                         "fullUrl": f"{request.base_url}/{stored.resource_type}/{stored.id}",
-                        "resource": orjson.Fragment(stored.content),
-                        "response": {
-                            "status": status,
-                            "location": f"{request.base_url}/{stored.resource_type}/{stored.id}/_history/{stored.version_id}",
-                            "etag": f'W/"{stored.version_id}"',
-                        },
+                        **written,
+                        "response": {**written["response"], "status": status},
                     }
             except FhirError as exc:
                 exc.expression = exc.expression or f"Bundle.entry[{i}]"
