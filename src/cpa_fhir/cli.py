@@ -397,32 +397,19 @@ def _listen(host: str, port: int) -> list[socket.socket]:
     ::1, where the machine has both), on one port; a one-line error if there is none
     to have. An address the machine cannot listen on (IPv6 turned off, say) is passed
     over if another can be had. With port 0 the system chooses a port on the first
-    address, and the others listen on it where they can."""
-    sockets: list[socket.socket] = []
+    address; should another program hold it on another address, a port is chosen
+    again, so that the host name reaches this server alone."""
     try:
         found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        addresses = list(dict.fromkeys((family, sockaddr[0]) for family, *_, sockaddr in found))
-        unusable: OSError | None = None
-        for family, address in addresses:
-            try:
-                sockets.append(
-                    socket.create_server(
-                        (address, port or _chosen(sockets)), family=family, backlog=2048
-                    )
-                )
-            except OSError as exc:
-                if exc.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL) or (
-                    port == 0 and sockets
-                ):
-                    unusable = exc
-                    continue
-                raise
-        if not sockets:
-            raise unusable or OSError(f"{host} names no address")
-        return sockets
+        addresses = list(
+            dict.fromkeys((int(family), str(sockaddr[0])) for family, *_, sockaddr in found)
+        )
+        for _ in range(_PORT_CHOICES if port == 0 else 1):
+            sockets = _listen_at(addresses, port)
+            if sockets is not None:
+                return sockets
+        raise OSError(errno.EADDRINUSE, "no port the system chose was free at every address")
     except OSError as exc:
-        for taken in sockets:
-            taken.close()
         why = (exc.strerror or str(exc)).split(" (while attempting")[0]
         raise _fail(f"cannot listen on {host} port {port}: {why}", 1) from None
     except UnicodeError as exc:
@@ -431,9 +418,35 @@ def _listen(host: str, port: int) -> list[socket.socket]:
         raise _fail(f"cannot listen on {host} port {port}: {exc}", 1) from None
 
 
-def _chosen(sockets: list[socket.socket]) -> int:
-    """The port the first socket listens on (0, to have the system choose, if none)."""
-    return int(sockets[0].getsockname()[1]) if sockets else 0
+_PORT_CHOICES = 10
+
+
+def _listen_at(addresses: list[tuple[int, str]], port: int) -> list[socket.socket] | None:
+    """Sockets on one port at each address; None if, with port 0, the port chosen at
+    the first is taken at another."""
+    sockets: list[socket.socket] = []
+    unusable: OSError | None = None
+    try:
+        for family, address in addresses:
+            chosen = port or (sockets[0].getsockname()[1] if sockets else 0)
+            try:
+                sockets.append(socket.create_server((address, chosen), family=family, backlog=2048))
+            except OSError as exc:
+                if exc.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+                    unusable = exc
+                    continue
+                if port == 0 and sockets and exc.errno == errno.EADDRINUSE:
+                    for taken in sockets:
+                        taken.close()
+                    return None
+                raise
+        if not sockets:
+            raise unusable or OSError(errno.EADDRNOTAVAIL, "the host names no address")
+        return sockets
+    except BaseException:
+        for taken in sockets:
+            taken.close()
+        raise
 
 
 @sandbox_app.command("token")

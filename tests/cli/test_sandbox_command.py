@@ -11,6 +11,7 @@ banner, with nothing left running.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import socket
@@ -228,3 +229,32 @@ def test_a_port_taken_on_one_of_a_hosts_addresses_is_one_line(
     assert stopped.value.exit_code == 1
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and f"cannot listen on localhost port {port}" in lines[0]
+
+
+def test_port_0_chooses_again_when_its_port_is_taken_at_another_address(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from cpa_fhir.cli import _listen
+
+    real = socket.create_server
+    refused: list[int] = []
+
+    def create_server(address: tuple[str, int], **kwargs: Any) -> socket.socket:
+        # Another program holds 127.0.0.1 at the first port chosen at ::1.
+        if address[0] == "127.0.0.1" and address[1] != 0 and not refused:
+            refused.append(address[1])
+            raise OSError(errno.EADDRINUSE, "Address already in use")
+        return real(address, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", _both_loopbacks)
+    monkeypatch.setattr(socket, "create_server", create_server)
+    listening = _listen("localhost", 0)
+    try:
+        ports = {s.getsockname()[1] for s in listening}
+        assert len(ports) == 1
+        if _ipv6_loopback_usable():  # ::1 took a port first, and 127.0.0.1 was refused it
+            assert refused and refused[0] not in ports
+            assert sorted(s.getsockname()[0] for s in listening) == ["127.0.0.1", "::1"]
+    finally:
+        for s in listening:
+            s.close()

@@ -33,10 +33,16 @@ def _caller(sandbox: Sandbox, client_id: str) -> Call:
     client = replace(sandbox.registry.clients[client_id], scopes=WRITES)
 
     def call(
-        method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+        method: str,
+        path: str,
+        body: Any = None,
+        headers: dict[str, str] | None = None,
+        query: list[tuple[str, str]] | None = None,
     ) -> Response:
         content = b"" if body is None else orjson.dumps(body)
-        request = Request(method, path, [], {"content-type": FHIR_JSON, **(headers or {})}, content)
+        request = Request(
+            method, path, query or [], {"content-type": FHIR_JSON, **(headers or {})}, content
+        )
         return sandbox.router.handle(request, client, WRITES)
 
     return call
@@ -101,6 +107,35 @@ def test_withheld_and_absent_answer_word_for_word_alike(sandbox: Sandbox, client
     # Nothing was written: not the withheld resource, nor one under the absent id.
     assert sandbox.repo.read(rtype, hidden).version_id == before.version_id
     assert sandbox.repo.history_total(rtype, absent) == 0
+
+
+@pytest.mark.parametrize("client_id", list(PARTNERS))
+@pytest.mark.parametrize(
+    ("query", "headers"),
+    [
+        ([("_summary", "true")], {}),
+        ([("_elements", "id")], {"if-none-match": "*"}),
+        ([("_summary", "bogus")], {}),
+        ([("_elements", "shoe")], {}),
+        ([("_elements", "")], {}),
+        ([("_elements", "id"), ("_summary", "true")], {"if-none-match": "*"}),
+        ([], {"if-none-match": "*", "if-modified-since": "Thu, 01 Jan 2099 00:00:00 GMT"}),
+    ],
+)
+def test_a_read_asking_for_a_part_or_conditionally_tells_nothing_either(
+    sandbox: Sandbox, client_id: str, query: list[tuple[str, str]], headers: dict[str, str]
+) -> None:
+    # A request's own faults are said alike whether or not what it names is withheld.
+    call, rtype, hidden, absent = _withheld_and_absent(sandbox, client_id)
+    for path in ("{}", "{}/_history/1"):
+        withheld_answer = _answer(
+            call("GET", f"{rtype}/{path.format(hidden)}", None, headers, query), hidden
+        )
+        absent_answer = _answer(
+            call("GET", f"{rtype}/{path.format(absent)}", None, headers, query), absent
+        )
+        assert withheld_answer[0] in (400, 404), withheld_answer
+        assert withheld_answer == absent_answer, (path, query, headers)
 
 
 @pytest.mark.parametrize("client_id", list(PARTNERS))

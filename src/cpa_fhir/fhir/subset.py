@@ -4,10 +4,13 @@
 What a summary keeps is the base definition's: the elements it marks `isSummary`
 (`_summary=true`); the narrative with the elements every instance has (`text`);
 everything but the narrative (`data`). `_elements` keeps the elements named. Each
-keeps `id` and `meta`, and the elements the resource must have (min 1), and marks
-the result SUBSETTED (v3-ObservationValue), as the specification asks: it is not
-the whole resource, and may not conform to its profiles. Elements are chosen at
-the resource's top level; what one holds goes whole.
+keeps `id` and `meta`, the elements the resource must have (min 1), and those that
+change the meaning of the rest (modifiers, `modifierExtension` among them: left
+out, what is kept could be read as saying what it does not), and marks the result
+SUBSETTED (v3-ObservationValue), as the specification asks: it is not the whole
+resource, and may not conform to its profiles. Elements are chosen at the
+resource's top level; what one holds goes whole. A type the vendored definitions
+do not hold goes whole, unmarked.
 
 Pure: the definitions are the vendored R4 ones, read once.
 """
@@ -37,7 +40,7 @@ class ElementRules:
     resource_type: str
     elements: frozenset[str]
     summary: frozenset[str]
-    mandatory: frozenset[str]
+    mandatory: frozenset[str]  # min 1, and modifiers: kept in every part
     choices: frozenset[str]  # names of choice elements, e.g. "effective"
 
     def name_of(self, key: str) -> str | None:
@@ -73,7 +76,7 @@ def element_rules(resource_type: str) -> ElementRules | None:
         elements.add(name)
         if element.get("isSummary"):
             summary.add(name)
-        if element.get("min", 0) >= 1:
+        if element.get("min", 0) >= 1 or element.get("isModifier"):
             mandatory.add(name)
     return ElementRules(
         resource_type,
@@ -103,6 +106,8 @@ def requested_elements(resource_type: str, value: str) -> frozenset[str]:
         if not _NAME.fullmatch(name) or (rules is not None and name not in rules.elements):
             raise SubsetError(f"_elements: {resource_type} has no element {name!r}")
         names.add(name)
+    if not names:
+        raise SubsetError("_elements names no element")
     return frozenset(names)
 
 

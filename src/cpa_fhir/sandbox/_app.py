@@ -153,13 +153,25 @@ def _fhir_path(scope: Mapping[str, Any], prefix: str) -> str:
     return str(full[len(prefix) + 1 :])  # after "{prefix}/"; nothing at the base
 
 
+def _header_fields(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    """Header fields by (lower-case) name; a field sent on several lines is one,
+    its values joined by commas (RFC 9110 §5.3), not the last line alone."""
+    fields: dict[str, str] = {}
+    for name, value in raw:
+        key, text = name.decode("latin-1"), value.decode("latin-1")
+        fields[key] = f"{fields[key]}, {text}" if key in fields else text
+    return fields
+
+
 def _send(response: Any) -> HttpResponse:
     return HttpResponse(response.body, status_code=response.status, headers=response.headers)
 
 
 def _send_head(response: Any) -> HttpResponse:
     """The answer to HEAD: GET's status and headers (its length included), no body."""
-    headers = {**response.headers, "content-length": str(len(response.body))}
+    headers = dict(response.headers)
+    if response.status != 304:  # a 304 has no body whose length it could give
+        headers["content-length"] = str(len(response.body))
     return HttpResponse(b"", status_code=response.status, headers=headers)
 
 
@@ -242,9 +254,7 @@ def create_app(
                 query=parse_qsl(
                     request.scope["query_string"].decode("latin-1"), keep_blank_values=True
                 ),
-                headers={
-                    k.decode("latin-1"): v.decode("latin-1") for k, v in request.scope["headers"]
-                },
+                headers=_header_fields(request.scope["headers"]),
                 body=body,
                 base_url=_base_url(request),
             )

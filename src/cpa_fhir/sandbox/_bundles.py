@@ -208,14 +208,14 @@ def _entry_headers(req: dict[str, Any]) -> dict[str, str]:
     if isinstance(since, str):
         # An instant here, an HTTP date in the header; one that cannot be read is
         # ignored, as the header's would be.
+        from cpa_fhir.sandbox._router import http_date
+
         try:
             moment = datetime.fromisoformat(since.replace("Z", "+00:00"))
-        except ValueError:
-            moment = None
-        if moment is not None and moment.tzinfo is not None:
-            from cpa_fhir.sandbox._router import http_date
-
-            headers["if-modified-since"] = http_date(moment)
+            if moment.tzinfo is not None:
+                headers["if-modified-since"] = http_date(moment)
+        except (ValueError, OverflowError):  # not an instant, or none UTC can hold
+            pass
     return headers
 
 
@@ -414,7 +414,9 @@ def _transaction(
                         status = "201" if stored.created else "200"
                     # As the write alone would answer (`Router._written`), in the
                     # entry's resource or response.outcome.
-                    written = _response_entry(router._written(request, stored))
+                    written = _response_entry(
+                        router._written(request, stored, matched=p["resource"] is None)
+                    )
                     results[i] = {
                         "fullUrl": f"{request.base_url}/{stored.resource_type}/{stored.id}",
                         **written,
@@ -426,7 +428,7 @@ def _transaction(
     # Reads see the state after the writes, through the same filtering.
     for p in prepared:
         if p["method"] in ("GET", "HEAD"):
-            sub = _sub_request(request, "GET", p["req"]["url"], None, {})
+            sub = _sub_request(request, "GET", p["req"]["url"], None, _entry_headers(p["req"]))
             results[p["i"]] = _response_entry(router._route_safely(sub, client, scopes, view))
     body = {
         "resourceType": "Bundle",

@@ -196,17 +196,30 @@ def _with_outcome(searchset: bytes, issues: list[Issue]) -> bytes:
     return orjson.dumps(bundle)
 
 
+_MONTH = "(?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)"
+_TIME = r"\d{2}:\d{2}:\d{2}"
+# The three forms of an HTTP date (RFC 9110 §5.6.7): IMF-fixdate, and the obsolete
+# RFC 850 and asctime forms a recipient must still take.
+_HTTP_DATE = re.compile(
+    rf"(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun), \d{{2}} {_MONTH} \d{{4}} {_TIME} GMT"
+    rf"|(?:Mon|Tues|Wednes|Thurs|Fri|Satur|Sun)day, \d{{2}}-{_MONTH}-\d{{2}} {_TIME} GMT"
+    rf"|(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun) {_MONTH} [ \d]\d {_TIME} \d{{4}}"
+)
+
+
 def _not_modified(headers: Mapping[str, str], stored: Stored) -> bool:
     """Whether a conditional read (RFC 9110 §13.1.2 and §13.1.3) finds the client's
     copy current: If-None-Match names its version (weakly compared, or `*`), or,
-    without If-None-Match, If-Modified-Since is no earlier than its last update (to
-    the second, as HTTP dates go). An unreadable date is ignored, as RFC 9110 says."""
+    without If-None-Match, If-Modified-Since is no earlier than its last update. That
+    is compared to the millisecond, though an HTTP date goes only to the second: two
+    updates within one second must not pass for one. A value that is not one HTTP
+    date is ignored, as RFC 9110 says."""
     if_none_match = headers.get("if-none-match")
     if if_none_match is not None:
         tags = [tag.strip() for tag in if_none_match.split(",")]
         return "*" in tags or f'"{stored.version_id}"' in (t.removeprefix("W/") for t in tags)
     since = headers.get("if-modified-since")
-    if since is None:
+    if since is None or not _HTTP_DATE.fullmatch(since.strip()):
         return False
     try:
         client_copy = parsedate_to_datetime(since)
@@ -214,7 +227,7 @@ def _not_modified(headers: Mapping[str, str], stored: Stored) -> bool:
         return False
     if client_copy.tzinfo is None:  # RFC 850 and asctime dates: GMT all the same
         client_copy = client_copy.replace(tzinfo=UTC)
-    return stored.last_updated.replace(microsecond=0) <= client_copy
+    return stored.last_updated <= client_copy
 
 
 @lru_cache(maxsize=4096)
@@ -450,6 +463,9 @@ class Router:
         view: PartnerView | None,
     ) -> Response:
         require(scopes, rtype, "read")
+        # The request's own faults first: said alike whatever is (or is not) stored,
+        # and before any precondition (RFC 9110 §13.2.1).
+        summary, elements = _read_subset(request, rtype)
         if view is None:
             if version is None:
                 stored = self.repo.read(rtype, rid)
@@ -457,7 +473,6 @@ class Router:
                 stored = self.repo.vread(rtype, rid, version)
             if _not_modified(request.headers, stored):
                 return Response(304, b"", _etag(stored))
-            summary, elements = _read_subset(request, rtype)
             content = _subset_bytes(stored.content, summary, elements)
             return Response(200, content, {"content-type": FHIR_JSON, **_etag(stored)})
         # A partner's conditional read is always answered in full: its copy of a version
@@ -467,7 +482,6 @@ class Router:
             stored = self._partner_current(view, rtype, rid)
         else:
             stored = self._partner_version(view, rtype, rid, version)
-        summary, elements = _read_subset(request, rtype)
         shown = view.filter_bytes(stored)
         if shown is None:
             # Withheld and absent look the same: a 403 would tell that it exists.
@@ -572,7 +586,9 @@ class Router:
             condition = criteria
         if condition is not None:
             _whole_store_search(view, "a conditional create")
-        return self._written(request, self.repo.create(resource, if_none_exist=condition))
+        stored = self.repo.create(resource, if_none_exist=condition)
+        # A create never updates: what was not created matched the condition.
+        return self._written(request, stored, matched=not stored.created)
 
     def _update(
         self,
@@ -677,10 +693,11 @@ class Router:
             raise _conflict(exc, if_match) from None
         return self._written(request, stored)
 
-    def _written(self, request: Request, stored: Stored) -> Response:
+    def _written(self, request: Request, stored: Stored, *, matched: bool = False) -> Response:
         """The answer to a write, its body as the client's `Prefer: return=` asks
         (https://hl7.org/fhir/R4/http.html#ops): the resource (the default), none,
-        or an OperationOutcome."""
+        or an OperationOutcome. `matched`: a conditional create found `stored`, and
+        wrote nothing."""
         location = f"{request.base_url}/{stored.resource_type}/{stored.id}"
         headers = {"location": f"{location}/_history/{stored.version_id}", **_etag(stored)}
         status = 201 if stored.created else 200
@@ -690,8 +707,12 @@ class Router:
         if wanted == "minimal":
             return Response(status, b"", headers)
         if wanted == "OperationOutcome":
-            done = "created" if stored.created else "updated"
-            message = f"{stored.resource_type}/{stored.id} {done}: version {stored.version_id}"
+            key = f"{stored.resource_type}/{stored.id}"
+            if matched:
+                message = f"{key} matched the condition, so nothing was created: version {stored.version_id}"
+            else:
+                done = "created" if stored.created else "updated"
+                message = f"{key} {done}: version {stored.version_id}"
             return self._json(
                 status, operation_outcome([Issue("information", "informational", message)]), headers
             )

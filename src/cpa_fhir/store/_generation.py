@@ -92,7 +92,7 @@ class AsyncGenerationReader:
     `READ_TIMEOUT_MS`, as the store's kept read connections do, and so does opening
     a connection. Nothing here blocks the event loop, not even while the database
     is unreachable: the parameters are learnt once, from a connection the engine
-    opens on a worker thread."""
+    opens on a worker thread (waited for as long)."""
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
@@ -116,7 +116,11 @@ class AsyncGenerationReader:
         import psycopg
 
         if self._parameters is None:
-            self._parameters = await asyncio.to_thread(self._engine_parameters)
+            # The engine's connection has no time limit of its own: the requests
+            # waiting on this one fail after READ_TIMEOUT_MS, as a slow read would.
+            self._parameters = await asyncio.wait_for(
+                asyncio.to_thread(self._engine_parameters), READ_TIMEOUT_MS / 1000
+            )
         dsn, password = self._parameters
         connection = await psycopg.AsyncConnection.connect(
             dsn,
