@@ -698,3 +698,45 @@ def test_derived_cache_from_many_threads_keeps_the_newest() -> None:
     assert all(asked == got for asked, got in seen)
     assert cache.at(16).generation == 16
     assert cache.at(15) is not cache.at(16)
+
+
+def test_the_trusts_reads_see_what_another_process_wrote_before_them(
+    base_url: str, sandbox: Sandbox
+) -> None:
+    """On a database server the trust's reads by id are read together on the event
+    loop (`SqlRepository.current_reads`); each still sees every write committed before
+    it was sent, and a deletion or an absence reads as it would alone."""
+    token = sandbox.token_for("trust", f"{base_url}/fhir")["access_token"]
+    other = _other_repository(sandbox)
+    flag = other.read("Flag", "a-risk-self-harm").resource()
+    url = f"{base_url}/fhir/Flag/a-risk-self-harm"
+    headers = {"authorization": f"Bearer {token}"}
+
+    def read_at_once(count: int) -> list[httpx.Response]:
+        """Several reads at once, as they come together into one query."""
+        results: list[httpx.Response] = []
+
+        def read() -> None:
+            results.append(httpx.get(url, headers=headers, timeout=30))
+
+        threads = [threading.Thread(target=read) for _ in range(count)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return results
+
+    try:
+        for n in range(5):
+            written = other.update({**flag, "code": {**flag["code"], "text": f"edit {n}"}})
+            results = read_at_once(4)
+            assert {r.status_code for r in results} == {200}
+            assert {r.json()["meta"]["versionId"] for r in results} == {str(written.version_id)}
+        assert httpx.get(f"{base_url}/fhir/Flag/no-such-flag", headers=headers).status_code == 404
+        doomed = other.create({k: v for k, v in flag.items() if k not in ("id", "meta")})
+        other.delete("Flag", doomed.id)
+        gone = httpx.get(f"{base_url}/fhir/Flag/{doomed.id}", headers=headers)
+        assert gone.status_code == 410
+    finally:
+        other.update(flag)
+        other.close()

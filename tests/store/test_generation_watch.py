@@ -22,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cpa_fhir.store import SqlRepository
-from cpa_fhir.store._generation import AsyncGenerationReader, GenerationWatch
+from cpa_fhir.store._generation import AsyncReader, GenerationWatch, SharedQueries
 from tests.store.conftest import POSTGRES_URL, Postgres
 from tests.store.test_generation import patient
 
@@ -176,8 +176,8 @@ def test_the_watch_sees_another_writers_commits_and_survives_a_dropped_connectio
         SqlRepository(POSTGRES_URL, schema=schema) as writer,  # another process's
     ):
         assert isinstance(server.generation_watch(), GenerationWatch)
-        reader = AsyncGenerationReader(server.engine)  # what generation_watch() uses
-        watch = GenerationWatch(reader.read, reader.close)
+        reader = AsyncReader(server.engine)  # what generation_watch() uses
+        watch = GenerationWatch(reader.generation, reader.close)
 
         async def scenario() -> list[int]:
             seen = [await watch.current()]
@@ -218,8 +218,8 @@ class _UnreachableEngine:
 
 def test_an_unreachable_database_never_holds_the_event_loop() -> None:
     engine = _UnreachableEngine(hang=0.3)
-    reader = AsyncGenerationReader(engine)  # type: ignore[arg-type]
-    watch = GenerationWatch(reader.read, reader.close)
+    reader = AsyncReader(engine)  # type: ignore[arg-type]
+    watch = GenerationWatch(reader.generation, reader.close)
 
     async def scenario() -> list[float]:
         gaps: list[float] = []
@@ -245,3 +245,104 @@ def test_an_unreachable_database_never_holds_the_event_loop() -> None:
     assert engine.attempts == 2
     # Other requests were served all along: the loop never stood still for the hang.
     assert max(gaps) < 0.2
+
+
+# -- current versions by key, shared the same way ------------------------------------
+
+
+class Rows:
+    """A store whose values writes change, read by keyed queries that take time."""
+
+    def __init__(self, latency: float = 0.01) -> None:
+        self.values: dict[str, int] = {}
+        self.latency = latency
+        self.queries: list[list[str]] = []
+
+    async def fetch(self, keys: list[str]) -> dict[str, int]:
+        self.queries.append(sorted(keys))
+        seen = {k: self.values[k] for k in keys if k in self.values}
+        await asyncio.sleep(self.latency)
+        return seen
+
+
+def test_keys_asked_for_while_a_query_is_out_go_together_in_the_next() -> None:
+    async def scenario() -> tuple[list[int | None], list[list[str]]]:
+        rows = Rows()
+        rows.values.update(a=1, b=2, c=3)
+        reads = SharedQueries(rows.fetch)
+        first = asyncio.ensure_future(reads.get("a"))
+        await asyncio.sleep(0)  # its query is now out
+        rest = [asyncio.ensure_future(reads.get(k)) for k in ("b", "c", "b", "nothing", "a")]
+        values = await asyncio.gather(first, *rest)
+        return list(values), rows.queries
+
+    values, queries = asyncio.run(scenario())
+    assert values == [1, 2, 3, 2, None, 1]
+    # "a" again was asked for after the first query went: it waits for the next.
+    assert queries == [["a"], ["a", "b", "c", "nothing"]]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    plan=st.lists(
+        st.tuples(st.sampled_from(["get", "write", "tick"]), st.sampled_from("xyz")),
+        min_size=1,
+        max_size=40,
+    )
+)
+def test_no_read_is_given_a_value_read_before_it_asked(plan: list[tuple[str, str]]) -> None:
+    """Whatever the interleaving, a read's value is at least what the store held when
+    the read was asked for (writes only count up)."""
+
+    async def scenario() -> None:
+        rows = Rows(latency=0.001)
+        reads = SharedQueries(rows.fetch)
+        asked: list[tuple[str, int, asyncio.Future[int | None]]] = []
+        for step, key in plan:
+            if step == "get":
+                held = rows.values.get(key, 0)
+                asked.append((key, held, asyncio.ensure_future(reads.get(key))))
+            elif step == "write":
+                rows.values[key] = rows.values.get(key, 0) + 1
+            else:
+                await asyncio.sleep(0.0005)
+        for key, held, answer in asked:
+            value = await answer
+            assert (value or 0) >= held, (key, held, value)
+        await reads.close()
+
+    asyncio.run(scenario())
+
+
+def test_the_current_versions_of_a_real_store_are_read_as_a_read_would(
+    postgres: Postgres, tmp_path: Path
+) -> None:
+    schema = postgres.new_schema()
+    with (
+        SqlRepository(POSTGRES_URL, schema=schema) as server,
+        SqlRepository(POSTGRES_URL, schema=schema) as writer,  # another process's
+    ):
+        reads = server.current_reads()
+        assert reads is not None
+        writer.update(patient("kept"))
+        writer.update(patient("gone"))
+        writer.delete("Patient", "gone")
+
+        async def scenario() -> list[Any]:
+            found = await asyncio.gather(
+                reads.get(("Patient", "kept")),
+                reads.get(("Patient", "gone")),
+                reads.get(("Patient", "never-stored")),
+            )
+            writer.update({**patient("kept"), "active": False})
+            again = await reads.get(("Patient", "kept"))  # asked after the write
+            await reads.close()
+            return [*found, again]
+
+        kept, deleted, absent, again = asyncio.run(scenario())
+        assert kept.version_id == 1 and not kept.deleted
+        assert deleted.deleted and deleted.version_id == 2
+        assert absent is None
+        assert again.version_id == 2 and again.resource()["active"] is False
+    with SqlRepository(f"sqlite:///{tmp_path / 'embedded.db'}") as embedded:
+        assert embedded.current_reads() is None

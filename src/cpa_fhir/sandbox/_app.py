@@ -7,6 +7,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from functools import partial
 from typing import Any
 from urllib.parse import parse_qsl
@@ -31,9 +32,9 @@ from cpa_fhir.sandbox._router import (
     outcome_response,
 )
 from cpa_fhir.sandbox._server import Sandbox
-from cpa_fhir.store import SqlRepository
+from cpa_fhir.store import SqlRepository, Stored
 from cpa_fhir.store._engine import POOL_SIZE
-from cpa_fhir.store._generation import GenerationWatch
+from cpa_fhir.store._generation import GenerationWatch, SharedQueries
 
 MAX_BODY = 5 * 1024 * 1024
 INDEX_BEHIND = (503, "the audit trail's search index could not be brought up to date; try again")
@@ -42,6 +43,8 @@ FHIR_PREFIX = "/fhir"
 # the store keeps pooled connections: more threads would only wait for a connection
 # or contend for the interpreter.
 WORKER_THREADS = POOL_SIZE
+# The trust's reads by id on a database server: current versions by (type, id).
+CurrentReads = SharedQueries[tuple[str, str], Stored]
 INLINE_METHODS = frozenset({"GET", "HEAD"})
 # A read: `Type/id`.
 _READ_BY_ID = re.compile(r"[A-Z][A-Za-z]*/[A-Za-z0-9.\-]{1,64}/?")
@@ -108,23 +111,31 @@ async def _steady_heap(_app: FastAPI) -> AsyncIterator[None]:
 
 @asynccontextmanager
 async def _serving(
-    app: FastAPI, audit: AuditBatcher, repo: SqlRepository, watching: list[GenerationWatch]
+    app: FastAPI,
+    audit: AuditBatcher,
+    repo: SqlRepository,
+    watching: list[GenerationWatch],
+    reading: list[CurrentReads],
 ) -> AsyncIterator[None]:
     """While the app serves: a steady heap, the audit child's answers heard on the
-    serving event loop itself, and the store's generation read on that loop (in
-    `watching`; without this lifespan each request reads it itself)."""
+    serving event loop itself, and the store's generation and current versions read
+    on that loop (in `watching` and `reading`; without this lifespan each request
+    reads them itself)."""
     async with _steady_heap(app):
         audit.attach()
-        watch = repo.generation_watch()
+        watch, reads = repo.generation_watch(), repo.current_reads()
         if watch is not None:
             watching.append(watch)
+        if reads is not None:
+            reading.append(reads)
         try:
             yield
         finally:
             audit.detach()
-            if watch is not None:
-                watching.remove(watch)
-                await watch.close()
+            for shared, held in ((watch, watching), (reads, reading)):
+                if shared is not None:
+                    held.remove(shared)  # type: ignore[arg-type]
+                    await shared.close()
 
 
 async def _body(request: HttpRequest) -> bytes:
@@ -192,9 +203,10 @@ def create_app(
         docs_url=None,
         redoc_url=None,
         openapi_url=None,
-        lifespan=lambda app: _serving(app, audit, sandbox.repo, watching),
+        lifespan=lambda app: _serving(app, audit, sandbox.repo, watching, reading),
     )
     watching: list[GenerationWatch] = []
+    reading: list[CurrentReads] = []
     workers: list[anyio.CapacityLimiter] = []  # made on first use, inside the event loop
 
     def in_worker_thread(fn: Any, *args: Any) -> Any:
@@ -270,12 +282,23 @@ def create_app(
         generation = None
         if watching and client is not None and not client.sees_everything:
             generation = await watching[0].current()
-        if req.method in INLINE_METHODS and (inline_reads or _READ_BY_ID.fullmatch(path)):
+        read_by_id = req.method in INLINE_METHODS and _READ_BY_ID.fullmatch(path) is not None
+        if read_by_id and reading and client is not None and client.sees_everything:
+            # A read by id on a database server, for the trust: the current version
+            # read on this loop, with those other requests ask for meanwhile, in one
+            # query, and the event loop free while it is out.
+            rtype, rid = path.strip("/").split("/")
+            try:
+                req = replace(req, current=(rtype, rid, await reading[0].get((rtype, rid))))
+            except Exception:  # the store cannot answer: the router's own read says why
+                pass
+        if req.method in INLINE_METHODS and (inline_reads or read_by_id):
             # On an embedded store reads are CPU-bound, never waiting on a network; on
-            # a database server a read by id is a primary-key lookup on a kept
-            # connection (its time bounded, see `ReadConnections`). Either way a hop
-            # to a worker thread, and the contest for the interpreter lock it starts,
-            # would cost more than it frees the event loop.
+            # a database server a read by id was read above (the trust's), or is a
+            # primary-key lookup on a kept connection (its time bounded, see
+            # `ReadConnections`). Either way a hop to a worker thread, and the contest
+            # for the interpreter lock it starts, would cost more than it frees the
+            # event loop.
             response = sandbox.router.handle(
                 req, client, scopes, defer_audit=True, generation=generation
             )

@@ -46,6 +46,7 @@ from cpa_fhir.store import (
     SearchQuery,
     SqlRepository,
     Stored,
+    current_or_error,
     index_resource,
     known_parameters,
     time_ordered_id,
@@ -73,6 +74,10 @@ class Request:
     headers: Mapping[str, str] = field(default_factory=dict)  # lower-case names
     body: bytes = b""
     base_url: str = "http://localhost/fhir"
+    # The current version of the resource a read names, as the server read it for
+    # this request after it arrived: (type, id, the version or None if none is
+    # stored). Read here otherwise.
+    current: tuple[str, str, Stored | None] | None = None
 
 
 @dataclass(slots=True)
@@ -468,7 +473,11 @@ class Router:
         summary, elements = _read_subset(request, rtype)
         if view is None:
             if version is None:
-                stored = self.repo.read(rtype, rid)
+                known = request.current
+                if known is not None and known[:2] == (rtype, rid):
+                    stored = current_or_error(rtype, rid, known[2])
+                else:
+                    stored = self.repo.read(rtype, rid)
             else:
                 stored = self.repo.vread(rtype, rid, version)
             if _not_modified(request.headers, stored):

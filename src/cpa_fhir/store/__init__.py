@@ -24,7 +24,13 @@ from cpa_fhir.store._query import (
     known_parameters,
     parse_search,
 )
-from cpa_fhir.store._repository import Repository, SearchResult, SqlRepository, Stored
+from cpa_fhir.store._repository import (
+    Repository,
+    SearchResult,
+    SqlRepository,
+    Stored,
+    current_or_error,
+)
 from cpa_fhir.store._search_parameters import (
     SearchParameter,
     SearchParameters,
@@ -54,6 +60,7 @@ __all__ = [
     "Stored",
     "StringValue",
     "TokenValue",
+    "current_or_error",
     "current_version",
     "default_search_parameters",
     "index_resource",

@@ -14,8 +14,8 @@ every write committed before it arrived, as if it had asked alone.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Generic, TypeVar
 
 from sqlalchemy.engine import Engine
 
@@ -23,26 +23,31 @@ from cpa_fhir.store._engine import READ_TIMEOUT_MS
 
 GENERATION_SQL = "SELECT generation FROM store_change WHERE id = 1"
 
+K = TypeVar("K")
+V = TypeVar("V")
 
-class GenerationWatch:
-    """`current()`: the generation, read after the call began; one query for all the
-    calls that wait on it. For one event loop (the one it is first used on)."""
+
+class SharedQueries(Generic[K, V]):
+    """`get(key)`: the value of `key`, read by a query sent after the call began; the
+    keys asked for while a query is out go together in the next. One query in flight
+    at a time, for one event loop (the one it is first used on). A key the query
+    does not find is None."""
 
     def __init__(
         self,
-        read: Callable[[], Awaitable[int]],
+        fetch: Callable[[list[K]], Awaitable[Mapping[K, V]]],
         close: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
-        self._read = read
+        self._fetch = fetch
         self._close = close
-        self._next: asyncio.Future[int] | None = None  # asked for, its query not yet sent
+        self._next: dict[K, asyncio.Future[V | None]] = {}  # asked for, not yet sent
         self._in_flight: asyncio.Task[None] | None = None
         self.queries = 0  # how many were sent (for tests and measurements)
 
-    async def current(self) -> int:
-        waiting = self._next
+    async def get(self, key: K) -> V | None:
+        waiting = self._next.get(key)
         if waiting is None:
-            waiting = self._next = asyncio.get_running_loop().create_future()
+            waiting = self._next[key] = asyncio.get_running_loop().create_future()
             waiting.add_done_callback(_retrieve)
             if self._in_flight is None:
                 self._send()
@@ -57,36 +62,58 @@ class GenerationWatch:
             await self._close()
 
     def _send(self) -> None:
-        answer, self._next = self._next, None
-        assert answer is not None
+        asked, self._next = self._next, {}
         self.queries += 1
-        self._in_flight = asyncio.get_running_loop().create_task(self._query(answer))
+        self._in_flight = asyncio.get_running_loop().create_task(self._query(asked))
 
-    async def _query(self, answer: asyncio.Future[int]) -> None:
+    async def _query(self, asked: dict[K, asyncio.Future[V | None]]) -> None:
         try:
-            value = await self._read()
+            found = await self._fetch(list(asked))
         except asyncio.CancelledError:
-            answer.cancel()
+            for answer in asked.values():
+                answer.cancel()
             raise
         except Exception as exc:
-            answer.set_exception(exc)
+            for answer in asked.values():
+                answer.set_exception(exc)
         else:
-            answer.set_result(value)
+            for key, answer in asked.items():
+                answer.set_result(found.get(key))
         finally:
             self._in_flight = None
-            if self._next is not None:  # asked for while this one was out
+            if self._next:  # asked for while this one was out
                 self._send()
 
 
-def _retrieve(future: asyncio.Future[int]) -> None:
+class GenerationWatch(SharedQueries[None, int]):
+    """`current()`: the generation, read after the call began; one query for all the
+    calls that wait on it."""
+
+    def __init__(
+        self,
+        read: Callable[[], Awaitable[int]],
+        close: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        async def fetch(_keys: list[None]) -> dict[None, int]:
+            return {None: await read()}
+
+        super().__init__(fetch, close)
+
+    async def current(self) -> int:
+        value = await self.get(None)
+        assert value is not None
+        return value
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
     # Every caller may have gone (cancelled) before an error came: it is theirs, not
     # the loop's to report as never retrieved.
     if not future.cancelled():
         future.exception()
 
 
-class AsyncGenerationReader:
-    """Reads the generation on an asyncio connection of its own (PostgreSQL), opened
+class AsyncReader:
+    """Reads on an asyncio connection of its own (PostgreSQL), opened
     on first use with the store's connection parameters and kept; dropped after a
     failure, and opened again on the next read. A read runs for at most
     `READ_TIMEOUT_MS`, as the store's kept read connections do, and so does opening
@@ -99,18 +126,22 @@ class AsyncGenerationReader:
         self._connection: Any = None
         self._parameters: tuple[str, str | None] | None = None  # dsn, password
 
-    async def read(self) -> int:
+    async def rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """The rows of one statement (prepared: the same few are sent again and again)."""
         connection = self._connection
         if connection is None:
             connection = self._connection = await self._connect()
         try:
-            cursor = await connection.execute(GENERATION_SQL, prepare=True)
-            row = await cursor.fetchone()
+            cursor = await connection.execute(sql, params, prepare=True)
+            return list(await cursor.fetchall())
         except Exception:
             self._connection = None
             await _close_quietly(connection)
             raise
-        return int(row[0]) if row else 0
+
+    async def generation(self) -> int:
+        found = await self.rows(GENERATION_SQL)
+        return int(found[0][0]) if found else 0
 
     async def _connect(self) -> Any:
         import psycopg

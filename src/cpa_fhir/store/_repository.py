@@ -53,7 +53,12 @@ from cpa_fhir.store._engine import (
     ReadConnections,
     create_store_engine,
 )
-from cpa_fhir.store._generation import GENERATION_SQL, AsyncGenerationReader, GenerationWatch
+from cpa_fhir.store._generation import (
+    GENERATION_SQL,
+    AsyncReader,
+    GenerationWatch,
+    SharedQueries,
+)
 from cpa_fhir.store._ids import time_ordered_id
 from cpa_fhir.store._indexing import IndexRows, RecordIndexer, index_resource
 from cpa_fhir.store._migrations import migrate as migrate_schema
@@ -239,6 +244,19 @@ _SELECT_CURRENT = (
     "SELECT resource_type, id, version_id, last_updated, deleted, content FROM resource_current"
 )
 _READ_BATCH = 100
+
+
+def current_or_error(resource_type: str, id: str, found: Stored | None) -> Stored:
+    """What a read of the current version answers, given what was found (None for
+    nothing): the version, or ResourceNotFound, or ResourceGone for a deletion."""
+    if found is None:
+        raise ResourceNotFound(f"{resource_type}/{id} is not known")
+    if found.deleted:
+        raise ResourceGone(
+            f"{resource_type}/{id} was deleted (version {found.version_id})",
+            version_id=found.version_id,
+        )
+    return found
 
 
 def _driver_row_to_stored(row: tuple[Any, ...]) -> Stored:
@@ -1159,8 +1177,29 @@ class SqlRepository:
         short local read. `GenerationWatch.close` closes its connection."""
         if self.embedded:
             return None
-        reader = AsyncGenerationReader(self.engine)
-        return GenerationWatch(reader.read, reader.close)
+        reader = AsyncReader(self.engine)
+        return GenerationWatch(reader.generation, reader.close)
+
+    def current_reads(self) -> SharedQueries[tuple[str, str], Stored] | None:
+        """Current versions by (type, id) for the requests of one event loop, without
+        blocking it: the keys asked for while one query is out go together in the
+        next (`SharedQueries`), each read after it was asked for, on an asyncio
+        connection of its own. None on an embedded store, whose reads are short
+        local calls. A key not stored is None; a deleted one is a deleted version
+        (see `current_or_error`). `SharedQueries.close` closes its connection."""
+        if self.embedded:
+            return None
+        reader = AsyncReader(self.engine)
+
+        async def fetch(keys: list[tuple[str, str]]) -> dict[tuple[str, str], Stored]:
+            rows = await reader.rows(
+                f"{_SELECT_CURRENT} WHERE (resource_type, id) IN"
+                " (SELECT * FROM unnest(%s::text[], %s::text[]))",
+                ([t for t, _ in keys], [i for _, i in keys]),
+            )
+            return {(row[0], row[1]): _driver_row_to_stored(row) for row in rows}
+
+        return SharedQueries(fetch, reader.close)
 
     def referring(
         self, resource_type: str, parameter: str, target: tuple[str, str]
@@ -1226,15 +1265,7 @@ class SqlRepository:
         rows = self._driver_rows(
             f"{_SELECT_CURRENT} WHERE resource_type = %s AND id = %s", (resource_type, id)
         )
-        if not rows:
-            raise ResourceNotFound(f"{resource_type}/{id} is not known")
-        stored = _driver_row_to_stored(rows[0])
-        if stored.deleted:
-            raise ResourceGone(
-                f"{resource_type}/{id} was deleted (version {stored.version_id})",
-                version_id=stored.version_id,
-            )
-        return stored
+        return current_or_error(resource_type, id, _driver_row_to_stored(rows[0]) if rows else None)
 
     def vread(self, resource_type: str, id: str, version_id: int) -> Stored:
         with self._bound(read_only=True) as bound:
