@@ -393,14 +393,7 @@ class _Operations:
                 resource_current.c.resource_type == resource_type, resource_current.c.id == id
             )
         ).first()
-        if row is None:
-            raise ResourceNotFound(f"{resource_type}/{id} is not known")
-        if row.deleted:
-            raise ResourceGone(
-                f"{resource_type}/{id} was deleted (version {row.version_id})",
-                version_id=row.version_id,
-            )
-        return _row_to_stored(row)
+        return current_or_error(resource_type, id, None if row is None else _row_to_stored(row))
 
     def vread(self, resource_type: str, id: str, version_id: int) -> Stored:
         h = resource_history.c
