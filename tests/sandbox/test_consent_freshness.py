@@ -740,3 +740,36 @@ def test_the_trusts_reads_see_what_another_process_wrote_before_them(
     finally:
         other.update(flag)
         other.close()
+
+
+def test_the_trusts_shared_reads_serve_and_survive_a_dropped_connection(
+    sandbox: Sandbox,
+) -> None:
+    from fastapi.testclient import TestClient
+
+    from cpa_fhir.sandbox import create_app
+
+    app = create_app(sandbox)
+    token = sandbox.token_for("trust", "http://testserver/fhir")["access_token"]
+    headers = {"authorization": f"Bearer {token}"}
+    with TestClient(app) as http:
+        reads = app.state.current_reads
+        if sandbox.repo.embedded:
+            assert reads is None  # a local read needs no sharing
+            return
+        assert http.get("/fhir/Patient/c-patient", headers=headers).status_code == 200
+        assert reads.queries >= 1  # the read went through them
+        # The database drops their connection (a restart, an administrator).
+        with sandbox.repo.engine.connect() as connection:
+            dropped = connection.execute(
+                sa.text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE pid <> pg_backend_pid() AND query LIKE :shape"
+                ),
+                {"shape": "%FROM resource_current WHERE (resource_type, id) IN%"},
+            ).all()
+        assert dropped
+        for _ in range(3):  # the first read again by the router, then a new connection
+            answer = http.get("/fhir/Patient/c-patient", headers=headers)
+            assert answer.status_code == 200 and answer.json()["id"] == "c-patient"
+        assert http.get("/fhir/Patient/no-such-patient", headers=headers).status_code == 404

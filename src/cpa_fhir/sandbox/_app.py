@@ -128,6 +128,7 @@ async def _serving(
             watching.append(watch)
         if reads is not None:
             reading.append(reads)
+        app.state.current_reads = reads  # to see how many queries served them
         try:
             yield
         finally:
@@ -290,8 +291,10 @@ def create_app(
             rtype, rid = path.strip("/").split("/")
             try:
                 req = replace(req, current=(rtype, rid, await reading[0].get((rtype, rid))))
-            except Exception:  # the store cannot answer: the router's own read says why
-                pass
+            except Exception:
+                # The store did not answer: the router reads it again and says why,
+                # on a worker thread, so that the event loop does not wait on it.
+                read_by_id = False
         if req.method in INLINE_METHODS and (inline_reads or read_by_id):
             # On an embedded store reads are CPU-bound, never waiting on a network; on
             # a database server a read by id was read above (the trust's), or is a

@@ -55,9 +55,14 @@ class SharedQueries(Generic[K, V]):
         return await asyncio.shield(waiting)
 
     async def close(self) -> None:
-        """Wait for the query in flight, then release what reads (its connection)."""
+        """Wait for the query in flight (a read's time at most: then it is cancelled),
+        then release what reads (its connection)."""
         while self._in_flight is not None:  # it may send the next on its way out
-            await asyncio.wait([self._in_flight])
+            task = self._in_flight
+            await asyncio.wait([task], timeout=READ_TIMEOUT_MS / 1000)
+            if not task.done():
+                task.cancel()
+                await asyncio.wait([task])
         if self._close is not None:
             await self._close()
 
@@ -70,7 +75,10 @@ class SharedQueries(Generic[K, V]):
         try:
             found = await self._fetch(list(asked))
         except asyncio.CancelledError:
-            for answer in asked.values():
+            # Shut down (or the loop torn down): what waits for the next goes too,
+            # rather than a query sent that nobody would wait for or close.
+            waiting, self._next = self._next, {}
+            for answer in (*asked.values(), *waiting.values()):
                 answer.cancel()
             raise
         except Exception as exc:
@@ -132,12 +140,20 @@ class AsyncReader:
         if connection is None:
             connection = self._connection = await self._connect()
         try:
-            cursor = await connection.execute(sql, params, prepare=True)
-            return list(await cursor.fetchall())
+            # The server stops the statement after READ_TIMEOUT_MS; this bounds the
+            # wait on a network that stopped answering as well.
+            return await asyncio.wait_for(
+                self._fetch_all(connection, sql, params), READ_TIMEOUT_MS / 1000 + 1
+            )
         except Exception:
             self._connection = None
             await _close_quietly(connection)
             raise
+
+    @staticmethod
+    async def _fetch_all(connection: Any, sql: str, params: tuple[Any, ...]) -> list[Any]:
+        cursor = await connection.execute(sql, params, prepare=True)
+        return list(await cursor.fetchall())
 
     async def generation(self) -> int:
         found = await self.rows(GENERATION_SQL)
