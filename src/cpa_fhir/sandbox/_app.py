@@ -133,10 +133,12 @@ async def _serving(
             yield
         finally:
             audit.detach()
-            for shared, held in ((watch, watching), (reads, reading)):
-                if shared is not None:
-                    held.remove(shared)  # type: ignore[arg-type]
-                    await shared.close()
+            if watch is not None:
+                watching.remove(watch)
+                await watch.close()
+            if reads is not None:
+                reading.remove(reads)
+                await reads.close()
 
 
 async def _body(request: HttpRequest) -> bytes:

@@ -145,7 +145,7 @@ def _response_entry(resp: Response) -> dict[str, Any]:
     if "etag" in resp.headers:
         entry["response"]["etag"] = resp.headers["etag"]
     if resp.body:
-        body = orjson.loads(resp.body)
+        body = orjson.Fragment(resp.body)  # already JSON: written as it is
         if (
             resp.status >= 400
             or resp.headers.get("preference-applied") == "return=OperationOutcome"

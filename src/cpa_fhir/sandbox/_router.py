@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from email.utils import format_datetime, parsedate_to_datetime
 from functools import lru_cache
-from typing import Any, cast
+from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 import jsonpatch
@@ -37,18 +37,20 @@ from cpa_fhir.errors import (
 )
 from cpa_fhir.fhir.models import R4_RESOURCE_TYPES
 from cpa_fhir.fhir.outcome import Issue, operation_outcome
-from cpa_fhir.fhir.subset import SubsetError, Summary, requested_elements, subset
+from cpa_fhir.fhir.subset import Summary, subset
 from cpa_fhir.sandbox._access import DerivedCache, PartnerView
 from cpa_fhir.sandbox._audit_log import AuditLog, AuditWriteFailed, Events
 from cpa_fhir.sandbox._auth import AuthFailure, Client, allows, require
 from cpa_fhir.sandbox._chains import chains_hold
 from cpa_fhir.store import (
+    SearchParameters,
     SearchQuery,
     SqlRepository,
     Stored,
     current_or_error,
     index_resource,
     known_parameters,
+    parse_search,
     time_ordered_id,
 )
 from cpa_fhir.store._query import MAX_OFFSET, whole_number
@@ -164,24 +166,16 @@ def _preference(header: str | None, name: str) -> str | None:
     return None
 
 
-def _read_subset(request: Request, rtype: str) -> tuple[Summary | None, frozenset[str] | None]:
-    """The `_summary` (true, text, data; count and false ask for the whole) and
-    `_elements` of a read (https://hl7.org/fhir/R4/http.html#read); 400 for others."""
-    summary: Summary | None = None
-    elements = None
-    for name, value in request.query:
-        if name == "_summary":
-            if value not in ("true", "text", "data", "false", "count"):
-                raise HttpError(400, f"_summary must be true, text, data or false, not {value!r}")
-            summary = cast(Summary, value) if value in ("true", "text", "data") else None
-        elif name == "_elements":
-            try:
-                elements = requested_elements(rtype, value)
-            except SubsetError as exc:
-                raise HttpError(400, str(exc), code="value") from None
-    if summary is not None and elements is not None:
-        raise HttpError(400, "_elements and _summary cannot be used together")
-    return summary, elements
+def _read_subset(
+    request: Request, rtype: str, parameters: SearchParameters
+) -> tuple[Summary | None, frozenset[str] | None]:
+    """The `_summary` and `_elements` of a read (https://hl7.org/fhir/R4/http.html#read),
+    read as a search reads them (SearchError, a 400, for what it refuses)."""
+    asked = [(k, v) for k, v in request.query if k in ("_summary", "_elements")]
+    if not asked:
+        return None, None
+    query = parse_search(rtype, asked, parameters)
+    return query.summary, query.elements
 
 
 def _subset_bytes(
@@ -470,7 +464,7 @@ class Router:
         require(scopes, rtype, "read")
         # The request's own faults first: said alike whatever is (or is not) stored,
         # and before any precondition (RFC 9110 §13.2.1).
-        summary, elements = _read_subset(request, rtype)
+        summary, elements = _read_subset(request, rtype, self.repo.parameters)
         if view is None:
             if version is None:
                 known = request.current
