@@ -454,9 +454,19 @@ def test_a_stopping_child_indexes_what_it_committed(store: SqlRepository) -> Non
         ("GET", "Patient", b"_revinclude=*", {}, True),
         ("GET", "Patient", b"_h%61s:Audit%45vent:patient:action=R", {}, True),
         ("GET", "Provenance", b"target.action=R", {}, True),  # an untyped chain
-        ("GET", "CarePlan", b"subject=Patient/1&status=active", {}, True),
+        ("GET", "AuditEvent", b"", {}, True),
+        ("GET", "Patient", b"_revinclude=AuditEvent:patient", {}, True),
+        # Searches that cannot find AuditEvents answer without waiting for their rows.
+        ("GET", "CarePlan", b"subject=Patient/1&status=active", {}, False),
+        ("GET", "Patient", b"", {}, False),
+        ("GET", "Patient", b"_revinclude=Provenance:target", {}, False),
         ("POST", "Patient", b"", {"if-none-exist": "_has:AuditEvent:patient:action=R"}, True),
-        ("PUT", "Flag", b"identifier=urn:x|1", {}, True),
+        ("POST", "Patient", b"", {"if-none-exist": "identifier=urn:x|1"}, False),
+        ("POST", "Patient", b"", {}, False),  # a plain create searches nothing
+        ("PUT", "Flag", b"identifier=urn:x|1", {}, False),
+        ("DELETE", "AuditEvent", b"identifier=urn:x|1", {}, True),
+        ("GET", "AuditEvent/1", b"_elements=id", {}, True),
+        ("GET", "Patient/1", b"_elements=id", {}, False),
         ("GET", "", b"_type=AuditEvent", {}, False),  # the base answers GET with 405
         ("POST", "", b"", {}, True),  # a batch or transaction may search
         ("GET", "Patient/1", b"", {}, False),
@@ -465,7 +475,7 @@ def test_a_stopping_child_indexes_what_it_committed(store: SqlRepository) -> Non
         ("PUT", "Flag/1", b"", {}, False),
     ],
 )
-def test_searches_and_conditional_writes_wait_for_the_audit_index(
+def test_searches_and_conditional_writes_that_may_find_audit_events_wait_for_their_index(
     method: str, path: str, query: bytes, headers: dict[str, str], waits: bool
 ) -> None:
     from cpa_fhir.sandbox._app import _may_find_appended

@@ -32,7 +32,7 @@ from cpa_fhir.sandbox._router import (
     outcome_response,
 )
 from cpa_fhir.sandbox._server import Sandbox
-from cpa_fhir.store import SqlRepository, Stored
+from cpa_fhir.store import SqlRepository, Stored, may_reach_types
 from cpa_fhir.store._engine import POOL_SIZE
 from cpa_fhir.store._generation import GenerationWatch, SharedQueries
 
@@ -52,23 +52,30 @@ _READ_BY_ID = re.compile(r"[A-Z][A-Za-z]*/[A-Za-z0-9.\-]{1,64}/?")
 _FORMAT_ONLY = frozenset({"_format", "_pretty"})
 
 
+# The types of the records the audit child appends, and indexes after it answers.
+APPENDED_TYPES = frozenset({"AuditEvent"})
+
+
 def _may_find_appended(
     method: str, path: str, query_string: bytes, headers: Mapping[str, str]
 ) -> bool:
-    """Whether a request may find records by their search index: any search,
-    conditional write or Bundle. The audit child writes the index rows of the server's
-    AuditEvents after it answers, so such a request waits for them first
-    (`AuditBatcher.index`). Where criteria could reach AuditEvents is not worked
-    out: an untyped chain, or a percent-encoded name, reaches them too."""
+    """Whether a request may find the server's own records by their search index: a
+    search or conditional write whose criteria may reach them (`may_reach_types`),
+    or a Bundle. The audit child writes their index rows after it answers, so such a
+    request waits for them first (`AuditBatcher.index`); a search that cannot find
+    them does not wait, and the child writes many records' rows at once."""
     parts = [p for p in path.split("/") if p]
     if not parts:
         return method == "POST"  # a batch or transaction
-    if len(parts) == 1 or parts[-1] == "_search" or "if-none-exist" in headers:
-        return True  # a search, a create that may be conditional, a conditional write
-    if not query_string:
-        return False
-    query = parse_qsl(query_string.decode("latin-1"), keep_blank_values=True)
-    return any(name not in _FORMAT_ONLY for name, _ in query)
+    if parts[-1] == "_search":
+        return True  # its criteria are in the body, not worked out here
+    criteria = parse_qsl(query_string.decode("latin-1"), keep_blank_values=True)
+    condition = headers.get("if-none-exist")
+    if condition is not None:
+        criteria += parse_qsl(condition, keep_blank_values=True)
+    elif len(parts) > 1 and all(name in _FORMAT_ONLY for name, _ in criteria):
+        return False  # a read, vread, history or operation, with nothing to search
+    return may_reach_types(parts[0], criteria, APPENDED_TYPES)
 
 
 _BASE_URLS: dict[tuple[Any, ...], str] = {}

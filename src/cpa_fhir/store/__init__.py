@@ -22,6 +22,7 @@ from cpa_fhir.store._query import (
     StringValue,
     TokenValue,
     known_parameters,
+    may_reach_types,
     parse_search,
 )
 from cpa_fhir.store._repository import (
@@ -65,6 +66,7 @@ __all__ = [
     "default_search_parameters",
     "index_resource",
     "known_parameters",
+    "may_reach_types",
     "migrate",
     "normalise",
     "parse_search",

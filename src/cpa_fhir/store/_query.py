@@ -24,6 +24,7 @@ import math
 import re
 import sys
 from collections.abc import Iterable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
 from decimal import Decimal, InvalidOperation
 from typing import Literal, cast
@@ -505,6 +506,29 @@ class _Path:
     links: tuple[ChainLink, ...]
     parameter: SearchParameter
     modifier: str | None
+
+
+def may_reach_types(
+    resource_type: str, params: Iterable[tuple[str, str]], types: AbstractSet[str]
+) -> bool:
+    """Whether a search of `resource_type` with `params` may use the search index of
+    resources of `types`: a search of one of them, or one whose criteria follow
+    references to or from other types (a chain, `_has`), or include what refers to
+    the matches (`_revinclude`) from one of them, or iterate. Judged from the names
+    alone and erring towards yes: a parameter that would be refused says yes too."""
+    if resource_type in types or resource_type not in R4_RESOURCE_TYPES:
+        return True
+    for name, value in params:
+        if _is_chained(name) or name.startswith("_has"):
+            return True
+        base, _, modifier = name.partition(":")
+        if base == "_revinclude":
+            source = value.partition(":")[0]
+            if modifier or source in types or source not in R4_RESOURCE_TYPES:
+                return True  # iterating, from one of them, or `*`
+        elif base == "_include" and modifier:
+            return True
+    return False
 
 
 def _is_chained(raw_name: str) -> bool:
