@@ -45,8 +45,7 @@ import sqlalchemy as sa
 
 from cpa_fhir.store import SearchQuery, SqlRepository
 from cpa_fhir.store._engine import normalise_url
-from cpa_fhir.store._schema import resource_current
-from cpa_fhir.store._search_sql import order_by, where_clause
+from cpa_fhir.store._repository import search_statements
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "profiles" / "examples"
 SHARED_TYPES = frozenset({"Practitioner", "PractitionerRole", "Organization"})
@@ -123,17 +122,12 @@ def flag_id(patient_id: str) -> str:
 
 def explain(store: SqlRepository, query: SearchQuery) -> str:
     """The database's plan for the search the repository would run (its page query)."""
-    statement = (
-        sa.select(resource_current.c.id)
-        .where(*where_clause(query, now_micros=0))
-        .order_by(*order_by(query))
-        .limit(query.count)
-    )
-    postgres = store.engine.dialect.name == "postgresql"
-    sql = str(statement.compile(store.engine, compile_kwargs={"literal_binds": True}))
-    prefix = "EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) " if postgres else "EXPLAIN QUERY PLAN "
     with store.engine.connect() as connection:
-        rows = connection.exec_driver_sql(prefix + sql).all()
+        statements = search_statements(connection.dialect)
+        sql, values = statements.page(query, statements.where(query, now_micros=0), 0)
+        postgres = connection.dialect.name == "postgresql"
+        prefix = "EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) " if postgres else "EXPLAIN QUERY PLAN "
+        rows = connection.exec_driver_sql(prefix + sql, values).all()
     return "\n".join(str(row[0]) if postgres else f"{row[1]:>3} {row[3]}" for row in rows)
 
 

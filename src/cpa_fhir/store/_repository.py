@@ -34,7 +34,7 @@ from urllib.parse import parse_qsl
 import orjson
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from cpa_fhir.errors import (
@@ -62,7 +62,7 @@ from cpa_fhir.store._generation import (
 from cpa_fhir.store._ids import time_ordered_id
 from cpa_fhir.store._indexing import IndexRows, RecordIndexer, index_resource
 from cpa_fhir.store._migrations import migrate as migrate_schema
-from cpa_fhir.store._query import MAX_OFFSET, Include, SearchQuery, parse_search
+from cpa_fhir.store._query import MAX_OFFSET, SearchQuery, parse_search
 from cpa_fhir.store._schema import (
     INDEX_TABLES,
     index_pending,
@@ -77,7 +77,23 @@ from cpa_fhir.store._schema import (
     store_setting,
 )
 from cpa_fhir.store._search_parameters import SearchParameters, default_search_parameters
-from cpa_fhir.store._search_sql import order_by, where_clause
+from cpa_fhir.store._search_sql import Fragment, SearchStatements
+
+_SEARCH_STATEMENTS: dict[str, SearchStatements] = {}
+
+
+def search_statements(dialect: Dialect) -> SearchStatements:
+    """The search statements for a database: its driver's placeholder, and
+    `last_updated` bound as the column stores it."""
+    known = _SEARCH_STATEMENTS.get(dialect.name)
+    if known is None:
+        processor = resource_current.c.last_updated.type.bind_processor(dialect)
+        known = _SEARCH_STATEMENTS[dialect.name] = SearchStatements(
+            placeholder="%s" if dialect.name == "postgresql" else "?",
+            moment=processor if processor is not None else (lambda moment: moment),
+        )
+    return known
+
 
 Clock = Callable[[], datetime]
 DEFAULT_HISTORY_COUNT = 100
@@ -466,19 +482,14 @@ class _Operations:
         return int(self.connection.scalar(statement) or 0)
 
     def search(self, query: SearchQuery) -> SearchResult:
-        conditions = where_clause(query, now_micros=to_micros(self.clock()))
+        statements = search_statements(self.connection.dialect)
+        where = statements.where(query, now_micros=to_micros(self.clock()))
         counted = query.total != "none" or query.summary_count
         if query.summary_count or query.count == 0:
-            counts = self._count(conditions) if counted else None
+            counts = self._count(statements, where) if counted else None
             return SearchResult([], [], counts, query.offset, query.count)
-        statement = (
-            sa.select(*_COLUMNS)
-            .where(*conditions)
-            .order_by(*order_by(query))
-            .limit(query.count)
-            .offset(min(query.offset, MAX_OFFSET))
-        )
-        matches = [_row_to_stored(r) for r in self.connection.execute(statement)]
+        page = statements.page(query, where, min(query.offset, MAX_OFFSET))
+        matches = [_driver_row_to_stored(r) for r in self._rows(page)]
         total: int | None = None
         if counted:
             if len(matches) < query.count and (matches or query.offset == 0):
@@ -487,71 +498,33 @@ class _Operations:
                 # page, and so need no second statement.
                 total = query.offset + len(matches)
             else:
-                total = self._count(conditions)
-        included = self._included(query, matches)
+                total = self._count(statements, where)
+        included = self._included(statements, query, matches)
         return SearchResult(matches, included, total, query.offset, query.count)
 
-    def _count(self, conditions: list[Any]) -> int:
-        statement = sa.select(sa.func.count()).select_from(resource_current).where(*conditions)
-        return int(self.connection.scalar(statement) or 0)
+    def _rows(self, statement: Fragment) -> list[tuple[Any, ...]]:
+        return list(self.connection.exec_driver_sql(*statement).tuples())
 
-    def _included(self, query: SearchQuery, matches: list[Stored]) -> list[Stored]:
+    def _count(self, statements: SearchStatements, where: Fragment) -> int:
+        return int(self._rows(statements.count(where))[0][0] or 0)
+
+    def _included(
+        self, statements: SearchStatements, query: SearchQuery, matches: list[Stored]
+    ) -> list[Stored]:
         if not matches or not (query.include or query.revinclude):
             return []
         ids = [m.id for m in matches]
         seen = {(m.resource_type, m.id) for m in matches}
         out: list[Stored] = []
-        for statement in [self._include(query, i, ids) for i in query.include] + [
-            self._revinclude(i, ids) for i in query.revinclude
+        for statement in [statements.include(query, i, ids) for i in query.include] + [
+            statements.revinclude(i, ids) for i in query.revinclude
         ]:
-            for row in self.connection.execute(statement):
-                key = (row.resource_type, row.id)
+            for row in self._rows(statement):
+                key = (row[0], row[1])
                 if key not in seen:
                     seen.add(key)
-                    out.append(_row_to_stored(row))
+                    out.append(_driver_row_to_stored(row))
         return out
-
-    def _include(self, query: SearchQuery, include: Include, ids: list[str]) -> sa.Select[Any]:
-        r = search_reference.c
-        targets = sa.select(r.target_type, r.target_id).where(
-            r.resource_type == query.resource_type,
-            r.param == include.parameter,
-            r.resource_id.in_(ids),
-            r.target_id.is_not(None),
-        )
-        if include.target_type is not None:
-            targets = targets.where(r.target_type == include.target_type)
-        pairs = targets.distinct().subquery()
-        return (
-            sa.select(*_COLUMNS)
-            .join(
-                pairs,
-                sa.and_(
-                    resource_current.c.resource_type == pairs.c.target_type,
-                    resource_current.c.id == pairs.c.target_id,
-                ),
-            )
-            .where(resource_current.c.deleted == sa.false())
-            .order_by(resource_current.c.resource_type, resource_current.c.id)
-        )
-
-    def _revinclude(self, include: Include, ids: list[str]) -> sa.Select[Any]:
-        r = search_reference.c
-        sources = sa.select(r.resource_id).where(
-            r.resource_type == include.source_type,
-            r.param == include.parameter,
-            r.target_type == include.target_type,
-            r.target_id.in_(ids),
-        )
-        return (
-            sa.select(*_COLUMNS)
-            .where(
-                resource_current.c.resource_type == include.source_type,
-                resource_current.c.id.in_(sources),
-                resource_current.c.deleted == sa.false(),
-            )
-            .order_by(resource_current.c.id)
-        )
 
     # --- writes --------------------------------------------------------------------
 
