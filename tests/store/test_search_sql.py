@@ -1,0 +1,89 @@
+"""Search statements written as SQL text: every value the client sends is a bound
+parameter, never part of the text, and matched as it is."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cpa_fhir.errors import SearchError
+from cpa_fhir.store import Include, SqlRepository, parse_search
+from cpa_fhir.store._search_sql import SearchStatements
+
+HOSTILE = ["O'Brien", '"x"', "100%", "a_b", "back\\slash", "what?", "%s", "--", ";drop"]
+NAMES = [
+    "name",
+    "name:exact",
+    "name:contains",
+    "family",
+    "_id",
+    "_lastUpdated",
+    "birthdate",
+    "identifier",
+    "gender:not",
+    "general-practitioner",
+    "general-practitioner:Organization.name",
+    "_has:CarePlan:subject:status",
+    "_has:Flag:patient:_lastUpdated",
+    "link:missing",
+    "_sort",
+]
+values = st.one_of(
+    st.sampled_from(HOSTILE),
+    st.sampled_from(["ge2026-01-01", "ap2026", "ne2026-02", "x|y", "|y", "x|", "1,2"]),
+    st.text(alphabet="ab'\"%_?\\;-|,", min_size=1, max_size=8),
+)
+_PLACEHOLDER = {"?": re.compile(r"\?"), "%s": re.compile(r"%s")}
+# The only quoted text a statement holds: LIKE's escape character.
+_OWN_LITERAL = "ESCAPE '\\'"
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    params=st.lists(st.tuples(st.sampled_from(NAMES), values), min_size=1, max_size=4),
+    placeholder=st.sampled_from(["?", "%s"]),
+)
+def test_every_value_is_bound_and_none_is_written_into_the_text(
+    params: list[tuple[str, str]], placeholder: str
+) -> None:
+    try:
+        query = parse_search("Patient", params)
+    except SearchError:
+        return
+    statements = SearchStatements(placeholder=placeholder, moment=lambda moment: moment)
+    where = statements.where(query, now_micros=0)
+    built = [
+        statements.page(query, where, 0),
+        statements.count(where),
+        statements.include(query, Include("Patient", "organization"), ["a'b", "c"]),
+        statements.revinclude(Include("CarePlan", "subject", "Patient"), ["a'b", "c"]),
+    ]
+    for sql, bound in built:
+        assert len(_PLACEHOLDER[placeholder].findall(sql)) == len(bound), sql
+        text = sql.replace(_OWN_LITERAL, "")
+        assert "'" not in text and '"' not in text and ";" not in text, sql
+        if placeholder == "%s":
+            assert "?" not in sql and "%" not in text.replace("%s", ""), sql
+
+
+@pytest.mark.parametrize("family", HOSTILE)
+def test_names_with_sql_characters_are_found_as_they_are(store: SqlRepository, family: str) -> None:
+    store.load(
+        {"resourceType": "Patient", "id": f"p{n}", "name": [{"family": name}]}
+        for n, name in enumerate(HOSTILE)
+    )
+
+    def found(params: list[tuple[str, str]]) -> set[str]:
+        return {m.id for m in store.search(store.parse("Patient", params)).matches}
+
+    which = {f"p{n}" for n, name in enumerate(HOSTILE) if name == family}
+    assert found([("name:exact", family)]) == which
+    # `%` and `_` are themselves, not LIKE's wildcards; a quote is a quote.
+    contains = {f"p{n}" for n, name in enumerate(HOSTILE) if family.lower() in name.lower()}
+    assert found([("name:contains", family)]) == contains
+    assert found([("family", family), ("_sort", "family")]) == {
+        f"p{n}" for n, name in enumerate(HOSTILE) if name.lower().startswith(family.lower())
+    }
