@@ -76,6 +76,34 @@ def test_a_failed_read_replaces_the_connection(store: SqlRepository) -> None:
         store.read("Patient", "absent")
 
 
+def test_a_sqlite_search_sees_one_moment_and_the_next_sees_what_was_committed_since(
+    tmp_path: Path,
+) -> None:
+    """A search's statements (page, total, includes) agree with one another even when
+    a write commits between them; the next search sees that write. (On a database
+    server a search runs on a pooled connection.)"""
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    reader, writer = SqlRepository(url), SqlRepository(url)
+    writer.update(patient("p1", "Same"))
+    count = "SELECT count(*) FROM resource_current WHERE resource_type = 'Patient'"
+    with reader._readers.snapshot() as rows:
+        assert rows(count, ())[0][0] == 1
+        writer.update(patient("p2", "Same"))  # committed by another connection
+        assert rows(count, ())[0][0] == 1  # the same moment, still
+    found = reader.search(reader.parse("Patient", [("family", "Same")]))
+    assert {m.id for m in found.matches} == {"p1", "p2"} and found.total == 2
+
+
+def test_a_search_that_fails_leaves_the_next_one_working(store: SqlRepository) -> None:
+    store.update(patient("p1", "Kept"))
+    with pytest.raises(Exception, match="no_such_column|no such column"):
+        with store._readers.snapshot() as rows:
+            rows("SELECT no_such_column FROM resource_current", ())
+    assert store._readers._local.connection is None  # dropped, not left mid-transaction
+    found = store.search(store.parse("Patient", [("family", "Kept")]))
+    assert [m.id for m in found.matches] == ["p1"]
+
+
 def test_connections_of_ended_threads_and_all_on_close_are_closed(store: SqlRepository) -> None:
     store.update(patient("p1", "Once"))
     ended = in_thread(lambda: (store.read("Patient", "p1"), store._readers._local.connection)[1])

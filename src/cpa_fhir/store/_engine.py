@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import re
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import sqlalchemy as sa
@@ -130,9 +132,7 @@ class ReadConnections:
 
     def rows(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         """The rows of one statement, written with the driver's own placeholders."""
-        connection = getattr(self._local, "connection", None)
-        if connection is None:
-            connection = self._connect()
+        connection = self._thread_connection()
         try:
             cursor = connection.execute(sql, params)
             try:
@@ -142,6 +142,34 @@ class ReadConnections:
         except Exception:
             self._drop()
             raise
+
+    @contextmanager
+    def snapshot(self) -> Iterator[Callable[[str, tuple[Any, ...]], list[tuple[Any, ...]]]]:
+        """`rows` for several statements that must see the store as it was at one
+        moment (a search's page, its total and what it includes): in one read
+        transaction on this thread's connection. For SQLite, whose statements are
+        bounded by nothing but the work; on a database server a search runs on a
+        pooled connection, with a search's longer time limit."""
+        connection = self._thread_connection()
+        try:
+            connection.execute("BEGIN")
+        except Exception:
+            self._drop()
+            raise
+        try:
+            yield self.rows
+        finally:
+            # A statement that failed dropped the connection: nothing left to end.
+            kept = getattr(self._local, "connection", None)
+            if kept is not None and kept is connection:
+                try:
+                    kept.execute("COMMIT")
+                except Exception:
+                    self._drop()
+
+    def _thread_connection(self) -> Any:
+        connection = getattr(self._local, "connection", None)
+        return connection if connection is not None else self._connect()
 
     def _connect(self) -> Any:
         wrapper = self._engine.raw_connection()
