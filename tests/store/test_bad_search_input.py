@@ -239,6 +239,10 @@ def test_every_connection_of_the_store_has_the_bound(postgres: Postgres) -> None
             for connection in (one, two):
                 shown = connection.exec_driver_sql("SHOW statement_timeout").scalar()
                 assert shown == f"{STATEMENT_TIMEOUT_MS // 1000}s"
+        # Searches keep connections of their own: a search's bound, not a read's.
+        store.search(store.parse("Patient", []))
+        shown = store._searchers.rows("SHOW statement_timeout", ())
+        assert shown == [(f"{STATEMENT_TIMEOUT_MS // 1000}s",)]
 
 
 # --- 5. NUL characters ----------------------------------------------------------------

@@ -119,12 +119,15 @@ class ReadConnections:
     thread keeps its own connection, in autocommit, so each statement sees what was
     committed when it runs, as a pooled read would. A connection that fails is
     dropped, and the thread opens a new one on its next read. On PostgreSQL a
-    statement runs for at most `READ_TIMEOUT_MS`: a server may make these reads on
-    its event loop.
+    statement runs for at most `READ_TIMEOUT_MS` (unless told otherwise): a server
+    may make these reads on its event loop.
     """
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(
+        self, engine: Engine, *, statement_timeout_ms: int | None = READ_TIMEOUT_MS
+    ) -> None:
         self._engine = engine
+        self._statement_timeout_ms = statement_timeout_ms
         self._postgres = engine.dialect.name == "postgresql"
         self._local = threading.local()
         self._lock = threading.Lock()
@@ -145,12 +148,15 @@ class ReadConnections:
 
     @contextmanager
     def snapshot(self) -> Iterator[Callable[[str, tuple[Any, ...]], list[tuple[Any, ...]]]]:
-        """`rows` for several statements that must see the store as it was at one
-        moment (a search's page, its total and what it includes): in one read
-        transaction on this thread's connection. For SQLite, whose statements are
-        bounded by nothing but the work; on a database server a search runs on a
-        pooled connection, with a search's longer time limit."""
+        """`rows` for the statements of one search (its page, its total and what it
+        includes), on this thread's connection. On SQLite they see the store as it
+        was at one moment, in one read transaction; on PostgreSQL each sees what is
+        committed when it runs, as in any transaction at READ COMMITTED, so they go
+        without one (no round trips to begin and end it)."""
         connection = self._thread_connection()
+        if self._postgres:
+            yield self.rows
+            return
         try:
             connection.execute("BEGIN")
         except Exception:
@@ -179,7 +185,8 @@ class ReadConnections:
             connection.autocommit = True
             # These reads may run on a server's event loop: a statement that hangs
             # (a lock held by a schema change, a stalled server) must not hold it long.
-            connection.execute(f"SET statement_timeout = {READ_TIMEOUT_MS}")
+            if self._statement_timeout_ms is not None:  # else the engine's own
+                connection.execute(f"SET statement_timeout = {int(self._statement_timeout_ms)}")
         me = threading.get_ident()
         alive = {t.ident for t in threading.enumerate()}
         with self._lock:

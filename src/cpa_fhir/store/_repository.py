@@ -221,6 +221,19 @@ def _with_meta(resource: dict[str, Any], version: int, last_updated: str) -> dic
 _QUERY_CANCELED = "57014"
 
 
+def _stopped_for_time(error: Any) -> bool:
+    """Whether PostgreSQL stopped the statement for running too long."""
+    return getattr(error, "sqlstate", None) == _QUERY_CANCELED
+
+
+def _too_costly() -> SearchError:
+    return SearchError(
+        "the search ran longer than this server allows;"
+        " narrow it with fewer or more selective criteria",
+        code="too-costly",
+    )
+
+
 def _content(resource: dict[str, Any]) -> bytes:
     """The resource's JSON to store; InputError if any of its text holds a NUL.
 
@@ -1065,6 +1078,14 @@ class SqlRepository:
         self.postgres = self.engine.dialect.name == "postgresql"
         self.schema = schema
         self._readers = ReadConnections(self.engine)
+        # Searches on a database server keep connections of their own, with the
+        # engine's time limit for a statement (longer than a read's); on SQLite they
+        # share the readers'.
+        self._searchers = (
+            ReadConnections(self.engine, statement_timeout_ms=None)
+            if self.postgres
+            else self._readers
+        )
         self._records = RecordIndexer()
         if migrate:
             migrate_schema(self.engine)
@@ -1076,6 +1097,7 @@ class SqlRepository:
 
     def close(self) -> None:
         self._readers.close()
+        self._searchers.close()
         self.engine.dispose()
 
     def analyze(self) -> None:
@@ -1127,12 +1149,8 @@ class SqlRepository:
                             .values(generation=store_change.c.generation + 1)
                         )
             except DBAPIError as exc:
-                if searching and getattr(exc.orig, "sqlstate", None) == _QUERY_CANCELED:
-                    raise SearchError(
-                        "the search ran longer than this server allows;"
-                        " narrow it with fewer or more selective criteria",
-                        code="too-costly",
-                    ) from exc
+                if searching and _stopped_for_time(exc.orig):
+                    raise _too_costly() from exc
                 raise
 
     # --- the hot read paths, straight through the driver --------------------------
@@ -1309,18 +1327,20 @@ class SqlRepository:
             return bound.history_total(resource_type, id, since=since)
 
     def search(self, query: SearchQuery) -> SearchResult:
-        if self.embedded:
-            # On this thread's kept connection: a pooled one's check-out, transaction
-            # and return cost about as much as a search of one patient's record.
-            with self._readers.snapshot() as rows:
+        # On this thread's kept connection: a pooled one's check-out, transaction and
+        # return cost about as much as a search of one patient's record.
+        try:
+            with self._searchers.snapshot() as rows:
                 return run_search(
                     query,
                     search_statements(self.engine.dialect),
                     lambda statement: rows(*statement),
                     now_micros=to_micros(self.clock()),
                 )
-        with self._bound(read_only=True, searching=True) as bound:
-            return bound.search(query)
+        except Exception as exc:
+            if _stopped_for_time(exc):
+                raise _too_costly() from exc
+            raise
 
     def load(self, resources: Iterable[dict[str, Any]], *, batch_size: int = 1000) -> int:
         """Store many resources in one transaction, inserting in batches; the count stored.
