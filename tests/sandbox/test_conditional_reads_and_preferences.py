@@ -293,6 +293,8 @@ def test_a_lenient_search_leaves_out_what_it_does_not_understand_and_says_so(
             ("status:text", "active"),
             ("_contained", "true"),
             ("subject:Patient.shoe-size", "9"),
+            ("_include", "CarePlan:shoe"),
+            ("_revinclude", "*"),
         ],
         headers={"prefer": "return=minimal, handling=lenient"},
     )
@@ -305,18 +307,26 @@ def test_a_lenient_search_leaves_out_what_it_does_not_understand_and_says_so(
     (outcome,) = outcomes
     ignored = " ".join(i["details"]["text"] for i in outcome["issue"])
     assert {i["severity"] for i in outcome["issue"]} == {"warning"}
-    for name in ("colour", "status:text", "_contained", "shoe-size"):
+    for name in ("colour", "status:text", "_contained", "shoe-size", "'shoe'", "_revinclude=*"):
         assert name in ignored
     # The self link holds the parameters used, and only those.
     self_link = next(link["url"] for link in bundle["link"] if link["relation"] == "self")
     assert "subject=Patient" in self_link
-    assert not any(n in self_link for n in ("colour", "status", "_contained", "shoe"))
+    assert not any(
+        n in self_link for n in ("colour", "status", "_contained", "shoe", "_revinclude")
+    )
 
 
 def test_a_lenient_search_still_refuses_a_known_parameter_it_cannot_read(trust: Fhir) -> None:
     lenient = {"prefer": "handling=lenient"}
     assert trust.get("Flag", params={"date": "yesterday"}, headers=lenient).status_code == 400
     assert trust.get("Flag", params={"_count": "-1"}, headers=lenient).status_code == 400
+    # A known parameter that cannot be included (not a reference), or a malformed include.
+    for include in ("Flag:date", "Flag", "Unknown:patient"):
+        answer = trust.get("Flag", params={"_include": include}, headers=lenient)
+        assert answer.status_code == 400, include
+    # Strict, an include of an unknown parameter is refused as any unknown parameter is.
+    assert trust.get("Flag", params={"_include": "Flag:shoe"}).status_code == 400
 
 
 def test_a_partners_lenient_search_is_filtered_as_any_other(trust: Fhir, as_client: Any) -> None:

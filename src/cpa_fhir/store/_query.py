@@ -859,7 +859,7 @@ def _parse_include(
     name = "_revinclude" if reverse else "_include"
     parts = value.split(":")
     if value == "*" or "*" in parts:
-        raise SearchError(f"{name}=* is not supported", expression=name, code="not-supported")
+        raise UnknownParameter(f"{name}=* is not supported", expression=name, code="not-supported")
     if len(parts) not in (2, 3):
         raise SearchError(
             f"{name} must be SourceType:parameter[:TargetType], not {value!r}", expression=name
@@ -874,7 +874,12 @@ def _parse_include(
             expression=name,
         )
     parameter = registry.get(source, code)
-    if parameter is None or parameter.type != "reference":
+    if parameter is None:
+        # Unknown, as an unknown criterion is: left out of a lenient search.
+        raise UnknownParameter(
+            f"{name}: {source} has no search parameter {code!r}", expression=name
+        )
+    if parameter.type != "reference":
         raise SearchError(
             f"{name}: {source} has no reference search parameter {code!r}", expression=name
         )
