@@ -22,6 +22,7 @@ text are this module's own (tables, columns, aliases). Builds statements only: n
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -110,6 +111,41 @@ class _Aliases:
     def new(self, prefix: str) -> str:
         self.count += 1
         return f"{prefix}{self.count}"
+
+
+@dataclass(frozen=True, slots=True)
+class _Chain:
+    """What every subquery of one chained criterion shares."""
+
+    criterion: Criterion
+    now_micros: int
+    aliases: _Aliases
+
+
+def _hop(
+    alias: str,
+    out: str,
+    into: str,
+    resource_type: str,
+    reference: str,
+    target_type: str,
+    inner: Fragment,
+) -> Fragment:
+    """One link through `search_reference`: its `out` column (resource_id forward,
+    target_id backward) where `into` (the other) is among the ids `inner` selects."""
+    return _join(
+        "",
+        [
+            (
+                f"SELECT {alias}.{out} FROM search_reference AS {alias}"
+                f" WHERE {alias}.resource_type = ? AND {alias}.param = ?"
+                f" AND {alias}.target_type = ? AND {alias}.{into} IN (",
+                (resource_type, reference, target_type),
+            ),
+            inner,
+            (")", ()),
+        ],
+    )
 
 
 class SearchStatements:
@@ -250,7 +286,8 @@ class SearchStatements:
         self, resource_type: str, criterion: Criterion, now_micros: int, aliases: _Aliases
     ) -> Fragment:
         if criterion.chain:
-            ids = self._chained_ids(resource_type, criterion.chain, criterion, now_micros, aliases)
+            at = _Chain(criterion, now_micros, aliases)
+            ids = self._chained_ids(resource_type, criterion.chain, at)
             return _join("", [(f"{_CURRENT}.id IN (", ()), ids, (")", ())])
         return self._direct_criterion(_CURRENT, resource_type, criterion, now_micros)
 
@@ -289,64 +326,37 @@ class SearchStatements:
         values = _any([self._value(criterion, v, now_micros) for v in criterion.values])
         return _join(" AND ", [matching, values])
 
-    def _chained_ids(
-        self,
-        resource_type: str,
-        chain: Sequence[ChainLink],
-        criterion: Criterion,
-        now_micros: int,
-        aliases: _Aliases,
-    ) -> Fragment:
+    def _chained_ids(self, resource_type: str, chain: Sequence[ChainLink], at: _Chain) -> Fragment:
         """Ids of the `resource_type` resources from which `chain` reaches a match."""
         link, onward = chain[0], chain[1:]
         if link.reverse:
             (source_type,) = link.to_types
-            sources = aliases.new("ref")
-            inner = self._matching_ids(source_type, onward, criterion, now_micros, aliases)
-            return _join(
-                "",
-                [
-                    (
-                        f"SELECT {sources}.target_id FROM search_reference AS {sources}"
-                        f" WHERE {sources}.resource_type = ? AND {sources}.param = ?"
-                        f" AND {sources}.target_type = ? AND {sources}.resource_id IN (",
-                        (source_type, link.reference, resource_type),
-                    ),
-                    inner,
-                    (")", ()),
-                ],
+            inner = self._matching_ids(source_type, onward, at)
+            return _hop(
+                at.aliases.new("ref"),
+                "target_id",
+                "resource_id",
+                source_type,
+                link.reference,
+                resource_type,
+                inner,
             )
-        per_target: list[Fragment] = []
-        for target_type in link.to_types:
-            references = aliases.new("ref")
-            inner = self._matching_ids(target_type, onward, criterion, now_micros, aliases)
-            per_target.append(
-                _join(
-                    "",
-                    [
-                        (
-                            f"SELECT {references}.resource_id FROM search_reference"
-                            f" AS {references} WHERE {references}.resource_type = ?"
-                            f" AND {references}.param = ? AND {references}.target_type = ?"
-                            f" AND {references}.target_id IN (",
-                            (resource_type, link.reference, target_type),
-                        ),
-                        inner,
-                        (")", ()),
-                    ],
-                )
+        per_target = [
+            _hop(
+                at.aliases.new("ref"),
+                "resource_id",
+                "target_id",
+                resource_type,
+                link.reference,
+                target_type,
+                self._matching_ids(target_type, onward, at),
             )
+            for target_type in link.to_types
+        ]
         # One subquery per target type, so that each can use the index on target_id.
         return _join(" UNION ALL ", per_target)
 
-    def _matching_ids(
-        self,
-        resource_type: str,
-        chain: Sequence[ChainLink],
-        criterion: Criterion,
-        now_micros: int,
-        aliases: _Aliases,
-    ) -> Fragment:
+    def _matching_ids(self, resource_type: str, chain: Sequence[ChainLink], at: _Chain) -> Fragment:
         """Ids of the `resource_type` resources that match, through `chain` if any.
 
         A positive criterion on an index is answered from the index alone: its rows
@@ -355,11 +365,12 @@ class SearchStatements:
         that a reference to a resource that does not exist never matches.
         """
         if chain:
-            return self._chained_ids(resource_type, chain, criterion, now_micros, aliases)
+            return self._chained_ids(resource_type, chain, at)
+        criterion, now_micros = at.criterion, at.now_micros
         negated = criterion.missing is True or criterion.modifier == "not"
         if criterion.parameter not in COLUMN_PARAMETERS and not negated:
             return self._indexed(resource_type, criterion, now_micros)
-        targets = aliases.new("rc")
+        targets = at.aliases.new("rc")
         return _join(
             " AND ",
             [
