@@ -462,6 +462,9 @@ def test_a_stopping_child_indexes_what_it_committed(store: SqlRepository) -> Non
         ("GET", "Patient", b"_revinclude=Provenance:target", {}, False),
         ("POST", "Patient", b"", {"if-none-exist": "_has:AuditEvent:patient:action=R"}, True),
         ("POST", "Patient", b"", {"if-none-exist": "identifier=urn:x|1"}, False),
+        # Written with the "?" of a query string, as the store reads it too.
+        ("POST", "Patient", b"", {"if-none-exist": "?_has:AuditEvent:patient:action=R"}, True),
+        ("POST", "Patient", b"", {"if-none-exist": "?identifier=urn:x|1"}, False),
         ("POST", "Patient", b"", {}, False),  # a plain create searches nothing
         ("PUT", "Flag", b"identifier=urn:x|1", {}, False),
         ("DELETE", "AuditEvent", b"identifier=urn:x|1", {}, True),

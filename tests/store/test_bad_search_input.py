@@ -22,6 +22,7 @@ from cpa_fhir.store._engine import STATEMENT_TIMEOUT_MS, create_store_engine
 from cpa_fhir.store._query import (
     MAX_COUNT,
     MAX_CRITERIA,
+    MAX_IDS,
     MAX_OFFSET,
     MAX_SUBQUERIES,
     MAX_VALUES,
@@ -190,6 +191,18 @@ def test_a_page_of_ids_is_not_limited_as_other_values(store: SqlRepository) -> N
     assert ids(store, "Patient", [("_id", listed), ("_count", str(MAX_COUNT))]) == [made.id]
     # Through a chain it is compared in every subquery, so it is limited as the others.
     refused(store, "Observation", [("patient._id", listed)])
+
+
+def test_ids_are_bounded_in_all_not_only_a_parameter_at_a_time(store: SqlRepository) -> None:
+    """Each id is a bound value (PostgreSQL takes at most 65,535 a statement): as many
+    as MAX_IDS are found, over several `_id` criteria too; more are refused, not a 500."""
+    made = store.create({"resourceType": "Patient"})
+    half = MAX_IDS // 2
+    first = ",".join([*(f"x{i}" for i in range(half - 1)), made.id])
+    second = ",".join([*(f"y{i}" for i in range(half - 1)), made.id])
+    assert ids(store, "Patient", [("_id", first), ("_id", second)]) == [made.id]
+    error = refused(store, "Patient", [("_id", first)] * 7)
+    assert error.code == "too-costly" and f"at most {MAX_IDS} ids" in error.message
 
 
 def test_chains_fanning_out_to_many_types_are_refused(store: SqlRepository) -> None:

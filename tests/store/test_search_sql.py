@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 from cpa_fhir.errors import SearchError
 from cpa_fhir.store import Include, SqlRepository, parse_search
 from cpa_fhir.store._search_sql import SearchStatements
+from tests.store.conftest import POSTGRES_URL, Postgres
 
-HOSTILE = ["O'Brien", '"x"', "100%", "a_b", "back\\slash", "what?", "%s", "--", ";drop"]
+HOSTILE = ["O'Brien", '"x"', "100%", "a_b", "back\\slash", "what?", "%s", "--", ";drop", "hi!"]
 NAMES = [
     "name",
     "name:exact",
@@ -38,7 +39,7 @@ values = st.one_of(
 )
 _PLACEHOLDER = {"?": re.compile(r"\?"), "%s": re.compile(r"%s")}
 # The only quoted text a statement holds: LIKE's escape character.
-_OWN_LITERAL = "ESCAPE '\\'"
+_OWN_LITERAL = "ESCAPE '!'"
 
 
 @settings(max_examples=300, deadline=None)
@@ -87,3 +88,22 @@ def test_names_with_sql_characters_are_found_as_they_are(store: SqlRepository, f
     assert found([("family", family), ("_sort", "family")]) == {
         f"p{n}" for n, name in enumerate(HOSTILE) if name.lower().startswith(family.lower())
     }
+
+
+def test_contains_works_whatever_postgresql_reads_a_backslash_as(postgres: Postgres) -> None:
+    """With standard_conforming_strings off, PostgreSQL reads a backslash in a literal
+    as an escape: LIKE's escape character is not one."""
+    schema = postgres.new_schema()
+    url = f"{POSTGRES_URL}?options=-cstandard_conforming_strings%3Doff"
+    store = SqlRepository(url, schema=schema)
+    try:
+        store.load(
+            {"resourceType": "Patient", "id": f"p{n}", "name": [{"family": name}]}
+            for n, name in enumerate(HOSTILE)
+        )
+        found = store.search(store.parse("Patient", [("name:contains", "100%")]))
+        assert [m.id for m in found.matches] == [f"p{HOSTILE.index('100%')}"]
+        found = store.search(store.parse("Patient", [("name:contains", "i!")]))
+        assert [m.id for m in found.matches] == [f"p{HOSTILE.index('hi!')}"]
+    finally:
+        store.close()

@@ -72,7 +72,8 @@ def _may_find_appended(
     criteria = parse_qsl(query_string.decode("latin-1"), keep_blank_values=True)
     condition = headers.get("if-none-exist")
     if condition is not None:
-        criteria += parse_qsl(condition, keep_blank_values=True)
+        # As the store reads it (`conditional_match`): a leading "?" is no part of a name.
+        criteria += parse_qsl(condition.lstrip("?"), keep_blank_values=True)
     elif len(parts) > 1 and all(name in _FORMAT_ONLY for name, _ in criteria):
         return False  # a read, vread, history or operation, with nothing to search
     return may_reach_types(parts[0], criteria, APPENDED_TYPES)

@@ -365,8 +365,8 @@ def parse_search(
 
 
 def _check_cost(criteria: list[Criterion]) -> None:
-    """SearchError (too-costly) for a search past `MAX_CRITERIA`, `MAX_SUBQUERIES` or
-    `MAX_COMPARISONS`."""
+    """SearchError (too-costly) for a search past `MAX_CRITERIA`, `MAX_SUBQUERIES`,
+    `MAX_IDS` (in all) or `MAX_COMPARISONS`."""
     if len(criteria) > MAX_CRITERIA:
         raise SearchError(
             f"a search may have at most {MAX_CRITERIA} criteria, not {len(criteria)}",
@@ -379,6 +379,12 @@ def _check_cost(criteria: list[Criterion]) -> None:
             f"{MAX_SUBQUERIES} allowed: give fewer criteria, or name the target type of "
             "a chained reference (reference:Type.parameter)",
             code="too-costly",
+        )
+    ids = sum(len(c.values) for c in criteria if _ids(c))
+    if ids > MAX_IDS:
+        # Each id is a bound value, and PostgreSQL takes at most 65,535 a statement.
+        raise SearchError(
+            f"a search may list at most {MAX_IDS} ids in all, not {ids}", code="too-costly"
         )
     comparisons = sum(_branches(c) * max(1, len(c.values)) for c in criteria if not _ids(c))
     if comparisons > MAX_COMPARISONS:

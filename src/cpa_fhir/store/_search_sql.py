@@ -42,6 +42,9 @@ from cpa_fhir.store._query import (
 from cpa_fhir.store._search_parameters import COLUMN_PARAMETERS
 
 _DAY_MICROS = 86_400_000_000
+# LIKE's escape character: not a backslash, which PostgreSQL reads as escaping the
+# closing quote when standard_conforming_strings is off.
+_LIKE_ESCAPE = "!"
 # Past the last code point, so `normalised < prefix + _AFTER_ALL` bounds a prefix match.
 _AFTER_ALL = "\U0010ffff"
 
@@ -401,7 +404,9 @@ class SearchStatements:
             if criterion.modifier == "exact":
                 return "value = ?", (value.text,)
             if criterion.modifier == "contains":
-                return "normalised LIKE ? ESCAPE '\\'", (f"%{_escape_like(value.normalised)}%",)
+                return f"normalised LIKE ? ESCAPE '{_LIKE_ESCAPE}'", (
+                    f"%{_escape_like(value.normalised)}%",
+                )
             return (
                 "(normalised >= ? AND normalised < ?)",
                 (value.normalised, value.normalised + _AFTER_ALL),
@@ -507,4 +512,5 @@ def number_condition(value: NumberValue, column: str) -> Fragment:
 
 
 def _escape_like(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    escape = _LIKE_ESCAPE
+    return text.replace(escape, escape * 2).replace("%", escape + "%").replace("_", escape + "_")
