@@ -204,6 +204,23 @@ def test_criteria_on_withheld_values_reveal_nothing(partner: tuple[str, Fhir]) -
         assert not resource_keys(r.json()) & C_KEYS, "a plan found by a redacted performer"
 
 
+def test_a_plan_found_only_by_what_was_removed_stays_hidden_however_often_searched(
+    as_client: Any,
+) -> None:
+    """Whether a redacted plan still matches is kept while the store is unchanged: by
+    the parameters searched, so that a search by what the GP sees finds it every
+    time, and one by what was removed never does."""
+    gp = as_client("gp")
+    by_removed = {"performer": "Organization/c-childrens-services"}
+    by_shown = {"subject": "Patient/c-patient"}
+    for _ in range(3):
+        found = gp.get("CarePlan", params=by_removed)
+        assert found.status_code == 200
+        assert "CarePlan/c-careplan" not in resource_keys(found.json())
+        found = gp.get("CarePlan", params=by_shown)
+        assert "CarePlan/c-careplan" in resource_keys(found.json())
+
+
 def test_gp_sees_redacted_care_plan_and_every_disclosure_is_audited(
     as_client: Any, trust: Fhir
 ) -> None:

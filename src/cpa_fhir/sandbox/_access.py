@@ -127,12 +127,15 @@ class Derived:
         ] = {}
         # (type, id) -> the current version, as read
         self.current: dict[tuple[str, str], Stored] = {}
+        # Whether a redacted version is still found by the parameters searched:
+        # (type, id, version, parameters, what the client sees) -> answer
+        self.still_matches: dict[tuple[str, str, int, frozenset[str], bytes], bool] = {}
 
     def size(self) -> int:
         return (
             len(self.resources) + len(self.patients) + len(self.consents) + len(self.shown)
             + len(self.categories) + len(self.decisions) + len(self.audit_templates)
-            + len(self.audit_by_account) + len(self.current)
+            + len(self.audit_by_account) + len(self.current) + len(self.still_matches)
         )  # fmt: skip
 
 

@@ -807,7 +807,7 @@ class Router:
             (stored, shown)
             for stored, shown in zip(result.matches, everyone, strict=True)
             if shown is not None
-            and _still_matches(stored, shown, query, self.repo)
+            and _still_matches(stored, shown, query, view, self.repo)
             and (not chained or chains_hold(stored, shown, chained, view, self.repo))
         ]
         total = len(visible)
@@ -1234,16 +1234,23 @@ def _page_url(base: str, rtype: str, params: list[tuple[str, str]], offset: int,
     return f"{base}/{rtype}?{urlencode([*kept, ('_count', str(count)), ('_offset', str(offset))])}"
 
 
-def _still_matches(stored: Stored, shown: bytes, query: SearchQuery, repo: SqlRepository) -> bool:
+def _still_matches(
+    stored: Stored, shown: bytes, query: SearchQuery, view: PartnerView, repo: SqlRepository
+) -> bool:
     """A redacted match must not be found by what was removed from it: if the
-    searched parameters index differently after filtering, leave it out."""
+    searched parameters index differently after filtering, leave it out. (Kept for
+    the store's generation, with the filtered forms it compares.)"""
     if shown == stored.content or not query.criteria:
         return True
     # A chained criterion's parameter is not the match's: `chains_hold` checks those.
-    names = {c.parameter for c in query.criteria if not c.chain}
-    params = [
-        p for code, p in repo.parameters.for_type(stored.resource_type).items() if code in names
-    ]
-    before = index_resource(stored.resource(), params)
-    after = index_resource(orjson.loads(shown), params)
-    return before == after
+    names = frozenset(c.parameter for c in query.criteria if not c.chain)
+    key = (stored.resource_type, stored.id, stored.version_id, names, shown)
+    known = view.derived.still_matches.get(key)
+    if known is None:
+        params = [
+            p for code, p in repo.parameters.for_type(stored.resource_type).items() if code in names
+        ]
+        before = index_resource(stored.resource(), params)
+        after = index_resource(orjson.loads(shown), params)
+        known = view.derived.still_matches[key] = before == after
+    return known
