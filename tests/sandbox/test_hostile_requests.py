@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import base64
 import json
+import random
+import string
 from typing import Any
 
 import pytest
@@ -252,3 +254,14 @@ def test_the_api_answers_below_the_root_path_it_is_mounted_at(sandbox: Sandbox) 
     read = http.get(f"/api/fhir/{FLAG}", headers={"authorization": f"Bearer {token}"})
     assert read.status_code == 200, read.text
     assert read.json()["id"] == "c-risk-self-harm"
+
+
+def test_a_value_longer_than_an_index_entry_is_stored_and_found(trust: Fhir) -> None:
+    """A name of 9,000 characters of no pattern (which no compression brings under
+    PostgreSQL's bound on an index entry) is stored, and found by its beginning."""
+    rng = random.Random(11)
+    family = "".join(rng.choice(string.ascii_letters) for _ in range(9_000))
+    created = trust.post("Patient", {"resourceType": "Patient", "name": [{"family": family}]})
+    assert created.status_code == 201, created.text
+    found = trust.get("Patient", params={"family": family[:30]}).json()
+    assert [e["resource"]["id"] for e in found["entry"]] == [created.json()["id"]]

@@ -24,7 +24,7 @@ from cpa_fhir.errors import (
     VersionConflict,
 )
 from cpa_fhir.store import LATEST_VERSION, SqlRepository, current_version, migrate
-from cpa_fhir.store._schema import search_string
+from cpa_fhir.store._schema import search_string, search_token
 from tests.common import ROOT
 from tests.store.conftest import StoreFactory, TickingClock, example_resources
 
@@ -330,6 +330,38 @@ def _schema_shape(engine: sa.Engine) -> dict[str, Any]:
         )
         for table in sorted(inspector.get_table_names())
     }
+
+
+def test_upgrading_bounds_long_strings_and_tokens_indexed_whole_before(
+    make_store: StoreFactory,
+) -> None:
+    # Before version 7 a long value was indexed whole (where the database took it):
+    # searches now compare its beginning, so the index is cut to it. (A string is
+    # matched by prefix, so it was found either way.)
+    store = make_store(migrate=False)
+    migrate(store.engine, target=6)
+    family, code = "Q" * 600, "c" * 300
+    patient = {"resourceType": "Patient", "id": "p-long", "name": [{"family": family}]}
+    store.update({**patient, "identifier": [{"value": code}]})
+    with store.engine.begin() as connection:  # as an older version stored them
+        connection.execute(
+            search_string.update()
+            .where(search_string.c.resource_id == "p-long", search_string.c.param == "family")
+            .values(normalised=family.lower())
+        )
+        connection.execute(
+            search_token.update()
+            .where(search_token.c.resource_id == "p-long", search_token.c.param == "identifier")
+            .values(code=code)
+        )
+
+    def found(params: list[tuple[str, str]]) -> set[str]:
+        return {m.id for m in store.search(store.parse("Patient", params)).matches}
+
+    assert found([("identifier", code)]) == set()  # compared by its first 256 characters
+    assert migrate(store.engine) == [7]
+    assert found([("family", family)]) == {"p-long"}
+    assert found([("identifier", code)]) == {"p-long"}
 
 
 def test_migrate_is_idempotent(make_store: StoreFactory) -> None:

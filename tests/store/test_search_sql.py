@@ -3,7 +3,9 @@ parameter, never part of the text, and matched as it is."""
 
 from __future__ import annotations
 
+import random
 import re
+import string
 
 import pytest
 from hypothesis import given, settings
@@ -107,3 +109,34 @@ def test_contains_works_whatever_postgresql_reads_a_backslash_as(postgres: Postg
         assert [m.id for m in found.matches] == [f"p{HOSTILE.index('hi!')}"]
     finally:
         store.close()
+
+
+def test_long_strings_and_tokens_are_stored_and_found_by_their_beginning(
+    store: SqlRepository,
+) -> None:
+    """A value longer than a B-tree entry holds (PostgreSQL refused 9,000 random
+    characters outright) is indexed by its beginning, as HAPI FHIR does: stored, and
+    found by it or by any of its beginning; `:exact` still compares the whole."""
+    rng = random.Random(7)
+    family = "".join(rng.choice(string.ascii_letters) for _ in range(9_000))
+    value = "".join(rng.choice(string.ascii_letters) for _ in range(3_000))
+    system = "urn:" + "".join(rng.choice(string.ascii_lowercase) for _ in range(3_000))
+    made = store.create(
+        {
+            "resourceType": "Patient",
+            "name": [{"family": family}],
+            "identifier": [{"system": system, "value": value}],
+        }
+    )
+
+    def found(params: list[tuple[str, str]]) -> list[str]:
+        return [m.id for m in store.search(store.parse("Patient", params)).matches]
+
+    assert found([("family", family)]) == [made.id]
+    assert found([("family", family[:40].lower())]) == [made.id]
+    assert found([("family:exact", family)]) == [made.id]
+    assert found([("family:exact", family[:-1])]) == []
+    assert found([("identifier", f"{system}|{value}")]) == [made.id]
+    assert found([("identifier", value)]) == [made.id]
+    assert found([("identifier", f"{system}|{value[:200]}")]) == []
+    assert found([("family", "x" + family)]) == []

@@ -29,6 +29,14 @@ import orjson
 from cpa_fhir.store._dates import value_ranges
 from cpa_fhir.store._search_parameters import SearchParameter
 
+# How much of a string (normalised) and of a token's code and system the index holds,
+# in characters: a B-tree entry has a bound (PostgreSQL's is 2,704 bytes, whatever
+# the text), and at four bytes a character these keep every entry under it. A
+# longer value is indexed, and searched for, by its beginning, as HAPI FHIR does; a
+# string's `:exact` compares the whole value, which is kept outside the index.
+INDEXED_STRING_CHARS = 512
+INDEXED_TOKEN_CHARS = 256
+
 _NAME_PARTS = ("text", "family", "given", "prefix", "suffix")
 _ADDRESS_PARTS = ("text", "line", "city", "district", "state", "postalCode", "country")
 
@@ -74,6 +82,11 @@ def normalise(text: str) -> str:
     return "".join(c for c in folded if not unicodedata.combining(c))
 
 
+def indexed_token(text: str | None) -> Any:
+    """A token's system or code as the index holds it (see `INDEXED_TOKEN_CHARS`)."""
+    return text[:INDEXED_TOKEN_CHARS] if text is not None else None
+
+
 def index_resource(resource: dict[str, Any], parameters: Iterable[SearchParameter]) -> IndexRows:
     rows = IndexRows()
     for parameter in parameters:
@@ -83,11 +96,15 @@ def index_resource(resource: dict[str, Any], parameters: Iterable[SearchParamete
         code = parameter.code
         kind = parameter.type
         if kind == "token":
-            rows.tokens.update((code, s, c) for v in values for s, c in _tokens(v))
+            rows.tokens.update(
+                (code, indexed_token(s), indexed_token(c)) for v in values for s, c in _tokens(v)
+            )
         elif kind == "uri":
-            rows.tokens.update((code, None, v) for v in values if isinstance(v, str))
+            rows.tokens.update((code, None, indexed_token(v)) for v in values if isinstance(v, str))
         elif kind == "string":
-            rows.strings.update((code, s, normalise(s)) for v in values for s in _strings(v))
+            rows.strings.update(
+                (code, s, normalise(s)[:INDEXED_STRING_CHARS]) for v in values for s in _strings(v)
+            )
         elif kind == "reference":
             rows.references.update((code, *r) for v in values if (r := _reference(v)))
         elif kind == "date":

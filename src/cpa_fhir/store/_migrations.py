@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from cpa_fhir.store._indexing import normalise
+from cpa_fhir.store._indexing import INDEXED_STRING_CHARS, INDEXED_TOKEN_CHARS, normalise
 from cpa_fhir.store._schema import (
     index_pending,
     metadata,
@@ -91,6 +91,20 @@ def _create_index_pending(connection: Connection) -> None:
     index_pending.create(connection, checkfirst=True)
 
 
+def _bound_indexed_text(connection: Connection) -> None:
+    # The index holds the beginning of a long string or token (`INDEXED_STRING_CHARS`,
+    # `INDEXED_TOKEN_CHARS`), which searches now compare with.
+    for table, column, limit in (
+        ("search_string", "normalised", INDEXED_STRING_CHARS),
+        ("search_token", "code", INDEXED_TOKEN_CHARS),
+        ("search_token", "system", INDEXED_TOKEN_CHARS),
+    ):
+        connection.exec_driver_sql(
+            f"UPDATE {table} SET {column} = substr({column}, 1, {limit})"
+            f" WHERE length({column}) > {limit}"
+        )
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "resource, history and search index tables", _create_tables),
     Migration(2, "index history by time", _index_history_by_time),
@@ -100,6 +114,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         5, "string index values folded as a compatibility caseless match", _renormalise_strings
     ),
     Migration(6, "appended records awaiting their search index", _create_index_pending),
+    Migration(7, "long strings and tokens indexed by their beginning", _bound_indexed_text),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 

@@ -33,7 +33,7 @@ from cpa_fhir.errors import SearchError, UnknownParameter
 from cpa_fhir.fhir.models import R4_RESOURCE_TYPES
 from cpa_fhir.fhir.subset import SubsetError, Summary, requested_elements
 from cpa_fhir.store._dates import date_range
-from cpa_fhir.store._indexing import normalise
+from cpa_fhir.store._indexing import INDEXED_STRING_CHARS, indexed_token, normalise
 from cpa_fhir.store._search_parameters import (
     COLUMN_PARAMETERS,
     ParameterType,
@@ -728,9 +728,9 @@ def _parse_value(
         return _parse_reference(parameter, modifier, split_escaped(raw, ",")[0], where)
     if kind == "string":
         text = split_escaped(raw, ",")[0]
-        return StringValue(text, normalise(text))
+        return StringValue(text, normalise(text)[:INDEXED_STRING_CHARS])
     if kind == "uri":
-        return TokenValue(None, split_escaped(raw, ",")[0], any_system=True)
+        return TokenValue(None, indexed_token(split_escaped(raw, ",")[0]), any_system=True)
     return _parse_token(parameter, raw, where)
 
 
@@ -743,12 +743,13 @@ def _parse_token(parameter: SearchParameter, raw: str, where: str) -> TokenValue
         if not _ID.fullmatch(identifier):
             raise SearchError(f"_id: {raw!r} is not a resource id", expression=where)
         return TokenValue(None, identifier, any_system=True)
+    # Compared as the index holds them: a long one by its beginning.
     if len(pieces) == 1:
-        return TokenValue(None, split_escaped(pieces[0], "|")[0], any_system=True)
+        return TokenValue(None, indexed_token(split_escaped(pieces[0], "|")[0]), any_system=True)
     system, code = (split_escaped(p, "|")[0] for p in pieces)
     if not system and not code:
         raise SearchError(f"{where}: {raw!r} names neither a system nor a code", expression=where)
-    return TokenValue(system or None, code or None, any_system=False)
+    return TokenValue(indexed_token(system or None), indexed_token(code or None), any_system=False)
 
 
 def _split_prefix(raw: str) -> tuple[Prefix, str]:
