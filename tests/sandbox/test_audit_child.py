@@ -447,10 +447,30 @@ def test_a_stopping_child_indexes_what_it_committed(store: SqlRepository) -> Non
 
 
 @pytest.mark.parametrize(
+    ("body", "waits"),
+    [
+        (b"", False),
+        (b"subject=Patient%2F1&status=active", False),
+        (b"_revinclude=AuditEvent%3Apatient", True),
+        (b"_h%61s%3AAuditEvent%3Apatient%3Aaction=R", True),
+        (b"\xff\xfe", True),  # not a form: refused later, and waiting does no harm
+        (b"a=1&&&", True),
+    ],
+)
+def test_a_search_posted_as_a_form_waits_by_the_criteria_in_its_body(
+    body: bytes, waits: bool
+) -> None:
+    from cpa_fhir.sandbox._app import _may_find_appended
+
+    assert _may_find_appended("POST", "CarePlan/_search", b"", {}, body) is waits
+    assert _may_find_appended("POST", "AuditEvent/_search", b"", {}, body) is True
+
+
+@pytest.mark.parametrize(
     ("method", "path", "query", "headers", "waits"),
     [
         ("GET", "AuditEvent", b"patient=Patient/1", {}, True),
-        ("POST", "Patient/_search", b"", {}, True),
+        ("POST", "Patient/_search", b"", {}, False),  # its criteria: the form body's
         ("GET", "Patient", b"_revinclude=*", {}, True),
         ("GET", "Patient", b"_h%61s:Audit%45vent:patient:action=R", {}, True),
         ("GET", "Provenance", b"target.action=R", {}, True),  # an untyped chain

@@ -57,7 +57,7 @@ APPENDED_TYPES = frozenset({"AuditEvent"})
 
 
 def _may_find_appended(
-    method: str, path: str, query_string: bytes, headers: Mapping[str, str]
+    method: str, path: str, query_string: bytes, headers: Mapping[str, str], body: bytes = b""
 ) -> bool:
     """Whether a request may find the server's own records by their search index: a
     search or conditional write whose criteria may reach them (`may_reach_types`),
@@ -67,14 +67,18 @@ def _may_find_appended(
     parts = [p for p in path.split("/") if p]
     if not parts:
         return method == "POST"  # a batch or transaction
-    if parts[-1] == "_search":
-        return True  # its criteria are in the body, not worked out here
     criteria = parse_qsl(query_string.decode("latin-1"), keep_blank_values=True)
+    searching = parts[-1] == "_search"
+    if searching:
+        try:  # the criteria in its form body too
+            criteria += parse_qsl(body.decode(), keep_blank_values=True, strict_parsing=bool(body))
+        except (UnicodeDecodeError, ValueError):
+            return True  # refused by the router; waiting does no harm
     condition = headers.get("if-none-exist")
     if condition is not None:
         # As the store reads it (`conditional_match`): a leading "?" is no part of a name.
         criteria += parse_qsl(condition.lstrip("?"), keep_blank_values=True)
-    elif len(parts) > 1 and all(name in _FORMAT_ONLY for name, _ in criteria):
+    elif len(parts) > 1 and not searching and all(name in _FORMAT_ONLY for name, _ in criteria):
         return False  # a read, vread, history or operation, with nothing to search
     return may_reach_types(parts[0], criteria, APPENDED_TYPES)
 
@@ -283,7 +287,8 @@ def create_app(
             )
         except (HttpError, AuthFailure) as exc:
             return _send(outcome_response(exc))
-        if _may_find_appended(req.method, path, request.scope["query_string"], req.headers):
+        query_string = request.scope["query_string"]
+        if _may_find_appended(req.method, path, query_string, req.headers, req.body):
             try:
                 await audit.index()
             except AuditWriteFailed:
