@@ -22,6 +22,7 @@ from starlette.responses import JSONResponse
 from starlette.responses import Response as HttpResponse
 
 from cpa_fhir.errors import FhirError
+from cpa_fhir.sandbox._access import APPENDED_TYPES
 from cpa_fhir.sandbox._audit_log import AuditBatcher, AuditWriteFailed
 from cpa_fhir.sandbox._auth import AuthFailure, token_request
 from cpa_fhir.sandbox._router import (
@@ -50,10 +51,6 @@ INLINE_METHODS = frozenset({"GET", "HEAD"})
 _READ_BY_ID = re.compile(r"[A-Z][A-Za-z]*/[A-Za-z0-9.\-]{1,64}/?")
 # Parameters that change how a read is written, not what it finds.
 _FORMAT_ONLY = frozenset({"_format", "_pretty"})
-
-
-# The types of the records the audit child appends, and indexes after it answers.
-APPENDED_TYPES = frozenset({"AuditEvent"})
 
 
 def _may_find_appended(
