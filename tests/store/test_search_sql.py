@@ -140,3 +140,40 @@ def test_long_strings_and_tokens_are_stored_and_found_by_their_beginning(
     assert found([("identifier", value)]) == [made.id]
     assert found([("identifier", f"{system}|{value[:200]}")]) == []
     assert found([("family", "x" + family)]) == []
+
+
+def test_long_tokens_match_only_themselves(store: SqlRepository) -> None:
+    """Two identifiers alike in their first 260 characters are two identifiers: a
+    search, a conditional create and a conditional update by one never take the
+    other's resource, and no beginning of one finds it."""
+    system, stem = "urn:test", "urn:uuid:" + "A" * 260
+    one = store.create(
+        {"resourceType": "Patient", "identifier": [{"system": system, "value": stem + "-one"}]}
+    )
+
+    def found(value: str) -> list[str]:
+        query = store.parse("Patient", [("identifier", f"{system}|{value}")])
+        return [m.id for m in store.search(query).matches]
+
+    assert found(stem + "-one") == [one.id]
+    assert found(stem + "-two") == [] and found(stem) == [] and found(stem[:256]) == []
+    two = {"resourceType": "Patient", "identifier": [{"system": system, "value": stem + "-two"}]}
+    created = store.create(two, if_none_exist=f"identifier={system}|{stem}-two")
+    assert created.created and created.id != one.id
+    updated = store.conditional_update({**two, "active": True}, f"identifier={system}|{stem}-three")
+    assert updated.id not in (one.id, created.id)
+    assert b"-one" in store.read("Patient", one.id).content
+
+
+def test_contains_and_sort_see_the_first_512_characters_of_a_string(
+    store: SqlRepository,
+) -> None:
+    """What the index holds of a long string, as the README says: its beginning."""
+    store.load(
+        [
+            {"resourceType": "Patient", "id": "early", "name": [{"family": "needle" + "x" * 600}]},
+            {"resourceType": "Patient", "id": "late", "name": [{"family": "x" * 510 + "needle"}]},
+        ]
+    )
+    query = store.parse("Patient", [("family:contains", "needle")])
+    assert [m.id for m in store.search(query).matches] == ["early"]

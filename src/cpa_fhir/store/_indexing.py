@@ -18,6 +18,7 @@ Pure: no I/O.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import unicodedata
 from collections.abc import Iterable
@@ -32,8 +33,11 @@ from cpa_fhir.store._search_parameters import SearchParameter
 # How much of a string (normalised) and of a token's code and system the index holds,
 # in characters: a B-tree entry has a bound (PostgreSQL's is 2,704 bytes, whatever
 # the text), and at four bytes a character these keep every entry under it. A
-# longer value is indexed, and searched for, by its beginning, as HAPI FHIR does; a
-# string's `:exact` compares the whole value, which is kept outside the index.
+# longer string is indexed, and searched for, by its beginning, as HAPI FHIR does
+# (a string matches by its beginning anyway; `:exact` compares the whole value,
+# kept outside the index). A longer token is indexed as its beginning and a digest
+# of the whole (`indexed_token`), so that it still matches only itself: a
+# conditional create or update by a long identifier must not take another's.
 INDEXED_STRING_CHARS = 512
 INDEXED_TOKEN_CHARS = 256
 
@@ -83,8 +87,13 @@ def normalise(text: str) -> str:
 
 
 def indexed_token(text: str | None) -> Any:
-    """A token's system or code as the index holds it (see `INDEXED_TOKEN_CHARS`)."""
-    return text[:INDEXED_TOKEN_CHARS] if text is not None else None
+    """A token's system or code as the index holds it: itself, or, past
+    `INDEXED_TOKEN_CHARS`, its beginning, `#` and the SHA-256 of the whole, in as
+    many characters."""
+    if text is None or len(text) <= INDEXED_TOKEN_CHARS:
+        return text
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+    return f"{text[: INDEXED_TOKEN_CHARS - len(digest) - 1]}#{digest}"
 
 
 def index_resource(resource: dict[str, Any], parameters: Iterable[SearchParameter]) -> IndexRows:

@@ -20,12 +20,18 @@ from datetime import UTC, datetime
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from cpa_fhir.store._indexing import INDEXED_STRING_CHARS, INDEXED_TOKEN_CHARS, normalise
+from cpa_fhir.store._indexing import (
+    INDEXED_STRING_CHARS,
+    INDEXED_TOKEN_CHARS,
+    indexed_token,
+    normalise,
+)
 from cpa_fhir.store._schema import (
     index_pending,
     metadata,
     schema_version,
     search_string,
+    search_token,
     store_change,
     store_setting,
 )
@@ -92,17 +98,23 @@ def _create_index_pending(connection: Connection) -> None:
 
 
 def _bound_indexed_text(connection: Connection) -> None:
-    # The index holds the beginning of a long string or token (`INDEXED_STRING_CHARS`,
-    # `INDEXED_TOKEN_CHARS`), which searches now compare with.
-    for table, column, limit in (
-        ("search_string", "normalised", INDEXED_STRING_CHARS),
-        ("search_token", "code", INDEXED_TOKEN_CHARS),
-        ("search_token", "system", INDEXED_TOKEN_CHARS),
-    ):
-        connection.exec_driver_sql(
-            f"UPDATE {table} SET {column} = substr({column}, 1, {limit})"
-            f" WHERE length({column}) > {limit}"
-        )
+    # The index holds the beginning of a long string (`INDEXED_STRING_CHARS`) and a
+    # long token as `indexed_token` writes it, which searches now compare with.
+    connection.exec_driver_sql(
+        f"UPDATE search_string SET normalised = substr(normalised, 1, {INDEXED_STRING_CHARS})"
+        f" WHERE length(normalised) > {INDEXED_STRING_CHARS}"
+    )
+    for column in (search_token.c.code, search_token.c.system):
+        long_values = connection.scalars(
+            sa.select(column).where(sa.func.length(column) > INDEXED_TOKEN_CHARS).distinct()
+        ).all()
+        if long_values:
+            connection.execute(
+                search_token.update()
+                .where(column == sa.bindparam("whole"))
+                .values({column.name: sa.bindparam("indexed")}),
+                [{"whole": v, "indexed": indexed_token(v)} for v in long_values],
+            )
 
 
 MIGRATIONS: tuple[Migration, ...] = (
