@@ -45,6 +45,7 @@ from cpa_fhir.sandbox._chains import chains_hold
 from cpa_fhir.store import (
     SearchParameters,
     SearchQuery,
+    SortKey,
     SqlRepository,
     Stored,
     current_or_error,
@@ -810,6 +811,11 @@ class Router:
             and _still_matches(stored, shown, query, view, self.repo)
             and (not chained or chains_hold(stored, shown, chained, view, self.repo))
         ]
+        if query.sort:
+            # The database ordered the matches by all they hold: the client's order
+            # comes from what it sees, or where a match stands would tell of a
+            # withheld value.
+            visible = _in_order_seen(visible, query, self.repo)
         total = len(visible)
         page = visible[query.offset : query.offset + query.count] if not query.summary_count else []
         # Only what goes out is disclosed (and audited): this page.
@@ -1232,6 +1238,54 @@ def _page_links(
 def _page_url(base: str, rtype: str, params: list[tuple[str, str]], offset: int, count: int) -> str:
     kept = [(k, v) for k, v in params if k not in ("_offset", "_count")]
     return f"{base}/{rtype}?{urlencode([*kept, ('_count', str(count)), ('_offset', str(offset))])}"
+
+
+def _in_order_seen(
+    matches: list[tuple[Stored, bytes]], query: SearchQuery, repo: SqlRepository
+) -> list[tuple[Stored, bytes]]:
+    """The matches in the order of `query.sort`, as the store orders them (each sort
+    parameter's least value, or greatest when descending, those without one last;
+    then the id), but by the values of what the client is shown."""
+    seen: dict[int, dict[str, Any]] = {}
+
+    def values(item: tuple[Stored, bytes], key: SortKey) -> list[Any]:
+        stored, shown = item
+        if key.parameter == "_id":
+            return [stored.id]
+        if key.parameter == "_lastUpdated":
+            return [stored.last_updated]
+        parameter = repo.parameters.get(stored.resource_type, key.parameter)
+        if parameter is None:
+            return []
+        resource = seen.get(id(item))
+        if resource is None:
+            resource = seen[id(item)] = orjson.loads(shown)
+        rows = index_resource(resource, [parameter])
+        if key.type == "string":
+            return [row[2] for row in rows.strings]
+        if key.type in ("token", "uri"):
+            return [row[2] for row in rows.tokens]
+        if key.type == "date":
+            return [row[2] if key.descending else row[1] for row in rows.dates]
+        return [row[1] for row in rows.numbers]
+
+    ordered = sorted(
+        matches,
+        key=lambda item: item[0].id,
+        reverse=len(query.sort) == 1
+        and query.sort[0].parameter == "_id"
+        and query.sort[0].descending,
+    )
+    for key in reversed(query.sort):  # stable: the last key first, the first last
+
+        def sort_value(item: tuple[Stored, bytes], key: SortKey = key) -> tuple[bool, Any]:
+            found = values(item, key)
+            if not found:
+                return (not key.descending, None)  # after every value, either way
+            return (key.descending, max(found) if key.descending else min(found))
+
+        ordered.sort(key=sort_value, reverse=key.descending)
+    return ordered
 
 
 def _still_matches(
