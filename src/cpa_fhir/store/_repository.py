@@ -77,7 +77,7 @@ from cpa_fhir.store._schema import (
     store_setting,
 )
 from cpa_fhir.store._search_parameters import SearchParameters, default_search_parameters
-from cpa_fhir.store._search_sql import Fragment, SearchStatements
+from cpa_fhir.store._search_sql import COLUMNS, Fragment, SearchStatements
 
 _SEARCH_STATEMENTS: dict[str, SearchStatements] = {}
 
@@ -269,9 +269,7 @@ def _row_to_stored(row: Any, *, created: bool = False) -> Stored:
     )
 
 
-_SELECT_CURRENT = (
-    "SELECT resource_type, id, version_id, last_updated, deleted, content FROM resource_current"
-)
+_SELECT_CURRENT = f"SELECT {COLUMNS} FROM resource_current"
 _READ_BATCH = 100
 
 

@@ -65,8 +65,12 @@ _SORT_COLUMNS: dict[str, tuple[str, str]] = {  # type: (ascending column, descen
     "number": ("value", "value"),
     "quantity": ("value", "value"),
 }
-COLUMNS = "resource_type, id, version_id, last_updated, deleted, content"
+# The columns of a stored version, in the order `Stored` is read from (also by the
+# repository's reads by id).
+_COLUMN_NAMES = ("resource_type", "id", "version_id", "last_updated", "deleted", "content")
+COLUMNS = ", ".join(_COLUMN_NAMES)
 _CURRENT = "resource_current"
+_CURRENT_COLUMNS = ", ".join(f"{_CURRENT}.{c}" for c in _COLUMN_NAMES)
 _TRUE, _FALSE = "1 = 1", "1 = 0"
 
 # SQL with `?` for each value, and the values in the order they appear.
@@ -213,12 +217,11 @@ class SearchStatements:
                 _join(" AND ", conditions),
             ],
         )
-        columns = ", ".join(f"{_CURRENT}.{c.strip()}" for c in COLUMNS.split(","))
         return self._final(
             _join(
                 " ",
                 [
-                    (f"SELECT {columns} FROM {_CURRENT} JOIN (", ()),
+                    (f"SELECT {_CURRENT_COLUMNS} FROM {_CURRENT} JOIN (", ()),
                     pairs,
                     (
                         f") AS pairs ON {_CURRENT}.resource_type = pairs.target_type"
