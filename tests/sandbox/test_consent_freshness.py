@@ -445,6 +445,27 @@ def test_a_change_to_a_referred_resource_redacts_on_the_next_read(
     assert HOUSING in gp.get(C_PLAN).text
 
 
+def test_a_carer_no_longer_caring_loses_its_need_to_know_on_the_next_request(
+    as_client: Any, changes: Changes
+) -> None:
+    """The carer's client reaches C's record by the carers' need to know alone (C's
+    consent names no carer): once the trust records its RelatedPerson as inactive,
+    or as another person's carer, that basis no longer holds."""
+    carer: Fhir = as_client("carer")
+    crisis_plan = "CarePlan/c-crisis-plan"
+    assert _visible(carer, crisis_plan)
+    changes.edit("RelatedPerson/c-carer-son", lambda person: person.update(active=False))
+    assert not _visible(carer, crisis_plan)
+    assert carer.get("Patient/c-patient").status_code == 404
+    changes.edit("RelatedPerson/c-carer-son", lambda person: person.update(active=True))
+    assert _visible(carer, crisis_plan)
+    changes.edit(
+        "RelatedPerson/c-carer-son",
+        lambda person: person.update(patient={"reference": "Patient/d-patient"}),
+    )
+    assert not _visible(carer, crisis_plan)
+
+
 # -- audit ------------------------------------------------------------------------------
 
 

@@ -307,3 +307,33 @@ def test_forward_chain_by_nhs_number_finds_what_is_shared(partner: tuple[str, Fh
 def test_the_trust_finds_withheld_resources_through_chains(trust: Fhir) -> None:
     r = trust.get("Patient", params={"_has:Condition:subject:_id": "c-need-child-care"})
     assert resource_keys(r.json()) == {"Patient/c-patient"}
+
+
+CARER_SEARCHES = [
+    ("Patient", "_id"),
+    ("CarePlan", "subject"),
+    ("EpisodeOfCare", "patient"),
+    ("CareTeam", "patient"),
+    ("Flag", "patient"),
+    ("Encounter", "patient"),
+]
+
+
+@pytest.mark.parametrize("patient", ["a-patient", "b-patient", "d-patient"])
+def test_a_carer_is_told_nothing_of_those_it_does_not_care_for(
+    as_client: Any, trust: Fhir, patient: str
+) -> None:
+    """A carer's need to know is about the person they care for (C): its client's
+    legal basis does not reach anyone else's record."""
+    carer: Fhir = as_client("carer")
+    record: set[str] = set()
+    for rtype, param in CARER_SEARCHES:
+        value = patient if param == "_id" else f"Patient/{patient}"
+        everything = trust.get(rtype, params={param: value, "_count": "1000"}).json()
+        record |= resource_keys(everything)
+        seen = carer.get(rtype, params={param: value, "_count": "1000"})
+        assert seen.status_code == 200, seen.text
+        assert seen.json()["total"] == 0 and not seen.json().get("entry"), (rtype, patient)
+    assert f"Patient/{patient}" in record and any(k.startswith("CarePlan/") for k in record)
+    for key in sorted(record):
+        assert carer.get(key).status_code == 404, key

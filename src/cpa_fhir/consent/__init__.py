@@ -34,6 +34,7 @@ from cpa_fhir.consent._labelling import (
     security_labels,
 )
 from cpa_fhir.consent._policy import (
+    CARER,
     CATEGORY_SYSTEM,
     LEGAL_BASIS_SYSTEM,
     Category,
@@ -52,6 +53,7 @@ from cpa_fhir.consent._share import (
 
 __all__ = [
     "Basis",
+    "CARER",
     "CATEGORY_SYSTEM",
     "Category",
     "DISCLOSURE_PROFILE",

@@ -28,6 +28,7 @@ from typing import Any
 import orjson
 
 from cpa_fhir.consent import (
+    CARER,
     Decision,
     Recipient,
     RequiredElements,
@@ -240,6 +241,19 @@ class PartnerView:
         self.derived.consents[patient_id] = (consents, actors)
         return consents, actors
 
+    def _legal_bases(self, patient_id: str) -> Sequence[str]:
+        """The client's legal bases that hold for this patient. A carer's need to know
+        (handbook §36.1) is about the person they care for: a carer's client invokes
+        its bases only for the patient its RelatedPerson cares for (and is active);
+        anyone else's record reaches it only as that patient's consent allows."""
+        if self.recipient.partner_type != CARER or not self.client.exceptions:
+            return self.client.exceptions
+        carer = self._get(self.recipient.reference)
+        if carer is not None and carer.get("active") is not False:
+            if carer.get("resourceType") == "RelatedPerson" and patient_of(carer) == patient_id:
+                return self.client.exceptions
+        return ()
+
     def decision(self, patient_id: str) -> Decision:
         if patient_id in self._decisions:
             return self._decisions[patient_id]
@@ -258,7 +272,7 @@ class PartnerView:
                 self.client.purpose,
                 self.at,
                 self.policy,
-                exceptions=self.client.exceptions,
+                exceptions=self._legal_bases(patient_id),
                 resources=actors,
             )
             start, end = steady_span(consents, self.at)
