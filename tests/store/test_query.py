@@ -246,7 +246,7 @@ def test_longest_chain_allowed() -> None:
         ("Patient", [("_include", "*")], "not-supported"),
         ("Patient", [("_include", "CarePlan:subject")], "invalid"),
         ("Patient", [("_include", "Patient:gender")], "invalid"),
-        ("Patient", [("_include:iterate", "Patient:general-practitioner")], "not-supported"),
+        ("Patient", [("_include:deep", "Patient:general-practitioner")], "not-supported"),
         ("Patient", [("_revinclude", "Flag:author:Device")], "invalid"),
         ("Patient", [("_revinclude", "EpisodeOfCare:organization")], "invalid"),
         ("Patient", [("_has", "Flag:patient:status=active")], "invalid"),

@@ -54,7 +54,7 @@ from cpa_fhir.store import (
     parse_search,
     time_ordered_id,
 )
-from cpa_fhir.store._query import MAX_OFFSET, whole_number
+from cpa_fhir.store._query import MAX_ITERATED_INCLUDES, MAX_OFFSET, Include, whole_number
 from cpa_fhir.validation import Validator
 
 FHIR_JSON = "application/fhir+json; charset=utf-8"
@@ -767,12 +767,17 @@ class Router:
             params, left_out = known_parameters(rtype, params, self.repo.parameters)
         query = self.repo.parse(rtype, params)
         if view is None:
-            result = self.repo.search(query)
-            # Included resources go only where the token's scopes reach.
-            included = [s for s in result.included if _allowed(scopes, s.resource_type)]
-            response = self._searchset(
-                request, rtype, params, query, result.matches, included, result.total
+            result = self.repo.search(
+                query,
+                # Included resources go, and are followed, only where the scopes reach.
+                keep_included=lambda found, *_: [
+                    s for s in found if _allowed(scopes, s.resource_type)
+                ],
             )
+            response = self._searchset(
+                request, rtype, params, query, result.matches, result.included, result.total,
+                includes_cut=result.includes_cut,
+            )  # fmt: skip
         else:
             response = self._partner_search(request, rtype, params, query, view)
         if lenient:
@@ -821,29 +826,57 @@ class Router:
         # Only what goes out is disclosed (and audited): this page.
         view.filter_many([stored for stored, _ in page])
         included: list[tuple[Stored, bytes]] = []
+        cut = False
         if page and (query.include or query.revinclude):
-            shown_keys = {f"{s.resource_type}/{s.id}" for s, _ in page}
-            ids_query = self.repo.parse(
-                rtype,
-                [
-                    ("_id", ",".join(s.id for s, _ in page)),
-                    *[(k, v) for k, v in params if k in ("_include", "_revinclude")],
-                ],
-            )
-            candidates = [
-                inc
-                for inc in self.repo.search(ids_query).included
-                if f"{inc.resource_type}/{inc.id}" not in shown_keys
-                and _allowed(view.scopes, inc.resource_type)
-            ]
-            included = [
-                (inc, shown)
-                for inc, shown in zip(
-                    candidates, view.filter_many(candidates, referred=True), strict=True
-                )
-                if shown is not None
-            ]
-        return self._searchset_bytes(request, rtype, params, query, page, included, total)
+            included, cut = self._partner_included(query, page, view)
+        return self._searchset_bytes(
+            request, rtype, params, query, page, included, total, includes_cut=cut
+        )
+
+    def _partner_included(
+        self, query: SearchQuery, page: list[tuple[Stored, bytes]], view: PartnerView
+    ) -> tuple[list[tuple[Stored, bytes]], bool]:
+        """What a partner's page includes: what it may see, followed only through the
+        references it is shown. A link the consent engine removed (a professional in
+        a withheld part of a care team, the performer of a withheld activity) is not
+        followed, or the resource at its end would tell of it."""
+        shown_of = {(s.resource_type, s.id): shown for s, shown in page}
+
+        def keep(
+            found: list[Stored],
+            sources: list[Stored],
+            forward: list[Include],
+            reverse: list[Include],
+        ) -> list[Stored]:
+            candidates = [s for s in found if _allowed(view.scopes, s.resource_type)]
+            seen = view.filter_many(candidates, referred=True, account=False)
+            sources_by_key = {(s.resource_type, s.id): s for s in sources}
+            linked = {
+                target
+                for include in forward
+                for key, source in sources_by_key.items()
+                if key[0] == include.source_type
+                for target in _shown_references(source, shown_of[key], include, self.repo)
+            }
+            kept: list[Stored] = []
+            for stored, shown in zip(candidates, seen, strict=True):
+                if shown is None:
+                    continue
+                key = (stored.resource_type, stored.id)
+                if key in linked or any(
+                    target in sources_by_key
+                    for include in reverse
+                    if include.source_type == stored.resource_type
+                    for target in _shown_references(stored, shown, include, self.repo)
+                ):
+                    shown_of[key] = shown
+                    kept.append(stored)
+            return kept
+
+        included, cut = self.repo.included(query, [s for s, _ in page], keep)
+        # Only what goes out is disclosed (and audited).
+        shown = view.filter_many(included, referred=True)
+        return [(s, b) for s, b in zip(included, shown, strict=True) if b is not None], cut
 
     def _searchset(
         self,
@@ -854,12 +887,14 @@ class Router:
         matches: list[Stored],
         included: list[Stored],
         total: int | None,
+        *,
+        includes_cut: bool = False,
     ) -> Response:
         return self._searchset_bytes(
             request, rtype, params, query,
             [(s, s.content) for s in matches],
             [(s, s.content) for s in included],
-            total,
+            total, includes_cut=includes_cut,
         )  # fmt: skip
 
     def _searchset_bytes(
@@ -871,6 +906,8 @@ class Router:
         matches: list[tuple[Stored, bytes]],
         included: list[tuple[Stored, bytes]],
         total: int | None,
+        *,
+        includes_cut: bool = False,
     ) -> Response:
         base = request.base_url
         if query.summary_count:
@@ -912,6 +949,16 @@ class Router:
             for mode, items in ((b"match", matches), (b"include", included))
             for s, content in items
         ]
+        if includes_cut:
+            issue = Issue(
+                "warning",
+                "too-costly",
+                f"iterated includes stopped at {MAX_ITERATED_INCLUDES} resources: ask for"
+                " fewer matches a page (_count) to have them all",
+                "_include",
+            )
+            outcome = {"resource": operation_outcome([issue]), "search": {"mode": "outcome"}}
+            parts.append(orjson.dumps(outcome))
         body = (
             orjson.dumps(head)[:-1] + b',"entry":[' + b",".join(parts) + b"]}"
             if parts
@@ -1286,6 +1333,24 @@ def _in_order_seen(
 
         ordered.sort(key=sort_value, reverse=key.descending)
     return ordered
+
+
+def _shown_references(
+    stored: Stored, shown: bytes, include: Include, repo: SqlRepository
+) -> list[tuple[str, str]]:
+    """The resources `shown` (what a client sees of `stored`) refers to by the
+    include's parameter, of its target type if it names one."""
+    parameter = repo.parameters.get(stored.resource_type, include.parameter)
+    if parameter is None:
+        return []
+    resource = stored.resource() if shown == stored.content else orjson.loads(shown)
+    return [
+        (target_type, target_id)
+        for _, target_type, target_id, _ in index_resource(resource, [parameter]).references
+        if target_type is not None
+        and target_id is not None
+        and include.target_type in (None, target_type)
+    ]
 
 
 def _still_matches(

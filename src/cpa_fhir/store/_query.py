@@ -60,6 +60,10 @@ MAX_OFFSET = 10**18 - 1
 MAX_CRITERIA = 50
 MAX_VALUES = 100
 MAX_IDS = 10_000
+# Resources iterated includes (`_include:iterate`) add to one page at most, past what
+# the matches themselves include (HAPI FHIR's default bound too): the rest are left
+# out, and the searchset says so.
+MAX_ITERATED_INCLUDES = 1000
 # A chain through a reference to many types is one subquery per type, each comparing
 # every value: all the criteria's subqueries and comparisons together may number at
 # most these (SQLite took over a second to prepare 1,000 such subqueries).
@@ -215,6 +219,8 @@ class Include:
     source_type: str
     parameter: str
     target_type: str | None = None
+    # `:iterate`: followed from what is included too, not from the matches alone.
+    iterate: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,7 +311,9 @@ def parse_search(
                 if name in seen_result:
                     raise SearchError(f"{name} given more than once", expression=name)
                 seen_result.add(name)
-            if modifier:
+            # `recurse` is R3's name for `iterate`, which some clients still send.
+            iterate = modifier in ("iterate", "recurse") and name in ("_include", "_revinclude")
+            if modifier and not iterate:
                 raise UnknownParameter(
                     f"{raw_name}: modifiers on {name} are not supported",
                     expression=raw_name,
@@ -318,9 +326,13 @@ def parse_search(
             elif name == "_sort":
                 sort = _parse_sort(resource_type, value, registry)
             elif name == "_include":
-                include.append(_parse_include(resource_type, value, registry, reverse=False))
+                include.append(
+                    _parse_include(resource_type, value, registry, reverse=False, iterate=iterate)
+                )
             elif name == "_revinclude":
-                revinclude.append(_parse_include(resource_type, value, registry, reverse=True))
+                revinclude.append(
+                    _parse_include(resource_type, value, registry, reverse=True, iterate=iterate)
+                )
             elif name == "_summary":
                 if value not in ("count", "false", "true", "text", "data"):
                     raise SearchError(
@@ -861,9 +873,12 @@ def _parse_sort(resource_type: str, value: str, registry: SearchParameters) -> t
 
 
 def _parse_include(
-    resource_type: str, value: str, registry: SearchParameters, *, reverse: bool
+    resource_type: str, value: str, registry: SearchParameters, *, reverse: bool, iterate: bool
 ) -> Include:
-    name = "_revinclude" if reverse else "_include"
+    """An `_include` starts at the type searched and a `_revinclude` ends there, unless
+    iterated: then either may start or end at any type (a Target type, if given,
+    narrows which)."""
+    name = ("_revinclude" if reverse else "_include") + (":iterate" if iterate else "")
     parts = value.split(":")
     if value == "*" or "*" in parts:
         raise UnknownParameter(f"{name}=* is not supported", expression=name, code="not-supported")
@@ -875,7 +890,7 @@ def _parse_include(
     target = parts[2] if len(parts) == 3 else None
     if source not in R4_RESOURCE_TYPES or (target is not None and target not in R4_RESOURCE_TYPES):
         raise SearchError(f"{name}: {value!r} names an unknown resource type", expression=name)
-    if not reverse and source != resource_type:
+    if not reverse and not iterate and source != resource_type:
         raise SearchError(
             f"_include: {value!r} starts at {source}, but the search is of {resource_type}",
             expression=name,
@@ -895,7 +910,7 @@ def _parse_include(
             f"{name}: {source}:{code} refers to {', '.join(parameter.targets)}, not {target}",
             expression=name,
         )
-    if reverse:
+    if reverse and not iterate:
         if target is not None and target != resource_type:
             raise SearchError(
                 f"_revinclude: {value!r} targets {target}, but the search is of {resource_type}",
@@ -906,4 +921,4 @@ def _parse_include(
                 f"_revinclude: {source}:{code} never refers to {resource_type}", expression=name
             )
         target = resource_type
-    return Include(source, code, target)
+    return Include(source, code, target, iterate)

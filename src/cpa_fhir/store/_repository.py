@@ -62,7 +62,13 @@ from cpa_fhir.store._generation import (
 from cpa_fhir.store._ids import time_ordered_id
 from cpa_fhir.store._indexing import IndexRows, RecordIndexer, index_resource
 from cpa_fhir.store._migrations import migrate as migrate_schema
-from cpa_fhir.store._query import MAX_OFFSET, SearchQuery, parse_search
+from cpa_fhir.store._query import (
+    MAX_ITERATED_INCLUDES,
+    MAX_OFFSET,
+    Include,
+    SearchQuery,
+    parse_search,
+)
 from cpa_fhir.store._schema import (
     INDEX_TABLES,
     index_pending,
@@ -135,6 +141,8 @@ class SearchResult:
     total: int | None
     offset: int
     count: int
+    # An iterated include stopped at `MAX_ITERATED_INCLUDES`: `included` is not all.
+    includes_cut: bool = False
 
 
 class Repository(Protocol):
@@ -176,7 +184,13 @@ class Repository(Protocol):
         since: datetime | None = None,
     ) -> int: ...
 
-    def search(self, query: SearchQuery) -> SearchResult: ...
+    def search(
+        self, query: SearchQuery, *, keep_included: KeepIncluded | None = None
+    ) -> SearchResult: ...
+
+    def included(
+        self, query: SearchQuery, matches: list[Stored], keep: KeepIncluded
+    ) -> tuple[list[Stored], bool]: ...
 
     def transaction(self) -> AbstractContextManager[Repository]: ...
 
@@ -399,10 +413,15 @@ Rows = Callable[[Fragment], list[tuple[Any, ...]]]
 
 
 def run_search(
-    query: SearchQuery, statements: SearchStatements, rows: Rows, *, now_micros: int
+    query: SearchQuery,
+    statements: SearchStatements,
+    rows: Rows,
+    *,
+    now_micros: int,
+    keep_included: KeepIncluded | None = None,
 ) -> SearchResult:
-    """A search's page of matches, what they include, and (unless not asked for) the
-    total, each statement run through `rows`."""
+    """A search's page of matches, what they include (see `include_rounds`), and
+    (unless not asked for) the total, each statement run through `rows`."""
     where = statements.where(query, now_micros=now_micros)
     counted = query.total != "none" or query.summary_count
     if query.summary_count or query.count == 0:
@@ -419,31 +438,93 @@ def run_search(
             total = query.offset + len(matches)
         else:
             total = _count(statements, where, rows)
-    included = _included(statements, query, matches, rows)
-    return SearchResult(matches, included, total, query.offset, query.count)
+    included, cut = include_rounds(
+        query,
+        matches,
+        lambda forward, reverse, sources: include_round(
+            statements, forward, reverse, sources, rows
+        ),
+        keep_included,
+    )
+    return SearchResult(matches, included, total, query.offset, query.count, cut)
 
 
 def _count(statements: SearchStatements, where: Fragment, rows: Rows) -> int:
     return int(rows(statements.count(where))[0][0] or 0)
 
 
-def _included(
-    statements: SearchStatements, query: SearchQuery, matches: list[Stored], rows: Rows
-) -> list[Stored]:
-    if not matches or not (query.include or query.revinclude):
-        return []
-    ids = [m.id for m in matches]
+# Of what an include step found: those to keep, given the resources it started from
+# and the `_include`s and `_revinclude`s it followed.
+KeepIncluded = Callable[[list[Stored], list[Stored], list[Include], list[Include]], list[Stored]]
+IncludeRound = Callable[[list[Include], list[Include], list[Stored]], list[Stored]]
+
+
+def include_rounds(
+    query: SearchQuery,
+    matches: list[Stored],
+    one_round: IncludeRound,
+    keep: KeepIncluded | None = None,
+) -> tuple[list[Stored], bool]:
+    """What the query's `_include`s and `_revinclude`s add to the matches, each once,
+    and whether iterating stopped at `MAX_ITERATED_INCLUDES`. Every include is
+    followed from the matches; an iterated one (`:iterate`) from what the step before
+    added too, until a step adds nothing new. `keep` chooses, at each step, which of
+    what it found go on (a client's scopes; what a partner may see, and is linked to
+    in what it is shown): only those are followed further."""
     seen = {(m.resource_type, m.id) for m in matches}
     out: list[Stored] = []
-    for statement in [statements.include(query, i, ids) for i in query.include] + [
-        statements.revinclude(i, ids) for i in query.revinclude
-    ]:
-        for row in rows(statement):
-            key = (row[0], row[1])
+    frontier = matches
+    first = True
+    from_matches = 0  # what the first step added: not bounded by iterating's bound
+    while frontier:
+        forward = [i for i in query.include if first or i.iterate]
+        reverse = [i for i in query.revinclude if first or i.iterate]
+        if not forward and not reverse:
+            break
+        found = []
+        for stored in one_round(forward, reverse, frontier):
+            key = (stored.resource_type, stored.id)
             if key not in seen:
                 seen.add(key)
-                out.append(_driver_row_to_stored(row))
-    return out
+                found.append(stored)
+        added = keep(found, frontier, forward, reverse) if keep is not None and found else found
+        if first:
+            from_matches = len(added)
+        elif len(out) - from_matches + len(added) > MAX_ITERATED_INCLUDES:
+            out += added[: MAX_ITERATED_INCLUDES - (len(out) - from_matches)]
+            return out, True
+        out += added
+        frontier = added
+        first = False
+    return out, False
+
+
+def include_round(
+    statements: SearchStatements,
+    forward: list[Include],
+    reverse: list[Include],
+    sources: list[Stored],
+    rows: Rows,
+) -> list[Stored]:
+    """One step of including: what `sources` refer to by `forward`, and what refers
+    to them by `reverse` (not deleted; in statement order, repeats included)."""
+    ids_by_type: dict[str, list[str]] = {}
+    for stored in sources:
+        ids_by_type.setdefault(stored.resource_type, []).append(stored.id)
+    statements_run = [
+        statements.include(include, ids_by_type[include.source_type])
+        for include in forward
+        if include.source_type in ids_by_type
+    ]
+    for include in reverse:
+        # Unnamed, an iterated one's target is any type among the sources.
+        targets = [include.target_type] if include.target_type else list(ids_by_type)
+        statements_run += [
+            statements.revinclude(include, target, ids_by_type[target])
+            for target in targets
+            if target in ids_by_type
+        ]
+    return [_driver_row_to_stored(row) for statement in statements_run for row in rows(statement)]
 
 
 class _Operations:
@@ -543,13 +624,32 @@ class _Operations:
         )
         return int(self.connection.scalar(statement) or 0)
 
-    def search(self, query: SearchQuery) -> SearchResult:
+    def search(
+        self, query: SearchQuery, *, keep_included: KeepIncluded | None = None
+    ) -> SearchResult:
         return run_search(
             query,
             search_statements(self.connection.dialect),
-            lambda statement: list(self.connection.exec_driver_sql(*statement).tuples()),
+            self._statement_rows,
             now_micros=to_micros(self.clock()),
+            keep_included=keep_included,
         )
+
+    def included(
+        self, query: SearchQuery, matches: list[Stored], keep: KeepIncluded
+    ) -> tuple[list[Stored], bool]:
+        statements = search_statements(self.connection.dialect)
+        return include_rounds(
+            query,
+            matches,
+            lambda forward, reverse, sources: include_round(
+                statements, forward, reverse, sources, self._statement_rows
+            ),
+            keep,
+        )
+
+    def _statement_rows(self, statement: Fragment) -> list[tuple[Any, ...]]:
+        return list(self.connection.exec_driver_sql(*statement).tuples())
 
     # --- writes --------------------------------------------------------------------
 
@@ -1037,8 +1137,15 @@ class _Bound:
     ) -> int:
         return self._operations.history_total(resource_type, id, since)
 
-    def search(self, query: SearchQuery) -> SearchResult:
-        return self._operations.search(query)
+    def search(
+        self, query: SearchQuery, *, keep_included: KeepIncluded | None = None
+    ) -> SearchResult:
+        return self._operations.search(query, keep_included=keep_included)
+
+    def included(
+        self, query: SearchQuery, matches: list[Stored], keep: KeepIncluded
+    ) -> tuple[list[Stored], bool]:
+        return self._operations.included(query, matches, keep)
 
     def transaction(self) -> AbstractContextManager[Repository]:
         # Already inside one: nested work joins it.
@@ -1324,7 +1431,11 @@ class SqlRepository:
         with self._bound(read_only=True, searching=True) as bound:
             return bound.history_total(resource_type, id, since=since)
 
-    def search(self, query: SearchQuery) -> SearchResult:
+    def search(
+        self, query: SearchQuery, *, keep_included: KeepIncluded | None = None
+    ) -> SearchResult:
+        """The query's page, total and includes, read at one moment. `keep_included`
+        (no I/O: it runs inside that moment's read) chooses what includes go on."""
         # On this thread's kept connection: a pooled one's check-out, transaction and
         # return cost about as much as a search of one patient's record.
         try:
@@ -1334,11 +1445,34 @@ class SqlRepository:
                     search_statements(self.engine.dialect),
                     lambda statement: rows(*statement),
                     now_micros=to_micros(self.clock()),
+                    keep_included=keep_included,
                 )
         except Exception as exc:
             if _stopped_for_time(exc):
                 raise _too_costly() from exc
             raise
+
+    def included(
+        self, query: SearchQuery, matches: list[Stored], keep: KeepIncluded
+    ) -> tuple[list[Stored], bool]:
+        """What the query's includes add to `matches` (see `include_rounds`), each step
+        read at a moment of its own, so that `keep` may read the store in between."""
+        statements = search_statements(self.engine.dialect)
+
+        def one_round(
+            forward: list[Include], reverse: list[Include], sources: list[Stored]
+        ) -> list[Stored]:
+            try:
+                with self._searchers.snapshot() as rows:
+                    return include_round(
+                        statements, forward, reverse, sources, lambda st: rows(*st)
+                    )
+            except Exception as exc:
+                if _stopped_for_time(exc):
+                    raise _too_costly() from exc
+                raise
+
+        return include_rounds(query, matches, one_round, keep)
 
     def load(self, resources: Iterable[dict[str, Any]], *, batch_size: int = 1000) -> int:
         """Store many resources in one transaction, inserting in batches; the count stored.

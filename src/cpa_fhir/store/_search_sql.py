@@ -200,10 +200,11 @@ class SearchStatements:
     def count(self, where: Fragment) -> Fragment:
         return self._final(_join(" ", [(f"SELECT count(*) FROM {_CURRENT} WHERE", ()), where]))
 
-    def include(self, query: SearchQuery, include: Include, ids: Sequence[str]) -> Fragment:
-        """What the matches (`ids`) refer to by `include` (not deleted), in order."""
+    def include(self, include: Include, ids: Sequence[str]) -> Fragment:
+        """What the resources of `include`'s source type with these ids refer to by it
+        (not deleted), in order."""
         conditions = [
-            ("resource_type = ?", (query.resource_type,)),
+            ("resource_type = ?", (include.source_type,)),
             ("param = ?", (include.parameter,)),
             _in_list("resource_id", ids),
             ("target_id IS NOT NULL", ()),
@@ -233,14 +234,15 @@ class SearchStatements:
             )
         )
 
-    def revinclude(self, include: Include, ids: Sequence[str]) -> Fragment:
-        """What refers to the matches (`ids`) by `include` (not deleted), in order."""
+    def revinclude(self, include: Include, target_type: str, ids: Sequence[str]) -> Fragment:
+        """What refers by `include` to the resources of `target_type` with these ids
+        (not deleted), in order."""
         sources = _join(
             " AND ",
             [
                 ("resource_type = ?", (include.source_type,)),
                 ("param = ?", (include.parameter,)),
-                ("target_type = ?", (include.target_type,)),
+                ("target_type = ?", (target_type,)),
                 _in_list("target_id", ids),
             ],
         )
