@@ -54,7 +54,13 @@ from cpa_fhir.store import (
     parse_search,
     time_ordered_id,
 )
-from cpa_fhir.store._query import MAX_ITERATED_INCLUDES, MAX_OFFSET, Include, whole_number
+from cpa_fhir.store._query import (
+    MAX_ITERATED_INCLUDES,
+    MAX_OFFSET,
+    ChainLink,
+    Include,
+    whole_number,
+)
 from cpa_fhir.validation import Validator
 
 FHIR_JSON = "application/fhir+json; charset=utf-8"
@@ -765,7 +771,7 @@ class Router:
             # https://hl7.org/fhir/R4/search.html#errors: what is not understood is
             # left out of the search and of its self link, and said why.
             params, left_out = known_parameters(rtype, params, self.repo.parameters)
-        query = self.repo.parse(rtype, params)
+        query = _chains_within_scopes(self.repo.parse(rtype, params), scopes)
         if view is None:
             result = self.repo.search(
                 query,
@@ -1070,6 +1076,24 @@ class Router:
 
 def _allowed(scopes: frozenset[str], resource_type: str) -> bool:
     return allows(scopes, resource_type, "read")
+
+
+def _chains_within_scopes(query: SearchQuery, scopes: frozenset[str]) -> SearchQuery:
+    """A chain or `_has` criterion reads the resources it passes through, as a search
+    of them would: only those of types the token may search. Each link's types are
+    narrowed to those; a link left with none is refused (403), or a client could
+    read, a guess at a time, values of a type its scopes keep from it."""
+    criteria = []
+    for criterion in query.criteria:
+        links: list[ChainLink] = []
+        for i, link in enumerate(criterion.chain):
+            reachable = tuple(t for t in link.to_types if allows(scopes, t, "search"))
+            if not reachable:
+                require(scopes, link.to_types[0] if link.to_types else "*", "search")
+            from_types = links[i - 1].to_types if i else link.from_types
+            links.append(replace(link, from_types=from_types, to_types=reachable))
+        criteria.append(replace(criterion, chain=tuple(links)) if links else criterion)
+    return replace(query, criteria=tuple(criteria))
 
 
 def _form(request: Request) -> list[tuple[str, str]]:
