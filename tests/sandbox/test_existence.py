@@ -428,3 +428,32 @@ def test_transactions_answer_every_entry_and_refuse_contradictions(
     assert trust_call("GET", f"Condition/{made_id}/_history/99999999999999999999").status == 400
     stale = {"request": {"method": "DELETE", "url": f"Condition/{made_id}", "ifMatch": 'W/"7"'}}
     assert trust_call("POST", "", transaction(stale)).status == 412
+
+
+@pytest.mark.parametrize("client_id", ["gp", "social-care"])
+def test_a_reference_a_partner_writes_cannot_probe_another_patients_record(
+    sandbox: Sandbox, trust_call: Call, client_id: str
+) -> None:
+    """A Goal written into C's record by the partner, pointing at a need in A's
+    record (which it may not see): read back, the reference goes as one to nothing
+    does, so it tells neither that the need exists nor what it holds."""
+    partner = _caller(sandbox, client_id)
+    assert partner("GET", "Condition/a-need-work").status == 404
+    goal = copy.deepcopy(sandbox.repo.read("Goal", "c-goal-home").resource())
+    goal.pop("id")
+    goal.pop("meta")
+    created: list[str] = []
+
+    def kept(target: str) -> bool:
+        made = partner("POST", "Goal", {**goal, "addresses": [{"reference": target}]})
+        assert made.status == 201, made.body
+        created.append(orjson.loads(made.body)["id"])
+        shown = orjson.loads(partner("GET", f"Goal/{created[-1]}").body)
+        return "addresses" in shown
+
+    try:
+        assert kept("Condition/a-need-work") == kept(f"Condition/{uuid.uuid4()}")
+        assert not kept("Patient/a-patient")
+    finally:
+        for goal_id in created:
+            assert trust_call("DELETE", f"Goal/{goal_id}").status == 204

@@ -374,8 +374,15 @@ class PartnerView:
         ]
         self._fetch(refs)
         entries: list[tuple[str | None, dict[str, Any]]] = [(None, r) for r in resources.values()]
+        # What belongs to another patient's record is not judged by this one's consent:
+        # it is left out, and a reference to it goes as one to nothing would, or a
+        # reference written into this record would probe that one.
+        owners = {patient_of(r) for r in resources.values()}
         entries += [
-            (None, t) for r in dict.fromkeys(refs) if (t := self.derived.resources[r]) is not None
+            (None, t)
+            for r in dict.fromkeys(refs)
+            if (t := self.derived.resources[r]) is not None
+            and (patient_of(t) is None or patient_of(t) in owners)
         ]
         labelled = label_resources(entries, self.policy)
         result = filter_record(labelled, decision, self.policy, self.required)
