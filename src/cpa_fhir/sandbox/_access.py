@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import operator
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
@@ -43,15 +43,34 @@ from cpa_fhir.consent import (
     withheld_counts,
 )
 from cpa_fhir.consent._labelling import reference_key
-from cpa_fhir.errors import SharingError
+from cpa_fhir.errors import SearchError, SharingError
 from cpa_fhir.sandbox._auth import Client
 from cpa_fhir.store import SqlRepository, Stored
 
 # The server's own records (`AuditLog`) are appended without moving the generation:
 # a read of one is never taken from what was derived.
 APPENDED_TYPES = frozenset({"AuditEvent"})
+# Stored matches, versions or chain sources a partner's request filters at most. All
+# of them are filtered before paging and counting, so that neither a total nor which
+# visible matches a page holds depends on what is withheld; past this the request
+# is refused (400 too-costly) rather than answered from a part. The refusal tells
+# only that this many stored resources match, whoever may see them.
+MAX_PARTNER_SCAN = 10_000
 # Where each resource type names the patient whose record it belongs to.
 PATIENT_ELEMENTS = ("subject", "patient", "for", "beneficiary")
+
+
+def partner_scan(fetch: Callable[[int], list[Stored]], what: str) -> list[Stored]:
+    """What `fetch(limit)` finds, all of it: SearchError (too-costly) if that is more
+    than `MAX_PARTNER_SCAN`."""
+    found = fetch(MAX_PARTNER_SCAN + 1)
+    if len(found) > MAX_PARTNER_SCAN:
+        raise SearchError(
+            f"more than {MAX_PARTNER_SCAN:,} stored {what} to filter for a partner:"
+            " narrow the request (by patient, say)",
+            code="too-costly",
+        )
+    return found
 
 
 def patient_of(resource: dict[str, Any]) -> str | None:

@@ -14,16 +14,23 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import orjson
 
-from cpa_fhir.sandbox._access import PartnerView
-from cpa_fhir.store import ChainLink, Criterion, SqlRepository, Stored, index_resource
+from cpa_fhir.sandbox._access import PartnerView, partner_scan
+from cpa_fhir.store import (
+    ChainLink,
+    Criterion,
+    SearchQuery,
+    SqlRepository,
+    Stored,
+    index_resource,
+)
 
 # (type, id) -> the resource as the client sees it
 Seen = dict[tuple[str, str], dict[str, Any]]
-MAX_SOURCES = 1000
 
 
 def chains_hold(
@@ -53,8 +60,8 @@ def _holds(start: Seen, criterion: Criterion, view: PartnerView, repo: SqlReposi
     for rtype, rid in current:
         by_type.setdefault(rtype, []).append(rid)
     for rtype, ids in by_type.items():
-        query = repo.parse(rtype, [("_id", ",".join(ids)), ("_count", str(len(ids)))])
-        query = replace(query, criteria=(*query.criteria, end), total="none")
+        query = repo.parse(rtype, [("_id", ",".join(ids))])
+        query = replace(query, criteria=(*query.criteria, end), count=len(ids), total="none")
         for stored in repo.search(query).matches:
             seen = current[(rtype, stored.id)]
             if _indexed(stored.resource(), rtype, end.parameter, repo) == _indexed(
@@ -62,6 +69,10 @@ def _holds(start: Seen, criterion: Criterion, view: PartnerView, repo: SqlReposi
             ):
                 return True  # matched, and by a value the client sees
     return False
+
+
+def _matches(repo: SqlRepository, query: SearchQuery, limit: int) -> list[Stored]:
+    return repo.search(replace(query, count=limit, total="none")).matches
 
 
 def _indexed(resource: dict[str, Any], rtype: str, parameter: str, repo: SqlRepository) -> Any:
@@ -99,10 +110,10 @@ def _reverse(current: Seen, link: ChainLink, view: PartnerView, repo: SqlReposit
     source_type = link.to_types[0]
     out: Seen = {}
     for rtype, rid in current:
-        query = repo.parse(
-            source_type, [(link.reference, f"{rtype}/{rid}"), ("_count", str(MAX_SOURCES))]
+        query = repo.parse(source_type, [(link.reference, f"{rtype}/{rid}")])
+        sources = partner_scan(
+            partial(_matches, repo, query), f"{source_type} resources referring to one resource"
         )
-        sources = repo.search(replace(query, total="none")).matches
         for s, shown in zip(sources, view.filter_many(sources, account=False), strict=True):
             if shown is None:
                 continue

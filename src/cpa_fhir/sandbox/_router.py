@@ -38,7 +38,7 @@ from cpa_fhir.errors import (
 from cpa_fhir.fhir.models import R4_RESOURCE_TYPES
 from cpa_fhir.fhir.outcome import Issue, operation_outcome
 from cpa_fhir.fhir.subset import Summary, subset
-from cpa_fhir.sandbox._access import DerivedCache, PartnerView
+from cpa_fhir.sandbox._access import DerivedCache, PartnerView, partner_scan
 from cpa_fhir.sandbox._audit_log import AuditLog, AuditWriteFailed, Events
 from cpa_fhir.sandbox._auth import AuthFailure, Client, allows, require
 from cpa_fhir.sandbox._chains import chains_hold
@@ -72,7 +72,6 @@ _log = logging.getLogger(__name__)
 _VERSION_DIGITS = 9
 # Far deeper than any FHIR content nests; deeper would break copying and writing it.
 MAX_BODY_DEPTH = 128
-MAX_PARTNER_MATCHES = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -809,15 +808,15 @@ class Router:
         # Count and page only what this client may see: the total must not
         # reveal what was withheld, so filter every match, then page.
         # (the total is counted here, of what is visible: the database need not count)
-        everything = replace(
-            query, count=MAX_PARTNER_MATCHES, offset=0, summary_count=False, total="none"
+        everything = replace(query, offset=0, summary_count=False, total="none")
+        found = partner_scan(
+            lambda limit: self.repo.search(replace(everything, count=limit)).matches, "matches"
         )
-        result = self.repo.search(everything)
-        everyone = view.filter_many(result.matches, account=False)
+        everyone = view.filter_many(found, account=False)
         chained = [c for c in query.criteria if c.chain]
         visible: list[tuple[Stored, bytes]] = [
             (stored, shown)
-            for stored, shown in zip(result.matches, everyone, strict=True)
+            for stored, shown in zip(found, everyone, strict=True)
             if shown is not None
             and _still_matches(stored, shown, query, view, self.repo)
             and (not chained or chains_hold(stored, shown, chained, view, self.repo))
@@ -1011,7 +1010,10 @@ class Router:
         else:
             # Count and page only what this client may see, as for a search.
             try:
-                everything = self.repo.history(rtype, rid, since=since, count=MAX_PARTNER_MATCHES)
+                everything = partner_scan(
+                    lambda limit: self.repo.history(rtype, rid, since=since, count=limit),
+                    "versions",
+                )
             except ResourceNotFound:
                 raise _unknown(rtype, str(rid)) from None
             visible = self._partner_history(everything, view)
