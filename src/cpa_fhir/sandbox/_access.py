@@ -147,9 +147,9 @@ class Derived:
         ] = {}
         # (type, id) -> the current version, as read
         self.current: dict[tuple[str, str], Stored] = {}
-        # Whether a redacted version is still found by the parameters searched:
-        # (type, id, version, parameters, what the client sees) -> answer
-        self.still_matches: dict[tuple[str, str, int, frozenset[str], bytes], bool] = {}
+        # Whether what a client sees of a version matches a search's criteria:
+        # (type, id, version, criteria, what the client sees) -> answer
+        self.still_matches: dict[tuple[str, str, int, tuple[Any, ...], bytes], bool] = {}
 
     def size(self) -> int:
         return (

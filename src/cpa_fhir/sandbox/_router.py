@@ -43,6 +43,7 @@ from cpa_fhir.sandbox._audit_log import AuditLog, AuditWriteFailed, Events
 from cpa_fhir.sandbox._auth import AuthFailure, Client, allows, require
 from cpa_fhir.sandbox._chains import chains_hold
 from cpa_fhir.store import (
+    Criterion,
     SearchParameters,
     SearchQuery,
     SortKey,
@@ -51,9 +52,11 @@ from cpa_fhir.store import (
     current_or_error,
     index_resource,
     known_parameters,
+    matching,
     parse_search,
     time_ordered_id,
 )
+from cpa_fhir.store._dates import to_micros
 from cpa_fhir.store._query import (
     MAX_ITERATED_INCLUDES,
     MAX_OFFSET,
@@ -808,17 +811,24 @@ class Router:
         # Count and page only what this client may see: the total must not
         # reveal what was withheld, so filter every match, then page.
         # (the total is counted here, of what is visible: the database need not count)
-        everything = replace(query, offset=0, summary_count=False, total="none")
+        # Criteria that what is withheld could stop from matching the stored form
+        # while the form shown matches them are not asked of the database, only of
+        # what is shown (a part removed is `:missing`, a code removed is `:not`
+        # there, and the labels shown are the server's).
+        unsure = tuple(c for c in query.criteria if _shown_could_match_alone(c))
+        asked = replace(query, criteria=tuple(c for c in query.criteria if c not in unsure))
+        everything = replace(asked, offset=0, summary_count=False, total="none")
         found = partner_scan(
             lambda limit: self.repo.search(replace(everything, count=limit)).matches, "matches"
         )
         everyone = view.filter_many(found, account=False)
+        candidates = [(s, shown) for s, shown in zip(found, everyone, strict=True) if shown]
+        matched = _matched_as_shown(candidates, query, view, self.repo, judge_all=bool(unsure))
         chained = [c for c in query.criteria if c.chain]
         visible: list[tuple[Stored, bytes]] = [
             (stored, shown)
-            for stored, shown in zip(found, everyone, strict=True)
-            if shown is not None
-            and _still_matches(stored, shown, query, view, self.repo)
+            for stored, shown in candidates
+            if (stored.resource_type, stored.id) in matched
             and (not chained or chains_hold(stored, shown, chained, view, self.repo))
         ]
         if query.sort:
@@ -1379,23 +1389,59 @@ def _shown_references(
     ]
 
 
-def _still_matches(
-    stored: Stored, shown: bytes, query: SearchQuery, view: PartnerView, repo: SqlRepository
-) -> bool:
-    """A redacted match must not be found by what was removed from it: if the
-    searched parameters index differently after filtering, leave it out. (Kept for
-    the store's generation, with the filtered forms it compares.)"""
-    if shown == stored.content or not query.criteria:
-        return True
-    # A chained criterion's parameter is not the match's: `chains_hold` checks those.
-    names = frozenset(c.parameter for c in query.criteria if not c.chain)
-    key = (stored.resource_type, stored.id, stored.version_id, names, shown)
-    known = view.derived.still_matches.get(key)
-    if known is None:
-        params = [
-            p for code, p in repo.parameters.for_type(stored.resource_type).items() if code in names
-        ]
-        before = index_resource(stored.resource(), params)
-        after = index_resource(orjson.loads(shown), params)
-        known = view.derived.still_matches[key] = before == after
-    return known
+def _shown_could_match_alone(criterion: Criterion) -> bool:
+    """Whether the form a client is shown could match `criterion` where the stored
+    form does not. Filtering removes, so most criteria found true of what is shown
+    are true of what is stored; not these: `:missing=true`, `:not`, and the
+    metadata parameters (the labels shown are added by the consent engine)."""
+    if criterion.chain:
+        return False  # `chains_hold` checks these through what the client sees
+    return (
+        criterion.missing is True
+        or criterion.modifier == "not"
+        or criterion.parameter in ("_security", "_tag", "_profile", "_source")
+    )
+
+
+def _matched_as_shown(
+    candidates: list[tuple[Stored, bytes]],
+    query: SearchQuery,
+    view: PartnerView,
+    repo: SqlRepository,
+    *,
+    judge_all: bool,
+) -> set[tuple[str, str]]:
+    """Which candidates the query's unchained criteria match as the client sees them:
+    found by what it is shown, never by what was withheld, and by a part withheld
+    as by one that is not there. The database matched the stored forms: one shown
+    whole stands, unless criteria were left for here (`judge_all`). (Kept for the
+    store's generation, with the filtered forms it judges.)"""
+    criteria = tuple(c for c in query.criteria if not c.chain)
+    if not criteria:
+        return {(s.resource_type, s.id) for s, _ in candidates}
+    matched: set[tuple[str, str]] = set()
+    to_judge: list[tuple[Stored, bytes, Any]] = []
+    for stored, shown in candidates:
+        key = (stored.resource_type, stored.id)
+        if not judge_all and shown == stored.content:
+            matched.add(key)
+            continue
+        known_key = (stored.resource_type, stored.id, stored.version_id, criteria, shown)
+        known = view.derived.still_matches.get(known_key)
+        if known is None:
+            to_judge.append((stored, shown, known_key))
+        elif known:
+            matched.add(key)
+    if to_judge:
+        found = matching(
+            query,
+            [(stored, orjson.loads(shown)) for stored, shown, _ in to_judge],
+            repo.parameters,
+            now_micros=to_micros(repo.clock()),
+        )
+        for stored, _, known_key in to_judge:
+            hit = (stored.resource_type, stored.id) in found
+            view.derived.still_matches[known_key] = hit
+            if hit:
+                matched.add((stored.resource_type, stored.id))
+    return matched

@@ -1,0 +1,68 @@
+"""A partner's search answers for what the partner is shown: a resource redacted of a
+part is found by what remains of it, never by what was removed, and as one without
+that part (`:missing=true`, `:not`), so that no criterion tells where it was
+redacted. Checked over every redacted resource of record C each partner sees."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from cpa_fhir.store import default_search_parameters, index_resource
+from tests.sandbox.conftest import Fhir, resource_keys
+from tests.sandbox.test_leaks import C_KEYS
+
+PARTNERS = ["gp", "social-care", "probation", "children-services", "carer"]
+TYPES = ["CarePlan", "CareTeam", "EpisodeOfCare", "Encounter", "Flag", "Condition", "Goal"]
+
+
+def _redacted(trust: Fhir, partner: Fhir) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """(key, stored form, form shown) of each of C's resources the partner sees redacted."""
+    out = []
+    for key in sorted(C_KEYS):
+        if key.split("/")[0] not in TYPES:
+            continue
+        shown = partner.get(key)
+        if shown.status_code != 200:
+            continue
+        stored = trust.get(key).json()
+        labels = {c.get("code") for c in shown.json().get("meta", {}).get("security", [])}
+        if "REDACTED" in labels:
+            out.append((key, stored, shown.json()))
+    return out
+
+
+def _found(client: Fhir, key: str, name: str, value: str) -> bool:
+    rtype, rid = key.split("/")
+    r = client.get(rtype, params={"_id": rid, name: value})
+    assert r.status_code == 200, r.text
+    return key in resource_keys(r.json())
+
+
+@pytest.mark.parametrize("client_id", PARTNERS)
+def test_a_redacted_resource_is_found_as_it_is_shown(
+    as_client: Any, trust: Fhir, client_id: str
+) -> None:
+    partner: Fhir = as_client(client_id)
+    redacted = _redacted(trust, partner)
+    if client_id == "gp":
+        assert redacted, "the GP sees some of C's record redacted"
+    registry = default_search_parameters()
+    for key, stored, shown in redacted:
+        rtype = key.split("/")[0]
+        parameters = [p for p in registry.indexed(rtype) if p.type in ("token", "reference")]
+        before, after = index_resource(stored, parameters), index_resource(shown, parameters)
+        for parameter in parameters:
+            code = parameter.code
+            has = any(row[0] == code for row in after.tokens | after.references)
+            # One answer or the other, as for any resource: never neither.
+            assert _found(partner, key, f"{code}:missing", "false") == has, (key, code)
+            assert _found(partner, key, f"{code}:missing", "true") == (not has), (key, code)
+        for name, system, value in sorted(before.tokens - after.tokens, key=str):
+            token = f"{system}|{value}" if system else f"|{value}"
+            assert not _found(partner, key, name, token), (key, name, token)
+            assert _found(partner, key, f"{name}:not", token), (key, name, token)
+        for name, system, value in sorted(after.tokens & before.tokens, key=str):
+            token = f"{system}|{value}" if system else f"|{value}"
+            assert _found(partner, key, name, token), (key, name, token)
