@@ -466,6 +466,27 @@ def test_a_carer_no_longer_caring_loses_its_need_to_know_on_the_next_request(
     assert not _visible(carer, crisis_plan)
 
 
+def test_an_agency_no_longer_in_the_care_team_loses_its_legal_basis_on_the_next_request(
+    as_client: Any, changes: Changes
+) -> None:
+    """Probation reaches C's risk to others by public protection, which holds while
+    C's care team records its involvement (an officer acting on its behalf)."""
+    probation: Fhir = as_client("probation")
+    risk = "Flag/c-risk-harm-to-others"
+    assert _visible(probation, risk)
+
+    def without_probation(team: dict[str, Any]) -> None:
+        team["participant"] = [
+            p
+            for p in team["participant"]
+            if p.get("onBehalfOf", {}).get("reference") != "Organization/c-probation"
+        ]
+
+    changes.edit("CareTeam/c-careteam", without_probation)
+    assert not _visible(probation, risk)
+    assert probation.get("Patient/c-patient").status_code == 404
+
+
 # -- audit ------------------------------------------------------------------------------
 
 

@@ -322,24 +322,49 @@ CARER_SEARCHES = [
 ]
 
 
+# Clients that invoke a legal basis, with the recipient and purpose the engine sees.
+INVOKING = {
+    "carer": PARTNERS["carer"][:2],
+    "probation": PARTNERS["probation"][:2],
+    "children-services": (
+        Recipient("Organization/c-childrens-services", "children-services"),
+        "THREAT",
+    ),
+}
+
+
+@pytest.mark.parametrize("client_id", sorted(INVOKING))
 @pytest.mark.parametrize("patient", ["a-patient", "b-patient", "d-patient"])
-def test_a_carer_is_told_nothing_of_those_it_does_not_care_for(
-    as_client: Any, trust: Fhir, patient: str
+def test_a_legal_basis_reaches_only_those_it_is_invoked_for(
+    as_client: Any, trust: Fhir, client_id: str, patient: str
 ) -> None:
-    """A carer's need to know is about the person they care for (C): its client's
-    legal basis does not reach anyone else's record."""
-    carer: Fhir = as_client("carer")
-    record: set[str] = set()
+    """The carer cares for C, and C's care team records probation's and children's
+    services' involvement: their legal bases reach C's record alone. Of A's, B's and
+    D's they get what those patients' consent allows, which is nothing."""
+    record = orjson.loads(
+        next(EXAMPLES.glob(f"Bundle-record-{patient[0].upper()}-*.json")).read_bytes()
+    )
+    recipient, purpose = INVOKING[client_id]
+    by_consent = share(
+        record,
+        ShareRequest(recipient, purpose),
+        load_policy(),
+        at=datetime.now(UTC),
+        new_id=lambda: "x",
+        required=RequiredElements(default_package()),
+    )
+    assert by_consent.bundle is None
+    client: Fhir = as_client(client_id)
+    found: set[str] = set()
     for rtype, param in CARER_SEARCHES:
         value = patient if param == "_id" else f"Patient/{patient}"
-        everything = trust.get(rtype, params={param: value, "_count": "1000"}).json()
-        record |= resource_keys(everything)
-        seen = carer.get(rtype, params={param: value, "_count": "1000"})
+        found |= resource_keys(trust.get(rtype, params={param: value, "_count": "1000"}).json())
+        seen = client.get(rtype, params={param: value, "_count": "1000"})
         assert seen.status_code == 200, seen.text
         assert seen.json()["total"] == 0 and not seen.json().get("entry"), (rtype, patient)
-    assert f"Patient/{patient}" in record and any(k.startswith("CarePlan/") for k in record)
-    for key in sorted(record):
-        assert carer.get(key).status_code == 404, key
+    assert f"Patient/{patient}" in found and any(k.startswith("CarePlan/") for k in found)
+    for key in sorted(found):
+        assert client.get(key).status_code == 404, key
 
 
 def test_chains_and_has_reach_only_types_the_token_may_search(as_client: Any) -> None:

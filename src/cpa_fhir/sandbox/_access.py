@@ -135,6 +135,7 @@ class Derived:
         self.resources: dict[str, dict[str, Any] | None] = {}
         self.patients: dict[tuple[str, int], str | None] = {}
         self.consents: dict[str, tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]] = {}
+        self.care_teams: dict[str, list[dict[str, Any]]] = {}  # patient -> their CareTeams
         self.shown: dict[tuple[str, int, frozenset[str]], _Shown] = {}
         self.categories: dict[tuple[str, int], frozenset[str]] = {}
         # (patient, client) -> a decision and the span of time it holds for
@@ -154,6 +155,7 @@ class Derived:
     def size(self) -> int:
         return (
             len(self.resources) + len(self.patients) + len(self.consents) + len(self.shown)
+            + len(self.care_teams)
             + len(self.categories) + len(self.decisions) + len(self.audit_templates)
             + len(self.audit_by_account) + len(self.current) + len(self.still_matches)
         )  # fmt: skip
@@ -261,17 +263,49 @@ class PartnerView:
         return consents, actors
 
     def _legal_bases(self, patient_id: str) -> Sequence[str]:
-        """The client's legal bases that hold for this patient. A carer's need to know
-        (handbook §36.1) is about the person they care for: a carer's client invokes
-        its bases only for the patient its RelatedPerson cares for (and is active);
-        anyone else's record reaches it only as that patient's consent allows."""
-        if self.recipient.partner_type != CARER or not self.client.exceptions:
+        """The client's legal bases that hold for this patient. A legal basis is
+        invoked for a person, not for everyone in the store: each disclosure is
+        limited to what its basis needs (handbook §37.7). A carer's need to know
+        (§36.1) is about the person they care for: it holds only for the patient the
+        client's RelatedPerson cares for, while active. An agency's (public or child
+        protection) holds only for a patient whose care team records the agency's
+        involvement: a member acting on its behalf, or the agency as a member. For
+        anyone else, what the patient's consent allows is all that goes."""
+        if not self.client.exceptions:
             return self.client.exceptions
-        carer = self._get(self.recipient.reference)
-        if carer is not None and carer.get("active") is not False:
-            if carer.get("resourceType") == "RelatedPerson" and patient_of(carer) == patient_id:
-                return self.client.exceptions
-        return ()
+        if self.recipient.partner_type == CARER:
+            carer = self._get(self.recipient.reference)
+            cares = (
+                carer is not None
+                and carer.get("resourceType") == "RelatedPerson"
+                and carer.get("active") is not False
+                and patient_of(carer) == patient_id
+            )
+            return self.client.exceptions if cares else ()
+        return self.client.exceptions if self._involved(patient_id) else ()
+
+    def _involved(self, patient_id: str) -> bool:
+        """Whether a care team of the patient's (not inactive or entered in error) names
+        the client's organisation as a member or as one a member acts for."""
+        teams = self.derived.care_teams.get(patient_id)
+        if teams is None:
+            teams = self.derived.care_teams[patient_id] = [
+                s.resource()
+                for s in self.repo.referring("CareTeam", "patient", ("Patient", patient_id))
+            ]
+        for team in teams:
+            if team.get("status") in ("inactive", "entered-in-error"):
+                continue
+            for participant in team.get("participant") or []:
+                if not isinstance(participant, dict):
+                    continue
+                for role in ("member", "onBehalfOf"):
+                    ref = participant.get(role)
+                    if isinstance(ref, dict) and (
+                        reference_key(ref.get("reference")) == self.recipient.reference
+                    ):
+                        return True
+        return False
 
     def decision(self, patient_id: str) -> Decision:
         if patient_id in self._decisions:
