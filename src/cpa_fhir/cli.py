@@ -17,7 +17,7 @@ from rich.table import Table
 
 from cpa_fhir.config import load_policy
 from cpa_fhir.conformance.package import ConformancePackage, default_package_dir, load_package
-from cpa_fhir.consent import RequiredElements, ShareRequest
+from cpa_fhir.consent import RequiredElements, ShareRequest, person_name
 from cpa_fhir.consent import share as share_record
 from cpa_fhir.errors import FhirError
 from cpa_fhir.fhir.models import bundle_entries
@@ -81,11 +81,7 @@ def _summary(resource: Any) -> str:
     patients = [r for r in entries if r.get("resourceType") == "Patient"]
     who = ""
     if len(patients) == 1:
-        names = patients[0].get("name") or [{}]
-        name = names[0] if isinstance(names, list) and names else {}
-        given = " ".join(name.get("given", [])) if isinstance(name, dict) else ""
-        family = name.get("family", "") if isinstance(name, dict) else ""
-        who = f"record of {given} {family}".replace("  ", " ").strip() + ": "
+        who = f"record of {person_name(patients[0]) or 'an unnamed patient'}: "
     types = len({r.get("resourceType") for r in entries})
     return f"{who}{len(entries)} resources of {types} types"
 

@@ -171,3 +171,35 @@ def test_a_store_whose_tables_are_not_ours_is_one_line(tmp_path: Path) -> None:
     assert line.startswith(f"cpa-fhir: cannot load the example patients into {url}: ")
     assert "resource_current" in line
     assert "FHIR base URL" not in result.stdout
+
+
+# ---------------------------------------------------------------- validate, odd records
+
+
+@pytest.mark.parametrize("given", [[1], None, 5, "Ann"])
+def test_a_patient_whose_given_names_are_not_text_is_summarised(
+    tmp_path: Path, given: object
+) -> None:
+    record = {
+        "resourceType": "Bundle",
+        "type": "collection",
+        "entry": [{"resource": {"resourceType": "Patient", "name": [{"given": given}]}}],
+    }
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(record))
+    result = run("validate", str(path))
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.returncode in (0, 1) and result.stderr == ""
+    assert "1 file(s): " in result.stdout
+
+
+def test_a_record_discharged_in_the_last_week_of_9999_is_judged(tmp_path: Path) -> None:
+    record = json.loads(next(EXAMPLES.glob("Bundle-record-C-*.json")).read_text())
+    for e in record["entry"]:
+        if e["resource"].get("id") == "c-admission-2026-04":
+            e["resource"]["period"]["end"] = "9999-12-30T11:00:00+00:00"
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(record))
+    result = run("validate", str(path))
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.returncode in (0, 1)

@@ -353,3 +353,16 @@ def test_an_unreadable_period_gives_an_empty_span(period: Any) -> None:
 def test_no_consents_hold_for_the_utc_day() -> None:
     at = datetime(2026, 11, 1, 23, 59, 59, 999999, tzinfo=UTC)
     assert steady_span([], at) == (datetime(2026, 11, 1, tzinfo=UTC), at + MICRO)
+
+
+@pytest.mark.parametrize("end", ["9999-12-31", "9999-12", "9999", "9999-12-31T23:59:59Z"])
+def test_a_consent_until_the_end_of_9999_holds_to_then(end: str) -> None:
+    """The end of 9999's last day, month or year is past every instant there is: the
+    consent holds, where working out the day after it once failed."""
+    consent = _consent(permit_period={"start": "2026-01-01", "end": end})
+    assert "care-plan" in decide([consent], GP, "TREAT", AT, POLICY_).allowed
+    start, stop = steady_span([consent], AT)
+    assert start <= AT < stop
+    last_day = datetime(9999, 12, 31, 12, 0, tzinfo=UTC)
+    assert "care-plan" in decide([consent], GP, "TREAT", last_day, POLICY_).allowed
+    assert steady_span([consent], last_day)[0] <= last_day < steady_span([consent], last_day)[1]

@@ -18,7 +18,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from cpa_fhir.sandbox import Sandbox
-from tests.sandbox.conftest import Fhir, outcome
+from tests.common import EXAMPLES
+from tests.sandbox.conftest import Fhir, outcome, resource_keys
 
 FLAG = "Flag/c-risk-self-harm"
 
@@ -265,3 +266,153 @@ def test_a_value_longer_than_an_index_entry_is_stored_and_found(trust: Fhir) -> 
     assert created.status_code == 201, created.text
     found = trust.get("Patient", params={"family": family[:30]}).json()
     assert [e["resource"]["id"] for e in found["entry"]] == [created.json()["id"]]
+
+
+# -- found by fuzzing Bundles, preconditions and far-off dates -------------------------
+
+
+def _count(trust: Fhir, rtype: str) -> int:
+    return int(trust.get(rtype, params={"_summary": "count"}).json()["total"])
+
+
+def _new_flag(trust: Fhir, identifier: str | None = None) -> dict[str, Any]:
+    flag = trust.get(FLAG).json()
+    flag.pop("id")
+    flag.pop("meta")
+    if identifier is not None:
+        flag["identifier"] = [{"system": "urn:fuzz", "value": identifier}]
+    return dict(flag)
+
+
+@pytest.mark.parametrize("url", ["//[x", "http://[::1", "Flag?x=[y"])
+def test_a_transaction_with_an_entry_url_that_is_no_url_writes_nothing(
+    trust: Fhir, url: str
+) -> None:
+    """An unclosed '[' is no URL: refused before the writes, not after they commit."""
+    before = _count(trust, "Flag")
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {"resource": _new_flag(trust), "request": {"method": "POST", "url": "Flag"}},
+            {"request": {"method": "GET", "url": url}},
+        ],
+    }
+    response = trust.post("", bundle)
+    if url == "Flag?x=[y":  # a URL after all: an unknown parameter, answered in the entry
+        assert response.status_code == 200, response.text
+        trust.delete(response.json()["entry"][0]["response"]["location"].split("/_history")[0])
+        return
+    outcome(response, 400)
+    assert _count(trust, "Flag") == before
+
+
+@pytest.mark.parametrize("method", ["GET", "DELETE"])
+def test_a_batch_entry_url_that_is_no_url_is_that_entrys_400(trust: Fhir, method: str) -> None:
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "batch",
+        "entry": [
+            {"request": {"method": method, "url": "//[x"}},
+            {"request": {"method": "GET", "url": FLAG}},
+        ],
+    }
+    response = trust.post("", bundle)
+    assert response.status_code == 200, response.text
+    statuses = [e["response"]["status"] for e in response.json()["entry"]]
+    assert statuses[0].startswith("400") and statuses[1].startswith("200"), statuses
+
+
+@pytest.mark.parametrize("method", ["DELETE", "PATCH"])
+def test_a_transaction_entry_id_that_is_no_id_is_400(trust: Fhir, method: str) -> None:
+    entry: dict[str, Any] = {"request": {"method": method, "url": "Patient/a\u0000b"}}
+    if method == "PATCH":
+        entry["resource"] = {
+            "resourceType": "Binary",
+            "contentType": "application/json-patch+json",
+            "data": "W10=",
+        }
+    response = trust.post("", {"resourceType": "Bundle", "type": "transaction", "entry": [entry]})
+    outcome(response, 400)
+
+
+THOUSANDS_OF_DIGITS = 'W/"' + "9" * 4301 + '"'
+
+
+@pytest.mark.parametrize("method", ["PUT", "DELETE", "PATCH"])
+def test_an_if_match_of_thousands_of_digits_is_a_stale_version(trust: Fhir, method: str) -> None:
+    """No version has so many digits: 412, as for any version that is not there."""
+    before = _versions(trust, FLAG)
+    body, content_type = json.dumps(trust.get(FLAG).json()), "application/fhir+json"
+    if method == "PATCH":
+        body, content_type = "[]", "application/json-patch+json"
+    headers = {**trust.headers, "if-match": THOUSANDS_OF_DIGITS, "content-type": content_type}
+    response = trust.http.request(
+        method, f"/fhir/{FLAG}", headers=headers, content=None if method == "DELETE" else body
+    )
+    outcome(response, 412)
+    entry = {"request": {"method": "DELETE", "url": FLAG, "ifMatch": THOUSANDS_OF_DIGITS}}
+    outcome(
+        trust.post("", {"resourceType": "Bundle", "type": "transaction", "entry": [entry]}), 412
+    )
+    assert _versions(trust, FLAG) == before
+
+
+def test_a_conditional_delete_honours_if_match(trust: Fhir) -> None:
+    made = trust.post("Flag", _new_flag(trust, "conditional-delete-if-match"))
+    assert made.status_code == 201, made.text
+    key = f"Flag/{made.json()['id']}"
+    url = "/fhir/Flag?identifier=urn:fuzz|conditional-delete-if-match"
+    stale = trust.http.delete(url, headers={**trust.headers, "if-match": 'W/"7"'})
+    outcome(stale, 412)
+    assert trust.get(key).status_code == 200  # nothing lost
+    batch = {
+        "resourceType": "Bundle",
+        "type": "batch",
+        "entry": [{"request": {"method": "DELETE", "ifMatch": 'W/"7"', "url": url[6:]}}],
+    }
+    assert trust.post("", batch).json()["entry"][0]["response"]["status"].startswith("412")
+    assert trust.get(key).status_code == 200
+    none = trust.http.delete(
+        "/fhir/Flag?identifier=urn:fuzz|no-such", headers={**trust.headers, "if-match": 'W/"1"'}
+    )
+    outcome(none, 412)
+    current = trust.http.delete(url, headers={**trust.headers, "if-match": 'W/"1"'})
+    assert current.status_code == 204, current.text
+    assert trust.get(key).status_code == 410
+
+
+@pytest.mark.parametrize("path", ["Bundle/$validate", "Bundle"])
+def test_a_record_discharged_in_the_last_week_of_9999_is_judged_not_a_500(
+    trust: Fhir, path: str
+) -> None:
+    record = json.loads(next(EXAMPLES.glob("Bundle-record-C-*.json")).read_text())
+    for e in record["entry"]:
+        if e["resource"].get("id") == "c-admission-2026-04":
+            e["resource"]["period"]["end"] = "9999-12-30T11:00:00+00:00"
+    response = trust.post(path, record)
+    assert response.status_code < 500, response.text
+    if response.status_code == 201:
+        assert trust.delete(f"Bundle/{response.json()['id']}").status_code == 204
+
+
+@pytest.mark.parametrize("end", ["9999-12-31", "9999-12", "9999"])
+def test_a_consent_until_the_end_of_9999_holds_and_breaks_nothing(
+    trust: Fhir, as_client: Any, end: str
+) -> None:
+    gp: Fhir = as_client("gp")
+    shown = resource_keys(gp.get("CarePlan", params={"subject": "Patient/c-patient"}).json())
+    assert shown
+    consent = trust.get("Consent/c-consent").json()
+    original = json.loads(json.dumps(consent))
+    consent.pop("meta")
+    consent["provision"]["period"]["end"] = end
+    try:
+        assert trust.put("Consent/c-consent", consent).status_code == 200
+        for url in ("Patient/c-patient", "Flag"):
+            assert gp.get(url).status_code < 500, url
+        again = gp.get("CarePlan", params={"subject": "Patient/c-patient"})
+        assert again.status_code == 200 and resource_keys(again.json()) == shown
+    finally:
+        original.pop("meta")
+        assert trust.put("Consent/c-consent", original).status_code == 200

@@ -92,7 +92,9 @@ def recipient_from(resource: Mapping[str, Any]) -> Recipient:
     """A Recipient for an Organization of a known partner type, or a carer RelatedPerson."""
     rt, rid = resource.get("resourceType"), resource.get("id")
     if rt == "RelatedPerson":
-        return Recipient(f"RelatedPerson/{rid}", CARER, _identifiers(resource), _name(resource))
+        return Recipient(
+            f"RelatedPerson/{rid}", CARER, _identifiers(resource), person_name(resource)
+        )
     if rt == "Organization":
         kinds = partner_types(resource)
         if len(kinds) != 1:
@@ -100,18 +102,21 @@ def recipient_from(resource: Mapping[str, Any]) -> Recipient:
                 f"Organization/{rid} must have exactly one partner agency type to receive information"
             )
         return Recipient(
-            f"Organization/{rid}", kinds.pop(), _identifiers(resource), _name(resource)
+            f"Organization/{rid}", kinds.pop(), _identifiers(resource), person_name(resource)
         )
     raise RecipientError(f"a {rt} cannot receive a disclosure")
 
 
-def _name(resource: Mapping[str, Any]) -> str | None:
+def person_name(resource: Mapping[str, Any]) -> str | None:
+    """The first name a resource gives (an Organization's text; a person's given
+    names and family name), or None; parts that are not text are passed over."""
     name = resource.get("name")
     if isinstance(name, str):
         return name
     if isinstance(name, list) and name and isinstance(name[0], dict):
         n = name[0]
-        given = " ".join(g for g in n.get("given") or [] if isinstance(g, str))
+        names = n.get("given")
+        given = " ".join(g for g in names if isinstance(g, str)) if isinstance(names, list) else ""
         return " ".join(p for p in (given, n.get("family")) if isinstance(p, str) and p) or None
     return None
 
@@ -156,6 +161,10 @@ def resolve_recipient(
 # -- reading Consent ---------------------------------------------------------
 
 
+# The end of year 9999 (a consent "until 9999-12-31"): later than any instant.
+_AFTER_ALL = datetime.max.replace(tzinfo=UTC)
+
+
 def _instant(value: Any, where: str, *, end: bool) -> datetime:
     """A FHIR date or dateTime as an instant; a date ends at the end of its day."""
     if not isinstance(value, str):
@@ -164,13 +173,17 @@ def _instant(value: Any, where: str, *, end: bool) -> datetime:
         if len(value) == 10:
             d = date.fromisoformat(value)
             moment = datetime.combine(d, time.min, UTC)
-            return moment + timedelta(days=1) if end else moment
+            if not end:
+                return moment
+            return moment + timedelta(days=1) if d < date.max else _AFTER_ALL
         if len(value) in (4, 7):
             year = int(value[:4])
             month = int(value[5:7]) if len(value) == 7 else 1
             start = datetime(year, month, 1, tzinfo=UTC)
             if not end:
                 return start
+            if year == date.max.year and (len(value) == 4 or month == 12):
+                return _AFTER_ALL
             if len(value) == 4:
                 return datetime(year + 1, 1, 1, tzinfo=UTC)
             return datetime(year + month // 12, month % 12 + 1, 1, tzinfo=UTC)
@@ -393,7 +406,11 @@ def steady_span(consents: Sequence[Mapping[str, Any]], at: datetime) -> tuple[da
     when a period cannot be read: decide again, and let it say why."""
     # The day as the reasons name it: `at`'s date in its own zone.
     start = datetime.combine(at.date(), time.min, at.tzinfo)
-    end = datetime.combine(at.date() + timedelta(days=1), time.min, at.tzinfo)
+    end = (
+        datetime.combine(at.date() + timedelta(days=1), time.min, at.tzinfo)
+        if at.date() < date.max
+        else _AFTER_ALL
+    )
     periods: list[Any] = []
     stack: list[Any] = list(consents)
     while stack:

@@ -122,9 +122,12 @@ def _sub_request(
     patch: bytes | None = None,
 ) -> Request:
     """An entry as the request it stands for; `patch`: a PATCH entry's JSON Patch."""
-    from cpa_fhir.sandbox._router import Request
+    from cpa_fhir.sandbox._router import HttpError, Request
 
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # an unclosed '[' and the like
+        raise HttpError(400, f"{url!r} is not a URL: {exc}", code="value") from None
     content_type = "application/fhir+json" if patch is None else JSON_PATCH
     # The Bundle's Prefer (return=, handling=) holds for each entry.
     prefer = {"prefer": request.headers["prefer"]} if "prefer" in request.headers else {}
@@ -175,13 +178,13 @@ def run_bundle(
             req = e["request"]
             try:
                 patch = _patch_body(e, i) if req["method"] == "PATCH" else None
+                resource = e.get("resource") if patch is None else None
+                sub = _sub_request(
+                    request, req["method"], req["url"], resource, _entry_headers(req), patch=patch
+                )
             except FhirError as exc:  # this entry's own error
                 results.append(_response_entry(outcome_response(exc)))
                 continue
-            resource = e.get("resource") if patch is None else None
-            sub = _sub_request(
-                request, req["method"], req["url"], resource, _entry_headers(req), patch=patch
-            )
             results.append(_response_entry(router._route_safely(sub, client, scopes, view)))
         return router._json(
             200,
@@ -228,6 +231,7 @@ def _transaction(
     view: PartnerView | None,
 ) -> Response:
     from cpa_fhir.sandbox._router import (
+        _ID,
         HttpError,
         _check_if_match,
         _conflict,
@@ -254,6 +258,11 @@ def _transaction(
             criteria = _without_format(query)
             parts = path.strip("/").split("/")
             rtype = parts[0]
+            if method in ("GET", "HEAD"):
+                # Read after the writes commit: refused now if it cannot be, not then.
+                _sub_request(request, "GET", req["url"], None, {})
+            elif len(parts) == 2 and not _ID.fullmatch(parts[1]):
+                raise HttpError(400, f"entry {i}: '{parts[1]}' is not a valid resource id")
             if_match = (
                 _if_match(req.get("ifMatch")) if method in ("PUT", "DELETE", "PATCH") else None
             )

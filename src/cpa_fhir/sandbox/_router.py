@@ -671,7 +671,15 @@ class Router:
     ) -> Response:
         require(scopes, rtype, "delete")
         criteria = _write_criteria(request, rtype, view, "a conditional delete")
-        self.repo.conditional_delete(rtype, criteria)
+        if_match = _if_match(request.headers.get("if-match"))
+        try:
+            deleted = self.repo.conditional_delete(rtype, criteria, if_match=if_match)
+        except VersionConflict as exc:
+            raise _conflict(exc, if_match, view) from None
+        if deleted is None and if_match is not None:
+            raise HttpError(
+                412, f"no {rtype} matches, so none is at version {if_match}", code="conflict"
+            )
         return Response(204)
 
     def _patch(
@@ -1267,7 +1275,10 @@ def _if_match(value: Any) -> int | None:
     m = re.fullmatch(r'\s*(?:W/)?"?(\d+)"?\s*', value)
     if not m:
         raise HttpError(400, f'If-Match {value!r} is not a version ETag like W/"3"', code="value")
-    return int(m.group(1))
+    digits = m.group(1).lstrip("0") or "0"
+    # No version has more digits: one past them all, so that it is stale (412) as any
+    # other version not there is (and int() is never asked for thousands of digits).
+    return int(digits) if len(digits) <= _VERSION_DIGITS else 10**_VERSION_DIGITS
 
 
 def _deeper_than(node: Any, limit: int) -> bool:

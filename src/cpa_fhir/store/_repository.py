@@ -162,7 +162,9 @@ class Repository(Protocol):
         self, resource: dict[str, Any], criteria: str, *, if_match: int | None = None
     ) -> Stored: ...
 
-    def conditional_delete(self, resource_type: str, criteria: str) -> Stored | None: ...
+    def conditional_delete(
+        self, resource_type: str, criteria: str, *, if_match: int | None = None
+    ) -> Stored | None: ...
 
     def conditional_match(self, resource_type: str, criteria: str, what: str) -> Stored | None: ...
 
@@ -716,9 +718,13 @@ class _Operations:
             )
         return self._write(resource_type, body_id, resource, if_match=None)
 
-    def conditional_delete(self, resource_type: str, criteria: str) -> Stored | None:
+    def conditional_delete(
+        self, resource_type: str, criteria: str, *, if_match: int | None = None
+    ) -> Stored | None:
         found = self.conditional_match(resource_type, criteria, "a conditional delete")
-        return None if found is None else self.delete(resource_type, found.id)
+        if found is None:
+            return None
+        return self.delete(resource_type, found.id, if_match=if_match)
 
     def update(self, resource: dict[str, Any], if_match: int | None) -> Stored:
         resource_type, resource_id = _check_resource(resource, needs_id=True)
@@ -1111,8 +1117,10 @@ class _Bound:
     ) -> Stored:
         return self._operations.conditional_update(resource, criteria, if_match)
 
-    def conditional_delete(self, resource_type: str, criteria: str) -> Stored | None:
-        return self._operations.conditional_delete(resource_type, criteria)
+    def conditional_delete(
+        self, resource_type: str, criteria: str, *, if_match: int | None = None
+    ) -> Stored | None:
+        return self._operations.conditional_delete(resource_type, criteria, if_match=if_match)
 
     def conditional_match(self, resource_type: str, criteria: str, what: str) -> Stored | None:
         return self._operations.conditional_match(resource_type, criteria, what)
@@ -1393,11 +1401,14 @@ class SqlRepository:
         with self._bound(read_only=False) as bound:
             return bound.conditional_update(resource, criteria, if_match=if_match)
 
-    def conditional_delete(self, resource_type: str, criteria: str) -> Stored | None:
+    def conditional_delete(
+        self, resource_type: str, criteria: str, *, if_match: int | None = None
+    ) -> Stored | None:
         """Delete the one resource the search `criteria` match (None where none does);
-        PreconditionFailed if several match: https://hl7.org/fhir/R4/http.html#cdelete"""
+        PreconditionFailed if several match: https://hl7.org/fhir/R4/http.html#cdelete.
+        With `if_match`, only if the match is at that version (VersionConflict)."""
         with self._bound(read_only=False) as bound:
-            return bound.conditional_delete(resource_type, criteria)
+            return bound.conditional_delete(resource_type, criteria, if_match=if_match)
 
     def conditional_match(self, resource_type: str, criteria: str, what: str) -> Stored | None:
         """The one current resource of the type the search `criteria` match, or None;

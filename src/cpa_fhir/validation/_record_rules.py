@@ -155,7 +155,7 @@ def check_record(bundle: dict[str, Any], as_of: date, canonical: str) -> list[Is
     for rule in (_reviews, _follow_up, _discharge, _section117, _coordinator, _plans):
         try:
             issues.extend(rule(record, as_of))
-        except (TypeError, AttributeError, KeyError, ValueError) as exc:
+        except (TypeError, AttributeError, KeyError, ValueError, OverflowError) as exc:
             # Fail closed: a rule that cannot read the record reports so.
             issues.append(
                 Issue(
@@ -233,6 +233,8 @@ def _follow_up(record: Record, as_of: date) -> Iterator[Issue]:
         discharged = _date(e.resource.get("period", {}).get("end"))
         if discharged is None:
             continue
+        if discharged > date.max - timedelta(days=FOLLOW_UP_DAYS):
+            continue  # the follow-up is due after any date there is
         deadline = discharged + timedelta(days=FOLLOW_UP_DAYS)
         if as_of <= deadline:
             continue
