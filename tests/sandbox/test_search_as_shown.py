@@ -66,3 +66,36 @@ def test_a_redacted_resource_is_found_as_it_is_shown(
         for name, system, value in sorted(after.tokens & before.tokens, key=str):
             token = f"{system}|{value}" if system else f"|{value}"
             assert _found(partner, key, name, token), (key, name, token)
+
+
+REDACTED = "http://terminology.hl7.org/CodeSystem/v3-ObservationValue|REDACTED"
+
+
+@pytest.mark.parametrize(
+    ("match", "params", "found"),
+    [
+        ("c-careplan", {"_security": REDACTED}, True),
+        ("c-careplan", {"_security:not": REDACTED}, False),
+        ("c-crisis-plan", {"part-of:CarePlan._security": REDACTED}, True),
+        ("c-crisis-plan", {"part-of:CarePlan._security:not": REDACTED}, False),
+        ("c-crisis-plan", {"part-of:CarePlan._security:missing": "true"}, False),
+    ],
+)
+def test_labels_and_chain_ends_are_judged_on_what_is_shown(
+    as_client: Any, trust: Fhir, match: str, params: dict[str, str], found: bool
+) -> None:
+    """The GP is shown C's care plan labelled REDACTED (the label is the server's,
+    not stored): it finds the plan by the label, directly and at the end of a chain
+    from the plans that are part of it, and never by its absence."""
+    gp: Fhir = as_client("gp")
+    labels = gp.get("CarePlan/c-careplan").json()["meta"]["security"]
+    assert {"system": REDACTED.split("|")[0], "code": "REDACTED"} in [
+        {"system": c["system"], "code": c["code"]} for c in labels
+    ]
+    answer = gp.get("CarePlan", params={"_id": match, **params})
+    assert answer.status_code == 200, answer.text
+    assert (f"CarePlan/{match}" in resource_keys(answer.json())) == found
+    # The trust, shown the stored plan (no such label), is answered the other way.
+    stored = trust.get("CarePlan", params={"_id": match, **params})
+    if "missing" not in next(iter(params)):
+        assert (f"CarePlan/{match}" in resource_keys(stored.json())) == (not found)

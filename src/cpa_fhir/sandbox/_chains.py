@@ -27,7 +27,9 @@ from cpa_fhir.store import (
     SqlRepository,
     Stored,
     index_resource,
+    matching,
 )
+from cpa_fhir.store._dates import to_micros
 
 # (type, id) -> the resource as the client sees it
 Seen = dict[tuple[str, str], dict[str, Any]]
@@ -55,34 +57,31 @@ def _holds(start: Seen, criterion: Criterion, view: PartnerView, repo: SqlReposi
         )
         if not current:
             return False
+    # The end is judged on what the client sees of each resource reached, as a
+    # partner's own criteria are (`matching`): found by a value it is shown, never by
+    # one withheld from it, and as without a part removed (`:missing=true`, `:not`).
     end = replace(criterion, chain=(), name=criterion.parameter)
-    by_type: dict[str, list[str]] = {}
-    for rtype, rid in current:
-        by_type.setdefault(rtype, []).append(rid)
-    for rtype, ids in by_type.items():
-        query = repo.parse(rtype, [("_id", ",".join(ids))])
-        query = replace(query, criteria=(*query.criteria, end), count=len(ids), total="none")
-        for stored in repo.search(query).matches:
-            seen = current[(rtype, stored.id)]
-            if _indexed(stored.resource(), rtype, end.parameter, repo) == _indexed(
-                seen, rtype, end.parameter, repo
-            ):
-                return True  # matched, and by a value the client sees
-    return False
+    stored = repo.read_many(current)
+    by_type: dict[str, list[tuple[Stored, dict[str, Any]]]] = {}
+    for key, seen in current.items():
+        if key in stored:
+            by_type.setdefault(key[0], []).append((stored[key], seen))
+    now_micros = to_micros(repo.clock())
+    return any(
+        matching(SearchQuery(rtype, criteria=(end,)), given, repo.parameters, now_micros=now_micros)
+        for rtype, given in by_type.items()
+    )
 
 
 def _matches(repo: SqlRepository, query: SearchQuery, limit: int) -> list[Stored]:
     return repo.search(replace(query, count=limit, total="none")).matches
 
 
-def _indexed(resource: dict[str, Any], rtype: str, parameter: str, repo: SqlRepository) -> Any:
-    found = repo.parameters.get(rtype, parameter)
-    return index_resource(resource, [found]) if found is not None else None
-
-
-def _targets(
+def reference_targets(
     resource: dict[str, Any], rtype: str, parameter: str, repo: SqlRepository
 ) -> set[tuple[str, str]]:
+    """The (type, id) the resource (of type `rtype`, in whatever form it is given)
+    refers to by a reference search parameter."""
     found = repo.parameters.get(rtype, parameter)
     if found is None:
         return set()
@@ -95,7 +94,9 @@ def _forward(current: Seen, link: ChainLink, view: PartnerView, repo: SqlReposit
     wanted: set[tuple[str, str]] = set()
     for (rtype, _), resource in current.items():
         wanted |= {
-            t for t in _targets(resource, rtype, link.reference, repo) if t[0] in link.to_types
+            t
+            for t in reference_targets(resource, rtype, link.reference, repo)
+            if t[0] in link.to_types
         }
     found = list(repo.read_many(sorted(wanted)).values())
     return {
@@ -118,6 +119,6 @@ def _reverse(current: Seen, link: ChainLink, view: PartnerView, repo: SqlReposit
             if shown is None:
                 continue
             seen = orjson.loads(shown)
-            if (rtype, rid) in _targets(seen, source_type, link.reference, repo):
+            if (rtype, rid) in reference_targets(seen, source_type, link.reference, repo):
                 out[(s.resource_type, s.id)] = seen
     return out

@@ -41,7 +41,7 @@ from cpa_fhir.fhir.subset import Summary, subset
 from cpa_fhir.sandbox._access import DerivedCache, PartnerView, partner_scan
 from cpa_fhir.sandbox._audit_log import AuditLog, AuditWriteFailed, Events
 from cpa_fhir.sandbox._auth import AuthFailure, Client, allows, require
-from cpa_fhir.sandbox._chains import chains_hold
+from cpa_fhir.sandbox._chains import chains_hold, reference_targets
 from cpa_fhir.store import (
     Criterion,
     SearchParameters,
@@ -877,9 +877,9 @@ class Router:
             linked = {
                 target
                 for include in forward
-                for key, source in sources_by_key.items()
+                for key in sources_by_key
                 if key[0] == include.source_type
-                for target in _shown_references(source, shown_of[key], include, self.repo)
+                for target in _shown_targets(shown_of[key], key[0], include, self.repo)
             }
             kept: list[Stored] = []
             for stored, shown in zip(candidates, seen, strict=True):
@@ -890,7 +890,7 @@ class Router:
                     target in sources_by_key
                     for include in reverse
                     if include.source_type == stored.resource_type
-                    for target in _shown_references(stored, shown, include, self.repo)
+                    for target in _shown_targets(shown, stored.resource_type, include, self.repo)
                 ):
                     shown_of[key] = shown
                     kept.append(stored)
@@ -1382,31 +1382,21 @@ def _in_order_seen(
     return ordered
 
 
-def _shown_references(
-    stored: Stored, shown: bytes, include: Include, repo: SqlRepository
-) -> list[tuple[str, str]]:
-    """The resources `shown` (what a client sees of `stored`) refers to by the
-    include's parameter, of its target type if it names one."""
-    parameter = repo.parameters.get(stored.resource_type, include.parameter)
-    if parameter is None:
-        return []
-    resource = stored.resource() if shown == stored.content else orjson.loads(shown)
-    return [
-        (target_type, target_id)
-        for _, target_type, target_id, _ in index_resource(resource, [parameter]).references
-        if target_type is not None
-        and target_id is not None
-        and include.target_type in (None, target_type)
-    ]
+def _shown_targets(
+    shown: bytes, rtype: str, include: Include, repo: SqlRepository
+) -> set[tuple[str, str]]:
+    """What a client is `shown` of a resource refers to by the include's parameter,
+    of its target type if it names one."""
+    targets = reference_targets(orjson.loads(shown), rtype, include.parameter, repo)
+    return {t for t in targets if include.target_type in (None, t[0])}
 
 
 def _shown_could_match_alone(criterion: Criterion) -> bool:
     """Whether the form a client is shown could match `criterion` where the stored
     form does not. Filtering removes, so most criteria found true of what is shown
     are true of what is stored; not these: `:missing=true`, `:not`, and the
-    metadata parameters (the labels shown are added by the consent engine)."""
-    if criterion.chain:
-        return False  # `chains_hold` checks these through what the client sees
+    metadata parameters (the labels shown are added by the consent engine). At the
+    end of a chain as well: `chains_hold` judges those on what is shown."""
     return (
         criterion.missing is True
         or criterion.modifier == "not"
