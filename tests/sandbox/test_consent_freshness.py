@@ -14,6 +14,7 @@ import copy
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace as dataclass_replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -485,6 +486,110 @@ def test_an_agency_no_longer_in_the_care_team_loses_its_legal_basis_on_the_next_
     changes.edit("CareTeam/c-careteam", without_probation)
     assert not _visible(probation, risk)
     assert probation.get("Patient/c-patient").status_code == 404
+
+
+def test_a_carers_need_to_know_holds_within_its_period(as_client: Any, changes: Changes) -> None:
+    carer: Fhir = as_client("carer")
+    assert _visible(carer, "CarePlan/c-crisis-plan")
+    changes.edit(
+        "RelatedPerson/c-carer-son",
+        lambda person: person.update(period={"start": "2020-01-01", "end": "2025-01-01"}),
+    )
+    assert not _visible(carer, "CarePlan/c-crisis-plan")
+
+
+PROBATION = "Organization/c-probation"
+RISK_TO_OTHERS = "Flag/c-risk-harm-to-others"
+
+
+def _edit_probation_participant(edit: Callable[[dict[str, Any]], None]) -> Edit:
+    def change(team: dict[str, Any]) -> None:
+        for participant in team["participant"]:
+            if participant.get("onBehalfOf", {}).get("reference") == PROBATION:
+                edit(participant)
+
+    return change
+
+
+@pytest.mark.parametrize(
+    ("period", "holds"),
+    [
+        ({"start": "2025-11-03", "end": "2025-12-01"}, False),  # left the team
+        ({"start": "2999-01-01"}, False),  # not yet on it
+        ({"start": "2025-11-03", "end": "2999-01-01"}, True),
+    ],
+)
+def test_an_agencys_legal_basis_holds_within_its_role_period(
+    as_client: Any, changes: Changes, period: dict[str, str], holds: bool
+) -> None:
+    probation: Fhir = as_client("probation")
+    assert _visible(probation, RISK_TO_OTHERS)
+    changes.edit(
+        "CareTeam/c-careteam",
+        _edit_probation_participant(lambda p: p.update(period=period)),
+    )
+    assert _visible(probation, RISK_TO_OTHERS) == holds
+
+
+@pytest.mark.parametrize("status", ["proposed", "suspended", "inactive"])
+def test_an_agencys_legal_basis_needs_an_active_care_team(
+    as_client: Any, changes: Changes, status: str
+) -> None:
+    probation: Fhir = as_client("probation")
+    changes.edit("CareTeam/c-careteam", lambda team: team.update(status=status))
+    assert not _visible(probation, RISK_TO_OTHERS)
+
+
+def test_an_agency_is_recognised_through_a_practitioner_role(
+    as_client: Any, changes: Changes
+) -> None:
+    """The officer is on the team in a PractitionerRole with probation, not on its
+    behalf: probation's involvement is recorded all the same."""
+    probation: Fhir = as_client("probation")
+    role = changes.create(
+        {
+            "resourceType": "PractitionerRole",
+            "active": True,
+            "practitioner": {"reference": "Practitioner/c-probation-officer"},
+            "organization": {"reference": PROBATION},
+        }
+    )
+
+    def by_role(participant: dict[str, Any]) -> None:
+        participant.pop("onBehalfOf")
+        participant["member"] = {"reference": role}
+
+    changes.edit("CareTeam/c-careteam", _edit_probation_participant(by_role))
+    assert _visible(probation, RISK_TO_OTHERS)
+
+
+def test_an_agency_is_recognised_by_its_identifier(
+    sandbox: Sandbox, trust: Fhir, changes: Changes
+) -> None:
+    """Named by its ODS code alone (no reference), an agency whose client carries that
+    identifier is the one named."""
+    ods = ("https://fhir.nhs.uk/Id/ods-organization-code", "PROB01")
+    client = dataclass_replace(sandbox.registry.clients["probation"], identifiers=frozenset({ods}))
+
+    def status(key: str) -> int:
+        request = Request("GET", key, [], {}, b"")
+        return sandbox.router.handle(request, client, client.scopes).status
+
+    def by_identifier(participant: dict[str, Any]) -> None:
+        participant["onBehalfOf"] = {"identifier": {"system": ods[0], "value": ods[1]}}
+
+    changes.edit("CareTeam/c-careteam", _edit_probation_participant(by_identifier))
+    assert status(RISK_TO_OTHERS) == 200
+    other = {"identifier": {"system": ods[0], "value": "SOMEONE-ELSE"}}
+    changes.edit(
+        "CareTeam/c-careteam",
+        lambda team: [
+            p.update(onBehalfOf=other)
+            for p in team["participant"]
+            if p.get("onBehalfOf", {}).get("identifier", {}).get("value") == ods[1]
+        ],
+    )
+    assert status(RISK_TO_OTHERS) == 404
 
 
 # -- audit ------------------------------------------------------------------------------

@@ -195,7 +195,9 @@ def _instant(value: Any, where: str, *, end: bool) -> datetime:
     return moment
 
 
-def _period_covers(period: Any, at: datetime, where: str) -> bool:
+def period_covers(period: Any, at: datetime, where: str = "Period") -> bool:
+    """Whether a FHIR Period (None: no bounds) holds at `at`; ConsentFormatError if it
+    cannot be read."""
     if period is None:
         return True
     if not isinstance(period, dict):
@@ -312,7 +314,7 @@ def _walk(
             f"{where}: provisions about single resources (data) cannot be evaluated"
         )
     applies = (
-        _period_covers(node.get("period"), at, where)
+        period_covers(node.get("period"), at, where)
         and _actor_matches(actors, recipient, resources, where)
         and _purpose_matches(purposes, purpose)
     )
@@ -380,7 +382,7 @@ def _evaluate_consent(
         raise ConsentFormatError(f"{key} has no provision")
     if root.get("type") != "deny":
         raise ConsentFormatError(f"{key}: the base provision must deny (permits are nested)")
-    if not _period_covers(root.get("period"), at, f"{key}.provision"):
+    if not period_covers(root.get("period"), at, f"{key}.provision"):
         notes.append(f"{key} does not cover {at.date().isoformat()} (expired or not yet in force)")
         return
     # The base deny is the default; only nested provisions grant or refuse.

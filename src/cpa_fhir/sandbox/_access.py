@@ -39,6 +39,7 @@ from cpa_fhir.consent import (
     decide,
     filter_record,
     label_resources,
+    period_covers,
     steady_span,
     withheld_counts,
 )
@@ -71,6 +72,15 @@ def partner_scan(fetch: Callable[[int], list[Stored]], what: str) -> list[Stored
             code="too-costly",
         )
     return found
+
+
+def _in_period(period: Any, at: datetime) -> bool:
+    """Whether a Period holds at `at`; one that cannot be read does not (no basis is
+    found in what cannot be read)."""
+    try:
+        return period_covers(period, at)
+    except SharingError:
+        return False
 
 
 def patient_of(resource: dict[str, Any]) -> str | None:
@@ -262,50 +272,79 @@ class PartnerView:
         self.derived.consents[patient_id] = (consents, actors)
         return consents, actors
 
-    def _legal_bases(self, patient_id: str) -> Sequence[str]:
-        """The client's legal bases that hold for this patient. A legal basis is
-        invoked for a person, not for everyone in the store: each disclosure is
-        limited to what its basis needs (handbook §37.7). A carer's need to know
-        (§36.1) is about the person they care for: it holds only for the patient the
-        client's RelatedPerson cares for, while active. An agency's (public or child
-        protection) holds only for a patient whose care team records the agency's
-        involvement: a member acting on its behalf, or the agency as a member. For
-        anyone else, what the patient's consent allows is all that goes."""
+    def _legal_bases(self, patient_id: str) -> tuple[Sequence[str], list[dict[str, Any]]]:
+        """The client's legal bases that hold for this patient now, and the resources
+        whose periods say how long that answer lasts. A legal basis is invoked for a
+        person, not for everyone in the store: each disclosure is limited to what its
+        basis needs (handbook §37.7). A carer's need to know (§36.1) is about the
+        person they care for: it holds only for the patient the client's
+        RelatedPerson cares for, while active and within its period. An agency's
+        (public or child protection) holds only for a patient whose active care team
+        records the agency's involvement now: a member acting on its behalf, the
+        agency as a member, or a member in a role with it (PractitionerRole), named
+        by reference or by identifier. For anyone else, what the patient's consent
+        allows is all that goes."""
         if not self.client.exceptions:
-            return self.client.exceptions
+            return self.client.exceptions, []
         if self.recipient.partner_type == CARER:
             carer = self._get(self.recipient.reference)
+            if carer is None:
+                return (), []
             cares = (
-                carer is not None
-                and carer.get("resourceType") == "RelatedPerson"
+                carer.get("resourceType") == "RelatedPerson"
                 and carer.get("active") is not False
                 and patient_of(carer) == patient_id
+                and _in_period(carer.get("period"), self.at)
             )
-            return self.client.exceptions if cares else ()
-        return self.client.exceptions if self._involved(patient_id) else ()
+            return (self.client.exceptions if cares else ()), [carer]
+        teams = self._care_teams(patient_id)
+        involved = any(
+            team.get("status") in (None, "active")
+            and _in_period(team.get("period"), self.at)
+            and any(
+                _in_period(p.get("period"), self.at) and self._is_us(p)
+                for p in team.get("participant") or []
+                if isinstance(p, dict)
+            )
+            for team in teams
+        )
+        return (self.client.exceptions if involved else ()), teams
 
-    def _involved(self, patient_id: str) -> bool:
-        """Whether a care team of the patient's (not inactive or entered in error) names
-        the client's organisation as a member or as one a member acts for."""
+    def _care_teams(self, patient_id: str) -> list[dict[str, Any]]:
         teams = self.derived.care_teams.get(patient_id)
         if teams is None:
             teams = self.derived.care_teams[patient_id] = [
                 s.resource()
                 for s in self.repo.referring("CareTeam", "patient", ("Patient", patient_id))
             ]
-        for team in teams:
-            if team.get("status") in ("inactive", "entered-in-error"):
+        return teams
+
+    def _is_us(self, participant: dict[str, Any]) -> bool:
+        """Whether a care-team participant is the client's organisation, acts on its
+        behalf, or is a PractitionerRole with it."""
+        for role in ("member", "onBehalfOf"):
+            ref = participant.get(role)
+            if not isinstance(ref, dict):
                 continue
-            for participant in team.get("participant") or []:
-                if not isinstance(participant, dict):
-                    continue
-                for role in ("member", "onBehalfOf"):
-                    ref = participant.get(role)
-                    if isinstance(ref, dict) and (
-                        reference_key(ref.get("reference")) == self.recipient.reference
-                    ):
-                        return True
+            if self._names_us(ref):
+                return True
+            key = reference_key(ref.get("reference"))
+            if key is not None and key.startswith("PractitionerRole/"):
+                practitioner_role = self._get(key)
+                organization = (practitioner_role or {}).get("organization")
+                if isinstance(organization, dict) and self._names_us(organization):
+                    return True
         return False
+
+    def _names_us(self, ref: dict[str, Any]) -> bool:
+        """Whether a Reference names the client's organisation, by reference or by one
+        of its identifiers."""
+        if reference_key(ref.get("reference")) == self.recipient.reference:
+            return True
+        identifier = ref.get("identifier")
+        return isinstance(identifier, dict) and (
+            (identifier.get("system"), identifier.get("value")) in self.recipient.identifiers
+        )
 
     def decision(self, patient_id: str) -> Decision:
         if patient_id in self._decisions:
@@ -319,16 +358,19 @@ class PartnerView:
             self._decided_from[patient_id] = known[0]
         else:
             consents, actors = self._consent_inputs(patient_id)
+            bases, involvement = self._legal_bases(patient_id)
             decision = decide(
                 consents,
                 self.recipient,
                 self.client.purpose,
                 self.at,
                 self.policy,
-                exceptions=self._legal_bases(patient_id),
+                exceptions=bases,
                 resources=actors,
             )
-            start, end = steady_span(consents, self.at)
+            # Kept while neither a consent's period nor one of the involvement's
+            # (a care-team role ending, a carer's) starts or ends.
+            start, end = steady_span([*consents, *involvement], self.at)
             if start < end:
                 self.derived.decisions[key] = (decision, start, end)
             self._decided_from[patient_id] = decision
