@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from tests.sandbox.conftest import Fhir, outcome
+from tests.sandbox.conftest import Fhir, outcome, resource_keys
+from tests.sandbox.test_consent_freshness import Changes, changes  # noqa: F401
 
 PARTNERS = ["gp", "social-care", "probation", "children-services", "carer"]
 
@@ -181,3 +182,37 @@ def test_a_care_team_include_brings_a_carer_only_the_members_it_is_shown(
     included = set(_keys(_search(carer, rtype, params), "include"))
     assert included and not included & WITHHELD_FROM_CARER
     assert included - {"Patient/c-patient"} <= _references(team)
+
+
+OFFICER = "Practitioner/c-probation-officer"
+
+
+def test_a_withheld_link_does_not_hide_what_a_shown_link_includes(
+    as_client: Any,
+    trust: Fhir,
+    changes: Changes,  # noqa: F811
+) -> None:
+    """The carer's view of C's care team leaves out the probation officer; a crisis
+    plan it sees names the officer as a performer. Walking team -> plan -> performer,
+    the officer is left out, because the step from the team found it (through the
+    withheld participant) and it was never looked at again: whether it comes tells
+    the carer whether the team's withheld part names it."""
+    carer: Fhir = as_client("carer")
+    plan = trust.get("CarePlan/c-crisis-plan").json()
+    for k in ("id", "meta"):
+        plan.pop(k)
+    plan["careTeam"] = [{"reference": "CareTeam/c-careteam"}]
+    plan["activity"][1]["detail"]["performer"] = [{"reference": OFFICER}]
+    pid = changes.create(plan).split("/")[1]
+    shown = carer.get(f"CarePlan/{pid}").json()
+    assert shown["activity"][1]["detail"]["performer"] == [{"reference": OFFICER}]
+    assert OFFICER not in str(carer.get("CareTeam/c-careteam").json())
+    walk = [
+        ("_id", "c-careteam"),
+        ("_include:iterate", "CareTeam:participant"),
+        ("_revinclude:iterate", "CarePlan:care-team"),
+        ("_include:iterate", "CarePlan:performer"),
+    ]
+    found = resource_keys(carer.get("CareTeam", params=walk).json())
+    assert f"CarePlan/{pid}" in found
+    assert OFFICER in found, sorted(found)

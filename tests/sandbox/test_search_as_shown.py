@@ -5,12 +5,17 @@ redacted. Checked over every redacted resource of record C each partner sees."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import orjson
 import pytest
 
+from cpa_fhir.sandbox import Sandbox
 from cpa_fhir.store import default_search_parameters, index_resource
 from tests.sandbox.conftest import Fhir, resource_keys
+from tests.sandbox.test_consent_freshness import Changes, changes  # noqa: F401
+from tests.sandbox.test_existence import _caller
 from tests.sandbox.test_leaks import C_KEYS
 
 PARTNERS = ["gp", "social-care", "probation", "children-services", "carer"]
@@ -99,3 +104,53 @@ def test_labels_and_chain_ends_are_judged_on_what_is_shown(
     stored = trust.get("CarePlan", params={"_id": match, **params})
     if "missing" not in next(iter(params)):
         assert (f"CarePlan/{match}" in resource_keys(stored.json())) == (not found)
+
+
+PLAN = "CarePlan/c-careplan"
+
+
+def _finds_plan(call: Any, params: list[tuple[str, str]]) -> bool:
+    r = call("GET", "CarePlan", query=params)
+    assert r.status == 200, r.body[:300]
+    return PLAN in {
+        f"{e['resource']['resourceType']}/{e['resource']['id']}"
+        for e in orjson.loads(r.body).get("entry", [])
+    }
+
+
+def test_an_approximate_date_is_not_judged_from_an_earlier_now(
+    sandbox: Sandbox,
+    trust: Fhir,
+    changes: Changes,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`ap` depends on now; the answer kept in `derived.still_matches` does not. The GP
+    sees C's care plan without the probation activity (A, scheduled on D) and with
+    the coordinator's (B, D - 8 days). 100 days before D, `ap` D's margin (10 days)
+    takes in B; a day before D (1 day) only A, which the GP is not shown. The answer
+    worked out 100 days before still stands: the plan is found by A's date."""
+    now = datetime.now(UTC)
+    d = (now + timedelta(days=100)).date()
+
+    def dated(plan: dict[str, Any]) -> None:
+        b = plan["activity"][0]["detail"]
+        b.pop("scheduledString", None)
+        b["scheduledPeriod"] = {
+            "start": str(d - timedelta(days=8)),
+            "end": str(d - timedelta(days=8)),
+        }
+        assert plan["activity"][4]["detail"]["description"].startswith("Probation")
+        plan["activity"][4]["detail"]["scheduledPeriod"] = {"start": str(d), "end": str(d)}
+
+    changes.edit(PLAN, dated)
+    gp = _caller(sandbox, "gp")
+    moment = [now]
+    monkeypatch.setattr(sandbox.router, "clock", lambda: moment[0])
+    monkeypatch.setattr(sandbox.repo, "clock", lambda: moment[0])
+    query = [("activity-date", f"ap{d}")]
+    assert _finds_plan(gp, query)  # by B, which the GP is shown
+    moment[0] = now + timedelta(days=99)
+    # Asked afresh (another criterion, so nothing kept applies), it is not found:
+    assert not _finds_plan(gp, [*query, ("_id", "c-careplan")])
+    # Asked as before, it is: by the withheld activity's date.
+    assert not _finds_plan(gp, query)

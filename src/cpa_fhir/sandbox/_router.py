@@ -44,6 +44,7 @@ from cpa_fhir.sandbox._auth import AuthFailure, Client, allows, require
 from cpa_fhir.sandbox._chains import chains_hold, reference_targets
 from cpa_fhir.store import (
     Criterion,
+    DateValue,
     SearchParameters,
     SearchQuery,
     SortKey,
@@ -1422,13 +1423,17 @@ def _matched_as_shown(
         return {(s.resource_type, s.id) for s, _ in candidates}
     matched: set[tuple[str, str]] = set()
     to_judge: list[tuple[Stored, bytes, Any]] = []
+    # `ap` is judged against now: an answer is not kept where it was asked.
+    now_dependent = any(
+        isinstance(v, DateValue) and v.prefix == "ap" for c in criteria for v in c.values
+    )
     for stored, shown in candidates:
         key = (stored.resource_type, stored.id)
         if not judge_all and shown == stored.content:
             matched.add(key)
             continue
         known_key = (stored.resource_type, stored.id, stored.version_id, criteria, shown)
-        known = view.derived.still_matches.get(known_key)
+        known = None if now_dependent else view.derived.still_matches.get(known_key)
         if known is None:
             to_judge.append((stored, shown, known_key))
         elif known:
@@ -1442,7 +1447,8 @@ def _matched_as_shown(
         )
         for stored, _, known_key in to_judge:
             hit = (stored.resource_type, stored.id) in found
-            view.derived.still_matches[known_key] = hit
+            if not now_dependent:
+                view.derived.still_matches[known_key] = hit
             if hit:
                 matched.add((stored.resource_type, stored.id))
     return matched

@@ -483,13 +483,16 @@ def include_rounds(
         reverse = [i for i in query.revinclude if first or i.iterate]
         if not forward and not reverse:
             break
-        found = []
+        found: dict[tuple[str, str], Stored] = {}
         for stored in one_round(forward, reverse, frontier):
             key = (stored.resource_type, stored.id)
             if key not in seen:
-                seen.add(key)
-                found.append(stored)
-        added = keep(found, frontier, forward, reverse) if keep is not None and found else found
+                found.setdefault(key, stored)
+        candidates = list(found.values())
+        added = keep(candidates, frontier, forward, reverse) if keep and candidates else candidates
+        # Only what is kept counts as reached: what `keep` left out (reached by a link
+        # the client is not shown) may still come by one it is shown, later.
+        seen.update((s.resource_type, s.id) for s in added)
         if first:
             from_matches = len(added)
         elif len(out) - from_matches + len(added) > MAX_ITERATED_INCLUDES:
