@@ -118,17 +118,53 @@ def test_iterating_ends_at_a_cycle(trust: Fhir) -> None:
     assert _keys(found, "include") == [f"Organization/{second_id}"]
 
 
-def test_iterated_includes_stop_at_their_bound_and_say_so(
+def _warnings(body: dict[str, Any]) -> list[dict[str, Any]]:
+    return [e["resource"] for e in body.get("entry", []) if e["search"]["mode"] == "outcome"]
+
+
+def test_includes_stop_at_their_bound_and_say_so(
     trust: Fhir, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     everything = _keys(_search(trust, "CarePlan", PLANS_OF_C_WITH_TEAMS), "include")
-    monkeypatch.setattr("cpa_fhir.store._repository.MAX_ITERATED_INCLUDES", 2)
+    assert len(everything) > 2 and not _warnings(_search(trust, "CarePlan", PLANS_OF_C_WITH_TEAMS))
+    monkeypatch.setattr("cpa_fhir.store._repository.MAX_INCLUDES", 2)
     cut = _search(trust, "CarePlan", PLANS_OF_C_WITH_TEAMS)
-    # The matches' own includes all come; what iterating adds stops at the bound.
-    assert _keys(cut, "include") == everything[:3]
-    [warning] = [e["resource"] for e in cut["entry"] if e["search"]["mode"] == "outcome"]
+    assert _keys(cut, "include") == everything[:2]
+    [warning] = _warnings(cut)
     assert warning["issue"][0]["severity"] == "warning"
     assert warning["issue"][0]["code"] == "too-costly"
+
+
+@pytest.mark.parametrize("client_id", ["trust", "carer", "gp"])
+def test_includes_read_page_by_page_are_all_there(
+    as_client: Any, monkeypatch: pytest.MonkeyPatch, client_id: str
+) -> None:
+    """A step of including is read a page at a time, as far as it is used: pages of
+    two give what one read gives."""
+    client: Fhir = as_client(client_id)
+    for rtype, params in (("CarePlan", PLANS_OF_C_WITH_TEAMS), ("CareTeam", CARE_TEAM_OF_C)):
+        whole = _search(client, rtype, params)
+        with monkeypatch.context() as patched:
+            patched.setattr("cpa_fhir.store._repository._PAGE", 2)
+            paged = _search(client, rtype, params)
+        assert _keys(paged, "include") == _keys(whole, "include")
+        assert _keys(paged, "match") == _keys(whole, "match")
+
+
+def test_a_partners_include_bound_counts_only_what_it_is_shown(
+    as_client: Any, trust: Fhir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The carer is shown fewer of the team than the trust: a bound of what it is shown
+    cuts the trust's includes, never its own, so a cut tells it nothing withheld."""
+    carer: Fhir = as_client("carer")
+    shown = _keys(_search(carer, "CareTeam", CARE_TEAM_OF_C), "include")
+    assert len(shown) < len(_keys(_search(trust, "CareTeam", CARE_TEAM_OF_C), "include"))
+    monkeypatch.setattr("cpa_fhir.store._repository.MAX_INCLUDES", len(shown))
+    # Pages of one: what the carer may not see is read, and left out, before the rest.
+    monkeypatch.setattr("cpa_fhir.store._repository._PAGE", 1)
+    for_carer = _search(carer, "CareTeam", CARE_TEAM_OF_C)
+    assert _keys(for_carer, "include") == shown and not _warnings(for_carer)
+    assert _warnings(_search(trust, "CareTeam", CARE_TEAM_OF_C))
 
 
 @pytest.mark.parametrize("client_id", PARTNERS)

@@ -1,7 +1,9 @@
-"""A partner's search, history and reverse chain filter every stored match, not a
-first part of them: what is withheld changes neither its totals nor which visible
-matches it is given, in either sort order; past the bound the request is refused,
-never answered from a part. (Its own sandbox: the test adds resources.)"""
+"""A partner's search, history and reverse chain filter every stored match, a page at
+a time, not a first part of them: what is withheld changes neither its totals nor
+which visible matches it is given, in either sort order. Its bound counts only what
+it may see: past it the request is refused, never answered from a part, and the
+refusal tells nothing of what is withheld. (Its own sandbox: the test adds
+resources.)"""
 
 from __future__ import annotations
 
@@ -10,7 +12,13 @@ from typing import Any
 
 import pytest
 
+from cpa_fhir.sandbox import Sandbox
 from tests.sandbox.conftest import Fhir, outcome, resource_keys
+from tests.sandbox.test_consent_freshness import Changes, changes  # noqa: F401
+from tests.sandbox.test_existence import _answer, _withheld_and_absent
+
+VISIBLE_BOUND = "cpa_fhir.sandbox._access.MAX_PARTNER_VISIBLE"
+PAGE = "cpa_fhir.sandbox._access.SCAN_PAGE"
 
 
 def _total(client: Fhir, url: str, **params: str) -> int:
@@ -33,48 +41,93 @@ def _visible(client: Fhir) -> tuple[int, int, list[str], list[str]]:
     )
 
 
-def test_withheld_matches_change_nothing_a_partner_is_given(
-    as_client: Any, trust: Fhir, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    gp: Fhir = as_client("gp")
-    before = _visible(gp)
-    assert before[0] > 3  # more than a page, so which page the sort gives matters
-    withheld = trust.get("Encounter/a-review-2025-10").json()  # A's: never the GP's
-    assert gp.get("Encounter/a-review-2025-10").status_code == 404
+@pytest.fixture(scope="module")
+def crowded(trust: Fhir) -> int:
+    """A's encounters (never the GP's), many more than the GP may see, dated before
+    and after all of its; how many stored encounters there are now."""
+    withheld = trust.get("Encounter/a-review-2025-10").json()
     for field in ("id", "meta"):
         withheld.pop(field)
     stored = _total(trust, "Encounter")
-    # Many more withheld than the GP may see, each dated before and after all of its:
-    # were only a first part of the stored matches filtered, they would crowd out
-    # the visible ones in one order or the other.
-    added = 3 * stored
     entries = []
-    for i in range(added):
+    for i in range(3 * stored):
         encounter = copy.deepcopy(withheld)
         encounter["period"] = {"start": f"{1990 + i % 2 * 80}-01-01"}  # 1990 or 2070
         entries.append({"resource": encounter, "request": {"method": "POST", "url": "Encounter"}})
     r = trust.post("", {"resourceType": "Bundle", "type": "transaction", "entry": entries})
     assert r.status_code == 200, r.text
-    versions = _total(trust, "Encounter/_history")
-    # The bound just holds every version: all is filtered, and nothing changed.
-    monkeypatch.setattr("cpa_fhir.sandbox._access.MAX_PARTNER_SCAN", versions)
+    return _total(trust, "Encounter")
+
+
+def test_withheld_matches_change_nothing_a_partner_is_given(
+    as_client: Any, trust: Fhir, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gp: Fhir = as_client("gp")
+    before = _visible(gp)
+    assert before[0] > 3  # more than a page of 3, so which page the sort gives matters
+    assert gp.get("Encounter/a-review-2025-10").status_code == 404
+    stored = request.getfixturevalue("crowded")
+    assert stored > 3 * before[0]
+    # Were only a first part of the stored matches filtered, the withheld would crowd
+    # out the visible ones in one order or the other: read in pages of 7, all of them.
+    monkeypatch.setattr(PAGE, 7)
     assert _visible(gp) == before
-    # Past the bound: refused, not answered from the first part.
-    monkeypatch.setattr("cpa_fhir.sandbox._access.MAX_PARTNER_SCAN", stored + added - 1)
+
+
+@pytest.mark.usefixtures("crowded")
+def test_the_bound_counts_only_what_the_partner_may_see(
+    as_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gp: Fhir = as_client("gp")
+    shown, versions = _total(gp, "Encounter"), _total(gp, "Encounter/_history")
+    monkeypatch.setattr(PAGE, 5)
+    monkeypatch.setattr(VISIBLE_BOUND, max(shown, versions))
+    assert (_total(gp, "Encounter"), _total(gp, "Encounter/_history")) == (shown, versions)
+    monkeypatch.setattr(VISIBLE_BOUND, shown - 1)
     for url in ("Encounter", "Encounter/_history"):
         issue = outcome(gp.get(url), 400)["issue"][0]
         assert issue["code"] == "too-costly", issue
-    # The trust's own searches page the database as they always did.
-    assert _total(trust, "Encounter") == stored + added
 
 
-def test_a_reverse_chain_filters_every_source(
+@pytest.mark.usefixtures("crowded")
+def test_a_withheld_record_answers_past_the_bound_as_no_record(
+    as_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A's many encounters are withheld from the GP: searched with the bound at one,
+    they answer as the encounters of a patient that does not exist do."""
+    gp: Fhir = as_client("gp")
+    monkeypatch.setattr(VISIBLE_BOUND, 1)
+    monkeypatch.setattr(PAGE, 5)
+    of_a = gp.get("Encounter", params={"patient": "Patient/a-patient"})
+    of_none = gp.get("Encounter", params={"patient": "Patient/no-such-patient"})
+    assert of_a.status_code == of_none.status_code == 200
+    assert of_a.json()["total"] == of_none.json()["total"] == 0
+
+
+def test_a_withheld_resources_long_history_answers_as_an_absent_ones(
+    sandbox: Sandbox,
+    changes: Changes,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    call, rtype, hidden, absent = _withheld_and_absent(sandbox, "gp")
+    changes.edit(f"{rtype}/{hidden}", lambda r: r.setdefault("meta", {}).pop("tag", None))
+    monkeypatch.setattr(VISIBLE_BOUND, 1)
+    monkeypatch.setattr(PAGE, 1)
+    withheld = _answer(call("GET", f"{rtype}/{hidden}/_history"), hidden)
+    missing = _answer(call("GET", f"{rtype}/{absent}/_history"), absent)
+    assert withheld == missing
+
+
+def test_a_reverse_chain_filters_every_source_and_bounds_what_is_shown(
     as_client: Any, trust: Fhir, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     gp: Fhir = as_client("gp")
     chained = {"_has:Encounter:patient:status": "finished"}
     found = gp.get("Patient", params=chained)
     assert found.status_code == 200 and "Patient/c-patient" in resource_keys(found.json())
-    sources = _total(trust, "Encounter", patient="Patient/c-patient")
-    monkeypatch.setattr("cpa_fhir.sandbox._access.MAX_PARTNER_SCAN", sources - 1)
+    shown = _total(gp, "Encounter", patient="Patient/c-patient")
+    monkeypatch.setattr(PAGE, 2)
+    monkeypatch.setattr(VISIBLE_BOUND, shown)
+    assert "Patient/c-patient" in resource_keys(gp.get("Patient", params=chained).json())
+    monkeypatch.setattr(VISIBLE_BOUND, shown - 1)
     assert outcome(gp.get("Patient", params=chained), 400)["issue"][0]["code"] == "too-costly"

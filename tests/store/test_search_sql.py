@@ -61,8 +61,10 @@ def test_every_value_is_bound_and_none_is_written_into_the_text(
     built = [
         statements.page(query, where, 0),
         statements.count(where),
-        statements.include(Include("Patient", "organization"), ["a'b", "c"]),
-        statements.revinclude(Include("CarePlan", "subject"), "Patient", ["a'b", "c"]),
+        statements.include(Include("Patient", "organization"), ["a'b", "c"], limit=5, offset=2),
+        statements.revinclude(
+            Include("CarePlan", "subject"), "Patient", ["a'b", "c"], limit=5, offset=2
+        ),
     ]
     for sql, bound in built:
         assert len(_PLACEHOLDER[placeholder].findall(sql)) == len(bound), sql

@@ -23,7 +23,7 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
@@ -48,30 +48,49 @@ from cpa_fhir.errors import SearchError, SharingError
 from cpa_fhir.sandbox._auth import Client
 from cpa_fhir.store import SqlRepository, Stored
 
+T = TypeVar("T")
+
 # The server's own records (`AuditLog`) are appended without moving the generation:
 # a read of one is never taken from what was derived.
 APPENDED_TYPES = frozenset({"AuditEvent"})
-# Stored matches, versions or chain sources a partner's request filters at most. All
-# of them are filtered before paging and counting, so that neither a total nor which
-# visible matches a page holds depends on what is withheld; past this the request
-# is refused (400 too-costly) rather than answered from a part. The refusal tells
-# only that this many stored resources match, whoever may see them.
-MAX_PARTNER_SCAN = 10_000
+# What a partner's request may be shown at most: every stored match, version or chain
+# source is filtered before paging and counting (a page at a time, `SCAN_PAGE`), so
+# that neither a total nor which visible matches a page holds depends on what is
+# withheld; past this many visible the request is refused (400 too-costly), never
+# answered from a part. Only what the partner may see counts towards it: the refusal
+# tells nothing of what is withheld.
+MAX_PARTNER_VISIBLE = 10_000
+SCAN_PAGE = 1000
 # Where each resource type names the patient whose record it belongs to.
 PATIENT_ELEMENTS = ("subject", "patient", "for", "beneficiary")
 
 
-def partner_scan(fetch: Callable[[int], list[Stored]], what: str) -> list[Stored]:
-    """What `fetch(limit)` finds, all of it: SearchError (too-costly) if that is more
-    than `MAX_PARTNER_SCAN`."""
-    found = fetch(MAX_PARTNER_SCAN + 1)
-    if len(found) > MAX_PARTNER_SCAN:
-        raise SearchError(
-            f"more than {MAX_PARTNER_SCAN:,} stored {what} to filter for a partner:"
-            " narrow the request (by patient, say)",
-            code="too-costly",
-        )
-    return found
+def partner_scan(
+    fetch: Callable[[int, int], list[Stored]],
+    visible: Callable[[list[Stored]], list[T]],
+    what: str,
+) -> list[T]:
+    """Everything `fetch(offset, limit)` finds, read a page at a time and each page
+    narrowed by `visible` to what the partner may be shown: SearchError (too-costly)
+    once that is more than `MAX_PARTNER_VISIBLE`."""
+    out: list[T] = []
+    seen: set[tuple[str, str, int]] = set()
+    offset = 0
+    while True:
+        page = fetch(offset, SCAN_PAGE)
+        # One written meanwhile may move another to the next page: not taken twice.
+        fresh = [s for s in page if (s.resource_type, s.id, s.version_id) not in seen]
+        seen.update((s.resource_type, s.id, s.version_id) for s in fresh)
+        out += visible(fresh) if fresh else []
+        if len(out) > MAX_PARTNER_VISIBLE:
+            raise SearchError(
+                f"more than {MAX_PARTNER_VISIBLE:,} {what} you may see:"
+                " narrow the request (by patient, say)",
+                code="too-costly",
+            )
+        if len(page) < SCAN_PAGE:
+            return out
+        offset += SCAN_PAGE
 
 
 def _in_period(period: Any, at: datetime) -> bool:

@@ -73,8 +73,8 @@ def _holds(start: Seen, criterion: Criterion, view: PartnerView, repo: SqlReposi
     )
 
 
-def _matches(repo: SqlRepository, query: SearchQuery, limit: int) -> list[Stored]:
-    return repo.search(replace(query, count=limit, total="none")).matches
+def _matches(repo: SqlRepository, query: SearchQuery, offset: int, limit: int) -> list[Stored]:
+    return repo.search(replace(query, offset=offset, count=limit, total="none")).matches
 
 
 def reference_targets(
@@ -112,13 +112,22 @@ def _reverse(current: Seen, link: ChainLink, view: PartnerView, repo: SqlReposit
     out: Seen = {}
     for rtype, rid in current:
         query = repo.parse(source_type, [(link.reference, f"{rtype}/{rid}")])
-        sources = partner_scan(
-            partial(_matches, repo, query), f"{source_type} resources referring to one resource"
-        )
-        for s, shown in zip(sources, view.filter_many(sources, account=False), strict=True):
-            if shown is None:
-                continue
-            seen = orjson.loads(shown)
-            if (rtype, rid) in reference_targets(seen, source_type, link.reference, repo):
-                out[(s.resource_type, s.id)] = seen
+
+        def referring(found: list[Stored], target: tuple[str, str] = (rtype, rid)) -> list[Any]:
+            shown_forms = view.filter_many(found, account=False)
+            seen = [
+                (s, orjson.loads(shown))
+                for s, shown in zip(found, shown_forms, strict=True)
+                if shown
+            ]
+            return [
+                (s, form)
+                for s, form in seen
+                if target in reference_targets(form, source_type, link.reference, repo)
+            ]
+
+        for s, form in partner_scan(
+            partial(_matches, repo, query), referring, f"{source_type} resources referring to one"
+        ):
+            out[(s.resource_type, s.id)] = form
     return out

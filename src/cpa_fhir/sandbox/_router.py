@@ -59,7 +59,7 @@ from cpa_fhir.store import (
 )
 from cpa_fhir.store._dates import to_micros
 from cpa_fhir.store._query import (
-    MAX_ITERATED_INCLUDES,
+    MAX_INCLUDES,
     MAX_OFFSET,
     ChainLink,
     Include,
@@ -826,20 +826,28 @@ class Router:
         # there, and the labels shown are the server's).
         unsure = tuple(c for c in query.criteria if _shown_could_match_alone(c))
         asked = replace(query, criteria=tuple(c for c in query.criteria if c not in unsure))
-        everything = replace(asked, offset=0, summary_count=False, total="none")
-        found = partner_scan(
-            lambda limit: self.repo.search(replace(everything, count=limit)).matches, "matches"
-        )
-        everyone = view.filter_many(found, account=False)
-        candidates = [(s, shown) for s, shown in zip(found, everyone, strict=True) if shown]
-        matched = _matched_as_shown(candidates, query, view, self.repo, judge_all=bool(unsure))
+        # In the order of ids (a sorted search is put in the client's order below).
+        everything = replace(asked, summary_count=False, total="none", sort=())
         chained = [c for c in query.criteria if c.chain]
-        visible: list[tuple[Stored, bytes]] = [
-            (stored, shown)
-            for stored, shown in candidates
-            if (stored.resource_type, stored.id) in matched
-            and (not chained or chains_hold(stored, shown, chained, view, self.repo))
-        ]
+
+        def shown_matches(found: list[Stored]) -> list[tuple[Stored, bytes]]:
+            everyone = view.filter_many(found, account=False)
+            candidates = [(s, shown) for s, shown in zip(found, everyone, strict=True) if shown]
+            matched = _matched_as_shown(candidates, query, view, self.repo, judge_all=bool(unsure))
+            return [
+                (stored, shown)
+                for stored, shown in candidates
+                if (stored.resource_type, stored.id) in matched
+                and (not chained or chains_hold(stored, shown, chained, view, self.repo))
+            ]
+
+        visible = partner_scan(
+            lambda offset, limit: (
+                self.repo.search(replace(everything, offset=offset, count=limit)).matches
+            ),
+            shown_matches,
+            "matches",
+        )
         if query.sort:
             # The database ordered the matches by all they hold: the client's order
             # comes from what it sees, or where a match stands would tell of a
@@ -977,8 +985,8 @@ class Router:
             issue = Issue(
                 "warning",
                 "too-costly",
-                f"iterated includes stopped at {MAX_ITERATED_INCLUDES} resources: ask for"
-                " fewer matches a page (_count) to have them all",
+                f"includes stopped at {MAX_INCLUDES} resources: ask for fewer matches"
+                " a page (_count), or follow fewer links, to have them all",
                 "_include",
             )
             outcome = {"resource": operation_outcome([issue]), "search": {"mode": "outcome"}}
@@ -1029,13 +1037,15 @@ class Router:
         else:
             # Count and page only what this client may see, as for a search.
             try:
-                everything = partner_scan(
-                    lambda limit: self.repo.history(rtype, rid, since=since, count=limit),
+                visible = partner_scan(
+                    lambda offset, limit: self.repo.history(
+                        rtype, rid, since=since, count=limit, offset=offset
+                    ),
+                    lambda versions: self._partner_history(versions, view),
                     "versions",
                 )
             except ResourceNotFound:
                 raise _unknown(rtype, str(rid)) from None
-            visible = self._partner_history(everything, view)
             if rid is not None and not visible:
                 raise _unknown(rtype, rid)
             total = len(visible)

@@ -60,10 +60,9 @@ MAX_OFFSET = 10**18 - 1
 MAX_CRITERIA = 50
 MAX_VALUES = 100
 MAX_IDS = 10_000
-# Resources iterated includes (`_include:iterate`) add to one page at most, past what
-# the matches themselves include (HAPI FHIR's default bound too): the rest are left
-# out, and the searchset says so.
-MAX_ITERATED_INCLUDES = 1000
+# Resources `_include`s and `_revinclude`s (iterated or not) add to one page at most
+# (HAPI FHIR's default bound too): the rest are left out, and the searchset says so.
+MAX_INCLUDES = 1000
 # A chain through a reference to many types is one subquery per type, each comparing
 # every value: all the criteria's subqueries and comparisons together may number at
 # most these (SQLite took over a second to prepare 1,000 such subqueries).

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from functools import cache
+from functools import cache, partial
 from typing import Any, Protocol
 from urllib.parse import parse_qsl
 
@@ -63,7 +63,7 @@ from cpa_fhir.store._ids import time_ordered_id
 from cpa_fhir.store._indexing import IndexRows, RecordIndexer, index_resource
 from cpa_fhir.store._migrations import migrate as migrate_schema
 from cpa_fhir.store._query import (
-    MAX_ITERATED_INCLUDES,
+    MAX_INCLUDES,
     MAX_OFFSET,
     Include,
     SearchQuery,
@@ -141,7 +141,7 @@ class SearchResult:
     total: int | None
     offset: int
     count: int
-    # An iterated include stopped at `MAX_ITERATED_INCLUDES`: `included` is not all.
+    # Including stopped at `MAX_INCLUDES`: `included` is not all.
     includes_cut: bool = False
 
 
@@ -458,7 +458,7 @@ def _count(statements: SearchStatements, where: Fragment, rows: Rows) -> int:
 # Of what an include step found: those to keep, given the resources it started from
 # and the `_include`s and `_revinclude`s it followed.
 KeepIncluded = Callable[[list[Stored], list[Stored], list[Include], list[Include]], list[Stored]]
-IncludeRound = Callable[[list[Include], list[Include], list[Stored]], list[Stored]]
+IncludeRound = Callable[[list[Include], list[Include], list[Stored]], Iterable[list[Stored]]]
 
 
 def include_rounds(
@@ -468,36 +468,40 @@ def include_rounds(
     keep: KeepIncluded | None = None,
 ) -> tuple[list[Stored], bool]:
     """What the query's `_include`s and `_revinclude`s add to the matches, each once,
-    and whether iterating stopped at `MAX_ITERATED_INCLUDES`. Every include is
-    followed from the matches; an iterated one (`:iterate`) from what the step before
-    added too, until a step adds nothing new. `keep` chooses, at each step, which of
-    what it found go on (a client's scopes; what a partner may see, and is linked to
-    in what it is shown): only those are followed further."""
+    and whether it stopped at `MAX_INCLUDES`. Every include is followed from the
+    matches; an iterated one (`:iterate`) from what the step before added too, until
+    a step adds nothing new. `keep` chooses, of each page of what a step finds, which
+    go on (a client's scopes; what a partner may see, and is linked to in what it is
+    shown): only those are followed further, and only they count towards the bound,
+    so that it says nothing of what was left out."""
     seen = {(m.resource_type, m.id) for m in matches}
     out: list[Stored] = []
     frontier = matches
     first = True
-    from_matches = 0  # what the first step added: not bounded by iterating's bound
     while frontier:
         forward = [i for i in query.include if first or i.iterate]
         reverse = [i for i in query.revinclude if first or i.iterate]
         if not forward and not reverse:
             break
-        found: dict[tuple[str, str], Stored] = {}
-        for stored in one_round(forward, reverse, frontier):
-            key = (stored.resource_type, stored.id)
-            if key not in seen:
-                found.setdefault(key, stored)
-        candidates = list(found.values())
-        added = keep(candidates, frontier, forward, reverse) if keep and candidates else candidates
-        # Only what is kept counts as reached: what `keep` left out (reached by a link
-        # the client is not shown) may still come by one it is shown, later.
-        seen.update((s.resource_type, s.id) for s in added)
-        if first:
-            from_matches = len(added)
-        elif len(out) - from_matches + len(added) > MAX_ITERATED_INCLUDES:
-            out += added[: MAX_ITERATED_INCLUDES - (len(out) - from_matches)]
-            return out, True
+        added: list[Stored] = []
+        for page in one_round(forward, reverse, frontier):
+            found = {
+                (s.resource_type, s.id): s for s in page if (s.resource_type, s.id) not in seen
+            }
+            candidates = list(found.values())
+            kept = (
+                keep(candidates, frontier, forward, reverse) if keep and candidates else candidates
+            )
+            # Only what is kept counts as reached: what `keep` left out (reached by a
+            # link the client is not shown) may still come by one it is shown, later.
+            for stored in kept:
+                key = (stored.resource_type, stored.id)
+                if key in seen:
+                    continue
+                if len(out) + len(added) >= MAX_INCLUDES:
+                    return out + added, True
+                seen.add(key)
+                added.append(stored)
         out += added
         frontier = added
         first = False
@@ -510,26 +514,40 @@ def include_round(
     reverse: list[Include],
     sources: list[Stored],
     rows: Rows,
-) -> list[Stored]:
-    """One step of including: what `sources` refer to by `forward`, and what refers
-    to them by `reverse` (not deleted; in statement order, repeats included)."""
+) -> Iterator[list[Stored]]:
+    """One step of including, page by page: what `sources` refer to by `forward`, and
+    what refers to them by `reverse` (not deleted; in statement order, repeats
+    included). Paged so that a step that would find a great many is read only as far
+    as it is used."""
     ids_by_type: dict[str, list[str]] = {}
     for stored in sources:
         ids_by_type.setdefault(stored.resource_type, []).append(stored.id)
-    statements_run = [
-        statements.include(include, ids_by_type[include.source_type])
+    pages: list[Callable[..., Fragment]] = [
+        partial(statements.include, include, ids_by_type[include.source_type], limit=_PAGE)
         for include in forward
         if include.source_type in ids_by_type
     ]
     for include in reverse:
         # Unnamed, an iterated one's target is any type among the sources.
         targets = [include.target_type] if include.target_type else list(ids_by_type)
-        statements_run += [
-            statements.revinclude(include, target, ids_by_type[target])
+        pages += [
+            partial(statements.revinclude, include, target, ids_by_type[target], limit=_PAGE)
             for target in targets
             if target in ids_by_type
         ]
-    return [_driver_row_to_stored(row) for statement in statements_run for row in rows(statement)]
+    for statement in pages:
+        offset = 0
+        while True:
+            page = [_driver_row_to_stored(row) for row in rows(statement(offset=offset))]
+            if page:
+                yield page
+            if len(page) < _PAGE:
+                break
+            offset += _PAGE
+
+
+# Rows an include statement reads at a time.
+_PAGE = 1000
 
 
 class _Operations:
@@ -1469,24 +1487,27 @@ class SqlRepository:
     def included(
         self, query: SearchQuery, matches: list[Stored], keep: KeepIncluded
     ) -> tuple[list[Stored], bool]:
-        """What the query's includes add to `matches` (see `include_rounds`), each step
+        """What the query's includes add to `matches` (see `include_rounds`), each page
         read at a moment of its own, so that `keep` may read the store in between."""
         statements = search_statements(self.engine.dialect)
 
-        def one_round(
-            forward: list[Include], reverse: list[Include], sources: list[Stored]
-        ) -> list[Stored]:
+        def rows(statement: Fragment) -> list[tuple[Any, ...]]:
             try:
-                with self._searchers.snapshot() as rows:
-                    return include_round(
-                        statements, forward, reverse, sources, lambda st: rows(*st)
-                    )
+                with self._searchers.snapshot() as read:
+                    return read(*statement)
             except Exception as exc:
                 if _stopped_for_time(exc):
                     raise _too_costly() from exc
                 raise
 
-        return include_rounds(query, matches, one_round, keep)
+        return include_rounds(
+            query,
+            matches,
+            lambda forward, reverse, sources: include_round(
+                statements, forward, reverse, sources, rows
+            ),
+            keep,
+        )
 
     def load(self, resources: Iterable[dict[str, Any]], *, batch_size: int = 1000) -> int:
         """Store many resources in one transaction, inserting in batches; the count stored.

@@ -200,9 +200,11 @@ class SearchStatements:
     def count(self, where: Fragment) -> Fragment:
         return self._final(_join(" ", [(f"SELECT count(*) FROM {_CURRENT} WHERE", ()), where]))
 
-    def include(self, include: Include, ids: Sequence[str]) -> Fragment:
+    def include(
+        self, include: Include, ids: Sequence[str], *, limit: int, offset: int = 0
+    ) -> Fragment:
         """What the resources of `include`'s source type with these ids refer to by it
-        (not deleted), in order."""
+        (not deleted), in order: `limit` of them from `offset`."""
         conditions = [
             ("resource_type = ?", (include.source_type,)),
             ("param = ?", (include.parameter,)),
@@ -227,16 +229,24 @@ class SearchStatements:
                     (
                         f") AS pairs ON {_CURRENT}.resource_type = pairs.target_type"
                         f" AND {_CURRENT}.id = pairs.target_id WHERE NOT {_CURRENT}.deleted"
-                        f" ORDER BY {_CURRENT}.resource_type, {_CURRENT}.id",
-                        (),
+                        f" ORDER BY {_CURRENT}.resource_type, {_CURRENT}.id LIMIT ? OFFSET ?",
+                        (limit, offset),
                     ),
                 ],
             )
         )
 
-    def revinclude(self, include: Include, target_type: str, ids: Sequence[str]) -> Fragment:
+    def revinclude(
+        self,
+        include: Include,
+        target_type: str,
+        ids: Sequence[str],
+        *,
+        limit: int,
+        offset: int = 0,
+    ) -> Fragment:
         """What refers by `include` to the resources of `target_type` with these ids
-        (not deleted), in order."""
+        (not deleted), in order: `limit` of them from `offset`."""
         sources = _join(
             " AND ",
             [
@@ -256,7 +266,7 @@ class SearchStatements:
                         (include.source_type,),
                     ),
                     sources,
-                    (") AND NOT deleted ORDER BY id", ()),
+                    (") AND NOT deleted ORDER BY id LIMIT ? OFFSET ?", (limit, offset)),
                 ],
             )
         )
