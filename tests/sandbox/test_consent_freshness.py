@@ -337,6 +337,24 @@ def test_a_new_consent_takes_effect_and_so_does_its_deletion(
     assert not _visible(gp, C_SELF_HARM)
 
 
+def test_a_consent_of_a_patient_at_another_server_grants_nothing_here(
+    gp: Fhir, trust: Fhir, changes: Changes
+) -> None:
+    """A Consent whose patient is another server's Patient/c-patient is not C's: the
+    search index files it under Patient/c-patient all the same, but it grants nothing
+    here."""
+    consent = trust.get("Consent/c-consent").json()
+    consent.pop("id")
+    consent.pop("meta", None)
+    consent["patient"] = {"reference": "https://other-trust.example/fhir/Patient/c-patient"}
+    permit = copy.deepcopy(_gp_permit(consent))
+    permit["securityLabel"] = [_label("risk-to-self")]
+    consent["provision"]["provision"] = [permit]
+    changes.create(consent)
+    assert trust.get("Consent", params={"patient": "Patient/c-patient"}).json()["total"] == 2
+    assert not _visible(gp, C_SELF_HARM)
+
+
 def test_a_consent_starting_later_today_grants_nothing_yet(gp: Fhir, changes: Changes) -> None:
     """A permit for risk-to-self whose period starts in an hour: not yet."""
     start = (datetime.now(UTC) + timedelta(hours=1)).replace(microsecond=0).isoformat()
@@ -590,6 +608,75 @@ def test_an_agency_is_recognised_by_its_identifier(
         ],
     )
     assert status(RISK_TO_OTHERS) == 404
+
+
+@pytest.mark.parametrize(
+    "role_state",
+    [
+        {"active": False},  # the role is no longer held
+        {"active": True, "period": {"start": "2020-01-01", "end": "2021-01-01"}},  # ended
+        {"active": True, "period": {"start": "2999-01-01"}},  # not yet begun
+    ],
+)
+def test_an_ended_practitioner_role_gives_no_legal_basis(
+    as_client: Any, changes: Changes, role_state: dict[str, Any]
+) -> None:
+    """The officer sits on C's team in a PractitionerRole with probation; once that role
+    has ended (or before it begins) the officer no longer acts for probation, so
+    probation's involvement is not recorded and its public-protection basis must not
+    reach C's risk-to-others flag (a participant's own ended period already does so)."""
+    probation: Fhir = as_client("probation")
+    role = changes.create(
+        {
+            "resourceType": "PractitionerRole",
+            "practitioner": {"reference": "Practitioner/c-probation-officer"},
+            "organization": {"reference": PROBATION},
+            **role_state,
+        }
+    )
+
+    def by_role(participant: dict[str, Any]) -> None:
+        participant.pop("onBehalfOf")
+        participant["member"] = {"reference": role}
+
+    changes.edit("CareTeam/c-careteam", _edit_probation_participant(by_role))
+    assert not _visible(probation, RISK_TO_OTHERS)
+
+
+def test_a_care_team_of_a_patient_elsewhere_gives_no_legal_basis_here(
+    as_client: Any, trust: Fhir, changes: Changes
+) -> None:
+    """Probation leaves C's care team; the trust then records a care team of a patient
+    at another server who happens to share C's id, naming probation. `_care_teams`
+    finds teams by the search index, which files an absolute URL under the type/id it
+    ends in: that team is taken as C's, and probation's basis reaches C's record.
+    (`patient_of` reads such a reference as no patient of this server's.)"""
+    probation: Fhir = as_client("probation")
+    changes.edit(
+        "CareTeam/c-careteam",
+        lambda team: team.update(
+            participant=[
+                p
+                for p in team["participant"]
+                if p.get("onBehalfOf", {}).get("reference") != PROBATION
+            ]
+        ),
+    )
+    assert not _visible(probation, RISK_TO_OTHERS)
+    changes.create(
+        {
+            "resourceType": "CareTeam",
+            "status": "active",
+            "subject": {"reference": "https://other-trust.example/fhir/Patient/c-patient"},
+            "participant": [
+                {
+                    "member": {"reference": "Practitioner/c-probation-officer"},
+                    "onBehalfOf": {"reference": PROBATION},
+                }
+            ],
+        }
+    )
+    assert not _visible(probation, RISK_TO_OTHERS)
 
 
 # -- audit ------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ resources.)"""
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from typing import Any
 
 import pytest
@@ -131,3 +132,79 @@ def test_a_reverse_chain_filters_every_source_and_bounds_what_is_shown(
     assert "Patient/c-patient" in resource_keys(gp.get("Patient", params=chained).json())
     monkeypatch.setattr(VISIBLE_BOUND, shown - 1)
     assert outcome(gp.get("Patient", params=chained), 400)["issue"][0]["code"] == "too-costly"
+
+
+def test_a_match_written_between_scan_pages_is_not_given_twice(
+    sandbox: Sandbox,
+    as_client: Any,
+    trust: Fhir,
+    changes: Changes,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Between two pages of the GP's scan the trust stores a new encounter (its id sorts
+    first) and amends one the GP sees that ended the page before. The amended one is
+    now also first on the next page, at a new version: `partner_scan` dedupes by
+    (type, id, version), so the GP is given it twice and the total counts it twice."""
+    gp: Fhir = as_client("gp")
+    before = gp.get("Encounter", params={"_count": "100"}).json()
+    shown = resource_keys(before)
+    assert len(shown) >= 2
+    monkeypatch.setattr(PAGE, 1)
+    real_search = sandbox.repo.search
+    done: list[str] = []
+
+    def search(query: Any, **kw: Any) -> Any:
+        result = real_search(query, **kw)
+        if not done and query.resource_type == "Encounter" and result.matches:
+            key = f"Encounter/{result.matches[0].id}"
+            if key in shown:
+                done.append(key)
+                body = trust.get(key).json()
+                changes.saved[key] = copy.deepcopy(body)
+                body["language"] = "en-GB"
+                sandbox.repo.update(body)
+                first = copy.deepcopy(body)
+                first.update(id="0000-review4")
+                first.pop("meta", None)
+                sandbox.repo.update(first)  # update as create, id sorting first
+                changes.created.append("Encounter/0000-review4")
+        return result
+
+    monkeypatch.setattr(sandbox.repo, "search", search)
+    after = gp.get("Encounter", params={"_count": "100"})
+    assert after.status_code == 200, after.text
+    assert done
+    entries = [f"Encounter/{e['resource']['id']}" for e in after.json()["entry"]]
+    assert [k for k, n in Counter(entries).items() if n > 1] == []
+    assert after.json()["total"] == len(set(entries))
+
+
+def test_a_partners_scan_follows_no_includes(
+    as_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`_partner_search` scans with `everything`, which keeps the query's `_include`s
+    and `_revinclude`s: `run_search` follows them (unfiltered, up to MAX_INCLUDES,
+    iterating) from every scan page of stored matches, withheld ones too, and throws
+    the result away. Only the page given should be followed, by `_partner_included`."""
+    import cpa_fhir.store._repository as repository
+
+    gp: Fhir = as_client("gp")
+    real = repository.include_rounds
+    calls: list[list[str]] = []
+
+    def spy(query: Any, matches: list[Any], *args: Any, **kw: Any) -> Any:
+        if query.include or query.revinclude:
+            calls.append([f"{m.resource_type}/{m.id}" for m in matches])
+        return real(query, matches, *args, **kw)
+
+    monkeypatch.setattr(repository, "include_rounds", spy)
+    params = {"_include": "Encounter:subject", "_revinclude:iterate": "Observation:encounter"}
+    r = gp.get("Encounter", params={**params, "_count": "1"})
+    assert r.status_code == 200, r.text
+    given = {
+        f"Encounter/{e['resource']['id']}"
+        for e in r.json()["entry"]
+        if e["search"]["mode"] == "match"
+    }
+    followed = {key for sources in calls for key in sources}
+    assert followed <= given, f"includes followed from {len(followed - given)} not given"

@@ -69,18 +69,25 @@ def partner_scan(
     fetch: Callable[[int, int], list[Stored]],
     visible: Callable[[list[Stored]], list[T]],
     what: str,
+    *,
+    versions: bool = False,
 ) -> list[T]:
     """Everything `fetch(offset, limit)` finds, read a page at a time and each page
     narrowed by `visible` to what the partner may be shown: SearchError (too-costly)
-    once that is more than `MAX_PARTNER_VISIBLE`."""
+    once that is more than `MAX_PARTNER_VISIBLE`. Each resource is taken once (each
+    version, with `versions`: a history)."""
     out: list[T] = []
-    seen: set[tuple[str, str, int]] = set()
+    seen: set[tuple[Any, ...]] = set()
     offset = 0
     while True:
         page = fetch(offset, SCAN_PAGE)
         # One written meanwhile may move another to the next page: not taken twice.
-        fresh = [s for s in page if (s.resource_type, s.id, s.version_id) not in seen]
-        seen.update((s.resource_type, s.id, s.version_id) for s in fresh)
+        keys = [
+            (s.resource_type, s.id, s.version_id) if versions else (s.resource_type, s.id)
+            for s in page
+        ]
+        fresh = [s for s, key in zip(page, keys, strict=True) if key not in seen]
+        seen.update(keys)
         out += visible(fresh) if fresh else []
         if len(out) > MAX_PARTNER_VISIBLE:
             raise SearchError(
@@ -282,9 +289,7 @@ class PartnerView:
         known = self.derived.consents.get(patient_id)
         if known is not None:
             return known
-        consents = [
-            s.resource() for s in self.repo.referring("Consent", "patient", ("Patient", patient_id))
-        ]
+        consents = self._of_patient("Consent", patient_id)
         wanted = [key for c in consents for key in _references(c.get("provision"))]
         self._fetch(wanted)
         actors = {k: r for k in wanted if (r := self.derived.resources[k]) is not None}
@@ -316,42 +321,52 @@ class PartnerView:
                 and _in_period(carer.get("period"), self.at)
             )
             return (self.client.exceptions if cares else ()), [carer]
-        teams = self._care_teams(patient_id)
+        teams = self.derived.care_teams.get(patient_id)
+        if teams is None:
+            teams = self.derived.care_teams[patient_id] = self._of_patient("CareTeam", patient_id)
+        roles: list[dict[str, Any]] = []  # the PractitionerRoles looked at, for their periods
         involved = any(
             team.get("status") in (None, "active")
             and _in_period(team.get("period"), self.at)
             and any(
-                _in_period(p.get("period"), self.at) and self._is_us(p)
+                _in_period(p.get("period"), self.at) and self._is_us(p, roles)
                 for p in team.get("participant") or []
                 if isinstance(p, dict)
             )
             for team in teams
         )
-        return (self.client.exceptions if involved else ()), teams
+        return (self.client.exceptions if involved else ()), [*teams, *roles]
 
-    def _care_teams(self, patient_id: str) -> list[dict[str, Any]]:
-        teams = self.derived.care_teams.get(patient_id)
-        if teams is None:
-            teams = self.derived.care_teams[patient_id] = [
-                s.resource()
-                for s in self.repo.referring("CareTeam", "patient", ("Patient", patient_id))
-            ]
-        return teams
+    def _of_patient(self, resource_type: str, patient_id: str) -> list[dict[str, Any]]:
+        """The current resources of a type whose patient is this one: found by the
+        index, and kept only if they name this server's patient (the index files a
+        reference to another server's Patient/ID under Patient/ID too)."""
+        found = self.repo.referring(resource_type, "patient", ("Patient", patient_id))
+        return [r for s in found if patient_of(r := s.resource()) == patient_id]
 
-    def _is_us(self, participant: dict[str, Any]) -> bool:
+    def _is_us(self, participant: dict[str, Any], roles: list[dict[str, Any]]) -> bool:
         """Whether a care-team participant is the client's organisation, acts on its
-        behalf, or is a PractitionerRole with it."""
-        for role in ("member", "onBehalfOf"):
-            ref = participant.get(role)
+        behalf, or holds a PractitionerRole with it that is active and in its period
+        (those looked at are added to `roles`)."""
+        for element in ("member", "onBehalfOf"):
+            ref = participant.get(element)
             if not isinstance(ref, dict):
                 continue
             if self._names_us(ref):
                 return True
             key = reference_key(ref.get("reference"))
             if key is not None and key.startswith("PractitionerRole/"):
-                practitioner_role = self._get(key)
-                organization = (practitioner_role or {}).get("organization")
-                if isinstance(organization, dict) and self._names_us(organization):
+                role = self._get(key)
+                if role is None:
+                    continue
+                roles.append(role)
+                organization = role.get("organization")
+                if (
+                    role.get("active") is not False
+                    and _in_period(role.get("period"), self.at)
+                    and isinstance(organization, dict)
+                    and self._names_us(organization)
+                ):
                     return True
         return False
 

@@ -827,7 +827,10 @@ class Router:
         unsure = tuple(c for c in query.criteria if _shown_could_match_alone(c))
         asked = replace(query, criteria=tuple(c for c in query.criteria if c not in unsure))
         # In the order of ids (a sorted search is put in the client's order below).
-        everything = replace(asked, summary_count=False, total="none", sort=())
+        # Nothing included: what the matches include is found for the page alone, below.
+        everything = replace(
+            asked, summary_count=False, total="none", sort=(), include=(), revinclude=()
+        )
         chained = [c for c in query.criteria if c.chain]
 
         def shown_matches(found: list[Stored]) -> list[tuple[Stored, bytes]]:
@@ -1043,6 +1046,7 @@ class Router:
                     ),
                     lambda versions: self._partner_history(versions, view),
                     "versions",
+                    versions=True,
                 )
             except ResourceNotFound:
                 raise _unknown(rtype, str(rid)) from None
