@@ -208,3 +208,46 @@ def test_a_partners_scan_follows_no_includes(
     }
     followed = {key for sources in calls for key in sources}
     assert followed <= given, f"includes followed from {len(followed - given)} not given"
+
+
+def test_a_match_deleted_between_scan_pages_moves_no_other_out(
+    sandbox: Sandbox,
+    as_client: Any,
+    trust: Fhir,
+    changes: Changes,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Pages follow the last id read, not a count of rows: a match deleted after its
+    page was read does not move the next one onto the page already read."""
+    gp: Fhir = as_client("gp")
+    shown = resource_keys(gp.get("Encounter", params={"_count": "100"}).json())
+    assert len(shown) >= 3
+    monkeypatch.setattr(PAGE, 1)
+    real_search = sandbox.repo.search
+    deleted: list[str] = []
+
+    def search(query: Any, **kw: Any) -> Any:
+        result = real_search(query, **kw)
+        if not deleted and query.resource_type == "Encounter" and result.matches:
+            key = f"Encounter/{result.matches[0].id}"
+            if key in shown:
+                changes.delete(key)
+                deleted.append(key)
+        return result
+
+    monkeypatch.setattr(sandbox.repo, "search", search)
+    after = gp.get("Encounter", params={"_count": "100"})
+    assert after.status_code == 200, after.text
+    assert deleted
+    assert resource_keys(after.json()) >= shown - set(deleted)
+
+
+def test_a_scan_that_takes_too_long_is_refused(
+    as_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gp: Fhir = as_client("gp")
+    assert gp.get("Encounter").status_code == 200
+    monkeypatch.setattr(PAGE, 1)
+    monkeypatch.setattr("cpa_fhir.sandbox._access.PARTNER_SCAN_SECONDS", 0.0)
+    issue = outcome(gp.get("Encounter"), 400)["issue"][0]
+    assert issue["code"] == "too-costly" and "longer" in issue["details"]["text"]

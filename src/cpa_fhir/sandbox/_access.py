@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import operator
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -61,26 +62,32 @@ APPENDED_TYPES = frozenset({"AuditEvent"})
 # tells nothing of what is withheld.
 MAX_PARTNER_VISIBLE = 10_000
 SCAN_PAGE = 1000
+PARTNER_SCAN_SECONDS = 20.0
 # Where each resource type names the patient whose record it belongs to.
 PATIENT_ELEMENTS = ("subject", "patient", "for", "beneficiary")
 
 
 def partner_scan(
-    fetch: Callable[[int, int], list[Stored]],
+    fetch: Callable[[Stored | None, int, int], list[Stored]],
     visible: Callable[[list[Stored]], list[T]],
     what: str,
     *,
     versions: bool = False,
 ) -> list[T]:
-    """Everything `fetch(offset, limit)` finds, read a page at a time and each page
-    narrowed by `visible` to what the partner may be shown: SearchError (too-costly)
-    once that is more than `MAX_PARTNER_VISIBLE`. Each resource is taken once (each
-    version, with `versions`: a history)."""
+    """Everything `fetch(last, taken, limit)` finds (the page after `last`, the last
+    stored version read, or after the first `taken`), read a page at a time and each
+    page narrowed by `visible` to what the partner may be shown: SearchError
+    (too-costly) once that is more than `MAX_PARTNER_VISIBLE`, or once reading takes
+    longer than `PARTNER_SCAN_SECONDS` (what is stored bounds the work, and a broad
+    search of a large store must not hold a worker for minutes). Each resource is
+    taken once (each version, with `versions`: a history)."""
     out: list[T] = []
     seen: set[tuple[Any, ...]] = set()
-    offset = 0
+    last: Stored | None = None
+    taken = 0
+    deadline = time.monotonic() + PARTNER_SCAN_SECONDS
     while True:
-        page = fetch(offset, SCAN_PAGE)
+        page = fetch(last, taken, SCAN_PAGE)
         # One written meanwhile may move another to the next page: not taken twice.
         keys = [
             (s.resource_type, s.id, s.version_id) if versions else (s.resource_type, s.id)
@@ -97,7 +104,13 @@ def partner_scan(
             )
         if len(page) < SCAN_PAGE:
             return out
-        offset += SCAN_PAGE
+        if time.monotonic() > deadline:
+            raise SearchError(
+                f"the {what} took longer to read than this server allows:"
+                " narrow the request (by patient, say)",
+                code="too-costly",
+            )
+        last, taken = page[-1], taken + len(page)
 
 
 def _in_period(period: Any, at: datetime) -> bool:

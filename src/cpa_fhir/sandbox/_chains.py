@@ -73,8 +73,12 @@ def _holds(start: Seen, criterion: Criterion, view: PartnerView, repo: SqlReposi
     )
 
 
-def _matches(repo: SqlRepository, query: SearchQuery, offset: int, limit: int) -> list[Stored]:
-    return repo.search(replace(query, offset=offset, count=limit, total="none")).matches
+def _matches(
+    repo: SqlRepository, query: SearchQuery, last: Stored | None, _: int, limit: int
+) -> list[Stored]:
+    """The page of matches after `last` (in the order of ids)."""
+    after = last.id if last is not None else None
+    return repo.search(replace(query, count=limit, total="none", after_id=after)).matches
 
 
 def reference_targets(

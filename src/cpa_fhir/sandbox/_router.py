@@ -845,8 +845,10 @@ class Router:
             ]
 
         visible = partner_scan(
-            lambda offset, limit: (
-                self.repo.search(replace(everything, offset=offset, count=limit)).matches
+            lambda last, _, limit: (
+                self.repo.search(
+                    replace(everything, offset=0, count=limit, after_id=last.id if last else None)
+                ).matches
             ),
             shown_matches,
             "matches",
@@ -1041,8 +1043,8 @@ class Router:
             # Count and page only what this client may see, as for a search.
             try:
                 visible = partner_scan(
-                    lambda offset, limit: self.repo.history(
-                        rtype, rid, since=since, count=limit, offset=offset
+                    lambda _, taken, limit: self.repo.history(
+                        rtype, rid, since=since, count=limit, offset=taken
                     ),
                     lambda versions: self._partner_history(versions, view),
                     "versions",

@@ -238,6 +238,9 @@ class SearchQuery:
     # What of each match goes (`cpa_fhir.fhir.subset`): a summary, or the elements named.
     summary: Summary | None = None
     elements: frozenset[str] | None = None
+    # Only matches whose id sorts after this one: the next page of a scan in the order
+    # of ids (no `sort`), which a write between pages cannot shift.
+    after_id: str | None = None
 
 
 def split_escaped(value: str, separator: str) -> list[str]:

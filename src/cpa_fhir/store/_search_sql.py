@@ -179,6 +179,8 @@ class SearchStatements:
         ]
         for criterion in query.criteria:
             parts.append(self._criterion(query.resource_type, criterion, now_micros, aliases))
+        if query.after_id is not None:
+            parts.append((f"{_CURRENT}.id > ?", (query.after_id,)))
         return _join(" AND ", parts)
 
     def page(self, query: SearchQuery, where: Fragment, offset: int) -> Fragment:
