@@ -558,29 +558,6 @@ def test_an_agencys_legal_basis_needs_an_active_care_team(
     assert not _visible(probation, RISK_TO_OTHERS)
 
 
-def test_an_agency_is_recognised_through_a_practitioner_role(
-    as_client: Any, changes: Changes
-) -> None:
-    """The officer is on the team in a PractitionerRole with probation, not on its
-    behalf: probation's involvement is recorded all the same."""
-    probation: Fhir = as_client("probation")
-    role = changes.create(
-        {
-            "resourceType": "PractitionerRole",
-            "active": True,
-            "practitioner": {"reference": "Practitioner/c-probation-officer"},
-            "organization": {"reference": PROBATION},
-        }
-    )
-
-    def by_role(participant: dict[str, Any]) -> None:
-        participant.pop("onBehalfOf")
-        participant["member"] = {"reference": role}
-
-    changes.edit("CareTeam/c-careteam", _edit_probation_participant(by_role))
-    assert _visible(probation, RISK_TO_OTHERS)
-
-
 def test_an_agency_is_recognised_by_its_identifier(
     sandbox: Sandbox, trust: Fhir, changes: Changes
 ) -> None:
@@ -611,20 +588,22 @@ def test_an_agency_is_recognised_by_its_identifier(
 
 
 @pytest.mark.parametrize(
-    "role_state",
+    ("role_state", "holds"),
     [
-        {"active": False},  # the role is no longer held
-        {"active": True, "period": {"start": "2020-01-01", "end": "2021-01-01"}},  # ended
-        {"active": True, "period": {"start": "2999-01-01"}},  # not yet begun
+        ({"active": True}, True),
+        ({"active": True, "period": {"start": "2025-11-03", "end": "2999-01-01"}}, True),
+        ({"active": False}, False),  # the role is no longer held
+        ({"active": True, "period": {"start": "2020-01-01", "end": "2021-01-01"}}, False),
+        ({"active": True, "period": {"start": "2999-01-01"}}, False),  # not yet begun
     ],
 )
-def test_an_ended_practitioner_role_gives_no_legal_basis(
-    as_client: Any, changes: Changes, role_state: dict[str, Any]
+def test_an_agency_is_recognised_through_a_practitioner_role_while_it_is_held(
+    as_client: Any, changes: Changes, role_state: dict[str, Any], holds: bool
 ) -> None:
-    """The officer sits on C's team in a PractitionerRole with probation; once that role
-    has ended (or before it begins) the officer no longer acts for probation, so
-    probation's involvement is not recorded and its public-protection basis must not
-    reach C's risk-to-others flag (a participant's own ended period already does so)."""
+    """The officer sits on C's team in a PractitionerRole with probation, not on its
+    behalf: probation's involvement is recorded while that role is active and within
+    its period, and its public-protection basis reaches C's risk-to-others flag only
+    then."""
     probation: Fhir = as_client("probation")
     role = changes.create(
         {
@@ -640,7 +619,7 @@ def test_an_ended_practitioner_role_gives_no_legal_basis(
         participant["member"] = {"reference": role}
 
     changes.edit("CareTeam/c-careteam", _edit_probation_participant(by_role))
-    assert not _visible(probation, RISK_TO_OTHERS)
+    assert _visible(probation, RISK_TO_OTHERS) == holds
 
 
 def test_a_care_team_of_a_patient_elsewhere_gives_no_legal_basis_here(

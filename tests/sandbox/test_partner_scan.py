@@ -134,51 +134,6 @@ def test_a_reverse_chain_filters_every_source_and_bounds_what_is_shown(
     assert outcome(gp.get("Patient", params=chained), 400)["issue"][0]["code"] == "too-costly"
 
 
-def test_a_match_written_between_scan_pages_is_not_given_twice(
-    sandbox: Sandbox,
-    as_client: Any,
-    trust: Fhir,
-    changes: Changes,  # noqa: F811
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Between two pages of the GP's scan the trust stores a new encounter (its id sorts
-    first) and amends one the GP sees that ended the page before. The amended one is
-    now also first on the next page, at a new version: `partner_scan` dedupes by
-    (type, id, version), so the GP is given it twice and the total counts it twice."""
-    gp: Fhir = as_client("gp")
-    before = gp.get("Encounter", params={"_count": "100"}).json()
-    shown = resource_keys(before)
-    assert len(shown) >= 2
-    monkeypatch.setattr(PAGE, 1)
-    real_search = sandbox.repo.search
-    done: list[str] = []
-
-    def search(query: Any, **kw: Any) -> Any:
-        result = real_search(query, **kw)
-        if not done and query.resource_type == "Encounter" and result.matches:
-            key = f"Encounter/{result.matches[0].id}"
-            if key in shown:
-                done.append(key)
-                body = trust.get(key).json()
-                changes.saved[key] = copy.deepcopy(body)
-                body["language"] = "en-GB"
-                sandbox.repo.update(body)
-                first = copy.deepcopy(body)
-                first.update(id="0000-review4")
-                first.pop("meta", None)
-                sandbox.repo.update(first)  # update as create, id sorting first
-                changes.created.append("Encounter/0000-review4")
-        return result
-
-    monkeypatch.setattr(sandbox.repo, "search", search)
-    after = gp.get("Encounter", params={"_count": "100"})
-    assert after.status_code == 200, after.text
-    assert done
-    entries = [f"Encounter/{e['resource']['id']}" for e in after.json()["entry"]]
-    assert [k for k, n in Counter(entries).items() if n > 1] == []
-    assert after.json()["total"] == len(set(entries))
-
-
 def test_a_partners_scan_follows_no_includes(
     as_client: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -210,38 +165,6 @@ def test_a_partners_scan_follows_no_includes(
     assert followed <= given, f"includes followed from {len(followed - given)} not given"
 
 
-def test_a_match_deleted_between_scan_pages_moves_no_other_out(
-    sandbox: Sandbox,
-    as_client: Any,
-    trust: Fhir,
-    changes: Changes,  # noqa: F811
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Pages follow the last id read, not a count of rows: a match deleted after its
-    page was read does not move the next one onto the page already read."""
-    gp: Fhir = as_client("gp")
-    shown = resource_keys(gp.get("Encounter", params={"_count": "100"}).json())
-    assert len(shown) >= 3
-    monkeypatch.setattr(PAGE, 1)
-    real_search = sandbox.repo.search
-    deleted: list[str] = []
-
-    def search(query: Any, **kw: Any) -> Any:
-        result = real_search(query, **kw)
-        if not deleted and query.resource_type == "Encounter" and result.matches:
-            key = f"Encounter/{result.matches[0].id}"
-            if key in shown:
-                changes.delete(key)
-                deleted.append(key)
-        return result
-
-    monkeypatch.setattr(sandbox.repo, "search", search)
-    after = gp.get("Encounter", params={"_count": "100"})
-    assert after.status_code == 200, after.text
-    assert deleted
-    assert resource_keys(after.json()) >= shown - set(deleted)
-
-
 def test_a_scan_that_takes_too_long_is_refused(
     as_client: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -251,3 +174,77 @@ def test_a_scan_that_takes_too_long_is_refused(
     monkeypatch.setattr("cpa_fhir.sandbox._access.PARTNER_SCAN_SECONDS", 0.0)
     issue = outcome(gp.get("Encounter"), 400)["issue"][0]
     assert issue["code"] == "too-costly" and "longer" in issue["details"]["text"]
+
+
+def _between_pages(
+    sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch, shown: set[str], act: Any
+) -> list[str]:
+    """Read the GP's scan a match at a time; once the first page holding a match it is
+    shown has been read, `act(key)` on that match (once). The keys acted on."""
+    monkeypatch.setattr(PAGE, 1)
+    real_search = sandbox.repo.search
+    done: list[str] = []
+
+    def search(query: Any, **kw: Any) -> Any:
+        result = real_search(query, **kw)
+        if not done and query.resource_type == "Encounter" and result.matches:
+            key = f"Encounter/{result.matches[0].id}"
+            if key in shown:
+                done.append(key)
+                act(key)
+        return result
+
+    monkeypatch.setattr(sandbox.repo, "search", search)
+    return done
+
+
+def test_a_match_written_between_scan_pages_is_given_once(
+    sandbox: Sandbox,
+    as_client: Any,
+    trust: Fhir,
+    changes: Changes,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Between two pages of the GP's scan the trust amends a match the GP was shown on
+    the page before and stores a new encounter whose id sorts first: the match is
+    given once, at one version, and counted once."""
+    gp: Fhir = as_client("gp")
+    shown = resource_keys(gp.get("Encounter", params={"_count": "100"}).json())
+    assert len(shown) >= 2
+
+    def amend_and_add(key: str) -> None:
+        body = trust.get(key).json()
+        changes.saved[key] = copy.deepcopy(body)
+        body["language"] = "en-GB"
+        sandbox.repo.update(body)
+        first = copy.deepcopy(body)
+        first.update(id="0000-between-pages")
+        first.pop("meta", None)
+        sandbox.repo.update(first)  # update as create, an id sorting first
+        changes.created.append("Encounter/0000-between-pages")
+
+    done = _between_pages(sandbox, monkeypatch, shown, amend_and_add)
+    after = gp.get("Encounter", params={"_count": "100"})
+    assert after.status_code == 200, after.text
+    assert done
+    entries = [f"Encounter/{e['resource']['id']}" for e in after.json()["entry"]]
+    assert [k for k, n in Counter(entries).items() if n > 1] == []
+    assert after.json()["total"] == len(set(entries))
+
+
+def test_a_match_deleted_between_scan_pages_moves_no_other_out(
+    sandbox: Sandbox,
+    as_client: Any,
+    changes: Changes,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Pages follow the last id read, not a count of rows: a match deleted after its
+    page was read does not move the next one onto the page already read."""
+    gp: Fhir = as_client("gp")
+    shown = resource_keys(gp.get("Encounter", params={"_count": "100"}).json())
+    assert len(shown) >= 3
+    deleted = _between_pages(sandbox, monkeypatch, shown, changes.delete)
+    after = gp.get("Encounter", params={"_count": "100"})
+    assert after.status_code == 200, after.text
+    assert deleted
+    assert resource_keys(after.json()) >= shown - set(deleted)
