@@ -416,3 +416,17 @@ def test_a_consent_until_the_end_of_9999_holds_and_breaks_nothing(
     finally:
         original.pop("meta")
         assert trust.put("Consent/c-consent", original).status_code == 200
+
+
+@pytest.mark.parametrize("kind", ["batch", "transaction"])
+@pytest.mark.parametrize("method", [["GET"], {"GET": 1}, 7, None])
+def test_an_entry_method_that_is_not_text_is_the_clients_error(
+    as_client: Any, kind: str, method: Any
+) -> None:
+    bundle = {
+        "resourceType": "Bundle",
+        "type": kind,
+        "entry": [{"request": {"method": method, "url": "Patient"}}],
+    }
+    for client_id in ("gp", "trust"):
+        outcome(as_client(client_id).post("", bundle), 400)

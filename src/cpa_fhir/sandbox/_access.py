@@ -460,7 +460,7 @@ class PartnerView:
                 patient = derived.patients[version] = patient_of(resource)
             if patient is None:
                 if stored.resource_type in self.policy.supporting and referred:
-                    out[i] = self._filter_supporting(stored)
+                    out[i] = self._filter_supporting(stored, key, account)
                 continue
             decision = self.decision(patient)
             shown = derived.shown.get((key, stored.version_id, frozenset(decision.allowed)))
@@ -544,8 +544,12 @@ class PartnerView:
             out[key] = _Shown(orjson.dumps(mine), labels, withheld)
         return out
 
-    def _filter_supporting(self, stored: Stored) -> bytes | None:
-        version = (f"{stored.resource_type}/{stored.id}", stored.version_id)
+    def _filter_supporting(self, stored: Stored, key: str, account: bool) -> bytes | None:
+        """A professional or organisation reached from what this request shares: sent
+        if every category it carries may go to the client for some patient it is
+        shown, and then recorded in the audit of each patient this request has
+        disclosed so far (whose records it was reached from)."""
+        version = (key, stored.version_id)
         categories = self.derived.categories.get(version)
         if categories is None:
             labelled = label_resources([(None, stored.resource())], self.policy)
@@ -553,7 +557,20 @@ class PartnerView:
         allowed: set[str] = set()
         for d in self._decisions.values():
             allowed |= set(d.allowed)
-        return None if categories - allowed else stored.content
+        if categories - allowed:
+            return None
+        if account:
+            # One object per version and what may go, so that kept AuditEvents match.
+            shown_key = (key, stored.version_id, frozenset(allowed))
+            shown = self.derived.shown.get(shown_key)
+            if shown is None:
+                shown = self.derived.shown[shown_key] = _Shown(stored.content, categories, ())
+            for record in self._disclosed.values():
+                if key not in record.shared:
+                    record.accounted.append(shown)
+                    record.shared.append(key)
+                    record.categories |= categories
+        return stored.content
 
     # -- audit --------------------------------------------------------------------------
 

@@ -52,7 +52,8 @@ def _entries(bundle: dict[str, Any]) -> list[dict[str, Any]]:
         req = e.get("request")
         if (
             not isinstance(req, dict)
-            or req.get("method") not in _ORDER
+            or not isinstance(req.get("method"), str)
+            or req["method"] not in _ORDER
             or not isinstance(req.get("url"), str)
         ):
             raise _error(
