@@ -457,3 +457,30 @@ def test_a_reference_a_partner_writes_cannot_probe_another_patients_record(
     finally:
         for goal_id in created:
             assert trust_call("DELETE", f"Goal/{goal_id}").status == 204
+
+
+@pytest.mark.parametrize("kind", ["transaction", "batch"])
+def test_a_partners_read_in_a_bundle_sees_what_the_bundle_wrote(
+    sandbox: Sandbox, trust_call: Call, kind: str
+) -> None:
+    """A GET after a PUT of the same resource, in one Bundle, answers the version the
+    PUT made, as for the trust."""
+    gp = _caller(sandbox, "gp")
+    cid = f"seen-after-write-{kind}-{uuid.uuid4().hex[:8]}"
+    assert trust_call("PUT", f"Condition/{cid}", _copy(sandbox, SEEN_WHOLE, cid)).status == 201
+    changed = orjson.loads(gp("GET", f"Condition/{cid}").body)
+    changed.pop("meta")
+    changed["note"] = [{"text": "written in the bundle"}]
+    bundle = {
+        "resourceType": "Bundle",
+        "type": kind,
+        "entry": [
+            {"resource": changed, "request": {"method": "PUT", "url": f"Condition/{cid}"}},
+            {"request": {"method": "GET", "url": f"Condition/{cid}"}},
+        ],
+    }
+    answer = gp("POST", "", bundle)
+    assert answer.status == 200, answer.body
+    written, read = orjson.loads(answer.body)["entry"]
+    assert written["response"]["etag"] == read["response"]["etag"] == 'W/"2"'
+    assert read["resource"].get("note") == changed["note"]

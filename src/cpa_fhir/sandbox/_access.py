@@ -268,6 +268,14 @@ class PartnerView:
         self._decided_from: dict[str, Decision] = {}
         self._disclosed: dict[str, _Shared] = {}
 
+    def moved_on(self, derived: Derived) -> None:
+        """Read from now on what `derived` was made from (the store after this request's
+        own writes, say): decisions are made afresh, and what was disclosed before
+        stays to be audited."""
+        self.derived = derived
+        self._decisions = {}
+        self._decided_from = {}
+
     # -- reading what the engine needs -------------------------------------------
 
     def _fetch(self, keys: Iterable[str]) -> None:

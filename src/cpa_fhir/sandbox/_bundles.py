@@ -175,8 +175,14 @@ def run_bundle(
     entries = _entries(bundle)
     if bundle["type"] == "batch":
         results = []
+        written = False
         for i, e in enumerate(entries):
             req = e["request"]
+            if view is not None and written and req["method"] in ("GET", "HEAD"):
+                # A read after the batch's own writes sees them, as the trust's does.
+                view.moved_on(router.derived.at(router.repo.generation()))
+                written = False
+            written = written or req["method"] not in ("GET", "HEAD")
             try:
                 patch = _patch_body(e, i) if req["method"] == "PATCH" else None
                 resource = e.get("resource") if patch is None else None
@@ -435,7 +441,10 @@ def _transaction(
             except FhirError as exc:
                 exc.expression = exc.expression or f"Bundle.entry[{i}]"
                 raise
-    # Reads see the state after the writes, through the same filtering.
+    # Reads see the state after the writes, through the same filtering: a partner's
+    # view, made before them, moves on to what the store now holds.
+    if view is not None and any(p["method"] in ("GET", "HEAD") for p in prepared):
+        view.moved_on(router.derived.at(router.repo.generation()))
     for p in prepared:
         if p["method"] in ("GET", "HEAD"):
             sub = _sub_request(request, "GET", p["req"]["url"], None, _entry_headers(p["req"]))
