@@ -17,6 +17,7 @@ import pytest
 from cpa_fhir.errors import FhirError
 from cpa_fhir.sandbox import Sandbox
 from cpa_fhir.sandbox._router import Request, Response
+from tests.sandbox.test_consent_freshness import audit_store_fails  # noqa: F401
 from tests.sandbox.test_leaks import C_KEYS, CLINICAL, PARTNERS, _expected
 
 WRITES = frozenset({"system/*.read", "system/*.write"})
@@ -484,3 +485,41 @@ def test_a_partners_read_in_a_bundle_sees_what_the_bundle_wrote(
     written, read = orjson.loads(answer.body)["entry"]
     assert written["response"]["etag"] == read["response"]["etag"] == 'W/"2"'
     assert read["resource"].get("note") == changed["note"]
+
+
+@pytest.mark.usefixtures("audit_store_fails")
+@pytest.mark.parametrize("kind", ["transaction", "batch"])
+def test_a_bundle_whose_reads_cannot_be_audited_says_what_it_wrote(
+    sandbox: Sandbox, trust_call: Call, kind: str
+) -> None:
+    """The writes of a partner's Bundle are stored before its reads' AuditEvents are
+    recorded. When those cannot be, the reads are refused (503, nothing of them sent)
+    but the answer still says what was written, so that the client does not send the
+    writes again."""
+    gp = _caller(sandbox, "gp")
+    marker = uuid.uuid4().hex
+    goal = copy.deepcopy(sandbox.repo.read("Goal", "c-goal-home").resource())
+    for name in ("id", "meta"):
+        goal.pop(name)
+    goal["identifier"] = [{"system": "urn:fuzz", "value": marker}]
+    bundle = {
+        "resourceType": "Bundle",
+        "type": kind,
+        "entry": [
+            {"resource": goal, "request": {"method": "POST", "url": "Goal"}},
+            {"request": {"method": "GET", "url": "CarePlan/c-careplan"}},
+        ],
+    }
+    answer = gp("POST", "", bundle)
+    assert answer.status == 200, answer.body
+    written, read = orjson.loads(answer.body)["entry"]
+    assert written["response"]["status"] == "201"
+    assert read["response"]["status"] == "503" and "resource" not in read
+    assert b"c-careplan" not in answer.body.replace(b"CarePlan/c-careplan", b"")
+    made = orjson.loads(
+        trust_call("GET", "Goal", query=[("identifier", f"urn:fuzz|{marker}")]).body
+    )
+    assert made["total"] == 1
+    # Nothing written, nothing to report: a Bundle of reads alone is refused whole.
+    reads_alone = gp("POST", "", {**bundle, "entry": bundle["entry"][1:]})
+    assert reads_alone.status == 503

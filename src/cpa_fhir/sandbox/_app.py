@@ -29,7 +29,6 @@ from cpa_fhir.sandbox._router import (
     FHIR_JSON,
     HttpError,
     Request,
-    audit_failed_response,
     outcome_response,
 )
 from cpa_fhir.sandbox._server import Sandbox
@@ -332,7 +331,7 @@ def create_app(
             try:
                 await audit.record(response.audit)
             except AuditWriteFailed:
-                response = audit_failed_response()
+                response = response.unaudited()
         if request.method == "HEAD":
             return _send_head(response)
         return _send(response)

@@ -193,15 +193,13 @@ def run_bundle(
                 results.append(_response_entry(outcome_response(exc)))
                 continue
             results.append(_response_entry(router._route_safely(sub, client, scopes, view)))
-        return router._json(
-            200,
-            {
-                "resourceType": "Bundle",
-                "id": router.new_id(),
-                "type": "batch-response",
-                "entry": results,
-            },
-        )
+        body = {
+            "resourceType": "Bundle",
+            "id": router.new_id(),
+            "type": "batch-response",
+            "entry": results,
+        }
+        return _answer(router, body, [e["request"]["method"] for e in entries], view)
     return _transaction(router, request, entries, client, scopes, view)
 
 
@@ -455,7 +453,31 @@ def _transaction(
         "type": "transaction-response",
         "entry": [results[i] for i in range(len(entries))],
     }
-    return router._json(200, body)
+    return _answer(router, body, [e["request"]["method"] for e in entries], view)
+
+
+def _answer(
+    router: Router, body: dict[str, Any], methods: list[str], view: PartnerView | None
+) -> Response:
+    """A Bundle's answer. A partner's whose writes are stored carries what to answer if
+    its reads' AuditEvents cannot be recorded: the same, each read refused (503),
+    rather than a 503 for all that would tell the client nothing was written."""
+    from cpa_fhir.sandbox._router import audit_failed_response
+
+    response = router._json(200, body)
+    reads = ("GET", "HEAD")
+    wrote = any(
+        method not in reads and str(entry["response"]["status"]).startswith("2")
+        for method, entry in zip(methods, body["entry"], strict=True)
+    )
+    if view is not None and wrote:
+        refused = _response_entry(audit_failed_response())
+        entries = [
+            refused if method in reads else entry
+            for method, entry in zip(methods, body["entry"], strict=True)
+        ]
+        response.if_audit_fails = router._json(200, {**body, "entry": entries})
+    return response
 
 
 def _may_write(

@@ -100,6 +100,13 @@ class Response:
     # The disclosure's AuditEvents, when the caller commits them itself
     # (`Router.handle(..., defer_audit=True)`): the body must not leave before.
     audit: Events | None = None
+    # What to answer instead if they cannot be committed, where the request wrote
+    # something first (a Bundle): the writes stand, and the client must learn so.
+    if_audit_fails: Response | None = None
+
+    def unaudited(self) -> Response:
+        """The answer when this response's disclosure cannot be recorded."""
+        return self.if_audit_fails or audit_failed_response()
 
 
 AUDIT_FAILED = (
@@ -322,7 +329,10 @@ class Router:
                 if defer_audit:
                     response.audit = events or None
                 else:
-                    self.audit_log.record(events)
+                    try:
+                        self.audit_log.record(events)
+                    except AuditWriteFailed:
+                        return response.unaudited()
             return response
         except FhirError as exc:
             return outcome_response(exc)
