@@ -124,11 +124,12 @@ def test_an_approximate_date_is_not_judged_from_an_earlier_now(
     changes: Changes,  # noqa: F811
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """`ap` depends on now; the answer kept in `derived.still_matches` does not. The GP
-    sees C's care plan without the probation activity (A, scheduled on D) and with
-    the coordinator's (B, D - 8 days). 100 days before D, `ap` D's margin (10 days)
-    takes in B; a day before D (1 day) only A, which the GP is not shown. The answer
-    worked out 100 days before still stands: the plan is found by A's date."""
+    """`ap` depends on now, so an answer judged with it is not kept (in
+    `derived.matches_as_shown`). The GP sees C's care plan without the probation
+    activity (A, scheduled on D) and with the coordinator's (B, D - 8 days). 100 days
+    before D, `ap` D's margin (10 days) takes in B; a day before D (1 day) only A,
+    which the GP is not shown: the plan is then not found, as an answer kept from 100
+    days before would have had it."""
     now = datetime.now(UTC)
     d = (now + timedelta(days=100)).date()
 

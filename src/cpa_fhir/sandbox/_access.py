@@ -199,14 +199,14 @@ class Derived:
         self.current: dict[tuple[str, str], Stored] = {}
         # Whether what a client sees of a version matches a search's criteria:
         # (type, id, version, criteria, what the client sees) -> answer
-        self.still_matches: dict[tuple[str, str, int, tuple[Any, ...], bytes], bool] = {}
+        self.matches_as_shown: dict[tuple[str, str, int, tuple[Any, ...], bytes], bool] = {}
 
     def size(self) -> int:
         return (
             len(self.resources) + len(self.patients) + len(self.consents) + len(self.shown)
             + len(self.care_teams)
             + len(self.categories) + len(self.decisions) + len(self.audit_templates)
-            + len(self.audit_by_account) + len(self.current) + len(self.still_matches)
+            + len(self.audit_by_account) + len(self.current) + len(self.matches_as_shown)
         )  # fmt: skip
 
 

@@ -1459,7 +1459,7 @@ def _matched_as_shown(
             matched.add(key)
             continue
         known_key = (stored.resource_type, stored.id, stored.version_id, criteria, shown)
-        known = None if now_dependent else view.derived.still_matches.get(known_key)
+        known = None if now_dependent else view.derived.matches_as_shown.get(known_key)
         if known is None:
             to_judge.append((stored, shown, known_key))
         elif known:
@@ -1474,7 +1474,7 @@ def _matched_as_shown(
         for stored, _, known_key in to_judge:
             hit = (stored.resource_type, stored.id) in found
             if not now_dependent:
-                view.derived.still_matches[known_key] = hit
+                view.derived.matches_as_shown[known_key] = hit
             if hit:
                 matched.add((stored.resource_type, stored.id))
     return matched
