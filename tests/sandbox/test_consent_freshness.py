@@ -516,6 +516,51 @@ def test_a_carers_need_to_know_holds_within_its_period(as_client: Any, changes: 
     assert not _visible(carer, "CarePlan/c-crisis-plan")
 
 
+def test_a_carers_own_details_go_to_it_as_consent_allows_and_are_audited(
+    sandbox: Sandbox, trust: Fhir, changes: Changes
+) -> None:
+    """A carer's RelatedPerson is part of the record of the person it cares for, and
+    what it holds (the carer's assessment, say) is carer information: it goes to the
+    carer itself only as the decision allows, as it would to anyone, and once it goes
+    its AuditEvent names it. C's consent names no carer."""
+    own = "RelatedPerson/c-carer-son"
+    carer = dataclass_replace(
+        sandbox.registry.clients["carer"],
+        scopes=frozenset({"system/RelatedPerson.read", "system/Patient.read"}),
+    )
+
+    def get(path: str, *query: tuple[str, str]) -> Any:
+        return sandbox.router.handle(
+            Request("GET", path, list(query), {}, b""), carer, carer.scopes
+        )
+
+    assert get(own).status == 404
+    assert get(f"{own}/_history/1").status == 404
+    found = get("RelatedPerson", ("patient", "Patient/c-patient"))
+    assert found.status == 200 and orjson.loads(found.body)["total"] == 0
+    assert get("Patient/c-patient").status == 200  # the carers' need to know holds
+
+    # C consents to her son's seeing what the record holds about him as her carer.
+    def permit_carer(consent: dict[str, Any]) -> None:
+        permit = copy.deepcopy(_gp_permit(consent))
+        permit["actor"][0]["reference"] = {"reference": own}
+        permit["securityLabel"] = [_label("administrative"), _label("carer")]
+        permit["purpose"] = [
+            {**permit["purpose"][0], "code": "FAMRQT", "display": "family requested"}
+        ]
+        consent["provision"]["provision"].append(permit)
+
+    changes.edit("Consent/c-consent", permit_carer)
+    before = _audit_count(trust, entity=own)
+    shown = get(own)
+    assert shown.status == 200, shown.body
+    assert orjson.loads(shown.body)["id"] == "c-carer-son"
+    assert _audit_count(trust, entity=own) == before + 1
+    found = get("RelatedPerson", ("patient", "Patient/c-patient"))
+    assert orjson.loads(found.body)["total"] == 1
+    assert _audit_count(trust, entity=own) == before + 2
+
+
 PROBATION = "Organization/c-probation"
 RISK_TO_OTHERS = "Flag/c-risk-harm-to-others"
 

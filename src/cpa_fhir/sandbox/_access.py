@@ -456,9 +456,6 @@ class PartnerView:
         derived = self.derived
         for i, stored in enumerate(versions):
             key = f"{stored.resource_type}/{stored.id}"
-            if key == self.client.reference:
-                out[i] = stored.content  # a partner may always see itself
-                continue
             version = (key, stored.version_id)
             resource: dict[str, Any] | None = None
             if version in derived.patients:
@@ -467,9 +464,14 @@ class PartnerView:
                 resource = stored.resource()
                 patient = derived.patients[version] = patient_of(resource)
             if patient is None:
-                if stored.resource_type in self.policy.supporting and referred:
+                if key == self.client.reference:
+                    out[i] = stored.content  # an agency's own details: no one's record
+                elif stored.resource_type in self.policy.supporting and referred:
                     out[i] = self._filter_supporting(stored, key, account)
                 continue
+            # A carer's own RelatedPerson is part of the record of the person it cares
+            # for, and what the record says of the carer is carer information: it goes
+            # as the decision allows, as anything of the record does, and is audited.
             decision = self.decision(patient)
             shown = derived.shown.get((key, stored.version_id, frozenset(decision.allowed)))
             if shown is not None:
