@@ -135,13 +135,20 @@ def periods(draw: st.DrawFn, near: datetime) -> tuple[dict[str, str], list[datet
     return period, instants
 
 
+RECIPIENT_ROLE = {
+    "coding": [
+        {"system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType", "code": "IRCP"}
+    ]
+}
+
+
 @st.composite
 def provisions(
     draw: st.DrawFn, near: datetime, depth: int, boundaries: list[datetime]
 ) -> dict[str, Any]:
     node: dict[str, Any] = {"type": draw(st.sampled_from(["permit", "permit", "deny"]))}
     if draw(st.booleans()):
-        node["actor"] = [{"reference": draw(st.sampled_from(ACTORS))}]
+        node["actor"] = [{"role": RECIPIENT_ROLE, "reference": draw(st.sampled_from(ACTORS))}]
     if draw(st.integers(0, 2)) == 0:
         node["purpose"] = [
             {"system": PURPOSE_SYSTEM, "code": draw(st.sampled_from(["TREAT", "COC", "THREAT"]))}
@@ -282,7 +289,9 @@ def test_the_decision_may_change_at_the_end_of_the_span(case: Case, asking: int)
 def _consent(root_period: Any = None, permit_period: Any = None) -> dict[str, Any]:
     permit: dict[str, Any] = {
         "type": "permit",
-        "actor": [{"reference": {"reference": "Organization/c-gp-practice"}}],
+        "actor": [
+            {"role": RECIPIENT_ROLE, "reference": {"reference": "Organization/c-gp-practice"}}
+        ],
         "securityLabel": [{"system": CATEGORY_SYSTEM, "code": "care-plan"}],
     }
     if permit_period is not None:

@@ -107,6 +107,21 @@ def recipient_from(resource: Mapping[str, Any]) -> Recipient:
     raise RecipientError(f"a {rt} cannot receive a disclosure")
 
 
+def cares_for(person: Mapping[str, Any] | None, patient_id: str, at: datetime) -> bool:
+    """Whether a RelatedPerson is, at `at`, an active carer of Patient/`patient_id` as
+    the record holds it: active, naming that patient (a relative reference), within its
+    period. A period that cannot be read holds no basis."""
+    if person is None or person.get("resourceType") != "RelatedPerson":
+        return False
+    patient = person.get("patient")
+    if not isinstance(patient, dict) or patient.get("reference") != f"Patient/{patient_id}":
+        return False
+    try:
+        return person.get("active") is not False and period_covers(person.get("period"), at)
+    except ConsentFormatError:
+        return False
+
+
 def person_name(resource: Mapping[str, Any]) -> str | None:
     """The first name a resource gives (an Organization's text; a person's given
     names and family name), or None; parts that are not text are passed over."""
@@ -249,20 +264,26 @@ def _label_categories(
     return frozenset(out)
 
 
-def _actor_matches(
-    actors: list[Any],
-    recipient: Recipient,
-    resources: Mapping[str, Mapping[str, Any]],
-    where: str,
-) -> bool:
+def _actor_matches(actors: list[Any], asked: _Asked, where: str, deny: bool) -> bool:
+    """Whether a provision's actors name the recipient (by reference, by a fullUrl of
+    the record, or by identifier). A permit names it only as an information
+    recipient (v3-ParticipationType IRCP or PRCP). A refusal errs towards applying:
+    in any role, and by an absolute URL ending in the recipient's Type/id, as this
+    server's own base may be written out in full."""
     if not actors:
         return True
     for i, actor in enumerate(actors):
         ref = actor.get("reference")
         if not isinstance(ref, dict):
             raise ConsentFormatError(f"{where}.actor[{i}].reference is missing")
-        key = reference_key(ref.get("reference"))
+        if not deny and not _recipient_role(actor):
+            continue
+        recipient, resources, urls = asked.recipient, asked.resources, asked.urls
+        url = ref.get("reference")
+        key = urls.get(url) if isinstance(url, str) and url in urls else reference_key(url)
         if key is not None and key == recipient.reference:
+            return True
+        if deny and _url_names(ref.get("reference"), recipient.reference):
             return True
         idents = set()
         ident = ref.get("identifier")
@@ -279,10 +300,76 @@ def _actor_matches(
     return False
 
 
-def _purpose_matches(purposes: list[Any], purpose: str) -> bool:
+# Provision elements the engine cannot honour: a Consent that uses them shares nothing,
+# or a permit would grant more than it says (R4 Consent.provision).
+_UNEVALUATED = (
+    ("data", "single resources"),
+    ("class", "resource type"),
+    ("code", "content code"),
+    ("dataPeriod", "the time of the data"),
+    ("modifierExtension", "modifier extensions"),
+)
+_ACTION_SYSTEM = "http://terminology.hl7.org/CodeSystem/consentaction"
+# What sending information to a recipient is (consentaction): a permit for another
+# action (collect, correct, use) grants nothing here.
+_DISCLOSING = frozenset({"disclose", "access"})
+_ROLE_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"
+# An actor whose information a permit lets go to it: an (primary) information recipient.
+_RECIPIENT_ROLES = frozenset({"IRCP", "PRCP"})
+# v3-ActReason, as its OID names it.
+_PURPOSE_OID = "urn:oid:2.16.840.1.113883.5.8"
+
+
+def _action_matches(actions: list[Any], deny: bool) -> bool:
+    """A permit grants disclosure only if its actions, where it names any, include
+    disclosing; a refusal errs towards applying."""
+    if not actions or deny:
+        return True
+    return any(
+        isinstance(c, dict) and c.get("system") == _ACTION_SYSTEM and c.get("code") in _DISCLOSING
+        for a in actions
+        for c in (a.get("coding") or [])
+    )
+
+
+def _recipient_role(actor: Mapping[str, Any]) -> bool:
+    role = actor.get("role")
+    codings = role.get("coding") if isinstance(role, dict) else None
+    return isinstance(codings, list) and any(
+        isinstance(c, dict)
+        and c.get("system") == _ROLE_SYSTEM
+        and c.get("code") in _RECIPIENT_ROLES
+        for c in codings
+    )
+
+
+def _url_names(ref: Any, key: str) -> bool:
+    """Whether an absolute reference ends in `Type/id` (perhaps with a version)."""
+    if not isinstance(ref, str) or "://" not in ref:
+        return False
+    path = ref.split("?", 1)[0].split("#", 1)[0].rstrip("/")
+    parts = path.split("/")
+    if len(parts) >= 4 and parts[-2] == "_history":
+        parts = parts[:-2]
+    return "/".join(parts[-2:]) == key
+
+
+def _purpose_matches(purposes: list[Any], purpose: str, where: str, deny: bool) -> bool:
+    """Whether a provision's purposes (v3-ActReason, by URL or OID) include this one. A
+    refusal for purposes coded otherwise cannot be told not to apply: it is an error."""
     if not purposes:
         return True
-    return any(p.get("system") == PURPOSE_SYSTEM and p.get("code") == purpose for p in purposes)
+    for i, p in enumerate(purposes):
+        system = p.get("system")
+        if system in (PURPOSE_SYSTEM, _PURPOSE_OID):
+            if p.get("code") == purpose:
+                return True
+        elif deny:
+            raise ConsentFormatError(
+                f"{where}.purpose[{i}]: a refusal for purposes coded in {system!r} cannot be"
+                " evaluated"
+            )
+    return False
 
 
 @dataclass
@@ -291,16 +378,24 @@ class _Tally:
     denied: dict[str, str] = field(default_factory=dict)  # category -> reason
 
 
+@dataclass(frozen=True, slots=True)
+class _Asked:
+    """What every provision is judged against: the disclosure asked for."""
+
+    recipient: Recipient
+    purpose: str
+    at: datetime
+    resources: Mapping[str, Mapping[str, Any]]
+    urls: Mapping[str, str]  # the record's fullUrls -> Type/id
+    policy: SharingPolicy
+
+
 def _walk(
     node: Mapping[str, Any],
     scope: frozenset[str] | None,
     consent_key: str,
     where: str,
-    recipient: Recipient,
-    purpose: str,
-    at: datetime,
-    resources: Mapping[str, Mapping[str, Any]],
-    policy: SharingPolicy,
+    asked: _Asked,
     tally: _Tally,
 ) -> None:
     kind = node.get("type")
@@ -309,17 +404,21 @@ def _walk(
     actors = _list(node, "actor", where)
     purposes = _list(node, "purpose", where)
     labels = _list(node, "securityLabel", where)
-    if node.get("data") is not None:
-        raise ConsentFormatError(
-            f"{where}: provisions about single resources (data) cannot be evaluated"
-        )
+    for element, what in _UNEVALUATED:
+        if node.get(element) is not None:
+            raise ConsentFormatError(
+                f"{where}: provisions by {what} ({element}) cannot be evaluated"
+            )
+    deny = kind == "deny"
     applies = (
-        period_covers(node.get("period"), at, where)
-        and _actor_matches(actors, recipient, resources, where)
-        and _purpose_matches(purposes, purpose)
+        period_covers(node.get("period"), asked.at, where)
+        and _actor_matches(actors, asked, where, deny=deny)
+        and _purpose_matches(purposes, asked.purpose, where, deny=deny)
+        and _action_matches(_list(node, "action", where), deny)
     )
     if not applies:
         return
+    policy = asked.policy
     named = _label_categories(labels, kind == "permit", policy, where)
     if named is not None:
         covered = named if scope is None else named & scope
@@ -338,39 +437,33 @@ def _walk(
         for c in covered:
             tally.permitted.setdefault(c, consent_key)
     for i, child in enumerate(_list(node, "provision", where)):
-        _walk(
-            child,
-            covered,
-            consent_key,
-            f"{where}.provision[{i}]",
-            recipient,
-            purpose,
-            at,
-            resources,
-            policy,
-            tally,
-        )
+        _walk(child, covered, consent_key, f"{where}.provision[{i}]", asked, tally)
+
+
+# Consent scopes (consentscope) that say nothing about sharing.
+_OTHER_SCOPES = frozenset({"adr", "research", "treatment"})
 
 
 def _evaluate_consent(
-    consent: Mapping[str, Any],
-    recipient: Recipient,
-    purpose: str,
-    at: datetime,
-    resources: Mapping[str, Mapping[str, Any]],
-    policy: SharingPolicy,
-    tally: _Tally,
-    notes: list[str],
+    consent: Mapping[str, Any], asked: _Asked, tally: _Tally, notes: list[str]
 ) -> None:
     key = f"Consent/{consent.get('id')}"
     if consent.get("resourceType") != "Consent":
         raise ConsentFormatError(f"{key} is not a Consent")
     scope = consent.get("scope")
     codings = scope.get("coding") if isinstance(scope, dict) else None
-    if not isinstance(codings, list) or not any(
-        isinstance(c, dict) and (c.get("system"), c.get("code")) == PRIVACY_SCOPE for c in codings
-    ):
-        return  # treatment or research consent says nothing about sharing
+    codes = {
+        c.get("code")
+        for c in (codings if isinstance(codings, list) else [])
+        if isinstance(c, dict) and c.get("system") == PRIVACY_SCOPE[0]
+    }
+    if PRIVACY_SCOPE[1] not in codes:
+        if codes & _OTHER_SCOPES:
+            return  # treatment or research consent says nothing about sharing
+        # What cannot be told not to be about sharing may be a refusal of it.
+        raise ConsentFormatError(f"{key}: its scope is not a consentscope code this engine reads")
+    if consent.get("modifierExtension") is not None:
+        raise ConsentFormatError(f"{key}: modifier extensions cannot be evaluated")
     status = consent.get("status")
     if status != "active":
         if not isinstance(status, str):
@@ -382,23 +475,14 @@ def _evaluate_consent(
         raise ConsentFormatError(f"{key} has no provision")
     if root.get("type") != "deny":
         raise ConsentFormatError(f"{key}: the base provision must deny (permits are nested)")
-    if not period_covers(root.get("period"), at, f"{key}.provision"):
-        notes.append(f"{key} does not cover {at.date().isoformat()} (expired or not yet in force)")
+    if not period_covers(root.get("period"), asked.at, f"{key}.provision"):
+        notes.append(
+            f"{key} does not cover {asked.at.date().isoformat()} (expired or not yet in force)"
+        )
         return
     # The base deny is the default; only nested provisions grant or refuse.
     for i, child in enumerate(_list(root, "provision", f"{key}.provision")):
-        _walk(
-            child,
-            None,
-            key,
-            f"{key}.provision.provision[{i}]",
-            recipient,
-            purpose,
-            at,
-            resources,
-            policy,
-            tally,
-        )
+        _walk(child, None, key, f"{key}.provision.provision[{i}]", asked, tally)
 
 
 def steady_span(consents: Sequence[Mapping[str, Any]], at: datetime) -> tuple[datetime, datetime]:
@@ -449,21 +533,32 @@ def decide(
     *,
     exceptions: Sequence[str] = (),
     resources: Mapping[str, Mapping[str, Any]] | None = None,
+    restricting: Sequence[Mapping[str, Any]] = (),
+    urls: Mapping[str, str] | None = None,
 ) -> Decision:
     """Decide per category. `resources` (Type/id -> resource) lets consent actors be
-    matched by identifier as well as by reference. Raises a SharingError when
-    anything cannot be evaluated: the caller then shares nothing."""
+    matched by identifier as well as by reference, `urls` (fullUrl -> Type/id) by the
+    record's fullUrls. `restricting`: Consents that may
+    be the patient's but cannot be told to be (their patient named by an absolute
+    URL, say): what they refuse is refused, what they permit is not permitted.
+    Raises a SharingError when anything cannot be evaluated: the caller then shares
+    nothing."""
     if at.tzinfo is None:
         raise ConsentFormatError("the time of disclosure needs a time zone")
     if purpose not in policy.purposes:
         raise RecipientError(
             f"unknown purpose of use '{purpose}': use one of {', '.join(sorted(policy.purposes))}"
         )
-    resources = resources or {}
+    asked = _Asked(recipient, purpose, at, resources or {}, urls or {}, policy)
     tally = _Tally()
     notes: list[str] = []
     for consent in consents:
-        _evaluate_consent(consent, recipient, purpose, at, resources, policy, tally, notes)
+        _evaluate_consent(consent, asked, tally, notes)
+    for consent in restricting:
+        refusals = _Tally()
+        _evaluate_consent(consent, asked, refusals, [])
+        for cat, why in refusals.denied.items():
+            tally.denied.setdefault(cat, why)
     allowed: dict[str, Basis] = {}
     for cat, consent_key in tally.permitted.items():
         if cat not in tally.denied:

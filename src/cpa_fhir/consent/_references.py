@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 Path = tuple[str | int, ...]
+# The elements by which a resource names the patient whose record it is in.
+PATIENT_ELEMENTS = ("subject", "patient", "for", "beneficiary")
 
 
 def reference_key(ref: Any) -> str | None:
@@ -39,7 +41,7 @@ def references(node: Any, path: Path = ()) -> Iterator[tuple[Path, str]]:
             yield from references(v, (*path, i))
 
 
-def resolve(ref: str, by_url: dict[str, str]) -> str | None:
+def resolve(ref: str, by_url: Mapping[str, str]) -> str | None:
     """The `Type/id` a reference names in a record whose entries' fullUrls are `by_url`."""
     if ref in by_url:
         return by_url[ref]

@@ -16,14 +16,21 @@ from cpa_fhir.consent._audit import audit_event, provenance
 from cpa_fhir.consent._decision import (
     Decision,
     Recipient,
+    cares_for,
     decide,
     partner_types,
     resolve_recipient,
 )
 from cpa_fhir.consent._filtering import FilterResult, RequiredElements, WithheldItem, filter_record
 from cpa_fhir.consent._labelling import LabelledResource, label_resources
-from cpa_fhir.consent._policy import CONFIDENTIALITY_SYSTEM, LEGAL_BASIS_SYSTEM, SharingPolicy
-from cpa_fhir.errors import LabellingError, SharingError
+from cpa_fhir.consent._policy import (
+    CARER,
+    CONFIDENTIALITY_SYSTEM,
+    LEGAL_BASIS_SYSTEM,
+    SharingPolicy,
+)
+from cpa_fhir.consent._references import PATIENT_ELEMENTS, resolve
+from cpa_fhir.errors import LabellingError, RecipientError, SharingError
 
 DISCLOSURE_PROFILE = "https://cpa-fhir.org/fhir/StructureDefinition/cpa-disclosure-bundle"
 
@@ -104,6 +111,30 @@ def _consents(
     return out
 
 
+def _all_of_one_patient(
+    entries: Sequence[tuple[str | None, dict[str, Any]]],
+    patient: dict[str, Any],
+    urls: Mapping[str, str],
+) -> None:
+    """Refuse a record holding what is about another patient: this one's consent does
+    not decide what of another's record may go."""
+    ours = f"Patient/{patient['id']}"
+    for _, r in entries:
+        for name in PATIENT_ELEMENTS:
+            ref = r.get(name)
+            url = ref.get("reference") if isinstance(ref, dict) else None
+            if not isinstance(url, str):
+                continue
+            target = resolve(url, urls)
+            if target is None and "://" in url and "/Patient/" in url:
+                target = url  # another server's patient
+            if target is not None and target.startswith(("Patient/", "http")) and target != ours:
+                raise SharingError(
+                    f"{r['resourceType']}/{r['id']}.{name} is {url}, not this record's patient:"
+                    " a record is one patient's"
+                )
+
+
 def _trust(entries: Sequence[tuple[str | None, dict[str, Any]]]) -> dict[str, Any] | None:
     for _, r in entries:
         if r["resourceType"] == "Organization" and "mental-health-trust" in partner_types(r):
@@ -144,10 +175,21 @@ def _share(
     patient = _patient(entries)
     consents = _consents(entries, patient)
     resources = {f"{r['resourceType']}/{r['id']}": r for _, r in entries}
+    urls = {url: f"{r['resourceType']}/{r['id']}" for url, r in entries if url}
+    _all_of_one_patient(entries, patient, urls)
     if isinstance(request.to, Recipient):
         recipient = request.to
     else:
         recipient = resolve_recipient(request.to, resources.values(), policy)
+    if (
+        recipient.partner_type == CARER
+        and request.exceptions
+        and not cares_for(resources.get(recipient.reference), str(patient["id"]), at)
+    ):
+        raise RecipientError(
+            f"{recipient.reference} is not an active carer of this record's patient at"
+            f" {at.date().isoformat()}: a carer's legal basis does not hold"
+        )
     decision = decide(
         consents,
         recipient,
@@ -156,6 +198,7 @@ def _share(
         policy,
         exceptions=request.exceptions,
         resources=resources,
+        urls=urls,
     )
     labelled = label_resources(entries, policy)
     result = filter_record(labelled, decision, policy, required)

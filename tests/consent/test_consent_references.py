@@ -1,0 +1,255 @@
+"""How a Consent is read: a refusal errs towards applying, a grant never goes beyond
+what it says, and what cannot be evaluated shares nothing."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import pytest
+
+from cpa_fhir.config import load_policy
+from cpa_fhir.conformance import default_package
+from cpa_fhir.consent import (
+    CATEGORY_SYSTEM,
+    Recipient,
+    RequiredElements,
+    ShareRequest,
+    SharingPolicy,
+    decide,
+    share,
+)
+from cpa_fhir.consent._decision import PRIVACY_SCOPE
+from cpa_fhir.errors import ConsentFormatError, RecipientError, SharingError
+from tests.common import EXAMPLES
+
+AT = datetime(2026, 11, 1, 10, 0, tzinfo=UTC)
+RECORD_C = orjson.loads(next(EXAMPLES.glob("Bundle-record-C-*.json")).read_bytes())
+CONSENT_C = next(
+    e["resource"] for e in RECORD_C["entry"] if e["resource"]["resourceType"] == "Consent"
+)
+GP = Recipient("Organization/c-gp-practice", "gp-practice")
+GIVEN = {"administrative", "care-plan", "crisis", "medication"}  # C's consent, to her GP
+
+
+def _with_gp_actor(reference: str, kind: str) -> dict[str, Any]:
+    """C's consent with its GP permit naming the GP as `reference`, made a `kind`."""
+    consent = copy.deepcopy(CONSENT_C)
+    for provision in consent["provision"]["provision"]:
+        for actor in provision.get("actor", []):
+            if actor["reference"]["reference"] == GP.reference:
+                actor["reference"]["reference"] = reference
+                provision["type"] = kind
+    return consent
+
+
+def _allowed(consents: list[dict[str, Any]], policy: SharingPolicy, **kw: Any) -> set[str]:
+    return set(decide(consents, GP, "TREAT", AT, policy, **kw).allowed)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://testserver/fhir/Organization/c-gp-practice",
+        "https://elsewhere.example/fhir/Organization/c-gp-practice/_history/3",
+    ],
+)
+def test_a_refusal_naming_the_recipient_by_absolute_url_applies(
+    url: str, policy: SharingPolicy
+) -> None:
+    assert _allowed([CONSENT_C], policy) == GIVEN
+    refusal = _with_gp_actor(url, "deny")
+    refusal["id"] = "refusal"
+    assert _allowed([CONSENT_C, refusal], policy) == set()
+
+
+def test_a_grant_naming_the_recipient_by_absolute_url_grants_nothing(
+    policy: SharingPolicy,
+) -> None:
+    grant = _with_gp_actor("https://elsewhere.example/fhir/Organization/c-gp-practice", "permit")
+    assert _allowed([grant], policy) == set()
+    other = _with_gp_actor("https://elsewhere.example/fhir/Organization/c-gp-practice-2", "deny")
+    other["id"] = "other"
+    assert _allowed([CONSENT_C, other], policy) == GIVEN
+
+
+def test_a_consent_that_only_restricts_refuses_but_never_grants(policy: SharingPolicy) -> None:
+    refusal = _with_gp_actor(GP.reference, "deny")
+    assert _allowed([CONSENT_C], policy, restricting=[refusal]) == set()
+    assert _allowed([], policy, restricting=[CONSENT_C]) == set()
+    assert _allowed([CONSENT_C], policy, restricting=[CONSENT_C]) == GIVEN
+
+
+# -- through share(): a record's fullUrls, what a provision cannot say, carers -------------
+
+REQUIRED = RequiredElements(default_package())
+
+
+def _share(record: dict[str, Any], to: str = "gp", purpose: str = "TREAT", *exc: str) -> Any:
+    ids = itertools.count()
+    return share(
+        record,
+        ShareRequest(to, purpose, exc),
+        load_policy(),
+        at=AT,
+        new_id=lambda: f"id-{next(ids)}",
+        required=REQUIRED,
+    )
+
+
+def _in(record: dict[str, Any], key: str) -> dict[str, Any]:
+    rtype, rid = key.split("/")
+    return next(
+        e["resource"]
+        for e in record["entry"]
+        if (e["resource"]["resourceType"], e["resource"]["id"]) == (rtype, rid)
+    )
+
+
+def _gp_permit_of(record: dict[str, Any]) -> dict[str, Any]:
+    permit: dict[str, Any] = _in(record, "Consent/c-consent")["provision"]["provision"][0]
+    assert permit["actor"][0]["reference"]["reference"] == GP.reference
+    return permit
+
+
+def test_a_refusal_naming_the_recipient_by_the_records_urn_applies() -> None:
+    record = copy.deepcopy(RECORD_C)
+    urn = "urn:uuid:0f7d2c56-4f0b-4b43-9a0e-2f6f3c1d9e01"
+    next(e for e in record["entry"] if e["resource"]["id"] == "c-gp-practice")["fullUrl"] = urn
+    refusal = copy.deepcopy(_gp_permit_of(record))
+    refusal.update(type="deny", actor=[{**refusal["actor"][0], "reference": {"reference": urn}}])
+    refusal["securityLabel"] = [{"system": CATEGORY_SYSTEM, "code": "care-plan"}]
+    _in(record, "Consent/c-consent")["provision"]["provision"].append(refusal)
+    assert "care-plan" not in _share(record).decision.allowed
+
+
+@pytest.mark.parametrize(
+    ("system", "refused"),
+    [("urn:oid:2.16.840.1.113883.5.8", True), ("https://local.example/purposes", None)],
+)
+def test_a_refusal_for_a_purpose_coded_otherwise_applies_or_is_an_error(
+    system: str, refused: bool | None
+) -> None:
+    record = copy.deepcopy(RECORD_C)
+    _in(record, "Consent/c-consent")["provision"]["provision"].append(
+        {
+            "type": "deny",
+            "purpose": [{"system": system, "code": "TREAT"}],
+            "securityLabel": [{"system": CATEGORY_SYSTEM, "code": "care-plan"}],
+        }
+    )
+    if refused is None:
+        with pytest.raises(ConsentFormatError, match="purpose"):
+            _share(record)
+    else:
+        assert "care-plan" not in _share(record).decision.allowed
+
+
+@pytest.mark.parametrize(
+    ("scope", "outcome"),
+    [
+        ({"text": "Privacy consent"}, "error"),
+        ({"coding": [{"system": "https://local.example/scopes", "code": "sharing"}]}, "error"),
+        ({"coding": [{"system": PRIVACY_SCOPE[0], "code": "treatment"}]}, "ignored"),
+    ],
+)
+def test_a_refusal_whose_scope_cannot_be_read_shares_nothing(
+    scope: dict[str, Any], outcome: str
+) -> None:
+    record = copy.deepcopy(RECORD_C)
+    refusal = copy.deepcopy(_in(record, "Consent/c-consent"))
+    refusal.update(id="c-consent-withdrawal", scope=scope)
+    refusal["provision"]["provision"] = [{**_gp_permit_of(record), "type": "deny"}]
+    record["entry"].append({"resource": refusal})
+    if outcome == "error":
+        with pytest.raises(ConsentFormatError, match="scope"):
+            _share(record)
+    else:
+        assert set(_share(record).decision.allowed) == GIVEN
+
+
+@pytest.mark.parametrize(
+    ("element", "value"),
+    [
+        ("class", [{"system": "http://hl7.org/fhir/resource-types", "code": "MedicationStatement"}]),
+        ("code", [{"coding": [{"system": "http://snomed.info/sct", "code": "182836005"}]}]),
+        ("dataPeriod", {"start": "2026-10-01"}),
+        ("modifierExtension", [{"url": "https://local.example/only-in-emergency", "valueBoolean": True}]),
+    ],
+)  # fmt: skip
+def test_a_permit_narrowed_in_ways_not_evaluated_shares_nothing(element: str, value: Any) -> None:
+    record = copy.deepcopy(RECORD_C)
+    _gp_permit_of(record)[element] = value
+    with pytest.raises(ConsentFormatError, match=element):
+        _share(record)
+    record = copy.deepcopy(RECORD_C)
+    _in(record, "Consent/c-consent")["modifierExtension"] = [
+        {"url": "https://local.example/x", "valueBoolean": True}
+    ]
+    with pytest.raises(ConsentFormatError, match="modifier"):
+        _share(record)
+
+
+ACTION = "http://terminology.hl7.org/CodeSystem/consentaction"
+ROLE = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"
+
+
+@pytest.mark.parametrize(
+    ("change", "kind", "allowed"),
+    [
+        ({"action": [{"coding": [{"system": ACTION, "code": "collect"}]}]}, "permit", set()),
+        ({"action": [{"coding": [{"system": ACTION, "code": "disclose"}]}]}, "permit", GIVEN),
+        ({"role": {"coding": [{"system": ROLE, "code": "AUT"}]}}, "permit", set()),
+        ({"role": {"coding": [{"system": ROLE, "code": "AUT"}]}}, "deny", set()),
+        ({"action": [{"coding": [{"system": ACTION, "code": "collect"}]}]}, "deny", set()),
+    ],
+)
+def test_a_permit_grants_only_disclosure_to_a_recipient_a_refusal_errs_towards_applying(
+    change: dict[str, Any], kind: str, allowed: set[str]
+) -> None:
+    record = copy.deepcopy(RECORD_C)
+    provision = _gp_permit_of(record)
+    if kind == "deny":  # C's permit as it is, and a refusal of the same, changed
+        provision = copy.deepcopy(provision)
+        _in(record, "Consent/c-consent")["provision"]["provision"].append(provision)
+        provision["type"] = "deny"
+    if "role" in change:
+        provision["actor"][0]["role"] = change["role"]
+    else:
+        provision.update(change)
+    assert set(_share(record).decision.allowed) == allowed
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"active": False},
+        {"patient": {"reference": "Patient/someone-else"}},
+        {"period": {"start": "2020-01-01", "end": "2021-01-01"}},
+    ],
+)
+def test_a_carers_need_to_know_holds_only_for_an_active_carer_of_the_records_patient(
+    change: dict[str, Any],
+) -> None:
+    ask = ("carer:c-carer-son", "FAMRQT", "carers-need-to-know")
+    assert _share(copy.deepcopy(RECORD_C), *ask).bundle is not None
+    record = copy.deepcopy(RECORD_C)
+    _in(record, "RelatedPerson/c-carer-son").update(change)
+    with pytest.raises((RecipientError, SharingError), match="carer|patient"):
+        _share(record, *ask)
+
+
+@pytest.mark.parametrize(
+    "subject",
+    ["Patient/jac-fictional-carey", "https://other.example/fhir/Patient/c-patient"],
+)
+def test_a_record_holding_what_is_about_another_patient_shares_nothing(subject: str) -> None:
+    record = copy.deepcopy(RECORD_C)
+    need = copy.deepcopy(_in(record, "Condition/c-need-accommodation"))
+    need.update(id="jac-need-school", subject={"reference": subject})
+    record["entry"].append({"resource": need})
+    with pytest.raises(SharingError, match="not this record's patient"):
+        _share(record)
