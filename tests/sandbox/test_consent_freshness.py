@@ -10,6 +10,7 @@ partners read at once; when the AuditEvent cannot be stored, nothing is shared.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import threading
 import time
@@ -337,22 +338,72 @@ def test_a_new_consent_takes_effect_and_so_does_its_deletion(
     assert not _visible(gp, C_SELF_HARM)
 
 
-def test_a_consent_of_a_patient_at_another_server_grants_nothing_here(
-    gp: Fhir, trust: Fhir, changes: Changes
-) -> None:
-    """A Consent whose patient is another server's Patient/c-patient is not C's: the
-    search index files it under Patient/c-patient all the same, but it grants nothing
-    here."""
+@contextlib.contextmanager
+def _stored_directly(sandbox: Sandbox, resource: dict[str, Any]) -> Iterator[str]:
+    """Store a resource as another writer of the database might, past the API's checks;
+    delete it afterwards."""
+    stored = sandbox.repo.create(resource)
+    try:
+        yield f"{stored.resource_type}/{stored.id}"
+    finally:
+        sandbox.repo.delete(stored.resource_type, stored.id)
+
+
+def _consent_naming(patient: str, provisions: list[dict[str, Any]], trust: Fhir) -> dict[str, Any]:
     consent = trust.get("Consent/c-consent").json()
     consent.pop("id")
     consent.pop("meta", None)
-    consent["patient"] = {"reference": "https://other-trust.example/fhir/Patient/c-patient"}
-    permit = copy.deepcopy(_gp_permit(consent))
+    consent["patient"] = {"reference": patient}
+    consent["provision"]["provision"] = provisions
+    return dict(consent)
+
+
+@pytest.mark.parametrize(
+    "patient",
+    [
+        "https://other-trust.example/fhir/Patient/c-patient",
+        "http://testserver/fhir/Patient/c-patient",  # this server's base, written out
+        "https://other-trust.example/fhir/Patient/c-patient/_history/1",
+    ],
+)
+def test_a_consent_not_naming_its_patient_as_this_servers_is_held_to_its_refusals_alone(
+    sandbox: Sandbox, gp: Fhir, trust: Fhir, patient: str
+) -> None:
+    """The search index files a Consent whose patient is an absolute URL ending in
+    Patient/c-patient under C, whether it is another server's patient or this
+    server's base written out. The API refuses to store one (422); one stored all the
+    same grants nothing here, and what it refuses is refused."""
+    permit = copy.deepcopy(_gp_permit(trust.get("Consent/c-consent").json()))
     permit["securityLabel"] = [_label("risk-to-self")]
-    consent["provision"]["provision"] = [permit]
-    changes.create(consent)
-    assert trust.get("Consent", params={"patient": "Patient/c-patient"}).json()["total"] == 2
-    assert not _visible(gp, C_SELF_HARM)
+    grant = _consent_naming(patient, [permit], trust)
+    refused = trust.post("Consent", grant)
+    assert refused.status_code == 422, refused.text
+    assert "Consent.patient" in refused.text
+    assert _visible(gp, C_PLAN) and not _visible(gp, C_SELF_HARM)
+    with _stored_directly(sandbox, grant):
+        assert trust.get("Consent", params={"patient": "Patient/c-patient"}).json()["total"] == 2
+        assert not _visible(gp, C_SELF_HARM)
+        assert _visible(gp, C_PLAN)
+    refusal = {**permit, "type": "deny", "securityLabel": [_label("care-plan")]}
+    with _stored_directly(sandbox, _consent_naming(patient, [refusal], trust)):
+        assert not _visible(gp, C_PLAN)
+    assert _visible(gp, C_PLAN)
+
+
+def test_a_refusal_naming_the_partner_by_this_servers_absolute_url_applies(
+    gp: Fhir, trust: Fhir, changes: Changes
+) -> None:
+    permit = _gp_permit(trust.get("Consent/c-consent").json())
+    refusal = copy.deepcopy(permit)
+    refusal["type"] = "deny"
+    refusal["actor"][0]["reference"] = {
+        "reference": "http://testserver/fhir/Organization/c-gp-practice"
+    }
+    refusal.pop("purpose")
+    assert _visible(gp, C_PLAN)
+    changes.create(_consent_naming("Patient/c-patient", [refusal], trust))
+    assert not _visible(gp, C_PLAN)
+    assert gp.get("Patient/c-patient").status_code == 404
 
 
 def test_a_consent_starting_later_today_grants_nothing_yet(gp: Fhir, changes: Changes) -> None:

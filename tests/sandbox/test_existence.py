@@ -317,6 +317,45 @@ def test_a_partner_cannot_write_whom_a_consent_may_name(
     assert _version_or_none(sandbox, rtype, rid) == before
 
 
+@pytest.mark.parametrize("rtype", ["AuditEvent", "Provenance"])
+def test_a_partner_cannot_write_into_the_audit_trail(sandbox: Sandbox, rtype: str) -> None:
+    """A partner that could write an AuditEvent or a Provenance could put into the
+    trust's record of disclosures one that never happened, or take one out."""
+    gp = _caller(sandbox, "gp")
+    trust = _caller(sandbox, "trust")
+    gp("GET", "CarePlan/c-careplan")  # a disclosure, so that there is an AuditEvent
+    stored = orjson.loads(trust("GET", rtype, query=[("_count", "1")]).body).get("entry", [])
+    forged = {
+        "resourceType": "AuditEvent",
+        "type": {"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "110106"},
+        "recorded": "2026-01-01T00:00:00Z",
+        "agent": [{"who": {"reference": "Organization/c-probation"}, "requestor": True}],
+        "source": {"observer": {"display": "cpa-fhir sandbox"}},
+        "entity": [{"what": {"reference": "Patient/c-patient"}}],
+    } if rtype == "AuditEvent" else {
+        "resourceType": "Provenance",
+        "target": [{"reference": "CarePlan/c-careplan"}],
+        "recorded": "2026-01-01T00:00:00Z",
+        "agent": [{"who": {"reference": "Organization/c-gp-practice"}}],
+    }  # fmt: skip
+    before = orjson.loads(trust("GET", rtype, query=[("_summary", "count")]).body)["total"]
+    attempts: list[tuple[str, str, Any]] = [
+        ("POST", rtype, forged),
+        ("PUT", f"{rtype}/forged", {**forged, "id": "forged"}),
+        ("POST", "", {"resourceType": "Bundle", "type": "transaction", "entry": [
+            {"resource": forged, "request": {"method": "POST", "url": rtype}}]}),
+    ]  # fmt: skip
+    if stored:
+        key = f"{rtype}/{stored[0]['resource']['id']}"
+        attempts.append(("DELETE", key, None))
+    for method, path, body in attempts:
+        refused = gp(method, path, body)
+        assert refused.status == 403, (method, path, refused.body)
+        assert b"record of what was disclosed" in refused.body
+    after = orjson.loads(trust("GET", rtype, query=[("_summary", "count")]).body)["total"]
+    assert after == before
+
+
 def _version_or_none(sandbox: Sandbox, rtype: str, rid: str) -> int | None:
     try:
         return sandbox.repo.read(rtype, rid).version_id

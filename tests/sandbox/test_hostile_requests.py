@@ -25,7 +25,7 @@ FLAG = "Flag/c-risk-self-harm"
 
 
 def _versions(trust: Fhir, key: str) -> int:
-    return int(trust.get(f"{key}/_history", params={"_summary": "count"}).json()["total"])
+    return int(trust.get(f"{key}/_history", params={"_count": "1"}).json()["total"])
 
 
 def test_an_id_with_a_trailing_newline_is_not_the_id_without_it(trust: Fhir) -> None:
@@ -430,3 +430,10 @@ def test_an_entry_method_that_is_not_text_is_the_clients_error(
     }
     for client_id in ("gp", "trust"):
         outcome(as_client(client_id).post("", bundle), 400)
+
+
+def test_validate_with_parameters_that_are_not_a_list_is_400(trust: Fhir) -> None:
+    for url in ("Flag/$validate", "Flag/c-risk-self-harm/$validate"):
+        for parameter in (5, 1.5, True, "text"):
+            body = {"resourceType": "Parameters", "parameter": parameter}
+            outcome(trust.post(url, body), 400)

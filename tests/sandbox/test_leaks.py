@@ -12,8 +12,15 @@ import pytest
 
 from cpa_fhir.config import load_policy
 from cpa_fhir.conformance import default_package
-from cpa_fhir.consent import Recipient, RequiredElements, ShareRequest, share
+from cpa_fhir.consent import (
+    Recipient,
+    RequiredElements,
+    ShareRequest,
+    disclosed_references,
+    share,
+)
 from cpa_fhir.store import default_search_parameters
+from cpa_fhir.validation import Validator
 from tests.common import EXAMPLES
 from tests.sandbox.conftest import Fhir, resource_keys
 
@@ -249,6 +256,48 @@ def test_gp_sees_redacted_care_plan_and_every_disclosure_is_audited(
         if gp.get("AuditEvent").status_code == 200
         else True
     )
+
+
+def _new_audit_events(trust: Fhir, before: set[str]) -> list[dict[str, Any]]:
+    found = trust.get("AuditEvent", params={"_count": "1000"}).json()
+    assert found["total"] <= 1000
+    return [e["resource"] for e in found.get("entry", []) if e["resource"]["id"] not in before]
+
+
+def _counted(event: dict[str, Any]) -> dict[str, int]:
+    return {
+        d["type"].removeprefix("counted-"): int(d["valueString"])
+        for e in event["entity"]
+        if e.get("description", "").startswith("Counted")
+        for d in e["detail"]
+    }
+
+
+def test_what_an_answer_counts_but_does_not_send_is_audited(as_client: Any, trust: Fhir) -> None:
+    """A total, or a next page, tells a partner that the matches it counts are there:
+    that an NHS number is a service user's of this trust, say. Each patient whose
+    matches are counted has an AuditEvent, naming what was sent and counting the rest."""
+    gp = as_client("gp")
+    patient = trust.get("Patient/c-patient").json()
+    nhs = next(i for i in patient["identifier"] if i["system"].endswith("/nhs-number"))
+    by_nhs = {"identifier": f"{nhs['system']}|{nhs['value']}"}
+    validator = Validator(default_package())
+    for asked in ({"_summary": "count"}, {"_count": "0"}, {"_offset": "5"}):
+        before = {e["resource"]["id"] for e in trust.get("AuditEvent", params={"_count": "1000"}).json().get("entry", [])}  # fmt: skip
+        answer = gp.get("Patient", params={**by_nhs, **asked})
+        assert answer.status_code == 200 and answer.json()["total"] == 1
+        (event,) = _new_audit_events(trust, before)
+        assert disclosed_references(event) == []
+        assert _counted(event) == {"Patient": 1}
+        assert {"reference": "Patient/c-patient"} in [e.get("what") for e in event["entity"]]
+        assert [i for i in validator.validate(event) if i.is_error] == []
+    encounters = gp.get("Encounter", params={"subject": "Patient/c-patient"}).json()["total"]
+    assert encounters > 1
+    before = {e["resource"]["id"] for e in trust.get("AuditEvent", params={"_count": "1000"}).json().get("entry", [])}  # fmt: skip
+    page = gp.get("Encounter", params={"subject": "Patient/c-patient", "_count": "1"}).json()
+    (event,) = _new_audit_events(trust, before)
+    assert disclosed_references(event) == sorted(resource_keys(page))
+    assert _counted(event) == {"Encounter": encounters - 1}
 
 
 def _patient_parameter(resource_type: str) -> str | None:

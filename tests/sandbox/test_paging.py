@@ -89,3 +89,34 @@ def test_partner_search_audits_the_page_sent_not_every_match(as_client: Any, tru
     assert shared == [
         page["entry"][0]["resource"]["resourceType"] + "/" + page["entry"][0]["resource"]["id"]
     ]
+
+
+def test_a_page_of_nothing_has_no_next_page(trust: Fhir) -> None:
+    """`_count=0` asks for the total alone: a next link would be the same page again,
+    and a client following next pages would never stop."""
+    for extra in ({}, {"_total": "none"}, {"_offset": "2"}):
+        body = trust.get("Flag", params={"_count": "0", **extra}).json()
+        assert {link["relation"] for link in body["link"]} == {"self"}, (extra, body["link"])
+
+
+def test_history_since_its_last_change_is_an_empty_page(trust: Fhir, as_client: Any) -> None:
+    later = {"_since": "2999-01-01T00:00:00Z"}
+    for client in (trust, as_client("gp")):
+        page = client.get("CarePlan/c-careplan/_history", params=later)
+        assert page.status_code == 200, page.text
+        assert page.json()["total"] == 0 and not page.json().get("entry")
+    outcome(trust.get("CarePlan/no-such-plan/_history", params=later), 404)
+    # Of what the partner may not see, as of what is not there: unknown.
+    gp = as_client("gp")
+    outcome(gp.get("Flag/c-risk-self-harm/_history", params=later), 404)
+
+
+def test_history_refuses_what_it_does_not_support(trust: Fhir) -> None:
+    for params in (
+        [("_at", "2026")],
+        [("_list", "x")],
+        [("patient", "Patient/c-patient")],
+        [("_since", "2020-01-01T00:00:00Z"), ("_since", "2021-01-01T00:00:00Z")],
+    ):
+        found = outcome(trust.get("CarePlan/c-careplan/_history", params=params), 400)
+        assert params[0][0] in found["issue"][0]["details"]["text"]

@@ -9,7 +9,7 @@ Provenance follows https://hl7.org/fhir/R4/provenance.html.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -33,6 +33,9 @@ SUBJECT_ROLE = {
     "code": "1",
     "display": "Patient",
 }
+
+
+COUNTED = "Counted in what was sent (a total, a next page), not sent"
 
 
 def disclosed_references(event: dict[str, Any]) -> list[str]:
@@ -90,15 +93,28 @@ def audit_event(
     requester: str,
     observer: dict[str, Any],
     patient: str | None = None,
+    counted: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
     """The one AuditEvent of a disclosure. `shared` lists Type/id of what went;
-    `patient`, Patient/id of the service user whose record it came from."""
+    `patient`, Patient/id of the service user whose record it came from; `counted`,
+    per resource type, how many more the recipient was told of but not sent (a
+    search's total, a next page), whose categories are among `shared_categories`."""
     entities: list[dict[str, Any]] = []
     if patient is not None:
         entities.append(
             {"what": {"reference": patient}, "type": SUBJECT_TYPE, "role": SUBJECT_ROLE}
         )
     entities += [{"what": {"reference": key}} for key in shared]
+    if counted:
+        entities.append(
+            {
+                "description": COUNTED,
+                "detail": [
+                    {"type": f"counted-{rtype}", "valueString": str(n)}
+                    for rtype, n in sorted(counted.items())
+                ],
+            }
+        )
     counts = withheld_counts(withheld)
     if counts:
         entities.append(

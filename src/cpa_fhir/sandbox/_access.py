@@ -37,6 +37,7 @@ from cpa_fhir.consent import (
     WithheldItem,
     audit_event,
     audit_instant,
+    cares_for,
     decide,
     filter_record,
     label_resources,
@@ -45,6 +46,7 @@ from cpa_fhir.consent import (
     withheld_counts,
 )
 from cpa_fhir.consent._labelling import reference_key
+from cpa_fhir.consent._references import PATIENT_ELEMENTS
 from cpa_fhir.errors import SearchError, SharingError
 from cpa_fhir.sandbox._auth import Client
 from cpa_fhir.store import SqlRepository, Stored
@@ -64,7 +66,6 @@ MAX_PARTNER_VISIBLE = 10_000
 SCAN_PAGE = 1000
 PARTNER_SCAN_SECONDS = 20.0
 # Where each resource type names the patient whose record it belongs to.
-PATIENT_ELEMENTS = ("subject", "patient", "for", "beneficiary")
 
 
 def partner_scan(
@@ -123,12 +124,16 @@ def _in_period(period: Any, at: datetime) -> bool:
 
 
 def patient_of(resource: dict[str, Any]) -> str | None:
+    """The id of the patient whose record a resource is in: named by a relative
+    reference, as a patient of this server. An absolute URL may name another server's
+    patient of the same id (even one of a version), so it names none here."""
     if resource.get("resourceType") == "Patient":
         return str(resource.get("id"))
     for name in PATIENT_ELEMENTS:
         ref = resource.get(name)
         if isinstance(ref, dict):
-            key = reference_key(ref.get("reference"))
+            url = ref.get("reference")
+            key = reference_key(url) if isinstance(url, str) and "://" not in url else None
             if key and key.startswith("Patient/"):
                 return key.split("/", 1)[1]
     return None
@@ -154,6 +159,13 @@ def _references(node: Any) -> Iterable[str]:
             yield from _references(v)
 
 
+@dataclass(frozen=True, slots=True)
+class _ConsentInputs:
+    consents: list[dict[str, Any]]
+    restricting: list[dict[str, Any]]
+    actors: dict[str, dict[str, Any]]
+
+
 @dataclass
 class _Shared:
     decision: Decision
@@ -162,6 +174,10 @@ class _Shared:
     withheld: list[WithheldItem] = field(default_factory=list)
     # What was accounted, in order: the rest follows from it and the decision.
     accounted: list[_Shown] = field(default_factory=list)
+    # What the answer counted but did not send (`PartnerView.count`): per type, and
+    # each as it was accounted.
+    counted: dict[str, int] = field(default_factory=dict)
+    counted_shown: list[_Shown] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,7 +199,7 @@ class Derived:
         self.generation = generation
         self.resources: dict[str, dict[str, Any] | None] = {}
         self.patients: dict[tuple[str, int], str | None] = {}
-        self.consents: dict[str, tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]] = {}
+        self.consents: dict[str, _ConsentInputs] = {}
         self.care_teams: dict[str, list[dict[str, Any]]] = {}  # patient -> their CareTeams
         self.shown: dict[tuple[str, int, frozenset[str]], _Shown] = {}
         self.categories: dict[tuple[str, int], frozenset[str]] = {}
@@ -193,7 +209,7 @@ class Derived:
         # The same templates found from what a request accounted (`_Shared.accounted`)
         # and its decision, by identity: no key to build from their content.
         self.audit_by_account: dict[
-            tuple[Any, ...], tuple[Decision, tuple[_Shown, ...], dict[str, Any]]
+            tuple[Any, ...], tuple[Decision, tuple[_Shown | None, ...], dict[str, Any]]
         ] = {}
         # (type, id) -> the current version, as read
         self.current: dict[tuple[str, str], Stored] = {}
@@ -267,6 +283,7 @@ class PartnerView:
         # patient -> the kept decision this request's was made from (see audit_events)
         self._decided_from: dict[str, Decision] = {}
         self._disclosed: dict[str, _Shared] = {}
+        self._counting = False
 
     def moved_on(self, derived: Derived) -> None:
         """Read from now on what `derived` was made from (the store after this request's
@@ -304,18 +321,25 @@ class PartnerView:
         self._fetch([key])
         return self.derived.resources[key]
 
-    def _consent_inputs(
-        self, patient_id: str
-    ) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    def _consent_inputs(self, patient_id: str) -> _ConsentInputs:
+        """The patient's Consents; those the index files under the patient that do not
+        name it as this server's Patient/ID (an absolute URL, which may be this
+        server's own base written out, or another server's), whose refusals hold and
+        whose permits do not; and the actors they name."""
         known = self.derived.consents.get(patient_id)
         if known is not None:
             return known
-        consents = self._of_patient("Consent", patient_id)
-        wanted = [key for c in consents for key in _references(c.get("provision"))]
+        found = self.repo.referring("Consent", "patient", ("Patient", patient_id))
+        consents: list[dict[str, Any]] = []
+        restricting: list[dict[str, Any]] = []
+        for stored in found:
+            consent = stored.resource()
+            (consents if patient_of(consent) == patient_id else restricting).append(consent)
+        wanted = [key for c in (*consents, *restricting) for key in _references(c.get("provision"))]
         self._fetch(wanted)
         actors = {k: r for k in wanted if (r := self.derived.resources[k]) is not None}
-        self.derived.consents[patient_id] = (consents, actors)
-        return consents, actors
+        known = self.derived.consents[patient_id] = _ConsentInputs(consents, restricting, actors)
+        return known
 
     def _legal_bases(self, patient_id: str) -> tuple[Sequence[str], list[dict[str, Any]]]:
         """The client's legal bases that hold for this patient now, and the resources
@@ -335,12 +359,7 @@ class PartnerView:
             carer = self._get(self.recipient.reference)
             if carer is None:
                 return (), []
-            cares = (
-                carer.get("resourceType") == "RelatedPerson"
-                and carer.get("active") is not False
-                and patient_of(carer) == patient_id
-                and _in_period(carer.get("period"), self.at)
-            )
+            cares = cares_for(carer, patient_id, self.at)
             return (self.client.exceptions if cares else ()), [carer]
         teams = self.derived.care_teams.get(patient_id)
         if teams is None:
@@ -412,20 +431,21 @@ class PartnerView:
             decision = replace(known[0], at=self.at)
             self._decided_from[patient_id] = known[0]
         else:
-            consents, actors = self._consent_inputs(patient_id)
+            inputs = self._consent_inputs(patient_id)
             bases, involvement = self._legal_bases(patient_id)
             decision = decide(
-                consents,
+                inputs.consents,
                 self.recipient,
                 self.client.purpose,
                 self.at,
                 self.policy,
                 exceptions=bases,
-                resources=actors,
+                resources=inputs.actors,
+                restricting=inputs.restricting,
             )
             # Kept while neither a consent's period nor one of the involvement's
             # (a care-team role ending, a carer's) starts or ends.
-            start, end = steady_span([*consents, *involvement], self.at)
+            start, end = steady_span([*inputs.consents, *inputs.restricting, *involvement], self.at)
             if start < end:
                 self.derived.decisions[key] = (decision, start, end)
             self._decided_from[patient_id] = decision
@@ -497,6 +517,16 @@ class PartnerView:
                 out[i] = self._account(patient, decision, key, shown, account)
         return out
 
+    def count(self, versions: Sequence[Stored]) -> None:
+        """Note for the audit versions an answer tells of without sending them: the
+        visible matches a total counts or a next page holds. That they exist, and
+        match, is disclosed."""
+        self._counting = True
+        try:
+            self.filter_many(versions)
+        finally:
+            self._counting = False
+
     def _account(
         self, patient: str, decision: Decision, key: str, shown: _Shown, account: bool
     ) -> bytes | None:
@@ -506,6 +536,13 @@ class PartnerView:
         record = self._disclosed.get(patient)
         if record is None:
             record = self._disclosed[patient] = _Shared(decision)
+        if self._counting:
+            if shown.content is not None:
+                rtype = key.split("/", 1)[0]
+                record.counted[rtype] = record.counted.get(rtype, 0) + 1
+                record.counted_shown.append(shown)
+                record.categories |= shown.categories
+            return shown.content
         record.accounted.append(shown)
         record.withheld += shown.withheld
         if shown.content is None:
@@ -591,7 +628,7 @@ class PartnerView:
         observer_key = orjson.dumps(observer)
         by_account = self.derived.audit_by_account
         for patient, shared in self._disclosed.items():
-            if not shared.shared:
+            if not shared.shared and not shared.counted:
                 continue
             decision = shared.decision
             if recorded is None:
@@ -605,7 +642,7 @@ class PartnerView:
                 if self._decisions.get(patient) is decision
                 else None
             )
-            accounted = tuple(shared.accounted)
+            accounted = (*shared.accounted, None, *shared.counted_shown)
             quick = (
                 patient,
                 self.recipient.reference,
@@ -632,6 +669,7 @@ class PartnerView:
                 tuple(decision.allowed[c] for c in categories),
                 tuple(shared.shared),
                 counts,
+                tuple(sorted(shared.counted.items())),
                 observer_key,
             )
             template = self.derived.audit_templates.get(key)
@@ -645,6 +683,7 @@ class PartnerView:
                     requester=self.recipient.reference,
                     observer=observer,
                     patient=f"Patient/{patient}",
+                    counted=shared.counted,
                 )
                 self.derived.audit_templates[key] = template
             if source is not None:

@@ -382,7 +382,7 @@ def _transaction(
         if p["resource"] is not None:
             p["resource"] = _rewrite(p["resource"], ids)
             p["resource"]["id"] = p["id"]
-            issues = router.validator.validate(p["resource"])
+            issues = router.validate(p["resource"])
             if any(x.is_error for x in issues):
                 issues = [_in_entry(x, p["i"], p["type"]) for x in issues]
                 raise HttpError(

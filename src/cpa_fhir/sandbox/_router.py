@@ -24,6 +24,7 @@ import jsonpointer
 import orjson
 
 from cpa_fhir.consent import RequiredElements, SharingPolicy
+from cpa_fhir.consent._labelling import reference_key
 from cpa_fhir.errors import (
     FhirError,
     InputError,
@@ -459,8 +460,13 @@ class Router:
     ) -> Response:
         return Response(status, orjson.dumps(body), {"content-type": FHIR_JSON, **(headers or {})})
 
+    def validate(self, resource: dict[str, Any], profile: str | None = None) -> list[Issue]:
+        """The validator's issues with a resource, and those of what this store needs
+        of it before partners may be served under it (`store_rules`)."""
+        return [*self.validator.validate(resource, profile=profile), *store_rules(resource)]
+
     def _check_valid(self, resource: dict[str, Any]) -> None:
-        issues = self.validator.validate(resource)
+        issues = self.validate(resource)
         if any(i.is_error for i in issues):
             raise HttpError(
                 422,
@@ -757,7 +763,10 @@ class Router:
         resource: Any = body
         profile = dict(request.query).get("profile")
         if body.get("resourceType") == "Parameters":
-            params = [p for p in body.get("parameter") or [] if isinstance(p, dict)]
+            listed = body.get("parameter") or []
+            if not isinstance(listed, list):
+                raise HttpError(400, "Parameters.parameter must be a list")
+            params = [p for p in listed if isinstance(p, dict)]
             resource = next(
                 (p.get("resource") for p in params if p.get("name") == "resource"), None
             )
@@ -770,7 +779,7 @@ class Router:
                 raise HttpError(400, "the Parameters carry no 'resource'")
         if resource.get("resourceType") != rtype:
             raise HttpError(400, f"$validate on {rtype} needs a {rtype}")
-        issues = self.validator.validate(resource, profile=profile)
+        issues = self.validate(resource, profile=profile)
         return self._json(200, operation_outcome(issues))
 
     # -- search and history ---------------------------------------------------------
@@ -870,8 +879,11 @@ class Router:
             visible = _in_order_seen(visible, query, self.repo)
         total = len(visible)
         page = visible[query.offset : query.offset + query.count] if not query.summary_count else []
-        # Only what goes out is disclosed (and audited): this page.
+        # What goes out is disclosed (and audited): this page; and that the rest of
+        # what the client may see is there, by the total or a next page.
         view.filter_many([stored for stored, _ in page])
+        sent = {id(stored) for stored, _ in page}
+        view.count([stored for stored, _ in visible if id(stored) not in sent])
         included: list[tuple[Stored, bytes]] = []
         cut = False
         if page and (query.include or query.revinclude):
@@ -1023,6 +1035,18 @@ class Router:
         view: PartnerView | None,
     ) -> Response:
         require(scopes, rtype, "read")
+        for name, _ in request.query:
+            if name not in HISTORY_PARAMETERS:
+                raise HttpError(
+                    400,
+                    f"history does not support '{name}': it takes"
+                    f" {', '.join(sorted(HISTORY_PARAMETERS - {'_pretty'}))}",
+                    code="not-supported",
+                )
+        names = [name for name, _ in request.query]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise HttpError(400, f"history takes '{repeated[0]}' once", code="value")
         q = dict(request.query)
         since = None
         if "_since" in q:
@@ -1047,25 +1071,37 @@ class Router:
         if view is None:
             versions = self.repo.history(rtype, rid, since=since, count=count, offset=offset)
             total = self.repo.history_total(rtype, rid, since=since)
-            if rid is not None and total == 0:
+            if (
+                rid is not None
+                and total == 0
+                and (since is None or self.repo.history_total(rtype, rid) == 0)
+            ):
                 raise ResourceNotFound(f"{rtype}/{rid} is not known")
         else:
             # Count and page only what this client may see, as for a search.
-            try:
-                visible = partner_scan(
-                    lambda _, taken, limit: self.repo.history(
-                        rtype, rid, since=since, count=limit, offset=taken
-                    ),
-                    lambda versions: self._partner_history(versions, view),
-                    "versions",
-                    versions=True,
-                )
-            except ResourceNotFound:
-                raise _unknown(rtype, str(rid)) from None
-            if rid is not None and not visible:
+
+            def scan(since: datetime | None) -> list[Stored]:
+                try:
+                    return partner_scan(
+                        lambda _, taken, limit: self.repo.history(
+                            rtype, rid, since=since, count=limit, offset=taken
+                        ),
+                        lambda versions: self._partner_history(versions, view),
+                        "versions",
+                        versions=True,
+                    )
+                except ResourceNotFound:
+                    raise _unknown(rtype, str(rid)) from None
+
+            visible = scan(since)
+            # Nothing since then of one it may see is an empty page; of one it may
+            # not, or that is not there, it is unknown.
+            if rid is not None and not visible and (since is None or not scan(None)):
                 raise _unknown(rtype, rid)
             total = len(visible)
             versions = visible[offset : offset + count]
+            sent = {id(s) for s in versions}
+            view.count([s for s in visible if id(s) not in sent and not s.deleted])
         entries = []
         for s, content in zip(versions, self._history_content(versions, view), strict=True):
             entry: dict[str, Any] = {"fullUrl": f"{request.base_url}/{s.resource_type}/{s.id}"}
@@ -1175,6 +1211,30 @@ def _write_criteria(request: Request, rtype: str, view: PartnerView | None, what
     return criteria
 
 
+def store_rules(resource: dict[str, Any]) -> list[Issue]:
+    """What the store needs of a resource beyond the profiles. A Consent must name its
+    patient as `Patient/ID` on this server: the consent engine finds a patient's
+    Consents by that reference, and one it cannot tell to be the patient's would be
+    held to its refusals alone, its permits unused."""
+    if resource.get("resourceType") != "Consent":
+        return []
+    patient = resource.get("patient")
+    ref = patient.get("reference") if isinstance(patient, dict) else None
+    key = reference_key(ref)
+    if key is not None and key.startswith("Patient/") and ref == key:
+        return []
+    return [
+        Issue(
+            "error",
+            "invariant",
+            "Consent.patient must be a reference Patient/ID to a patient on this server"
+            f" (not {ref!r}), so that partners are served under this Consent",
+            "Consent.patient",
+            "cpa-fhir-store-consent-patient",
+        )
+    ]
+
+
 def json_patch(body: bytes, what: str) -> jsonpatch.JsonPatch:
     """A JSON Patch (RFC 6902) read from bytes; 400 if they are not one."""
     try:
@@ -1260,8 +1320,21 @@ DECISION_TYPES = frozenset(
 )
 
 
+# The record of what was disclosed, and of where what was sent came from: a partner
+# that could write one could put a disclosure in the trail that never happened.
+TRAIL_TYPES = frozenset({"AuditEvent", "Provenance"})
+
+
 def _partner_writable(view: PartnerView | None, rtype: str) -> None:
-    """Refuse a partner's client (403) a write to what consent decisions are made from."""
+    """Refuse a partner's client (403) a write to what consent decisions are made from,
+    or to the audit trail."""
+    if view is not None and rtype in TRAIL_TYPES:
+        raise HttpError(
+            403,
+            f"{rtype} resources are written by the trust and this server only: they are"
+            " the record of what was disclosed",
+            code="forbidden",
+        )
     if view is not None and rtype in DECISION_TYPES:
         raise HttpError(
             403,
@@ -1339,11 +1412,19 @@ def _bounded_int(
     return value
 
 
+# What a history interaction takes (https://hl7.org/fhir/R4/http.html#history);
+# `_at` and `_list` are not supported, and said so.
+HISTORY_PARAMETERS = frozenset({"_since", "_count", "_offset", "_format", "_pretty"})
+
+
 def _page_links(
     base: str, path: str, params: list[tuple[str, str]], offset: int, count: int, total: int
 ) -> list[dict[str, str]]:
-    """self, and next and previous where there are such pages."""
+    """self, and next and previous where there are such pages (none of `_count=0`:
+    a page of nothing has no page after it, or a client following next would loop)."""
     links = [{"relation": "self", "url": _page_url(base, path, params, offset, count)}]
+    if count == 0:
+        return links
     if offset + count < total:
         links.append(
             {"relation": "next", "url": _page_url(base, path, params, offset + count, count)}
