@@ -37,12 +37,10 @@ _LEVELS = "NRV"  # HL7 confidentiality, least to most restricted, as far as CPA 
 
 def reference_key(ref: str) -> str | None:
     """The `Type/id` a reference names without the record's fullUrls: a relative one
-    (https://hl7.org/fhir/R4/references.html#literal), or a versioned absolute one;
-    an absolute URL of a current version is found by fullUrl only, urn: ones never."""
+    (https://hl7.org/fhir/R4/references.html#literal); an absolute URL, even of a
+    version, is found by fullUrl only, urn: ones never."""
     found = _TYPE_ID.fullmatch(ref)
-    if found is None or ref.startswith("urn:"):
-        return None
-    if "://" in ref and found.group(3) is None:
+    if found is None or ref.startswith("urn:") or "://" in ref:
         return None
     return f"{found.group(1)}/{found.group(2)}"
 
@@ -198,8 +196,10 @@ class _Resolver:
     def __call__(self, ref: str) -> str | None:
         if ref in self.by_url:
             return self.by_url[ref]
-        key = reference_key(ref)
-        return key
+        versioned = re.fullmatch(r"(.*)/_history/[^/]+", ref)
+        if versioned is not None and versioned.group(1) in self.by_url:
+            return self.by_url[versioned.group(1)]
+        return reference_key(ref)
 
 
 def filter_record(
@@ -279,13 +279,12 @@ def filter_record(
         cats = set(item.categories) | element_categories.get(key, set())
         shared_categories |= cats
         out = dict(res)
+        out.pop("text", None)  # narrative and tags are free text no rule reads
         meta = dict(out.get("meta") or {})
+        meta.pop("tag", None)
         labels = security_labels(cats, policy)
         if key in redacted:
             labels.append(dict(REDACTED))
-            out.pop(
-                "text", None
-            )  # narrative written from the whole resource may hold what was removed
         meta["security"] = labels
         out["meta"] = meta
         shared.append((item.full_url, out))

@@ -6,6 +6,8 @@ Each rule walks what it looks at afresh (`locate`, `texts`); the faster labeller
 
 from __future__ import annotations
 
+import copy
+
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -58,15 +60,10 @@ class LabelledResource:
 
 def reference_key(ref: Any) -> str | None:
     """`Type/id` of a relative reference (history suffix dropped), else None."""
-    if not isinstance(ref, str):
+    if not isinstance(ref, str) or "://" in ref or ref.startswith("urn:"):
         return None
     parts = ref.split("/")
-    if (
-        len(parts) >= 2
-        and parts[-2][:1].isupper()
-        and "://" not in ref
-        and not ref.startswith("urn:")
-    ):
+    if len(parts) >= 2 and parts[-2][:1].isupper():
         return f"{parts[-2]}/{parts[-1]}"
     if len(parts) >= 4 and parts[-2] == "_history":
         return f"{parts[-4]}/{parts[-3]}"
@@ -131,12 +128,17 @@ def texts(node: Any) -> Iterator[str]:
 
 
 def _has_extension(node: Any, url: str) -> bool:
-    if not isinstance(node, dict):
-        return False
-    if node.get("url") == url:
-        return True
-    ext = node.get("extension")
-    return isinstance(ext, list) and any(isinstance(e, dict) and e.get("url") == url for e in ext)
+    """Anywhere within: every object under the node is looked at."""
+    stack = [node]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if item.get("url") == url:
+                return True
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 Resolver = Callable[[str], frozenset[str] | None]
@@ -179,10 +181,8 @@ def _inherited(rule: LabelRule, node: Any, key: str, resolve: Resolver, default:
                 raise LabellingError(
                     f"labelling rule '{rule.id}' cannot be evaluated on {key}: {at} is not a Reference"
                 )
-            target = reference_key(ref.get("reference"))
-            if target is None:
-                continue
-            cats = resolve(target)
+            raw = ref.get("reference")
+            cats = resolve(raw) if isinstance(raw, str) else None
             # Whatever the engine cannot see is treated as the most restrictive.
             out |= cats if cats is not None else {default}
     return out
@@ -207,8 +207,8 @@ def _security_categories(resource: dict[str, Any], policy: SharingPolicy, key: s
             if code not in policy.categories:
                 raise LabellingError(f"{key} carries unknown information category '{code}'")
             out.add(code)
-        elif system == SENSITIVITY_SYSTEM and code in policy.categories_by_sensitivity:
-            out |= policy.categories_by_sensitivity[code]
+        elif system == SENSITIVITY_SYSTEM:
+            out |= policy.categories_by_sensitivity.get(code, {policy.default_category})
         elif system == CONFIDENTIALITY_SYSTEM and code == "V":
             out.add(policy.default_category)
     return out
@@ -236,6 +236,17 @@ def label_resource(
 ) -> LabelledResource:
     """Labels for one resource. `resolve` gives the categories of a referenced
     resource (`Type/id`), or None when it is unknown, for rules that inherit."""
+
+    def by_reference(ref: str) -> frozenset[str] | None:
+        target = reference_key(ref)
+        return resolve(target) if target is not None else None
+
+    return _label(resource, policy, by_reference, full_url)
+
+
+def _label(
+    resource: dict[str, Any], policy: SharingPolicy, resolve: Resolver, full_url: str | None
+) -> LabelledResource:
     if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
         raise LabellingError("content to label is not a FHIR resource")
     key = f"{resource['resourceType']}/{resource.get('id')}"
@@ -244,11 +255,24 @@ def label_resource(
     for rule in policy.rules_by_type.get(resource["resourceType"], ()):
         if rule.inherit and not rule.elements and _matches(rule, resource, key, resource):
             cats |= _inherited(rule, resource, key, resolve, default)
+    contained = resource.get("contained")
+    if contained is not None:
+        if not isinstance(contained, list):
+            raise LabellingError(f"{key}: contained is not a list")
+        for i, inner in enumerate(contained):
+            if not isinstance(inner, dict) or not isinstance(inner.get("resourceType"), str):
+                raise LabellingError(f"{key}: contained[{i}] is not a resource")
+            inner_labelled = _label(inner, policy, resolve, None)
+            cats |= inner_labelled.categories
+            for label in inner_labelled.elements:
+                cats |= label.categories
+            rules.append(f"contained:{'+'.join(inner_labelled.rules)}")
     if not cats:
         cats = {default}
         rules = ["default"]
     elements: dict[Path, tuple[set[str], list[str]]] = {}
     for rule in policy.rules_by_type.get(resource["resourceType"], ()):
+        matched: list[Path] = []
         for dotted in rule.elements:
             for path, value in locate(resource, dotted):
                 if not _matches(rule, value, key, resource):
@@ -257,12 +281,18 @@ def label_resource(
                 entry = elements.setdefault(path, (set(), []))
                 entry[0].update(extra)
                 entry[1].append(rule.id)
-    contained = resource.get("contained")
-    if isinstance(contained, list):
-        for i, inner in enumerate(contained):
-            if isinstance(inner, dict):
-                inner_cats, inner_rules = _first_pass(inner, f"{key}#contained", policy)
-                elements[("contained", i)] = (inner_cats or {default}, inner_rules or ["default"])
+                matched.append(path)
+        if rule.elements and rule.extension is not None:
+            # The extension anywhere but in the elements the rule labelled.
+            rest = copy.deepcopy(resource)
+            for path in sorted(matched, key=lambda p: [str(x) for x in p], reverse=True):
+                parent: Any = rest
+                for step in path[:-1]:
+                    parent = parent[step]
+                parent[path[-1]] = None
+            if _has_extension(rest, rule.extension):
+                cats.update(rule.categories)
+                rules.append(rule.id)
     labels = tuple(
         ElementLabel(path, frozenset(c), tuple(r))
         for path, (c, r) in sorted(elements.items(), key=lambda kv: [str(p) for p in kv[0]])
@@ -280,20 +310,49 @@ def label_resources(
     """Label a patient's record: (fullUrl, resource) pairs. Rules that inherit
     see the other resources of the record, then `outside` (labels known from
     elsewhere, e.g. a store)."""
+    own: dict[str, set[str]] = {}
     first: dict[str, frozenset[str]] = {}
-    for _, res in entries:
+    by_url: dict[str, str] = {}
+    for url, res in entries:
         if not isinstance(res, dict) or not isinstance(res.get("resourceType"), str):
             raise LabellingError("a record entry is not a FHIR resource")
         key = f"{res['resourceType']}/{res.get('id')}"
         cats, _ = _first_pass(res, key, policy)
+        own[key] = cats
         first[key] = frozenset(cats or {policy.default_category})
+        if url:
+            by_url[url] = key
 
     def resolve(ref: str) -> frozenset[str] | None:
-        if ref in first:
-            return first[ref]
-        return outside.get(ref) if outside is not None else None
+        versioned = ref.split("/_history/")[0] if "/_history/" in ref else None
+        target = (
+            by_url.get(ref)
+            or (by_url.get(versioned) if versioned is not None else None)
+            or reference_key(ref)
+        )
+        if target is None:
+            return None
+        if target in first:
+            return first[target]
+        return outside.get(target) if outside is not None else None
 
-    return [label_resource(res, policy, resolve, full_url=url) for url, res in entries]
+    # Inheritance passes on through any number of steps: repeat until nothing changes.
+    default = policy.default_category
+    for _ in range(len(entries)):
+        changed = False
+        for _url, res in entries:
+            key = f"{res['resourceType']}/{res.get('id')}"
+            inherited = set(own[key])
+            for rule in policy.rules_by_type.get(res["resourceType"], ()):
+                if rule.inherit and not rule.elements and _matches(rule, res, key, res):
+                    inherited |= _inherited(rule, res, key, resolve, default)
+            now = frozenset(inherited or {default})
+            if now != first[key]:
+                first[key] = now
+                changed = True
+        if not changed:
+            break
+    return [_label(res, policy, resolve, url) for url, res in entries]
 
 
 def security_labels(categories: Iterable[str], policy: SharingPolicy) -> list[dict[str, str]]:

@@ -230,12 +230,12 @@ def test_a_label_the_partner_cannot_see_is_not_overwritten(
     gp = _caller(sandbox, "gp")
     cid = f"labelled-{uuid.uuid4().hex[:12]}"
     condition = _copy(sandbox, SEEN_WHOLE, cid)
-    condition["meta"] = {
-        "security": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "TBOO"}]
-    }
+    # A label of the trust's own (a sensitivity the policy does not know would withhold
+    # the resource from the partner altogether).
+    condition["meta"] = {"security": [{"system": "https://trust.example/labels", "code": "ward-9"}]}
     assert trust_call("PUT", f"Condition/{cid}", condition).status == 201
     shown = gp("GET", f"Condition/{cid}")
-    assert shown.status == 200 and b"TBOO" not in shown.body
+    assert shown.status == 200 and b"ward-9" not in shown.body
     assert gp("PUT", f"Condition/{cid}", orjson.loads(shown.body)).status == 403
     assert gp("DELETE", f"Condition/{cid}").status == 403
     assert sandbox.repo.read("Condition", cid).version_id == 1

@@ -25,6 +25,7 @@ from cpa_fhir.consent._policy import (
 )
 from cpa_fhir.consent._references import Path as Path
 from cpa_fhir.consent._references import reference_key as reference_key
+from cpa_fhir.consent._references import resolve as resolve_reference
 from cpa_fhir.errors import LabellingError
 
 # Keys whose values are identifiers of things, not text a person wrote.
@@ -124,14 +125,39 @@ def texts(node: Any) -> Iterator[str]:
 
 
 def _has_extension(node: Any, url: str) -> bool:
+    """Whether the content is, or holds at any depth, an extension with this URL: in
+    `extension` or `modifierExtension`, nested in another, on a primitive (`_x`) or
+    on any element within."""
+    if isinstance(node, list):
+        return any(_has_extension(item, url) for item in node)
     if not isinstance(node, dict):
         return False
     if node.get("url") == url:
         return True
-    ext = node.get("extension")
-    return isinstance(ext, list) and any(isinstance(e, dict) and e.get("url") == url for e in ext)
+    return any(_has_extension(v, url) for v in node.values() if isinstance(v, (dict, list)))
 
 
+def _has_extension_outside(node: Any, url: str, skipped: Sequence[Path]) -> bool:
+    """`_has_extension` of a resource, leaving out what lies at the `skipped` paths."""
+    if not skipped:
+        return _has_extension(node, url)
+    skip = set(skipped)
+
+    def walk(item: Any, path: Path) -> bool:
+        if path in skip:
+            return False
+        if isinstance(item, dict):
+            if item.get("url") == url and path:
+                return True
+            return any(walk(v, (*path, k)) for k, v in item.items() if isinstance(v, (dict, list)))
+        if isinstance(item, list):
+            return any(walk(v, (*path, i)) for i, v in enumerate(item))
+        return False
+
+    return walk(node, ())
+
+
+# The categories of what a reference (as written) names, or None when it is unknown.
 Resolver = Callable[[str], frozenset[str] | None]
 
 
@@ -220,11 +246,10 @@ def _inherited(
                 raise LabellingError(
                     f"labelling rule '{rule.id}' cannot be evaluated on {key}: {at} is not a Reference"
                 )
-            target = reference_key(ref.get("reference"))
-            if target is None:
-                continue
-            cats = resolve(target)
-            # Whatever the engine cannot see is treated as the most restrictive.
+            raw = ref.get("reference")
+            cats = resolve(raw) if isinstance(raw, str) else None
+            # Whatever the engine cannot see (a reference it cannot resolve, one by
+            # identifier alone) is treated as the most restrictive.
             out |= cats if cats is not None else {default}
     return out
 
@@ -248,8 +273,9 @@ def _security_categories(resource: dict[str, Any], policy: SharingPolicy, key: s
             if code not in policy.categories:
                 raise LabellingError(f"{key} carries unknown information category '{code}'")
             out.add(code)
-        elif system == SENSITIVITY_SYSTEM and code in policy.categories_by_sensitivity:
-            out |= policy.categories_by_sensitivity[code]
+        elif system == SENSITIVITY_SYSTEM:
+            # A sensitivity the policy does not map is the most restrictive.
+            out |= policy.categories_by_sensitivity.get(code, {policy.default_category})
         elif system == CONFIDENTIALITY_SYSTEM and code == "V":
             out.add(policy.default_category)
     return out
@@ -284,7 +310,12 @@ def label_resource(
     key = f"{resource['resourceType']}/{resource.get('id')}"
     seen = _Seen()
     first = _first_pass(resource, key, policy, seen)
-    labelled = _label(resource, key, first, policy, resolve, full_url, seen)
+
+    def by_reference(ref: str) -> frozenset[str] | None:
+        target = reference_key(ref)
+        return resolve(target) if target is not None else None
+
+    labelled = _label(resource, key, first, policy, by_reference, full_url, seen)
     _attach_facts([labelled])
     return labelled
 
@@ -317,11 +348,30 @@ def _label(
     for rule in matched:
         if rule.inherit:
             cats |= _inherited(rule, resource, key, resolve, default, seen)
+    contained = resource.get("contained")
+    if contained is not None:
+        if not isinstance(contained, list):
+            raise LabellingError(f"{key}: contained is not a list")
+        # A contained resource is labelled as any other, and goes with its container or
+        # not at all: what it carries is the container's (a `#id` reference to it can
+        # then never be left pointing at nothing).
+        for i, inner in enumerate(contained):
+            if not isinstance(inner, dict) or not isinstance(inner.get("resourceType"), str):
+                raise LabellingError(f"{key}: contained[{i}] is not a resource")
+            inner_key = f"{key}#contained"
+            inner_seen = _Seen()
+            found = _first_pass(inner, inner_key, policy, inner_seen)
+            inner_labelled = _label(inner, inner_key, found, policy, resolve, None, inner_seen)
+            cats |= inner_labelled.categories
+            for label in inner_labelled.elements:
+                cats |= label.categories
+            rules.append(f"contained:{'+'.join(inner_labelled.rules)}")
     if not cats:
         cats = {default}
         rules = ["default"]
     elements: dict[Path, tuple[set[str], list[str]]] = {}
     for rule in policy.rules_by_type.get(resource["resourceType"], ()):
+        matched_paths: list[Path] = []
         for dotted in rule.elements:
             for path, value in seen.locate(resource, dotted):
                 if not _matches(rule, value, key, resource, seen):
@@ -330,15 +380,16 @@ def _label(
                 entry = elements.setdefault(path, (set(), []))
                 entry[0].update(extra)
                 entry[1].append(rule.id)
-    contained = resource.get("contained")
-    if isinstance(contained, list):
-        for i, inner in enumerate(contained):
-            if isinstance(inner, dict):
-                inner_cats, inner_rules = _first_pass(inner, f"{key}#contained", policy, seen)
-                elements[("contained", i)] = (
-                    inner_cats or {default},
-                    [rule.id for rule in inner_rules] or ["default"],
-                )
+                matched_paths.append(path)
+        if (
+            rule.elements
+            and rule.extension is not None
+            and _has_extension_outside(resource, rule.extension, matched_paths)
+        ):
+            # The extension where the rule's elements are not (modifierExtension, on a
+            # primitive, inside another element): the whole resource carries it.
+            cats.update(rule.categories)
+            rules.append(rule.id)
     labels = tuple(
         ElementLabel(path, frozenset(c), tuple(r))
         for path, (c, r) in sorted(elements.items(), key=lambda kv: [str(p) for p in kv[0]])
@@ -357,8 +408,9 @@ def label_resources(
     see the other resources of the record, then `outside` (labels known from
     elsewhere, e.g. a store)."""
     first: dict[str, frozenset[str]] = {}
+    by_url: dict[str, str] = {}
     passes = []
-    for _, res in entries:
+    for url, res in entries:
         if not isinstance(res, dict) or not isinstance(res.get("resourceType"), str):
             raise LabellingError("a record entry is not a FHIR resource")
         key = f"{res['resourceType']}/{res.get('id')}"
@@ -366,11 +418,44 @@ def label_resources(
         found = _first_pass(res, key, policy, seen)
         first[key] = frozenset(found[0] or {policy.default_category})
         passes.append((key, found, seen))
+        if url:
+            by_url[url] = key
 
     def resolve(ref: str) -> frozenset[str] | None:
-        if ref in first:
-            return first[ref]
-        return outside.get(ref) if outside is not None else None
+        target = resolve_reference(ref, by_url)
+        if target is None:
+            return None
+        if target in first:
+            return first[target]
+        return outside.get(target) if outside is not None else None
+
+    # What a resource inherits passes on to what inherits from it, however many steps
+    # away (an activity, its performer's role, the role's organisation): inherit until
+    # nothing changes.
+    inheriting = [
+        (res, key, found, seen)
+        for (_, res), (key, found, seen) in zip(entries, passes, strict=True)
+        if any(rule.inherit for rule in found[1])
+    ]
+    default = policy.default_category
+    for _ in range(len(inheriting)):
+        changed = False
+        for res, key, found, seen in inheriting:
+            inherited = frozenset(
+                set(found[0]).union(
+                    *(
+                        _inherited(rule, res, key, resolve, default, seen)
+                        for rule in found[1]
+                        if rule.inherit
+                    )
+                )
+                or {default}
+            )
+            if inherited != first[key]:
+                first[key] = inherited
+                changed = True
+        if not changed:
+            break
 
     labelled = [
         _label(res, key, found, policy, resolve, url, seen)

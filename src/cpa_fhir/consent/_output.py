@@ -30,14 +30,17 @@ def security_labels(categories: Iterable[str], policy: SharingPolicy) -> list[di
 def outgoing_resource(
     content: dict[str, Any], categories: Iterable[str], redacted: bool, policy: SharingPolicy
 ) -> dict[str, Any]:
-    """The resource as it leaves: a new top level and meta, labelled; the rest shared with `content`."""
+    """The resource as it leaves: a new top level and meta, labelled; the rest shared
+    with `content`. Its narrative and tags stay behind: free text no rule reads (a
+    narrative may say more than the elements it was written from, or hold what was
+    removed from them), which the structured content it goes with makes redundant."""
     out = dict(content)
+    out.pop("text", None)
     meta = dict(out.get("meta") or {})
+    meta.pop("tag", None)
     labels = security_labels(categories, policy)
     if redacted:
         labels.append(dict(REDACTED))
-        # A narrative written from the whole resource may hold what was removed.
-        out.pop("text", None)
     meta["security"] = labels
     out["meta"] = meta
     return out

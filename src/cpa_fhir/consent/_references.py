@@ -11,19 +11,15 @@ PATIENT_ELEMENTS = ("subject", "patient", "for", "beneficiary")
 
 
 def reference_key(ref: Any) -> str | None:
-    """`Type/id` of a relative reference (history suffix dropped), else None."""
-    if not isinstance(ref, str):
+    """`Type/id` of a relative reference (history suffix dropped), else None: an
+    absolute URL, even of a version, may name another server's resource of that id."""
+    if not isinstance(ref, str) or "://" in ref or ref.startswith("urn:"):
         return None
     parts = ref.split("/")
-    if (
-        len(parts) >= 2
-        and parts[-2][:1].isupper()
-        and "://" not in ref
-        and not ref.startswith("urn:")
-    ):
-        return f"{parts[-2]}/{parts[-1]}"
     if len(parts) >= 4 and parts[-2] == "_history":
         return f"{parts[-4]}/{parts[-3]}"
+    if len(parts) >= 2 and parts[-2][:1].isupper():
+        return f"{parts[-2]}/{parts[-1]}"
     return None
 
 
@@ -42,7 +38,12 @@ def references(node: Any, path: Path = ()) -> Iterator[tuple[Path, str]]:
 
 
 def resolve(ref: str, by_url: Mapping[str, str]) -> str | None:
-    """The `Type/id` a reference names in a record whose entries' fullUrls are `by_url`."""
+    """The `Type/id` a reference names in a record whose entries' fullUrls are `by_url`:
+    by fullUrl (of the entry, or of a version of it), else as a relative reference."""
     if ref in by_url:
         return by_url[ref]
+    if "/_history/" in ref:
+        current = by_url.get(ref[: ref.index("/_history/")])
+        if current is not None:
+            return current
     return reference_key(ref)

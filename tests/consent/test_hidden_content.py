@@ -1,0 +1,184 @@
+"""What a record says where labelling rules do not look still goes only as the
+decision allows: contained resources, narrative, tags, extensions at any depth,
+sensitivity labels the policy does not know, and categories passed on through
+several references."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import pytest
+
+from cpa_fhir.config import load_policy
+from cpa_fhir.conformance import default_package
+from cpa_fhir.consent import CATEGORY_SYSTEM, RequiredElements, ShareRequest, share
+from cpa_fhir.errors import SharingError
+from tests.common import EXAMPLES
+
+AT = datetime(2026, 11, 1, 9, tzinfo=UTC)
+RECORD_C = orjson.loads(next(EXAMPLES.glob("Bundle-record-C-*.json")).read_bytes())
+REQUIRED = RequiredElements(default_package())
+MAPPA = "https://cpa-fhir.org/fhir/StructureDefinition/mappa-level"
+
+
+def _share(record: dict[str, Any]) -> Any:
+    """Record C (or a change of it) to its GP for treatment: administrative, care-plan,
+    crisis and medication may go."""
+    ids = itertools.count()
+    return share(
+        record,
+        ShareRequest("gp", "TREAT"),
+        load_policy(),
+        at=AT,
+        new_id=lambda: f"id-{next(ids)}",
+        required=REQUIRED,
+    )
+
+
+def _sent(record: dict[str, Any]) -> str:
+    disclosure = _share(record)
+    return json.dumps(disclosure.bundle).lower() if disclosure.bundle else ""
+
+
+def _in(record: dict[str, Any], key: str) -> dict[str, Any]:
+    rtype, rid = key.split("/")
+    return next(
+        e["resource"]
+        for e in record["entry"]
+        if (e["resource"]["resourceType"], e["resource"]["id"]) == (rtype, rid)
+    )
+
+
+def test_a_contained_resource_is_labelled_as_any_other_and_goes_with_its_container() -> None:
+    record = copy.deepcopy(RECORD_C)
+    plan = _in(record, "CarePlan/c-careplan")
+    plan["contained"] = [
+        {
+            "resourceType": "Encounter",
+            "id": "e1",
+            "status": "finished",
+            "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
+            "reasonCode": [{"text": "Admitted after heroin overdose"}],
+        }
+    ]
+    plan["supportingInfo"].append({"reference": "#e1", "display": "Heroin overdose"})
+    assert "CarePlan/c-careplan" in _share(copy.deepcopy(RECORD_C)).shared
+    disclosure = _share(record)
+    assert "CarePlan/c-careplan" not in disclosure.shared
+    assert "heroin" not in _sent(record)
+
+
+def test_contained_content_that_is_not_a_resource_shares_nothing() -> None:
+    record = copy.deepcopy(RECORD_C)
+    _in(record, "Encounter/c-review-2026-09")["contained"] = ["Heroin dependence"]
+    with pytest.raises(SharingError, match="contained"):
+        _share(record)
+
+
+def test_narrative_and_tags_never_go() -> None:
+    record = copy.deepcopy(RECORD_C)
+    review = _in(record, "Encounter/c-review-2026-09")
+    review["text"] = {
+        "status": "additional",
+        "div": '<div xmlns="http://www.w3.org/1999/xhtml">Discussed her heroin use</div>',
+    }
+    review["meta"]["tag"] = [{"system": "https://local.example/tags", "code": "dsu", "display": "Drug service: heroin"}]  # fmt: skip
+    disclosure = _share(record)
+    assert "Encounter/c-review-2026-09" in disclosure.shared
+    assert "heroin" not in _sent(record)
+    for entry in disclosure.bundle["entry"]:
+        assert "text" not in entry["resource"]
+        assert "tag" not in entry["resource"].get("meta", {})
+
+
+@pytest.mark.parametrize("code", ["ETHUD", "OPIOIDUD", "BH"])
+def test_a_sensitivity_label_the_policy_does_not_know_is_the_most_restrictive(code: str) -> None:
+    record = copy.deepcopy(RECORD_C)
+    review = _in(record, "Encounter/c-review-2026-09")
+    review["meta"]["security"] = [
+        {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": code}
+    ]
+    assert "Encounter/c-review-2026-09" not in _share(record).shared
+
+
+@pytest.mark.parametrize("where", ["nested", "modifierExtension", "primitive", "in an element"])
+def test_an_extension_is_found_at_any_depth(where: str) -> None:
+    """The MAPPA level marks a risk flag as offending information, wherever it sits."""
+    record = copy.deepcopy(RECORD_C)
+    consent = _in(record, "Consent/c-consent")
+    consent["provision"]["provision"][0]["securityLabel"].append(
+        {"system": CATEGORY_SYSTEM, "code": "risk-to-others"}
+    )
+    flag = _in(record, "Flag/c-risk-harm-to-others")
+    mappa = next(e for e in flag["extension"] if e["url"] == MAPPA)
+    flag["extension"] = [e for e in flag["extension"] if e["url"] != MAPPA]
+    if where == "nested":
+        flag["extension"].append(
+            {
+                "url": "https://local.example/w",
+                "extension": [{"url": "inner", "extension": [mappa]}],
+            }
+        )
+    elif where == "modifierExtension":
+        flag["modifierExtension"] = [mappa]
+    elif where == "primitive":
+        flag["_status"] = {"extension": [mappa]}
+    else:
+        flag["code"]["extension"] = [mappa]
+    disclosure = _share(record)
+    assert "offending" not in disclosure.decision.allowed
+    # Nested in an extension of the flag's, that extension is removed; elsewhere, the
+    # flag carries it as a whole.
+    assert ("Flag/c-risk-harm-to-others" in disclosure.shared) == (where == "nested")
+    assert MAPPA.lower() not in _sent(record)
+
+
+@pytest.mark.parametrize("form", ["relative", "absolute", "urn"])
+def test_categories_pass_on_through_references_of_any_form_and_any_number_of_steps(
+    form: str,
+) -> None:
+    """A probation officer's role inherits offending from the probation service it is
+    held with; what that role performs inherits it in turn."""
+    record = copy.deepcopy(RECORD_C)
+    org = next(e for e in record["entry"] if e["resource"]["id"] == "c-probation")
+    ref = "Organization/c-probation"
+    if form == "absolute":
+        ref = org["fullUrl"]
+    elif form == "urn":
+        ref = org["fullUrl"] = "urn:uuid:6b1a3c7e-1111-4c2d-9a9a-000000000001"
+    _in(record, "PractitionerRole/c-probation-officer-role")["organization"] = {"reference": ref}
+    review = _in(record, "Encounter/c-review-2026-09")
+    review["participant"].append(
+        {"individual": {"reference": "PractitionerRole/c-probation-officer-role"}}
+    )
+    activity = _in(record, "CarePlan/c-careplan")["activity"][4]["detail"]
+    activity["description"] = "Fortnightly supervision appointments under licence conditions"
+    activity["performer"] = [{"reference": "PractitionerRole/c-probation-officer-role"}]
+    disclosure = _share(record)
+    assert "PractitionerRole/c-probation-officer-role" not in disclosure.shared
+    assert "licence conditions" not in _sent(record)
+
+
+def test_a_versioned_reference_to_another_servers_resource_is_not_this_records() -> None:
+    """Another server's Condition/x of some version is not the record's Condition/x:
+    the reference names nothing that goes, so it does not go (nor where it points)."""
+    record = copy.deepcopy(RECORD_C)
+    elsewhere = "https://drug-and-alcohol-service.example.org/fhir/Condition/c-need-accommodation"
+    _in(record, "CarePlan/c-careplan")["supportingInfo"].append(
+        {"reference": f"{elsewhere}/_history/2"}
+    )
+    assert "drug-and-alcohol-service" not in _sent(record)
+    # The record's own entry, by its fullUrl and a version, is the record's.
+    own = next(e for e in record["entry"] if e["resource"]["id"] == "c-need-accommodation")
+    _in(record, "CarePlan/c-careplan")["supportingInfo"][-1] = {
+        "reference": f"{own['fullUrl']}/_history/1"
+    }
+    plan = next(
+        e["resource"] for e in _share(record).bundle["entry"] if e["resource"]["id"] == "c-careplan"
+    )
+    assert {"reference": f"{own['fullUrl']}/_history/1"} in plan["supportingInfo"]
