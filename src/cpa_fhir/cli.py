@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import socket
 import sys
 import uuid
@@ -180,10 +181,31 @@ def _instant(text: str | None) -> datetime:
 
 
 def _write(path: Path, data: bytes, what: str) -> None:
+    _write_together([(path, data, what)])
+
+
+def _write_together(files: list[tuple[Path, bytes, str]]) -> None:
+    """Write every file or none: each goes to a file of its own beside its place, and
+    all are moved into place once every one is written. A disclosure's AuditEvent must
+    not be left recording a Bundle that could not be written, nor the reverse."""
+    written: list[tuple[Path, Path]] = []
     try:
-        path.write_bytes(data)
-    except OSError as exc:
-        raise _fail(f"{path}: cannot write the {what} ({exc.strerror or exc})", 1) from None
+        for path, data, what in files:
+            spare = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+            try:
+                spare.write_bytes(data)
+            except OSError as exc:
+                raise _fail(
+                    f"{path}: cannot write the {what} ({exc.strerror or exc}); nothing was written",
+                    1,
+                ) from None
+            written.append((spare, path))
+        for spare, path in written:
+            os.replace(spare, path)
+        written = []
+    finally:
+        for spare, _ in written:
+            spare.unlink(missing_ok=True)
 
 
 @app.command()
@@ -266,22 +288,24 @@ def share(
     if disclosure.bundle is None or disclosure.audit_event is None:
         raise _fail("nothing was shared", 1)
     # The last guard: what leaves must conform to the profiles.
-    problems = [i for i in Validator(loaded).validate(disclosure.bundle) if i.is_error]
+    try:
+        problems = [i for i in Validator(loaded).validate(disclosure.bundle) if i.is_error]
+    except RecursionError:
+        raise _fail(
+            "sharing refused, nothing was shared: the record nests too deeply to be checked", 1
+        ) from None
     if problems:
         for issue in problems:
             err.print(issue.line(), markup=False)
         raise _fail("sharing refused, nothing was shared: the outgoing Bundle is not valid", 1)
-    _write(
-        audit,
-        orjson.dumps(disclosure.audit_event, option=orjson.OPT_INDENT_2) + b"\n",
-        "AuditEvent",
-    )
+    event = orjson.dumps(disclosure.audit_event, option=orjson.OPT_INDENT_2) + b"\n"
     body = orjson.dumps(disclosure.bundle, option=orjson.OPT_INDENT_2) + b"\n"
     if out_file is None:
+        _write(audit, event, "AuditEvent")
         sys.stdout.buffer.write(body)
         sys.stdout.flush()
     else:
-        _write(out_file, body, "outgoing Bundle")
+        _write_together([(audit, event, "AuditEvent"), (out_file, body, "outgoing Bundle")])
     err.print(
         f"shared {len(disclosure.shared)} resource(s) with {disclosure.decision.recipient.reference}"
         f" for {purpose}; withheld {len(disclosure.withheld)} item(s)",

@@ -203,3 +203,44 @@ def test_a_record_discharged_in_the_last_week_of_9999_is_judged(tmp_path: Path) 
     result = run("validate", str(path))
     assert "Traceback" not in result.stderr, result.stderr
     assert result.returncode in (0, 1)
+
+
+def _share_c(
+    tmp_path: Path, *extra: str, record: Path = RECORD_C
+) -> subprocess.CompletedProcess[str]:
+    audit = str(tmp_path / "audit.json")
+    return run("share", str(record), "--to", "gp", "--purpose", "TREAT", "--audit", audit, *extra)
+
+
+def test_an_outgoing_bundle_that_cannot_be_written_leaves_no_audit_event(tmp_path: Path) -> None:
+    """An AuditEvent written for a Bundle that was never written would record a
+    disclosure that did not happen."""
+    result = _share_c(tmp_path, "--out", str(tmp_path / "no-such-folder" / "out.json"))
+    assert "Traceback" not in result.stderr and result.returncode == 1, result.stderr
+    assert "nothing was written" in result.stderr.strip().splitlines()[-1]
+    assert list(tmp_path.iterdir()) == []
+    written = _share_c(tmp_path, "--out", str(tmp_path / "out.json"))
+    assert written.returncode == 0, written.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["audit.json", "out.json"]
+
+
+def test_a_recipient_with_an_empty_id_is_one_line(tmp_path: Path) -> None:
+    result = run("share", str(RECORD_C), "--to", "gp:", "--purpose", "TREAT", "--audit", str(tmp_path / "a.json"))  # fmt: skip
+    assert "names no one" in one_line(result, 1)
+
+
+def test_a_record_nested_too_deep_to_check_shares_nothing(tmp_path: Path) -> None:
+    record = json.loads(RECORD_C.read_text())
+    node: dict[str, object] = {"url": "https://local.example/x", "valueString": "x"}
+    for _ in range(400):
+        node = {"url": "https://local.example/x", "extension": [node]}
+    review = next(
+        e["resource"] for e in record["entry"] if e["resource"]["id"] == "c-review-2026-09"
+    )
+    review["extension"] = [node]
+    deep = tmp_path / "deep.json"
+    deep.write_text(json.dumps(record))
+    result = _share_c(tmp_path, record=deep)
+    assert "Traceback" not in result.stderr and result.returncode == 1, result.stderr[-2000:]
+    assert "nothing was shared" in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "audit.json").exists()

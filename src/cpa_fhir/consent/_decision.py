@@ -140,8 +140,10 @@ def resolve_recipient(
     spec: str, resources: Iterable[Mapping[str, Any]], policy: SharingPolicy
 ) -> Recipient:
     """`gp`, `gp:ORG-ID`, `probation`, ... or `carer:RELATEDPERSON-ID`, within a record."""
-    name, _, wanted = spec.partition(":")
+    name, colon, wanted = spec.partition(":")
     by_key = {f"{r.get('resourceType')}/{r.get('id')}": r for r in resources}
+    if colon and not wanted and name != CARER:
+        raise RecipientError(f"'{spec}' names no one: use {name}:ID, or {name} alone")
     if name == CARER:
         if not wanted:
             raise RecipientError("name the carer: carer:ID (a RelatedPerson in the record)")
