@@ -7,7 +7,6 @@ Each rule walks what it looks at afresh (`locate`, `texts`); the faster labeller
 from __future__ import annotations
 
 import copy
-
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any

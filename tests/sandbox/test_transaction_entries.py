@@ -306,3 +306,79 @@ def test_a_bundle_is_taken_at_the_base_written_without_a_slash(trust: Fhir) -> N
         follow_redirects=False,
     )
     assert _statuses(answer) == ["200"]
+
+
+# -- what a transaction's entries may say ----------------------------------------------
+
+
+def _all_flags(trust: Fhir) -> int:
+    return int(trust.get("Flag", params={"_summary": "count"}).json()["total"])
+
+
+def test_a_post_entry_with_criteria_in_its_url_is_a_conditional_create(trust: Fhir) -> None:
+    marker = uuid.uuid4().hex
+    url = f"Flag?identifier=urn:test|{marker}"
+    entry = {"resource": _flag(marker), "request": {"method": "POST", "url": url}}
+    assert _statuses(trust.post("", _transaction(entry))) == ["201"]
+    assert _statuses(trust.post("", _transaction(entry))) == ["200"]
+    assert _count(trust, marker) == 1
+    differing = {**entry, "request": {**entry["request"], "ifNoneExist": "identifier=urn:test|x"}}
+    outcome(trust.post("", _transaction(differing)), 400)
+
+
+@pytest.mark.parametrize("url", ["Flag/abc", "Flag/c-risk-self-harm/_history/1"])
+def test_a_post_entry_to_an_instance_is_refused(trust: Fhir, url: str) -> None:
+    before = _all_flags(trust)
+    entry = {"resource": _flag(uuid.uuid4().hex), "request": {"method": "POST", "url": url}}
+    outcome(trust.post("", _transaction(entry)), 400)
+    assert _all_flags(trust) == before
+
+
+def test_a_reference_to_an_urn_no_entry_has_is_refused(trust: Fhir) -> None:
+    before = _all_flags(trust)
+    flag = _flag(uuid.uuid4().hex, subject={"reference": f"urn:uuid:{uuid.uuid4()}"})
+    entry = {"resource": flag, "request": {"method": "POST", "url": "Flag"}}
+    found = outcome(trust.post("", _transaction(entry)), 400)
+    assert "no entry" in found["issue"][0]["details"]["text"]
+    assert _all_flags(trust) == before
+
+
+def test_two_entries_with_one_full_url_are_refused(trust: Fhir) -> None:
+    before = _all_flags(trust)
+    url = f"urn:uuid:{uuid.uuid4()}"
+    entries = [
+        {
+            "fullUrl": url,
+            "resource": _flag(uuid.uuid4().hex),
+            "request": {"method": "POST", "url": "Flag"},
+        }  # fmt: skip
+        for _ in range(2)
+    ]
+    outcome(trust.post("", _transaction(*entries)), 400)
+    assert _all_flags(trust) == before
+
+
+def test_a_conditional_reference_names_the_one_resource_it_matches(trust: Fhir) -> None:
+    patient = trust.get("Patient/c-patient").json()
+    nhs = next(i["value"] for i in patient["identifier"] if i["system"] == NHS)
+    marker = uuid.uuid4().hex
+    flag = _flag(marker, subject={"reference": f"Patient?identifier={NHS}|{nhs}"})
+    entry = {"resource": flag, "request": {"method": "POST", "url": "Flag"}}
+    assert _statuses(trust.post("", _transaction(entry))) == ["201"]
+    stored = trust.get("Flag", params={"identifier": f"urn:test|{marker}"}).json()["entry"]
+    assert stored[0]["resource"]["subject"] == {"reference": "Patient/c-patient"}
+    before = _all_flags(trust)
+    for criteria in (f"identifier={NHS}|0000000000", "gender=female,male,other,unknown"):
+        nowhere = _flag(uuid.uuid4().hex, subject={"reference": f"Patient?{criteria}"})
+        refused = trust.post("", _transaction({**entry, "resource": nowhere}))
+        assert refused.status_code in (400, 412), refused.text
+        assert refused.json()["resourceType"] == "OperationOutcome"
+    assert _all_flags(trust) == before
+
+
+@pytest.mark.parametrize("condition", ["", "identifier=", "_count=1"])
+def test_if_none_exist_without_criteria_is_a_400(trust: Fhir, condition: str) -> None:
+    found = outcome(
+        trust.post("Flag", _flag(uuid.uuid4().hex), headers={"if-none-exist": condition}), 400
+    )
+    assert found["issue"][0]["code"] != "duplicate"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import copy
+import re
 from dataclasses import replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
@@ -19,6 +20,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import orjson
 
+from cpa_fhir.consent._references import references
 from cpa_fhir.errors import FhirError, ResourceGone, VersionConflict
 from cpa_fhir.fhir.outcome import Issue
 from cpa_fhir.sandbox._auth import Client, require
@@ -111,6 +113,39 @@ def _rewrite(node: Any, ids: dict[str, str]) -> Any:
     if isinstance(node, list):
         return [_rewrite(v, ids) for v in node]
     return node
+
+
+_CONDITIONAL_REFERENCE = re.compile(r"([A-Z][A-Za-z]*)\?(.+)")
+
+
+def _resolve_conditional_references(
+    resource: dict[str, Any], i: int, ids: dict[str, str], router: Any, view: Any
+) -> None:
+    """Add to `ids` what the entry's conditional references (`Patient?identifier=...`)
+    match, one resource each (R4 http.html#trules); refuse a reference to a `urn:` no
+    entry has, or criteria matching none or several."""
+    from cpa_fhir.sandbox._router import HttpError, _whole_store_search
+
+    for _, ref in references(resource):
+        if ref in ids:
+            continue
+        if ref.startswith(("urn:uuid:", "urn:oid:")):
+            raise HttpError(
+                400, f"entry {i} refers to {ref}, which no entry of the Bundle is", code="invalid"
+            )
+        conditional = _CONDITIONAL_REFERENCE.fullmatch(ref)
+        if conditional is None:
+            continue
+        _whole_store_search(view, "a conditional reference")
+        rtype, criteria = conditional.groups()
+        found = router.repo.conditional_match(
+            rtype, _without_format(criteria), f"entry {i}: the reference {ref}"
+        )
+        if found is None:
+            raise HttpError(
+                400, f"entry {i}: the reference {ref} matches no resource", code="not-found"
+            )
+        ids[ref] = f"{rtype}/{found.id}"
 
 
 def _sub_request(
@@ -251,6 +286,7 @@ def _transaction(
     # Find what each entry writes first (new ids assigned, conditional ones matched), so
     # that entries can refer to each other and none writes what another does.
     ids: dict[str, str] = {}
+    urls: dict[str, int] = {}  # fullUrl -> the entry it is of
     prepared: list[dict[str, Any]] = []
     for i, e in enumerate(entries):
         try:
@@ -279,10 +315,24 @@ def _transaction(
             }  # fmt: skip
             if method == "POST":
                 assert resource is not None
+                if len(parts) != 1:
+                    raise HttpError(
+                        400, f"entry {i}: POST creates in a type ('{rtype}'), not at '{path}'"
+                    )
                 _may_write(i, resource, rtype, "create", scopes, view)
                 p["id"] = time_ordered_id()
                 p["resource"] = resource
                 condition = req.get("ifNoneExist")
+                if criteria:
+                    # Criteria in the URL ask what ifNoneExist asks, as for a POST alone.
+                    if (
+                        isinstance(condition, str)
+                        and _without_format(condition.lstrip("?")) != criteria
+                    ):
+                        raise HttpError(
+                            400, f"entry {i}: the URL's criteria and ifNoneExist differ"
+                        )
+                    condition = criteria
                 if isinstance(condition, str):
                     condition = _without_format(condition.lstrip("?"))
                     _whole_store_search(view, "a conditional create")
@@ -359,8 +409,18 @@ def _transaction(
         except FhirError as exc:
             exc.expression = exc.expression or f"Bundle.entry[{i}]"
             raise
-        if isinstance(e.get("fullUrl"), str) and method in ("POST", "PUT") and p["id"]:
-            ids[e["fullUrl"]] = f"{rtype}/{p['id']}"
+        full_url = e.get("fullUrl")
+        if isinstance(full_url, str) and method in ("POST", "PUT"):
+            if full_url in urls:
+                raise HttpError(
+                    400,
+                    f"entries {urls[full_url]} and {i} have one fullUrl ({full_url}): a"
+                    " reference to it would name either (bdl-7)",
+                    code="invalid",
+                )
+            urls[full_url] = i
+            if p["id"]:
+                ids[full_url] = f"{rtype}/{p['id']}"
         prepared.append(p)
     # What this transaction writes or deletes, as Type/id. Two entries may not both
     # (R4 http.html#trules); an ifNoneExist or condition that matches it differently once
@@ -380,6 +440,7 @@ def _transaction(
     # Resolve references, then validate everything before writing anything.
     for p in prepared:
         if p["resource"] is not None:
+            _resolve_conditional_references(p["resource"], p["i"], ids, router, view)
             p["resource"] = _rewrite(p["resource"], ids)
             p["resource"]["id"] = p["id"]
             issues = router.validate(p["resource"])

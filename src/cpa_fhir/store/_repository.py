@@ -695,7 +695,8 @@ class _Operations:
             resource_type, parse_qsl(criteria.lstrip("?"), keep_blank_values=True), self.parameters
         )
         if not query.criteria:
-            raise PreconditionFailed(f"{what} needs at least one search criterion")
+            # A malformed request, not a precondition found to fail: nothing was matched.
+            raise SearchError(f"{what} needs at least one search criterion", code="invalid")
         if self.postgres:
             self.connection.execute(
                 sa.text("SELECT pg_advisory_xact_lock(hashtext(:key))"),
