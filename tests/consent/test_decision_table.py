@@ -7,6 +7,7 @@ import copy
 import itertools
 from datetime import UTC, datetime
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import orjson
 import pytest
@@ -324,9 +325,12 @@ def test_examples_own_consents(
 
 
 def test_consent_ends_with_its_period(policy: SharingPolicy, required: RequiredElements) -> None:
-    """C's consent runs to 2027-06-17 inclusive: the next day the GP gets nothing."""
-    on_last_day = datetime(2027, 6, 17, 23, 0, tzinfo=UTC)
-    day_after = datetime(2027, 6, 18, 0, 0, tzinfo=UTC)
+    """C's consent runs to 2027-06-17 inclusive, a day in the policy's time zone
+    (Europe/London): the next day there, from 23:00 UTC in summer, the GP gets nothing."""
+    london = ZoneInfo("Europe/London")
+    on_last_day = datetime(2027, 6, 17, 23, 59, tzinfo=london)
+    day_after = datetime(2027, 6, 17, 23, 0, tzinfo=UTC)
+    assert day_after == datetime(2027, 6, 18, 0, 0, tzinfo=london)
     last = share(
         RECORDS["C"],
         ShareRequest("gp", "TREAT"),

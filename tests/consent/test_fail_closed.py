@@ -227,6 +227,9 @@ POLICY_DEFECTS = [
     (_set("exception/public-protection/categories", ["gossip"]), "unknown category 'gossip'"),
     (_set("exception/public-protection/purposes", ["GOSSIP"]), "unknown purpose 'GOSSIP'"),
     (_set("purposes", []), "lists no purposes"),
+    (_set("time_zone", "Mars/Olympus_Mons"), "time_zone must name an IANA time zone"),
+    (_set("time_zone", ["Europe/London"]), "time_zone must name an IANA time zone"),
+    (_set("time_zone", "../../etc/passwd"), "time_zone must name an IANA time zone"),
 ]
 
 

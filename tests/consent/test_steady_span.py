@@ -4,7 +4,8 @@ For generated Consents whose periods (of the Consent and of nested provisions) s
 and end at every granularity FHIR allows (year, year-month, date, dateTime with a
 zone), and a moment `at`: within [start, end) `decide` gives what it gives at `at`
 (Decision.at aside); start <= at < end; and the span stops exactly at a period's
-boundary or at a UTC midnight, beyond which the decision may differ. The boundaries
+boundary or at midnight where `at` is (a date is a day there), beyond which the
+decision may differ. The boundaries
 are worked out here from how each period was generated, not by the engine's parser.
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone, tzinfo
 from typing import Any
 
 import pytest
@@ -77,14 +78,15 @@ def _midnight(moment: datetime) -> datetime:
     return datetime(day.year, day.month, day.day, tzinfo=moment.tzinfo)
 
 
-def _month_after(year: int, month: int) -> datetime:
-    return datetime(year + month // 12, month % 12 + 1, 1, tzinfo=UTC)
+def _month_after(year: int, month: int, zone: tzinfo) -> datetime:
+    return datetime(year + month // 12, month % 12 + 1, 1, tzinfo=zone)
 
 
 @dataclass(frozen=True)
 class Edge:
     """A period's start or end as FHIR text, and the instant it means for a
-    disclosure (a date, month or year ends where the next one begins)."""
+    disclosure (a date, month or year is one in the zone of the moment of disclosure,
+    and ends where the next one begins)."""
 
     text: str
     instant: datetime
@@ -96,17 +98,19 @@ def edges(draw: st.DrawFn, near: datetime, end: bool) -> Edge:
         minutes=draw(st.integers(-DAYS, DAYS)), seconds=draw(st.integers(0, 59))
     )
     kind = draw(st.sampled_from(["year", "month", "date", "datetime", "datetime", "exact"]))
-    utc = moment.astimezone(UTC)
+    days_zone = near.tzinfo or UTC
+    day = moment.astimezone(days_zone)
     if kind == "year":
-        start = datetime(utc.year, 1, 1, tzinfo=UTC)
-        return Edge(f"{utc.year:04d}", datetime(utc.year + 1, 1, 1, tzinfo=UTC) if end else start)
+        start = datetime(day.year, 1, 1, tzinfo=days_zone)
+        after = datetime(day.year + 1, 1, 1, tzinfo=days_zone)
+        return Edge(f"{day.year:04d}", after if end else start)
     if kind == "month":
-        start = datetime(utc.year, utc.month, 1, tzinfo=UTC)
-        instant = _month_after(utc.year, utc.month) if end else start
-        return Edge(f"{utc.year:04d}-{utc.month:02d}", instant)
+        start = datetime(day.year, day.month, 1, tzinfo=days_zone)
+        instant = _month_after(day.year, day.month, days_zone) if end else start
+        return Edge(f"{day.year:04d}-{day.month:02d}", instant)
     if kind == "date":
-        start = _midnight(utc)
-        return Edge(utc.date().isoformat(), start + timedelta(days=1) if end else start)
+        start = _midnight(day)
+        return Edge(day.date().isoformat(), start + timedelta(days=1) if end else start)
     zone = draw(st.sampled_from(ZONES))
     if kind == "exact":
         moment = near  # an edge right at the moment of disclosure

@@ -434,3 +434,28 @@ def test_chains_and_has_reach_only_types_the_token_may_search(as_client: Any) ->
     direct = carer.get("CarePlan", params={"subject": "Patient/c-patient"})
     assert chained.status_code == direct.status_code == 200
     assert resource_keys(chained.json()) == resource_keys(direct.json()) != set()
+
+
+def test_what_a_searchs_chained_criteria_hold_through_is_audited(
+    as_client: Any, trust: Fhir
+) -> None:
+    """`Patient?_has:Condition:subject:recorded-date=D` tells the GP that a Condition of
+    the patient's was recorded on D: that Condition is named in the AuditEvent, as
+    consulted, not sent."""
+    gp = as_client("gp")
+    needs = gp.get("Condition", params={"subject": "Patient/c-patient"}).json()["entry"]
+    need = needs[0]["resource"]
+    day = need["recordedDate"][:10]
+    before = {e["resource"]["id"] for e in trust.get("AuditEvent", params={"_count": "1000"}).json().get("entry", [])}  # fmt: skip
+    found = gp.get("Patient", params={"_has:Condition:subject:recorded-date": day})
+    assert resource_keys(found.json()) == {"Patient/c-patient"}
+    (event,) = _new_audit_events(trust, before)
+    assert disclosed_references(event) == ["Patient/c-patient"]
+    consulted = {
+        e["what"]["reference"]
+        for e in event["entity"]
+        if e.get("description", "").startswith("Found")
+    }
+    assert f"Condition/{need['id']}" in consulted
+    assert all(k.startswith("Condition/") for k in consulted)
+    assert [i for i in Validator(default_package()).validate(event) if i.is_error] == []

@@ -36,6 +36,7 @@ SUBJECT_ROLE = {
 
 
 COUNTED = "Counted in what was sent (a total, a next page), not sent"
+CONSULTED = "Found by the search's criteria to hold for what was sent, not sent"
 
 
 def disclosed_references(event: dict[str, Any]) -> list[str]:
@@ -43,7 +44,7 @@ def disclosed_references(event: dict[str, Any]) -> list[str]:
     return [
         e["what"]["reference"]
         for e in event.get("entity", [])
-        if "what" in e and e.get("role") != SUBJECT_ROLE
+        if "what" in e and e.get("role") != SUBJECT_ROLE and e.get("description") != CONSULTED
     ]
 
 
@@ -94,17 +95,21 @@ def audit_event(
     observer: dict[str, Any],
     patient: str | None = None,
     counted: Mapping[str, int] | None = None,
+    consulted: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The one AuditEvent of a disclosure. `shared` lists Type/id of what went;
     `patient`, Patient/id of the service user whose record it came from; `counted`,
     per resource type, how many more the recipient was told of but not sent (a
-    search's total, a next page), whose categories are among `shared_categories`."""
+    search's total, a next page); `consulted`, Type/id of what a search's criteria
+    were found to hold through, not sent. The categories of both are among
+    `shared_categories`."""
     entities: list[dict[str, Any]] = []
     if patient is not None:
         entities.append(
             {"what": {"reference": patient}, "type": SUBJECT_TYPE, "role": SUBJECT_ROLE}
         )
     entities += [{"what": {"reference": key}} for key in shared]
+    entities += [{"what": {"reference": key}, "description": CONSULTED} for key in consulted]
     if counted:
         entities.append(
             {

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import UTC, date, datetime, time, timedelta, tzinfo
 from typing import Any
 
 from cpa_fhir.consent._labelling import reference_key
@@ -182,28 +182,30 @@ def resolve_recipient(
 _AFTER_ALL = datetime.max.replace(tzinfo=UTC)
 
 
-def _instant(value: Any, where: str, *, end: bool) -> datetime:
-    """A FHIR date or dateTime as an instant; a date ends at the end of its day."""
+def _instant(value: Any, where: str, *, end: bool, zone: tzinfo | None = UTC) -> datetime:
+    """A FHIR date or dateTime as an instant; a date (or month, or year) is a day in
+    `zone`, and ends at the end of it."""
+    zone = zone or UTC
     if not isinstance(value, str):
         raise ConsentFormatError(f"{where} is not a date")
     try:
         if len(value) == 10:
             d = date.fromisoformat(value)
-            moment = datetime.combine(d, time.min, UTC)
+            moment = datetime.combine(d, time.min, zone)
             if not end:
                 return moment
             return moment + timedelta(days=1) if d < date.max else _AFTER_ALL
         if len(value) in (4, 7):
             year = int(value[:4])
             month = int(value[5:7]) if len(value) == 7 else 1
-            start = datetime(year, month, 1, tzinfo=UTC)
+            start = datetime(year, month, 1, tzinfo=zone)
             if not end:
                 return start
             if year == date.max.year and (len(value) == 4 or month == 12):
                 return _AFTER_ALL
             if len(value) == 4:
-                return datetime(year + 1, 1, 1, tzinfo=UTC)
-            return datetime(year + month // 12, month % 12 + 1, 1, tzinfo=UTC)
+                return datetime(year + 1, 1, 1, tzinfo=zone)
+            return datetime(year + month // 12, month % 12 + 1, 1, tzinfo=zone)
         moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError as exc:
         raise ConsentFormatError(f"{where}: '{value}' is not a valid date") from exc
@@ -213,15 +215,20 @@ def _instant(value: Any, where: str, *, end: bool) -> datetime:
 
 
 def period_covers(period: Any, at: datetime, where: str = "Period") -> bool:
-    """Whether a FHIR Period (None: no bounds) holds at `at`; ConsentFormatError if it
-    cannot be read."""
+    """Whether a FHIR Period (None: no bounds) holds at `at`, its dates days in `at`'s
+    time zone; ConsentFormatError if it cannot be read."""
     if period is None:
         return True
     if not isinstance(period, dict):
         raise ConsentFormatError(f"{where}.period is not a Period")
-    if "start" in period and at < _instant(period["start"], f"{where}.period.start", end=False):
+    zone = at.tzinfo
+    if "start" in period and at < _instant(
+        period["start"], f"{where}.period.start", end=False, zone=zone
+    ):
         return False
-    if "end" in period and at >= _instant(period["end"], f"{where}.period.end", end=True):
+    if "end" in period and at >= _instant(
+        period["end"], f"{where}.period.end", end=True, zone=zone
+    ):
         return False
     return True
 
@@ -516,7 +523,7 @@ def steady_span(consents: Sequence[Mapping[str, Any]], at: datetime) -> tuple[da
                 return at, at
             for name, is_end in (("start", False), ("end", True)):
                 if name in period:
-                    edge = _instant(period[name], f"period.{name}", end=is_end)
+                    edge = _instant(period[name], f"period.{name}", end=is_end, zone=at.tzinfo)
                     if edge <= at:
                         start = max(start, edge)
                     else:

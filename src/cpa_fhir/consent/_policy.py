@@ -9,7 +9,9 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, tzinfo
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from cpa_fhir.errors import PolicyError
 
@@ -82,6 +84,9 @@ class SharingPolicy:
     purposes: frozenset[str] = frozenset()
     rules_by_type: Mapping[str, tuple[LabelRule, ...]] = field(default_factory=dict)
     categories_by_sensitivity: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    # Where the record's dates are days: a consent "until 2026-07-31" ends at midnight
+    # there (https://hl7.org/fhir/R4/datatypes.html#date: a date has no time zone).
+    zone: tzinfo = UTC
 
     def category_levels(self, categories: frozenset[str]) -> str:
         """The confidentiality code of content carrying these categories: the highest."""
@@ -272,7 +277,17 @@ def parse_policy(data: Mapping[str, Any]) -> SharingPolicy:
     for c in categories.values():
         for s in c.sensitivity:
             by_sensitivity.setdefault(s, set()).add(c.code)
+    zone_name = data.get("time_zone", "UTC")
+    try:
+        zone = ZoneInfo(zone_name) if isinstance(zone_name, str) else None
+    except (ZoneInfoNotFoundError, ValueError):
+        zone = None
+    if zone is None:
+        raise PolicyError(
+            f"time_zone must name an IANA time zone (Europe/London), not {zone_name!r}"
+        )
     return SharingPolicy(
+        zone=zone,
         categories=categories,
         default_category=default,
         rules=rules,

@@ -30,7 +30,7 @@ from cpa_fhir.consent._policy import (
     SharingPolicy,
 )
 from cpa_fhir.consent._references import PATIENT_ELEMENTS, resolve
-from cpa_fhir.errors import LabellingError, RecipientError, SharingError
+from cpa_fhir.errors import ConsentFormatError, LabellingError, RecipientError, SharingError
 
 DISCLOSURE_PROFILE = "https://cpa-fhir.org/fhir/StructureDefinition/cpa-disclosure-bundle"
 
@@ -171,6 +171,9 @@ def _share(
     new_id: Callable[[], str],
     required: RequiredElements,
 ) -> Disclosure:
+    if at.tzinfo is None:
+        raise ConsentFormatError("the time of disclosure needs a time zone")
+    at = at.astimezone(policy.zone)  # the records' dates are days there
     entries = record_entries(record)
     patient = _patient(entries)
     consents = _consents(entries, patient)

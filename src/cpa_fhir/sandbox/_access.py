@@ -178,6 +178,10 @@ class _Shared:
     # each as it was accounted.
     counted: dict[str, int] = field(default_factory=dict)
     counted_shown: list[_Shown] = field(default_factory=list)
+    # What a search's chained criteria were found to hold through, not sent
+    # (`PartnerView.consult`): what of it the criteria compared is disclosed.
+    consulted: list[str] = field(default_factory=list)
+    consulted_shown: list[_Shown] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,7 +275,7 @@ class PartnerView:
         self.client = client
         self.policy = policy
         self.required = required
-        self.at = at
+        self.at = at.astimezone(policy.zone)  # the records' dates are days there
         self.derived = derived if derived is not None else Derived(repo.generation())
         self.recipient = Recipient(
             client.reference or f"Client/{client.id}",
@@ -283,7 +287,8 @@ class PartnerView:
         # patient -> the kept decision this request's was made from (see audit_events)
         self._decided_from: dict[str, Decision] = {}
         self._disclosed: dict[str, _Shared] = {}
-        self._counting = False
+        # How what is filtered now is disclosed: sent (None), "counted" or "consulted".
+        self._mode: str | None = None
 
     def moved_on(self, derived: Derived) -> None:
         """Read from now on what `derived` was made from (the store after this request's
@@ -521,11 +526,19 @@ class PartnerView:
         """Note for the audit versions an answer tells of without sending them: the
         visible matches a total counts or a next page holds. That they exist, and
         match, is disclosed."""
-        self._counting = True
+        self._disclose_as("counted", versions)
+
+    def consult(self, versions: Sequence[Stored]) -> None:
+        """Note for the audit versions a search's chained criteria (`_has`, a chain)
+        were found to hold through for what it answers: the criteria tell of them."""
+        self._disclose_as("consulted", versions)
+
+    def _disclose_as(self, mode: str, versions: Sequence[Stored]) -> None:
+        self._mode = mode
         try:
             self.filter_many(versions)
         finally:
-            self._counting = False
+            self._mode = None
 
     def _account(
         self, patient: str, decision: Decision, key: str, shown: _Shown, account: bool
@@ -536,11 +549,15 @@ class PartnerView:
         record = self._disclosed.get(patient)
         if record is None:
             record = self._disclosed[patient] = _Shared(decision)
-        if self._counting:
+        if self._mode is not None:
             if shown.content is not None:
-                rtype = key.split("/", 1)[0]
-                record.counted[rtype] = record.counted.get(rtype, 0) + 1
-                record.counted_shown.append(shown)
+                if self._mode == "counted":
+                    rtype = key.split("/", 1)[0]
+                    record.counted[rtype] = record.counted.get(rtype, 0) + 1
+                    record.counted_shown.append(shown)
+                elif key not in record.consulted:
+                    record.consulted.append(key)
+                    record.consulted_shown.append(shown)
                 record.categories |= shown.categories
             return shown.content
         record.accounted.append(shown)
@@ -628,7 +645,7 @@ class PartnerView:
         observer_key = orjson.dumps(observer)
         by_account = self.derived.audit_by_account
         for patient, shared in self._disclosed.items():
-            if not shared.shared and not shared.counted:
+            if not shared.shared and not shared.counted and not shared.consulted:
                 continue
             decision = shared.decision
             if recorded is None:
@@ -642,7 +659,13 @@ class PartnerView:
                 if self._decisions.get(patient) is decision
                 else None
             )
-            accounted = (*shared.accounted, None, *shared.counted_shown)
+            accounted = (
+                *shared.accounted,
+                None,
+                *shared.counted_shown,
+                None,
+                *shared.consulted_shown,
+            )
             quick = (
                 patient,
                 self.recipient.reference,
@@ -670,6 +693,7 @@ class PartnerView:
                 tuple(shared.shared),
                 counts,
                 tuple(sorted(shared.counted.items())),
+                tuple(shared.consulted),
                 observer_key,
             )
             template = self.derived.audit_templates.get(key)
@@ -684,6 +708,7 @@ class PartnerView:
                     observer=observer,
                     patient=f"Patient/{patient}",
                     counted=shared.counted,
+                    consulted=shared.consulted,
                 )
                 self.derived.audit_templates[key] = template
             if source is not None:

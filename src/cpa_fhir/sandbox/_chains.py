@@ -41,13 +41,25 @@ def chains_hold(
     chained: Sequence[Criterion],
     view: PartnerView,
     repo: SqlRepository,
-) -> bool:
-    """Whether every chained criterion holds for the match through what `view` shows."""
+) -> set[tuple[str, str]] | None:
+    """Whether every chained criterion holds for the match through what `view` shows:
+    None if one does not; else the resources at the criteria's ends that it holds
+    through (what a partner's answer tells of, without sending them)."""
     start: Seen = {(stored.resource_type, stored.id): orjson.loads(shown)}
-    return all(_holds(start, criterion, view, repo) for criterion in chained)
+    through: set[tuple[str, str]] = set()
+    for criterion in chained:
+        ends = _holds(start, criterion, view, repo)
+        if not ends:
+            return None
+        through |= ends
+    return through
 
 
-def _holds(start: Seen, criterion: Criterion, view: PartnerView, repo: SqlRepository) -> bool:
+def _holds(
+    start: Seen, criterion: Criterion, view: PartnerView, repo: SqlRepository
+) -> set[tuple[str, str]]:
+    """The resources at the criterion's end, reached through what `view` shows, whose
+    shown form matches it: none if it does not hold."""
     current = start
     for link in criterion.chain:
         current = (
@@ -56,7 +68,7 @@ def _holds(start: Seen, criterion: Criterion, view: PartnerView, repo: SqlReposi
             else _forward(current, link, view, repo)
         )
         if not current:
-            return False
+            return set()
     # The end is judged on what the client sees of each resource reached, as a
     # partner's own criteria are (`matching`): found by a value it is shown, never by
     # one withheld from it, and as without a part removed (`:missing=true`, `:not`).
@@ -67,9 +79,13 @@ def _holds(start: Seen, criterion: Criterion, view: PartnerView, repo: SqlReposi
         if key in stored:
             by_type.setdefault(key[0], []).append((stored[key], seen))
     now_micros = to_micros(repo.clock())
-    return any(
-        matching(SearchQuery(rtype, criteria=(end,)), given, repo.parameters, now_micros=now_micros)
-        for rtype, given in by_type.items()
+    return set().union(
+        *(
+            matching(
+                SearchQuery(rtype, criteria=(end,)), given, repo.parameters, now_micros=now_micros
+            )
+            for rtype, given in by_type.items()
+        )
     )
 
 

@@ -851,17 +851,25 @@ class Router:
             asked, summary_count=False, total="none", sort=(), include=(), revinclude=()
         )
         chained = [c for c in query.criteria if c.chain]
+        # (type, id) of a match -> what its chained criteria hold through
+        through: dict[tuple[str, str], set[tuple[str, str]]] = {}
 
         def shown_matches(found: list[Stored]) -> list[tuple[Stored, bytes]]:
             everyone = view.filter_many(found, account=False)
             candidates = [(s, shown) for s, shown in zip(found, everyone, strict=True) if shown]
             matched = _matched_as_shown(candidates, query, view, self.repo, judge_all=bool(unsure))
-            return [
-                (stored, shown)
-                for stored, shown in candidates
-                if (stored.resource_type, stored.id) in matched
-                and (not chained or chains_hold(stored, shown, chained, view, self.repo))
-            ]
+            out = []
+            for stored, shown in candidates:
+                key = (stored.resource_type, stored.id)
+                if key not in matched:
+                    continue
+                if chained:
+                    ends = chains_hold(stored, shown, chained, view, self.repo)
+                    if ends is None:
+                        continue
+                    through[key] = ends
+                out.append((stored, shown))
+            return out
 
         visible = partner_scan(
             lambda last, _, limit: (
@@ -884,6 +892,10 @@ class Router:
         view.filter_many([stored for stored, _ in page])
         sent = {id(stored) for stored, _ in page}
         view.count([stored for stored, _ in visible if id(stored) not in sent])
+        if through:
+            # What the criteria held through, for every match the answer tells of.
+            ends = sorted(set().union(*through.values()))
+            view.consult(list(self.repo.read_many(ends).values()))
         included: list[tuple[Stored, bytes]] = []
         cut = False
         if page and (query.include or query.revinclude):
