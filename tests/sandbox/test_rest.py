@@ -213,3 +213,38 @@ def test_batch_reports_each_entry(trust: Fhir) -> None:
     entries = trust.post("", batch).json()["entry"]
     assert [e["response"]["status"] for e in entries] == ["200", "404"]
     assert entries[1]["response"]["outcome"]["resourceType"] == "OperationOutcome"
+
+
+def test_a_write_that_changes_nothing_makes_no_version(trust: Fhir) -> None:
+    """As HAPI FHIR and Medplum do: what is stored, sent again (by PUT, an empty
+    patch or a transaction), is answered with the version it already is."""
+    created = trust.post("Flag", _flag())
+    assert created.status_code == 201
+    key = f"Flag/{created.json()['id']}"
+
+    def versions() -> int:
+        return int(trust.get(f"{key}/_history").json()["total"])
+
+    again = trust.put(key, trust.get(key).json())
+    assert again.status_code == 200, again.text
+    assert again.headers["etag"] == created.headers["etag"] == 'W/"1"'
+    assert again.json()["meta"]["lastUpdated"] == created.json()["meta"]["lastUpdated"]
+    current = trust.get(key).json()
+    kept = {k: v for k, v in current["meta"].items() if k not in ("versionId", "lastUpdated")}
+    unmetered = {**current, "meta": kept}  # what the server sets, left out
+    assert trust.put(key, unmetered).headers["etag"] == 'W/"1"'
+    patched = trust.http.patch(
+        f"/fhir/{key}",
+        content=b"[]",
+        headers={**trust.headers, "content-type": "application/json-patch+json"},
+    )
+    assert patched.status_code == 200 and patched.headers["etag"] == 'W/"1"'
+    entry = {"resource": trust.get(key).json(), "request": {"method": "PUT", "url": key}}
+    answer = trust.post("", {"resourceType": "Bundle", "type": "transaction", "entry": [entry]})
+    assert answer.json()["entry"][0]["response"]["etag"] == 'W/"1"'
+    assert versions() == 1
+    changed = trust.put(key, {**unmetered, "status": "inactive"})
+    assert changed.headers["etag"] == 'W/"2"' and versions() == 2
+    # Stale, it is refused as any write is, though it changes nothing.
+    stale = trust.put(key, changed.json(), headers={"if-match": 'W/"1"'})
+    assert stale.status_code == 412

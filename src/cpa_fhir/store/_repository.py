@@ -801,6 +801,15 @@ class _Operations:
                     f"{resource_type}/{resource_id} is at version {found}, not {if_match}",
                     current_version=found,
                 )
+        if current is not None and not current.deleted:
+            unchanged = _row_to_stored(current)
+            # As HAPI FHIR and Medplum do: a write that changes nothing makes no version
+            # (a feed sending what is stored again neither grows the history nor moves
+            # the store on, which every cache keyed by the generation would pay for).
+            same_meta = _with_meta(resource, unchanged.version_id, "")
+            if same_meta == _with_meta(unchanged.resource(), unchanged.version_id, ""):
+                _content(resource)  # refused alike, stored or not (a NUL)
+                return unchanged
         version = current.version_id + 1 if current is not None else 1
         now = self._now()
         stored = _with_meta(resource, version, _instant(now))
