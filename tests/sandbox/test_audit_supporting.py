@@ -55,3 +55,128 @@ def test_included_professionals_and_organisations_are_named_in_the_audit(
         audited = {k for e in events for k in disclosed_references(e)}
         assert sent <= audited, f"sent but never audited: {sent - audited}"
         assert len(events) == 1  # one patient's information: one AuditEvent
+
+
+CATEGORY = "https://cpa-fhir.org/fhir/CodeSystem/cpa-information-category"
+IRCP = {
+    "coding": [
+        {"system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType", "code": "IRCP"}
+    ]  # fmt: skip
+}
+
+
+def _edit(sandbox: Sandbox, key: str, change: Any) -> Any:
+    """Change a stored resource as the trust would; the function undoes it."""
+    trust = _caller(sandbox, "trust")
+    original = sandbox.repo.read(*key.split("/")).resource()
+    changed = {k: v for k, v in original.items() if k != "meta"}
+    change(changed)
+    assert trust("PUT", key, changed).status in (200, 201)
+
+    def undo() -> None:
+        assert trust("PUT", key, {k: v for k, v in original.items() if k != "meta"}).status == 200
+
+    return undo
+
+
+def test_a_professional_sent_by_an_include_goes_labelled_without_narrative_or_tags(
+    sandbox: Sandbox,
+) -> None:
+    def narrate(person: dict[str, Any]) -> None:
+        person["text"] = {
+            "status": "generated",
+            "div": '<div xmlns="http://www.w3.org/1999/xhtml">Key worker since her overdose; MAPPA level 2 case</div>',  # fmt: skip
+        }
+        person["meta"] = {"tag": [{"system": "urn:example:trust-tags", "code": "mappa-case"}]}
+
+    undo = _edit(sandbox, "Practitioner/c-coordinator", narrate)
+    try:
+        found = _caller(sandbox, "gp")(
+            "GET", "CarePlan", query=[("_id", "c-careplan"), ("_include", "CarePlan:performer")]
+        )
+        entries = orjson.loads(found.body)["entry"]
+        coordinator = next(e["resource"] for e in entries if e["resource"]["id"] == "c-coordinator")
+        assert "overdose" not in orjson.dumps(coordinator).decode()
+        assert "tag" not in coordinator["meta"] and "text" not in coordinator
+        assert any(c["system"] == CATEGORY for c in coordinator["meta"]["security"])
+    finally:
+        undo()
+
+
+def test_an_included_organisation_is_judged_by_the_records_it_was_reached_from(
+    sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Probation (offending) is reached from C's record through the social care
+    organisation it is part of. D lets the GP have offending, C does not: a search that
+    also looks at D's plans, sending none of them, must not send it on D's consent."""
+
+    def part_of_probation(org: dict[str, Any]) -> None:
+        org["partOf"] = {"reference": "Organization/c-probation"}
+
+    def offending_to_gp(consent: dict[str, Any]) -> None:
+        consent["provision"]["provision"].append(
+            {
+                "type": "permit",
+                "actor": [{"role": IRCP, "reference": {"reference": "Organization/c-gp-practice"}}],
+                "securityLabel": [{"system": CATEGORY, "code": "offending"}],
+                "purpose": [
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/v3-ActReason",
+                        "code": "TREAT",
+                    }
+                ],  # fmt: skip
+            }
+        )
+
+    undo = [
+        _edit(sandbox, "Organization/c-social-care", part_of_probation),
+        _edit(sandbox, "Consent/d-consent", offending_to_gp),
+    ]
+    try:
+        gp = _caller(sandbox, "gp")
+        includes = [("_include", "CarePlan:performer"), ("_include:iterate", "Organization:partof")]
+        for query in ([("subject", "Patient/c-patient"), *includes], includes):
+            events = _recorded(sandbox, monkeypatch)
+            found = orjson.loads(gp("GET", "CarePlan", query=query).body)
+            sent = {
+                f"{e['resource']['resourceType']}/{e['resource']['id']}" for e in found["entry"]
+            }
+            assert "Organization/c-social-care" in sent
+            assert "Organization/c-probation" not in sent, query
+            assert not any(
+                e["resourceType"] == "AuditEvent"
+                and "Organization/c-probation" in disclosed_references(e)
+                for e in events
+            )
+    finally:
+        for step in reversed(undo):
+            step()
+
+
+def test_professionals_are_audited_only_under_the_records_they_were_reached_from(
+    sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    events = _recorded(sandbox, monkeypatch)
+    batch = {
+        "resourceType": "Bundle",
+        "type": "batch",
+        "entry": [
+            {"request": {"method": "GET", "url": "CarePlan/a-careplan"}},
+            {
+                "request": {
+                    "method": "GET",
+                    "url": "CarePlan?_id=c-careplan&_include=CarePlan:performer",
+                }
+            },  # fmt: skip
+        ],
+    }
+    answer = _caller(sandbox, "gp")("POST", "", batch)
+    statuses = [e["response"]["status"] for e in orjson.loads(answer.body)["entry"]]
+    assert statuses == ["404", "200"]
+    patients = {
+        e["what"]["reference"]
+        for event in events
+        for e in event["entity"]
+        if e.get("what", {}).get("reference", "").startswith("Patient/")
+    }
+    assert patients == {"Patient/c-patient"}

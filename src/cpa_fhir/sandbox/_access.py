@@ -21,7 +21,7 @@ from __future__ import annotations
 import operator
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, TypeVar
@@ -46,6 +46,7 @@ from cpa_fhir.consent import (
     withheld_counts,
 )
 from cpa_fhir.consent._labelling import reference_key
+from cpa_fhir.consent._output import outgoing_resource
 from cpa_fhir.consent._references import PATIENT_ELEMENTS
 from cpa_fhir.errors import SearchError, SharingError
 from cpa_fhir.sandbox._auth import Client
@@ -206,6 +207,8 @@ class Derived:
         self.consents: dict[str, _ConsentInputs] = {}
         self.care_teams: dict[str, list[dict[str, Any]]] = {}  # patient -> their CareTeams
         self.shown: dict[tuple[str, int, frozenset[str]], _Shown] = {}
+        # (Type/id, version) -> a professional's or organisation's form as it goes
+        self.supporting: dict[tuple[str, int], _Shown] = {}
         self.categories: dict[tuple[str, int], frozenset[str]] = {}
         # (patient, client) -> a decision and the span of time it holds for
         self.decisions: dict[tuple[str, str], tuple[Decision, datetime, datetime]] = {}
@@ -224,6 +227,7 @@ class Derived:
     def size(self) -> int:
         return (
             len(self.resources) + len(self.patients) + len(self.consents) + len(self.shown)
+            + len(self.supporting)
             + len(self.care_teams)
             + len(self.categories) + len(self.decisions) + len(self.audit_templates)
             + len(self.audit_by_account) + len(self.current) + len(self.matches_as_shown)
@@ -470,12 +474,29 @@ class PartnerView:
         """
         return self.filter_many([stored], referred=referred, account=account)[0]
 
+    def patients_of(self, stored: Stored) -> frozenset[str]:
+        """The patient whose record a stored version is in, as a set: empty for a
+        professional or organisation, in no one's record."""
+        version = (f"{stored.resource_type}/{stored.id}", stored.version_id)
+        if version not in self.derived.patients:
+            self.derived.patients[version] = patient_of(stored.resource())
+        patient = self.derived.patients[version]
+        return frozenset({patient}) if patient is not None else frozenset()
+
     def filter_many(
-        self, versions: Sequence[Stored], *, referred: bool = False, account: bool = True
+        self,
+        versions: Sequence[Stored],
+        *,
+        referred: bool = False,
+        account: bool = True,
+        reached_from: Mapping[tuple[str, str], frozenset[str]] | None = None,
     ) -> list[bytes | None]:
         """`filter_bytes` of each version. Those of one patient not filtered before are
         labelled and filtered together, as one record with what they refer to: the
-        Patient, professionals and episode they share are labelled once, not once each."""
+        Patient, professionals and episode they share are labelled once, not once each.
+        `reached_from`: for a professional or organisation reached by an include, the
+        patients whose records it was reached from (by default, every patient this
+        request has shared from)."""
         out: list[bytes | None] = [None] * len(versions)
         pending: dict[str, dict[str, tuple[int, Stored, dict[str, Any] | None]]] = {}
         derived = self.derived
@@ -492,7 +513,12 @@ class PartnerView:
                 if key == self.client.reference:
                     out[i] = stored.content  # an agency's own details: no one's record
                 elif stored.resource_type in self.policy.supporting and referred:
-                    out[i] = self._filter_supporting(stored, key, account)
+                    patients = (
+                        reached_from.get((stored.resource_type, stored.id), frozenset())
+                        if reached_from is not None
+                        else None
+                    )
+                    out[i] = self._filter_supporting(stored, key, account, patients)
                 continue
             # A carer's own RelatedPerson is part of the record of the person it cares
             # for, and what the record says of the carer is carer information: it goes
@@ -608,33 +634,40 @@ class PartnerView:
             out[key] = _Shown(orjson.dumps(mine), labels, withheld)
         return out
 
-    def _filter_supporting(self, stored: Stored, key: str, account: bool) -> bytes | None:
+    def _filter_supporting(
+        self, stored: Stored, key: str, account: bool, patients: frozenset[str] | None
+    ) -> bytes | None:
         """A professional or organisation reached from what this request shares: sent
-        if every category it carries may go to the client for some patient it is
-        shown, and then recorded in the audit of each patient this request has
-        disclosed so far (whose records it was reached from)."""
+        if every category it carries may go to the client under the decision for one
+        of the `patients` whose records it was reached from (by default, every patient
+        this request has shared from), and then recorded in the audit of each of those
+        it may go under. It goes as `cpa-fhir share` sends it: labelled, with no
+        narrative or tags."""
         version = (key, stored.version_id)
         categories = self.derived.categories.get(version)
         if categories is None:
             labelled = label_resources([(None, stored.resource())], self.policy)
             categories = self.derived.categories[version] = labelled[0].categories
-        allowed: set[str] = set()
-        for d in self._decisions.values():
-            allowed |= set(d.allowed)
-        if categories - allowed:
+        if patients is None:
+            patients = frozenset(p for p, record in self._disclosed.items() if record.shared)
+        under = sorted(p for p in patients if categories <= self.decision(p).allowed.keys())
+        if not under:
             return None
+        shown = self.derived.supporting.get(version)
+        if shown is None:
+            form = outgoing_resource(stored.resource(), categories, False, self.policy)
+            # One object per version, so that kept AuditEvents match.
+            shown = self.derived.supporting[version] = _Shown(orjson.dumps(form), categories, ())
         if account:
-            # One object per version and what may go, so that kept AuditEvents match.
-            shown_key = (key, stored.version_id, frozenset(allowed))
-            shown = self.derived.shown.get(shown_key)
-            if shown is None:
-                shown = self.derived.shown[shown_key] = _Shown(stored.content, categories, ())
-            for record in self._disclosed.values():
+            for patient in under:
+                record = self._disclosed.get(patient)
+                if record is None:
+                    record = self._disclosed[patient] = _Shared(self.decision(patient))
                 if key not in record.shared:
                     record.accounted.append(shown)
                     record.shared.append(key)
                     record.categories |= categories
-        return stored.content
+        return shown.content
 
     # -- audit --------------------------------------------------------------------------
 

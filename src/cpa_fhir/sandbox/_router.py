@@ -910,8 +910,15 @@ class Router:
         """What a partner's page includes: what it may see, followed only through the
         references it is shown. A link the consent engine removed (a professional in
         a withheld part of a care team, the performer of a withheld activity) is not
-        followed, or the resource at its end would tell of it."""
+        followed, or the resource at its end would tell of it. A professional or
+        organisation is judged, and audited, under the records it was reached from."""
         shown_of = {(s.resource_type, s.id): shown for s, shown in page}
+        # Whose records each resource was reached from: a record's own patient; for a
+        # professional or organisation, the records of what links to it.
+        reach: dict[tuple[str, str], frozenset[str]] = {
+            (s.resource_type, s.id): view.patients_of(s) for s, _ in page
+        }
+        supporting = view.policy.supporting
 
         def keep(
             found: list[Stored],
@@ -920,33 +927,55 @@ class Router:
             reverse: list[Include],
         ) -> list[Stored]:
             candidates = [s for s in found if _allowed(view.scopes, s.resource_type)]
-            seen = view.filter_many(candidates, referred=True, account=False)
             sources_by_key = {(s.resource_type, s.id): s for s in sources}
-            linked = {
-                target
-                for include in forward
-                for key in sources_by_key
-                if key[0] == include.source_type
-                for target in _shown_targets(shown_of[key], key[0], include, self.repo)
-            }
+            linked_from: dict[tuple[str, str], set[tuple[str, str]]] = {}
+            for include in forward:
+                for key in sources_by_key:
+                    if key[0] == include.source_type:
+                        for target in _shown_targets(shown_of[key], key[0], include, self.repo):
+                            linked_from.setdefault(target, set()).add(key)
+            reached: dict[tuple[str, str], frozenset[str]] = {}
+            for stored in candidates:
+                key = (stored.resource_type, stored.id)
+                sources_of = set(linked_from.get(key, ()))
+                if stored.resource_type in supporting:
+                    # One that refers to a source (a reverse include): it goes as stored.
+                    sources_of |= {
+                        target
+                        for include in reverse
+                        if include.source_type == stored.resource_type
+                        for target in _shown_targets(
+                            stored.content, stored.resource_type, include, self.repo
+                        )
+                        if target in sources_by_key
+                    }
+                reached[key] = frozenset().union(*(reach.get(k, frozenset()) for k in sources_of))
+            seen = view.filter_many(candidates, referred=True, account=False, reached_from=reached)
             kept: list[Stored] = []
             for stored, shown in zip(candidates, seen, strict=True):
                 if shown is None:
                     continue
                 key = (stored.resource_type, stored.id)
-                if key in linked or any(
+                if key in linked_from or any(
                     target in sources_by_key
                     for include in reverse
                     if include.source_type == stored.resource_type
                     for target in _shown_targets(shown, stored.resource_type, include, self.repo)
                 ):
                     shown_of[key] = shown
+                    reach[key] = view.patients_of(stored) or reached[key]
                     kept.append(stored)
             return kept
 
         included, cut = self.repo.included(query, [s for s, _ in page], keep)
         # Only what goes out is disclosed (and audited).
-        shown = view.filter_many(included, referred=True)
+        shown = view.filter_many(
+            included,
+            referred=True,
+            reached_from={
+                (s.resource_type, s.id): reach[(s.resource_type, s.id)] for s in included
+            },
+        )
         return [(s, b) for s, b in zip(included, shown, strict=True) if b is not None], cut
 
     def _searchset(

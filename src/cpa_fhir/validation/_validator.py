@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import date, datetime
+from decimal import Decimal
 from functools import cached_property
 from typing import Any
 
@@ -41,8 +42,21 @@ from cpa_fhir.validation._walker import Walk
 
 BASE = "http://hl7.org/fhir/StructureDefinition/"
 _FHIRPATH_MODEL = fhirpath_models["r4"]
+
+
 # trace() in some core invariants would otherwise print to standard output.
-_FHIRPATH_OPTIONS = {"traceFn": lambda *args: None}
+def _has_value(inputs: list[Any]) -> list[bool]:
+    """FHIRPath hasValue(): one primitive with a value (not extensions alone)."""
+    return [len(inputs) == 1 and isinstance(inputs[0], (str, bool, int, float, Decimal))]
+
+
+# hasValue() is FHIR's addition to FHIRPath (https://hl7.org/fhir/R4/fhirpath.html#functions),
+# which fhirpathpy leaves out: without it base invariants such as per-1 (a period
+# ends after it starts) could not run.
+_FHIRPATH_OPTIONS = {
+    "traceFn": lambda *args: None,
+    "userInvocationTable": {"hasValue": {"fn": _has_value, "arity": {0: []}}},
+}
 
 
 class Validator:
@@ -51,6 +65,7 @@ class Validator:
     def __init__(self, package: ConformancePackage):
         self.package = package
         self._trees: dict[str, Node | None] = {}
+        self._datatypes: dict[str, Node | None] = {}
         # expression -> (fhirpathpy's compiled form, the fast path or None)
         self._compiled: dict[str, tuple[Any, Any]] = {}
         # Nodes live as long as this validator's trees, so their ids are stable keys.
@@ -70,6 +85,21 @@ class Validator:
 
     def tree_for_type(self, type_code: str) -> Node | None:
         return self.tree_for_url(BASE + type_code)
+
+    def datatype_tree(self, type_code: str) -> Node | None:
+        """A complex datatype's base definition, when it carries invariants to run on
+        every value of the type; None otherwise."""
+        if type_code not in self._datatypes:
+            tree = self.tree_for_type(type_code) if type_code[:1].isupper() else None
+            kind = self.package.resolve(BASE + type_code) if tree is not None else None
+            self._datatypes[type_code] = (
+                tree
+                if tree is not None
+                and tree.constraints
+                and (kind or {}).get("kind") == "complex-type"
+                else None
+            )
+        return self._datatypes[type_code]
 
     @cached_property
     def all_type_names(self) -> frozenset[str]:

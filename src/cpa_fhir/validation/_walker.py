@@ -138,6 +138,12 @@ class Walk:
                 used.add(key)
                 if prim_ext is not None:
                     used.add("_" + key)
+                # FHIR JSON has no nulls (but in an array of primitives, beside its
+                # `_` extensions) and no empty arrays: https://hl7.org/fhir/R4/json.html
+                if key in obj and raw is None:
+                    self.error(f"{loc}.{key}", "null is not a FHIR value: leave the element out")
+                elif raw == []:
+                    self.error(f"{loc}.{key}", "An array must not be empty: leave the element out")
                 if raw is None and prim_ext is None:
                     continue
                 items = raw if isinstance(raw, list) else [raw]
@@ -251,6 +257,11 @@ class Walk:
             self.extension(node, v, loc, strict)
         else:
             self.object(node, v, loc, type_code, strict)
+            # The datatype's own invariants (per-1: a Period ends after it starts; rng-2,
+            # qty-3, cpt-2, ...), which a snapshot's elements do not repeat.
+            datatype = self.validator.datatype_tree(type_code)
+            if datatype is not None:
+                self.invariants(datatype, v, loc)
         if type_code == "Identifier" and v.get("system") == NHS_NUMBER_SYSTEM:
             value = v.get("value")
             if isinstance(value, str) and not is_valid_nhs_number(value):
@@ -270,6 +281,22 @@ class Walk:
                     rule="sctid",
                 )
         elif type_code == "Reference" and isinstance(v.get("reference"), str):
+            local = v["reference"]
+            if local.startswith("#") and local != "#":
+                # ref-1, natively: a local reference names a resource this one contains.
+                contained = self.root.get("contained")
+                ids = {
+                    c.get("id") for c in (contained if isinstance(contained, list) else [])
+                    if isinstance(c, dict)
+                }  # fmt: skip
+                if local[1:] not in ids:
+                    self.error(
+                        f"{loc}.reference",
+                        f"SHALL have a contained resource if a local reference is provided:"
+                        f" nothing contained has the id '{local[1:]}' (ref-1)",
+                        code="invariant",
+                        rule="ref-1",
+                    )
             targets = [
                 p for t in node.types for p in t.get("targetProfile", []) if isinstance(p, str)
             ]

@@ -1,0 +1,65 @@
+"""The rules of FHIR's own datatypes and JSON form hold wherever a value sits: a
+Period ends after it starts (per-1), a contact value has its system (cpt-2), a local
+reference names something contained (ref-1); no nulls, no empty arrays."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from cpa_fhir.conformance import default_package
+from cpa_fhir.validation import Validator
+
+VALIDATOR = Validator(default_package())
+
+
+def _rules(resource: dict[str, Any]) -> list[tuple[str | None, str | None]]:
+    return [(i.rule, i.expression) for i in VALIDATOR.validate(resource) if i.is_error]
+
+
+def _observation(**changes: Any) -> dict[str, Any]:
+    return {"resourceType": "Observation", "status": "final", "code": {"text": "x"}, **changes}
+
+
+@pytest.mark.parametrize(
+    ("period", "broken"),
+    [
+        ({"start": "2026-01-01", "end": "2020-01-01"}, True),
+        ({"start": "2020-01-01", "end": "2026-01-01"}, False),
+        ({"start": "2026-01-01T10:00:00Z", "end": "2026-01-01T09:00:00Z"}, True),
+        ({"start": "2026-01-01"}, False),
+        (
+            {
+                "_start": {"extension": [{"url": "https://local.example/x", "valueString": "y"}]},
+                "end": "2020-01-01",
+            },
+            False,
+        ),  # fmt: skip
+    ],
+)
+def test_a_period_ends_after_it_starts(period: dict[str, Any], broken: bool) -> None:
+    rules = _rules(_observation(effectivePeriod=period))
+    assert (("per-1", "Observation.effectivePeriod") in rules) == broken, rules
+
+
+def test_a_contact_value_has_its_system() -> None:
+    assert ("cpt-2", "Patient.telecom[0]") in _rules(
+        {"resourceType": "Patient", "telecom": [{"value": "01234 567890"}]}
+    )
+    assert _rules({"resourceType": "Patient", "telecom": [{"system": "phone", "value": "1"}]}) == []
+
+
+def test_a_local_reference_names_something_contained() -> None:
+    contained = [{"resourceType": "Practitioner", "id": "p1"}]
+    assert _rules(_observation(contained=contained, performer=[{"reference": "#p1"}])) == []
+    assert ("ref-1", "Observation.performer[0].reference") in _rules(
+        _observation(contained=contained, performer=[{"reference": "#p2"}])
+    )
+
+
+@pytest.mark.parametrize(
+    ("element", "value"), [("valueString", None), ("identifier", []), ("note", [])]
+)
+def test_nulls_and_empty_arrays_are_not_fhir_json(element: str, value: Any) -> None:
+    assert any(e == f"Observation.{element}" for _, e in _rules(_observation(**{element: value})))
