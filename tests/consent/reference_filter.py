@@ -280,6 +280,16 @@ def filter_record(
         shared_categories |= cats
         out = dict(res)
         out.pop("text", None)  # narrative and tags are free text no rule reads
+        if isinstance(out.get("contained"), list):
+            bare = []
+            for inner in out["contained"]:
+                inner = {k: v for k, v in inner.items() if k != "text"}
+                inner_meta = {k: v for k, v in (inner.get("meta") or {}).items() if k not in ("tag", "security")}  # fmt: skip
+                inner.pop("meta", None)
+                if inner_meta:
+                    inner["meta"] = inner_meta
+                bare.append(inner)
+            out["contained"] = bare
         meta = dict(out.get("meta") or {})
         meta.pop("tag", None)
         labels = security_labels(cats, policy)

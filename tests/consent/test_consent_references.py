@@ -253,3 +253,95 @@ def test_a_record_holding_what_is_about_another_patient_shares_nothing(subject: 
     record["entry"].append({"resource": need})
     with pytest.raises(SharingError, match="not this record's patient"):
         _share(record)
+
+
+@pytest.mark.parametrize(
+    ("element", "value"),
+    [
+        ("modifierExtension", [{"url": "https://local.example/only-if", "valueBoolean": True}]),
+        ("dataPeriod", {"start": "2026-01-01", "end": "2026-02-01"}),
+        ("class", [{"system": "http://hl7.org/fhir/resource-types", "code": "Flag"}]),
+    ],
+)
+def test_a_base_provision_the_engine_cannot_honour_shares_nothing(element: str, value: Any) -> None:
+    record = copy.deepcopy(RECORD_C)
+    _in(record, "Consent/c-consent")["provision"][element] = value
+    with pytest.raises(ConsentFormatError, match=element):
+        _share(record)
+
+
+def test_an_action_that_cannot_be_read_is_an_error() -> None:
+    record = copy.deepcopy(RECORD_C)
+    _gp_permit_of(record)["action"] = [{"coding": 5}]
+    with pytest.raises(ConsentFormatError, match="action"):
+        _share(record)
+
+
+@pytest.mark.parametrize("form", ["fullUrl", "urn"])
+def test_a_carer_naming_its_patient_by_the_records_full_url_cares_for_them(form: str) -> None:
+    record = copy.deepcopy(RECORD_C)
+    entry = next(e for e in record["entry"] if e["resource"]["id"] == "c-patient")
+    if form == "urn":
+        entry["fullUrl"] = "urn:uuid:6f1c2d4e-1111-4c4c-9a9a-0123456789ab"
+    _in(record, "RelatedPerson/c-carer-son")["patient"] = {"reference": entry["fullUrl"]}
+    disclosure = _share(record, "carer:c-carer-son", "FAMRQT", "carers-need-to-know")
+    assert "CarePlan/c-crisis-plan" in disclosure.shared
+
+
+def _refusing_crisis_to(record: dict[str, Any], reference: str) -> None:
+    permit = _gp_permit_of(record)
+    refusal = {
+        "type": "deny",
+        "actor": [{**permit["actor"][0], "reference": {"reference": reference}}],
+        "securityLabel": [{"system": CATEGORY_SYSTEM, "code": "crisis"}],
+    }
+    _in(record, "Consent/c-consent")["provision"]["provision"].append(refusal)
+
+
+@pytest.mark.parametrize(
+    "names",
+    ["care team", "group", "role", "contained", "an actor not in the record"],
+)
+def test_a_refusal_of_those_that_stand_for_the_recipient_applies(names: str) -> None:
+    record = copy.deepcopy(RECORD_C)
+    consent = _in(record, "Consent/c-consent")
+    gp_role = {
+        "resourceType": "PractitionerRole",
+        "id": "gp-role",
+        "active": True,
+        "organization": {"reference": GP.reference},
+    }
+    if names == "care team":
+        team = _in(record, "CareTeam/c-careteam")
+        team["participant"].append({"member": {"reference": GP.reference}})
+        reference = "CareTeam/c-careteam"
+    elif names == "group":
+        group = {"resourceType": "Group", "id": "g1", "type": "practitioner", "actual": True,
+                 "member": [{"entity": {"reference": GP.reference}}]}  # fmt: skip
+        record["entry"].append({"resource": group})
+        reference = "Group/g1"
+    elif names == "role":
+        record["entry"].append({"resource": gp_role})
+        reference = "PractitionerRole/gp-role"
+    elif names == "contained":
+        ods = next(
+            i
+            for i in _in(record, GP.reference)["identifier"]
+            if i["system"].endswith("ods-organization-code")  # fmt: skip
+        )
+        consent["contained"] = [{"resourceType": "Organization", "id": "gp", "identifier": [ods]}]
+        reference = "#gp"
+    else:
+        reference = "Organization/deleted-since"
+    assert "crisis" in _share(copy.deepcopy(record)).decision.allowed
+    _refusing_crisis_to(record, reference)
+    assert "crisis" not in _share(record).decision.allowed
+
+
+def test_a_grant_to_a_care_team_the_recipient_is_in_grants_it_nothing() -> None:
+    record = copy.deepcopy(RECORD_C)
+    _in(record, "CareTeam/c-careteam")["participant"].append(
+        {"member": {"reference": GP.reference}}
+    )
+    _gp_permit_of(record)["actor"][0]["reference"] = {"reference": "CareTeam/c-careteam"}
+    assert set(_share(record).decision.allowed) == set()

@@ -230,6 +230,7 @@ POLICY_DEFECTS = [
     (_set("time_zone", "Mars/Olympus_Mons"), "time_zone must name an IANA time zone"),
     (_set("time_zone", ["Europe/London"]), "time_zone must name an IANA time zone"),
     (_set("time_zone", "../../etc/passwd"), "time_zone must name an IANA time zone"),
+    (_set("time_zone", "Europe"), "time_zone must name an IANA time zone"),
 ]
 
 

@@ -182,3 +182,59 @@ def test_a_versioned_reference_to_another_servers_resource_is_not_this_records()
         e["resource"] for e in _share(record).bundle["entry"] if e["resource"]["id"] == "c-careplan"
     )
     assert {"reference": f"{own['fullUrl']}/_history/1"} in plan["supportingInfo"]
+
+
+def test_what_a_resource_contains_goes_without_narrative_tags_or_labels_of_its_own() -> None:
+    record = copy.deepcopy(RECORD_C)
+    plan = _in(record, "CarePlan/c-careplan")
+    plan["contained"] = [
+        {
+            "resourceType": "Medication",
+            "id": "m1",
+            "meta": {
+                "tag": [
+                    {
+                        "system": "https://local.example/tags",
+                        "code": "dsu",
+                        "display": "Drug service: heroin",
+                    }
+                ]
+            },  # fmt: skip
+            "text": {
+                "status": "additional",
+                "div": '<div xmlns="http://www.w3.org/1999/xhtml">For her heroin dependence</div>',
+            },  # fmt: skip
+            "code": {"coding": [{"system": "http://snomed.info/sct", "code": "387286002"}]},
+        }
+    ]
+    plan["supportingInfo"].append({"reference": "#m1"})
+    assert "CarePlan/c-careplan" in _share(record).shared
+    assert "heroin" not in _sent(record)
+
+
+def test_a_record_whose_contained_resource_is_about_another_patient_shares_nothing() -> None:
+    record = copy.deepcopy(RECORD_C)
+    plan = _in(record, "CarePlan/c-careplan")
+    plan["contained"] = [
+        {
+            "resourceType": "MedicationStatement",
+            "id": "m1",
+            "status": "active",
+            "subject": {"reference": "Patient/someone-else"},
+            "medicationCodeableConcept": {"text": "Sertraline 50mg"},
+        }
+    ]
+    plan["supportingInfo"].append({"reference": "#m1"})
+    with pytest.raises(SharingError, match="not this record's patient"):
+        _share(record)
+
+
+def test_a_probation_officers_role_is_offending_information_wherever_it_is_held() -> None:
+    record = copy.deepcopy(RECORD_C)
+    role = _in(record, "PractitionerRole/c-probation-officer-role")
+    role["organization"] = {"reference": "Organization/c-trust"}
+    review = _in(record, "Encounter/c-review-2026-09")
+    review["participant"].append(
+        {"individual": {"reference": "PractitionerRole/c-probation-officer-role"}}
+    )
+    assert "PractitionerRole/c-probation-officer-role" not in _share(record).shared

@@ -11,7 +11,7 @@ to the recipients and purposes the policy lists, and only for their categories.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, time, timedelta, tzinfo
 from typing import Any
 
@@ -277,8 +277,10 @@ def _actor_matches(actors: list[Any], asked: _Asked, where: str, deny: bool) -> 
     """Whether a provision's actors name the recipient (by reference, by a fullUrl of
     the record, or by identifier). A permit names it only as an information
     recipient (v3-ParticipationType IRCP or PRCP). A refusal errs towards applying:
-    in any role, and by an absolute URL ending in the recipient's Type/id, as this
-    server's own base may be written out in full."""
+    in any role; by an absolute URL ending in the recipient's Type/id, as this
+    server's own base may be written out in full; through a Group, CareTeam or
+    PractitionerRole (or a contained one) that has the recipient as a member, on
+    whose behalf one acts, or as its organisation; and to an actor it cannot see."""
     if not actors:
         return True
     for i, actor in enumerate(actors):
@@ -287,26 +289,72 @@ def _actor_matches(actors: list[Any], asked: _Asked, where: str, deny: bool) -> 
             raise ConsentFormatError(f"{where}.actor[{i}].reference is missing")
         if not deny and not _recipient_role(actor):
             continue
-        recipient, resources, urls = asked.recipient, asked.resources, asked.urls
-        url = ref.get("reference")
-        key = urls.get(url) if isinstance(url, str) and url in urls else reference_key(url)
-        if key is not None and key == recipient.reference:
-            return True
-        if deny and _url_names(ref.get("reference"), recipient.reference):
-            return True
-        idents = set()
-        ident = ref.get("identifier")
-        if (
-            isinstance(ident, dict)
-            and isinstance(ident.get("system"), str)
-            and isinstance(ident.get("value"), str)
-        ):
-            idents.add((ident["system"], ident["value"]))
-        if key is not None and key in resources:
-            idents |= _identifiers(resources[key])
-        if idents & recipient.identifiers:
+        named = _names_recipient(ref, asked, deny)
+        if named or (named is None and deny):
             return True
     return False
+
+
+def _names_recipient(
+    ref: Mapping[str, Any], asked: _Asked, deny: bool, depth: int = 0
+) -> bool | None:
+    """Whether a Reference names the recipient; None when what it names cannot be seen
+    (a relative, urn or contained reference to what is not there). For a refusal, what it names is
+    looked into: a Group's members, a CareTeam's members and those they act for, a
+    PractitionerRole's organisation."""
+    recipient = asked.recipient
+    url = ref.get("reference")
+    key: str | None = None
+    target: Mapping[str, Any] | None = None
+    if isinstance(url, str):
+        if url.startswith("#"):
+            target = asked.local.get(url[1:])
+        else:
+            key = asked.urls.get(url) or reference_key(url)
+            if key is not None and key == recipient.reference:
+                return True
+            if deny and _url_names(url, recipient.reference):
+                return True
+            target = asked.resources.get(key) if key is not None else None
+    idents = set()
+    ident = ref.get("identifier")
+    if (
+        isinstance(ident, dict)
+        and isinstance(ident.get("system"), str)
+        and isinstance(ident.get("value"), str)
+    ):
+        idents.add((ident["system"], ident["value"]))
+    if target is not None:
+        idents |= _identifiers(target)
+    if idents & recipient.identifiers:
+        return True
+    if deny and target is not None and depth < 2:
+        for member in _members(target):
+            if _names_recipient(member, asked, deny, depth + 1):
+                return True
+    if isinstance(url, str) and target is None and "://" not in url:
+        # Of this record or store, yet not there (deleted, mistyped): not seen. Another
+        # server's is someone else's unless its Type/id is the recipient's.
+        return None
+    return False
+
+
+def _members(resource: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The References by which a Group, CareTeam or PractitionerRole stands for others."""
+    kind = resource.get("resourceType")
+    found: list[Any] = []
+    if kind == "Group":
+        found = [m.get("entity") for m in resource.get("member") or [] if isinstance(m, dict)]
+    elif kind == "CareTeam":
+        found = [
+            p.get(element)
+            for p in resource.get("participant") or []
+            if isinstance(p, dict)
+            for element in ("member", "onBehalfOf")
+        ]
+    elif kind == "PractitionerRole":
+        found = [resource.get("organization")]
+    return [m for m in found if isinstance(m, dict)]
 
 
 # Provision elements the engine cannot honour: a Consent that uses them shares nothing,
@@ -332,6 +380,9 @@ _PURPOSE_OID = "urn:oid:2.16.840.1.113883.5.8"
 def _action_matches(actions: list[Any], deny: bool) -> bool:
     """A permit grants disclosure only if its actions, where it names any, include
     disclosing; a refusal errs towards applying."""
+    for i, action in enumerate(actions):
+        if not isinstance(action.get("coding", []), list):
+            raise ConsentFormatError(f"provision action[{i}].coding is not a list")
     if not actions or deny:
         return True
     return any(
@@ -397,6 +448,7 @@ class _Asked:
     resources: Mapping[str, Mapping[str, Any]]
     urls: Mapping[str, str]  # the record's fullUrls -> Type/id
     policy: SharingPolicy
+    local: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # contained, by id
 
 
 def _walk(
@@ -484,11 +536,24 @@ def _evaluate_consent(
         raise ConsentFormatError(f"{key} has no provision")
     if root.get("type") != "deny":
         raise ConsentFormatError(f"{key}: the base provision must deny (permits are nested)")
+    for element, what in _UNEVALUATED:
+        if root.get(element) is not None:
+            raise ConsentFormatError(
+                f"{key}.provision: provisions by {what} ({element}) cannot be evaluated"
+            )
     if not period_covers(root.get("period"), asked.at, f"{key}.provision"):
         notes.append(
             f"{key} does not cover {asked.at.date().isoformat()} (expired or not yet in force)"
         )
         return
+    contained = consent.get("contained")
+    local = {
+        c["id"]: c
+        for c in (contained if isinstance(contained, list) else [])
+        if isinstance(c, dict) and isinstance(c.get("id"), str)
+    }
+    if local:
+        asked = replace(asked, local=local)
     # The base deny is the default; only nested provisions grant or refuse.
     for i, child in enumerate(_list(root, "provision", f"{key}.provision")):
         _walk(child, None, key, f"{key}.provision.provision[{i}]", asked, tally)

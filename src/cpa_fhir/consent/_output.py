@@ -36,6 +36,10 @@ def outgoing_resource(
     removed from them), which the structured content it goes with makes redundant."""
     out = dict(content)
     out.pop("text", None)
+    contained = out.get("contained")
+    if isinstance(contained, list):
+        # What it contains goes under the container's labels, as bare as it is.
+        out["contained"] = [_bare(inner) for inner in contained]
     meta = dict(out.get("meta") or {})
     meta.pop("tag", None)
     labels = security_labels(categories, policy)
@@ -43,4 +47,19 @@ def outgoing_resource(
         labels.append(dict(REDACTED))
     meta["security"] = labels
     out["meta"] = meta
+    return out
+
+
+def _bare(resource: Any) -> Any:
+    """A contained resource without narrative, tags or labels of its own."""
+    if not isinstance(resource, dict):
+        return resource
+    out = {k: v for k, v in resource.items() if k != "text"}
+    meta = out.get("meta")
+    if isinstance(meta, dict):
+        kept = {k: v for k, v in meta.items() if k not in ("tag", "security")}
+        if kept:
+            out["meta"] = kept
+        else:
+            del out["meta"]
     return out

@@ -280,7 +280,7 @@ def parse_policy(data: Mapping[str, Any]) -> SharingPolicy:
     zone_name = data.get("time_zone", "UTC")
     try:
         zone = ZoneInfo(zone_name) if isinstance(zone_name, str) else None
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):  # "Europe" is a folder of zones
         zone = None
     if zone is None:
         raise PolicyError(

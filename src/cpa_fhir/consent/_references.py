@@ -10,6 +10,30 @@ Path = tuple[str | int, ...]
 PATIENT_ELEMENTS = ("subject", "patient", "for", "beneficiary")
 
 
+def patients_named(resource: Any, urls: Mapping[str, str]) -> set[str]:
+    """The patients a resource, and each resource it contains, names as the one whose
+    record it is in: `Patient/ID` as resolved in a record whose fullUrls are `urls`, or
+    the absolute URL of another server's patient."""
+    found: set[str] = set()
+    for item in [resource, *_contained(resource)]:
+        for name in PATIENT_ELEMENTS:
+            ref = item.get(name)
+            url = ref.get("reference") if isinstance(ref, dict) else None
+            if not isinstance(url, str):
+                continue
+            target = resolve(url, urls)
+            if target is None and "://" in url and "/Patient/" in url:
+                target = url  # another server's patient
+            if target is not None and (target.startswith("Patient/") or "://" in target):
+                found.add(target)
+    return found
+
+
+def _contained(resource: Any) -> list[dict[str, Any]]:
+    contained = resource.get("contained") if isinstance(resource, dict) else None
+    return [c for c in contained if isinstance(c, dict)] if isinstance(contained, list) else []
+
+
 def reference_key(ref: Any) -> str | None:
     """`Type/id` of a relative reference (history suffix dropped), else None: an
     absolute URL, even of a version, may name another server's resource of that id."""

@@ -29,7 +29,7 @@ from cpa_fhir.consent._policy import (
     LEGAL_BASIS_SYSTEM,
     SharingPolicy,
 )
-from cpa_fhir.consent._references import PATIENT_ELEMENTS, resolve
+from cpa_fhir.consent._references import patients_named, resolve
 from cpa_fhir.errors import ConsentFormatError, LabellingError, RecipientError, SharingError
 
 DISCLOSURE_PROFILE = "https://cpa-fhir.org/fhir/StructureDefinition/cpa-disclosure-bundle"
@@ -116,23 +116,26 @@ def _all_of_one_patient(
     patient: dict[str, Any],
     urls: Mapping[str, str],
 ) -> None:
-    """Refuse a record holding what is about another patient: this one's consent does
-    not decide what of another's record may go."""
+    """Refuse a record holding what is about another patient (in an entry or in what
+    an entry contains): this one's consent does not decide what of another's may go."""
     ours = f"Patient/{patient['id']}"
     for _, r in entries:
-        for name in PATIENT_ELEMENTS:
-            ref = r.get(name)
-            url = ref.get("reference") if isinstance(ref, dict) else None
-            if not isinstance(url, str):
-                continue
-            target = resolve(url, urls)
-            if target is None and "://" in url and "/Patient/" in url:
-                target = url  # another server's patient
-            if target is not None and target.startswith(("Patient/", "http")) and target != ours:
-                raise SharingError(
-                    f"{r['resourceType']}/{r['id']}.{name} is {url}, not this record's patient:"
-                    " a record is one patient's"
-                )
+        others = patients_named(r, urls) - {ours}
+        if others:
+            raise SharingError(
+                f"{r['resourceType']}/{r['id']} is about {sorted(others)[0]}, not this record's"
+                " patient: a record is one patient's"
+            )
+
+
+def _as_named(person: dict[str, Any] | None, urls: Mapping[str, str]) -> dict[str, Any] | None:
+    """A RelatedPerson with its patient as the record's `Patient/ID`, however written."""
+    patient = person.get("patient") if person is not None else None
+    ref = patient.get("reference") if isinstance(patient, dict) else None
+    target = resolve(ref, urls) if isinstance(ref, str) else None
+    if person is None or target is None:
+        return person
+    return {**person, "patient": {"reference": target}}
 
 
 def _trust(entries: Sequence[tuple[str | None, dict[str, Any]]]) -> dict[str, Any] | None:
@@ -187,7 +190,7 @@ def _share(
     if (
         recipient.partner_type == CARER
         and request.exceptions
-        and not cares_for(resources.get(recipient.reference), str(patient["id"]), at)
+        and not cares_for(_as_named(resources.get(recipient.reference), urls), patient["id"], at)
     ):
         raise RecipientError(
             f"{recipient.reference} is not an active carer of this record's patient at"

@@ -11,7 +11,19 @@ from cpa_fhir.conformance.snapshot import segments
 # `_bundle`) or not applicable to stored JSON (narrative and contained-resource
 # rules of DomainResource).
 NATIVE_OR_SKIPPED = frozenset(
-    {"ele-1", "ext-1", "ref-1", "dom-2", "dom-3", "dom-4", "dom-5", "dom-6", "txt-1", "txt-2"}
+    {
+        "ele-1",
+        "ext-1",
+        "ref-1",
+        "per-1",
+        "dom-2",
+        "dom-3",
+        "dom-4",
+        "dom-5",
+        "dom-6",
+        "txt-1",
+        "txt-2",
+    }
     | {f"bdl-{n}" for n in range(1, 13)}
 )
 

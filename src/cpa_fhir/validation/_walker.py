@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from cpa_fhir.fhir.outcome import Issue
+from cpa_fhir.store._dates import date_range
 from cpa_fhir.validation._tree import Node, find_by_path
 from cpa_fhir.validation.identifiers import (
     NHS_NUMBER_SYSTEM,
@@ -257,6 +258,8 @@ class Walk:
             self.extension(node, v, loc, strict)
         else:
             self.object(node, v, loc, type_code, strict)
+            if type_code == "Period":
+                self.period(v, loc)
             # The datatype's own invariants (per-1: a Period ends after it starts; rng-2,
             # qty-3, cpt-2, ...), which a snapshot's elements do not repeat.
             datatype = self.validator.datatype_tree(type_code)
@@ -302,6 +305,22 @@ class Walk:
             ]
             self.references.append(ReferenceSite(f"{loc}.reference", v["reference"], targets))
         self.invariants(node, v, loc)
+
+    def period(self, v: dict[str, Any], loc: str) -> None:
+        """per-1, natively: a Period does not end before it starts. Each end stands for
+        the span its precision implies (a date, all of that day), and the two are
+        compared as instants, whatever zone each is written in."""
+        start, end = v.get("start"), v.get("end")
+        if not (isinstance(start, str) and isinstance(end, str)):
+            return
+        first, last = date_range(start), date_range(end)
+        if first is not None and last is not None and first[0] >= last[1]:
+            self.error(
+                loc,
+                "If present, start SHALL have a lower value than end (per-1)",
+                code="invariant",
+                rule="per-1",
+            )
 
     def extension(self, node: Node, v: dict[str, Any], loc: str, strict: bool) -> None:
         has_value = any(isinstance(k, str) and k.startswith("value") for k in v)
