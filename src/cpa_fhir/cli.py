@@ -186,8 +186,15 @@ def _write(path: Path, data: bytes, what: str) -> None:
 
 def _write_together(files: list[tuple[Path, bytes, str]]) -> None:
     """Write every file or none: each goes to a file of its own beside its place, and
-    all are moved into place once every one is written. A disclosure's AuditEvent must
-    not be left recording a Bundle that could not be written, nor the reverse."""
+    all are moved into place once every one is written, the first last; a move that
+    fails puts back what the others replaced. A disclosure's AuditEvent must not be
+    left recording a Bundle that could not be written, nor the reverse."""
+    paths = [path.resolve() for path, _, _ in files]
+    if len(set(paths)) != len(paths):
+        raise _fail("the files to write must differ (--out and --audit name one file)", 1)
+    for path, _, what in files:
+        if path.is_dir():
+            raise _fail(f"{path}: cannot write the {what} (a folder); nothing was written", 1)
     written: list[tuple[Path, Path]] = []
     try:
         for path, data, what in files:
@@ -200,12 +207,36 @@ def _write_together(files: list[tuple[Path, bytes, str]]) -> None:
                     1,
                 ) from None
             written.append((spare, path))
-        for spare, path in written:
-            os.replace(spare, path)
+        _move_into_place(written)
         written = []
     finally:
         for spare, _ in written:
             spare.unlink(missing_ok=True)
+
+
+def _move_into_place(moves: list[tuple[Path, Path]]) -> None:
+    """Move each spare onto its path, the last first; all, or none."""
+    done: list[tuple[Path, Path | None]] = []  # path, what it held before (set aside)
+    try:
+        for spare, path in reversed(moves):
+            before = (
+                path.with_name(f".{path.name}.{uuid.uuid4().hex}.old") if path.exists() else None
+            )
+            if before is not None:
+                os.replace(path, before)
+            done.append((path, before))
+            os.replace(spare, path)
+    except OSError as exc:
+        for path, before in reversed(done):
+            path.unlink(missing_ok=True)
+            if before is not None:
+                os.replace(before, path)
+        raise _fail(
+            f"{path}: cannot write ({exc.strerror or exc}); nothing was written", 1
+        ) from None
+    for _, before in done:
+        if before is not None:
+            before.unlink(missing_ok=True)
 
 
 @app.command()

@@ -244,3 +244,18 @@ def test_a_record_nested_too_deep_to_check_shares_nothing(tmp_path: Path) -> Non
     assert "Traceback" not in result.stderr and result.returncode == 1, result.stderr[-2000:]
     assert "nothing was shared" in result.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "audit.json").exists()
+
+
+def test_an_out_path_that_is_a_folder_leaves_nothing_written(tmp_path: Path) -> None:
+    (tmp_path / "out.json").mkdir()
+    result = _share_c(tmp_path, "--out", str(tmp_path / "out.json"))
+    assert "Traceback" not in result.stderr and result.returncode == 1, result.stderr
+    assert "nothing was written" in result.stderr.strip().splitlines()[-1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
+
+
+def test_out_and_audit_naming_one_file_is_refused(tmp_path: Path) -> None:
+    result = _share_c(tmp_path, "--out", str(tmp_path / "audit.json"))
+    assert "Traceback" not in result.stderr and result.returncode == 1, result.stderr
+    assert "must differ" in result.stderr.strip().splitlines()[-1]
+    assert list(tmp_path.iterdir()) == []

@@ -1082,3 +1082,72 @@ def test_the_trusts_shared_reads_serve_and_survive_a_dropped_connection(
             answer = http.get("/fhir/Patient/c-patient", headers=headers)
             assert answer.status_code == 200 and answer.json()["id"] == "c-patient"
         assert http.get("/fhir/Patient/no-such-patient", headers=headers).status_code == 404
+
+
+def test_an_activity_performed_by_a_role_goes_to_a_partner_as_share_sends_it(
+    gp: Fhir, changes: Changes
+) -> None:
+    """The consultant's activity, performed by his PractitionerRole: the role inherits
+    its organisation's categories, which the server must look up too (two steps from
+    the plan), or the activity would be redacted as unlabelled."""
+    reviews = "reviews mental state and medication monthly"
+
+    def by_role(plan: dict[str, Any]) -> None:
+        plan["activity"][1]["detail"]["performer"] = [
+            {"reference": "PractitionerRole/c-consultant-role"}
+        ]
+
+    assert reviews in gp.get(C_PLAN).text
+    changes.edit(C_PLAN, by_role)
+    assert reviews in gp.get(C_PLAN).text
+
+
+def test_a_refusal_of_a_care_team_the_partner_acts_for_applies(
+    gp: Fhir, trust: Fhir, changes: Changes
+) -> None:
+    crisis_plan = "CarePlan/c-crisis-plan"
+
+    def gp_in_team(team: dict[str, Any]) -> None:
+        team["participant"].append(
+            {
+                "role": [{"text": "GP practice"}],
+                "member": {"reference": "Organization/c-gp-practice"},
+            }
+        )
+
+    def refuse_crisis_to_team(consent: dict[str, Any]) -> None:
+        permit = _gp_permit(consent)
+        consent["provision"]["provision"].append(
+            {
+                "type": "deny",
+                "actor": [
+                    {**permit["actor"][0], "reference": {"reference": "CareTeam/c-careteam"}}
+                ],
+                "securityLabel": [_label("crisis")],
+            }
+        )
+
+    changes.edit("CareTeam/c-careteam", gp_in_team)
+    assert _visible(gp, crisis_plan)
+    changes.edit("Consent/c-consent", refuse_crisis_to_team)
+    assert not _visible(gp, crisis_plan)
+
+
+def test_a_resource_containing_what_is_about_another_patient_is_withheld(
+    gp: Fhir, changes: Changes
+) -> None:
+    def contain_another(plan: dict[str, Any]) -> None:
+        plan["contained"] = [
+            {
+                "resourceType": "MedicationStatement",
+                "id": "m1",
+                "status": "active",
+                "subject": {"reference": "Patient/a-patient"},
+                "medicationCodeableConcept": {"text": "Sertraline 50mg"},
+            }
+        ]
+        plan["supportingInfo"] = [*plan.get("supportingInfo", []), {"reference": "#m1"}]
+
+    assert _visible(gp, C_PLAN)
+    changes.edit(C_PLAN, contain_another)
+    assert not _visible(gp, C_PLAN)

@@ -459,3 +459,20 @@ def test_what_a_searchs_chained_criteria_hold_through_is_audited(
     assert f"Condition/{need['id']}" in consulted
     assert all(k.startswith("Condition/") for k in consulted)
     assert [i for i in Validator(default_package()).validate(event) if i.is_error] == []
+
+
+def test_what_a_nested_has_passes_through_is_audited_as_consulted(
+    as_client: Any, trust: Fhir
+) -> None:
+    gp = as_client("gp")
+    before = {e["resource"]["id"] for e in trust.get("AuditEvent", params={"_count": "1000"}).json().get("entry", [])}  # fmt: skip
+    found = gp.get("Patient", params={"_has:Goal:subject:_has:CarePlan:goal:status": "active"})
+    assert resource_keys(found.json()) == {"Patient/c-patient"}
+    (event,) = _new_audit_events(trust, before)
+    consulted = {
+        e["what"]["reference"]
+        for e in event["entity"]
+        if e.get("description", "").startswith("Found")
+    }
+    assert any(k.startswith("Goal/") for k in consulted), consulted
+    assert any(k.startswith("CarePlan/") for k in consulted), consulted

@@ -324,6 +324,9 @@ def test_a_post_entry_with_criteria_in_its_url_is_a_conditional_create(trust: Fh
     assert _count(trust, marker) == 1
     differing = {**entry, "request": {**entry["request"], "ifNoneExist": "identifier=urn:test|x"}}
     outcome(trust.post("", _transaction(differing)), 400)
+    encoded = f"identifier=urn%3Atest%7C{marker}"  # the same criteria, written otherwise
+    same = {**entry, "request": {**entry["request"], "ifNoneExist": encoded}}
+    assert _statuses(trust.post("", _transaction(same))) == ["200"]
 
 
 @pytest.mark.parametrize("url", ["Flag/abc", "Flag/c-risk-self-harm/_history/1"])

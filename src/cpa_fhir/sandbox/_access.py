@@ -47,13 +47,16 @@ from cpa_fhir.consent import (
 )
 from cpa_fhir.consent._labelling import reference_key
 from cpa_fhir.consent._output import outgoing_resource
-from cpa_fhir.consent._references import PATIENT_ELEMENTS
+from cpa_fhir.consent._references import PATIENT_ELEMENTS, patients_named
 from cpa_fhir.errors import SearchError, SharingError
 from cpa_fhir.sandbox._auth import Client
 from cpa_fhir.store import SqlRepository, Stored
 
 T = TypeVar("T")
 
+# How many steps of references from professionals and organisations are followed to
+# label what refers to them (`PartnerView._filter_together`).
+_INHERIT_STEPS = 3
 # The server's own records (`AuditLog`) are appended without moving the generation:
 # a read of one is never taken from what was derived.
 APPENDED_TYPES = frozenset({"AuditEvent"})
@@ -347,6 +350,16 @@ class PartnerView:
         wanted = [key for c in (*consents, *restricting) for key in _references(c.get("provision"))]
         self._fetch(wanted)
         actors = {k: r for k in wanted if (r := self.derived.resources[k]) is not None}
+        # Those a Group, CareTeam or PractitionerRole actor stands for: a refusal of it
+        # is a refusal of them.
+        members = [
+            key
+            for actor in actors.values()
+            if actor.get("resourceType") in ("Group", "CareTeam", "PractitionerRole")
+            for key in _references(actor)
+        ]
+        self._fetch(members)
+        actors.update({k: r for k in members if (r := self.derived.resources[k]) is not None})
         known = self.derived.consents[patient_id] = _ConsentInputs(consents, restricting, actors)
         return known
 
@@ -605,6 +618,25 @@ class PartnerView:
             if r not in resources
         ]
         self._fetch(refs)
+        # What professionals and organisations refer to in turn: categories pass on
+        # through several steps (an activity, its performer's role, the role's
+        # organisation), as in a whole record.
+        known, frontier = {*refs, *resources}, refs
+        for _ in range(_INHERIT_STEPS):
+            further = [
+                r
+                for k in frontier
+                if (t := self.derived.resources[k]) is not None
+                and t.get("resourceType") in self.policy.supporting
+                for r in dict.fromkeys(_references(t))
+                if r not in known
+            ]
+            if not further:
+                break
+            self._fetch(further)
+            known.update(further)
+            refs += further
+            frontier = further
         entries: list[tuple[str | None, dict[str, Any]]] = [(None, r) for r in resources.values()]
         # What belongs to another patient's record is not judged by this one's consent:
         # it is left out, and a reference to it goes as one to nothing would, or a
@@ -621,6 +653,14 @@ class PartnerView:
         shared = {f"{r['resourceType']}/{r['id']}": r for _, r in result.shared}
         out: dict[str, _Shown] = {}
         for key in resources:
+            owner = patient_of(resources[key])
+            if patients_named(resources[key], {}) - {f"Patient/{owner}"}:
+                # It contains what is about another patient: not this record's to judge.
+                reason = "it contains what is about another patient"
+                out[key] = _Shown(
+                    None, frozenset(), (WithheldItem(key, None, frozenset(), reason),)
+                )
+                continue
             withheld = tuple(w for w in result.withheld if w.reference == key)
             mine = shared.get(key)
             if mine is None:

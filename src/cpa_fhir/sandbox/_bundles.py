@@ -325,10 +325,9 @@ def _transaction(
                 condition = req.get("ifNoneExist")
                 if criteria:
                     # Criteria in the URL ask what ifNoneExist asks, as for a POST alone.
-                    if (
-                        isinstance(condition, str)
-                        and _without_format(condition.lstrip("?")) != criteria
-                    ):
+                    if isinstance(condition, str) and sorted(
+                        parse_qsl(_without_format(condition.lstrip("?")), keep_blank_values=True)
+                    ) != sorted(parse_qsl(criteria, keep_blank_values=True)):
                         raise HttpError(
                             400, f"entry {i}: the URL's criteria and ifNoneExist differ"
                         )

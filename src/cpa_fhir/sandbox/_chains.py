@@ -58,15 +58,18 @@ def chains_hold(
 def _holds(
     start: Seen, criterion: Criterion, view: PartnerView, repo: SqlRepository
 ) -> set[tuple[str, str]]:
-    """The resources at the criterion's end, reached through what `view` shows, whose
-    shown form matches it: none if it does not hold."""
+    """The resources the criterion holds through, as `view` shows them: those at its
+    end whose shown form matches it, and those on the way to them (a chain's or a
+    nested `_has`'s middle links); none if it does not hold."""
     current = start
+    steps: list[dict[tuple[str, str], set[tuple[str, str]]]] = []  # key -> from which
     for link in criterion.chain:
-        current = (
+        current, came_from = (
             _reverse(current, link, view, repo)
             if link.reverse
             else _forward(current, link, view, repo)
         )
+        steps.append(came_from)
         if not current:
             return set()
     # The end is judged on what the client sees of each resource reached, as a
@@ -79,7 +82,7 @@ def _holds(
         if key in stored:
             by_type.setdefault(key[0], []).append((stored[key], seen))
     now_micros = to_micros(repo.clock())
-    return set().union(
+    ends: set[tuple[str, str]] = set().union(
         *(
             matching(
                 SearchQuery(rtype, criteria=(end,)), given, repo.parameters, now_micros=now_micros
@@ -87,6 +90,11 @@ def _holds(
             for rtype, given in by_type.items()
         )
     )
+    through, frontier = set(ends), set(ends)
+    for came_from in reversed(steps[1:]):  # back along the links, short of the match
+        frontier = set().union(*(came_from.get(k, set()) for k in frontier))
+        through |= frontier
+    return through
 
 
 def _matches(
@@ -109,27 +117,32 @@ def reference_targets(
     return {(t, i) for _, t, i, _ in rows if t is not None and i is not None}
 
 
-def _forward(current: Seen, link: ChainLink, view: PartnerView, repo: SqlRepository) -> Seen:
-    """The resources the client sees that `current`'s filtered references lead to."""
-    wanted: set[tuple[str, str]] = set()
-    for (rtype, _), resource in current.items():
-        wanted |= {
-            t
-            for t in reference_targets(resource, rtype, link.reference, repo)
-            if t[0] in link.to_types
-        }
-    found = list(repo.read_many(sorted(wanted)).values())
-    return {
+Step = tuple[Seen, dict[tuple[str, str], set[tuple[str, str]]]]
+
+
+def _forward(current: Seen, link: ChainLink, view: PartnerView, repo: SqlRepository) -> Step:
+    """The resources the client sees that `current`'s filtered references lead to, and
+    for each, those of `current` that lead to it."""
+    came_from: dict[tuple[str, str], set[tuple[str, str]]] = {}
+    for key, resource in current.items():
+        for t in reference_targets(resource, key[0], link.reference, repo):
+            if t[0] in link.to_types:
+                came_from.setdefault(t, set()).add(key)
+    found = list(repo.read_many(sorted(came_from)).values())
+    seen = {
         (s.resource_type, s.id): orjson.loads(shown)
         for s, shown in zip(found, view.filter_many(found, account=False), strict=True)
         if shown is not None
     }
+    return seen, came_from
 
 
-def _reverse(current: Seen, link: ChainLink, view: PartnerView, repo: SqlRepository) -> Seen:
-    """The resources the client sees whose filtered `link.reference` points at `current`."""
+def _reverse(current: Seen, link: ChainLink, view: PartnerView, repo: SqlRepository) -> Step:
+    """The resources the client sees whose filtered `link.reference` points at
+    `current`, and for each, those of `current` it points at."""
     source_type = link.to_types[0]
     out: Seen = {}
+    came_from: dict[tuple[str, str], set[tuple[str, str]]] = {}
     for rtype, rid in current:
         query = repo.parse(source_type, [(link.reference, f"{rtype}/{rid}")])
 
@@ -150,4 +163,5 @@ def _reverse(current: Seen, link: ChainLink, view: PartnerView, repo: SqlReposit
             partial(_matches, repo, query), referring, f"{source_type} resources referring to one"
         ):
             out[(s.resource_type, s.id)] = form
-    return out
+            came_from.setdefault((s.resource_type, s.id), set()).add((rtype, rid))
+    return out, came_from
