@@ -1,6 +1,8 @@
-"""Paths to the test data, so tests never depend on the working directory."""
+"""Paths to the test data, so tests never depend on the working directory, and a
+helper for the example records."""
 
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 PROFILES = ROOT / "profiles"
@@ -9,3 +11,14 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 INVALID = FIXTURES / "invalid"
 INVALID_MANIFEST = INVALID / "manifest.json"
 POLICY = ROOT / "policy" / "sharing.toml"
+
+
+def entry_resource(record: dict[str, Any], key: str) -> dict[str, Any]:
+    """The resource `Type/id` of a record Bundle (the object itself, to change)."""
+    rtype, rid = key.split("/")
+    found: dict[str, Any] = next(
+        e["resource"]
+        for e in record["entry"]
+        if (e["resource"]["resourceType"], e["resource"]["id"]) == (rtype, rid)
+    )
+    return found

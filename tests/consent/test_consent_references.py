@@ -25,6 +25,7 @@ from cpa_fhir.consent import (
 from cpa_fhir.consent._decision import PRIVACY_SCOPE
 from cpa_fhir.errors import ConsentFormatError, RecipientError, SharingError
 from tests.common import EXAMPLES
+from tests.common import entry_resource as _in
 
 AT = datetime(2026, 11, 1, 10, 0, tzinfo=UTC)
 RECORD_C = orjson.loads(next(EXAMPLES.glob("Bundle-record-C-*.json")).read_bytes())
@@ -97,15 +98,6 @@ def _share(record: dict[str, Any], to: str = "gp", purpose: str = "TREAT", *exc:
         at=AT,
         new_id=lambda: f"id-{next(ids)}",
         required=REQUIRED,
-    )
-
-
-def _in(record: dict[str, Any], key: str) -> dict[str, Any]:
-    rtype, rid = key.split("/")
-    return next(
-        e["resource"]
-        for e in record["entry"]
-        if (e["resource"]["resourceType"], e["resource"]["id"]) == (rtype, rid)
     )
 
 

@@ -19,6 +19,7 @@ from cpa_fhir.conformance import default_package
 from cpa_fhir.consent import CATEGORY_SYSTEM, RequiredElements, ShareRequest, share
 from cpa_fhir.errors import SharingError
 from tests.common import EXAMPLES
+from tests.common import entry_resource as _in
 
 AT = datetime(2026, 11, 1, 9, tzinfo=UTC)
 RECORD_C = orjson.loads(next(EXAMPLES.glob("Bundle-record-C-*.json")).read_bytes())
@@ -43,15 +44,6 @@ def _share(record: dict[str, Any]) -> Any:
 def _sent(record: dict[str, Any]) -> str:
     disclosure = _share(record)
     return json.dumps(disclosure.bundle).lower() if disclosure.bundle else ""
-
-
-def _in(record: dict[str, Any], key: str) -> dict[str, Any]:
-    rtype, rid = key.split("/")
-    return next(
-        e["resource"]
-        for e in record["entry"]
-        if (e["resource"]["resourceType"], e["resource"]["id"]) == (rtype, rid)
-    )
 
 
 def test_a_contained_resource_is_labelled_as_any_other_and_goes_with_its_container() -> None:
