@@ -69,7 +69,6 @@ APPENDED_TYPES = frozenset({"AuditEvent"})
 MAX_PARTNER_VISIBLE = 10_000
 SCAN_PAGE = 1000
 PARTNER_SCAN_SECONDS = 20.0
-# Where each resource type names the patient whose record it belongs to.
 
 
 def partner_scan(
