@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import socket
 import sys
 import uuid
@@ -185,22 +186,27 @@ def _write(path: Path, data: bytes, what: str) -> None:
 
 
 def _write_together(files: list[tuple[Path, bytes, str]]) -> None:
-    """Write every file or none: each goes to a file of its own beside its place, and
-    all are moved into place once every one is written, the first last; a move that
-    fails puts back what the others replaced. A disclosure's AuditEvent must not be
-    left recording a Bundle that could not be written, nor the reverse."""
-    paths = [path.resolve() for path, _, _ in files]
-    if len(set(paths)) != len(paths):
+    """Write every file or none: each goes to a file of its own beside its place (the
+    place a symbolic link names), and all are moved into place once every one is
+    written, the first last; a move that fails puts back what the others replaced. A
+    disclosure's AuditEvent must not be left recording a Bundle that could not be
+    written, nor the reverse. A file replaced keeps its permissions; a device or pipe
+    (/dev/stdout) is written as it is, once the files are in place."""
+    targets = [(path.resolve(), data, what) for path, data, what in files]
+    if len({path for path, _, _ in targets}) != len(targets):
         raise _fail("the files to write must differ (--out and --audit name one file)", 1)
-    for path, _, what in files:
+    for path, _, what in targets:
         if path.is_dir():
             raise _fail(f"{path}: cannot write the {what} (a folder); nothing was written", 1)
+    streams = [(p, d, w) for p, d, w in targets if p.exists() and not p.is_file()]
     written: list[tuple[Path, Path]] = []
     try:
-        for path, data, what in files:
+        for path, data, what in targets:
+            if (path, data, what) in streams:
+                continue
             spare = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
             try:
-                spare.write_bytes(data)
+                _write_private(spare, data, like=path if path.exists() else None)
             except OSError as exc:
                 raise _fail(
                     f"{path}: cannot write the {what} ({exc.strerror or exc}); nothing was written",
@@ -212,6 +218,12 @@ def _write_together(files: list[tuple[Path, bytes, str]]) -> None:
     finally:
         for spare, _ in written:
             spare.unlink(missing_ok=True)
+    for path, data, what in streams:
+        try:
+            with path.open("wb") as stream:
+                stream.write(data)
+        except OSError as exc:
+            raise _fail(f"{path}: cannot write the {what} ({exc.strerror or exc})", 1) from None
 
 
 def _move_into_place(moves: list[tuple[Path, Path]]) -> None:
@@ -237,6 +249,20 @@ def _move_into_place(moves: list[tuple[Path, Path]]) -> None:
     for _, before in done:
         if before is not None:
             before.unlink(missing_ok=True)
+
+
+def _write_private(spare: Path, data: bytes, *, like: Path | None) -> None:
+    """A new file readable by its owner alone while it is written; then with the
+    permissions of the file it replaces, or those a new file gets here."""
+    descriptor = os.open(spare, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "wb") as out:
+        out.write(data)
+    if like is not None:
+        shutil.copymode(like, spare)
+    else:
+        mask = os.umask(0)
+        os.umask(mask)
+        spare.chmod(0o666 & ~mask)
 
 
 @app.command()

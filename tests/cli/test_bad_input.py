@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -259,3 +260,23 @@ def test_out_and_audit_naming_one_file_is_refused(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr and result.returncode == 1, result.stderr
     assert "must differ" in result.stderr.strip().splitlines()[-1]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_files_replaced_keep_their_permissions_and_links_are_followed(tmp_path: Path) -> None:
+    """A disclosure written over a file kept private stays private; an --out that is a
+    symbolic link writes the file it names."""
+    (tmp_path / "secure").mkdir()
+    target = tmp_path / "secure" / "disclosure.json"
+    target.write_bytes(b"")
+    target.chmod(0o600)
+    link = tmp_path / "out.json"
+    link.symlink_to(target)
+    audit = tmp_path / "audit.json"
+    audit.write_bytes(b"")
+    audit.chmod(0o600)
+    result = run("share", str(RECORD_C), "--to", "gp", "--purpose", "TREAT", "--audit", str(audit), "--out", str(link))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert link.is_symlink() and target.read_bytes().startswith(b"{")
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    assert stat.S_IMODE(audit.stat().st_mode) == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["audit.json", "out.json", "secure"]

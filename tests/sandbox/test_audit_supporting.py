@@ -4,6 +4,7 @@ reached from, as `cpa-fhir share` names them in its own."""
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import orjson
@@ -69,12 +70,14 @@ def _edit(sandbox: Sandbox, key: str, change: Any) -> Any:
     """Change a stored resource as the trust would; the function undoes it."""
     trust = _caller(sandbox, "trust")
     original = sandbox.repo.read(*key.split("/")).resource()
-    changed = {k: v for k, v in original.items() if k != "meta"}
+    meta = {k: v for k, v in original["meta"].items() if k not in ("versionId", "lastUpdated")}
+    original = {**original, "meta": meta}  # its profiles kept: rules label by them
+    changed = copy.deepcopy(original)
     change(changed)
     assert trust("PUT", key, changed).status in (200, 201)
 
     def undo() -> None:
-        assert trust("PUT", key, {k: v for k, v in original.items() if k != "meta"}).status == 200
+        assert trust("PUT", key, original).status == 200
 
     return undo
 
@@ -180,3 +183,28 @@ def test_professionals_are_audited_only_under_the_records_they_were_reached_from
         if e.get("what", {}).get("reference", "").startswith("Patient/")
     }
     assert patients == {"Patient/c-patient"}
+
+
+def test_a_role_sent_by_an_include_is_labelled_with_the_organisation_it_is_held_with(
+    sandbox: Sandbox,
+) -> None:
+    """A PractitionerRole takes its organisation's categories: judged alone it could not
+    see them and went as the most restrictive, to no partner."""
+
+    def by_role(plan: dict[str, Any]) -> None:
+        plan["activity"][1]["detail"]["performer"] = [
+            {"reference": "PractitionerRole/c-consultant-role"}
+        ]
+
+    undo = _edit(sandbox, "CarePlan/c-careplan", by_role)
+    try:
+        found = _caller(sandbox, "gp")(
+            "GET", "CarePlan", query=[("_id", "c-careplan"), ("_include", "CarePlan:performer")]
+        )
+        sent = {
+            f"{e['resource']['resourceType']}/{e['resource']['id']}"
+            for e in orjson.loads(found.body)["entry"]
+        }
+        assert "PractitionerRole/c-consultant-role" in sent
+    finally:
+        undo()

@@ -63,3 +63,28 @@ def test_a_local_reference_names_something_contained() -> None:
 )
 def test_nulls_and_empty_arrays_are_not_fhir_json(element: str, value: Any) -> None:
     assert any(e == f"Observation.{element}" for _, e in _rules(_observation(**{element: value})))
+
+
+@pytest.mark.parametrize(
+    "period",
+    [
+        {"start": "2026-04-03", "end": "2026-04-03T00:30:00+01:00"},  # a day and a time in it
+        {"start": "2026-05", "end": "2026-05-01T00:15:00+01:00"},
+        {"start": "2026-04-03T10:00:00+01:00", "end": "2026-04-03T09:30:00Z"},  # 09:00Z first
+    ],
+)
+def test_ends_of_different_precision_or_zone_are_compared_as_fhirpath_does(
+    period: dict[str, Any],
+) -> None:
+    assert _rules(_observation(effectivePeriod=period)) == []
+
+
+def test_a_contained_resource_may_name_another_its_container_holds() -> None:
+    observation = _observation(
+        contained=[
+            {"resourceType": "Practitioner", "id": "p1", "name": [{"family": "Okafor"}]},
+            {"resourceType": "PractitionerRole", "id": "r1", "practitioner": {"reference": "#p1"}},
+        ],
+        performer=[{"reference": "#r1"}],
+    )
+    assert _rules(observation) == []

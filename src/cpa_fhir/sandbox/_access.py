@@ -610,32 +610,7 @@ class PartnerView:
         self, resources: dict[str, dict[str, Any]], decision: Decision
     ) -> dict[str, _Shown]:
         """Label and filter resources with what they refer to, as `share` would."""
-        refs = [
-            r
-            for resource in resources.values()
-            for r in dict.fromkeys(_references(resource))
-            if r not in resources
-        ]
-        self._fetch(refs)
-        # What professionals and organisations refer to in turn: categories pass on
-        # through several steps (an activity, its performer's role, the role's
-        # organisation), as in a whole record.
-        known, frontier = {*refs, *resources}, refs
-        for _ in range(_INHERIT_STEPS):
-            further = [
-                r
-                for k in frontier
-                if (t := self.derived.resources[k]) is not None
-                and t.get("resourceType") in self.policy.supporting
-                for r in dict.fromkeys(_references(t))
-                if r not in known
-            ]
-            if not further:
-                break
-            self._fetch(further)
-            known.update(further)
-            refs += further
-            frontier = further
+        refs = self._referred(resources)
         entries: list[tuple[str | None, dict[str, Any]]] = [(None, r) for r in resources.values()]
         # What belongs to another patient's record is not judged by this one's consent:
         # it is left out, and a reference to it goes as one to nothing would, or a
@@ -673,6 +648,36 @@ class PartnerView:
             out[key] = _Shown(orjson.dumps(mine), labels, withheld)
         return out
 
+    def _referred(self, resources: Mapping[str, dict[str, Any]]) -> list[str]:
+        """Type/id of what `resources` refer to, fetched into the cache, and what the
+        professionals and organisations among those refer to in turn: categories pass
+        on through several steps (an activity, its performer's role, the role's
+        organisation), as in a whole record."""
+        refs = [
+            r
+            for resource in resources.values()
+            for r in dict.fromkeys(_references(resource))
+            if r not in resources
+        ]
+        self._fetch(refs)
+        known, frontier = {*refs, *resources}, refs
+        for _ in range(_INHERIT_STEPS):
+            further = [
+                r
+                for k in frontier
+                if (t := self.derived.resources[k]) is not None
+                and t.get("resourceType") in self.policy.supporting
+                for r in dict.fromkeys(_references(t))
+                if r not in known
+            ]
+            if not further:
+                break
+            self._fetch(further)
+            known.update(further)
+            refs += further
+            frontier = further
+        return refs
+
     def _filter_supporting(
         self, stored: Stored, key: str, account: bool, patients: frozenset[str] | None
     ) -> bytes | None:
@@ -685,7 +690,15 @@ class PartnerView:
         version = (key, stored.version_id)
         categories = self.derived.categories.get(version)
         if categories is None:
-            labelled = label_resources([(None, stored.resource())], self.policy)
+            # With what it refers to (a role's organisation), whose categories it takes.
+            resource = stored.resource()
+            around = [
+                (None, t)
+                for r in self._referred({key: resource})
+                if (t := self.derived.resources[r]) is not None
+                and t.get("resourceType") in self.policy.supporting
+            ]
+            labelled = label_resources([(None, resource), *around], self.policy)
             categories = self.derived.categories[version] = labelled[0].categories
         if patients is None:
             patients = frozenset(p for p, record in self._disclosed.items() if record.shared)

@@ -264,6 +264,7 @@ class Validator:
         profile: str | None,
         issues: list[Issue],
         references: list[Any],
+        container: dict[str, Any] | None = None,
     ) -> None:
         rt = resource.get("resourceType")
         if not isinstance(rt, str) or rt not in R4_RESOURCE_TYPES:
@@ -301,13 +302,15 @@ class Validator:
             if base is not None:
                 trees.append(base)
         for i, tree in enumerate(trees):
-            walk = Walk(self, resource, rt, issues)
+            walk = Walk(self, resource, rt, issues, container=container)
             walk.object(tree, resource, loc, rt, strict=True)
             walk.invariants(tree, resource, loc)
             if i == 0:
                 references.extend(walk.references)
                 for nested, nested_loc in walk.nested:
-                    self._resource(nested, nested_loc, None, issues, references)
+                    # A contained resource's local references are to its container's.
+                    inside = resource if nested_loc.startswith(f"{loc}.contained[") else None
+                    self._resource(nested, nested_loc, None, issues, references, inside)
 
 
 def fhirpathpy_outcome(fn: Any, v: Any, path: str, root: dict[str, Any]) -> bool | None:

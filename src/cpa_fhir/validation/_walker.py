@@ -76,6 +76,8 @@ class Walk:
     issues: list[Issue]
     nested: list[tuple[dict[str, Any], str]] = field(default_factory=list)
     references: list[ReferenceSite] = field(default_factory=list)
+    # The resource that contains this one, for a contained resource (%rootResource).
+    container: dict[str, Any] | None = None
 
     def error(
         self, loc: str, message: str, code: str = "structure", rule: str | None = None
@@ -287,7 +289,8 @@ class Walk:
             local = v["reference"]
             if local.startswith("#") and local != "#":
                 # ref-1, natively: a local reference names a resource this one contains.
-                contained = self.root.get("contained")
+                holder = self.container if self.container is not None else self.root
+                contained = holder.get("contained")
                 ids = {
                     c.get("id") for c in (contained if isinstance(contained, list) else [])
                     if isinstance(c, dict)
@@ -307,14 +310,17 @@ class Walk:
         self.invariants(node, v, loc)
 
     def period(self, v: dict[str, Any], loc: str) -> None:
-        """per-1, natively: a Period does not end before it starts. Each end stands for
-        the span its precision implies (a date, all of that day), and the two are
-        compared as instants, whatever zone each is written in."""
+        """per-1, natively: a Period does not end before it starts. As FHIRPath compares
+        them (https://hl7.org/fhir/R4/fhirpath.html): two dates (or months, or years)
+        of one precision as days, two dateTimes with times as instants whatever zone
+        each is written in; values of different precision cannot be compared, and pass."""
         start, end = v.get("start"), v.get("end")
         if not (isinstance(start, str) and isinstance(end, str)):
             return
+        if ("T" in start) != ("T" in end) or ("T" not in start and len(start) != len(end)):
+            return
         first, last = date_range(start), date_range(end)
-        if first is not None and last is not None and first[0] >= last[1]:
+        if first is not None and last is not None and first[0] > last[0]:
             self.error(
                 loc,
                 "If present, start SHALL have a lower value than end (per-1)",
