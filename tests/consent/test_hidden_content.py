@@ -230,3 +230,106 @@ def test_a_probation_officers_role_is_offending_information_wherever_it_is_held(
         {"individual": {"reference": "PractitionerRole/c-probation-officer-role"}}
     )
     assert "PractitionerRole/c-probation-officer-role" not in _share(record).shared
+
+
+@pytest.mark.parametrize(
+    ("subject", "contained", "shares"),
+    [
+        (
+            {
+                "identifier": {
+                    "system": "https://fhir.nhs.uk/Id/nhs-number",
+                    "value": "9000000017",
+                },
+                "display": "Other Person",
+            },
+            None,
+            False,
+        ),  # fmt: skip
+        (
+            {"reference": "#p1"},
+            [{"resourceType": "Patient", "id": "p1", "name": [{"family": "Other"}]}],
+            False,
+        ),  # fmt: skip
+        ({"display": "Other Person"}, None, False),
+        (None, None, True),  # C's own NHS number: her
+    ],
+)
+def test_a_record_naming_another_patient_in_any_form_shares_nothing(
+    subject: dict[str, Any] | None, contained: list[Any] | None, shares: bool
+) -> None:
+    record = copy.deepcopy(RECORD_C)
+    need = _in(record, "Condition/c-need-mental-health")
+    if subject is None:
+        nhs = next(
+            i
+            for i in _in(record, "Patient/c-patient")["identifier"]
+            if i["system"].endswith("nhs-number")  # fmt: skip
+        )
+        subject = {"identifier": {"system": nhs["system"], "value": nhs["value"]}}
+    need["subject"] = subject
+    if contained is not None:
+        need["contained"] = contained
+    if shares:
+        assert _share(record).bundle is not None
+    else:
+        with pytest.raises(SharingError, match="not this record's patient"):
+            _share(record)
+
+
+SYSTEM_SCT = "http://snomed.info/sct"
+
+
+@pytest.mark.parametrize(
+    ("key", "change", "word"),
+    [
+        (
+            "Condition/c-need-mental-health",
+            {
+                "code": {
+                    "coding": [
+                        {
+                            "system": SYSTEM_SCT,
+                            "code": "160734000",
+                            "display": "Suicidal ideation and overdose",
+                        }
+                    ]
+                }
+            },
+            "overdose",
+        ),  # fmt: skip
+        (
+            "Condition/c-need-mental-health",
+            {"asserter": {"display": "PC Smith, police custody"}},
+            "custody",
+        ),  # fmt: skip
+        (
+            "Condition/c-need-mental-health",
+            {
+                "_recordedDate": {
+                    "extension": [
+                        {"url": "https://local.example/why", "valueString": "after an overdose"}
+                    ]
+                }
+            },
+            "overdose",
+        ),  # fmt: skip
+        (
+            "Condition/c-need-mental-health",
+            {"note": [{"text": "Concerns about drug\u00a0use at weekends"}]},
+            "weekends",
+        ),  # fmt: skip
+        (
+            "Condition/c-need-mental-health",
+            {"note": [{"text": "Opioid dependence; attends the needle exchange"}]},
+            "needle",
+        ),  # fmt: skip
+        ("CarePlan/c-careplan", {"title": "CPA care plan: heroin detox"}, "heroin"),
+    ],
+)
+def test_sensitive_words_are_found_wherever_a_need_or_a_plan_holds_them(
+    key: str, change: dict[str, Any], word: str
+) -> None:
+    record = copy.deepcopy(RECORD_C)
+    _in(record, key).update(change)
+    assert word not in _sent(record)

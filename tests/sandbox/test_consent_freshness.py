@@ -1151,3 +1151,31 @@ def test_a_resource_containing_what_is_about_another_patient_is_withheld(
     assert _visible(gp, C_PLAN)
     changes.edit(C_PLAN, contain_another)
     assert not _visible(gp, C_PLAN)
+
+
+def test_a_consent_that_cannot_be_evaluated_withholds_that_record_alone_and_says_nothing(
+    gp: Fhir, trust: Fhir, changes: Changes
+) -> None:
+    """A's Consent with a provision about single resources (data), which the engine
+    cannot honour: nothing of A's goes, answered as absence is (a refusal naming the
+    Consent would tell that A's record is there), and other records are unaffected."""
+    consent = trust.get("Consent/c-consent").json()
+    consent.pop("id")
+    consent.pop("meta", None)
+    consent["patient"] = {"reference": "Patient/a-patient"}
+    consent["provision"]["provision"][1]["data"] = [
+        {"meaning": "instance", "reference": {"reference": "Patient/a-patient"}}
+    ]
+    changes.create(consent)
+    absent, withheld = gp.get("Patient/zz-nobody"), gp.get("Patient/a-patient")
+    assert withheld.status_code == absent.status_code == 404
+    said = absent.json()["issue"][0]["details"]["text"].replace("zz-nobody", "a-patient")
+    assert withheld.json()["issue"][0]["details"]["text"] == said
+    assert b"Consent" not in withheld.content
+    for params in ({"_id": "a-need-relapse-signs"}, {"_id": "zz-none"}):
+        found = gp.get("Condition", params=params)
+        assert found.status_code == 200 and found.json()["total"] == 0
+    everything = gp.get("Condition", params={"_lastUpdated": "gt2000-01-01", "_count": "1000"})
+    assert everything.status_code == 200
+    assert any(k.startswith("Condition/c-") for k in resource_keys(everything.json()))
+    assert _visible(gp, C_PLAN)

@@ -122,7 +122,10 @@ def _known(codes: tuple[str, ...], known: Mapping[str, Any], what: str, where: s
 
 
 def _word_pattern(words: tuple[str, ...]) -> re.Pattern[str]:
-    alternatives = "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
+    # A space in a phrase is any run of white space: a non-breaking one, a line break.
+    alternatives = "|".join(
+        re.escape(w).replace(r"\ ", r"\s+") for w in sorted(words, key=len, reverse=True)
+    )
     return re.compile(rf"(?<![\w]){'(?:' + alternatives + ')'}", re.IGNORECASE)
 
 
@@ -168,7 +171,8 @@ def _rule(
             raise PolicyError(f"{where}: text lists no words")
         words = _word_pattern(listed)
         if all(w.isascii() for w in listed):
-            ascii_words = tuple(w.lower() for w in listed)
+            # Each phrase's first word: found in any text its phrase is found in.
+            ascii_words = tuple(w.lower().split()[0] for w in listed if w.split())
     profile = raw.get("profile")
     extension = raw.get("extension")
     for name, value in (("profile", profile), ("extension", extension)):

@@ -10,22 +10,45 @@ Path = tuple[str | int, ...]
 PATIENT_ELEMENTS = ("subject", "patient", "for", "beneficiary")
 
 
-def patients_named(resource: Any, urls: Mapping[str, str]) -> set[str]:
-    """The patients a resource, and each resource it contains, names as the one whose
-    record it is in: `Patient/ID` as resolved in a record whose fullUrls are `urls`, or
-    the absolute URL of another server's patient."""
-    found: set[str] = set()
-    for item in [resource, *_contained(resource)]:
+def foreign_subjects(
+    resource: Any, urls: Mapping[str, str], patient: Mapping[str, Any]
+) -> list[str]:
+    """Who a resource, or a resource it contains, names as the one whose record it is
+    in, where that is not `patient` or cannot be told to be: another `Patient/ID` (as
+    resolved in a record whose fullUrls are `urls`), another server's patient, a
+    contained Patient, an identifier not the patient's, a display alone."""
+    ours = f"Patient/{patient.get('id')}"
+    identifiers = {
+        (i.get("system"), i.get("value"))
+        for i in (patient.get("identifier") or [])
+        if isinstance(i, dict)
+    }
+    contained = _contained(resource)
+    found: list[str] = []
+    for item in [resource, *contained]:
         for name in PATIENT_ELEMENTS:
-            ref = item.get(name)
-            url = ref.get("reference") if isinstance(ref, dict) else None
-            if not isinstance(url, str):
-                continue
-            target = resolve(url, urls)
-            if target is None and "://" in url and "/Patient/" in url:
-                target = url  # another server's patient
-            if target is not None and (target.startswith("Patient/") or "://" in target):
-                found.add(target)
+            value = item.get(name)
+            for ref in value if isinstance(value, list) else [value]:
+                if not isinstance(ref, dict):
+                    continue
+                url = ref.get("reference")
+                ident = ref.get("identifier")
+                if isinstance(url, str):
+                    if url.startswith("#"):
+                        inner = next((c for c in contained if c.get("id") == url[1:]), None)
+                        if inner is None or inner.get("resourceType") == "Patient":
+                            found.append(url)
+                        continue
+                    target = resolve(url, urls)
+                    if target is None and "://" in url and "/Patient/" in url:
+                        found.append(url)  # another server's patient
+                    elif target is not None and target.startswith("Patient/") and target != ours:
+                        found.append(target)
+                elif isinstance(ident, dict):
+                    if (ident.get("system"), ident.get("value")) not in identifiers:
+                        found.append(f"identifier {ident.get('system')}|{ident.get('value')}")
+                elif ref:
+                    found.append(str(ref.get("display", "a reference to no one")))
     return found
 
 

@@ -29,7 +29,7 @@ from cpa_fhir.consent._policy import (
     LEGAL_BASIS_SYSTEM,
     SharingPolicy,
 )
-from cpa_fhir.consent._references import patients_named, resolve
+from cpa_fhir.consent._references import foreign_subjects, resolve
 from cpa_fhir.errors import ConsentFormatError, LabellingError, RecipientError, SharingError
 
 DISCLOSURE_PROFILE = "https://cpa-fhir.org/fhir/StructureDefinition/cpa-disclosure-bundle"
@@ -116,14 +116,14 @@ def _all_of_one_patient(
     patient: dict[str, Any],
     urls: Mapping[str, str],
 ) -> None:
-    """Refuse a record holding what is about another patient (in an entry or in what
-    an entry contains): this one's consent does not decide what of another's may go."""
-    ours = f"Patient/{patient['id']}"
+    """Refuse a record holding what is, or may be, about another patient (in an entry
+    or in what an entry contains): this one's consent does not decide what of
+    another's may go."""
     for _, r in entries:
-        others = patients_named(r, urls) - {ours}
+        others = foreign_subjects(r, urls, patient)
         if others:
             raise SharingError(
-                f"{r['resourceType']}/{r['id']} is about {sorted(others)[0]}, not this record's"
+                f"{r['resourceType']}/{r['id']} is about {others[0]}, not this record's"
                 " patient: a record is one patient's"
             )
 

@@ -18,6 +18,7 @@ the span of time in which it cannot change (`steady_span`).
 
 from __future__ import annotations
 
+import logging
 import operator
 import threading
 import time
@@ -47,12 +48,13 @@ from cpa_fhir.consent import (
 )
 from cpa_fhir.consent._labelling import reference_key
 from cpa_fhir.consent._output import outgoing_resource
-from cpa_fhir.consent._references import PATIENT_ELEMENTS, patients_named
-from cpa_fhir.errors import SearchError, SharingError
+from cpa_fhir.consent._references import PATIENT_ELEMENTS, foreign_subjects
+from cpa_fhir.errors import ConsentFormatError, LabellingError, SearchError, SharingError
 from cpa_fhir.sandbox._auth import Client
 from cpa_fhir.store import SqlRepository, Stored
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 # How many steps of references from professionals and organisations are followed to
 # label what refers to them (`PartnerView._filter_together`).
@@ -454,16 +456,25 @@ class PartnerView:
         else:
             inputs = self._consent_inputs(patient_id)
             bases, involvement = self._legal_bases(patient_id)
-            decision = decide(
-                inputs.consents,
-                self.recipient,
-                self.client.purpose,
-                self.at,
-                self.policy,
-                exceptions=bases,
-                resources=inputs.actors,
-                restricting=inputs.restricting,
-            )
+            try:
+                decision = decide(
+                    inputs.consents,
+                    self.recipient,
+                    self.client.purpose,
+                    self.at,
+                    self.policy,
+                    exceptions=bases,
+                    resources=inputs.actors,
+                    restricting=inputs.restricting,
+                )
+            except ConsentFormatError as exc:
+                # Fail closed for this patient alone, and say nothing of why to the
+                # client: a refusal naming the Consent would tell that the record is
+                # there (and its resources would answer as no one else's do).
+                log.warning("sharing nothing of Patient/%s: %s", patient_id, exc.message)
+                decision = _nothing_allowed(
+                    self.recipient, self.client.purpose, self.at, self.policy
+                )
             # Kept while neither a consent's period nor one of the involvement's
             # (a care-team role ending, a carer's) starts or ends.
             start, end = steady_span([*inputs.consents, *inputs.restricting, *involvement], self.at)
@@ -622,13 +633,19 @@ class PartnerView:
             if (t := self.derived.resources[r]) is not None
             and (patient_of(t) is None or patient_of(t) in owners)
         ]
-        labelled = label_resources(entries, self.policy)
-        result = filter_record(labelled, decision, self.policy, self.required)
+        try:
+            labelled = label_resources(entries, self.policy)
+            result = filter_record(labelled, decision, self.policy, self.required)
+        except LabellingError as exc:
+            # Withheld, as any resource is, without a word of why to the client.
+            log.warning("withholding %s: %s", ", ".join(resources), exc.message)
+            why = (WithheldItem(key, None, frozenset(), "cannot be labelled") for key in resources)
+            return {w.reference: _Shown(None, frozenset(), (w,)) for w in why}
         shared = {f"{r['resourceType']}/{r['id']}": r for _, r in result.shared}
         out: dict[str, _Shown] = {}
         for key in resources:
-            owner = patient_of(resources[key])
-            if patients_named(resources[key], {}) - {f"Patient/{owner}"}:
+            owner = self._get(f"Patient/{patient_of(resources[key])}") or {}
+            if foreign_subjects(resources[key], {}, owner):
                 # It contains what is about another patient: not this record's to judge.
                 reason = "it contains what is about another patient"
                 out[key] = _Shown(
@@ -698,7 +715,11 @@ class PartnerView:
                 if (t := self.derived.resources[r]) is not None
                 and t.get("resourceType") in self.policy.supporting
             ]
-            labelled = label_resources([(None, resource), *around], self.policy)
+            try:
+                labelled = label_resources([(None, resource), *around], self.policy)
+            except LabellingError as exc:
+                log.warning("withholding %s: %s", key, exc.message)
+                return None
             categories = self.derived.categories[version] = labelled[0].categories
         if patients is None:
             patients = frozenset(p for p, record in self._disclosed.items() if record.shared)
@@ -801,6 +822,14 @@ class PartnerView:
             # A new top level; what lies below is shared with the template, never changed.
             events.append({**template, "id": new_id(), "recorded": recorded})
         return events
+
+
+def _nothing_allowed(
+    recipient: Recipient, purpose: str, at: datetime, policy: SharingPolicy
+) -> Decision:
+    """The decision for a patient whose Consents cannot be evaluated: nothing goes."""
+    why = "the patient's Consents cannot be evaluated"
+    return Decision(recipient, purpose, at, {}, {c: why for c in sorted(policy.categories)})
 
 
 def refuse_reason(exc: SharingError) -> str:
