@@ -116,10 +116,7 @@ def cares_for(person: Mapping[str, Any] | None, patient_id: str, at: datetime) -
     patient = person.get("patient")
     if not isinstance(patient, dict) or patient.get("reference") != f"Patient/{patient_id}":
         return False
-    try:
-        return person.get("active") is not False and period_covers(person.get("period"), at)
-    except ConsentFormatError:
-        return False
+    return person.get("active") is not False and period_holds(person.get("period"), at)
 
 
 def person_name(resource: Mapping[str, Any]) -> str | None:
@@ -212,6 +209,15 @@ def _instant(value: Any, where: str, *, end: bool, zone: tzinfo | None = UTC) ->
     if moment.tzinfo is None:
         raise ConsentFormatError(f"{where}: '{value}' has a time but no time zone")
     return moment
+
+
+def period_holds(period: Any, at: datetime) -> bool:
+    """`period_covers`, where a Period that cannot be read does not hold: no basis is
+    found in what cannot be read."""
+    try:
+        return period_covers(period, at)
+    except ConsentFormatError:
+        return False
 
 
 def period_covers(period: Any, at: datetime, where: str = "Period") -> bool:
@@ -366,6 +372,16 @@ _UNEVALUATED = (
     ("dataPeriod", "the time of the data"),
     ("modifierExtension", "modifier extensions"),
 )
+
+
+def _refuse_unevaluated(node: Mapping[str, Any], where: str) -> None:
+    for element, what in _UNEVALUATED:
+        if node.get(element) is not None:
+            raise ConsentFormatError(
+                f"{where}: provisions by {what} ({element}) cannot be evaluated"
+            )
+
+
 _ACTION_SYSTEM = "http://terminology.hl7.org/CodeSystem/consentaction"
 # What sending information to a recipient is (consentaction): a permit for another
 # action (collect, correct, use) grants nothing here.
@@ -465,11 +481,7 @@ def _walk(
     actors = _list(node, "actor", where)
     purposes = _list(node, "purpose", where)
     labels = _list(node, "securityLabel", where)
-    for element, what in _UNEVALUATED:
-        if node.get(element) is not None:
-            raise ConsentFormatError(
-                f"{where}: provisions by {what} ({element}) cannot be evaluated"
-            )
+    _refuse_unevaluated(node, where)
     deny = kind == "deny"
     applies = (
         period_covers(node.get("period"), asked.at, where)
@@ -536,11 +548,7 @@ def _evaluate_consent(
         raise ConsentFormatError(f"{key} has no provision")
     if root.get("type") != "deny":
         raise ConsentFormatError(f"{key}: the base provision must deny (permits are nested)")
-    for element, what in _UNEVALUATED:
-        if root.get(element) is not None:
-            raise ConsentFormatError(
-                f"{key}.provision: provisions by {what} ({element}) cannot be evaluated"
-            )
+    _refuse_unevaluated(root, f"{key}.provision")
     if not period_covers(root.get("period"), asked.at, f"{key}.provision"):
         notes.append(
             f"{key} does not cover {asked.at.date().isoformat()} (expired or not yet in force)"

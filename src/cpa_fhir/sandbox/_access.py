@@ -42,7 +42,7 @@ from cpa_fhir.consent import (
     decide,
     filter_record,
     label_resources,
-    period_covers,
+    period_holds,
     steady_span,
     withheld_counts,
 )
@@ -117,15 +117,6 @@ def partner_scan(
                 code="too-costly",
             )
         last, taken = page[-1], taken + len(page)
-
-
-def _in_period(period: Any, at: datetime) -> bool:
-    """Whether a Period holds at `at`; one that cannot be read does not (no basis is
-    found in what cannot be read)."""
-    try:
-        return period_covers(period, at)
-    except SharingError:
-        return False
 
 
 def patient_of(resource: dict[str, Any]) -> str | None:
@@ -390,9 +381,9 @@ class PartnerView:
         roles: list[dict[str, Any]] = []  # the PractitionerRoles looked at, for their periods
         involved = any(
             team.get("status") in (None, "active")
-            and _in_period(team.get("period"), self.at)
+            and period_holds(team.get("period"), self.at)
             and any(
-                _in_period(p.get("period"), self.at) and self._is_us(p, roles)
+                period_holds(p.get("period"), self.at) and self._is_us(p, roles)
                 for p in team.get("participant") or []
                 if isinstance(p, dict)
             )
@@ -426,7 +417,7 @@ class PartnerView:
                 organization = role.get("organization")
                 if (
                     role.get("active") is not False
-                    and _in_period(role.get("period"), self.at)
+                    and period_holds(role.get("period"), self.at)
                     and isinstance(organization, dict)
                     and self._names_us(organization)
                 ):
