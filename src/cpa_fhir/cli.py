@@ -22,6 +22,7 @@ from cpa_fhir.conformance.package import ConformancePackage, default_package_dir
 from cpa_fhir.consent import RequiredElements, ShareRequest, person_name
 from cpa_fhir.consent import share as share_record
 from cpa_fhir.errors import FhirError
+from cpa_fhir.fhir import jsonio
 from cpa_fhir.fhir.models import bundle_entries
 from cpa_fhir.fhir.outcome import operation_outcome
 from cpa_fhir.validation import Validator
@@ -150,7 +151,7 @@ def validate(
             if issue.severity in ("fatal", "error", "warning"):
                 out.print(f"{path}: {issue.line()}", markup=False)
         try:
-            content = _summary(orjson.loads(data))
+            content = _summary(jsonio.loads(data))
         except orjson.JSONDecodeError:
             content = "(not JSON)"
         invalid += bool(errors)
@@ -179,6 +180,15 @@ def _instant(text: str | None) -> datetime:
     if moment.tzinfo is None:
         raise _fail(f"--at {text!r} needs a time zone (e.g. Z or +01:00)")
     return moment
+
+
+def _is_standard_output(path: Path) -> bool:
+    """Whether a path is where standard output goes (/dev/stdout, or the file it is
+    redirected to)."""
+    try:
+        return os.path.samestat(os.stat(path), os.fstat(sys.stdout.fileno()))
+    except (OSError, ValueError):  # not there yet, or standard output is no file
+        return False
 
 
 def _write(path: Path, data: bytes, what: str) -> None:
@@ -321,7 +331,7 @@ def share(
     except OSError as exc:
         raise _fail(f"{record}: cannot read ({exc.strerror or exc})") from None
     try:
-        bundle = orjson.loads(data)
+        bundle = jsonio.loads(data)
     except orjson.JSONDecodeError as exc:
         raise _fail(f"{record}: not JSON ({exc})") from None
     try:
@@ -355,9 +365,16 @@ def share(
         for issue in problems:
             err.print(issue.line(), markup=False)
         raise _fail("sharing refused, nothing was shared: the outgoing Bundle is not valid", 1)
-    event = orjson.dumps(disclosure.audit_event, option=orjson.OPT_INDENT_2) + b"\n"
-    body = orjson.dumps(disclosure.bundle, option=orjson.OPT_INDENT_2) + b"\n"
+    event = jsonio.dumps(disclosure.audit_event, option=orjson.OPT_INDENT_2) + b"\n"
+    body = jsonio.dumps(disclosure.bundle, option=orjson.OPT_INDENT_2) + b"\n"
     if out_file is None:
+        if _is_standard_output(audit):
+            # The Bundle would overwrite the record of its own disclosure, or the reverse.
+            raise _fail(
+                "--audit names standard output, where the outgoing Bundle goes: give "
+                "--out or another --audit file; nothing was shared",
+                1,
+            )
         _write(audit, event, "AuditEvent")
         sys.stdout.buffer.write(body)
         sys.stdout.flush()
@@ -380,12 +397,12 @@ def profiles_build(package: PackageOption = None) -> None:
         raise _fail(exc.message) from None
     written = 0
     for path in sorted(folder.glob("StructureDefinition-*.json")):
-        sd = orjson.loads(path.read_bytes())
+        sd = jsonio.loads(path.read_bytes())
         built = loaded.own.get(sd.get("url", ""))
         if built is None:
             continue
         sd["snapshot"] = built["snapshot"]
-        new = orjson.dumps(sd, option=orjson.OPT_INDENT_2) + b"\n"
+        new = jsonio.dumps(sd, option=orjson.OPT_INDENT_2) + b"\n"
         if new != path.read_bytes():
             path.write_bytes(new)
             written += 1

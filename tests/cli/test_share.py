@@ -106,3 +106,36 @@ def test_bad_time_is_one_line(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "--at 'yesterday' is not a date-time" in result.stderr.decode()
+
+
+def test_an_audit_file_that_is_standard_output_is_refused(tmp_path: Path) -> None:
+    """With no --out the Bundle goes to standard output: an --audit naming the same
+    place (/dev/stdout, redirected to a file) would have the one overwrite the other."""
+    out = tmp_path / "outgoing.json"
+    with out.open("wb") as stdout:
+        result = subprocess.run(
+            [sys.executable, "-m", "cpa_fhir", "share", "--to", "gp", "--purpose", "TREAT",
+             "--at", AT, "--audit", "/dev/stdout", str(RECORD_C)],
+            stdout=stdout, stderr=subprocess.PIPE, timeout=120,
+        )  # fmt: skip
+    assert result.returncode == 1
+    lines = result.stderr.decode().strip().splitlines()
+    assert lines[-1].startswith("cpa-fhir: --audit names standard output")
+    assert out.read_bytes() == b""
+
+
+@pytest.mark.parametrize("kind", ["transaction", "batch", "searchset", None])
+def test_a_record_is_a_collection_bundle(tmp_path: Path, kind: str | None) -> None:
+    record = json.loads(RECORD_C.read_text())
+    if kind is None:
+        del record["type"]
+    else:
+        record["type"] = kind
+    path = tmp_path / "record.json"
+    path.write_text(json.dumps(record))
+    audit = tmp_path / "audit.json"
+    result = run("--to", "gp", "--purpose", "TREAT", "--at", AT, "--audit", str(audit), str(path))
+    assert result.returncode == 1 and result.stdout == b""
+    assert not audit.exists()
+    (line,) = result.stderr.decode().strip().splitlines()
+    assert "the record must be a collection Bundle" in line

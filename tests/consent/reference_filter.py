@@ -78,6 +78,12 @@ class RequiredElements:
             paths: list[tuple[str, ...]] = []
             for el in (sd or {}).get("snapshot", {}).get("element", []):
                 steps = tuple(el["path"].split(".")[1:])
+                if steps == ("extension",) and "sliceName" in el and el.get("min", 0) >= 1:
+                    # A required slice of the resource's own extensions, by its URL.
+                    urls = [u for k in el.get("type") or [] for u in k.get("profile") or []]
+                    if urls:
+                        paths.append((f"extension('{urls[0]}')",))
+                    continue
                 if (
                     el.get("min", 0) >= 1
                     and steps
@@ -108,6 +114,9 @@ def _present(node: Any, steps: Sequence[str]) -> bool:
     if not isinstance(node, dict):
         return True
     head = steps[0]
+    if head.startswith("extension('"):
+        url = head[len("extension('") : -2]
+        return any(isinstance(e, dict) and e.get("url") == url for e in node.get("extension") or [])
     if head.endswith("[x]"):
         stem = head[:-3]
         keys = [k for k in node if k.startswith(stem) and k[len(stem) : len(stem) + 1].isupper()]

@@ -17,12 +17,14 @@ from cpa_fhir.consent._policy import (
     SENSITIVITY_SYSTEM,
     LabelRule,
     SharingPolicy,
+    plain_text,
 )
 from cpa_fhir.errors import LabellingError
 
 Path = tuple[str | int, ...]
 # Keys whose values are identifiers of things, not text a person wrote.
 _NOT_TEXT = frozenset({"reference", "system", "url", "id", "fullUrl", "div", "profile"})
+_NOT_AN_ELEMENT = {"resourceType", "id", "meta", "text", "contained", "implicitRules", "language"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +83,11 @@ def _values(node: Any, steps: Sequence[str], path: Path) -> Iterator[tuple[Path,
     if not isinstance(node, dict):
         return
     head = steps[0]
-    if head in node:
+    if head == "*":
+        for k in node:
+            if k not in _NOT_AN_ELEMENT:
+                yield from _values(node[k], steps[1:], (*path, k))
+    elif head in node:
         yield from _values(node[head], steps[1:], (*path, head))
 
 
@@ -126,6 +132,20 @@ def texts(node: Any) -> Iterator[str]:
                 yield from texts(v)
 
 
+def every_string(node: Any, coded: frozenset[tuple[str, str]]) -> list[str]:
+    """All strings, less those of codings of the coded codes."""
+    if isinstance(node, str):
+        return [node]
+    if isinstance(node, list):
+        return [s for item in node for s in every_string(item, coded)]
+    if isinstance(node, dict):
+        pair = (node.get("system"), node.get("code"))
+        if all(isinstance(x, str) for x in pair) and pair in coded:
+            return []
+        return [s for v in node.values() for s in every_string(v, coded)]
+    return []
+
+
 def _has_extension(node: Any, url: str) -> bool:
     """Anywhere within: every object under the node is looked at."""
     stack = [node]
@@ -143,7 +163,13 @@ def _has_extension(node: Any, url: str) -> bool:
 Resolver = Callable[[str], frozenset[str] | None]
 
 
-def _matches(rule: LabelRule, node: Any, key: str, resource: dict[str, Any]) -> bool:
+def _matches(
+    rule: LabelRule,
+    node: Any,
+    key: str,
+    resource: dict[str, Any],
+    coded: frozenset[tuple[str, str]] = frozenset(),
+) -> bool:
     if rule.profile is not None:
         meta = resource.get("meta")
         profiles = meta.get("profile") if isinstance(meta, dict) else None
@@ -167,7 +193,10 @@ def _matches(rule: LabelRule, node: Any, key: str, resource: dict[str, Any]) -> 
         sources: Iterable[Any] = (
             (v for at in rule.text_at for _, v in locate(node, at)) if rule.text_at else (node,)
         )
-        if not any(pattern.search(t) for src in sources for t in texts(src)):
+        found = (
+            every_string(src, coded) if rule.elements == ("*",) else texts(src) for src in sources
+        )
+        if not any(pattern.search(plain_text(t)) for each in found for t in each):
             return False
     return True
 
@@ -243,6 +272,26 @@ def label_resource(
     return _label(resource, policy, by_reference, full_url)
 
 
+def _outside_labelled(
+    rule: LabelRule,
+    value: Any,
+    path: Path,
+    elements: dict[Path, tuple[set[str], list[str]]],
+    policy: SharingPolicy,
+) -> bool:
+    """The words in the element with its parts other rules labelled with the rule's
+    categories blanked out."""
+    rest = copy.deepcopy(value)
+    for sub, (cats, _) in elements.items():
+        if len(sub) > len(path) and sub[: len(path)] == path and set(rule.categories) <= cats:
+            parent: Any = rest
+            for step in sub[len(path) : -1]:
+                parent = parent[step]
+            parent[sub[-1]] = None
+    assert rule.words is not None
+    return any(rule.words.search(plain_text(s)) for s in every_string(rest, policy.coded))
+
+
 def _label(
     resource: dict[str, Any], policy: SharingPolicy, resolve: Resolver, full_url: str | None
 ) -> LabelledResource:
@@ -274,7 +323,9 @@ def _label(
         matched: list[Path] = []
         for dotted in rule.elements:
             for path, value in locate(resource, dotted):
-                if not _matches(rule, value, key, resource):
+                if not _matches(rule, value, key, resource, policy.coded):
+                    continue
+                if dotted == "*" and not _outside_labelled(rule, value, path, elements, policy):
                     continue
                 extra = set(rule.categories) | _inherited(rule, value, key, resolve, default)
                 entry = elements.setdefault(path, (set(), []))

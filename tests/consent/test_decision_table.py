@@ -46,9 +46,11 @@ PRESENT = {
 STANDALONE = {
     "A": COMMON - {"personal"},
     "B": COMMON - {"personal"},
-    "C": (COMMON - {"personal"}) | {"risk-to-others", "safeguarding-children"},
+    "C": (COMMON - {"personal"}) | {"safeguarding-children"},
     "D": COMMON - {"personal"},
 }
+# (Not C's risk to others: its flag's required source is a probation report, which is
+# offending information, and the other content naming it names other matters too.)
 
 # Recipient kind -> (partner agency type, purpose of use asked for).
 RECIPIENTS = {
@@ -146,7 +148,8 @@ def _variants(
         "for-another-purpose": (
             "active",
             year,
-            [_provision("permit", actor, "HOPERAT", GIVEN)],
+            # LEGAL falls within none of the purposes asked for, nor they within it.
+            [_provision("permit", actor, "LEGAL", GIVEN)],
             set(),
         ),
     }

@@ -107,6 +107,10 @@ def test_an_extension_is_found_at_any_depth(where: str) -> None:
         {"system": CATEGORY_SYSTEM, "code": "risk-to-others"}
     )
     flag = _in(record, "Flag/c-risk-harm-to-others")
+    # Its required source said to be a clinical one: a probation report is offending
+    # information itself, and the flag would not go for that alone.
+    source = next(e for e in flag["extension"] if e["url"].endswith("/risk-source"))
+    source["extension"][0]["valueString"] = "clinical assessment"
     mappa = next(e for e in flag["extension"] if e["url"] == MAPPA)
     flag["extension"] = [e for e in flag["extension"] if e["url"] != MAPPA]
     if where == "nested":

@@ -544,6 +544,12 @@ def expected_allowed(
     cats = POLICY_DATA["category"]
     permitted: dict[str, set[str]] = {}
     denied: set[str] = set()
+    # The purpose asked for and those it falls within (v3-ActReason is-a, as the policy
+    # lists it): a provision for any of them covers it.
+    within = POLICY_DATA.get("purpose-within", {})
+    covering = [purpose]
+    while covering[-1] in within:
+        covering.append(within[covering[-1]])
 
     def walk(node: dict[str, Any], scope: set[str] | None, key: str) -> None:
         actors = [a["reference"]["reference"] for a in node.get("actor", [])]
@@ -552,7 +558,7 @@ def expected_allowed(
             return
         if actors and recipient.reference not in actors:
             return
-        if purposes and purpose not in purposes:
+        if purposes and not set(covering) & set(purposes):
             return
         permit = node["type"] == "permit"
         named = _named(node.get("securityLabel", []), permit)

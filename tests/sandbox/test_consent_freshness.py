@@ -468,11 +468,22 @@ def test_a_resource_relabelled_as_substance_use_is_withheld_on_the_next_read(
         C_NEED, lambda r: r["code"].update(text=r["code"]["text"] + "; drinking alcohol daily")
     )
     assert not _visible(gp, C_NEED)
-    # The version before the change was shared: it still is, as it was.
-    assert gp.get(f"{C_NEED}/_history/1").status_code == 200
-    assert "alcohol" not in gp.get(f"{C_NEED}/_history/1").text
+    # Now withheld, it is unknown in every interaction, as one never there is: a
+    # version shared before, or its history, would tell that it is still there and
+    # has become something the GP may not see.
+    never = C_NEED.split("/")[0] + "/no-such-need"
+    for url in (C_NEED, f"{C_NEED}/_history/1", f"{C_NEED}/_history"):
+        absent = url.replace(C_NEED, never)
+        assert gp.get(url).status_code == gp.get(absent).status_code == 404, url
+        assert gp.get(url).json()["issue"] == [
+            {**issue, "details": {"text": issue["details"]["text"].replace(never, C_NEED)}}
+            for issue in gp.get(absent).json()["issue"]
+        ]
+    history = gp.get(C_NEED.split("/")[0] + "/_history", params={"_count": "1000"}).json()
+    assert C_NEED.split("/")[1] not in {e["resource"]["id"] for e in history.get("entry", [])}
     changes.undo()
     assert _visible(gp, C_NEED)
+    assert gp.get(f"{C_NEED}/_history/1").status_code == 200
 
 
 def test_an_element_relabelled_is_redacted_on_the_next_read(gp: Fhir, changes: Changes) -> None:

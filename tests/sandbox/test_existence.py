@@ -562,3 +562,90 @@ def test_a_bundle_whose_reads_cannot_be_audited_says_what_it_wrote(
     # Nothing written, nothing to report: a Bundle of reads alone is refused whole.
     reads_alone = gp("POST", "", {**bundle, "entry": bundle["entry"][1:]})
     assert reads_alone.status == 503
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "Practitioner/a-consultant",  # of another patient's record
+        "Organization/d-nursing-home",
+        "http://testserver/fhir/Practitioner/d-health-board-nurse",
+        "Practitioner/a-consultant/_history/1",
+        f"Practitioner/no-such-{uuid.uuid4().hex[:8]}",  # absent: refused alike
+    ],
+)
+@pytest.mark.parametrize("how", ["create", "transaction"])
+def test_a_partner_cannot_refer_its_way_to_professionals_it_may_not_see(
+    sandbox: Sandbox, trust_call: Call, target: str, how: str
+) -> None:
+    """Professionals and organisations go when shared content refers to them: were a
+    partner's own reference enough, it could write one into a record it sees and then
+    fetch, by `_include`, any of them in the store (and learn which are there)."""
+    gp = _caller(sandbox, "gp")
+    assert gp("GET", reference_key_of(target)).status == 404
+    encounter = _copy(sandbox, "Encounter/c-review-2026-09", "unused")
+    encounter.pop("id")
+    encounter["participant"] = [{"individual": {"reference": target}}]
+    if how == "create":
+        made = gp("POST", "Encounter", encounter)
+    else:
+        made = gp(
+            "POST",
+            "",
+            {
+                "resourceType": "Bundle",
+                "type": "transaction",
+                "entry": [
+                    {"resource": encounter, "request": {"method": "POST", "url": "Encounter"}}
+                ],
+            },
+        )
+    assert made.status == 403, made.body
+    assert b"Encounter.participant[0].individual" in made.body
+    assert b"its own organisation" in made.body
+    assert target.split("/")[-1].encode() not in made.body or "no-such" in target
+
+
+def reference_key_of(target: str) -> str:
+    parts = target.split("/")
+    if "_history" in parts:
+        parts = parts[: parts.index("_history")]
+    return "/".join(parts[-2:])
+
+
+def test_a_partner_may_name_its_own_organisation_and_keep_what_it_was_shown(
+    sandbox: Sandbox, trust_call: Call
+) -> None:
+    gp = _caller(sandbox, "gp")
+    encounter = _copy(sandbox, "Encounter/c-review-2026-09", "unused")
+    encounter.pop("id")
+    encounter["serviceProvider"] = {"reference": "Organization/c-gp-practice"}
+    encounter["participant"] = [
+        {
+            "individual": {
+                "identifier": {"system": "urn:test:gmc", "value": "7654321"},
+                "display": "Dr Lewis",
+            }
+        }
+    ]
+    made = gp("POST", "Encounter", encounter)
+    assert made.status == 201, made.body
+    new_id = orjson.loads(made.body)["id"]
+    try:
+        # A resource it sees whole, its references to the trust's professionals kept.
+        seen = orjson.loads(gp("GET", SEEN_WHOLE).body)
+        assert any(ref.startswith("Practitioner/") for ref in _refs(seen))
+        seen["meta"] = {k: v for k, v in seen["meta"].items() if k != "security"}
+        updated = gp("PUT", SEEN_WHOLE, seen)
+        assert updated.status == 200, updated.body
+    finally:
+        assert trust_call("DELETE", f"Encounter/{new_id}").status == 204
+
+
+def _refs(node: Any) -> list[str]:
+    if isinstance(node, dict):
+        own = [node["reference"]] if isinstance(node.get("reference"), str) else []
+        return own + [r for v in node.values() for r in _refs(v)]
+    if isinstance(node, list):
+        return [r for v in node for r in _refs(v)]
+    return []

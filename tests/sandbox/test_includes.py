@@ -220,7 +220,9 @@ def test_a_care_team_include_brings_a_carer_only_the_members_it_is_shown(
     assert included - {"Patient/c-patient"} <= _references(team)
 
 
-OFFICER = "Practitioner/c-probation-officer"
+# Left out of the carer's view of the team (a children's services participant). Not
+# the probation officer: a reference naming probation is offending information itself.
+OFFICER = "Practitioner/c-childrens-social-worker"
 
 
 def test_a_withheld_link_does_not_hide_what_a_shown_link_includes(
@@ -228,11 +230,11 @@ def test_a_withheld_link_does_not_hide_what_a_shown_link_includes(
     trust: Fhir,
     changes: Changes,  # noqa: F811
 ) -> None:
-    """The carer's view of C's care team leaves out the probation officer; a crisis
-    plan it sees names the officer as a performer. Walking team -> plan -> performer,
-    the officer is left out, because the step from the team found it (through the
-    withheld participant) and it was never looked at again: whether it comes tells
-    the carer whether the team's withheld part names it."""
+    """The carer's view of C's care team leaves out the children's social worker; a
+    crisis plan it sees names the worker as a performer. Walking team -> plan ->
+    performer, the worker was left out, because the step from the team found it
+    (through the withheld participant) and it was never looked at again: whether it
+    comes tells the carer whether the team's withheld part names it."""
     carer: Fhir = as_client("carer")
     plan = trust.get("CarePlan/c-crisis-plan").json()
     for k in ("id", "meta"):

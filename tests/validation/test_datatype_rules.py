@@ -88,3 +88,43 @@ def test_a_contained_resource_may_name_another_its_container_holds() -> None:
         performer=[{"reference": "#r1"}],
     )
     assert _rules(observation) == []
+
+
+def _errors(resource: dict[str, Any]) -> list[tuple[str | None, str]]:
+    return [(i.expression, i.message) for i in VALIDATOR.validate(resource) if i.is_error]
+
+
+@pytest.mark.parametrize(
+    ("element", "value", "said"),
+    [
+        (
+            "valueBoolean",
+            "false",
+            "A boolean must be true or false in JSON, not the string 'false'",
+        ),
+        ("valueBoolean", 0, "A boolean must be true or false in JSON, not the number 0"),
+        ("valueInteger", True, "An integer must be a whole number in JSON, not true"),
+        ("valueInteger", 1.0, "An integer must be a whole number in JSON, not the number 1.0"),
+        ("valueString", 5, "A string must be a string in JSON, not the number 5"),
+        ("valueDateTime", 2026, "A dateTime must be a string in JSON, not the number 2026"),
+    ],
+)
+def test_a_primitive_has_its_json_form(element: str, value: Any, said: str) -> None:
+    """FHIR JSON writes booleans as true/false, numbers as numbers, the rest as strings:
+    the model parse would take "false" or 0 for false, and a record recorded inactive
+    that way would read as active to anything that reads JSON."""
+    errors = _errors(_observation(**{element: value}))
+    assert (f"Observation.{element}", said) in errors, errors
+    good = {"valueBoolean": False, "valueInteger": 1, "valueString": "5", "valueDateTime": "2026"}
+    assert not _errors(_observation(**{element: good[element]}))
+
+
+def test_a_decimal_may_be_any_json_number_and_nothing_else() -> None:
+    quantity = {"value": 1, "unit": "mg"}
+    assert not _errors(_observation(valueQuantity=quantity))
+    assert not _errors(_observation(valueQuantity={**quantity, "value": 1.5}))
+    errors = _errors(_observation(valueQuantity={**quantity, "value": "1.5"}))
+    assert (
+        "Observation.valueQuantity.value",
+        "A decimal must be a number in JSON, not the string '1.5'",
+    ) in errors

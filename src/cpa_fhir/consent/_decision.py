@@ -107,16 +107,40 @@ def recipient_from(resource: Mapping[str, Any]) -> Recipient:
     raise RecipientError(f"a {rt} cannot receive a disclosure")
 
 
+# The relationship that makes a RelatedPerson a carer (the cpa-carer profile's).
+CARER_RELATIONSHIP = (
+    "https://fhir.hl7.org.uk/CodeSystem/UKCore-AdditionalPersonRelationshipRole",
+    "Carer",
+)
+
+
+def is_active(resource: Mapping[str, Any]) -> bool:
+    """`active` true, or not given (in use unless said otherwise). Anything but a JSON
+    boolean (0, "false") holds no basis."""
+    return resource.get("active", True) is True
+
+
 def cares_for(person: Mapping[str, Any] | None, patient_id: str, at: datetime) -> bool:
     """Whether a RelatedPerson is, at `at`, an active carer of Patient/`patient_id` as
-    the record holds it: active, naming that patient (a relative reference), within its
-    period. A period that cannot be read holds no basis."""
+    the record holds it: coded as a carer, active, naming that patient (a relative
+    reference), within its period. A relative who is not a carer (an estranged former
+    spouse) has no need to know; a period that cannot be read holds no basis."""
     if person is None or person.get("resourceType") != "RelatedPerson":
         return False
     patient = person.get("patient")
     if not isinstance(patient, dict) or patient.get("reference") != f"Patient/{patient_id}":
         return False
-    return person.get("active") is not False and period_holds(person.get("period"), at)
+    relationships = person.get("relationship")
+    coded = {
+        (c.get("system"), c.get("code"))
+        for r in (relationships if isinstance(relationships, list) else [])
+        if isinstance(r, dict) and isinstance(r.get("coding"), list)
+        for c in r["coding"]
+        if isinstance(c, dict)
+    }
+    return (
+        CARER_RELATIONSHIP in coded and is_active(person) and period_holds(person.get("period"), at)
+    )
 
 
 def person_name(resource: Mapping[str, Any]) -> str | None:
@@ -342,6 +366,14 @@ def _names_recipient(
         # Of this record or store, yet not there (deleted, mistyped): not seen. Another
         # server's is someone else's unless its Type/id is the recipient's.
         return None
+    if not isinstance(url, str) and not idents:
+        return None  # a display alone: whom it means cannot be told
+    if (
+        target is None
+        and idents
+        and not {system for system, _ in idents} & {s for s, _ in recipient.identifiers}
+    ):
+        return None  # an identifier of a kind the recipient is not known by
     return False
 
 
@@ -430,15 +462,23 @@ def _url_names(ref: Any, key: str) -> bool:
     return "/".join(parts[-2:]) == key
 
 
-def _purpose_matches(purposes: list[Any], purpose: str, where: str, deny: bool) -> bool:
-    """Whether a provision's purposes (v3-ActReason, by URL or OID) include this one. A
-    refusal for purposes coded otherwise cannot be told not to apply: it is an error."""
+def _purpose_matches(purposes: list[Any], asked: _Asked, where: str, deny: bool) -> bool:
+    """Whether a provision's purposes (v3-ActReason, by URL or OID) include the one
+    asked for: it, or a broader purpose it falls within (the policy's `purpose-within`;
+    a refusal for treatment covers continuity of care). A refusal for purposes coded
+    otherwise cannot be told not to apply: it is an error."""
     if not purposes:
         return True
+    within = asked.policy.purpose_within
+    covering = {asked.purpose}
+    code = asked.purpose
+    while code in within and within[code] not in covering:
+        code = within[code]
+        covering.add(code)
     for i, p in enumerate(purposes):
         system = p.get("system")
         if system in (PURPOSE_SYSTEM, _PURPOSE_OID):
-            if p.get("code") == purpose:
+            if p.get("code") in covering:
                 return True
         elif deny:
             raise ConsentFormatError(
@@ -486,7 +526,7 @@ def _walk(
     applies = (
         period_covers(node.get("period"), asked.at, where)
         and _actor_matches(actors, asked, where, deny=deny)
-        and _purpose_matches(purposes, asked.purpose, where, deny=deny)
+        and _purpose_matches(purposes, asked, where, deny=deny)
         and _action_matches(_list(node, "action", where), deny)
     )
     if not applies:

@@ -19,10 +19,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
-import orjson
-
 from cpa_fhir.consent._output import outgoing_resource
 from cpa_fhir.consent._references import Path, resolve
+from cpa_fhir.fhir import jsonio
 
 if TYPE_CHECKING:
     from cpa_fhir.consent._labelling import ElementLabel
@@ -310,7 +309,7 @@ class ResourceFacts:
                 if self.full_url
                 else {"resource": resource}
             )
-            self._entry_json = orjson.dumps(entry)
+            self._entry_json = jsonio.dumps(entry)
             self._entry_policy = policy
         return self._entry_json
 

@@ -23,8 +23,6 @@ from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any
 
-import orjson
-
 from cpa_fhir.consent._decision import Decision
 from cpa_fhir.consent._facts import RecordIndex, ResourceFacts
 from cpa_fhir.consent._labelling import LabelledResource
@@ -33,6 +31,7 @@ from cpa_fhir.consent._policy import SharingPolicy
 from cpa_fhir.consent._redaction import CopyRedaction, PathRedaction, Redaction
 from cpa_fhir.consent._references import resolve
 from cpa_fhir.consent._required import RequiredElements as RequiredElements
+from cpa_fhir.fhir import jsonio
 
 NOT_NEEDED = "not needed: no shared content refers to it"
 
@@ -100,10 +99,10 @@ class FilterResult:
     def entry_bytes(self) -> list[bytes]:
         """Each shared entry as a serialised Bundle.entry ({"fullUrl", "resource"}), in order."""
         if self._policy is None:
-            return [orjson.dumps(_entry(url, resource)) for url, resource in self.shared]
+            return [jsonio.dumps(_entry(url, resource)) for url, resource in self.shared]
         policy = self._policy
         return [
-            orjson.dumps(_entry(url, resource)) if facts is None else facts.entry_json(policy)
+            jsonio.dumps(_entry(url, resource)) if facts is None else facts.entry_json(policy)
             for url, resource, facts in self._outgoing
         ]
 

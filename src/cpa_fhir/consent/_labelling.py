@@ -17,11 +17,13 @@ from typing import Any
 from cpa_fhir.consent._facts import RecordIndex, ResourceFacts
 from cpa_fhir.consent._output import security_labels as security_labels
 from cpa_fhir.consent._policy import (
+    ANYWHERE,
     CATEGORY_SYSTEM,
     CONFIDENTIALITY_SYSTEM,
     SENSITIVITY_SYSTEM,
     LabelRule,
     SharingPolicy,
+    plain_text,
 )
 from cpa_fhir.consent._references import Path as Path
 from cpa_fhir.consent._references import reference_key as reference_key
@@ -30,6 +32,12 @@ from cpa_fhir.errors import LabellingError
 
 # Keys whose values are identifiers of things, not text a person wrote.
 _NOT_TEXT = frozenset({"reference", "system", "url", "id", "fullUrl", "div", "profile"})
+# What `element = "*"` does not look at: the resource's identity and metadata (labels
+# come from the rules), narrative (never sent) and contained resources (labelled as
+# resources of their own).
+_NOT_AN_ELEMENT = frozenset(
+    {"resourceType", "id", "meta", "text", "contained", "implicitRules", "language"}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +87,11 @@ def _values(node: Any, steps: Sequence[str], path: Path) -> Iterator[tuple[Path,
     if not isinstance(node, dict):
         return
     head = steps[0]
-    if head in node:
+    if head == ANYWHERE:
+        for key, value in node.items():
+            if key not in _NOT_AN_ELEMENT:
+                yield from _values(value, steps[1:], (*path, key))
+    elif head in node:
         yield from _values(node[head], steps[1:], (*path, head))
 
 
@@ -109,6 +121,23 @@ def _codings(rule: LabelRule, value: Any, key: str) -> Iterator[tuple[Any, Any]]
         raise LabellingError(
             f"labelling rule '{rule.id}' cannot be evaluated on {key}: expected a code, found {type(value).__name__}"
         )
+
+
+def strings(node: Any, coded: frozenset[tuple[str, str]] = frozenset()) -> Iterator[str]:
+    """Every string in a piece of content, keys aside, less codings of the `coded`
+    codes (the policy's rules say what those carry: their displays are the code's
+    meaning, "risk to others, including sexual and domestic violence", not a fact)."""
+    if isinstance(node, str):
+        yield node
+    elif isinstance(node, list):
+        for item in node:
+            yield from strings(item, coded)
+    elif isinstance(node, dict):
+        system, code = node.get("system"), node.get("code")
+        if coded and isinstance(system, str) and isinstance(code, str) and (system, code) in coded:
+            return
+        for v in node.values():
+            yield from strings(v, coded)
 
 
 def texts(node: Any) -> Iterator[str]:
@@ -165,13 +194,14 @@ class _Seen:
     """What labelling one resource has looked at, so that each rule does not walk it
     again: the values at each dotted path, and the text, of each object looked at."""
 
-    __slots__ = ("_located", "_text", "_ascii_lowered")
+    __slots__ = ("_located", "_text", "_ascii_lowered", "coded")
 
-    def __init__(self) -> None:
+    def __init__(self, coded: frozenset[tuple[str, str]] = frozenset()) -> None:
+        self.coded = coded
         # By the object's id: all are parts of the resource, alive while it is labelled.
         self._located: dict[tuple[int, str], list[tuple[Path, Any]]] = {}
-        self._text: dict[int, str] = {}
-        self._ascii_lowered: dict[int, str | None] = {}
+        self._text: dict[tuple[int, bool], str] = {}
+        self._ascii_lowered: dict[tuple[int, bool], str | None] = {}
 
     def locate(self, node: Any, dotted: str) -> list[tuple[Path, Any]]:
         found = self._located.get((id(node), dotted))
@@ -179,30 +209,36 @@ class _Seen:
             found = self._located[(id(node), dotted)] = list(locate(node, dotted))
         return found
 
-    def text(self, node: Any) -> str:
-        """Its texts joined by NUL, which no word contains: a word is found in the
-        joined text exactly when it is found in one of them."""
-        found = self._text.get(id(node))
+    def text(self, node: Any, every_string: bool = False) -> str:
+        """Its texts (or, `every_string`, all its strings) joined by NUL, which no word
+        contains, as `plain_text`: a word is found in the joined text exactly when it is
+        found in one of them."""
+        key = (id(node), every_string)
+        found = self._text.get(key)
         if found is None:
-            found = self._text[id(node)] = "\x00".join(texts(node))
+            found = self._text[key] = plain_text(
+                "\x00".join(strings(node, self.coded) if every_string else texts(node))
+            )
         return found
 
-    def ascii_lowered(self, node: Any) -> str | None:
+    def ascii_lowered(self, node: Any, every_string: bool = False) -> str | None:
         """Its text lowercased, when it is all ASCII; else None."""
-        key = id(node)
+        key = (id(node), every_string)
         if key not in self._ascii_lowered:
-            text = self.text(node)
+            text = self.text(node, every_string)
             self._ascii_lowered[key] = text.lower() if text.isascii() else None
         return self._ascii_lowered[key]
 
     def has_words(self, rule: LabelRule, node: Any) -> bool:
-        """Whether the rule's words are in the node's text."""
+        """Whether the rule's words are in the node's text (for a rule for any element,
+        in any string of it)."""
+        every_string = rule.anywhere
         if rule.ascii_words:
-            lowered = self.ascii_lowered(node)
+            lowered = self.ascii_lowered(node, every_string)
             if lowered is not None and not any(w in lowered for w in rule.ascii_words):
                 return False  # none of them even as a substring
         assert rule.words is not None
-        return rule.words.search(self.text(node)) is not None
+        return rule.words.search(self.text(node, every_string)) is not None
 
 
 def _matches(rule: LabelRule, node: Any, key: str, resource: dict[str, Any], seen: _Seen) -> bool:
@@ -230,10 +266,54 @@ def _matches(rule: LabelRule, node: Any, key: str, resource: dict[str, Any], see
             [v for at in rule.text_at for _, v in seen.locate(node, at)] if rule.text_at else [node]
         )
         if "\x00" in pattern.pattern:  # a word with NUL in it: search text by text
-            return any(pattern.search(t) for src in sources for t in texts(src))
+            return any(
+                pattern.search(plain_text(t))
+                for src in sources
+                for t in (strings(src, seen.coded) if rule.anywhere else texts(src))
+            )
         if not any(seen.has_words(rule, src) for src in sources):
             return False
     return True
+
+
+def _words_outside(
+    rule: LabelRule,
+    value: Any,
+    path: Path,
+    elements: Mapping[Path, tuple[set[str], list[str]]],
+    seen: _Seen,
+) -> bool:
+    """Whether a rule for any element finds its words in the element at `path` outside
+    the parts of it other rules have labelled with its categories already (a flag's
+    `code.text`): those go or not on their own, and the rest of the element with them
+    (its coding) is not held back for what they say."""
+    width = len(path)
+    inside = [
+        sub[width:]
+        for sub, (categories, _) in elements.items()
+        if len(sub) > width and sub[:width] == path and set(rule.categories) <= categories
+    ]
+    if not inside:
+        return True
+    skipped = set(inside)
+
+    def outside(node: Any, at: Path) -> Iterator[str]:
+        if at in skipped:
+            return
+        if isinstance(node, str):
+            yield node
+        elif isinstance(node, list):
+            for i, item in enumerate(node):
+                yield from outside(item, (*at, i))
+        elif isinstance(node, dict):
+            system, code = node.get("system"), node.get("code")
+            if isinstance(system, str) and isinstance(code, str) and (system, code) in seen.coded:
+                return
+            for k, v in node.items():
+                yield from outside(v, (*at, k))
+
+    assert rule.words is not None
+    return any(rule.words.search(plain_text(s)) for s in outside(value, ()))
 
 
 def _inherited(
@@ -308,7 +388,7 @@ def label_resource(
     if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
         raise LabellingError("content to label is not a FHIR resource")
     key = f"{resource['resourceType']}/{resource.get('id')}"
-    seen = _Seen()
+    seen = _Seen(policy.coded)
     first = _first_pass(resource, key, policy, seen)
 
     def by_reference(ref: str) -> frozenset[str] | None:
@@ -359,7 +439,7 @@ def _label(
             if not isinstance(inner, dict) or not isinstance(inner.get("resourceType"), str):
                 raise LabellingError(f"{key}: contained[{i}] is not a resource")
             inner_key = f"{key}#contained"
-            inner_seen = _Seen()
+            inner_seen = _Seen(policy.coded)
             found = _first_pass(inner, inner_key, policy, inner_seen)
             inner_labelled = _label(inner, inner_key, found, policy, resolve, None, inner_seen)
             cats |= inner_labelled.categories
@@ -371,10 +451,14 @@ def _label(
         rules = ["default"]
     elements: dict[Path, tuple[set[str], list[str]]] = {}
     for rule in policy.rules_by_type.get(resource["resourceType"], ()):
+        if rule.anywhere and not seen.has_words(rule, resource):
+            continue  # in none of its elements, then (the whole is looked at once)
         matched_paths: list[Path] = []
         for dotted in rule.elements:
             for path, value in seen.locate(resource, dotted):
                 if not _matches(rule, value, key, resource, seen):
+                    continue
+                if rule.anywhere and not _words_outside(rule, value, path, elements, seen):
                     continue
                 extra = set(rule.categories) | _inherited(rule, value, key, resolve, default, seen)
                 entry = elements.setdefault(path, (set(), []))
@@ -414,7 +498,7 @@ def label_resources(
         if not isinstance(res, dict) or not isinstance(res.get("resourceType"), str):
             raise LabellingError("a record entry is not a FHIR resource")
         key = f"{res['resourceType']}/{res.get('id')}"
-        seen = _Seen()
+        seen = _Seen(policy.coded)
         found = _first_pass(res, key, policy, seen)
         first[key] = frozenset(found[0] or {policy.default_category})
         passes.append((key, found, seen))

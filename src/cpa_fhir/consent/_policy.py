@@ -7,7 +7,8 @@ it into values the engine can run fast. Nothing here reads files.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+import unicodedata
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, tzinfo
 from typing import Any
@@ -62,6 +63,66 @@ class LabelRule:
     # text, which is much quicker to rule out than to search for.
     ascii_words: tuple[str, ...] = ()
 
+    @property
+    def anywhere(self) -> bool:
+        """`element = "*"`: every element of the resource, on its own, its words read
+        in every string it holds (an identifier's system, a reference, an extension's
+        URL: the recipient reads those too), not only its text."""
+        return self.elements == (ANYWHERE,)
+
+
+ANYWHERE = "*"
+# Typographic forms of the characters the policy's words are written with, and
+# characters that show nothing: a word is found however a word processor wrote it
+# ("self\u2011harm", "children\u2019s", "S\u200buicidal").
+_PLAIN = str.maketrans(
+    {
+        **dict.fromkeys(
+            map(ord, "\u2010\u2011\u2012\u2013\u2014\u2015\u2212\ufe58\ufe63\uff0d"), "-"
+        ),
+        **dict.fromkeys(map(ord, "\u2018\u2019\u201b\u02bc\u2032\uff07"), "'"),
+        **dict.fromkeys(map(ord, "\u00ad\u200b\u200c\u200d\u2060\ufeff\u180e"), None),
+    }
+)
+
+
+def plain_text(text: str) -> str:
+    """Text as the policy's words are matched against it: compatibility forms folded
+    (NFKC: full-width letters, ligatures), dashes and apostrophes plain, invisible
+    characters gone. ASCII text is returned as it is."""
+    if text.isascii():
+        return text
+    return unicodedata.normalize("NFKC", text).translate(_PLAIN)
+
+
+class RulesByType(Mapping[str, tuple["LabelRule", ...]]):
+    """The rules for each resource type: its own, then those for every type
+    (`resource = "*"`), which hold for any type, named or not."""
+
+    def __init__(
+        self, by_type: Mapping[str, tuple[LabelRule, ...]], anywhere: tuple[LabelRule, ...]
+    ):
+        self._by_type = dict(by_type)
+        self._anywhere = anywhere
+        self._cache: dict[str, tuple[LabelRule, ...]] = {}
+
+    def __getitem__(self, resource_type: str) -> tuple[LabelRule, ...]:
+        found = self._cache.get(resource_type)
+        if found is None:
+            found = self._by_type.get(resource_type, ()) + self._anywhere
+            if len(self._cache) < 1024:  # types a client names are not all kept
+                self._cache[resource_type] = found
+        return found
+
+    def get(self, resource_type: str, default: Any = None) -> tuple[LabelRule, ...]:
+        return self[resource_type]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._by_type)
+
+    def __len__(self) -> int:
+        return len(self._by_type)
+
 
 @dataclass(frozen=True, slots=True)
 class LegalException:
@@ -82,7 +143,11 @@ class SharingPolicy:
     exceptions: Mapping[str, LegalException]
     supporting: frozenset[str]
     purposes: frozenset[str] = frozenset()
+    # v3-ActReason is-a: a purpose, the broader purpose it falls within (COC -> TREAT).
+    purpose_within: Mapping[str, str] = field(default_factory=dict)
     rules_by_type: Mapping[str, tuple[LabelRule, ...]] = field(default_factory=dict)
+    # Every (system, code) a rule names: what those codes carry, the rules say.
+    coded: frozenset[tuple[str, str]] = frozenset()
     categories_by_sensitivity: Mapping[str, frozenset[str]] = field(default_factory=dict)
     # Where the record's dates are days: a consent "until 2026-07-31" ends at midnight
     # there (https://hl7.org/fhir/R4/datatypes.html#date: a date has no time zone).
@@ -123,8 +188,10 @@ def _known(codes: tuple[str, ...], known: Mapping[str, Any], what: str, where: s
 
 def _word_pattern(words: tuple[str, ...]) -> re.Pattern[str]:
     # A space in a phrase is any run of white space: a non-breaking one, a line break.
+    # Matched against `plain_text`, so written in its forms too.
     alternatives = "|".join(
-        re.escape(w).replace(r"\ ", r"\s+") for w in sorted(words, key=len, reverse=True)
+        re.escape(plain_text(w)).replace(r"\ ", r"\s+")
+        for w in sorted(words, key=len, reverse=True)
     )
     return re.compile(rf"(?<![\w]){'(?:' + alternatives + ')'}", re.IGNORECASE)
 
@@ -178,11 +245,17 @@ def _rule(
     for name, value in (("profile", profile), ("extension", extension)):
         if value is not None and not isinstance(value, str):
             raise PolicyError(f"{where}: {name} must be a URL")
+    elements = _strings(raw.get("element", []), f"{where}: element")
+    if ANYWHERE in elements and (len(elements) > 1 or words is None or codes or "text_at" in raw):
+        raise PolicyError(f'{where}: element "*" stands alone, with text and no codes or text_at')
+    resource_types = frozenset(_strings(raw["resource"], f"{where}: resource"))
+    if ANYWHERE in resource_types and len(resource_types) > 1:
+        raise PolicyError(f'{where}: resource "*" stands alone')
     return LabelRule(
         id=rule_id,
-        resource_types=frozenset(_strings(raw["resource"], f"{where}: resource")),
+        resource_types=resource_types,
         categories=cats,
-        elements=_strings(raw.get("element", []), f"{where}: element"),
+        elements=elements,
         profile=profile,
         codes=frozenset(codes),
         codes_at=_strings(raw.get("codes_at", ["code"]), f"{where}: codes_at"),
@@ -273,8 +346,24 @@ def parse_policy(data: Mapping[str, Any]) -> SharingPolicy:
             "purpose",
             f"exception '{exc.code}'",
         )
+    within = data.get("purpose-within", {})
+    if not isinstance(within, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in within.items()
+    ):
+        raise PolicyError("purpose-within must be a table of purpose = broader purpose")
+    for start in within:
+        seen, code = {start}, within[start]
+        while code in within:
+            if code in seen:
+                raise PolicyError(f"purpose-within: {start} falls within itself")
+            seen.add(code)
+            code = within[code]
     by_type: dict[str, list[LabelRule]] = {}
+    anywhere: list[LabelRule] = []
     for r in rules:
+        if ANYWHERE in r.resource_types:
+            anywhere.append(r)
+            continue
         for t in r.resource_types:
             by_type.setdefault(t, []).append(r)
     by_sensitivity: dict[str, set[str]] = {}
@@ -299,6 +388,8 @@ def parse_policy(data: Mapping[str, Any]) -> SharingPolicy:
         exceptions=exceptions,
         supporting=supporting,
         purposes=known_purposes,
-        rules_by_type={t: tuple(rs) for t, rs in by_type.items()},
+        purpose_within=dict(within),
+        coded=frozenset(c for r in rules for c in r.codes),
+        rules_by_type=RulesByType({t: tuple(rs) for t, rs in by_type.items()}, tuple(anywhere)),
         categories_by_sensitivity={k: frozenset(v) for k, v in by_sensitivity.items()},
     )

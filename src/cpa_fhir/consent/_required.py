@@ -24,6 +24,10 @@ class RequiredElements:
             paths: list[tuple[str, ...]] = []
             for el in (sd or {}).get("snapshot", {}).get("element", []):
                 steps = tuple(el["path"].split(".")[1:])
+                required_extension = _required_extension(el, steps)
+                if required_extension is not None:
+                    paths.append((required_extension,))
+                    continue
                 if (
                     el.get("min", 0) >= 1
                     and steps
@@ -70,7 +74,7 @@ class RequiredElements:
         for url in self._urls(resource):
             for steps in self._paths(url):
                 if not present(resource, steps, 0):
-                    return f"{resource.get('resourceType')}.{'.'.join(steps)}"
+                    return f"{resource.get('resourceType')}.{_dotted(steps)}"
         return None
 
 
@@ -88,7 +92,7 @@ class ProfileRequirements:
 
     def __init__(self, steps: Sequence[tuple[str, ...]]) -> None:
         self.steps = tuple(steps)
-        self._dotted = tuple(".".join(s) for s in self.steps)
+        self._dotted = tuple(_dotted(s) for s in self.steps)
         self._affected: dict[tuple[tuple[str, ...], bool], tuple[int, ...]] = {}
 
     def missing(self, resource: Mapping[str, Any]) -> str | None:
@@ -133,10 +137,37 @@ class ProfileRequirements:
         return all(present(resource, steps[i], 0) for i in indices)
 
 
+# A step naming an extension of the resource by its URL: `extension@URL`.
+_EXTENSION_AT = "extension@"
+
+
+def _required_extension(element: Mapping[str, Any], steps: tuple[str, ...]) -> str | None:
+    """`extension@URL` for a slice of the resource's own extensions that must be there
+    (a risk flag's source), else None. Removing it would leave the resource invalid."""
+    if steps != ("extension",) or "sliceName" not in element or element.get("min", 0) < 1:
+        return None
+    for kind in element.get("type") or []:
+        for url in kind.get("profile") or []:
+            if isinstance(url, str):
+                return _EXTENSION_AT + url
+    return None
+
+
+def _dotted(steps: tuple[str, ...]) -> str:
+    """A required element's path as FHIRPath writes it (`extension('URL')`)."""
+    return ".".join(
+        f"extension('{s[len(_EXTENSION_AT) :]}')" if s.startswith(_EXTENSION_AT) else s
+        for s in steps
+    )
+
+
 def _names(step: str, name: str) -> bool:
-    """Whether a snapshot step (`value[x]` for a choice) names an element."""
+    """Whether a snapshot step (`value[x]` for a choice, `extension@URL` for an
+    extension) names an element."""
     if step == name:
         return True
+    if step.startswith(_EXTENSION_AT):
+        return name == "extension"
     if not step.endswith("[x]"):
         return False
     stem = step[:-3]
@@ -151,6 +182,12 @@ def present(node: Any, steps: tuple[str, ...], at: int) -> bool:
         return True
     head = steps[at]
     last = at + 1 == len(steps)
+    if head.startswith(_EXTENSION_AT):
+        url = head[len(_EXTENSION_AT) :]
+        found = node.get("extension")
+        return isinstance(found, list) and any(
+            isinstance(e, dict) and e.get("url") == url for e in found
+        )
     if head.endswith("[x]"):
         stem = head[:-3]
         keys = [k for k in node if k.startswith(stem) and k[len(stem) : len(stem) + 1].isupper()]

@@ -69,6 +69,9 @@ def record_entries(record: Mapping[str, Any]) -> list[tuple[str | None, dict[str
     """(fullUrl, resource) pairs of a record Bundle, refusing anything malformed."""
     if not isinstance(record, Mapping) or record.get("resourceType") != "Bundle":
         raise SharingError("the record must be a Bundle")
+    if record.get("type") != "collection":
+        # A transaction, batch or search result is a request or an answer, not a record.
+        raise SharingError(f"the record must be a collection Bundle, not {record.get('type')!r}")
     entries = record.get("entry")
     if not isinstance(entries, list):
         raise SharingError("the record Bundle has no entries")

@@ -41,6 +41,7 @@ from cpa_fhir.consent import (
     cares_for,
     decide,
     filter_record,
+    is_active,
     label_resources,
     period_holds,
     steady_span,
@@ -50,6 +51,7 @@ from cpa_fhir.consent._labelling import reference_key
 from cpa_fhir.consent._output import outgoing_resource
 from cpa_fhir.consent._references import PATIENT_ELEMENTS, foreign_subjects
 from cpa_fhir.errors import ConsentFormatError, LabellingError, SearchError, SharingError
+from cpa_fhir.fhir import jsonio
 from cpa_fhir.sandbox._auth import Client
 from cpa_fhir.store import SqlRepository, Stored
 
@@ -416,7 +418,7 @@ class PartnerView:
                 roles.append(role)
                 organization = role.get("organization")
                 if (
-                    role.get("active") is not False
+                    is_active(role)
                     and period_holds(role.get("period"), self.at)
                     and isinstance(organization, dict)
                     and self._names_us(organization)
@@ -653,7 +655,7 @@ class PartnerView:
                 for c in mine.get("meta", {}).get("security", [])
                 if c.get("system", "").endswith("cpa-information-category")
             )
-            out[key] = _Shown(orjson.dumps(mine), labels, withheld)
+            out[key] = _Shown(jsonio.dumps(mine), labels, withheld)
         return out
 
     def _referred(self, resources: Mapping[str, dict[str, Any]]) -> list[str]:
@@ -721,7 +723,7 @@ class PartnerView:
         if shown is None:
             form = outgoing_resource(stored.resource(), categories, False, self.policy)
             # One object per version, so that kept AuditEvents match.
-            shown = self.derived.supporting[version] = _Shown(orjson.dumps(form), categories, ())
+            shown = self.derived.supporting[version] = _Shown(jsonio.dumps(form), categories, ())
         if account:
             for patient in under:
                 record = self._disclosed.get(patient)

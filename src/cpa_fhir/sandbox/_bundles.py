@@ -22,6 +22,7 @@ import orjson
 
 from cpa_fhir.consent._references import references
 from cpa_fhir.errors import FhirError, ResourceGone, VersionConflict
+from cpa_fhir.fhir import jsonio
 from cpa_fhir.fhir.outcome import Issue
 from cpa_fhir.sandbox._auth import Client, require
 from cpa_fhir.store import time_ordered_id
@@ -164,26 +165,32 @@ def _sub_request(
         parts = urlsplit(url)
     except ValueError as exc:  # an unclosed '[' and the like
         raise HttpError(400, f"{url!r} is not a URL: {exc}", code="value") from None
+    path = parts.path.strip("/")
+    if not path:
+        # Batches within batches would each be held to the entry limit alone, and
+        # without end: one Bundle is one level of entries.
+        raise HttpError(400, "a Bundle entry's request is to a resource, not the base URL")
     content_type = "application/fhir+json" if patch is None else JSON_PATCH
     # The Bundle's Prefer (return=, handling=) holds for each entry.
     prefer = {"prefer": request.headers["prefer"]} if "prefer" in request.headers else {}
     return Request(
         method=method,
-        path=parts.path.strip("/"),
+        path=path,
         query=parse_qsl(parts.query, keep_blank_values=True),
         headers={"content-type": content_type, **prefer, **headers},
-        body=patch if patch is not None else orjson.dumps(body) if body is not None else b"",
+        body=patch if patch is not None else jsonio.dumps(body) if body is not None else b"",
         base_url=request.base_url,
     )
 
 
-def _response_entry(resp: Response) -> dict[str, Any]:
+def _response_entry(resp: Response, method: str = "GET") -> dict[str, Any]:
+    """A response as a Bundle entry's; to a HEAD, as to a GET less the body."""
     entry: dict[str, Any] = {"response": {"status": str(resp.status)}}
     if "location" in resp.headers:
         entry["response"]["location"] = resp.headers["location"]
     if "etag" in resp.headers:
         entry["response"]["etag"] = resp.headers["etag"]
-    if resp.body:
+    if resp.body and method != "HEAD":
         body = orjson.Fragment(resp.body)  # already JSON: written as it is
         if (
             resp.status >= 400
@@ -221,13 +228,15 @@ def run_bundle(
             try:
                 patch = _patch_body(e, i) if req["method"] == "PATCH" else None
                 resource = e.get("resource") if patch is None else None
+                method = "GET" if req["method"] == "HEAD" else req["method"]
                 sub = _sub_request(
-                    request, req["method"], req["url"], resource, _entry_headers(req), patch=patch
+                    request, method, req["url"], resource, _entry_headers(req), patch=patch
                 )
             except FhirError as exc:  # this entry's own error
                 results.append(_response_entry(outcome_response(exc)))
                 continue
-            results.append(_response_entry(router._route_safely(sub, client, scopes, view)))
+            answer = router._route_safely(sub, client, scopes, view)
+            results.append(_response_entry(answer, req["method"]))
         body = {
             "resourceType": "Bundle",
             "id": router.new_id(),
@@ -276,9 +285,9 @@ def _transaction(
         _check_if_match,
         _conflict,
         _if_match,
+        _partner_written,
         _trust_only,
         _whole_store_search,
-        _without_server_labels,
         json_patch,
         patched_resource,
     )
@@ -299,6 +308,10 @@ def _transaction(
             criteria = _without_format(query)
             parts = path.strip("/").split("/")
             rtype = parts[0]
+            if not rtype:
+                raise HttpError(
+                    400, f"entry {i}: a Bundle entry's request is to a resource, not the base URL"
+                )
             if method in ("GET", "HEAD"):
                 # Read after the writes commit: refused now if it cannot be, not then.
                 _sub_request(request, "GET", req["url"], None, {})
@@ -307,8 +320,6 @@ def _transaction(
             if_match = (
                 _if_match(req.get("ifMatch")) if method in ("PUT", "DELETE", "PATCH") else None
             )
-            if resource is not None and view is not None:
-                resource = _without_server_labels(resource)
             p: dict[str, Any] = {
                 "i": i, "method": method, "type": rtype, "id": None, "resource": None, "req": req,
                 "if_match": if_match, "expected": None, "condition": None, "matched": None,
@@ -405,6 +416,10 @@ def _transaction(
                 p["resource"] = patched_resource(patch, current)
                 # Written over the version patched, so that a write in between is not undone.
                 p["expected"] = current.version_id
+            if view is not None and p["resource"] is not None:
+                # After the checks above: a refusal here must not tell what they keep.
+                replacing = view.read(rtype, p["id"]) if method == "PUT" else None
+                p["resource"] = _partner_written(view, p["resource"], replacing)
         except FhirError as exc:
             exc.expression = exc.expression or f"Bundle.entry[{i}]"
             raise
@@ -506,7 +521,8 @@ def _transaction(
     for p in prepared:
         if p["method"] in ("GET", "HEAD"):
             sub = _sub_request(request, "GET", p["req"]["url"], None, _entry_headers(p["req"]))
-            results[p["i"]] = _response_entry(router._route_safely(sub, client, scopes, view))
+            answer = router._route_safely(sub, client, scopes, view)
+            results[p["i"]] = _response_entry(answer, p["method"])
     body = {
         "resourceType": "Bundle",
         "id": router.new_id(),

@@ -17,8 +17,7 @@ from dataclasses import replace
 from functools import partial
 from typing import Any
 
-import orjson
-
+from cpa_fhir.fhir import jsonio
 from cpa_fhir.sandbox._access import PartnerView, partner_scan
 from cpa_fhir.store import (
     ChainLink,
@@ -45,7 +44,7 @@ def chains_hold(
     """Whether every chained criterion holds for the match through what `view` shows:
     None if one does not; else the resources at the criteria's ends that it holds
     through (what a partner's answer tells of, without sending them)."""
-    start: Seen = {(stored.resource_type, stored.id): orjson.loads(shown)}
+    start: Seen = {(stored.resource_type, stored.id): jsonio.loads(shown)}
     through: set[tuple[str, str]] = set()
     for criterion in chained:
         ends = _holds(start, criterion, view, repo)
@@ -130,7 +129,7 @@ def _forward(current: Seen, link: ChainLink, view: PartnerView, repo: SqlReposit
                 came_from.setdefault(t, set()).add(key)
     found = list(repo.read_many(sorted(came_from)).values())
     seen = {
-        (s.resource_type, s.id): orjson.loads(shown)
+        (s.resource_type, s.id): jsonio.loads(shown)
         for s, shown in zip(found, view.filter_many(found, account=False), strict=True)
         if shown is not None
     }
@@ -149,7 +148,7 @@ def _reverse(current: Seen, link: ChainLink, view: PartnerView, repo: SqlReposit
         def referring(found: list[Stored], target: tuple[str, str] = (rtype, rid)) -> list[Any]:
             shown_forms = view.filter_many(found, account=False)
             seen = [
-                (s, orjson.loads(shown))
+                (s, jsonio.loads(shown))
                 for s, shown in zip(found, shown_forms, strict=True)
                 if shown
             ]

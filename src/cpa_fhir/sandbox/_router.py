@@ -25,6 +25,7 @@ import orjson
 
 from cpa_fhir.consent import RequiredElements, SharingPolicy
 from cpa_fhir.consent._labelling import reference_key
+from cpa_fhir.consent._references import references
 from cpa_fhir.errors import (
     FhirError,
     InputError,
@@ -36,6 +37,7 @@ from cpa_fhir.errors import (
     UnknownParameter,
     VersionConflict,
 )
+from cpa_fhir.fhir import jsonio
 from cpa_fhir.fhir.models import R4_RESOURCE_TYPES
 from cpa_fhir.fhir.outcome import Issue, operation_outcome
 from cpa_fhir.fhir.subset import Summary, subset
@@ -193,6 +195,9 @@ def _read_subset(
     if not asked:
         return None, None
     query = parse_search(rtype, asked, parameters)
+    if query.summary_count:
+        # A count is of a search's matches: a read has none to count.
+        raise HttpError(400, "_summary=count is for searches, not a read", code="invalid")
     return query.summary, query.elements
 
 
@@ -202,15 +207,15 @@ def _subset_bytes(
     """Stored (or filtered) JSON as `_summary` or `_elements` asks: as it is if neither."""
     if summary is None and elements is None:
         return content
-    return orjson.dumps(subset(orjson.loads(content), summary=summary, elements=elements))
+    return jsonio.dumps(subset(jsonio.loads(content), summary=summary, elements=elements))
 
 
 def _with_outcome(searchset: bytes, issues: list[Issue]) -> bytes:
     """A searchset with an OperationOutcome entry (search.mode `outcome`) added."""
-    bundle = orjson.loads(searchset)
+    bundle = jsonio.loads(searchset)
     entry = {"resource": operation_outcome(issues), "search": {"mode": "outcome"}}
     bundle.setdefault("entry", []).append(entry)
-    return orjson.dumps(bundle)
+    return jsonio.dumps(bundle)
 
 
 _MONTH = "(?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)"
@@ -424,8 +429,7 @@ class Router:
         fmt = dict(request.query).get("_format")
         accept = fmt or request.headers.get("accept", "")
         if accept and not any(
-            t.strip().split(";")[0].strip() in (*_JSON_TYPES, "*/*", "application/*", "")
-            for t in accept.split(",")
+            _media_type(t) in (*_JSON_TYPES, "*/*", "application/*", "") for t in accept.split(",")
         ):
             raise HttpError(
                 406,
@@ -434,7 +438,14 @@ class Router:
             )
 
     def _body(self, request: Request) -> dict[str, Any]:
-        ctype = request.headers.get("content-type", "").split(";")[0].strip()
+        coding = request.headers.get("content-encoding", "identity").strip().lower()
+        if coding not in ("identity", ""):
+            # Read as it is, a compressed body is no JSON, and a body labelled so but
+            # not is not what the client meant to send (RFC 9110 §8.4).
+            raise HttpError(
+                415, f"send the body without content coding, not {coding!r}", code="not-supported"
+            )
+        ctype = _media_type(request.headers.get("content-type", ""))
         if ctype not in _JSON_TYPES:
             raise HttpError(
                 415,
@@ -442,7 +453,7 @@ class Router:
                 code="not-supported",
             )
         try:
-            data = orjson.loads(request.body)
+            data = jsonio.loads(request.body)
         except orjson.JSONDecodeError as exc:
             raise HttpError(400, f"the body is not JSON: {exc}", code="structure") from None
         if not isinstance(data, dict) or not isinstance(data.get("resourceType"), str):
@@ -458,7 +469,7 @@ class Router:
     def _json(
         self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None
     ) -> Response:
-        return Response(status, orjson.dumps(body), {"content-type": FHIR_JSON, **(headers or {})})
+        return Response(status, jsonio.dumps(body), {"content-type": FHIR_JSON, **(headers or {})})
 
     def validate(self, resource: dict[str, Any], profile: str | None = None) -> list[Issue]:
         """The validator's issues with a resource, and those of what this store needs
@@ -536,15 +547,33 @@ class Router:
             raise _unknown(rtype, rid) from None
 
     def _partner_version(self, view: PartnerView, rtype: str, rid: str, version: int) -> Stored:
-        """One version, for a partner, as `_partner_current` tells of the current one."""
+        """One version, for a partner, as `_partner_current` tells of the current one,
+        and only of a resource it may know of now (`_known_now`)."""
         try:
-            return self.repo.vread(rtype, rid, version)
+            stored = self.repo.vread(rtype, rid, version)
         except ResourceNotFound:
             raise _unknown(rtype, rid) from None
         except ResourceGone:
             if self._saw_before(view, rtype, rid, version):
                 raise
             raise _unknown(rtype, rid) from None
+        if not self._known_now(view, rtype, rid):
+            raise _unknown(rtype, rid)
+        return stored
+
+    def _known_now(self, view: PartnerView, rtype: str, rid: str) -> bool:
+        """Whether a partner may know the resource is there now: it sees the current
+        version, or saw what a deletion deleted. A resource that has become withheld
+        (a need now naming substance use) is unknown to it in every interaction, its
+        earlier versions too: one version shown and the current one not would tell
+        that it is there and has become something the partner may not see."""
+        try:
+            current = view.read(rtype, rid)
+        except ResourceNotFound:
+            return False
+        except ResourceGone as exc:
+            return exc.version_id is not None and self._saw_before(view, rtype, rid, exc.version_id)
+        return view.filter_bytes(current, account=False) is not None
 
     def _saw_before(self, view: PartnerView, rtype: str, rid: str, deletion: int) -> bool:
         """Whether the partner could see what a deletion (at that version) deleted."""
@@ -578,7 +607,7 @@ class Router:
         shown = view.filter_bytes(stored, account=False)
         if shown is None:
             raise _unknown(stored.resource_type, stored.id)
-        seen = orjson.loads(shown)
+        seen = jsonio.loads(shown)
         # Labels are the server's, made for the recipient; anything else that differs
         # (an element removed, a reference masked, the trust's own labels) was withheld.
         seen["meta"] = {k: v for k, v in seen["meta"].items() if k != "security"}
@@ -604,9 +633,6 @@ class Router:
         if resource["resourceType"] != rtype:
             raise HttpError(400, f"the body is a {resource['resourceType']}, not a {rtype}")
         resource.pop("id", None)  # the server assigns ids on create
-        if view is not None:
-            resource = _without_server_labels(resource)
-        self._check_valid(resource)
         condition = request.headers.get("if-none-exist")
         criteria = _criteria(request)
         if condition is None and criteria:
@@ -615,6 +641,9 @@ class Router:
             condition = criteria
         if condition is not None:
             _whole_store_search(view, "a conditional create")
+        if view is not None:
+            resource = _partner_written(view, resource)
+        self._check_valid(resource)
         stored = self.repo.create(resource, if_none_exist=condition)
         # A create never updates: what was not created matched the condition.
         return self._written(request, stored, matched=not stored.created)
@@ -636,14 +665,59 @@ class Router:
             raise HttpError(400, f"the body's id must be '{rid}', as in the URL", code="value")
         if_match = _if_match(request.headers.get("if-match"))
         expected = self._version_to_replace(view, rtype, rid, if_match)
+        expected = self._write_preconditions(request, rtype, rid, view, expected)
         if view is not None:
-            resource = _without_server_labels(resource)
+            resource = _partner_written(view, resource, view.read(rtype, rid))
         self._check_valid(resource)
         try:
             stored = self.repo.update(resource, if_match=expected)
         except VersionConflict as exc:
             raise _conflict(exc, if_match, view) from None
         return self._written(request, stored)
+
+    def _write_preconditions(
+        self,
+        request: Request,
+        rtype: str,
+        rid: str,
+        view: PartnerView | None,
+        expected: int | None,
+    ) -> int | None:
+        """If-None-Match and If-Unmodified-Since on an update or delete (RFC 9110
+        §13.1.2, §13.1.4): 412 when the resource is there (`*`) or at a version named,
+        or changed since the date. The version they were checked against is the one
+        the write must find, so that a write in between is a conflict, not a pass."""
+        if_none_match = request.headers.get("if-none-match")
+        since = request.headers.get("if-unmodified-since")
+        if if_none_match is None and since is None:
+            return expected
+        try:
+            current: Stored | None = (view.read if view is not None else self.repo.read)(rtype, rid)
+        except (ResourceNotFound, ResourceGone):
+            current = None
+        if current is None:
+            return expected  # nothing there: no version to match, no date to compare
+        if if_none_match is not None:
+            tags = [tag.strip().removeprefix("W/") for tag in if_none_match.split(",")]
+            if "*" in tags or f'"{current.version_id}"' in tags:
+                raise PreconditionFailed(
+                    f"{rtype}/{rid} is at version {current.version_id}, which If-None-Match "
+                    "asks not to write over"
+                )
+        if since is not None and _HTTP_DATE.fullmatch(since.strip()):
+            try:
+                client_copy = parsedate_to_datetime(since)
+            except (TypeError, ValueError, IndexError, OverflowError):
+                client_copy = None
+            if client_copy is not None:
+                if client_copy.tzinfo is None:
+                    client_copy = client_copy.replace(tzinfo=UTC)
+                # Compared to the second, as an HTTP date is written.
+                if current.last_updated.replace(microsecond=0) > client_copy:
+                    raise PreconditionFailed(
+                        f"{rtype}/{rid} has changed since {since.strip()} (If-Unmodified-Since)"
+                    )
+        return current.version_id
 
     def _delete(
         self,
@@ -659,6 +733,7 @@ class Router:
             expected = self._version_to_replace(view, rtype, rid, if_match)
         except ResourceGone:
             return Response(204)  # a partner's: deleted already, and it could see it
+        expected = self._write_preconditions(request, rtype, rid, view, expected)
         try:
             self.repo.delete(rtype, rid, if_match=expected)
         except ResourceGone:
@@ -711,7 +786,7 @@ class Router:
         require(scopes, rtype, "update")
         # The patch works on, and answers with, the stored resource, withheld parts and all.
         _trust_only(view, "a patch", "it works on the whole stored resource")
-        ctype = request.headers.get("content-type", "").split(";")[0].strip()
+        ctype = _media_type(request.headers.get("content-type", ""))
         if ctype != JSON_PATCH:
             raise HttpError(
                 415, f"send a JSON Patch as {JSON_PATCH}, not '{ctype or 'no content type'}'",
@@ -1058,11 +1133,11 @@ class Router:
                 "_include",
             )
             outcome = {"resource": operation_outcome([issue]), "search": {"mode": "outcome"}}
-            parts.append(orjson.dumps(outcome))
+            parts.append(jsonio.dumps(outcome))
         body = (
-            orjson.dumps(head)[:-1] + b',"entry":[' + b",".join(parts) + b"]}"
+            jsonio.dumps(head)[:-1] + b',"entry":[' + b",".join(parts) + b"]}"
             if parts
-            else orjson.dumps(head)
+            else jsonio.dumps(head)
         )
         return Response(200, body, {"content-type": FHIR_JSON})
 
@@ -1173,12 +1248,24 @@ class Router:
 
     def _partner_history(self, versions: list[Stored], view: PartnerView) -> list[Stored]:
         """The versions a partner may know of: those it may see, and deletions of what
-        it could see before (not even the fact that something withheld was deleted)."""
+        it could see before (not even the fact that something withheld was deleted),
+        of resources it may know of now (`_known_now`)."""
+        known: dict[tuple[str, str], bool] = {}
+
+        def known_now(s: Stored) -> bool:
+            key = (s.resource_type, s.id)
+            if key not in known:
+                known[key] = self._known_now(view, *key)
+            return known[key]
+
         return [
             s
             for s in versions
-            if (s.deleted and self._saw_before(view, s.resource_type, s.id, s.version_id))
-            or (not s.deleted and view.filter_bytes(s, account=False) is not None)
+            if (
+                (s.deleted and self._saw_before(view, s.resource_type, s.id, s.version_id))
+                or (not s.deleted and view.filter_bytes(s, account=False) is not None)
+            )
+            and known_now(s)
         ]
 
     def _history_content(
@@ -1220,8 +1307,14 @@ def _chains_within_scopes(query: SearchQuery, scopes: frozenset[str]) -> SearchQ
     return replace(query, criteria=tuple(criteria))
 
 
+def _media_type(header: str) -> str:
+    """A Content-Type's or Accept item's type/subtype, parameters aside, in lower case:
+    media types are compared without regard to case (RFC 9110 §8.3.1)."""
+    return header.split(";")[0].strip().lower()
+
+
 def _form(request: Request) -> list[tuple[str, str]]:
-    ctype = request.headers.get("content-type", "").split(";")[0].strip()
+    ctype = _media_type(request.headers.get("content-type", ""))
     if request.body and ctype != "application/x-www-form-urlencoded":
         raise HttpError(
             415, "POST _search takes application/x-www-form-urlencoded", code="not-supported"
@@ -1279,7 +1372,7 @@ def store_rules(resource: dict[str, Any]) -> list[Issue]:
 def json_patch(body: bytes, what: str) -> jsonpatch.JsonPatch:
     """A JSON Patch (RFC 6902) read from bytes; 400 if they are not one."""
     try:
-        operations = orjson.loads(body)
+        operations = jsonio.loads(body)
         if not isinstance(operations, list):
             raise TypeError("a JSON Patch is a list of operations")
         if _deeper_than(operations, MAX_BODY_DEPTH):
@@ -1383,6 +1476,39 @@ def _partner_writable(view: PartnerView | None, rtype: str) -> None:
             "decisions are made from them",
             code="forbidden",
         )
+
+
+def _partner_written(
+    view: PartnerView, resource: dict[str, Any], replacing: Stored | None = None
+) -> dict[str, Any]:
+    """What a partner's client writes, as stored: no security labels (the server's), and
+    no new literal reference to a professional or organisation other than the client's
+    own organisation (403; those of the version it replaces, `replacing`, may stay). One
+    goes to a partner when shared content refers to it: a reference the partner wrote
+    itself would let it fetch any one in the store, and learn it is there. Such a
+    party can be named by identifier and display (a logical reference) or contained."""
+    supporting = view.policy.supporting
+    before = {ref for _, ref in references(replacing.resource())} if replacing else set()
+    for path, ref in references(resource):
+        if ref in before:
+            continue
+        parts = ref.split("?", 1)[0].split("/")
+        if len(parts) >= 4 and parts[-2] == "_history":
+            parts = parts[:-2]
+        if (
+            len(parts) >= 2
+            and parts[-2] in supporting
+            and f"{parts[-2]}/{parts[-1]}" != view.client.reference
+        ):
+            where = "".join(f"[{s}]" if isinstance(s, int) else f".{s}" for s in path)
+            raise HttpError(
+                403,
+                f"{resource.get('resourceType')}{where}: a partner's client may not refer to "
+                f"a {parts[-2]} of this server other than its own organisation; name it by "
+                "identifier and display, or contain it",
+                code="forbidden",
+            )
+    return _without_server_labels(resource)
 
 
 def _without_server_labels(resource: dict[str, Any]) -> dict[str, Any]:
@@ -1502,7 +1628,7 @@ def _in_order_seen(
             return []
         resource = seen.get(id(item))
         if resource is None:
-            resource = seen[id(item)] = orjson.loads(shown)
+            resource = seen[id(item)] = jsonio.loads(shown)
         rows = index_resource(resource, [parameter])
         if key.type == "string":
             return [row[2] for row in rows.strings]
@@ -1536,7 +1662,7 @@ def _shown_targets(
 ) -> set[tuple[str, str]]:
     """What a client is `shown` of a resource refers to by the include's parameter,
     of its target type if it names one."""
-    targets = reference_targets(orjson.loads(shown), rtype, include.parameter, repo)
+    targets = reference_targets(jsonio.loads(shown), rtype, include.parameter, repo)
     return {t for t in targets if include.target_type in (None, t[0])}
 
 
@@ -1589,7 +1715,7 @@ def _matched_as_shown(
     if to_judge:
         found = matching(
             query,
-            [(stored, orjson.loads(shown)) for stored, shown, _ in to_judge],
+            [(stored, jsonio.loads(shown)) for stored, shown, _ in to_judge],
             repo.parameters,
             now_micros=to_micros(repo.clock()),
         )

@@ -17,6 +17,7 @@ from cpa_fhir.config import load_policy
 from cpa_fhir.conformance import ConformancePackage, default_package, default_package_dir
 from cpa_fhir.consent import RequiredElements
 from cpa_fhir.errors import FhirError
+from cpa_fhir.fhir import jsonio
 from cpa_fhir.sandbox._auth import (
     Registry,
     TokenVerifier,
@@ -117,6 +118,6 @@ def seed_examples(sandbox: Sandbox, examples: Path | None = None) -> int:
     folder = examples or default_package_dir() / "examples"
     resources = []
     for path in sorted(folder.glob("Bundle-record-*.json")):
-        bundle = orjson.loads(path.read_bytes())
+        bundle = jsonio.loads(path.read_bytes())
         resources += [e["resource"] for e in bundle["entry"]]
     return sandbox.repo.load(resources)

@@ -55,6 +55,8 @@ from typing import Any
 
 import orjson
 
+from cpa_fhir.fhir import jsonio
+
 _LENGTH = struct.Struct("!I")
 _STARTUP_SECONDS = 60.0
 # Records the child commits together at most: a transaction stays short even when
@@ -352,7 +354,7 @@ class ProcessAppender:
 
     async def append(self, resources: Sequence[dict[str, Any]], at: datetime) -> int:
         """Store the records in one transaction in the child; how many were stored."""
-        payload = orjson.dumps({"at": at.isoformat(), "resources": resources})
+        payload = jsonio.dumps({"at": at.isoformat(), "resources": resources})
         return await self._open().send(payload)
 
     async def index(self) -> None:
@@ -541,7 +543,7 @@ def serve(sock: socket.socket) -> None:
             records = 0
             while frame is not None:
                 try:
-                    request = orjson.loads(frame)
+                    request = jsonio.loads(frame)
                     if not request.get("index"):
                         datetime.fromisoformat(request["at"])
                         records += len(request["resources"])

@@ -27,6 +27,7 @@ from typing import Any
 
 import orjson
 
+from cpa_fhir.fhir import jsonio
 from cpa_fhir.store._dates import value_ranges
 from cpa_fhir.store._search_parameters import SearchParameter
 
@@ -233,7 +234,7 @@ class RecordIndexer:
         meta = rest.get("meta")
         if isinstance(meta, dict):
             rest["meta"] = {k: v for k, v in meta.items() if k not in META_VARYING}
-        key = orjson.dumps(rest, option=orjson.OPT_SORT_KEYS)
+        key = jsonio.dumps(rest, option=orjson.OPT_SORT_KEYS)
         rows = self._templates.get(key)
         if rows is None:
             if len(self._templates) >= self.max_templates:

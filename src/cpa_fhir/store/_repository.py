@@ -31,7 +31,6 @@ from functools import cache, partial
 from typing import Any, Protocol
 from urllib.parse import parse_qsl
 
-import orjson
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection, Dialect, Engine
@@ -45,6 +44,7 @@ from cpa_fhir.errors import (
     SearchError,
     VersionConflict,
 )
+from cpa_fhir.fhir import jsonio
 from cpa_fhir.fhir.models import R4_RESOURCE_TYPES
 from cpa_fhir.store._appender import ProcessAppender
 from cpa_fhir.store._dates import to_micros
@@ -125,7 +125,7 @@ class Stored:
 
     def resource(self) -> dict[str, Any]:
         """The content parsed as JSON (for callers that need a dict; servers need not)."""
-        parsed: dict[str, Any] = orjson.loads(self.content)
+        parsed: dict[str, Any] = jsonio.loads(self.content)
         return parsed
 
 
@@ -256,7 +256,7 @@ def _content(resource: dict[str, Any]) -> bytes:
     PostgreSQL's text (the search index) cannot hold one, nor can FHIR's XML form:
     refused on every database, so that a store behaves the same on each.
     """
-    content = orjson.dumps(resource)
+    content = jsonio.dumps(resource)
     # JSON escapes a NUL as \u0000: only then need the resource be walked.
     if b"\\u0000" in content and _has_nul(resource):
         raise InputError("the resource's text contains a NUL character (U+0000)", code="invalid")
@@ -806,8 +806,10 @@ class _Operations:
             # As HAPI FHIR and Medplum do: a write that changes nothing makes no version
             # (a feed sending what is stored again neither grows the history nor moves
             # the store on, which every cache keyed by the generation would pay for).
-            same_meta = _with_meta(resource, unchanged.version_id, "")
-            if same_meta == _with_meta(unchanged.resource(), unchanged.version_id, ""):
+            # Compared as written, keys sorted: 1.50 is not 1.5, nor 1.0 1 (precision).
+            same_meta = jsonio.canonical(_with_meta(resource, unchanged.version_id, ""))
+            stored_meta = _with_meta(unchanged.resource(), unchanged.version_id, "")
+            if same_meta == jsonio.canonical(stored_meta):
                 _content(resource)  # refused alike, stored or not (a NUL)
                 return unchanged
         version = current.version_id + 1 if current is not None else 1
@@ -824,7 +826,13 @@ class _Operations:
             ) from exc
         self._replace_index(resource_type, resource_id, stored, exists=current is not None)
         return Stored(
-            resource_type, resource_id, version, now, False, content, created=current is None
+            resource_type,
+            resource_id,
+            version,
+            now,
+            False,
+            content,
+            created=current is None or current.deleted,
         )
 
     def _store_version(
@@ -1056,7 +1064,7 @@ class _Operations:
                 row.resource_type,
                 row.id,
                 index_resource(
-                    orjson.loads(row.content), self.parameters.indexed(row.resource_type)
+                    jsonio.loads(row.content), self.parameters.indexed(row.resource_type)
                 ),
             )
             for row in found

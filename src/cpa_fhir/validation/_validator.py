@@ -25,6 +25,7 @@ from fhirpathpy.models import models as fhirpath_models
 from pydantic import ValidationError
 
 from cpa_fhir.conformance.package import ConformancePackage
+from cpa_fhir.fhir import jsonio
 from cpa_fhir.fhir.models import (
     FHIR_VERSION,
     R4_RESOURCE_TYPES,
@@ -196,7 +197,7 @@ class Validator:
         """Validate JSON text or a parsed resource; returns issues, errors first."""
         if isinstance(data, (bytes, str)):
             try:
-                resource = orjson.loads(data)
+                resource = jsonio.loads(data)
             except orjson.JSONDecodeError as exc:
                 return [Issue("fatal", "structure", f"Not well-formed JSON: {exc}")]
         else:

@@ -34,6 +34,42 @@ def _upper_first(code: str) -> str:
     return code[:1].upper() + code[1:]
 
 
+_FHIRPATH = "http://hl7.org/fhirpath/System."
+_BOOLEANS = {"boolean", _FHIRPATH + "Boolean"}
+_INTEGERS = {"integer", "positiveInt", "unsignedInt", "integer64", _FHIRPATH + "Integer"}
+_DECIMALS = {"decimal", _FHIRPATH + "Decimal"}
+
+
+def json_kind_error(type_code: str, v: Any) -> str | None:
+    """What is wrong with a primitive's JSON form, or None: FHIR JSON writes a boolean
+    as true or false, an integer or decimal as a number and every other primitive as
+    a string (https://hl7.org/fhir/R4/json.html#primitive). The model parse would
+    take "false" or 0 for false, and a record would say the opposite of itself."""
+    if type_code in _BOOLEANS:
+        ok, kind = type(v) is bool, "true or false"
+    elif type_code in _INTEGERS:
+        ok, kind = type(v) is int, "a whole number"
+    elif type_code in _DECIMALS:
+        ok, kind = isinstance(v, (int, float)) and not isinstance(v, bool), "a number"
+    else:
+        ok, kind = isinstance(v, str), "a string"
+    if ok:
+        return None
+    name = type_code.removeprefix(_FHIRPATH)
+    article = "An" if name[:1].lower() in "aeiou" else "A"
+    return f"{article} {name} must be {kind} in JSON, not {_json_text(v)}"
+
+
+def _json_text(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return f"the string {v[:40]!r}"
+    if isinstance(v, (list, dict)):
+        return "an array" if isinstance(v, list) else "an object"
+    return f"the number {v}"
+
+
 def is_primitive(type_code: str) -> bool:
     found = _PRIMITIVE.get(type_code)
     if found is None:
@@ -254,6 +290,9 @@ class Walk:
                 self.error(loc, f"A {type_code} must be a JSON primitive, not an object")
             elif not is_primitive(type_code) and type_code:
                 self.error(loc, f"A {type_code} must be a JSON object")
+            elif type_code and (wrong := json_kind_error(type_code, v)) is not None:
+                self.error(loc, wrong, code="value")
+                return
             self.invariants(node, v, loc)
             return
         if type_code == "Extension":

@@ -1,0 +1,149 @@
+"""HTTP and FHIR semantics a client relies on, on SQLite and PostgreSQL: write
+preconditions (If-None-Match, If-Unmodified-Since), media types compared without case,
+content coding refused, a re-creation answered 201, HEAD and nesting in Bundles, and
+`_summary=count` kept to searches."""
+
+from __future__ import annotations
+
+import copy
+import uuid
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+from typing import Any
+
+import pytest
+
+from tests.sandbox.conftest import Fhir, outcome
+
+FLAG = "Flag/c-risk-self-harm"
+
+
+def _new_flag(trust: Fhir) -> tuple[str, dict[str, Any]]:
+    flag = copy.deepcopy(trust.get(FLAG).json())
+    flag["id"] = f"http-{uuid.uuid4().hex[:12]}"
+    flag.pop("meta")
+    made = trust.put(f"Flag/{flag['id']}", flag)
+    assert made.status_code == 201, made.text
+    return f"Flag/{flag['id']}", made.json()
+
+
+@pytest.mark.parametrize("tag", ["*", 'W/"1"', '"1"', 'W/"7", W/"1"'])
+def test_if_none_match_stops_a_write_over_what_is_there(trust: Fhir, tag: str) -> None:
+    key, flag = _new_flag(trust)
+    changed = {**flag, "status": "inactive"}
+    outcome(trust.put(key, changed, headers={"if-none-match": tag}), 412)
+    outcome(trust.http.delete(f"/fhir/{key}", headers={**trust.headers, "if-none-match": tag}), 412)
+    assert trust.get(key).json()["status"] == flag["status"]
+    assert trust.put(key, changed, headers={"if-none-match": 'W/"9"'}).status_code == 200
+
+
+def test_if_none_match_star_creates_what_is_not_there(trust: Fhir) -> None:
+    key, flag = _new_flag(trust)
+    other = {**flag, "id": f"http-{uuid.uuid4().hex[:12]}"}
+    made = trust.put(f"Flag/{other['id']}", other, headers={"if-none-match": "*"})
+    assert made.status_code == 201, made.text
+
+
+def test_if_unmodified_since_stops_a_write_over_a_later_change(trust: Fhir) -> None:
+    key, flag = _new_flag(trust)
+    before = format_datetime(datetime.now(UTC) - timedelta(days=1), usegmt=True)
+    after = format_datetime(datetime.now(UTC) + timedelta(days=1), usegmt=True)
+    changed = {**flag, "status": "inactive"}
+    outcome(trust.put(key, changed, headers={"if-unmodified-since": before}), 412)
+    assert trust.put(key, changed, headers={"if-unmodified-since": after}).status_code == 200
+    deleting = {**trust.headers, "if-unmodified-since": before}
+    outcome(trust.http.delete(f"/fhir/{key}", headers=deleting), 412)
+
+
+def test_a_resource_made_again_after_its_deletion_is_created(trust: Fhir) -> None:
+    key, flag = _new_flag(trust)
+    assert trust.delete(key).status_code == 204
+    assert trust.get(key).status_code == 410
+    again = trust.put(key, flag)
+    assert again.status_code == 201, again.text
+    assert again.headers["etag"] == 'W/"3"'
+
+
+@pytest.mark.parametrize("media", ["Application/FHIR+JSON", "APPLICATION/JSON; charset=UTF-8"])
+def test_media_types_are_compared_without_case(trust: Fhir, media: str) -> None:
+    _, flag = _new_flag(trust)
+    flag.pop("id")
+    made = trust.http.post(
+        "/fhir/Flag", json=flag, headers={**trust.headers, "content-type": media, "accept": media}
+    )
+    assert made.status_code == 201, made.text
+    patched = trust.http.patch(
+        f"/fhir/Flag/{made.json()['id']}",
+        json=[{"op": "replace", "path": "/status", "value": "inactive"}],
+        headers={**trust.headers, "content-type": "Application/JSON-Patch+JSON"},
+    )
+    assert patched.status_code == 200, patched.text
+
+
+def test_a_coded_body_is_refused_not_misread(trust: Fhir) -> None:
+    _, flag = _new_flag(trust)
+    flag.pop("id")
+    for coding in ("gzip", "deflate", "br"):
+        sent = trust.http.post(
+            "/fhir/Flag",
+            json=flag,
+            headers={
+                **trust.headers,
+                "content-type": "application/fhir+json",
+                "content-encoding": coding,
+            },
+        )
+        assert coding in outcome(sent, 415)["issue"][0]["details"]["text"]
+
+
+@pytest.mark.parametrize("client_id", ["trust", "gp"])
+@pytest.mark.parametrize("kind", ["batch", "transaction"])
+def test_a_head_entry_answers_as_a_get_without_the_body(
+    as_client: Any, client_id: str, kind: str
+) -> None:
+    client: Fhir = as_client(client_id)
+    bundle = {
+        "resourceType": "Bundle",
+        "type": kind,
+        "entry": [
+            {"request": {"method": "HEAD", "url": "Patient/c-patient"}},
+            {"request": {"method": "GET", "url": "Patient/c-patient"}},
+        ],
+    }
+    answer = client.post("", bundle)
+    assert answer.status_code == 200, answer.text
+    head, get = answer.json()["entry"]
+    assert head["response"]["status"] == get["response"]["status"] == "200"
+    assert head["response"]["etag"] == get["response"]["etag"]
+    assert "resource" not in head and get["resource"]["id"] == "c-patient"
+
+
+@pytest.mark.parametrize("kind", ["batch", "transaction"])
+def test_a_bundle_within_a_bundle_is_refused(trust: Fhir, kind: str) -> None:
+    inner = {
+        "resourceType": "Bundle",
+        "type": "batch",
+        "entry": [{"request": {"method": "GET", "url": "Patient/c-patient"}}],
+    }
+    outer = {
+        "resourceType": "Bundle",
+        "type": kind,
+        "entry": [{"request": {"method": "POST", "url": ""}, "resource": inner}],
+    }
+    answer = trust.post("", outer)
+    if kind == "transaction":
+        assert "not the base URL" in outcome(answer, 400)["issue"][0]["details"]["text"]
+    else:
+        (entry,) = answer.json()["entry"]
+        assert entry["response"]["status"] == "400"
+        assert "resource" not in entry
+
+
+@pytest.mark.parametrize("client_id", ["trust", "gp"])
+def test_summary_count_is_for_searches(as_client: Any, client_id: str) -> None:
+    client: Fhir = as_client(client_id)
+    said = outcome(client.get("Patient/c-patient", params={"_summary": "count"}), 400)
+    assert "for searches" in said["issue"][0]["details"]["text"]
+    assert (
+        client.get("Patient", params={"_summary": "count", "_id": "c-patient"}).status_code == 200
+    )
