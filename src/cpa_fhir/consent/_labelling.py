@@ -10,6 +10,7 @@ content no rule labels takes the policy's most restrictive default category.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -194,7 +195,7 @@ class _Seen:
     """What labelling one resource has looked at, so that each rule does not walk it
     again: the values at each dotted path, and the text, of each object looked at."""
 
-    __slots__ = ("_located", "_text", "_ascii_lowered", "coded")
+    __slots__ = ("_located", "_text", "_ascii_lowered", "_every", "coded")
 
     def __init__(self, coded: frozenset[tuple[str, str]] = frozenset()) -> None:
         self.coded = coded
@@ -202,6 +203,7 @@ class _Seen:
         self._located: dict[tuple[int, str], list[tuple[Path, Any]]] = {}
         self._text: dict[tuple[int, bool], str] = {}
         self._ascii_lowered: dict[tuple[int, bool], str | None] = {}
+        self._every: dict[int, tuple[str, str | None, list[int], list[tuple[Path, Any]]]] = {}
 
     def locate(self, node: Any, dotted: str) -> list[tuple[Path, Any]]:
         found = self._located.get((id(node), dotted))
@@ -222,12 +224,46 @@ class _Seen:
         return found
 
     def ascii_lowered(self, node: Any, every_string: bool = False) -> str | None:
-        """Its text lowercased, when it is all ASCII; else None."""
+        """Its text lowercased, each run of white space one space, when it is all
+        ASCII; else None."""
         key = (id(node), every_string)
         if key not in self._ascii_lowered:
             text = self.text(node, every_string)
-            self._ascii_lowered[key] = text.lower() if text.isascii() else None
+            self._ascii_lowered[key] = " ".join(text.lower().split()) if text.isascii() else None
         return self._ascii_lowered[key]
+
+    def _elements(self, resource: Any) -> tuple[str, str | None, list[int], list[tuple[Path, Any]]]:
+        """Every element of a resource (`element = "*"`) with all its strings, as one
+        text (each element's strings joined by NUL, as `text`, the elements too), its
+        form for `ascii_words`, where each element's text starts, and the elements."""
+        found = self._every.get(id(resource))
+        if found is None:
+            located = self.locate(resource, ANYWHERE)
+            parts = [plain_text("\x00".join(strings(value, self.coded))) for _, value in located]
+            starts, at = [], 0
+            for part in parts:
+                starts.append(at)
+                at += len(part) + 1
+            text = "\x00".join(parts)
+            lowered = " ".join(text.lower().split()) if text.isascii() else None
+            found = self._every[id(resource)] = (text, lowered, starts, located)
+        return found
+
+    def elements_with_words(self, rule: LabelRule, resource: Any) -> list[tuple[Path, Any]]:
+        """The elements of a resource whose strings hold the rule's words: the text of
+        them all is searched once, and each match is placed in its element."""
+        assert rule.words is not None
+        if "\x00" in rule.words.pattern:  # a word with NUL in it: element by element
+            return [
+                (path, value)
+                for path, value in self.locate(resource, ANYWHERE)
+                if any(rule.words.search(plain_text(s)) for s in strings(value, self.coded))
+            ]
+        text, lowered, starts, located = self._elements(resource)
+        if lowered is not None and not any(w in lowered for w in rule.ascii_words):
+            return []
+        hit = sorted({bisect_right(starts, m.start()) - 1 for m in rule.words.finditer(text)})
+        return [located[i] for i in hit]
 
     def has_words(self, rule: LabelRule, node: Any) -> bool:
         """Whether the rule's words are in the node's text (for a rule for any element,
@@ -451,14 +487,17 @@ def _label(
         rules = ["default"]
     elements: dict[Path, tuple[set[str], list[str]]] = {}
     for rule in policy.rules_by_type.get(resource["resourceType"], ()):
-        if rule.anywhere and not seen.has_words(rule, resource):
-            continue  # in none of its elements, then (the whole is looked at once)
+        if rule.anywhere:
+            for path, value in seen.elements_with_words(rule, resource):
+                if _words_outside(rule, value, path, elements, seen):
+                    entry = elements.setdefault(path, (set(), []))
+                    entry[0].update(rule.categories)
+                    entry[1].append(rule.id)
+            continue
         matched_paths: list[Path] = []
         for dotted in rule.elements:
             for path, value in seen.locate(resource, dotted):
                 if not _matches(rule, value, key, resource, seen):
-                    continue
-                if rule.anywhere and not _words_outside(rule, value, path, elements, seen):
                     continue
                 extra = set(rule.categories) | _inherited(rule, value, key, resolve, default, seen)
                 entry = elements.setdefault(path, (set(), []))

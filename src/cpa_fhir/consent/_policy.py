@@ -58,9 +58,10 @@ class LabelRule:
     text_at: tuple[str, ...] = ()
     extension: str | None = None
     inherit: tuple[str, ...] = ()
-    # The words `words` finds, lowercased, when all are ASCII (else empty): in ASCII
-    # text, `words` can match only where one of them is a substring of the lowercased
-    # text, which is much quicker to rule out than to search for.
+    # The phrases `words` finds, lowercased, each run of white space one space, when
+    # all are ASCII (else empty): in ASCII text so written, `words` can match only
+    # where one of them is a substring, which is much quicker to rule out than to
+    # search for.
     ascii_words: tuple[str, ...] = ()
 
     @property
@@ -238,8 +239,7 @@ def _rule(
             raise PolicyError(f"{where}: text lists no words")
         words = _word_pattern(listed)
         if all(w.isascii() for w in listed):
-            # Each phrase's first word: found in any text its phrase is found in.
-            ascii_words = tuple(w.lower().split()[0] for w in listed if w.split())
+            ascii_words = tuple(" ".join(w.lower().split()) for w in listed if w.split())
     profile = raw.get("profile")
     extension = raw.get("extension")
     for name, value in (("profile", profile), ("extension", extension)):
