@@ -177,7 +177,7 @@ def test_professionals_are_audited_only_under_the_records_they_were_reached_from
     statuses = [e["response"]["status"] for e in orjson.loads(answer.body)["entry"]]
     assert statuses == ["404", "200"]
     patients = {
-        e["what"]["reference"]
+        e["what"]["reference"].split("/_history/")[0]
         for event in events
         for e in event["entity"]
         if e.get("what", {}).get("reference", "").startswith("Patient/")

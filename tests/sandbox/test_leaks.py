@@ -243,7 +243,9 @@ def test_gp_sees_redacted_care_plan_and_every_disclosure_is_audited(
     assert after == before + 1
     events = trust.get("AuditEvent", params={"_count": "1000"}).json()["entry"]
     latest = max((e["resource"] for e in events), key=lambda r: r["meta"]["lastUpdated"])
-    assert {"reference": "CarePlan/c-careplan"} in [e.get("what") for e in latest["entity"]]
+    # The version sent, by its versioned reference: the id alone would name later ones.
+    sent = f"CarePlan/c-careplan/_history/{plan['meta']['versionId']}"
+    assert {"reference": sent} in [e.get("what") for e in latest["entity"]]
     # The trust finds it among the service user's disclosures, though no Patient went.
     of_patient = trust.get(
         "AuditEvent", params={"patient": "Patient/c-patient", "_count": "1000"}
@@ -452,7 +454,7 @@ def test_what_a_searchs_chained_criteria_hold_through_is_audited(
     (event,) = _new_audit_events(trust, before)
     assert disclosed_references(event) == ["Patient/c-patient"]
     consulted = {
-        e["what"]["reference"]
+        e["what"]["reference"].split("/_history/")[0]
         for e in event["entity"]
         if e.get("description", "").startswith("Found")
     }
@@ -476,3 +478,33 @@ def test_what_a_nested_has_passes_through_is_audited_as_consulted(
     }
     assert any(k.startswith("Goal/") for k in consulted), consulted
     assert any(k.startswith("CarePlan/") for k in consulted), consulted
+
+
+def test_the_audit_names_the_version_that_was_sent(as_client: Any, trust: Fhir) -> None:
+    """A read of one version, then of the next: each AuditEvent names the version it
+    disclosed (`Type/id/_history/n`), so the trail never points at content that did
+    not go."""
+    gp = as_client("gp")
+    key = "Condition/c-need-accommodation"
+    before = {e["resource"]["id"] for e in trust.get("AuditEvent", params={"_count": "1000"}).json().get("entry", [])}  # fmt: skip
+    first = gp.get(key).json()
+    stored = trust.get(key).json()
+    changed = {**stored, "note": [*stored.get("note", []), {"text": "Reviewed at the CPA review"}]}
+    assert trust.put(key, changed).status_code == 200
+    try:
+        second = gp.get(key).json()
+        assert int(second["meta"]["versionId"]) == int(first["meta"]["versionId"]) + 1
+        events = _new_audit_events(trust, before)
+        named = [
+            e["what"]["reference"]
+            for event in sorted(events, key=lambda ev: ev["recorded"])
+            for e in event["entity"]
+            if e.get("what", {}).get("reference", "").startswith(key)
+        ]
+        assert named == [f"{key}/_history/{r['meta']['versionId']}" for r in (first, second)]
+        assert (
+            trust.get("AuditEvent", params={"entity": key, "_summary": "count"}).json()["total"]
+            >= 2
+        )
+    finally:
+        assert trust.put(key, stored).status_code == 200

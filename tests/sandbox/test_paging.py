@@ -86,9 +86,8 @@ def test_partner_search_audits_the_page_sent_not_every_match(as_client: Any, tru
         for e in latest["entity"]
         if e.get("what", {}).get("reference", "").startswith("CarePlan/")
     ]
-    assert shared == [
-        page["entry"][0]["resource"]["resourceType"] + "/" + page["entry"][0]["resource"]["id"]
-    ]
+    sent = page["entry"][0]["resource"]
+    assert shared == [f"{sent['resourceType']}/{sent['id']}/_history/{sent['meta']['versionId']}"]
 
 
 def test_a_page_of_nothing_has_no_next_page(trust: Fhir) -> None:

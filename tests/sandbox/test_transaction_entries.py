@@ -385,3 +385,51 @@ def test_if_none_exist_without_criteria_is_a_400(trust: Fhir, condition: str) ->
         trust.post("Flag", _flag(uuid.uuid4().hex), headers={"if-none-exist": condition}), 400
     )
     assert found["issue"][0]["code"] != "duplicate"
+
+
+def _new_patient(trust: Fhir) -> tuple[str, str]:
+    """A patient of its own (an NHS number no other has): its id and NHS number."""
+    nhs = _nhs_number()
+    made = trust.post("Patient", _patient(nhs))
+    assert made.status_code == 201, made.text
+    return made.json()["id"], nhs
+
+
+def test_a_conditional_reference_to_what_the_transaction_deletes_is_refused(trust: Fhir) -> None:
+    pid, nhs = _new_patient(trust)
+    flag = _flag(uuid.uuid4().hex, subject={"reference": f"Patient?identifier={NHS}|{nhs}"})
+    bundle = _transaction(
+        {"request": {"method": "DELETE", "url": f"Patient/{pid}"}},
+        {"resource": flag, "request": {"method": "POST", "url": "Flag"}},
+    )
+    said = outcome(trust.post("", bundle), 400)
+    assert f"matches Patient/{pid}, which entry 0 deletes" in said["issue"][0]["details"]["text"]
+    assert trust.get(f"Patient/{pid}").status_code == 200  # nothing of it happened
+
+
+def test_a_conditional_reference_is_matched_again_under_the_write_lock(
+    trust: Fhir, sandbox: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a conditional reference matched before the transaction took the write lock
+    may have changed by the time it holds it: matched again then, a change is a 409,
+    never a reference to what no longer matches."""
+    pid, nhs = _new_patient(trust)
+    other, _ = _new_patient(trust)
+    real = sandbox.repo.conditional_match
+
+    def stale(rtype: str, criteria: str, what: str) -> Any:
+        found = real(rtype, criteria, what)
+        if "the reference" in what:  # as it was before another transaction moved it
+            return sandbox.repo.read("Patient", other)
+        return found
+
+    monkeypatch.setattr(sandbox.repo, "conditional_match", stale)
+    marker = uuid.uuid4().hex
+    flag = _flag(marker, subject={"reference": f"Patient?identifier={NHS}|{nhs}"})
+    answer = trust.post(
+        "", _transaction({"resource": flag, "request": {"method": "POST", "url": "Flag"}})
+    )
+    assert (
+        "changed while the transaction ran" in outcome(answer, 409)["issue"][0]["details"]["text"]
+    )
+    assert trust.get("Flag", params={"identifier": f"urn:test|{marker}"}).json()["total"] == 0

@@ -40,9 +40,10 @@ CONSULTED = "Found by the search's criteria to hold for what was sent, not sent"
 
 
 def disclosed_references(event: dict[str, Any]) -> list[str]:
-    """Type/id of what an AuditEvent of a disclosure records as shared (not its subject)."""
+    """Type/id of what an AuditEvent of a disclosure records as shared (not its subject),
+    the version aside where it names one (`Type/id/_history/n`)."""
     return [
-        e["what"]["reference"]
+        e["what"]["reference"].split("/_history/")[0]
         for e in event.get("entity", [])
         if "what" in e and e.get("role") != SUBJECT_ROLE and e.get("description") != CONSULTED
     ]

@@ -542,13 +542,13 @@ class PartnerView:
             decision = self.decision(patient)
             shown = derived.shown.get((key, stored.version_id, frozenset(decision.allowed)))
             if shown is not None:
-                out[i] = self._account(patient, decision, key, shown, account)
+                out[i] = self._account(patient, decision, key, stored.version_id, shown, account)
                 continue
             group = pending.setdefault(patient, {})
             if key in group:  # two versions of one resource (history): not in one record
                 resource = resource if resource is not None else stored.resource()
                 shown = self._filter_together({key: resource}, decision)[key]
-                out[i] = self._account(patient, decision, key, shown, account)
+                out[i] = self._account(patient, decision, key, stored.version_id, shown, account)
                 continue
             group[key] = (i, stored, resource)
         for patient, group in pending.items():
@@ -561,7 +561,7 @@ class PartnerView:
             for key, shown in self._filter_together(resources, decision).items():
                 i, stored, _ = group[key]
                 derived.shown[(key, stored.version_id, allowed)] = shown
-                out[i] = self._account(patient, decision, key, shown, account)
+                out[i] = self._account(patient, decision, key, stored.version_id, shown, account)
         return out
 
     def count(self, versions: Sequence[Stored]) -> None:
@@ -583,11 +583,20 @@ class PartnerView:
             self._mode = None
 
     def _account(
-        self, patient: str, decision: Decision, key: str, shown: _Shown, account: bool
+        self,
+        patient: str,
+        decision: Decision,
+        key: str,
+        version_id: int,
+        shown: _Shown,
+        account: bool,
     ) -> bytes | None:
-        """Note for the audit what this request disclosed, or withheld, of `key`."""
+        """Note for the audit what this request disclosed, or withheld, of `key` at that
+        version (recorded as `Type/id/_history/n`: the id alone would name its later
+        versions too, which were not disclosed)."""
         if not account:
             return shown.content
+        key = f"{key}/_history/{version_id}"
         record = self._disclosed.get(patient)
         if record is None:
             record = self._disclosed[patient] = _Shared(decision)
@@ -725,13 +734,14 @@ class PartnerView:
             # One object per version, so that kept AuditEvents match.
             shown = self.derived.supporting[version] = _Shown(jsonio.dumps(form), categories, ())
         if account:
+            sent = f"{key}/_history/{stored.version_id}"
             for patient in under:
                 record = self._disclosed.get(patient)
                 if record is None:
                     record = self._disclosed[patient] = _Shared(self.decision(patient))
-                if key not in record.shared:
+                if sent not in record.shared:
                     record.accounted.append(shown)
-                    record.shared.append(key)
+                    record.shared.append(sent)
                     record.categories |= categories
         return shown.content
 

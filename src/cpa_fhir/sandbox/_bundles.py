@@ -120,11 +120,17 @@ _CONDITIONAL_REFERENCE = re.compile(r"([A-Z][A-Za-z]*)\?(.+)")
 
 
 def _resolve_conditional_references(
-    resource: dict[str, Any], i: int, ids: dict[str, str], router: Any, view: Any
+    resource: dict[str, Any],
+    i: int,
+    ids: dict[str, str],
+    router: Any,
+    view: Any,
+    resolved: list[tuple[int, str, str, str]],
 ) -> None:
     """Add to `ids` what the entry's conditional references (`Patient?identifier=...`)
-    match, one resource each (R4 http.html#trules); refuse a reference to a `urn:` no
-    entry has, or criteria matching none or several."""
+    match, one resource each (R4 http.html#trules), and to `resolved` (entry, reference,
+    type, criteria) to match them again under the write lock; refuse a reference to a
+    `urn:` no entry has, or criteria matching none or several."""
     from cpa_fhir.sandbox._router import HttpError, _whole_store_search
 
     for _, ref in references(resource):
@@ -147,6 +153,7 @@ def _resolve_conditional_references(
                 400, f"entry {i}: the reference {ref} matches no resource", code="not-found"
             )
         ids[ref] = f"{rtype}/{found.id}"
+        resolved.append((i, ref, rtype, _without_format(criteria)))
 
 
 def _sub_request(
@@ -452,9 +459,19 @@ def _transaction(
                 "change each resource once", code="invalid",
             )  # fmt: skip
     # Resolve references, then validate everything before writing anything.
+    resolved: list[tuple[int, str, str, str]] = []
+    deleted = {
+        f"{p['type']}/{p['id']}": p["i"] for p in prepared if p["method"] == "DELETE" and p["id"]
+    }
     for p in prepared:
         if p["resource"] is not None:
-            _resolve_conditional_references(p["resource"], p["i"], ids, router, view)
+            _resolve_conditional_references(p["resource"], p["i"], ids, router, view, resolved)
+            for i, ref, _, _ in resolved:
+                if i == p["i"] and ids[ref] in deleted:
+                    raise HttpError(
+                        400, f"entry {i}: the reference {ref} matches {ids[ref]}, which entry "
+                        f"{deleted[ids[ref]]} deletes", code="invalid",
+                    )  # fmt: skip
             p["resource"] = _rewrite(p["resource"], ids)
             p["resource"]["id"] = p["id"]
             issues = router.validate(p["resource"])
@@ -468,6 +485,15 @@ def _transaction(
                 )
     results: dict[int, dict[str, Any]] = {}
     with router.repo.transaction() as tx:
+        for i, ref, rtype, criteria in resolved:
+            # Matched again now that writers are serialised, before this one writes: a
+            # transaction in between may have made, changed or removed what it names.
+            found = tx.conditional_match(rtype, criteria, f"entry {i}: the reference {ref}")
+            if found is None or f"{rtype}/{found.id}" != ids[ref]:
+                raise VersionConflict(
+                    f"entry {i}: what the reference {ref} matches changed while the "
+                    "transaction ran; send it again"
+                )
         for p in sorted(prepared, key=lambda p: _ORDER[p["method"]]):
             i = p["i"]
             try:
