@@ -147,3 +147,18 @@ def test_summary_count_is_for_searches(as_client: Any, client_id: str) -> None:
     assert (
         client.get("Patient", params={"_summary": "count", "_id": "c-patient"}).status_code == 200
     )
+
+
+def test_if_match_star_writes_only_over_what_is_there(trust: Fhir) -> None:
+    key, flag = _new_flag(trust)
+    assert (
+        trust.put(key, {**flag, "status": "inactive"}, headers={"if-match": "*"}).status_code == 200
+    )
+    absent = {**flag, "id": f"http-{uuid.uuid4().hex[:12]}"}
+    said = outcome(trust.put(f"Flag/{absent['id']}", absent, headers={"if-match": "*"}), 412)
+    assert "If-Match: *" in said["issue"][0]["details"]["text"]
+    assert trust.get(f"Flag/{absent['id']}").status_code == 404
+    gone = trust.http.delete(
+        f"/fhir/Flag/{absent['id']}", headers={**trust.headers, "if-match": "*"}
+    )
+    outcome(gone, 412)

@@ -683,19 +683,22 @@ class Router:
         view: PartnerView | None,
         expected: int | None,
     ) -> int | None:
-        """If-None-Match and If-Unmodified-Since on an update or delete (RFC 9110
-        §13.1.2, §13.1.4): 412 when the resource is there (`*`) or at a version named,
-        or changed since the date. The version they were checked against is the one
+        """If-None-Match, If-Unmodified-Since and `If-Match: *` on an update or delete
+        (RFC 9110 §13.1.1, §13.1.2, §13.1.4): 412 when the resource is there (`*`) or at
+        a version named, or changed since the date, or (`If-Match: *`) not there. The version they were checked against is the one
         the write must find, so that a write in between is a conflict, not a pass."""
         if_none_match = request.headers.get("if-none-match")
         since = request.headers.get("if-unmodified-since")
-        if if_none_match is None and since is None:
+        any_version = request.headers.get("if-match", "").strip() == "*"
+        if if_none_match is None and since is None and not any_version:
             return expected
         try:
             current: Stored | None = (view.read if view is not None else self.repo.read)(rtype, rid)
         except (ResourceNotFound, ResourceGone):
             current = None
         if current is None:
+            if any_version:
+                raise PreconditionFailed(f"{rtype}/{rid} is not there (If-Match: *)")
             return expected  # nothing there: no version to match, no date to compare
         if if_none_match is not None:
             tags = [tag.strip().removeprefix("W/") for tag in if_none_match.split(",")]
@@ -1535,7 +1538,9 @@ def _trust_only(view: PartnerView | None, what: str, why: str) -> None:
 
 
 def _if_match(value: Any) -> int | None:
-    if value is None:
+    """The version an If-Match names; None for none, and for `*` (any version: that
+    the resource is there is checked by `Router._write_preconditions`)."""
+    if value is None or (isinstance(value, str) and value.strip() == "*"):
         return None
     if not isinstance(value, str):
         raise HttpError(400, f'If-Match {value!r} is not a version ETag like W/"3"', code="value")
