@@ -293,14 +293,16 @@ def filter_record(
             bare = []
             for inner in out["contained"]:
                 inner = {k: v for k, v in inner.items() if k != "text"}
-                inner_meta = {k: v for k, v in (inner.get("meta") or {}).items() if k not in ("tag", "security")}  # fmt: skip
+                given = inner.get("meta")
+                inner_meta = {k: v for k, v in given.items() if k in ("versionId", "lastUpdated", "profile")} if isinstance(given, dict) else {}  # fmt: skip
                 inner.pop("meta", None)
                 if inner_meta:
                     inner["meta"] = inner_meta
                 bare.append(inner)
             out["contained"] = bare
-        meta = dict(out.get("meta") or {})
-        meta.pop("tag", None)
+        # meta keeps its version, time and profiles alone (no tags, source, extensions)
+        given = out.get("meta")
+        meta = {k: v for k, v in given.items() if k in ("versionId", "lastUpdated", "profile")} if isinstance(given, dict) else {}  # fmt: skip
         labels = security_labels(cats, policy)
         if key in redacted:
             labels.append(dict(REDACTED))

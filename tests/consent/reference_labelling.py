@@ -24,7 +24,7 @@ from cpa_fhir.errors import LabellingError
 Path = tuple[str | int, ...]
 # Keys whose values are identifiers of things, not text a person wrote.
 _NOT_TEXT = frozenset({"reference", "system", "url", "id", "fullUrl", "div", "profile"})
-_NOT_AN_ELEMENT = {"resourceType", "id", "meta", "text", "contained", "implicitRules", "language"}
+_NOT_AN_ELEMENT = {"resourceType", "id", "meta", "text", "contained"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,16 +133,20 @@ def texts(node: Any) -> Iterator[str]:
 
 
 def every_string(node: Any, coded: frozenset[tuple[str, str]]) -> list[str]:
-    """All strings, less those of codings of the coded codes."""
+    """All strings, less the displays of codings of the coded codes."""
     if isinstance(node, str):
         return [node]
     if isinstance(node, list):
         return [s for item in node for s in every_string(item, coded)]
     if isinstance(node, dict):
         pair = (node.get("system"), node.get("code"))
-        if all(isinstance(x, str) for x in pair) and pair in coded:
-            return []
-        return [s for v in node.values() for s in every_string(v, coded)]
+        known = all(isinstance(x, str) for x in pair) and pair in coded
+        return [
+            s
+            for k, v in node.items()
+            if not (known and k == "display")
+            for s in every_string(v, coded)
+        ]
     return []
 
 
@@ -321,6 +325,11 @@ def _label(
     elements: dict[Path, tuple[set[str], list[str]]] = {}
     for rule in policy.rules_by_type.get(resource["resourceType"], ()):
         matched: list[Path] = []
+        if rule.elements == ("*",) and isinstance(resource.get("id"), str):
+            assert rule.words is not None
+            if rule.words.search(plain_text(resource["id"])):
+                cats.update(rule.categories)
+                rules.append(rule.id)
         for dotted in rule.elements:
             for path, value in locate(resource, dotted):
                 if not _matches(rule, value, key, resource, policy.coded):

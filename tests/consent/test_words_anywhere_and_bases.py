@@ -312,3 +312,117 @@ def test_the_carers_basis_holds_for_no_one_else(changes: dict[str, Any]) -> None
     record = _carer_record(**changes)
     with pytest.raises((RecipientError, SharingError)):
         _share(record, "carer:c-carer-son", "FAMRQT", exceptions=("carers-need-to-know",))
+
+
+@pytest.mark.parametrize(
+    "written",
+    [
+        "sui\u200ecidal thoughts",  # left-to-right mark
+        "self\u2043harm",  # hyphen bullet
+        "prob\u0430tion officer",  # Cyrillic a
+        "p\u03bflice involvement",  # Greek omicron
+        "s\u0336e\u0336l\u0336f\u0336-harm",  # combining strike-through
+        "self_harm",
+        "Risk of reoffending assessed as high",
+        "Previous offences: theft",
+        "convicted in 2019",
+        "History of parasuicide",
+        "Episodes of selfharm",
+        "Polydrug use",
+        "He is bisexual",
+        "was drunk on the ward",
+    ],
+)
+def test_more_ways_of_writing_a_sensitive_word_are_found(written: str) -> None:
+    record = copy.deepcopy(RECORD_C)
+    _in(record, "Condition/c-need-accommodation")["code"]["text"] = f"Housing; {written}"
+    disclosure = _share(record)
+    assert "Condition/c-need-accommodation" not in disclosure.shared
+
+
+@pytest.mark.parametrize(
+    ("key", "change"),
+    [
+        # "non-offender": the Mental Health Act's own words for a civil section
+        (
+            "Condition/c-need-accommodation",
+            lambda r: r["code"].update(text="Housing; a non-offender"),
+        ),
+        # an innocent name or place that begins like a listed word
+        ("CarePlan/c-careplan", lambda r: r["author"].update(display="Dr Samira Jailani")),
+        (
+            "CarePlan/c-careplan",
+            lambda r: r.setdefault("note", []).append({"text": "Met at Hive House"}),
+        ),
+    ],
+)
+def test_innocent_words_do_not_withhold(key: str, change: Any) -> None:
+    record = copy.deepcopy(RECORD_C)
+    change(_in(record, key))
+    assert key in _share(copy.deepcopy(RECORD_C)).shared
+    disclosure = _share(record)
+    assert key in disclosure.shared
+    assert not [w for w in disclosure.withheld if w.reference == key and w.element is None]
+
+
+def test_a_coded_coding_is_read_but_for_its_display() -> None:
+    """The display of a code the policy names is the code's meaning; an extension or
+    other text put on that coding is read like any other."""
+    record = copy.deepcopy(RECORD_C)
+    org = _in(record, "Organization/c-gp-practice")
+    coding = org["type"][0]["coding"][0]
+    coding["extension"] = [
+        {"url": "https://local.example/note", "valueString": "Patient is on probation"}
+    ]
+    disclosure = _share(record)
+    assert "on probation" not in _sent(disclosure)
+
+
+def test_meta_goes_as_version_time_and_profiles_alone() -> None:
+    record = copy.deepcopy(RECORD_C)
+    plan = _in(record, "CarePlan/c-careplan")
+    plan["meta"]["source"] = "https://prison-healthcare.example/epr"
+    plan["meta"]["extension"] = [{"url": "https://local.example/x", "valueString": "MAPPA 2"}]
+    disclosure = _share(record)
+    assert "CarePlan/c-careplan" in disclosure.shared
+    sent = _sent(disclosure)
+    assert "prison-healthcare" not in sent and "MAPPA 2" not in sent
+
+
+def test_a_resource_whose_id_names_a_sensitive_matter_carries_it() -> None:
+    record = copy.deepcopy(RECORD_C)
+    goal = _in(record, "Goal/c-goal-home")
+    goal["id"] = "c-goal-home-after-prison"
+    for e in record["entry"]:
+        if e["resource"] is goal:
+            e["fullUrl"] = e["fullUrl"].replace("c-goal-home", "c-goal-home-after-prison")
+    text = json.dumps(record).replace('"Goal/c-goal-home"', '"Goal/c-goal-home-after-prison"')
+    disclosure = _share(json.loads(text))
+    assert "after-prison" not in _sent(disclosure)
+
+
+def test_a_rule_for_any_element_takes_no_other_condition() -> None:
+    from cpa_fhir.consent._policy import parse_policy
+    from cpa_fhir.errors import PolicyError
+
+    data = load_policy_data()
+    data["rule"].append(
+        {
+            "id": "x",
+            "resource": "*",
+            "element": "*",
+            "text": "offending",
+            "category": "offending",
+            "profile": "https://x",
+        }
+    )
+    with pytest.raises(PolicyError, match="stands alone"):
+        parse_policy(data)
+
+
+def load_policy_data() -> dict[str, Any]:
+    import tomllib
+
+    from cpa_fhir._artifacts import find_artifact
+
+    return tomllib.loads(find_artifact("policy/sharing.toml").read_text())

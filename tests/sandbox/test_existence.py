@@ -571,6 +571,8 @@ def test_a_bundle_whose_reads_cannot_be_audited_says_what_it_wrote(
         "Organization/d-nursing-home",
         "http://testserver/fhir/Practitioner/d-health-board-nurse",
         "Practitioner/a-consultant/_history/1",
+        "x?/Practitioner/a-consultant",  # read by the index as its last two segments
+        "urn:x:Organization/d-nursing-home",
         f"Practitioner/no-such-{uuid.uuid4().hex[:8]}",  # absent: refused alike
     ],
 )
@@ -607,7 +609,7 @@ def test_a_partner_cannot_refer_its_way_to_professionals_it_may_not_see(
 
 
 def reference_key_of(target: str) -> str:
-    parts = target.split("/")
+    parts = target.replace("urn:x:", "").split("/")
     if "_history" in parts:
         parts = parts[: parts.index("_history")]
     return "/".join(parts[-2:])
@@ -649,3 +651,37 @@ def _refs(node: Any) -> list[str]:
     if isinstance(node, list):
         return [r for v in node for r in _refs(v)]
     return []
+
+
+def test_a_partner_cannot_name_a_professional_in_a_canonical_either(sandbox: Sandbox) -> None:
+    gp = _caller(sandbox, "gp")
+    plan = {
+        "resourceType": "CarePlan",
+        "status": "active",
+        "intent": "plan",
+        "subject": {"reference": "Patient/c-patient"},
+        "instantiatesCanonical": ["Practitioner/a-consultant"],
+    }
+    made = gp("POST", "CarePlan", plan)
+    assert made.status == 403, made.body
+    assert b"CarePlan.instantiatesCanonical[0]" in made.body
+
+
+def test_a_deletion_of_what_is_now_withheld_is_not_told_either(
+    sandbox: Sandbox, trust_call: Call
+) -> None:
+    """Seen, deleted, then made again as something withheld from the GP: every version,
+    the deletion too, answers as an id never there does."""
+    gp = _caller(sandbox, "gp")
+    rid = f"gone-{uuid.uuid4().hex[:10]}"
+    need = _copy(sandbox, SEEN_WHOLE, rid)
+    assert trust_call("PUT", f"Condition/{rid}", need).status == 201
+    assert gp("GET", f"Condition/{rid}").status == 200
+    assert trust_call("DELETE", f"Condition/{rid}").status == 204
+    hidden = {**need, "meta": {"security": [{"system": TBOO[0], "code": TBOO[1]}]}}
+    assert trust_call("PUT", f"Condition/{rid}", hidden).status == 201
+    absent = f"never-{uuid.uuid4().hex[:10]}"
+    for version in (1, 2, 3):
+        here = gp("GET", f"Condition/{rid}/_history/{version}")
+        there = gp("GET", f"Condition/{absent}/_history/{version}")
+        assert _answer(here, rid) == _answer(there, absent), version

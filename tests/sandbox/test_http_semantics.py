@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from typing import Any
 
+import orjson
 import pytest
 
 from tests.sandbox.conftest import Fhir, outcome
@@ -162,3 +163,55 @@ def test_if_match_star_writes_only_over_what_is_there(trust: Fhir) -> None:
         f"/fhir/Flag/{absent['id']}", headers={**trust.headers, "if-match": "*"}
     )
     outcome(gone, 412)
+
+
+def test_a_stale_if_match_fails_whatever_else_is_asked(trust: Fhir) -> None:
+    key, flag = _new_flag(trust)
+    assert trust.put(key, {**flag, "status": "inactive"}).status_code == 200  # now at 2
+    later = format_datetime(datetime.now(UTC) + timedelta(days=1), usegmt=True)
+    for extra in ({"if-unmodified-since": later}, {"if-none-match": 'W/"99"'}):
+        stale = {"if-match": 'W/"1"', **extra}
+        outcome(trust.put(key, {**flag, "status": "active"}, headers=stale), 412)
+        outcome(trust.http.delete(f"/fhir/{key}", headers={**trust.headers, **stale}), 412)
+    assert trust.get(key).json()["meta"]["versionId"] == "2"
+
+
+def test_a_patch_honours_the_write_preconditions_and_refuses_a_coded_body(trust: Fhir) -> None:
+    key, _ = _new_flag(trust)
+    ops = [{"op": "replace", "path": "/status", "value": "inactive"}]
+    patch = {**trust.headers, "content-type": "application/json-patch+json"}
+    before = format_datetime(datetime.now(UTC) - timedelta(days=1), usegmt=True)
+    for extra in ({"if-unmodified-since": before}, {"if-none-match": "*"}):
+        outcome(trust.http.patch(f"/fhir/{key}", json=ops, headers={**patch, **extra}), 412)
+    outcome(
+        trust.http.patch(f"/fhir/{key}", json=ops, headers={**patch, "content-encoding": "gzip"}),
+        415,
+    )
+    assert trust.get(key).json()["status"] != "inactive"
+
+
+def test_a_transaction_entry_honours_if_none_match(trust: Fhir) -> None:
+    key, flag = _new_flag(trust)
+    entry = {
+        "resource": {**flag, "status": "inactive"},
+        "request": {"method": "PUT", "url": key, "ifNoneMatch": "*"},
+    }
+    answer = trust.post("", {"resourceType": "Bundle", "type": "transaction", "entry": [entry]})
+    outcome(answer, 412)
+    assert trust.get(key).json()["meta"]["versionId"] == "1"
+
+
+def test_a_body_too_deep_for_the_parser_is_a_400(as_client: Any) -> None:
+    gp: Fhir = as_client("gp")
+    deep = b'{"resourceType":"Patient","extension":' + b"[" * 1010 + b"1.50" + b"]" * 1010 + b"}"
+    outcome(gp.post("Patient/$validate", deep), 400)
+
+
+def test_an_integer_written_minus_zero_is_an_integer(trust: Fhir) -> None:
+    _, flag = _new_flag(trust)
+    flag.pop("id")
+    text = orjson.dumps(
+        {**flag, "extension": [{"url": "https://local.example/n", "valueInteger": 7}]}
+    )
+    made = trust.post("Flag", text.replace(b'"valueInteger":7', b'"valueInteger":-0'))
+    assert made.status_code == 201, made.text

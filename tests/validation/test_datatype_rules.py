@@ -128,3 +128,14 @@ def test_a_decimal_may_be_any_json_number_and_nothing_else() -> None:
         "Observation.valueQuantity.value",
         "A decimal must be a number in JSON, not the string '1.5'",
     ) in errors
+
+
+@pytest.mark.parametrize("mime", ["image/jpeg", "application/pdf", "text/plain; charset=utf-8"])
+def test_an_attachment_may_be_of_any_mime_type(mime: str) -> None:
+    """The mimetypes ValueSet is all of BCP 13, which no package can list: a bare code of
+    a system that cannot be enumerated is not known to be outside it."""
+    document = {"contentType": mime, "url": "https://example.org/letter"}
+    attached = {"url": "https://local.example/letter", "valueAttachment": document}
+    assert not _errors(_observation(extension=[attached]))
+    wrong = {**attached, "valueAttachment": {**document, "contentType": 7}}
+    assert _errors(_observation(extension=[wrong]))

@@ -29,11 +29,11 @@ class Expansion:
         if (system or "", code) in self.codes:
             return True
         if system is None:
-            return (
-                True
-                if any(c == code for _, c in self.codes)
-                else (None if self.open_any else False)
-            )
+            # A bare code (a `code` element): of a system this package cannot enumerate
+            # (BCP 13 mime types, BCP 47 languages), it may well be in the ValueSet.
+            if any(c == code for _, c in self.codes):
+                return True
+            return None if self.open_any or self.open_systems else False
         if system in self.open_systems or self.open_any:
             return None
         return False

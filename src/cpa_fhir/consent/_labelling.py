@@ -33,12 +33,11 @@ from cpa_fhir.errors import LabellingError
 
 # Keys whose values are identifiers of things, not text a person wrote.
 _NOT_TEXT = frozenset({"reference", "system", "url", "id", "fullUrl", "div", "profile"})
-# What `element = "*"` does not look at: the resource's identity and metadata (labels
-# come from the rules), narrative (never sent) and contained resources (labelled as
-# resources of their own).
-_NOT_AN_ELEMENT = frozenset(
-    {"resourceType", "id", "meta", "text", "contained", "implicitRules", "language"}
-)
+# What `element = "*"` does not look at: the resource's type, id (read as the whole
+# resource's) and metadata (labels come from the rules; what else of it would be read
+# does not go), narrative (never sent) and contained resources (labelled as resources
+# of their own).
+_NOT_AN_ELEMENT = frozenset({"resourceType", "id", "meta", "text", "contained"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,9 +124,10 @@ def _codings(rule: LabelRule, value: Any, key: str) -> Iterator[tuple[Any, Any]]
 
 
 def strings(node: Any, coded: frozenset[tuple[str, str]] = frozenset()) -> Iterator[str]:
-    """Every string in a piece of content, keys aside, less codings of the `coded`
-    codes (the policy's rules say what those carry: their displays are the code's
-    meaning, "risk to others, including sexual and domestic violence", not a fact)."""
+    """Every string in a piece of content, keys aside, less the displays of codings of
+    the `coded` codes (the policy's rules say what those carry: their display is the
+    code's meaning, "risk to others, including sexual and domestic violence", not a
+    fact; what else such a coding holds, an extension, is read)."""
     if isinstance(node, str):
         yield node
     elif isinstance(node, list):
@@ -135,10 +135,11 @@ def strings(node: Any, coded: frozenset[tuple[str, str]] = frozenset()) -> Itera
             yield from strings(item, coded)
     elif isinstance(node, dict):
         system, code = node.get("system"), node.get("code")
-        if coded and isinstance(system, str) and isinstance(code, str) and (system, code) in coded:
-            return
-        for v in node.values():
-            yield from strings(v, coded)
+        named = coded and isinstance(system, str) and isinstance(code, str)
+        skipped = "display" if named and (system, code) in coded else None
+        for k, v in node.items():
+            if k != skipped:
+                yield from strings(v, coded)
 
 
 def texts(node: Any) -> Iterator[str]:
@@ -343,10 +344,11 @@ def _words_outside(
                 yield from outside(item, (*at, i))
         elif isinstance(node, dict):
             system, code = node.get("system"), node.get("code")
-            if isinstance(system, str) and isinstance(code, str) and (system, code) in seen.coded:
-                return
+            named = isinstance(system, str) and isinstance(code, str)
+            passed = "display" if named and (system, code) in seen.coded else None
             for k, v in node.items():
-                yield from outside(v, (*at, k))
+                if k != passed:
+                    yield from outside(v, (*at, k))
 
     assert rule.words is not None
     return any(rule.words.search(plain_text(s)) for s in outside(value, ()))
@@ -488,6 +490,12 @@ def _label(
     elements: dict[Path, tuple[set[str], list[str]]] = {}
     for rule in policy.rules_by_type.get(resource["resourceType"], ()):
         if rule.anywhere:
+            rid = resource.get("id")
+            assert rule.words is not None
+            if isinstance(rid, str) and rule.words.search(plain_text(rid)):
+                # Its id goes wherever it does, and is in every reference to it.
+                cats.update(rule.categories)
+                rules.append(rule.id)
             for path, value in seen.elements_with_words(rule, resource):
                 if _words_outside(rule, value, path, elements, seen):
                     entry = elements.setdefault(path, (set(), []))

@@ -40,8 +40,7 @@ def outgoing_resource(
     if isinstance(contained, list):
         # What it contains goes under the container's labels, as bare as it is.
         out["contained"] = [_bare(inner) for inner in contained]
-    meta = dict(out.get("meta") or {})
-    meta.pop("tag", None)
+    meta = _kept_meta(out.get("meta"))
     labels = security_labels(categories, policy)
     if redacted:
         labels.append(dict(REDACTED))
@@ -55,11 +54,22 @@ def _bare(resource: Any) -> Any:
     if not isinstance(resource, dict):
         return resource
     out = {k: v for k, v in resource.items() if k != "text"}
-    meta = out.get("meta")
-    if isinstance(meta, dict):
-        kept = {k: v for k, v in meta.items() if k not in ("tag", "security")}
+    if "meta" in out:
+        kept = _kept_meta(out["meta"])
         if kept:
             out["meta"] = kept
         else:
             del out["meta"]
     return out
+
+
+# What of a resource's meta goes: its version, time and profiles. Not its tags, labels
+# (the recipient's are made afresh), source (the sending system, which can name a
+# prison's or probation's EPR) or extensions: text no rule reads.
+_META_KEPT = ("versionId", "lastUpdated", "profile")
+
+
+def _kept_meta(meta: Any) -> dict[str, Any]:
+    if not isinstance(meta, dict):
+        return {}
+    return {k: meta[k] for k in _META_KEPT if k in meta}

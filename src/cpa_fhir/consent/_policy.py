@@ -73,27 +73,67 @@ class LabelRule:
 
 
 ANYWHERE = "*"
-# Typographic forms of the characters the policy's words are written with, and
-# characters that show nothing: a word is found however a word processor wrote it
-# ("self\u2011harm", "children\u2019s", "S\u200buicidal").
-_PLAIN = str.maketrans(
-    {
-        **dict.fromkeys(
-            map(ord, "\u2010\u2011\u2012\u2013\u2014\u2015\u2212\ufe58\ufe63\uff0d"), "-"
-        ),
-        **dict.fromkeys(map(ord, "\u2018\u2019\u201b\u02bc\u2032\uff07"), "'"),
-        **dict.fromkeys(map(ord, "\u00ad\u200b\u200c\u200d\u2060\ufeff\u180e"), None),
-    }
-)
+# Typographic forms of the characters the policy's words are written with, letters
+# of other scripts that look like Latin ones, and characters that show nothing: a
+# word is found however a word processor (or someone hiding it) wrote it
+# ("self\u2011harm", "children\u2019s", "S\u200buicidal", Cyrillic "prob\u0430tion").
+_LOOKALIKES = {
+    # Cyrillic
+    "\u0430": "a", "\u0435": "e", "\u043e": "o", "\u0440": "p", "\u0441": "c",
+    "\u0443": "y", "\u0445": "x", "\u0456": "i", "\u0458": "j", "\u0455": "s",
+    "\u04bb": "h", "\u0501": "d", "\u051b": "q", "\u051d": "w", "\u043a": "k",
+    "\u043c": "m", "\u043d": "h", "\u0442": "t", "\u0432": "b",
+    "\u0410": "A", "\u0412": "B", "\u0415": "E", "\u041a": "K", "\u041c": "M",
+    "\u041d": "H", "\u041e": "O", "\u0420": "P", "\u0421": "C", "\u0422": "T",
+    "\u0425": "X", "\u0406": "I", "\u0408": "J", "\u0405": "S",
+    # Greek
+    "\u03bf": "o", "\u03b1": "a", "\u03b9": "i", "\u03ba": "k", "\u03bd": "v",
+    "\u03c1": "p", "\u03c4": "t", "\u03c5": "u", "\u03c7": "x", "\u03b5": "e",
+    "\u039f": "O", "\u0391": "A", "\u0392": "B", "\u0395": "E", "\u0397": "H",
+    "\u0399": "I", "\u039a": "K", "\u039c": "M", "\u039d": "N", "\u03a1": "P",
+    "\u03a4": "T", "\u03a5": "Y", "\u03a7": "X", "\u0396": "Z",
+}  # fmt: skip
+_APOSTROPHES = "\u2018\u2019\u201b\u02bc\u2032\uff07\u0060\u00b4"
+
+
+def _plain_of(ch: str) -> str:
+    """What one character is read as: a dash, an apostrophe, a Latin look-alike, or
+    nothing (format characters, variation selectors, tags, combining marks), else
+    itself."""
+    if ch in _LOOKALIKES:
+        return _LOOKALIKES[ch]
+    if ch in _APOSTROPHES:
+        return "'"
+    if ch == "_":
+        return "-"
+    kind = unicodedata.category(ch)
+    if kind == "Pd" or ch == "\u2043":
+        return "-"
+    if kind in ("Cf", "Mn", "Me") or "\ufe00" <= ch <= "\ufe0f" or ch == "\u034f":
+        return ""
+    if "\U000e0000" <= ch <= "\U000e0fff":  # tags and variation selectors supplement
+        return ""
+    return ch
+
+
+_PLAIN: dict[str, str] = {}
 
 
 def plain_text(text: str) -> str:
     """Text as the policy's words are matched against it: compatibility forms folded
-    (NFKC: full-width letters, ligatures), dashes and apostrophes plain, invisible
-    characters gone. ASCII text is returned as it is."""
+    and accents taken off (NFKD: full-width letters, ligatures), dashes and
+    apostrophes plain, Cyrillic and Greek look-alikes as the Latin letters they look
+    like, invisible characters gone, `_` a hyphen. ASCII text is returned as it is,
+    but for `_`."""
     if text.isascii():
-        return text
-    return unicodedata.normalize("NFKC", text).translate(_PLAIN)
+        return text.replace("_", "-") if "_" in text else text
+    out = []
+    for ch in unicodedata.normalize("NFKD", text):
+        plain = _PLAIN.get(ch)
+        if plain is None:
+            plain = _PLAIN[ch] = _plain_of(ch)
+        out.append(plain)
+    return "".join(out)
 
 
 class RulesByType(Mapping[str, tuple["LabelRule", ...]]):
@@ -188,13 +228,20 @@ def _known(codes: tuple[str, ...], known: Mapping[str, Any], what: str, where: s
 
 
 def _word_pattern(words: tuple[str, ...]) -> re.Pattern[str]:
-    # A space in a phrase is any run of white space: a non-breaking one, a line break.
-    # Matched against `plain_text`, so written in its forms too.
-    alternatives = "|".join(
-        re.escape(plain_text(w)).replace(r"\ ", r"\s+")
-        for w in sorted(words, key=len, reverse=True)
-    )
-    return re.compile(rf"(?<![\w]){'(?:' + alternatives + ')'}", re.IGNORECASE)
+    """Words found at the start of a word, in any case, unless negated by a "non-"
+    before them ("non-offender" is not offending). A word written in capitals alone
+    (HIV, HMP) is an abbreviation: found as a whole word, in capitals (not "Hive").
+    A space in a phrase is any run of white space: a non-breaking one, a line break.
+    Matched against `plain_text`, so written in its forms too."""
+
+    def one(word: str) -> str:
+        escaped = re.escape(plain_text(word)).replace(r"\ ", r"\s+")
+        if len(word) > 1 and word.isupper():
+            return rf"(?-i:{escaped})(?!\w)"
+        return escaped
+
+    alternatives = "|".join(one(w) for w in sorted(words, key=len, reverse=True))
+    return re.compile(rf"(?<![\w])(?<!non-)(?:{alternatives})", re.IGNORECASE)
 
 
 def _rule(
@@ -246,8 +293,11 @@ def _rule(
         if value is not None and not isinstance(value, str):
             raise PolicyError(f"{where}: {name} must be a URL")
     elements = _strings(raw.get("element", []), f"{where}: element")
-    if ANYWHERE in elements and (len(elements) > 1 or words is None or codes or "text_at" in raw):
-        raise PolicyError(f'{where}: element "*" stands alone, with text and no codes or text_at')
+    others = ("codes", "codes_at", "text_at", "profile", "extension", "inherit")
+    if ANYWHERE in elements and (len(elements) > 1 or words is None or set(others) & set(raw)):
+        raise PolicyError(
+            f'{where}: element "*" stands alone, with text and none of {", ".join(others)}'
+        )
     resource_types = frozenset(_strings(raw["resource"], f"{where}: resource"))
     if ANYWHERE in resource_types and len(resource_types) > 1:
         raise PolicyError(f'{where}: resource "*" stands alone')

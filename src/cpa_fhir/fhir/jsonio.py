@@ -2,8 +2,9 @@
 
 FHIR decimals carry their precision in how they are written: `1.50` is not `1.5`,
 and the precision must be kept (https://hl7.org/fhir/R4/datatypes.html#decimal).
-A float cannot hold it, and a number beyond a float's range or digits loses its
-value as well. `loads` gives such a number as an `ExactDecimal` (a float that
+A float cannot hold it, and a number beyond a float's digits loses its value as
+well (a number beyond its range, 1e400, orjson refuses: an error, as for any
+invalid body). `loads` gives such a number as an `ExactDecimal` (a float that
 remembers the text it was written as) and every other number as orjson gives it;
 `dumps` writes an `ExactDecimal` back as that text.
 
@@ -86,8 +87,12 @@ def loads(data: bytes | bytearray | memoryview | str) -> Any:
     if not _CANDIDATE.search(raw) or not _may_change(raw):
         return parsed
     # orjson has checked the text (stricter than the standard library: no NaN, no
-    # lone surrogates), so this parse of it succeeds.
-    return json.loads(raw, parse_float=_number, parse_int=_number)
+    # lone surrogates), so this parse of it succeeds, but for depth: the standard
+    # library's parser recurses, and orjson takes deeper nesting than Python can.
+    try:
+        return json.loads(raw, parse_float=_number, parse_int=_number)
+    except RecursionError:
+        raise orjson.JSONDecodeError("the JSON nests too deeply", raw.decode(), 0) from None
 
 
 def _fragment(value: Any) -> Any:

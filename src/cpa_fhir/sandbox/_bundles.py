@@ -388,6 +388,7 @@ def _transaction(
                         raise HttpError(400, f"entry {i}: PUT needs Type/id matching the resource")
                     p["id"] = parts[1]
                     p["expected"] = router._version_to_replace(view, rtype, parts[1], if_match)
+                    p["expected"] = _entry_preconditions(router, request, req, rtype, p, view)
                 else:
                     raise HttpError(400, f"entry {i}: PUT needs Type/id, or Type?criteria")
                 p["resource"] = resource
@@ -409,6 +410,8 @@ def _transaction(
                         p["expected"] = router._version_to_replace(view, rtype, parts[1], if_match)
                     except ResourceGone:
                         p["gone"] = True  # deleted already, and the partner could see it
+                    else:
+                        p["expected"] = _entry_preconditions(router, request, req, rtype, p, view)
                 else:
                     raise HttpError(400, f"entry {i}: DELETE needs Type/id, or Type?criteria")
             elif method == "PATCH":
@@ -606,6 +609,21 @@ def _none_at_version(i: int, rtype: str, if_match: int) -> FhirError:
     return HttpError(
         412, f"entry {i}: no {rtype} matches, so none is at version {if_match}", code="conflict"
     )
+
+
+def _entry_preconditions(
+    router: Router,
+    request: Request,
+    req: dict[str, Any],
+    rtype: str,
+    p: dict[str, Any],
+    view: PartnerView | None,
+) -> int | None:
+    """An update or delete entry's `ifNoneMatch` (and `ifMatch: *`), as the headers are
+    on the request alone (`Router._write_preconditions`): the version to write over."""
+    sub = _sub_request(request, p["method"], req["url"], None, _entry_headers(req))
+    expected: int | None = router._write_preconditions(sub, rtype, p["id"], view, p["expected"])
+    return expected
 
 
 def _match_again(tx: Repository, p: dict[str, Any], touched: dict[str, set[int]]) -> None:

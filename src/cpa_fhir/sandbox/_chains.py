@@ -108,12 +108,17 @@ def reference_targets(
     resource: dict[str, Any], rtype: str, parameter: str, repo: SqlRepository
 ) -> set[tuple[str, str]]:
     """The (type, id) the resource (of type `rtype`, in whatever form it is given)
-    refers to by a reference search parameter."""
+    refers to by a reference search parameter, of the types the parameter names (a
+    canonical written as `Practitioner/x` is no way to a Practitioner)."""
     found = repo.parameters.get(rtype, parameter)
     if found is None:
         return set()
     rows = index_resource(resource, [found]).references
-    return {(t, i) for _, t, i, _ in rows if t is not None and i is not None}
+    return {
+        (t, i)
+        for _, t, i, _ in rows
+        if t is not None and i is not None and (not found.targets or t in found.targets)
+    }
 
 
 Step = tuple[Seen, dict[tuple[str, str], set[tuple[str, str]]]]

@@ -25,7 +25,6 @@ import orjson
 
 from cpa_fhir.consent import RequiredElements, SharingPolicy
 from cpa_fhir.consent._labelling import reference_key
-from cpa_fhir.consent._references import references
 from cpa_fhir.errors import (
     FhirError,
     InputError,
@@ -438,13 +437,7 @@ class Router:
             )
 
     def _body(self, request: Request) -> dict[str, Any]:
-        coding = request.headers.get("content-encoding", "identity").strip().lower()
-        if coding not in ("identity", ""):
-            # Read as it is, a compressed body is no JSON, and a body labelled so but
-            # not is not what the client meant to send (RFC 9110 §8.4).
-            raise HttpError(
-                415, f"send the body without content coding, not {coding!r}", code="not-supported"
-            )
+        _no_content_coding(request)
         ctype = _media_type(request.headers.get("content-type", ""))
         if ctype not in _JSON_TYPES:
             raise HttpError(
@@ -554,7 +547,7 @@ class Router:
         except ResourceNotFound:
             raise _unknown(rtype, rid) from None
         except ResourceGone:
-            if self._saw_before(view, rtype, rid, version):
+            if self._saw_before(view, rtype, rid, version) and self._known_now(view, rtype, rid):
                 raise
             raise _unknown(rtype, rid) from None
         if not self._known_now(view, rtype, rid):
@@ -707,7 +700,9 @@ class Router:
                     f"{rtype}/{rid} is at version {current.version_id}, which If-None-Match "
                     "asks not to write over"
                 )
-        if since is not None and _HTTP_DATE.fullmatch(since.strip()):
+        # If-Match, where given, decides; If-Unmodified-Since is then not looked at.
+        if_match_given = request.headers.get("if-match") is not None and not any_version
+        if since is not None and not if_match_given and _HTTP_DATE.fullmatch(since.strip()):
             try:
                 client_copy = parsedate_to_datetime(since)
             except (TypeError, ValueError, IndexError, OverflowError):
@@ -720,7 +715,9 @@ class Router:
                     raise PreconditionFailed(
                         f"{rtype}/{rid} has changed since {since.strip()} (If-Unmodified-Since)"
                     )
-        return current.version_id
+        # A version already asked for (If-Match, or the one a partner was checked against)
+        # stands: a stale one must still fail.
+        return expected if expected is not None else current.version_id
 
     def _delete(
         self,
@@ -789,6 +786,7 @@ class Router:
         require(scopes, rtype, "update")
         # The patch works on, and answers with, the stored resource, withheld parts and all.
         _trust_only(view, "a patch", "it works on the whole stored resource")
+        _no_content_coding(request)
         ctype = _media_type(request.headers.get("content-type", ""))
         if ctype != JSON_PATCH:
             raise HttpError(
@@ -799,6 +797,7 @@ class Router:
         if_match = _if_match(request.headers.get("if-match"))
         current = self.repo.read(rtype, rid)
         _check_if_match(current, if_match)
+        self._write_preconditions(request, rtype, rid, view, current.version_id)
         patched = patched_resource(patch, current)
         self._check_valid(patched)
         try:
@@ -1310,6 +1309,16 @@ def _chains_within_scopes(query: SearchQuery, scopes: frozenset[str]) -> SearchQ
     return replace(query, criteria=tuple(criteria))
 
 
+def _no_content_coding(request: Request) -> None:
+    """415 for a body with a content coding: read as it is, a compressed body is no
+    JSON, and one labelled so but not is not what the client meant (RFC 9110 §8.4)."""
+    coding = request.headers.get("content-encoding", "identity").strip().lower()
+    if coding not in ("identity", ""):
+        raise HttpError(
+            415, f"send the body without content coding, not {coding!r}", code="not-supported"
+        )
+
+
 def _media_type(header: str) -> str:
     """A Content-Type's or Accept item's type/subtype, parameters aside, in lower case:
     media types are compared without regard to case (RFC 9110 §8.3.1)."""
@@ -1317,6 +1326,8 @@ def _media_type(header: str) -> str:
 
 
 def _form(request: Request) -> list[tuple[str, str]]:
+    if request.body:
+        _no_content_coding(request)
     ctype = _media_type(request.headers.get("content-type", ""))
     if request.body and ctype != "application/x-www-form-urlencoded":
         raise HttpError(
@@ -1485,33 +1496,47 @@ def _partner_written(
     view: PartnerView, resource: dict[str, Any], replacing: Stored | None = None
 ) -> dict[str, Any]:
     """What a partner's client writes, as stored: no security labels (the server's), and
-    no new literal reference to a professional or organisation other than the client's
-    own organisation (403; those of the version it replaces, `replacing`, may stay). One
-    goes to a partner when shared content refers to it: a reference the partner wrote
-    itself would let it fetch any one in the store, and learn it is there. Such a
-    party can be named by identifier and display (a logical reference) or contained."""
-    supporting = view.policy.supporting
-    before = {ref for _, ref in references(replacing.resource())} if replacing else set()
-    for path, ref in references(resource):
-        if ref in before:
+    nothing naming a professional or organisation of this server other than the
+    client's own organisation (403), but what the version it replaces (`replacing`)
+    said. One goes to a partner when shared content refers to it: a reference the
+    partner wrote itself would let it fetch any one in the store, and learn it is
+    there. Every string is looked at, not only `reference`s: a canonical, a URL whose
+    query or path ends in one, is read as a reference by the index. Such a party can
+    be named by identifier and display (a logical reference) or contained."""
+    supporting = "|".join(sorted(view.policy.supporting))
+    naming = re.compile(rf"(?:^|[/?=&:])({supporting})/([^/?#&]+)")
+    before = set(_strings_at(replacing.resource()).values()) if replacing else set()
+    for path, text in _strings_at(resource).items():
+        if text in before:
             continue
-        parts = ref.split("?", 1)[0].split("/")
-        if len(parts) >= 4 and parts[-2] == "_history":
-            parts = parts[:-2]
-        if (
-            len(parts) >= 2
-            and parts[-2] in supporting
-            and f"{parts[-2]}/{parts[-1]}" != view.client.reference
-        ):
+        for found in naming.finditer(text):
+            if f"{found.group(1)}/{found.group(2)}" == view.client.reference:
+                continue
             where = "".join(f"[{s}]" if isinstance(s, int) else f".{s}" for s in path)
             raise HttpError(
                 403,
                 f"{resource.get('resourceType')}{where}: a partner's client may not refer to "
-                f"a {parts[-2]} of this server other than its own organisation; name it by "
-                "identifier and display, or contain it",
+                f"a {found.group(1)} of this server other than its own organisation; name it "
+                "by identifier and display, or contain it",
                 code="forbidden",
             )
     return _without_server_labels(resource)
+
+
+def _strings_at(node: Any, path: tuple[str | int, ...] = ()) -> dict[tuple[str | int, ...], str]:
+    """Every string of a resource by where it is (a contained resource's too), keys and
+    its own id and type aside."""
+    found: dict[tuple[str | int, ...], str] = {}
+    if isinstance(node, str):
+        found[path] = node
+    elif isinstance(node, list):
+        for i, item in enumerate(node):
+            found.update(_strings_at(item, (*path, i)))
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            if not (len(path) == 0 and key in ("id", "resourceType")):
+                found.update(_strings_at(value, (*path, key)))
+    return found
 
 
 def _without_server_labels(resource: dict[str, Any]) -> dict[str, Any]:

@@ -48,7 +48,10 @@ def json_kind_error(type_code: str, v: Any) -> str | None:
     if type_code in _BOOLEANS:
         ok, kind = type(v) is bool, "true or false"
     elif type_code in _INTEGERS:
-        ok, kind = type(v) is int, "a whole number"
+        # -0, or an integer beyond 64 bits, is kept as written (an ExactDecimal).
+        written = getattr(v, "text", None)
+        whole = isinstance(written, str) and written.lstrip("-").isdigit()
+        ok, kind = type(v) is int or whole, "a whole number"
     elif type_code in _DECIMALS:
         ok, kind = isinstance(v, (int, float)) and not isinstance(v, bool), "a number"
     else:
