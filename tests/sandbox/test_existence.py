@@ -685,3 +685,37 @@ def test_a_deletion_of_what_is_now_withheld_is_not_told_either(
         here = gp("GET", f"Condition/{rid}/_history/{version}")
         there = gp("GET", f"Condition/{absent}/_history/{version}")
         assert _answer(here, rid) == _answer(there, absent), version
+
+
+def test_a_partner_may_mention_addresses_and_other_servers_and_keep_its_meta(
+    sandbox: Sandbox, trust_call: Call
+) -> None:
+    """Only what the index would read as a reference to this server's party is refused:
+    a note mentioning a web address, or an extension's own URL, names nothing; and what
+    a partner put in meta (its system, as source) does not stop its own later update."""
+    gp = _caller(sandbox, "gp")
+    need = _copy(sandbox, SEEN_WHOLE, "unused")
+    for k in ("id", "recorder", "asserter"):
+        need.pop(k, None)
+    need["note"] = [
+        {"text": "see https://www.nhs.uk/service-search/Organization/12345 and Location/ward-3"}
+    ]
+    need["extension"] = [
+        {
+            "url": "https://example.org/fhir/StructureDefinition/Location/preferred",
+            "valueString": "ward",
+        }
+    ]
+    need["meta"] = {"source": "https://gp-system.example.net/emis"}
+    made = gp("POST", "Condition", need)
+    assert made.status == 201, made.body
+    rid = orjson.loads(made.body)["id"]
+    try:
+        seen = orjson.loads(gp("GET", f"Condition/{rid}").body)
+        seen["meta"] = {k: v for k, v in seen["meta"].items() if k != "security"}
+        seen["note"].append({"text": "Reviewed"})
+        assert gp("PUT", f"Condition/{rid}", seen).status == 200
+        stored = sandbox.repo.read("Condition", rid).resource()
+        assert stored["meta"]["source"] == "https://gp-system.example.net/emis"
+    finally:
+        trust_call("DELETE", f"Condition/{rid}")

@@ -215,3 +215,30 @@ def test_an_integer_written_minus_zero_is_an_integer(trust: Fhir) -> None:
     )
     made = trust.post("Flag", text.replace(b'"valueInteger":7', b'"valueInteger":-0'))
     assert made.status_code == 201, made.text
+
+
+def test_a_conditional_write_honours_the_write_preconditions(trust: Fhir) -> None:
+    key, flag = _new_flag(trust)
+    criteria = {"_id": key.split("/")[1]}
+    before = format_datetime(datetime.now(UTC) - timedelta(days=1), usegmt=True)
+    for extra in ({"if-none-match": "*"}, {"if-unmodified-since": before}):
+        outcome(
+            trust.put("Flag", {**flag, "status": "inactive"}, params=criteria, headers=extra), 412
+        )
+        gone = trust.http.delete("/fhir/Flag", params=criteria, headers={**trust.headers, **extra})
+        outcome(gone, 412)
+    nothing = {"_id": f"none-{uuid.uuid4().hex[:10]}"}
+    outcome(
+        trust.put(
+            "Flag", {**flag, "id": nothing["_id"]}, params=nothing, headers={"if-match": "*"}
+        ),
+        412,
+    )
+    entry = {
+        "resource": {**flag, "status": "inactive"},
+        "request": {"method": "PUT", "url": f"Flag?_id={criteria['_id']}", "ifNoneMatch": "*"},
+    }
+    outcome(
+        trust.post("", {"resourceType": "Bundle", "type": "transaction", "entry": [entry]}), 412
+    )
+    assert trust.get(key).json()["meta"]["versionId"] == "1"

@@ -228,20 +228,27 @@ def _known(codes: tuple[str, ...], known: Mapping[str, Any], what: str, where: s
 
 
 def _word_pattern(words: tuple[str, ...]) -> re.Pattern[str]:
-    """Words found at the start of a word, in any case, unless negated by a "non-"
-    before them ("non-offender" is not offending). A word written in capitals alone
-    (HIV, HMP) is an abbreviation: found as a whole word, in capitals (not "Hive").
-    A space in a phrase is any run of white space: a non-breaking one, a line break.
-    Matched against `plain_text`, so written in its forms too."""
+    """Words found at the start of a word, in any case. A listed `!phrase` is one that
+    does not count though it holds a listed word after a beginning of its own
+    ("!non-offender": the Mental Health Act's words for a civil section): the word is
+    not found after that beginning. A space in a phrase is any run of white space (a
+    non-breaking one, a line break). Matched against `plain_text`, so written in its
+    forms too."""
+    listed = [w for w in words if not w.startswith("!")]
+    not_after: dict[str, list[str]] = {}
+    for negated in (plain_text(w[1:]).lower() for w in words if w.startswith("!")):
+        for word in listed:
+            at = negated.find(plain_text(word).lower())
+            if at > 0:
+                not_after.setdefault(word, []).append(negated[:at])
 
     def one(word: str) -> str:
         escaped = re.escape(plain_text(word)).replace(r"\ ", r"\s+")
-        if len(word) > 1 and word.isupper():
-            return rf"(?-i:{escaped})(?!\w)"
-        return escaped
+        guards = "".join(f"(?<!{re.escape(p)})" for p in not_after.get(word, []))
+        return guards + escaped
 
-    alternatives = "|".join(one(w) for w in sorted(words, key=len, reverse=True))
-    return re.compile(rf"(?<![\w])(?<!non-)(?:{alternatives})", re.IGNORECASE)
+    alternatives = "|".join(one(w) for w in sorted(listed, key=len, reverse=True))
+    return re.compile(rf"(?<![\w])(?:{alternatives})", re.IGNORECASE)
 
 
 def _rule(
@@ -282,11 +289,22 @@ def _rule(
             listed = word_lists[text]
         else:
             listed = _strings(text, f"{where}: text")
-        if not listed:
+        if not [w for w in listed if not w.startswith("!")]:
             raise PolicyError(f"{where}: text lists no words")
+        for w in listed:
+            if w.startswith("!") and not any(
+                0 < plain_text(w[1:]).lower().find(plain_text(x).lower())
+                for x in listed
+                if not x.startswith("!")
+            ):
+                raise PolicyError(
+                    f"{where}: '{w}' holds none of the listed words after a beginning of its own"
+                )
         words = _word_pattern(listed)
         if all(w.isascii() for w in listed):
-            ascii_words = tuple(" ".join(w.lower().split()) for w in listed if w.split())
+            ascii_words = tuple(
+                " ".join(w.lower().split()) for w in listed if w.split() and not w.startswith("!")
+            )
     profile = raw.get("profile")
     extension = raw.get("extension")
     for name, value in (("profile", profile), ("extension", extension)):

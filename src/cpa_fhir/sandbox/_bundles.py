@@ -382,7 +382,9 @@ def _transaction(
                     p["matched"] = found.id if found is not None else None
                     p["id"] = p["matched"] or (body_id if isinstance(body_id, str) else None)
                     p["id"] = p["id"] or time_ordered_id()
-                    p["expected"] = if_match
+                    p["expected"] = _conditional_entry_preconditions(
+                        router, request, req, p, if_match
+                    )
                 elif len(parts) == 2 and not criteria:
                     if resource.get("id") != parts[1]:
                         raise HttpError(400, f"entry {i}: PUT needs Type/id matching the resource")
@@ -403,7 +405,9 @@ def _transaction(
                         raise _none_at_version(i, rtype, if_match)
                     p["condition"] = criteria
                     p["id"] = p["matched"] = found.id if found is not None else None
-                    p["expected"] = if_match
+                    p["expected"] = _conditional_entry_preconditions(
+                        router, request, req, p, if_match
+                    )
                 elif len(parts) == 2 and not criteria:
                     p["id"] = parts[1]
                     try:
@@ -623,6 +627,21 @@ def _entry_preconditions(
     on the request alone (`Router._write_preconditions`): the version to write over."""
     sub = _sub_request(request, p["method"], req["url"], None, _entry_headers(req))
     expected: int | None = router._write_preconditions(sub, rtype, p["id"], view, p["expected"])
+    return expected
+
+
+def _conditional_entry_preconditions(
+    router: Router, request: Request, req: dict[str, Any], p: dict[str, Any], if_match: int | None
+) -> int | None:
+    """A conditional update's or delete's preconditions, against its match (if any)."""
+    from cpa_fhir.errors import PreconditionFailed
+
+    if p["matched"] is None:
+        if str(req.get("ifMatch", "")).strip() == "*":
+            raise PreconditionFailed(f"entry {p['i']}: no {p['type']} matches (ifMatch: *)")
+        return if_match
+    sub = _sub_request(request, p["method"], req["url"], None, _entry_headers(req))
+    expected: int | None = router._write_preconditions(sub, p["type"], p["matched"], None, if_match)
     return expected
 
 

@@ -604,7 +604,11 @@ class Router:
         # Labels are the server's, made for the recipient; anything else that differs
         # (an element removed, a reference masked, the trust's own labels) was withheld.
         seen["meta"] = {k: v for k, v in seen["meta"].items() if k != "security"}
-        if seen != stored.resource():
+        whole = stored.resource()
+        if isinstance(whole.get("meta"), dict):  # its source, tags, extensions: not shown
+            unseen = ("source", "tag", "extension")  # kept as they are by its update
+            whole["meta"] = {k: v for k, v in whole["meta"].items() if k not in unseen}
+        if seen != whole:
             raise HttpError(
                 403,
                 f"{stored.resource_type}/{stored.id} holds information withheld from this "
@@ -752,11 +756,27 @@ class Router:
             raise HttpError(400, f"the body is a {resource['resourceType']}, not a {rtype}")
         if_match = _if_match(request.headers.get("if-match"))
         self._check_valid(resource)
+        if_match = self._conditional_preconditions(request, rtype, criteria, if_match)
         try:
             stored = self.repo.conditional_update(resource, criteria, if_match=if_match)
         except VersionConflict as exc:
             raise _conflict(exc, if_match) from None
         return self._written(request, stored)
+
+    def _conditional_preconditions(
+        self, request: Request, rtype: str, criteria: str, if_match: int | None
+    ) -> int | None:
+        """`_write_preconditions` of a conditional write (the trust's alone), against
+        its one match: the version the write must then find."""
+        headers = request.headers
+        if not any(h in headers for h in ("if-none-match", "if-unmodified-since", "if-match")):
+            return if_match
+        found = self.repo.conditional_match(rtype, criteria, "the criteria")
+        if found is None:
+            if headers.get("if-match", "").strip() == "*":
+                raise PreconditionFailed(f"no {rtype} matches (If-Match: *)")
+            return if_match
+        return self._write_preconditions(request, rtype, found.id, None, if_match)
 
     def _conditional_delete(
         self, request: Request, rtype: str, scopes: frozenset[str], view: PartnerView | None
@@ -764,6 +784,7 @@ class Router:
         require(scopes, rtype, "delete")
         criteria = _write_criteria(request, rtype, view, "a conditional delete")
         if_match = _if_match(request.headers.get("if-match"))
+        if_match = self._conditional_preconditions(request, rtype, criteria, if_match)
         try:
             deleted = self.repo.conditional_delete(rtype, criteria, if_match=if_match)
         except VersionConflict as exc:
@@ -1504,12 +1525,14 @@ def _partner_written(
     query or path ends in one, is read as a reference by the index. Such a party can
     be named by identifier and display (a logical reference) or contained."""
     supporting = "|".join(sorted(view.policy.supporting))
-    naming = re.compile(rf"(?:^|[/?=&:])({supporting})/([^/?#&]+)")
+    # The whole string, as the index reads a reference or canonical: a note that
+    # mentions a URL, or an extension's own `url`, names nothing.
+    naming = re.compile(rf"\S*?(?:^|[/?=&:])({supporting})/([^/?#&\s]+)(?:/_history/\S+)?")
     before = set(_strings_at(replacing.resource()).values()) if replacing else set()
     for path, text in _strings_at(resource).items():
-        if text in before:
+        if text in before or path[-1:] == ("url",):
             continue
-        for found in naming.finditer(text):
+        for found in filter(None, [naming.fullmatch(text)]):
             if f"{found.group(1)}/{found.group(2)}" == view.client.reference:
                 continue
             where = "".join(f"[{s}]" if isinstance(s, int) else f".{s}" for s in path)
@@ -1520,7 +1543,25 @@ def _partner_written(
                 "by identifier and display, or contain it",
                 code="forbidden",
             )
-    return _without_server_labels(resource)
+    return _without_server_labels(_meta_kept_from(resource, replacing))
+
+
+def _meta_kept_from(resource: dict[str, Any], replacing: Stored | None) -> dict[str, Any]:
+    """A partner's replacement with the stored version's meta source, tags and
+    extensions, which the partner is not shown: they are not its to erase."""
+    if replacing is None:
+        return resource
+    stored = replacing.resource().get("meta")
+    kept = (
+        {k: v for k, v in stored.items() if k in ("source", "tag", "extension")}
+        if isinstance(stored, dict)
+        else {}
+    )
+    if not kept:
+        return resource
+    given = resource.get("meta")
+    meta: dict[str, Any] = given if isinstance(given, dict) else {}
+    return {**resource, "meta": {**kept, **meta}}
 
 
 def _strings_at(node: Any, path: tuple[str | int, ...] = ()) -> dict[tuple[str | int, ...], str]:
