@@ -123,23 +123,31 @@ def _codings(rule: LabelRule, value: Any, key: str) -> Iterator[tuple[Any, Any]]
         )
 
 
-def strings(node: Any, coded: frozenset[tuple[str, str]] = frozenset()) -> Iterator[str]:
+def strings(
+    node: Any,
+    coded: frozenset[tuple[str, str]] = frozenset(),
+    skipped: frozenset[Path] = frozenset(),
+    at: Path = (),
+) -> Iterator[str]:
     """Every string in a piece of content, keys aside, less the displays of codings of
     the `coded` codes (the policy's rules say what those carry: their display is the
     code's meaning, "risk to others, including sexual and domestic violence", not a
-    fact; what else such a coding holds, an extension, is read)."""
+    fact; what else such a coding holds, an extension, is read), and less what lies at
+    the `skipped` paths (from the node)."""
+    if skipped and at in skipped:
+        return
     if isinstance(node, str):
         yield node
     elif isinstance(node, list):
-        for item in node:
-            yield from strings(item, coded)
+        for i, item in enumerate(node):
+            yield from strings(item, coded, skipped, (*at, i) if skipped else at)
     elif isinstance(node, dict):
         system, code = node.get("system"), node.get("code")
         named = coded and isinstance(system, str) and isinstance(code, str)
-        skipped = "display" if named and (system, code) in coded else None
+        display = "display" if named and (system, code) in coded else None
         for k, v in node.items():
-            if k != skipped:
-                yield from strings(v, coded)
+            if k != display:
+                yield from strings(v, coded, skipped, (*at, k) if skipped else at)
 
 
 def texts(node: Any) -> Iterator[str]:
@@ -202,8 +210,8 @@ class _Seen:
         self.coded = coded
         # By the object's id: all are parts of the resource, alive while it is labelled.
         self._located: dict[tuple[int, str], list[tuple[Path, Any]]] = {}
-        self._text: dict[tuple[int, bool], str] = {}
-        self._ascii_lowered: dict[tuple[int, bool], str | None] = {}
+        self._text: dict[int, str] = {}
+        self._ascii_lowered: dict[int, str | None] = {}
         self._every: dict[int, tuple[str, str | None, list[int], list[tuple[Path, Any]]]] = {}
 
     def locate(self, node: Any, dotted: str) -> list[tuple[Path, Any]]:
@@ -212,24 +220,20 @@ class _Seen:
             found = self._located[(id(node), dotted)] = list(locate(node, dotted))
         return found
 
-    def text(self, node: Any, every_string: bool = False) -> str:
-        """Its texts (or, `every_string`, all its strings) joined by NUL, which no word
-        contains, as `plain_text`: a word is found in the joined text exactly when it is
-        found in one of them."""
-        key = (id(node), every_string)
-        found = self._text.get(key)
+    def text(self, node: Any) -> str:
+        """Its texts joined by NUL, which no word contains, as `plain_text`: a word is
+        found in the joined text exactly when it is found in one of them."""
+        found = self._text.get(id(node))
         if found is None:
-            found = self._text[key] = plain_text(
-                "\x00".join(strings(node, self.coded) if every_string else texts(node))
-            )
+            found = self._text[id(node)] = plain_text("\x00".join(texts(node)))
         return found
 
-    def ascii_lowered(self, node: Any, every_string: bool = False) -> str | None:
+    def ascii_lowered(self, node: Any) -> str | None:
         """Its text lowercased, each run of white space one space, when it is all
         ASCII; else None."""
-        key = (id(node), every_string)
+        key = id(node)
         if key not in self._ascii_lowered:
-            text = self.text(node, every_string)
+            text = self.text(node)
             self._ascii_lowered[key] = " ".join(text.lower().split()) if text.isascii() else None
         return self._ascii_lowered[key]
 
@@ -267,15 +271,13 @@ class _Seen:
         return [located[i] for i in hit]
 
     def has_words(self, rule: LabelRule, node: Any) -> bool:
-        """Whether the rule's words are in the node's text (for a rule for any element,
-        in any string of it)."""
-        every_string = rule.anywhere
+        """Whether the rule's words are in the node's text."""
         if rule.ascii_words:
-            lowered = self.ascii_lowered(node, every_string)
+            lowered = self.ascii_lowered(node)
             if lowered is not None and not any(w in lowered for w in rule.ascii_words):
                 return False  # none of them even as a substring
         assert rule.words is not None
-        return rule.words.search(self.text(node, every_string)) is not None
+        return rule.words.search(self.text(node)) is not None
 
 
 def _matches(rule: LabelRule, node: Any, key: str, resource: dict[str, Any], seen: _Seen) -> bool:
@@ -303,11 +305,7 @@ def _matches(rule: LabelRule, node: Any, key: str, resource: dict[str, Any], see
             [v for at in rule.text_at for _, v in seen.locate(node, at)] if rule.text_at else [node]
         )
         if "\x00" in pattern.pattern:  # a word with NUL in it: search text by text
-            return any(
-                pattern.search(plain_text(t))
-                for src in sources
-                for t in (strings(src, seen.coded) if rule.anywhere else texts(src))
-            )
+            return any(pattern.search(plain_text(t)) for src in sources for t in texts(src))
         if not any(seen.has_words(rule, src) for src in sources):
             return False
     return True
@@ -332,26 +330,10 @@ def _words_outside(
     ]
     if not inside:
         return True
-    skipped = set(inside)
-
-    def outside(node: Any, at: Path) -> Iterator[str]:
-        if at in skipped:
-            return
-        if isinstance(node, str):
-            yield node
-        elif isinstance(node, list):
-            for i, item in enumerate(node):
-                yield from outside(item, (*at, i))
-        elif isinstance(node, dict):
-            system, code = node.get("system"), node.get("code")
-            named = isinstance(system, str) and isinstance(code, str)
-            passed = "display" if named and (system, code) in seen.coded else None
-            for k, v in node.items():
-                if k != passed:
-                    yield from outside(v, (*at, k))
-
     assert rule.words is not None
-    return any(rule.words.search(plain_text(s)) for s in outside(value, ()))
+    return any(
+        rule.words.search(plain_text(s)) for s in strings(value, seen.coded, frozenset(inside))
+    )
 
 
 def _inherited(
