@@ -6,7 +6,9 @@ Each rule walks what it looks at afresh (`locate`, `texts`); the faster labeller
 
 from __future__ import annotations
 
+import base64
 import copy
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +27,10 @@ Path = tuple[str | int, ...]
 # Keys whose values are identifiers of things, not text a person wrote.
 _NOT_TEXT = frozenset({"reference", "system", "url", "id", "fullUrl", "div", "profile"})
 _NOT_AN_ELEMENT = {"resourceType", "id", "meta", "text", "contained"}
+
+
+def _base64(key: Any, value: Any) -> bool:
+    return key in ("data", "valueBase64Binary") and isinstance(value, str)
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +134,7 @@ def texts(node: Any) -> Iterator[str]:
             yield from texts(item)
     elif isinstance(node, dict):
         for k, v in node.items():
-            if k not in _NOT_TEXT:
+            if k not in _NOT_TEXT and not _base64(k, v):
                 yield from texts(v)
 
 
@@ -144,7 +150,7 @@ def every_string(node: Any, coded: frozenset[tuple[str, str]]) -> list[str]:
         return [
             s
             for k, v in node.items()
-            if not (known and k == "display")
+            if not (known and k == "display") and not _base64(k, v)
             for s in every_string(v, coded)
         ]
     return []
@@ -352,6 +358,19 @@ def _label(
             if _has_extension(rest, rule.extension):
                 cats.update(rule.categories)
                 rules.append(rule.id)
+    for path, holder in _base64_values(resource):
+        text = _readable(holder[path[-1]], holder.get("contentType"), policy)
+        for rule in policy.rules_by_type.get(resource["resourceType"], ()):
+            if text is None:
+                break
+            if rule.elements == ("*",) and rule.words and rule.words.search(plain_text(text)):
+                entry = elements.setdefault(path, (set(), []))
+                entry[0].update(rule.categories)
+                entry[1].append(rule.id)
+        if text is None:
+            entry = elements.setdefault(path, (set(), []))
+            entry[0].add(default)
+            entry[1].append("unreadable-content")
     labels = tuple(
         ElementLabel(path, frozenset(c), tuple(r))
         for path, (c, r) in sorted(elements.items(), key=lambda kv: [str(p) for p in kv[0]])
@@ -359,6 +378,54 @@ def _label(
         if not c <= cats
     )
     return LabelledResource(resource, key, frozenset(cats), tuple(rules), labels, full_url)
+
+
+def _base64_values(resource: dict[str, Any]) -> list[tuple[Path, dict[str, Any]]]:
+    """Each base64 value outside the resource's metadata, narrative and contained
+    resources: its path and the object holding it."""
+    found: list[tuple[Path, dict[str, Any]]] = []
+    stack: list[tuple[Path, Any]] = [
+        ((k,), v) for k, v in resource.items() if k not in _NOT_AN_ELEMENT
+    ]
+    for k, v in resource.items():
+        if k not in _NOT_AN_ELEMENT and _base64(k, v):
+            found.append(((k,), resource))
+    while stack:
+        path, node = stack.pop()
+        items = (
+            node.items()
+            if isinstance(node, dict)
+            else enumerate(node)
+            if isinstance(node, list)
+            else ()
+        )
+        for k, v in items:
+            if isinstance(node, dict) and _base64(k, v):
+                found.append(((*path, k), node))
+            else:
+                stack.append(((*path, k), v))
+    return found
+
+
+def _readable(value: str, content_type: Any, policy: SharingPolicy) -> str | None:
+    if not isinstance(content_type, str):
+        return None
+    parts = [p.strip() for p in content_type.split(";")]
+    if parts[0].lower() not in policy.readable_media_types:
+        return None
+    charset = next(
+        (
+            p.split("=", 1)[1].strip().strip('"')
+            for p in parts[1:]
+            if p.lower().startswith("charset=")
+        ),
+        "utf-8",
+    )
+    try:
+        raw = base64.b64decode(re.sub(r"\s", "", value), validate=True)
+        return raw.decode(charset) + "\x00" + raw.decode("latin-1")
+    except (LookupError, ValueError):
+        return None
 
 
 def label_resources(

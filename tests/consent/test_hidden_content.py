@@ -5,19 +5,22 @@ several references."""
 
 from __future__ import annotations
 
+import base64
 import copy
 import itertools
 import json
+import tomllib
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 import pytest
 
-from cpa_fhir.config import load_policy
+from cpa_fhir.config import default_policy_path, load_policy
 from cpa_fhir.conformance import default_package
 from cpa_fhir.consent import CATEGORY_SYSTEM, RequiredElements, ShareRequest, share
-from cpa_fhir.errors import SharingError
+from cpa_fhir.consent._policy import parse_policy
+from cpa_fhir.errors import PolicyError, SharingError
 from tests.common import EXAMPLES
 from tests.common import entry_resource as _in
 
@@ -337,3 +340,114 @@ def test_sensitive_words_are_found_wherever_a_need_or_a_plan_holds_them(
     record = copy.deepcopy(RECORD_C)
     _in(record, key).update(change)
     assert word not in _sent(record)
+
+
+def _with_attachments(*attachments: dict[str, Any]) -> dict[str, Any]:
+    record = copy.deepcopy(RECORD_C)
+    _in(record, "Patient/c-patient")["photo"] = list(attachments)
+    return record
+
+
+def _b64(text: str, charset: str = "utf-8") -> str:
+    return base64.b64encode(text.encode(charset)).decode()
+
+
+@pytest.mark.parametrize(
+    "attachment",
+    [
+        {"contentType": "application/pdf", "data": _b64("%PDF-1.4 letter from probation")},
+        {"contentType": "image/png", "data": _b64("\x89PNG scan")},
+        {"contentType": "text/html", "data": _b64("<p>pro<b>bation</b></p>")},
+        {"data": _b64("no media type given")},
+        {"contentType": "text/plain; charset=x-unknown", "data": _b64("in a charset none knows")},
+        {"contentType": "text/plain", "data": "not base64 at all!"},
+        {
+            "contentType": "text/plain; charset=utf-8",
+            "data": base64.b64encode(b"\xff\xfe\xfa").decode(),
+        },
+    ],
+    ids=["pdf", "png", "html", "no-type", "unknown-charset", "not-base64", "not-utf-8"],
+)
+def test_base64_content_the_engine_cannot_read_does_not_go(attachment: dict[str, Any]) -> None:
+    """What no rule can read (a PDF, a picture, HTML, text in no known charset) takes the
+    most restrictive category: the GP gets the Patient, without the data."""
+    disclosure = _share(_with_attachments(attachment))
+    patient = next(
+        e["resource"]
+        for e in disclosure.bundle["entry"]
+        if e["resource"]["resourceType"] == "Patient"
+    )
+    rest = {k: v for k, v in attachment.items() if k != "data"}
+    assert patient.get("photo") == ([rest] if rest else None)  # nothing left: no photo
+    assert attachment["data"] not in json.dumps(disclosure.bundle)
+    assert any(
+        w.element == ".photo[0].data" and w.categories == {"personal"} for w in disclosure.withheld
+    ), disclosure.withheld_summary()
+
+
+@pytest.mark.parametrize(
+    ("content_type", "charset"),
+    [
+        ("text/plain", "utf-8"),
+        ('TEXT/plain; charset="ISO-8859-1"', "latin-1"),
+        ("text/plain; charset=utf-16", "utf-16"),
+    ],
+)
+def test_readable_text_in_base64_is_read_for_words(content_type: str, charset: str) -> None:
+    """A text attachment is decoded in its charset and read as any element: what names
+    a sensitive matter is held back, and the rest goes as it was written."""
+    sensitive = {
+        "contentType": content_type,
+        "data": _b64("Letter to her probation officer, café", charset),
+    }
+    innocent = {
+        "contentType": content_type,
+        "data": _b64("Seen at the weekly review, café", charset),
+    }
+    disclosure = _share(_with_attachments(sensitive, innocent))
+    patient = next(
+        e["resource"]
+        for e in disclosure.bundle["entry"]
+        if e["resource"]["resourceType"] == "Patient"
+    )
+    assert patient["photo"] == [{"contentType": content_type}, innocent]
+    assert any(
+        w.element == ".photo[0].data" and "offending" in w.categories for w in disclosure.withheld
+    )
+
+
+def test_base64_in_extensions_and_a_word_split_across_lines_of_base64() -> None:
+    """An extension's valueBase64Binary is unreadable (no media type says what it is);
+    base64 written in lines, as MIME writes it, is read whole."""
+    encoded = _b64("Discussed her heroin use at length")
+    lines = "\n".join(encoded[i : i + 8] for i in range(0, len(encoded), 8))
+    record = _with_attachments({"contentType": "text/plain", "data": lines})
+    _in(record, "Patient/c-patient").setdefault("extension", []).append(
+        {"url": "https://example.org/fhir/scan", "valueBase64Binary": _b64("heroin")}
+    )
+    sent = _sent(record)
+    assert lines.lower() not in sent and _b64("heroin").lower() not in sent
+    assert '"photo": [{"contenttype": "text/plain"}]' in sent
+
+
+def test_the_policy_names_readable_media_types_as_type_and_subtype() -> None:
+    data = tomllib.loads(default_policy_path().read_text())
+    assert data["readable_media_types"] == ["text/plain"]
+    for wrong in (["text/plain; charset=utf-8"], ["plain"], ["text/"], [1]):
+        with pytest.raises(PolicyError, match="readable_media_types"):
+            parse_policy({**data, "readable_media_types": wrong})
+    # With none readable, even plain text is unreadable.
+    policy = parse_policy({**data, "readable_media_types": []})
+    record = _with_attachments(
+        {"contentType": "text/plain", "data": _b64("Seen at the weekly review")}
+    )
+    ids = itertools.count()
+    disclosure = share(
+        record,
+        ShareRequest("gp", "TREAT"),
+        policy,
+        at=AT,
+        new_id=lambda: f"id-{next(ids)}",
+        required=REQUIRED,
+    )
+    assert '"data"' not in json.dumps(disclosure.bundle)

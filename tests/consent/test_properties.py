@@ -15,6 +15,7 @@ reference model of the generated Consents.
 
 from __future__ import annotations
 
+import base64
 import copy
 import itertools
 import re
@@ -354,6 +355,40 @@ def _add_need(draw: st.DrawFn, g: Generated) -> None:
         g.plan.setdefault("addresses", []).append(ref)
 
 
+# Attachment media types as records give them, and the charset each is written in;
+# whether the policy reads the text (readable_media_types) or not.
+ATTACHMENT_TYPES: list[tuple[str | None, str, bool]] = [
+    ("text/plain", "utf-8", True),
+    ("text/plain; charset=utf-8", "utf-8", True),
+    ('Text/Plain; charset="ISO-8859-1"', "latin-1", True),
+    ("text/plain; charset=utf-16", "utf-16", True),
+    ("text/html", "utf-8", False),
+    ("application/pdf", "utf-8", False),
+    ("image/png", "utf-8", False),
+]
+
+
+def _add_attachment(draw: st.DrawFn, g: Generated) -> None:
+    """A photo of the Patient whose base64 data holds text: readable text carries what
+    its words say (and the Patient's own category); any other, the most restrictive."""
+    content_type, charset, readable = draw(st.sampled_from(ATTACHMENT_TYPES))
+    word = draw(_maybe_word)
+    cats = (
+        frozenset({"administrative"}) | _word_categories(word)
+        if readable
+        else frozenset({POLICY_DATA["default_category"]})
+    )
+    marker = g.marker(cats)
+    text = f"{marker} {word if word else draw(st.sampled_from(FILLERS))} caf\u00e9"
+    encoded = base64.b64encode(text.encode(charset)).decode()
+    if draw(st.booleans()):  # as MIME writes it, in lines
+        encoded = "\n".join(encoded[i : i + 16] for i in range(0, len(encoded), 16))
+    photo: dict[str, Any] = {"data": encoded}
+    if content_type is not None:
+        photo["contentType"] = content_type
+    g.patient.setdefault("photo", []).append(photo)
+
+
 def _add_carer(draw: st.DrawFn, g: Generated) -> None:
     carer = copy.deepcopy(g.carer)
     carer["id"] = f"gen-carer-{len(g.resources) + 1}"
@@ -378,6 +413,8 @@ def generated_records(draw: st.DrawFn) -> Generated:
         _add_need(draw, g)
     if draw(st.booleans()):
         _add_carer(draw, g)
+    for _ in range(draw(_often(0, st.integers(1, 2), tenths=6))):
+        _add_attachment(draw, g)
     if descriptions and draw(_often(True, st.booleans())):
         # A narrative written from the activities: it must go when any of them does.
         items = "".join(f"<li>{d}</li>" for d in descriptions)
@@ -743,7 +780,12 @@ def _references(node: Any) -> Iterator[str]:
 
 
 def _leaks(content: Any, markers: dict[str, frozenset[str]], allowed: set[str]) -> list[str]:
+    """The markers in the content whose categories are not all allowed: in its text
+    and in its base64 data, read as any recipient may read them."""
     text = orjson.dumps(content).decode()
+    for value in re.findall(r'"(?:data|valueBase64Binary)":"([^"]*)"', text):
+        raw = base64.b64decode(value.replace("\\n", ""))
+        text += "\x00".join(["", raw.decode("latin-1"), raw.decode("utf-16", "replace")])
     return sorted(
         f"{m} ({', '.join(sorted(cats - allowed))} not allowed)"
         for m, cats in markers.items()

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from cpa_fhir.consent._encoded import decoded_text, encoded_values, is_encoded
 from cpa_fhir.consent._facts import RecordIndex, ResourceFacts
 from cpa_fhir.consent._output import security_labels as security_labels
 from cpa_fhir.consent._policy import (
@@ -146,7 +147,8 @@ def strings(
         named = coded and isinstance(system, str) and isinstance(code, str)
         display = "display" if named and (system, code) in coded else None
         for k, v in node.items():
-            if k != display:
+            # Base64 content is not text as written: it is read as `_encoded_labels` says.
+            if k != display and not is_encoded(k, v):
                 yield from strings(v, coded, skipped, (*at, k) if skipped else at)
 
 
@@ -159,7 +161,7 @@ def texts(node: Any) -> Iterator[str]:
             yield from texts(item)
     elif isinstance(node, dict):
         for k, v in node.items():
-            if k not in _NOT_TEXT:
+            if k not in _NOT_TEXT and not is_encoded(k, v):
                 yield from texts(v)
 
 
@@ -503,6 +505,7 @@ def _label(
             # primitive, inside another element): the whole resource carries it.
             cats.update(rule.categories)
             rules.append(rule.id)
+    _encoded_labels(resource, policy, elements)
     labels = tuple(
         ElementLabel(path, frozenset(c), tuple(r))
         for path, (c, r) in sorted(elements.items(), key=lambda kv: [str(p) for p in kv[0]])
@@ -510,6 +513,35 @@ def _label(
         if not c <= cats
     )
     return LabelledResource(resource, key, frozenset(cats), tuple(rules), labels, full_url)
+
+
+UNREADABLE_RULE = "unreadable-content"
+
+
+def _encoded_labels(
+    resource: dict[str, Any],
+    policy: SharingPolicy,
+    elements: dict[Path, tuple[set[str], list[str]]],
+) -> None:
+    """Label each base64 value of the resource (an attachment's data): text the policy
+    can read with what the rules for any element find in it, anything else with the
+    most restrictive category, since no rule can say what it holds."""
+    anywhere: list[LabelRule] | None = None
+    for path, value, holder in encoded_values(resource):
+        text = decoded_text(value, holder, policy.readable_media_types)
+        found: list[tuple[str, tuple[str, ...]]]
+        if text is None:
+            found = [(UNREADABLE_RULE, (policy.default_category,))]
+        else:
+            if anywhere is None:
+                rules = policy.rules_by_type.get(resource["resourceType"], ())
+                anywhere = [r for r in rules if r.anywhere]
+            plain = plain_text(text)
+            found = [(r.id, r.categories) for r in anywhere if r.words and r.words.search(plain)]
+        for rule_id, categories in found:
+            entry = elements.setdefault(path, (set(), []))
+            entry[0].update(categories)
+            entry[1].append(rule_id)
 
 
 def label_resources(

@@ -193,6 +193,9 @@ class SharingPolicy:
     # Where the record's dates are days: a consent "until 2026-07-31" ends at midnight
     # there (https://hl7.org/fhir/R4/datatypes.html#date: a date has no time zone).
     zone: tzinfo = UTC
+    # Media types of base64 content (an attachment's data) read as text; any other
+    # such content is unreadable and takes the default category.
+    readable_media_types: frozenset[str] = frozenset()
 
     def category_levels(self, categories: frozenset[str]) -> str:
         """The confidentiality code of content carrying these categories: the highest."""
@@ -447,8 +450,22 @@ def parse_policy(data: Mapping[str, Any]) -> SharingPolicy:
         raise PolicyError(
             f"time_zone must name an IANA time zone (Europe/London), not {zone_name!r}"
         )
+    readable = _strings(data.get("readable_media_types", []), "readable_media_types")
+    for media_type in readable:
+        kind, slash, subtype = media_type.partition("/")
+        if (
+            not slash
+            or not kind
+            or not subtype
+            or ";" in media_type
+            or media_type != media_type.strip()
+        ):
+            raise PolicyError(
+                f"readable_media_types: {media_type!r} is not a media type (type/subtype, no parameters)"
+            )
     return SharingPolicy(
         zone=zone,
+        readable_media_types=frozenset(m.lower() for m in readable),
         categories=categories,
         default_category=default,
         rules=rules,
