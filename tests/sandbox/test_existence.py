@@ -572,6 +572,9 @@ def test_a_bundle_whose_reads_cannot_be_audited_says_what_it_wrote(
         "http://testserver/fhir/Practitioner/d-health-board-nurse",
         "Practitioner/a-consultant/_history/1",
         "x?/Practitioner/a-consultant",  # read by the index as its last two segments
+        "a b/Practitioner/d-home-nurse",  # white space before them too
+        "Practitioner/a-consultant/_history/1 x",  # or in what follows _history
+        "Organization/d-nursing-home/_history/ 2",
         "urn:x:Organization/d-nursing-home",
         f"Practitioner/no-such-{uuid.uuid4().hex[:8]}",  # absent: refused alike
     ],
@@ -651,6 +654,55 @@ def _refs(node: Any) -> list[str]:
     if isinstance(node, list):
         return [r for v in node for r in _refs(v)]
     return []
+
+
+def test_a_partners_write_keeps_the_stored_meta_and_its_answer_shows_none_of_it(
+    sandbox: Sandbox, trust_call: Call
+) -> None:
+    """The trust's meta source, tags and extensions, never shown to a partner, are
+    neither changed by its update nor shown in the answer to it (alone or in a
+    transaction)."""
+    rid = f"meta-{uuid.uuid4().hex[:10]}"
+    need = _copy(sandbox, SEEN_WHOLE, rid)
+    hidden = {
+        "source": "https://epr.example/ward-seven",
+        "tag": [{"system": "https://epr.example/tags", "code": "vip"}],
+        "extension": [{"url": "https://epr.example/x", "valueString": "imported"}],
+    }
+    need["meta"] = {**need.get("meta", {}), **hidden}
+    assert trust_call("PUT", f"Condition/{rid}", need).status == 201
+    gp = _caller(sandbox, "gp")
+    try:
+        seen = orjson.loads(gp("GET", f"Condition/{rid}").body)
+        assert not set(seen["meta"]) & set(hidden)
+        seen["meta"] = {
+            "source": "https://partner.example",
+            "tag": [{"system": "https://partner.example/tags", "code": "x"}],
+        }
+        seen["note"] = [{"text": "Reviewed"}]
+        answer = gp("PUT", f"Condition/{rid}", seen)
+        assert answer.status == 200, answer.body
+        assert not set(orjson.loads(answer.body)["meta"]) & set(hidden)
+        seen["note"] = [{"text": "Reviewed again"}]
+        in_bundle = gp(
+            "POST",
+            "",
+            {
+                "resourceType": "Bundle",
+                "type": "transaction",
+                "entry": [
+                    {"resource": seen, "request": {"method": "PUT", "url": f"Condition/{rid}"}}
+                ],
+            },
+        )
+        assert in_bundle.status == 200, in_bundle.body
+        written = orjson.loads(in_bundle.body)["entry"][0]["resource"]
+        assert written["note"] == [{"text": "Reviewed again"}]
+        assert not set(written["meta"]) & set(hidden)
+        stored = sandbox.repo.read("Condition", rid).resource()["meta"]
+        assert {k: stored[k] for k in hidden} == hidden
+    finally:
+        assert trust_call("DELETE", f"Condition/{rid}").status == 204
 
 
 def test_a_partner_cannot_name_a_professional_in_a_canonical_either(sandbox: Sandbox) -> None:

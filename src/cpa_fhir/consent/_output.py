@@ -66,10 +66,10 @@ def _bare(resource: Any) -> Any:
 # What of a resource's meta goes: its version, time and profiles. Not its tags, labels
 # (the recipient's are made afresh), source (the sending system, which can name a
 # prison's or probation's EPR) or extensions: text no rule reads.
-_META_KEPT = ("versionId", "lastUpdated", "profile")
+META_SHARED = ("versionId", "lastUpdated", "profile")
 
 
 def _kept_meta(meta: Any) -> dict[str, Any]:
     if not isinstance(meta, dict):
         return {}
-    return {k: meta[k] for k in _META_KEPT if k in meta}
+    return {k: meta[k] for k in META_SHARED if k in meta}

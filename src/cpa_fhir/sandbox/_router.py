@@ -25,6 +25,7 @@ import orjson
 
 from cpa_fhir.consent import RequiredElements, SharingPolicy
 from cpa_fhir.consent._labelling import reference_key
+from cpa_fhir.consent._output import META_SHARED as PARTNER_META
 from cpa_fhir.errors import (
     FhirError,
     InputError,
@@ -57,6 +58,7 @@ from cpa_fhir.store import (
     known_parameters,
     matching,
     parse_search,
+    reference_target,
     time_ordered_id,
 )
 from cpa_fhir.store._dates import to_micros
@@ -643,7 +645,7 @@ class Router:
         self._check_valid(resource)
         stored = self.repo.create(resource, if_none_exist=condition)
         # A create never updates: what was not created matched the condition.
-        return self._written(request, stored, matched=not stored.created)
+        return self._written(request, stored, matched=not stored.created, view=view)
 
     def _update(
         self,
@@ -670,7 +672,7 @@ class Router:
             stored = self.repo.update(resource, if_match=expected)
         except VersionConflict as exc:
             raise _conflict(exc, if_match, view) from None
-        return self._written(request, stored)
+        return self._written(request, stored, view=view)
 
     def _write_preconditions(
         self,
@@ -828,11 +830,19 @@ class Router:
             raise _conflict(exc, if_match) from None
         return self._written(request, stored)
 
-    def _written(self, request: Request, stored: Stored, *, matched: bool = False) -> Response:
+    def _written(
+        self,
+        request: Request,
+        stored: Stored,
+        *,
+        matched: bool = False,
+        view: PartnerView | None = None,
+    ) -> Response:
         """The answer to a write, its body as the client's `Prefer: return=` asks
         (https://hl7.org/fhir/R4/http.html#ops): the resource (the default), none,
         or an OperationOutcome. `matched`: a conditional create found `stored`, and
-        wrote nothing."""
+        wrote nothing. A partner's (`view`) shows of meta what its reads do: what it
+        wrote, not the stored source, tags and extensions kept with it."""
         location = f"{request.base_url}/{stored.resource_type}/{stored.id}"
         headers = {"location": f"{location}/_history/{stored.version_id}", **_etag(stored)}
         status = 201 if stored.created else 200
@@ -851,7 +861,8 @@ class Router:
             return self._json(
                 status, operation_outcome([Issue("information", "informational", message)]), headers
             )
-        return Response(status, stored.content, {"content-type": FHIR_JSON, **headers})
+        content = stored.content if view is None else _partner_answer(stored.content)
+        return Response(status, content, {"content-type": FHIR_JSON, **headers})
 
     def _validate(
         self, request: Request, rtype: str, rid: str | None, client: Client, scopes: frozenset[str]
@@ -1525,30 +1536,42 @@ def _partner_written(
     query or path ends in one, is read as a reference by the index. Such a party can
     be named by identifier and display (a logical reference) or contained."""
     supporting = "|".join(sorted(view.policy.supporting))
-    # The whole string, as the index reads a reference or canonical: a note that
-    # mentions a URL, or an extension's own `url`, names nothing.
+    # The whole string, as a URL's path or query names one; a note that mentions a URL,
+    # or an extension's own `url`, names nothing.
     naming = re.compile(rf"\S*?(?:^|[/?=&:])({supporting})/([^/?#&\s]+)(?:/_history/\S+)?")
     before = set(_strings_at(replacing.resource()).values()) if replacing else set()
     for path, text in _strings_at(resource).items():
         if text in before or path[-1:] == ("url",):
             continue
-        for found in filter(None, [naming.fullmatch(text)]):
-            if f"{found.group(1)}/{found.group(2)}" == view.client.reference:
-                continue
-            where = "".join(f"[{s}]" if isinstance(s, int) else f".{s}" for s in path)
-            raise HttpError(
-                403,
-                f"{resource.get('resourceType')}{where}: a partner's client may not refer to "
-                f"a {found.group(1)} of this server other than its own organisation; name it "
-                "by identifier and display, or contain it",
-                code="forbidden",
-            )
+        found = naming.fullmatch(text)
+        named = (found.group(1), found.group(2)) if found else None
+        # And as the search index reads it (by its last segments, whatever comes
+        # before them: "a b/Practitioner/x"), when what it names could be an id.
+        target = reference_target(text)
+        if named is None and target and target[0] in view.policy.supporting:
+            if target[1] and _FHIR_ID.fullmatch(target[1]):
+                named = (target[0], target[1])
+        if named is None or f"{named[0]}/{named[1]}" == view.client.reference:
+            continue
+        where = "".join(f"[{s}]" if isinstance(s, int) else f".{s}" for s in path)
+        raise HttpError(
+            403,
+            f"{resource.get('resourceType')}{where}: a partner's client may not refer to "
+            f"a {named[0]} of this server other than its own organisation; name it "
+            "by identifier and display, or contain it",
+            code="forbidden",
+        )
     return _without_server_labels(_meta_kept_from(resource, replacing))
+
+
+# https://hl7.org/fhir/R4/datatypes.html#id
+_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 
 
 def _meta_kept_from(resource: dict[str, Any], replacing: Stored | None) -> dict[str, Any]:
     """A partner's replacement with the stored version's meta source, tags and
-    extensions, which the partner is not shown: they are not its to erase."""
+    extensions, which the partner is not shown: they are not its to erase, nor to
+    change (what it sends of them counts only where none is stored)."""
     if replacing is None:
         return resource
     stored = replacing.resource().get("meta")
@@ -1561,7 +1584,18 @@ def _meta_kept_from(resource: dict[str, Any], replacing: Stored | None) -> dict[
         return resource
     given = resource.get("meta")
     meta: dict[str, Any] = given if isinstance(given, dict) else {}
-    return {**resource, "meta": {**kept, **meta}}
+    return {**resource, "meta": {**meta, **kept}}
+
+
+def _partner_answer(content: bytes) -> bytes:
+    """A stored resource as the answer to a partner's write: its meta as partners are
+    shown it (version, time, profiles)."""
+    resource = jsonio.loads(content)
+    meta = resource.get("meta")
+    if not isinstance(meta, dict) or set(meta) <= set(PARTNER_META):
+        return content
+    resource["meta"] = {k: meta[k] for k in PARTNER_META if k in meta}
+    return jsonio.dumps(resource)
 
 
 def _strings_at(node: Any, path: tuple[str | int, ...] = ()) -> dict[tuple[str | int, ...], str]:

@@ -6,7 +6,7 @@ index, on a SQLite file or PostgreSQL; `parse_search` turns query parameters int
 """
 
 from cpa_fhir.store._ids import time_ordered_id
-from cpa_fhir.store._indexing import IndexRows, index_resource, normalise
+from cpa_fhir.store._indexing import IndexRows, index_resource, normalise, reference_target
 from cpa_fhir.store._matching import matching
 from cpa_fhir.store._migrations import LATEST_VERSION, MIGRATIONS, current_version, migrate
 from cpa_fhir.store._query import (
@@ -66,6 +66,7 @@ __all__ = [
     "current_version",
     "default_search_parameters",
     "index_resource",
+    "reference_target",
     "known_parameters",
     "matching",
     "may_reach_types",

@@ -116,7 +116,7 @@ def index_resource(resource: dict[str, Any], parameters: Iterable[SearchParamete
                 (code, s, normalise(s)[:INDEXED_STRING_CHARS]) for v in values for s in _strings(v)
             )
         elif kind == "reference":
-            rows.references.update((code, *r) for v in values if (r := _reference(v)))
+            rows.references.update((code, *r) for v in values if (r := reference_target(v)))
         elif kind == "date":
             rows.dates.update((code, lo, hi) for v in values for lo, hi in value_ranges(v))
         else:
@@ -166,7 +166,7 @@ def _strings(value: Any) -> list[str]:
     return out
 
 
-def _reference(value: Any) -> tuple[str | None, str | None, str | None] | None:
+def reference_target(value: Any) -> tuple[str | None, str | None, str | None] | None:
     """(target type, target id, absolute url) of a Reference or canonical."""
     text = value.get("reference") if isinstance(value, dict) else value
     if not isinstance(text, str) or not text or text.startswith("#"):
