@@ -537,9 +537,7 @@ def _transaction(
                     # As the write alone would answer (`Router._written`), in the
                     # entry's resource or response.outcome.
                     written = _response_entry(
-                        router._written(
-                            request, stored, matched=p["resource"] is None, view=view
-                        )
+                        router._written(request, stored, matched=p["resource"] is None, view=view)
                     )
                     results[i] = {
                         "fullUrl": f"{request.base_url}/{stored.resource_type}/{stored.id}",
