@@ -331,9 +331,13 @@ def _label(
     elements: dict[Path, tuple[set[str], list[str]]] = {}
     for rule in policy.rules_by_type.get(resource["resourceType"], ()):
         matched: list[Path] = []
-        if rule.elements == ("*",) and isinstance(resource.get("id"), str):
+        if rule.elements == ("*",):
             assert rule.words is not None
-            if rule.words.search(plain_text(resource["id"])):
+            profiles = (resource.get("meta") or {}).get("profile") or []
+            if any(
+                isinstance(name, str) and rule.words.search(plain_text(name))
+                for name in [resource.get("id"), full_url, *profiles]
+            ):
                 cats.update(rule.categories)
                 rules.append(rule.id)
         for dotted in rule.elements:
@@ -358,6 +362,14 @@ def _label(
             if _has_extension(rest, rule.extension):
                 cats.update(rule.categories)
                 rules.append(rule.id)
+    for path, value in locate(resource, "*"):
+        codes = set(_all_codings(value)) & set(policy.coded)
+        if codes:
+            entry = elements.setdefault(path, (set(), []))
+            for rule in policy.rules:
+                if codes & rule.codes:
+                    entry[0].update(rule.categories)
+            entry[1].append("coded-anywhere")
     for path, holder in _base64_values(resource):
         text = _readable(holder[path[-1]], holder.get("contentType"), policy)
         for rule in policy.rules_by_type.get(resource["resourceType"], ()):
@@ -378,6 +390,17 @@ def _label(
         if not c <= cats
     )
     return LabelledResource(resource, key, frozenset(cats), tuple(rules), labels, full_url)
+
+
+def _all_codings(node: Any) -> Iterator[tuple[Any, Any]]:
+    if isinstance(node, dict):
+        if isinstance(node.get("system"), str) and isinstance(node.get("code"), str):
+            yield node["system"], node["code"]
+        for v in node.values():
+            yield from _all_codings(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _all_codings(v)
 
 
 def _base64_values(resource: dict[str, Any]) -> list[tuple[Path, dict[str, Any]]]:

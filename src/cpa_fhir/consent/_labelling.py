@@ -267,10 +267,31 @@ class _Seen:
                 if any(rule.words.search(plain_text(s)) for s in strings(value, self.coded))
             ]
         text, lowered, starts, located = self._elements(resource)
-        if lowered is not None and not any(w in lowered for w in rule.ascii_words):
+        if (
+            rule.ascii_words
+            and lowered is not None
+            and not any(w in lowered for w in rule.ascii_words)
+        ):
             return []
         hit = sorted({bisect_right(starts, m.start()) - 1 for m in rule.words.finditer(text)})
         return [located[i] for i in hit]
+
+    def coded_elements(
+        self, resource: Any, policy: SharingPolicy
+    ) -> Iterator[tuple[Path, frozenset[str]]]:
+        """The elements of a resource holding a coding of a code the policy names, with
+        the categories its rules give those codes: the text of them all is searched
+        once for the codes' values, and only the elements that hold one are walked."""
+        if policy.code_values is None:
+            return
+        text, _, starts, located = self._elements(resource)
+        for i in sorted(
+            {bisect_right(starts, m.start()) - 1 for m in policy.code_values.finditer(text)}
+        ):
+            path, value = located[i]
+            found = _code_categories(value, policy.code_categories)
+            if found:
+                yield path, found
 
     def has_words(self, rule: LabelRule, node: Any) -> bool:
         """Whether the rule's words are in the node's text."""
@@ -280,6 +301,24 @@ class _Seen:
                 return False  # none of them even as a substring
         assert rule.words is not None
         return rule.words.search(self.text(node)) is not None
+
+
+def _code_categories(
+    node: Any, code_categories: Mapping[tuple[str, str], frozenset[str]]
+) -> frozenset[str]:
+    """The categories of the codings in a piece of content that the policy names."""
+    found: frozenset[str] = frozenset()
+    if isinstance(node, dict):
+        system, code = node.get("system"), node.get("code")
+        if isinstance(system, str) and isinstance(code, str):
+            found = code_categories.get((system, code), found)
+        for value in node.values():
+            if isinstance(value, (dict, list)):
+                found |= _code_categories(value, code_categories)
+    elif isinstance(node, list):
+        for item in node:
+            found |= _code_categories(item, code_categories)
+    return found
 
 
 def _matches(rule: LabelRule, node: Any, key: str, resource: dict[str, Any], seen: _Seen) -> bool:
@@ -472,12 +511,13 @@ def _label(
         cats = {default}
         rules = ["default"]
     elements: dict[Path, tuple[set[str], list[str]]] = {}
+    names = _names(resource, full_url)
     for rule in policy.rules_by_type.get(resource["resourceType"], ()):
         if rule.anywhere:
-            rid = resource.get("id")
             assert rule.words is not None
-            if isinstance(rid, str) and rule.words.search(plain_text(rid)):
-                # Its id goes wherever it does, and is in every reference to it.
+            if names and rule.words.search(names):
+                # Its id goes wherever it does, and is in every reference to it; its
+                # fullUrl and profiles go with it, and say what it is.
                 cats.update(rule.categories)
                 rules.append(rule.id)
             for path, value in seen.elements_with_words(rule, resource):
@@ -505,6 +545,12 @@ def _label(
             # primitive, inside another element): the whole resource carries it.
             cats.update(rule.categories)
             rules.append(rule.id)
+    for path, coded in seen.coded_elements(resource, policy):
+        # A code carries what the policy's rules say of it wherever it is: its display
+        # is not read for words, so it is its code that says it.
+        entry = elements.setdefault(path, (set(), []))
+        entry[0].update(coded)
+        entry[1].append(CODED_RULE)
     _encoded_labels(resource, policy, elements)
     labels = tuple(
         ElementLabel(path, frozenset(c), tuple(r))
@@ -516,6 +562,16 @@ def _label(
 
 
 UNREADABLE_RULE = "unreadable-content"
+CODED_RULE = "coded-anywhere"
+
+
+def _names(resource: dict[str, Any], full_url: str | None) -> str:
+    """What names the resource as a whole, as one text for the rules for any element:
+    its id, its fullUrl in the record, the profiles it claims."""
+    meta = resource.get("meta")
+    profiles = meta.get("profile") if isinstance(meta, dict) else None
+    found = [resource.get("id"), full_url, *(profiles if isinstance(profiles, list) else ())]
+    return plain_text("\x00".join(s for s in found if isinstance(s, str)))
 
 
 def _encoded_labels(

@@ -6,12 +6,14 @@ it into values the engine can run fast. Nothing here reads files.
 
 from __future__ import annotations
 
+import html
 import re
 import unicodedata
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, tzinfo
 from typing import Any
+from urllib.parse import unquote
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from cpa_fhir.errors import PolicyError
@@ -58,10 +60,10 @@ class LabelRule:
     text_at: tuple[str, ...] = ()
     extension: str | None = None
     inherit: tuple[str, ...] = ()
-    # The phrases `words` finds, lowercased, each run of white space one space, when
-    # all are ASCII (else empty): in ASCII text so written, `words` can match only
-    # where one of them is a substring, which is much quicker to rule out than to
-    # search for.
+    # A part of each phrase `words` finds (its longest run of letters and digits),
+    # lowercased, when all are ASCII (else empty): in ASCII text, `words` can match
+    # only where one of them is a substring, which is much quicker to rule out than
+    # to search for.
     ascii_words: tuple[str, ...] = ()
 
     @property
@@ -120,11 +122,16 @@ _PLAIN: dict[str, str] = {}
 
 
 def plain_text(text: str) -> str:
-    """Text as the policy's words are matched against it: compatibility forms folded
-    and accents taken off (NFKD: full-width letters, ligatures), dashes and
-    apostrophes plain, Cyrillic and Greek look-alikes as the Latin letters they look
-    like, invisible characters gone, `_` a hyphen. ASCII text is returned as it is,
-    but for `_`."""
+    """Text as the policy's words are matched against it: percent-escapes (of a URL)
+    and HTML character references decoded, as a recipient's software shows them;
+    compatibility forms folded and accents taken off (NFKD: full-width letters,
+    ligatures), dashes and apostrophes plain, Cyrillic and Greek look-alikes as the
+    Latin letters they look like, invisible characters gone, `_` a hyphen. ASCII text
+    with none of those is returned as it is, but for `_`."""
+    if "%" in text:
+        text = unquote(text)
+    if "&" in text:
+        text = html.unescape(text)
     if text.isascii():
         return text.replace("_", "-") if "_" in text else text
     out = []
@@ -189,6 +196,10 @@ class SharingPolicy:
     rules_by_type: Mapping[str, tuple[LabelRule, ...]] = field(default_factory=dict)
     # Every (system, code) a rule names: what those codes carry, the rules say.
     coded: frozenset[tuple[str, str]] = frozenset()
+    # The categories of each such code, wherever it is (a risk code as a medication's
+    # reason says what the risk Flag would), and any of their code values in text.
+    code_categories: Mapping[tuple[str, str], frozenset[str]] = field(default_factory=dict)
+    code_values: re.Pattern[str] | None = None
     categories_by_sensitivity: Mapping[str, frozenset[str]] = field(default_factory=dict)
     # Where the record's dates are days: a consent "until 2026-07-31" ends at midnight
     # there (https://hl7.org/fhir/R4/datatypes.html#date: a date has no time zone).
@@ -230,28 +241,50 @@ def _known(codes: tuple[str, ...], known: Mapping[str, Any], what: str, where: s
             raise PolicyError(f"{where} names unknown {what} '{c}'")
 
 
+# Between the parts of a listed phrase: any run of characters that are not letters or
+# digits, or none ("self-harm": self harm, self/harm, selfharm); never the NUL that
+# joins the texts of separate elements.
+_BETWEEN = r"[^\w\x00]*"
+
+
+def _bare_word(word: str) -> str:
+    """A listed word without its mark (`=` whole word only)."""
+    return word[1:] if word.startswith("=") else word
+
+
 def _word_pattern(words: tuple[str, ...]) -> re.Pattern[str]:
-    """Words found at the start of a word, in any case. A listed `!phrase` is one that
-    does not count though it holds a listed word after a beginning of its own
-    ("!non-offender": the Mental Health Act's words for a civil section): the word is
-    not found after that beginning. A space in a phrase is any run of white space (a
-    non-breaking one, a line break). Matched against `plain_text`, so written in its
-    forms too."""
+    """Words found at the start of a word (after anything but a letter: a digit, a
+    percent-escape's), in any case; `=word` only as a whole word (an abbreviation:
+    "=OD" is not the start of "odd"). The parts of a phrase may be joined by any
+    punctuation or white space, or by none, and an apostrophe may be left out
+    ("childrens services"). A listed `!phrase` is one that does not count though it
+    holds a listed word after a beginning of its own ("!non-offender": the Mental
+    Health Act's words for a civil section): the word is not found after that
+    beginning. Matched against `plain_text`, so written in its forms too."""
     listed = [w for w in words if not w.startswith("!")]
     not_after: dict[str, list[str]] = {}
     for negated in (plain_text(w[1:]).lower() for w in words if w.startswith("!")):
         for word in listed:
-            at = negated.find(plain_text(word).lower())
+            at = negated.find(plain_text(_bare_word(word)).lower())
             if at > 0:
                 not_after.setdefault(word, []).append(negated[:at])
 
     def one(word: str) -> str:
-        escaped = re.escape(plain_text(word)).replace(r"\ ", r"\s+")
+        parts = re.split(r"[\s\-]+", plain_text(_bare_word(word)).strip())
+        escaped = _BETWEEN.join(re.escape(p).replace("'", "'?") for p in parts if p)
         guards = "".join(f"(?<!{re.escape(p)})" for p in not_after.get(word, []))
-        return guards + escaped
+        whole = r"(?![^\W\d_])" if word.startswith("=") else ""
+        return guards + escaped + whole
 
     alternatives = "|".join(one(w) for w in sorted(listed, key=len, reverse=True))
-    return re.compile(rf"(?<![\w])(?:{alternatives})", re.IGNORECASE)
+    return re.compile(rf"(?<![^\W\d_])(?:{alternatives})", re.IGNORECASE)
+
+
+def _necessary_part(word: str) -> str:
+    """A part of every text a listed ASCII word is found in: its longest run of
+    letters and digits, lowercased."""
+    runs = re.findall(r"[A-Za-z0-9]+", _bare_word(word))
+    return max(runs, key=len).lower() if runs else ""
 
 
 def _rule(
@@ -295,6 +328,9 @@ def _rule(
         if not [w for w in listed if not w.startswith("!")]:
             raise PolicyError(f"{where}: text lists no words")
         for w in listed:
+            if not plain_text(_bare_word(w.removeprefix("!"))).strip(" -"):
+                raise PolicyError(f"{where}: text lists an empty word {w!r}")
+        for w in listed:
             if w.startswith("!") and not any(
                 0 < plain_text(w[1:]).lower().find(plain_text(x).lower())
                 for x in listed
@@ -304,10 +340,9 @@ def _rule(
                     f"{where}: '{w}' holds none of the listed words after a beginning of its own"
                 )
         words = _word_pattern(listed)
-        if all(w.isascii() for w in listed):
-            ascii_words = tuple(
-                " ".join(w.lower().split()) for w in listed if w.split() and not w.startswith("!")
-            )
+        parts = [_necessary_part(w) for w in listed if not w.startswith("!")]
+        if all(w.isascii() for w in listed) and all(parts):
+            ascii_words = tuple(sorted(set(parts)))
     profile = raw.get("profile")
     extension = raw.get("extension")
     for name, value in (("profile", profile), ("extension", extension)):
@@ -463,6 +498,10 @@ def parse_policy(data: Mapping[str, Any]) -> SharingPolicy:
             raise PolicyError(
                 f"readable_media_types: {media_type!r} is not a media type (type/subtype, no parameters)"
             )
+    code_categories: dict[tuple[str, str], frozenset[str]] = {}
+    for r in rules:
+        for pair in r.codes:
+            code_categories[pair] = code_categories.get(pair, frozenset()) | frozenset(r.categories)
     return SharingPolicy(
         zone=zone,
         readable_media_types=frozenset(m.lower() for m in readable),
@@ -474,7 +513,13 @@ def parse_policy(data: Mapping[str, Any]) -> SharingPolicy:
         supporting=supporting,
         purposes=known_purposes,
         purpose_within=dict(within),
-        coded=frozenset(c for r in rules for c in r.codes),
+        coded=frozenset(code_categories),
+        code_categories=code_categories,
+        code_values=re.compile(
+            "|".join(re.escape(plain_text(v)) for v in sorted({c for _, c in code_categories}))
+        )
+        if code_categories
+        else None,
         rules_by_type=RulesByType({t: tuple(rs) for t, rs in by_type.items()}, tuple(anywhere)),
         categories_by_sensitivity={k: frozenset(v) for k, v in by_sensitivity.items()},
     )
