@@ -292,7 +292,7 @@ def _refusing_crisis_to(record: dict[str, Any], reference: str) -> None:
 
 @pytest.mark.parametrize(
     "names",
-    ["care team", "group", "role", "contained", "an actor not in the record"],
+    ["care team", "group", "role", "contained", "an actor not in the record", "practitioner"],
 )
 def test_a_refusal_of_those_that_stand_for_the_recipient_applies(names: str) -> None:
     record = copy.deepcopy(RECORD_C)
@@ -323,6 +323,9 @@ def test_a_refusal_of_those_that_stand_for_the_recipient_applies(names: str) -> 
         )
         consent["contained"] = [{"resourceType": "Organization", "id": "gp", "identifier": [ods]}]
         reference = "#gp"
+    elif names == "practitioner":  # the GP in person, whose role is with the practice
+        reference = "Practitioner/c-gp"
+        assert _in(record, "PractitionerRole/c-gp-role")["practitioner"]["reference"] == reference
     else:
         reference = "Organization/deleted-since"
     assert "crisis" in _share(copy.deepcopy(record)).decision.allowed
@@ -337,3 +340,30 @@ def test_a_grant_to_a_care_team_the_recipient_is_in_grants_it_nothing() -> None:
     )
     _gp_permit_of(record)["actor"][0]["reference"] = {"reference": "CareTeam/c-careteam"}
     assert set(_share(record).decision.allowed) == set()
+
+
+def test_a_refusal_nested_in_a_permit_of_other_categories_still_refuses() -> None:
+    """A refusal inside the GP permit names what that permit does not grant; another
+    Consent permits it: the refusal holds (deny beats permit, at any depth)."""
+    consent = copy.deepcopy(CONSENT_C)
+    permit = next(
+        p
+        for p in consent["provision"]["provision"]
+        if any(a["reference"]["reference"] == GP.reference for a in p.get("actor", []))
+    )
+    label = {"system": CATEGORY_SYSTEM, "code": "substance-use"}
+    # Without C's own refusal of substance use, which is not nested.
+    consent["provision"]["provision"] = [
+        p for p in consent["provision"]["provision"] if label["code"] not in str(p) or p is permit
+    ]
+    other = copy.deepcopy(CONSENT_C)
+    other["id"] = "c-consent-2"
+    other["provision"]["provision"] = [{**permit, "securityLabel": [label]}]
+    policy = load_policy()
+    assert "substance-use" in _allowed([consent, other], policy)
+    permit["provision"] = [{"type": "deny", "securityLabel": [label]}]
+    assert "substance-use" not in _allowed([consent, other], policy)
+    assert _allowed([consent, other], policy) >= GIVEN
+    # Nested with no label, it refuses everything (when its own conditions hold).
+    permit["provision"] = [{"type": "deny"}]
+    assert _allowed([consent, other], policy) == set()

@@ -604,14 +604,14 @@ def expected_allowed(
             return
         permit = node["type"] == "permit"
         named = _named(node.get("securityLabel", []), permit)
-        if named is not None:
+        if not permit:  # a refusal: all it names, at any depth
+            covered = set(cats) if named is None else named
+        elif named is not None:
             covered = named if scope is None else named & scope
         elif scope is not None:
             covered = set(scope)
-        elif permit:
-            covered = {c for c, spec in cats.items() if spec["confidentiality"] != "V"}
         else:
-            covered = set(cats)
+            covered = {c for c, spec in cats.items() if spec["confidentiality"] != "V"}
         if permit:
             for c in covered:
                 permitted.setdefault(c, set()).add(key)

@@ -1144,6 +1144,28 @@ def test_a_refusal_of_a_care_team_the_partner_acts_for_applies(
     assert not _visible(gp, crisis_plan)
 
 
+def test_a_refusal_of_the_gp_in_person_applies_to_the_practice_they_work_at(
+    gp: Fhir, changes: Changes
+) -> None:
+    """The GP's PractitionerRole is with the practice: a refusal naming the person
+    refuses the practice."""
+    crisis_plan = "CarePlan/c-crisis-plan"
+
+    def refuse_crisis_to_the_gp(consent: dict[str, Any]) -> None:
+        permit = _gp_permit(consent)
+        consent["provision"]["provision"].append(
+            {
+                "type": "deny",
+                "actor": [{**permit["actor"][0], "reference": {"reference": "Practitioner/c-gp"}}],
+                "securityLabel": [_label("crisis")],
+            }
+        )
+
+    assert _visible(gp, crisis_plan)
+    changes.edit("Consent/c-consent", refuse_crisis_to_the_gp)
+    assert not _visible(gp, crisis_plan)
+
+
 def test_a_resource_containing_what_is_about_another_patient_is_withheld(
     gp: Fhir, changes: Changes
 ) -> None:

@@ -310,7 +310,8 @@ def _actor_matches(actors: list[Any], asked: _Asked, where: str, deny: bool) -> 
     in any role; by an absolute URL ending in the recipient's Type/id, as this
     server's own base may be written out in full; through a Group, CareTeam or
     PractitionerRole (or a contained one) that has the recipient as a member, on
-    whose behalf one acts, or as its organisation; and to an actor it cannot see."""
+    whose behalf one acts, or as its organisation; through a Practitioner whose role
+    is with the recipient; and to an actor it cannot see."""
     if not actors:
         return True
     for i, actor in enumerate(actors):
@@ -359,7 +360,7 @@ def _names_recipient(
     if idents & recipient.identifiers:
         return True
     if deny and target is not None and depth < 2:
-        for member in _members(target):
+        for member in [*_members(target), *_roles_organisations(key, asked)]:
             if _names_recipient(member, asked, deny, depth + 1):
                 return True
     if isinstance(url, str) and target is None and "://" not in url:
@@ -393,6 +394,24 @@ def _members(resource: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     elif kind == "PractitionerRole":
         found = [resource.get("organization")]
     return [m for m in found if isinstance(m, dict)]
+
+
+def _roles_organisations(key: str | None, asked: _Asked) -> list[Mapping[str, Any]]:
+    """The organisations a Practitioner works for in a role (PractitionerRole) among
+    what the decision sees: a refusal of the person is a refusal of where they work."""
+    if key is None or not key.startswith("Practitioner/"):
+        return []
+    found: list[Mapping[str, Any]] = []
+    for role in asked.resources.values():
+        if role.get("resourceType") != "PractitionerRole":
+            continue
+        person = role.get("practitioner")
+        url = person.get("reference") if isinstance(person, dict) else None
+        if isinstance(url, str) and (asked.urls.get(url) or reference_key(url)) == key:
+            organisation = role.get("organization")
+            if isinstance(organisation, dict):
+                found.append(organisation)
+    return found
 
 
 # Provision elements the engine cannot honour: a Consent that uses them shares nothing,
@@ -533,16 +552,19 @@ def _walk(
         return
     policy = asked.policy
     named = _label_categories(labels, kind == "permit", policy, where)
-    if named is not None:
+    if deny:
+        # A refusal holds for all it names (or everything), wherever it is nested: a
+        # refusal inside a permit of other categories still refuses what it names
+        # (deny beats permit, from this Consent or any other).
+        covered = named if named is not None else frozenset(policy.categories)
+    elif named is not None:
         covered = named if scope is None else named & scope
     elif scope is not None:
         covered = scope
-    elif kind == "permit":
+    else:
         covered = frozenset(
             c.code for c in policy.categories.values() if not c.needs_explicit_permit
         )
-    else:
-        covered = frozenset(policy.categories)
     if kind == "deny":
         for c in covered:
             tally.denied.setdefault(c, f"refused in {consent_key}")

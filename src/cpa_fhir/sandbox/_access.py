@@ -352,6 +352,16 @@ class PartnerView:
             if actor.get("resourceType") in ("Group", "CareTeam", "PractitionerRole")
             for key in _references(actor)
         ]
+        # A Practitioner's roles, and the organisations they are with: a refusal of the
+        # person is a refusal of where they work.
+        for key, actor in list(actors.items()):
+            if actor.get("resourceType") == "Practitioner":
+                for stored in self.repo.referring(
+                    "PractitionerRole", "practitioner", ("Practitioner", key.split("/", 1)[1])
+                ):
+                    role = stored.resource()
+                    actors[f"PractitionerRole/{stored.id}"] = role
+                    members.extend(_references(role.get("organization")))
         self._fetch(members)
         actors.update({k: r for k in members if (r := self.derived.resources[k]) is not None})
         known = self.derived.consents[patient_id] = _ConsentInputs(consents, restricting, actors)
