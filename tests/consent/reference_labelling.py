@@ -303,12 +303,18 @@ def _outside_labelled(
 
 
 def _label(
-    resource: dict[str, Any], policy: SharingPolicy, resolve: Resolver, full_url: str | None
+    resource: dict[str, Any],
+    policy: SharingPolicy,
+    resolve: Resolver,
+    full_url: str | None,
+    lent: set[str] | frozenset[str] = frozenset(),
+    naming: Sequence[tuple[Path, frozenset[str]]] = (),
 ) -> LabelledResource:
     if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
         raise LabellingError("content to label is not a FHIR resource")
     key = f"{resource['resourceType']}/{resource.get('id')}"
     cats, rules = _first_pass(resource, key, policy)
+    cats |= lent
     default = policy.default_category
     for rule in policy.rules_by_type.get(resource["resourceType"], ()):
         if rule.inherit and not rule.elements and _matches(rule, resource, key, resource):
@@ -362,6 +368,10 @@ def _label(
             if _has_extension(rest, rule.extension):
                 cats.update(rule.categories)
                 rules.append(rule.id)
+    for path, targets in naming:
+        entry = elements.setdefault(path, (set(), []))
+        entry[0].update(targets)
+        entry[1].append("names-a-resource")
     for path, value in locate(resource, "*"):
         codes = set(_all_codings(value)) & set(policy.coded)
         if codes:
@@ -485,13 +495,31 @@ def label_resources(
             return first[target]
         return outside.get(target) if outside is not None else None
 
+    def lent_to(key: str) -> set[str]:
+        """The categories of the resources whose lending rules refer to this one."""
+        out: set[str] = set()
+        for _url, lender in entries:
+            lender_key = f"{lender['resourceType']}/{lender.get('id')}"
+            for rule in policy.rules_by_type.get(lender["resourceType"], ()):
+                if not rule.lend or not _matches(rule, lender, lender_key, lender):
+                    continue
+                for at in rule.lend:
+                    for _, ref in locate(lender, at):
+                        raw = ref.get("reference") if isinstance(ref, dict) else None
+                        target = (
+                            by_url.get(raw) or reference_key(raw) if isinstance(raw, str) else None
+                        )
+                        if target == key:
+                            out |= first[lender_key]
+        return out
+
     # Inheritance passes on through any number of steps: repeat until nothing changes.
     default = policy.default_category
-    for _ in range(len(entries)):
+    for _ in range(len(entries) + 1):
         changed = False
         for _url, res in entries:
             key = f"{res['resourceType']}/{res.get('id')}"
-            inherited = set(own[key])
+            inherited = set(own[key]) | lent_to(key)
             for rule in policy.rules_by_type.get(res["resourceType"], ()):
                 if rule.inherit and not rule.elements and _matches(rule, res, key, res):
                     inherited |= _inherited(rule, res, key, resolve, default)
@@ -501,7 +529,62 @@ def label_resources(
                 changed = True
         if not changed:
             break
-    return [_label(res, policy, resolve, url) for url, res in entries]
+    keys = {f"{r['resourceType']}/{r.get('id')}" for _, r in entries}
+    identifiers = {}
+    for _, res in entries:
+        for ident in res.get("identifier") if isinstance(res.get("identifier"), list) else []:
+            if isinstance(ident, dict) and isinstance(ident.get("system"), str):
+                if isinstance(ident.get("value"), str) and ident["value"]:
+                    identifiers.setdefault(
+                        (ident["system"], ident["value"]), f"{res['resourceType']}/{res.get('id')}"
+                    )
+
+    def named(node: Any, parent_key: Any = None) -> set[str]:
+        """What this content names by identifier or in a string not a reference."""
+        out: set[str] = set()
+        if isinstance(node, str):
+            if parent_key != "reference" and "/" in node:
+                versioned = node.split("/_history/")[0] if "/_history/" in node else None
+                target = (
+                    by_url.get(node)
+                    or (by_url.get(versioned) if versioned is not None else None)
+                    or reference_key(node)
+                )
+                if target in keys:
+                    out.add(target)
+        elif isinstance(node, list):
+            for item in node:
+                out |= named(item, parent_key)
+        elif isinstance(node, dict):
+            ident = node.get("identifier")
+            if "reference" not in node and isinstance(ident, dict):
+                target = identifiers.get((ident.get("system"), ident.get("value")))
+                if target is not None:
+                    out.add(target)
+            for k, v in node.items():
+                out |= named(v, k)
+        return out
+
+    def naming(res: dict[str, Any]) -> list[tuple[Path, frozenset[str]]]:
+        key = f"{res['resourceType']}/{res.get('id')}"
+        out = []
+        for path, value in locate(res, "*"):
+            targets = named(value, path[-1] if isinstance(path[-1], str) else None) - {key}
+            if targets:
+                out.append((path, frozenset().union(*(first[t] for t in targets))))
+        return out
+
+    return [
+        _label(
+            res,
+            policy,
+            resolve,
+            url,
+            lent_to(f"{res['resourceType']}/{res.get('id')}"),
+            naming(res),
+        )
+        for url, res in entries
+    ]
 
 
 def security_labels(categories: Iterable[str], policy: SharingPolicy) -> list[dict[str, str]]:

@@ -23,7 +23,7 @@ MARK = "ZZMARK"
     "phrase",
     [
         # abbreviations, whole
-        "DSH x3", "OD on paracetamol", "took an O/D", "YOT worker", "IVDU", "EtOH excess",
+        "DSH x3", "OD on paracetamol", "YOT worker", "IVDU", "EtOH excess",
         "DV incident", "LGBT group", "=MASH referral".removeprefix("="),
         # split, joined or escaped
         "self/harm", "self.harm", "self - harm", "report%20on%20probation", "self%20harm",
@@ -128,3 +128,50 @@ def test_a_full_url_or_profile_naming_a_matter_names_the_resource() -> None:
     assert "Encounter/c-review-2026-04" not in disclosure.shared
     assert "hmp-cardiff" not in _sent(record) and "mappa-review" not in _sent(record)
     assert "Encounter/c-review-2026-09" in _share(copy.deepcopy(RECORD_C)).shared
+
+
+def test_a_professional_is_what_the_roles_they_hold_are() -> None:
+    """The probation officer and the children's social worker, under names that say
+    nothing: their roles are with probation and children's services, so neither they
+    nor their presence at C's reviews goes to the GP; the coordinator and the GP do."""
+    text = json.dumps(RECORD_C)
+    for old, new in (
+        ("c-probation-officer", "c-officer-7"),
+        ("c-childrens-social-worker", "c-worker-9"),
+    ):
+        text = text.replace(old, new)
+    record = json.loads(text)
+    _in(record, "Practitioner/c-officer-7")["telecom"] = [
+        {"system": "email", "value": "rhys.jones@justice.gov.uk"}
+    ]
+    disclosure = _share(record)
+    assert "Practitioner/c-officer-7" not in disclosure.shared
+    assert "Practitioner/c-worker-9" not in disclosure.shared
+    assert {"Practitioner/c-coordinator", "Practitioner/c-gp"} <= set(disclosure.shared)
+    sent = json.dumps(disclosure.bundle)
+    assert "c-officer-7" not in sent and "c-worker-9" not in sent and "justice.gov.uk" not in sent
+    assert any(e["resource"]["resourceType"] == "Encounter" for e in disclosure.bundle["entry"])
+
+
+def test_what_names_a_withheld_resource_other_than_by_reference_goes_as_it_would() -> None:
+    """A canonical or URI naming a withheld risk Flag (by Type/id or fullUrl), and a
+    reference by identifier alone to the withheld probation service, say what those
+    are: held back from the GP as they are; a canonical naming what the GP may see
+    stays."""
+    record = copy.deepcopy(RECORD_C)
+    ods = {"system": "https://fhir.nhs.uk/Id/ods-organization-code", "value": "ZZPRB01"}
+    _in(record, "Organization/c-probation")["identifier"] = [ods]
+    review = _in(record, "Encounter/c-review-2026-09")
+    review["serviceProvider"] = {"identifier": ods}
+    plan = _in(record, "CarePlan/c-careplan")
+    plan["instantiatesCanonical"] = [
+        "Flag/c-risk-harm-to-others",
+        "https://example.org/fhir/Condition/c-need-accommodation",
+    ]
+    plan["instantiatesUri"] = ["https://example.org/fhir/Flag/c-risk-harm-to-others"]
+    disclosure = _share(record)
+    assert "Flag/c-risk-harm-to-others" not in disclosure.shared
+    assert {"CarePlan/c-careplan", "Encounter/c-review-2026-09"} <= set(disclosure.shared)
+    sent = json.dumps(disclosure.bundle)
+    assert "ZZPRB01" not in sent and "c-risk-harm-to-others" not in sent
+    assert "https://example.org/fhir/Condition/c-need-accommodation" in sent

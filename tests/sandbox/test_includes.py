@@ -220,31 +220,37 @@ def test_a_care_team_include_brings_a_carer_only_the_members_it_is_shown(
     assert included - {"Patient/c-patient"} <= _references(team)
 
 
-# Left out of the carer's view of the team (a children's services participant). Not
-# the probation officer: a reference naming probation is offending information itself.
-OFFICER = "Practitioner/c-childrens-social-worker"
-
-
 def test_a_withheld_link_does_not_hide_what_a_shown_link_includes(
     as_client: Any,
     trust: Fhir,
     changes: Changes,  # noqa: F811
 ) -> None:
-    """The carer's view of C's care team leaves out the children's social worker; a
-    crisis plan it sees names the worker as a performer. Walking team -> plan ->
-    performer, the worker was left out, because the step from the team found it
-    (through the withheld participant) and it was never looked at again: whether it
-    comes tells the carer whether the team's withheld part names it."""
+    """The carer's view of C's care team leaves out a participant whose role names
+    child protection; a crisis plan it sees names the same professional as a
+    performer. Walking team -> plan -> performer, the professional was left out,
+    because the step from the team found them (through the withheld participant) and
+    they were never looked at again: whether they come tells the carer whether the
+    team's withheld part names them."""
     carer: Fhir = as_client("carer")
+    officer = changes.create(
+        {"resourceType": "Practitioner", "name": [{"family": "Hughes", "given": ["Sam"]}]}
+    )
+
+    def with_officer(team: dict[str, Any]) -> None:
+        team["participant"].append(
+            {"role": [{"text": "child protection conferences"}], "member": {"reference": officer}}
+        )
+
+    changes.edit("CareTeam/c-careteam", with_officer)
     plan = trust.get("CarePlan/c-crisis-plan").json()
     for k in ("id", "meta"):
         plan.pop(k)
     plan["careTeam"] = [{"reference": "CareTeam/c-careteam"}]
-    plan["activity"][1]["detail"]["performer"] = [{"reference": OFFICER}]
+    plan["activity"][1]["detail"]["performer"] = [{"reference": officer}]
     pid = changes.create(plan).split("/")[1]
     shown = carer.get(f"CarePlan/{pid}").json()
-    assert shown["activity"][1]["detail"]["performer"] == [{"reference": OFFICER}]
-    assert OFFICER not in str(carer.get("CareTeam/c-careteam").json())
+    assert shown["activity"][1]["detail"]["performer"] == [{"reference": officer}]
+    assert officer not in str(carer.get("CareTeam/c-careteam").json())
     walk = [
         ("_id", "c-careteam"),
         ("_include:iterate", "CareTeam:participant"),
@@ -253,4 +259,4 @@ def test_a_withheld_link_does_not_hide_what_a_shown_link_includes(
     ]
     found = resource_keys(carer.get("CareTeam", params=walk).json())
     assert f"CarePlan/{pid}" in found
-    assert OFFICER in found, sorted(found)
+    assert officer in found, sorted(found)

@@ -508,3 +508,28 @@ def test_the_audit_names_the_version_that_was_sent(as_client: Any, trust: Fhir) 
         )
     finally:
         assert trust.put(key, stored).status_code == 200
+
+
+def test_a_professional_goes_as_the_roles_they_hold_allow(as_client: Any) -> None:
+    """The children's social worker's role is with children's services: the GP gets the
+    reviews they attended without them, and no include or read brings them, as
+    `cpa-fhir share` sends C's record; the care coordinator comes."""
+    gp = as_client("gp")
+    worker = "Practitioner/c-childrens-social-worker"
+    bundle = gp.get(
+        "Encounter",
+        params={"_id": "c-review-2026-09", "_include": "Encounter:practitioner"},
+    ).json()
+    keys = resource_keys(bundle)
+    assert "Encounter/c-review-2026-09" in keys and "Practitioner/c-coordinator" in keys
+    assert worker not in keys and worker not in orjson.dumps(bundle).decode()
+    assert gp.get(worker).status_code == 404
+    shared = share(
+        RECORD_C,
+        ShareRequest("gp", "TREAT"),
+        load_policy(),
+        at=datetime.now(UTC),
+        new_id=lambda: "x",
+        required=RequiredElements(default_package()),
+    ).shared
+    assert worker not in shared and "Practitioner/c-coordinator" in shared

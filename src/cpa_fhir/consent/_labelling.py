@@ -10,6 +10,7 @@ content no rule labels takes the policy's most restrictive default category.
 
 from __future__ import annotations
 
+import re
 from bisect import bisect_right
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from cpa_fhir.consent._policy import (
     LabelRule,
     SharingPolicy,
     plain_text,
+    squash,
 )
 from cpa_fhir.consent._references import Path as Path
 from cpa_fhir.consent._references import reference_key as reference_key
@@ -206,15 +208,27 @@ class _Seen:
     """What labelling one resource has looked at, so that each rule does not walk it
     again: the values at each dotted path, and the text, of each object looked at."""
 
-    __slots__ = ("_located", "_text", "_ascii_lowered", "_every", "coded")
+    __slots__ = (
+        "_located", "_text", "_ascii_lowered", "_every", "_tokens", "_squash", "_at_starts",
+        "coded", "word_starts", "indexed",
+    )  # fmt: skip
 
-    def __init__(self, coded: frozenset[tuple[str, str]] = frozenset()) -> None:
+    def __init__(
+        self,
+        coded: frozenset[tuple[str, str]] = frozenset(),
+        word_starts: Mapping[str, tuple[LabelRule, ...]] | None = None,
+    ) -> None:
         self.coded = coded
+        self.word_starts = word_starts or {}
+        self.indexed = frozenset(r.id for rules in self.word_starts.values() for r in rules)
+        self._at_starts: dict[int, tuple[frozenset[str], dict[str, set[int]]] | None] = {}
         # By the object's id: all are parts of the resource, alive while it is labelled.
         self._located: dict[tuple[int, str], list[tuple[Path, Any]]] = {}
         self._text: dict[int, str] = {}
         self._ascii_lowered: dict[int, str | None] = {}
         self._every: dict[int, tuple[str, str | None, list[int], list[tuple[Path, Any]]]] = {}
+        self._tokens: dict[str | None, frozenset[str]] = {}
+        self._squash: dict[str, str] = {}
 
     def locate(self, node: Any, dotted: str) -> list[tuple[Path, Any]]:
         found = self._located.get((id(node), dotted))
@@ -238,6 +252,22 @@ class _Seen:
             text = self.text(node)
             self._ascii_lowered[key] = " ".join(text.lower().split()) if text.isascii() else None
         return self._ascii_lowered[key]
+
+    def _squashed(self, lowered: str | None) -> str | None:
+        """A lowered ASCII text squashed (`squash`), or None for None."""
+        if lowered is None:
+            return None
+        found = self._squash.get(lowered)
+        if found is None:
+            found = self._squash[lowered] = squash(lowered)
+        return found
+
+    def _tokens_of(self, lowered: str | None) -> frozenset[str]:
+        """The words (runs of letters and digits) of a lowered ASCII text."""
+        found = self._tokens.get(lowered)
+        if found is None:
+            found = self._tokens[lowered] = frozenset(_TOKEN.findall(lowered or ""))
+        return found
 
     def _elements(self, resource: Any) -> tuple[str, str | None, list[int], list[tuple[Path, Any]]]:
         """Every element of a resource (`element = "*"`) with all its strings, as one
@@ -266,15 +296,49 @@ class _Seen:
                 for path, value in self.locate(resource, ANYWHERE)
                 if any(rule.words.search(plain_text(s)) for s in strings(value, self.coded))
             ]
+        indexed = self.words_at_starts(resource)
+        if indexed is not None and rule.id in indexed[0]:
+            located = self._elements(resource)[3]
+            return [located[i] for i in sorted(indexed[1].get(rule.id, ()))]
         text, lowered, starts, located = self._elements(resource)
-        if (
-            rule.ascii_words
-            and lowered is not None
-            and not any(w in lowered for w in rule.ascii_words)
-        ):
+        if rule.ruled_out(self._squashed(lowered), lambda: self._tokens_of(lowered)):
             return []
         hit = sorted({bisect_right(starts, m.start()) - 1 for m in rule.words.finditer(text)})
         return [located[i] for i in hit]
+
+    def words_at_starts(self, resource: Any) -> tuple[frozenset[str], dict[str, set[int]]] | None:
+        """For the rules `SharingPolicy.word_starts` indexes, the elements (by their
+        place in `_elements`) where each finds its words, all found in one pass over
+        the runs of letters of the resource's text; None when the text is not ASCII."""
+        key = id(resource)
+        if key in self._at_starts:
+            return self._at_starts[key]
+        text, lowered, starts, _ = self._elements(resource)
+        found: tuple[frozenset[str], dict[str, set[int]]] | None = None
+        if lowered is not None and self.word_starts:
+            index = self.word_starts
+            hits: dict[str, set[int]] = {}
+            for m in _LETTERS.finditer(text.lower()):
+                run = m.group()
+                candidates = index.get(run[:3], ())
+                if len(run) > 2:
+                    candidates += index.get(run[:2], ()) + index.get(run[:1], ())
+                elif len(run) == 2:
+                    candidates += index.get(run[:1], ())
+                if not candidates:
+                    continue
+                at = m.start()
+                element = bisect_right(starts, at) - 1
+                for rule in candidates:
+                    done = hits.get(rule.id)
+                    if done is not None and element in done:
+                        continue
+                    assert rule.words is not None
+                    if rule.words.match(text, at):
+                        hits.setdefault(rule.id, set()).add(element)
+            found = (self.indexed, hits)
+        self._at_starts[key] = found
+        return found
 
     def coded_elements(
         self, resource: Any, policy: SharingPolicy
@@ -295,10 +359,9 @@ class _Seen:
 
     def has_words(self, rule: LabelRule, node: Any) -> bool:
         """Whether the rule's words are in the node's text."""
-        if rule.ascii_words:
-            lowered = self.ascii_lowered(node)
-            if lowered is not None and not any(w in lowered for w in rule.ascii_words):
-                return False  # none of them even as a substring
+        lowered = self.ascii_lowered(node) if rule.prefiltered else None
+        if rule.ruled_out(self._squashed(lowered), lambda: self._tokens_of(lowered)):
+            return False  # none of them even as a substring
         assert rule.words is not None
         return rule.words.search(self.text(node)) is not None
 
@@ -449,7 +512,7 @@ def label_resource(
     if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
         raise LabellingError("content to label is not a FHIR resource")
     key = f"{resource['resourceType']}/{resource.get('id')}"
-    seen = _Seen(policy.coded)
+    seen = _Seen(policy.coded, policy.word_starts)
     first = _first_pass(resource, key, policy, seen)
 
     def by_reference(ref: str) -> frozenset[str] | None:
@@ -481,6 +544,7 @@ def _label(
     resolve: Resolver,
     full_url: str | None,
     seen: _Seen,
+    naming: Sequence[tuple[Path, frozenset[str]]] = (),
 ) -> LabelledResource:
     matched = first[1]
     cats = set(first[0])
@@ -500,7 +564,7 @@ def _label(
             if not isinstance(inner, dict) or not isinstance(inner.get("resourceType"), str):
                 raise LabellingError(f"{key}: contained[{i}] is not a resource")
             inner_key = f"{key}#contained"
-            inner_seen = _Seen(policy.coded)
+            inner_seen = _Seen(policy.coded, policy.word_starts)
             found = _first_pass(inner, inner_key, policy, inner_seen)
             inner_labelled = _label(inner, inner_key, found, policy, resolve, None, inner_seen)
             cats |= inner_labelled.categories
@@ -545,6 +609,12 @@ def _label(
             # primitive, inside another element): the whole resource carries it.
             cats.update(rule.categories)
             rules.append(rule.id)
+    for path, named in naming:
+        # It names another resource of the record other than by reference (an
+        # identifier, a canonical): it says what that resource is.
+        entry = elements.setdefault(path, (set(), []))
+        entry[0].update(named)
+        entry[1].append(NAMING_RULE)
     for path, coded in seen.coded_elements(resource, policy):
         # A code carries what the policy's rules say of it wherever it is: its display
         # is not read for words, so it is its code that says it.
@@ -562,7 +632,91 @@ def _label(
 
 
 UNREADABLE_RULE = "unreadable-content"
+_TOKEN = re.compile(r"[a-z0-9]+")
+_LETTERS = re.compile(r"[a-z]+")
 CODED_RULE = "coded-anywhere"
+NAMING_RULE = "names-a-resource"
+
+
+class _Names:
+    """How a record's resources can be named other than by a `reference`: by
+    `Type/id` or fullUrl in any other string (a canonical, a URI), or by an
+    identifier in a Reference; and the text that any such naming holds."""
+
+    def __init__(
+        self, entries: Sequence[tuple[str | None, dict[str, Any]]], by_url: Mapping[str, str]
+    ):
+        self.by_url = by_url
+        self.keys = {f"{r['resourceType']}/{r.get('id')}" for _, r in entries}
+        self.by_identifier: dict[tuple[str, str], str] = {}
+        needles: set[str] = set()
+        for _, res in entries:
+            key = f"{res['resourceType']}/{res.get('id')}"
+            if isinstance(res.get("id"), str) and res["id"]:
+                needles.add(plain_text(res["id"]))
+            for ident in (
+                res.get("identifier") or [] if isinstance(res.get("identifier"), list) else []
+            ):
+                if isinstance(ident, dict):
+                    system, value = ident.get("system"), ident.get("value")
+                    if isinstance(system, str) and isinstance(value, str) and value:
+                        self.by_identifier.setdefault((system, value), key)
+                        needles.add(plain_text(value))
+        needles.update(plain_text(url) for url in by_url)
+        self.pattern = (
+            re.compile("|".join(re.escape(n) for n in sorted(needles, key=len, reverse=True)))
+            if needles
+            else None
+        )
+
+    def targets(self, node: Any, key: str) -> set[str]:
+        """The record's resources (other than `key`) this content names so."""
+        found: set[str] = set()
+        if isinstance(node, dict):
+            ident = node.get("identifier")
+            if "reference" not in node and isinstance(ident, dict):
+                system, value = ident.get("system"), ident.get("value")
+                if isinstance(system, str) and isinstance(value, str):
+                    target = self.by_identifier.get((system, value))
+                    if target is not None:
+                        found.add(target)
+            for k, v in node.items():
+                if k == "reference":
+                    continue  # the filter follows references
+                if isinstance(v, str):
+                    if "/" in v:
+                        target = resolve_reference(v, self.by_url)
+                        if target in self.keys:
+                            found.add(target)
+                elif isinstance(v, (dict, list)):
+                    found |= self.targets(v, key)
+        elif isinstance(node, list):
+            for item in node:
+                if isinstance(item, str):
+                    if "/" in item:
+                        target = resolve_reference(item, self.by_url)
+                        if target in self.keys:
+                            found.add(target)
+                else:
+                    found |= self.targets(item, key)
+        found.discard(key)
+        return found
+
+    def elements(
+        self, resource: dict[str, Any], key: str, seen: _Seen
+    ) -> list[tuple[Path, set[str]]]:
+        """Each element of the resource naming others so, with what it names."""
+        if self.pattern is None:
+            return []
+        text, _, starts, located = seen._elements(resource)
+        hits = sorted({bisect_right(starts, m.start()) - 1 for m in self.pattern.finditer(text)})
+        out = []
+        for i in hits:
+            path, value = located[i]
+            named = self.targets({path[-1]: value} if isinstance(path[-1], str) else [value], key)
+            if named:
+                out.append((path, named))
+        return out
 
 
 def _names(resource: dict[str, Any], full_url: str | None) -> str:
@@ -600,6 +754,22 @@ def _encoded_labels(
             entry[1].append(rule_id)
 
 
+def _borrowers(
+    res: dict[str, Any], rules: Sequence[LabelRule], seen: _Seen, by_url: Mapping[str, str]
+) -> set[str]:
+    """What a resource's lending rules lend its categories to (what their `lend` paths
+    refer to), as `Type/id`."""
+    found: set[str] = set()
+    for rule in rules:
+        for at in rule.lend:
+            for _, ref in seen.locate(res, at):
+                raw = ref.get("reference") if isinstance(ref, dict) else None
+                target = resolve_reference(raw, by_url) if isinstance(raw, str) else None
+                if target is not None:
+                    found.add(target)
+    return found
+
+
 def label_resources(
     entries: Sequence[tuple[str | None, dict[str, Any]]],
     policy: SharingPolicy,
@@ -615,7 +785,7 @@ def label_resources(
         if not isinstance(res, dict) or not isinstance(res.get("resourceType"), str):
             raise LabellingError("a record entry is not a FHIR resource")
         key = f"{res['resourceType']}/{res.get('id')}"
-        seen = _Seen(policy.coded)
+        seen = _Seen(policy.coded, policy.word_starts)
         found = _first_pass(res, key, policy, seen)
         first[key] = frozenset(found[0] or {policy.default_category})
         passes.append((key, found, seen))
@@ -631,35 +801,76 @@ def label_resources(
         return outside.get(target) if outside is not None else None
 
     # What a resource inherits passes on to what inherits from it, however many steps
-    # away (an activity, its performer's role, the role's organisation): inherit until
-    # nothing changes.
+    # away (an activity, its performer's role, the role's organisation), and what a
+    # role lends to its holder with it: inherit and lend until nothing changes.
     inheriting = [
         (res, key, found, seen)
         for (_, res), (key, found, seen) in zip(entries, passes, strict=True)
         if any(rule.inherit for rule in found[1])
     ]
+    own = {key: found for key, found, _ in passes}
+    # Each lender and the resources of the record it lends to: fixed, as references are.
+    lenders = [
+        (key, targets)
+        for (_, res), (key, found, seen) in zip(entries, passes, strict=True)
+        if (targets := _borrowers(res, found[1], seen, by_url) & own.keys())
+    ]
+    borrowing = {t for _, targets in lenders for t in targets} - {k for _, k, _, _ in inheriting}
     default = policy.default_category
-    for _ in range(len(inheriting)):
+
+    def lending() -> dict[str, set[str]]:
+        out: dict[str, set[str]] = {}
+        for key, targets in lenders:
+            for target in targets:
+                out.setdefault(target, set()).update(first[key])
+        return out
+
+    for _ in range(len(entries) + 1 if lenders else len(inheriting)):
         changed = False
+        lent = lending()
         for res, key, found, seen in inheriting:
             inherited = frozenset(
                 set(found[0]).union(
+                    lent.get(key, ()),
                     *(
                         _inherited(rule, res, key, resolve, default, seen)
                         for rule in found[1]
                         if rule.inherit
-                    )
+                    ),
                 )
                 or {default}
             )
             if inherited != first[key]:
                 first[key] = inherited
                 changed = True
+        for key in borrowing:
+            now = frozenset(set(own[key][0]) | lent.get(key, set()) or {default})
+            if now != first[key]:
+                first[key] = now
+                changed = True
         if not changed:
             break
+    lent = lending()
+
+    names = _Names(entries, by_url)
+
+    def naming(res: dict[str, Any], key: str, seen: _Seen) -> list[tuple[Path, frozenset[str]]]:
+        return [
+            (path, frozenset().union(*(first[t] for t in targets)))
+            for path, targets in names.elements(res, key, seen)
+        ]
 
     labelled = [
-        _label(res, key, found, policy, resolve, url, seen)
+        _label(
+            res,
+            key,
+            (set(found[0]) | lent.get(key, set()), found[1]),
+            policy,
+            resolve,
+            url,
+            seen,
+            naming(res, key, seen),
+        )
         for (url, res), (key, found, seen) in zip(entries, passes, strict=True)
     ]
     _attach_facts(labelled)

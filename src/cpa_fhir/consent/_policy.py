@@ -9,7 +9,7 @@ from __future__ import annotations
 import html
 import re
 import unicodedata
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, tzinfo
 from typing import Any
@@ -60,11 +60,33 @@ class LabelRule:
     text_at: tuple[str, ...] = ()
     extension: str | None = None
     inherit: tuple[str, ...] = ()
-    # A part of each phrase `words` finds (its longest run of letters and digits),
-    # lowercased, when all are ASCII (else empty): in ASCII text, `words` can match
-    # only where one of them is a substring, which is much quicker to rule out than
-    # to search for.
+    # Reference path(s) to resources that take this resource's categories: what a role
+    # is, the professional holding it is (a children's social worker).
+    lend: tuple[str, ...] = ()
+    # Each phrase `words` finds, lowercased, with all but letters and digits taken
+    # out, when all are ASCII: in ASCII text so squashed, `words` can match only where
+    # one of them is a substring (the separators a match may leave out are what is
+    # taken out), which is much quicker to rule out than to search for.
     ascii_words: tuple[str, ...] = ()
+    # Of each whole-word abbreviation (`=OD`), itself lowercased: found only where it is
+    # a word of the text (a run of letters and digits), as "od" in "code" is not.
+    ascii_tokens: frozenset[str] = frozenset()
+    # The words as the policy lists them (`!phrase` and `=word` marks and all).
+    listed: tuple[str, ...] = ()
+    # Whether `ascii_words` and `ascii_tokens` say where `words` may match (all ASCII).
+    prefiltered: bool = False
+    # `ascii_words` as one pattern: one search in C, not a loop of substring tests.
+    ascii_any: re.Pattern[str] | None = None
+
+    def ruled_out(self, squashed: str | None, tokens: Callable[[], frozenset[str]]) -> bool:
+        """Whether `words` cannot match ASCII text so squashed (`squash`; None: not
+        ASCII, cannot be told), its words (runs of letters and digits) given by
+        `tokens` if needed."""
+        if not self.prefiltered or squashed is None:
+            return False
+        if self.ascii_any is not None and self.ascii_any.search(squashed):
+            return False
+        return not self.ascii_tokens or self.ascii_tokens.isdisjoint(tokens())
 
     @property
     def anywhere(self) -> bool:
@@ -204,6 +226,11 @@ class SharingPolicy:
     # Where the record's dates are days: a consent "until 2026-07-31" ends at midnight
     # there (https://hl7.org/fhir/R4/datatypes.html#date: a date has no time zone).
     zone: tzinfo = UTC
+    # The rules for any element whose every word starts with an ASCII letter, by the
+    # first one to three letters (lowercased) of each of their words: in ASCII text,
+    # such a word can be found only where a run of letters starts with them, so one
+    # pass over the text's runs of letters finds the matches of all of them.
+    word_starts: Mapping[str, tuple[LabelRule, ...]] = field(default_factory=dict)
     # Media types of base64 content (an attachment's data) read as text; any other
     # such content is unreadable and takes the default category.
     readable_media_types: frozenset[str] = frozenset()
@@ -280,11 +307,40 @@ def _word_pattern(words: tuple[str, ...]) -> re.Pattern[str]:
     return re.compile(rf"(?<![^\W\d_])(?:{alternatives})", re.IGNORECASE)
 
 
-def _necessary_part(word: str) -> str:
-    """A part of every text a listed ASCII word is found in: its longest run of
-    letters and digits, lowercased."""
-    runs = re.findall(r"[A-Za-z0-9]+", _bare_word(word))
-    return max(runs, key=len).lower() if runs else ""
+_NOT_ALNUM = re.compile(r"[^a-z0-9]+")
+
+
+def squash(text: str) -> str:
+    """ASCII text lowercased, with all but letters and digits taken out."""
+    return _NOT_ALNUM.sub("", text.lower())
+
+
+def _necessary_part(word: str) -> tuple[str, bool]:
+    """What of a listed ASCII word every text it is found in holds: the word squashed,
+    and whether it is a whole word of such a text (an abbreviation found only whole,
+    all letters and digits) rather than a part of the squashed text."""
+    bare = _bare_word(word)
+    return squash(bare), word.startswith("=") and bare.isalnum()
+
+
+def _word_starts(rules: Sequence[LabelRule]) -> dict[str, tuple[LabelRule, ...]]:
+    """`SharingPolicy.word_starts` for these rules (those it can index)."""
+    index: dict[str, list[LabelRule]] = {}
+    for rule in rules:
+        if rule.words is None or "\x00" in rule.words.pattern:
+            continue
+        keys = set()
+        for word in rule.listed:
+            if word.startswith("!"):
+                continue
+            first = re.match(r"[a-z]+", plain_text(_bare_word(word)).lower())
+            if first is None or not plain_text(_bare_word(word)).isascii():
+                break  # a word this index cannot find: the rule is searched whole
+            keys.add(first.group()[:3])
+        else:
+            for key in keys:
+                index.setdefault(key, []).append(rule)
+    return {k: tuple(v) for k, v in index.items()}
 
 
 def _rule(
@@ -300,7 +356,7 @@ def _rule(
     where = f"rule '{rule_id}'" if isinstance(rule_id, str) else f"rule {index + 1}"
     allowed = {
         "id", "resource", "category", "element", "profile", "codes", "codes_at",
-        "text", "text_at", "extension", "inherit",
+        "text", "text_at", "extension", "inherit", "lend",
     }  # fmt: skip
     unknown = sorted(set(raw) - allowed)
     if unknown:
@@ -319,6 +375,9 @@ def _rule(
         codes.add((systems.get(system, system), code))
     words: re.Pattern[str] | None = None
     ascii_words: tuple[str, ...] = ()
+    ascii_tokens: frozenset[str] = frozenset()
+    prefiltered = False
+    listed: tuple[str, ...] = ()
     if "text" in raw:
         text = raw["text"]
         if isinstance(text, str) and text in word_lists:
@@ -341,19 +400,23 @@ def _rule(
                 )
         words = _word_pattern(listed)
         parts = [_necessary_part(w) for w in listed if not w.startswith("!")]
-        if all(w.isascii() for w in listed) and all(parts):
-            ascii_words = tuple(sorted(set(parts)))
+        prefiltered = all(w.isascii() for w in listed) and all(p for p, _ in parts)
+        if prefiltered:
+            ascii_words = tuple(sorted({p for p, whole in parts if not whole}))
+            ascii_tokens = frozenset(p for p, whole in parts if whole)
     profile = raw.get("profile")
     extension = raw.get("extension")
     for name, value in (("profile", profile), ("extension", extension)):
         if value is not None and not isinstance(value, str):
             raise PolicyError(f"{where}: {name} must be a URL")
     elements = _strings(raw.get("element", []), f"{where}: element")
-    others = ("codes", "codes_at", "text_at", "profile", "extension", "inherit")
+    others = ("codes", "codes_at", "text_at", "profile", "extension", "inherit", "lend")
     if ANYWHERE in elements and (len(elements) > 1 or words is None or set(others) & set(raw)):
         raise PolicyError(
             f'{where}: element "*" stands alone, with text and none of {", ".join(others)}'
         )
+    if "lend" in raw and elements:
+        raise PolicyError(f"{where}: lend is for a rule about whole resources, not elements")
     resource_types = frozenset(_strings(raw["resource"], f"{where}: resource"))
     if ANYWHERE in resource_types and len(resource_types) > 1:
         raise PolicyError(f'{where}: resource "*" stands alone')
@@ -369,7 +432,12 @@ def _rule(
         text_at=_strings(raw.get("text_at", []), f"{where}: text_at"),
         extension=extension,
         inherit=_strings(raw.get("inherit", []), f"{where}: inherit"),
+        lend=_strings(raw.get("lend", []), f"{where}: lend"),
         ascii_words=ascii_words,
+        ascii_tokens=ascii_tokens,
+        listed=tuple(listed) if words is not None else (),
+        prefiltered=prefiltered,
+        ascii_any=re.compile("|".join(map(re.escape, ascii_words))) if ascii_words else None,
     )
 
 
@@ -521,5 +589,6 @@ def parse_policy(data: Mapping[str, Any]) -> SharingPolicy:
         if code_categories
         else None,
         rules_by_type=RulesByType({t: tuple(rs) for t, rs in by_type.items()}, tuple(anywhere)),
+        word_starts=_word_starts(anywhere),
         categories_by_sensitivity={k: frozenset(v) for k, v in by_sensitivity.items()},
     )

@@ -217,6 +217,8 @@ class Derived:
         ] = {}
         # (type, id) -> the current version, as read
         self.current: dict[tuple[str, str], Stored] = {}
+        # Practitioner/id -> the PractitionerRoles held (Type/id), whose categories it takes
+        self.roles_held: dict[str, list[str]] = {}
         # Whether what a client sees of a version matches a search's criteria:
         # (type, id, version, criteria, what the client sees) -> answer
         self.matches_as_shown: dict[tuple[str, str, int, tuple[Any, ...], bytes], bool] = {}
@@ -228,6 +230,7 @@ class Derived:
             + len(self.care_teams)
             + len(self.categories) + len(self.decisions) + len(self.audit_templates)
             + len(self.audit_by_account) + len(self.current) + len(self.matches_as_shown)
+            + len(self.roles_held)
         )  # fmt: skip
 
 
@@ -689,15 +692,24 @@ class PartnerView:
             if r not in resources
         ]
         self._fetch(refs)
-        known, frontier = {*refs, *resources}, refs
+        known, frontier = {*refs, *resources}, [*refs, *resources]
         for _ in range(_INHERIT_STEPS):
             further = [
                 r
                 for k in frontier
-                if (t := self.derived.resources[k]) is not None
+                if k not in resources
+                and (t := self.derived.resources[k]) is not None
                 and t.get("resourceType") in self.policy.supporting
                 for r in dict.fromkeys(_references(t))
                 if r not in known
+            ]
+            # A professional takes the categories of the roles they hold (policy `lend`).
+            further += [
+                r
+                for k in frontier
+                if k.startswith("Practitioner/")
+                for r in self._roles_held(k)
+                if r not in known and r not in further
             ]
             if not further:
                 break
@@ -706,6 +718,19 @@ class PartnerView:
             refs += further
             frontier = further
         return refs
+
+    def _roles_held(self, practitioner: str) -> list[str]:
+        """The PractitionerRoles (Type/id) whose practitioner is this one, fetched."""
+        found = self.derived.roles_held.get(practitioner)
+        if found is None:
+            stored = self.repo.referring(
+                "PractitionerRole", "practitioner", ("Practitioner", practitioner.split("/", 1)[1])
+            )
+            found = self.derived.roles_held[practitioner] = [
+                f"PractitionerRole/{s.id}" for s in stored
+            ]
+            self._fetch(found)
+        return found
 
     def _filter_supporting(
         self, stored: Stored, key: str, account: bool, patients: frozenset[str] | None
