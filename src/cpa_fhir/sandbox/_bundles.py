@@ -116,7 +116,9 @@ def _rewrite(node: Any, ids: dict[str, str]) -> Any:
     return node
 
 
-_CONDITIONAL_REFERENCE = re.compile(r"([A-Z][A-Za-z]*)\?(.+)")
+# `Type?criteria`: criteria or none, so that `Patient?` is refused as `Patient?&` is,
+# not stored as written.
+CONDITIONAL_REFERENCE = re.compile(r"([A-Z][A-Za-z]*)\?(.*)", re.DOTALL)
 
 
 def _resolve_conditional_references(
@@ -140,7 +142,7 @@ def _resolve_conditional_references(
             raise HttpError(
                 400, f"entry {i} refers to {ref}, which no entry of the Bundle is", code="invalid"
             )
-        conditional = _CONDITIONAL_REFERENCE.fullmatch(ref)
+        conditional = CONDITIONAL_REFERENCE.fullmatch(ref)
         if conditional is None:
             continue
         _whole_store_search(view, "a conditional reference")

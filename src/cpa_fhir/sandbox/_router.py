@@ -26,6 +26,7 @@ import orjson
 from cpa_fhir.consent import RequiredElements, SharingPolicy
 from cpa_fhir.consent._labelling import reference_key
 from cpa_fhir.consent._output import META_SHARED as PARTNER_META
+from cpa_fhir.consent._references import references
 from cpa_fhir.errors import (
     FhirError,
     InputError,
@@ -44,6 +45,7 @@ from cpa_fhir.fhir.subset import Summary, subset
 from cpa_fhir.sandbox._access import DerivedCache, PartnerView, partner_scan
 from cpa_fhir.sandbox._audit_log import AuditLog, AuditWriteFailed, Events
 from cpa_fhir.sandbox._auth import AuthFailure, Client, allows, require
+from cpa_fhir.sandbox._bundles import CONDITIONAL_REFERENCE
 from cpa_fhir.sandbox._chains import chains_hold, reference_targets
 from cpa_fhir.store import (
     Criterion,
@@ -472,6 +474,7 @@ class Router:
         return [*self.validator.validate(resource, profile=profile), *store_rules(resource)]
 
     def _check_valid(self, resource: dict[str, Any]) -> None:
+        _no_conditional_references(resource)
         issues = self.validate(resource)
         if any(i.is_error for i in issues):
             raise HttpError(
@@ -1413,6 +1416,22 @@ def store_rules(resource: dict[str, Any]) -> list[Issue]:
             "cpa-fhir-store-consent-patient",
         )
     ]
+
+
+def _no_conditional_references(resource: dict[str, Any]) -> None:
+    """400 for a write, outside a transaction, of a resource holding a conditional
+    reference (`Patient?identifier=...`): those are resolved in transactions only
+    (R4 http.html#trules), and stored as written one would name nothing."""
+    for path, ref in references(resource):
+        if CONDITIONAL_REFERENCE.fullmatch(ref):
+            where = "".join(f"[{s}]" if isinstance(s, int) else f".{s}" for s in path)
+            raise HttpError(
+                400,
+                f"{resource.get('resourceType')}{where}.reference: the conditional reference "
+                f"{ref!r} is resolved only in a transaction; send the write in a transaction "
+                "Bundle, or refer to Type/id",
+                code="not-supported",
+            )
 
 
 def json_patch(body: bytes, what: str) -> jsonpatch.JsonPatch:
