@@ -242,3 +242,49 @@ def test_a_conditional_write_honours_the_write_preconditions(trust: Fhir) -> Non
         trust.post("", {"resourceType": "Bundle", "type": "transaction", "entry": [entry]}), 412
     )
     assert trust.get(key).json()["meta"]["versionId"] == "1"
+
+
+@pytest.mark.parametrize(
+    ("method", "url", "allow"),
+    [
+        ("POST", "Patient/a-patient", "GET, HEAD, PUT, DELETE, PATCH"),
+        ("PATCH", "Patient", "GET, HEAD, POST, PUT, DELETE"),
+        ("GET", "", "POST"),
+        ("DELETE", "", "POST"),
+        ("POST", "metadata", "GET, HEAD"),
+        ("GET", "Patient/_search", "POST"),
+        ("GET", "Patient/$validate", "POST"),
+        ("POST", "Patient/_history", "GET, HEAD"),
+        ("PUT", "Patient/a-patient/_history", "GET, HEAD"),
+        ("DELETE", "Patient/a-patient/_history/1", "GET, HEAD"),
+        ("GET", "Patient/a-patient/$validate", "POST"),
+        ("OPTIONS", "Patient/a-patient", "GET, HEAD, PUT, DELETE, PATCH"),  # the framework's
+        ("TRACE", "metadata", "GET, HEAD"),
+    ],
+)
+def test_a_405_names_the_methods_the_url_takes_in_allow(
+    trust: Fhir, method: str, url: str, allow: str
+) -> None:
+    """RFC 9110 §15.5.6: a 405 carries Allow."""
+    body = b'{"resourceType": "Patient"}' if method in ("POST", "PUT", "PATCH") else None
+    headers = {**trust.headers, "content-type": "application/fhir+json"}
+    refused = trust.http.request(method, f"/fhir/{url}", content=body, headers=headers)
+    said = outcome(refused, 405)
+    assert refused.headers["allow"] == allow
+    assert said["issue"][0]["code"] == "not-supported"
+    if "HEAD" not in allow:  # HEAD is GET less the body: refused alike
+        head = trust.http.head(f"/fhir/{url}", headers=trust.headers)
+        assert (head.status_code, head.headers["allow"]) == (405, allow)
+
+
+def test_a_405_in_a_batch_is_the_entry_s_and_the_token_endpoint_takes_post(trust: Fhir) -> None:
+    batch = {
+        "resourceType": "Bundle",
+        "type": "batch",
+        "entry": [{"request": {"method": "DELETE", "url": "Patient/a-patient/_history/1"}}],
+    }
+    answer = trust.post("", batch)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["entry"][0]["response"]["status"] == "405"
+    assert trust.http.get("/fhir", headers=trust.headers).headers["allow"] == "POST"
+    assert trust.http.get("/token").headers["allow"] == "POST"

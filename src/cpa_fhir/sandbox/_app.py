@@ -29,6 +29,7 @@ from cpa_fhir.sandbox._router import (
     FHIR_JSON,
     HttpError,
     Request,
+    allowed_methods,
     outcome_response,
 )
 from cpa_fhir.sandbox._server import Sandbox
@@ -173,6 +174,16 @@ def _fhir_path(scope: Mapping[str, Any], prefix: str) -> str:
     if root and full.startswith(root):
         full = full[len(root) :]
     return str(full[len(prefix) + 1 :])  # after "{prefix}/"; nothing at the base
+
+
+def _allowed_here(scope: Mapping[str, Any]) -> tuple[str, ...] | None:
+    """The methods a FHIR URL takes (as the router's 405 names them); None elsewhere."""
+    full, root = scope["path"], scope.get("root_path", "")
+    if root and full.startswith(root):
+        full = full[len(root) :]
+    if full != FHIR_PREFIX and not full.startswith(FHIR_PREFIX + "/"):
+        return None
+    return allowed_methods([p for p in full[len(FHIR_PREFIX) :].split("/") if p])
 
 
 def _header_fields(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
@@ -391,6 +402,11 @@ def create_app(
         text = f"{request.method} {request.url.path}: {exc.detail}"
         outcome = FhirError(text, code=code)
         headers = dict(exc.headers or {})
+        allowed = _allowed_here(request.scope) if exc.status_code == 405 else None
+        if allowed is not None:
+            # The methods this URL takes, not all the FHIR route's.
+            headers = {k: v for k, v in headers.items() if k.lower() != "allow"}
+            headers["allow"] = ", ".join(allowed)
         return HttpResponse(
             orjson.dumps(outcome.to_operation_outcome()),
             exc.status_code,

@@ -129,11 +129,18 @@ class HttpError(FhirError):
     """A client error with its HTTP status."""
 
     def __init__(
-        self, status: int, message: str, *, code: str = "invalid", issues: list[Issue] | None = None
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str = "invalid",
+        issues: list[Issue] | None = None,
+        headers: Mapping[str, str] | None = None,
     ):
         super().__init__(message, code=code)
         self.status = status
         self.issues = issues
+        self.headers = dict(headers or {})
 
     def outcome(self) -> dict[str, Any]:
         return operation_outcome(self.issues) if self.issues else self.to_operation_outcome()
@@ -161,7 +168,7 @@ def status_of(exc: FhirError) -> int:
 
 def outcome_response(exc: FhirError) -> Response:
     body = exc.outcome() if isinstance(exc, HttpError) else exc.to_operation_outcome()
-    headers = {"content-type": FHIR_JSON}
+    headers = {"content-type": FHIR_JSON, **(exc.headers if isinstance(exc, HttpError) else {})}
     if isinstance(exc, AuthFailure) and exc.status == 401:
         headers["www-authenticate"] = 'Bearer realm="cpa-fhir"'
     return Response(status_of(exc), orjson.dumps(body), headers)
@@ -312,9 +319,7 @@ class Router:
             parts = [p for p in request.path.split("/") if p]
             if parts == ["metadata"]:
                 if request.method != "GET":
-                    raise HttpError(
-                        405, f"{request.method} is not allowed on metadata", code="not-supported"
-                    )
+                    raise not_allowed(request.method, "metadata", parts)
                 return self._json(200, self.capability(request.base_url))
             if client is None:
                 raise AuthFailure("this server needs a bearer token: POST /token first", status=401)
@@ -376,13 +381,14 @@ class Router:
         view: PartnerView | None,
     ) -> Response:
         method = request.method
+        if parts and parts[0] not in R4_RESOURCE_TYPES:
+            raise HttpError(404, f"unknown resource type '{parts[0]}'", code="not-supported")
+        allowed = allowed_methods(parts)
+        if allowed is not None and method not in allowed:
+            raise not_allowed(method, request.path.strip("/") or "the base URL", parts)
         if not parts:
-            if method == "POST":
-                return self._bundle(request, client, scopes, view)
-            raise HttpError(405, f"{method} is not allowed on the base URL", code="not-supported")
+            return self._bundle(request, client, scopes, view)
         rtype = parts[0]
-        if rtype not in R4_RESOURCE_TYPES:
-            raise HttpError(404, f"unknown resource type '{rtype}'", code="not-supported")
         n = len(parts)
         if n == 1:
             if method == "GET":
@@ -393,7 +399,7 @@ class Router:
                 return self._conditional_update(request, rtype, scopes, view)
             if method == "DELETE":
                 return self._conditional_delete(request, rtype, scopes, view)
-            raise HttpError(405, f"{method} is not allowed on {rtype}", code="not-supported")
+            raise not_allowed(method, rtype, parts)
         second = parts[1]
         if n == 2 and second == "_search" and method == "POST":
             form = _form(request)
@@ -414,7 +420,7 @@ class Router:
                 return self._delete(request, rtype, rid, scopes, view)
             if method == "PATCH":
                 return self._patch(request, rtype, rid, scopes, view)
-            raise HttpError(405, f"{method} is not allowed on {rtype}/{rid}", code="not-supported")
+            raise not_allowed(method, f"{rtype}/{rid}", parts)
         if n == 3 and parts[2] == "$validate" and method == "POST":
             return self._validate(request, rtype, rid, client, scopes)
         if parts[2] == "_history" and method == "GET":
@@ -1342,6 +1348,48 @@ def _chains_within_scopes(query: SearchQuery, scopes: frozenset[str]) -> SearchQ
             links.append(replace(link, from_types=from_types, to_types=reachable))
         criteria.append(replace(criterion, chain=tuple(links)) if links else criterion)
     return replace(query, criteria=tuple(criteria))
+
+
+_READS = ("GET", "HEAD")
+
+
+def allowed_methods(parts: list[str]) -> tuple[str, ...] | None:
+    """The methods a path below the base takes (its segments), as a 405's Allow names
+    them (RFC 9110 §15.5.6); None for a path that names nothing served here."""
+    n = len(parts)
+    if n == 0:
+        return ("POST",)  # a batch or transaction
+    if parts == ["metadata"]:
+        return _READS
+    if parts[0] not in R4_RESOURCE_TYPES or n > 4:
+        return None
+    if n == 1:
+        return (*_READS, "POST", "PUT", "DELETE")
+    second = parts[1]
+    if n == 2:
+        if second in ("_search", "$validate"):
+            return ("POST",)
+        if second == "_history":
+            return _READS
+        if second.startswith(("_", "$")):
+            return None  # neither an id nor an interaction served here
+        return (*_READS, "PUT", "DELETE", "PATCH")
+    if n == 3 and parts[2] == "$validate":
+        return ("POST",)
+    if parts[2] == "_history":
+        return _READS
+    return None
+
+
+def not_allowed(method: str, where: str, parts: list[str]) -> HttpError:
+    """A 405 naming, in Allow, the methods the path takes."""
+    allowed = allowed_methods(parts) or ()
+    return HttpError(
+        405,
+        f"{method} is not allowed on {where}: it takes {', '.join(allowed)}",
+        code="not-supported",
+        headers={"allow": ", ".join(allowed)},
+    )
 
 
 def _no_content_coding(request: Request) -> None:
