@@ -288,3 +288,54 @@ def test_a_405_in_a_batch_is_the_entry_s_and_the_token_endpoint_takes_post(trust
     assert answer.json()["entry"][0]["response"]["status"] == "405"
     assert trust.http.get("/fhir", headers=trust.headers).headers["allow"] == "POST"
     assert trust.http.get("/token").headers["allow"] == "POST"
+
+
+@pytest.mark.parametrize(
+    ("tag", "status"),
+    [
+        ('W/"01"', 412),  # an ETag is an opaque string: "01" is not "1"
+        ('"01"', 412),
+        ('W/"x"', 412),
+        ('W/"1", W/"2"', 200),  # a list holds if any tag names the current version
+        ('W/"2", "1"', 200),
+        ('W/"2", W/"3"', 412),
+        ('W/"2", W/"01"', 412),
+        ('"1', 400),
+        ('W/"1" W/"2"', 400),
+    ],
+)
+def test_if_match_compares_tags_as_strings_and_takes_a_list(
+    trust: Fhir, tag: str, status: int
+) -> None:
+    for method in ("PUT", "PATCH", "DELETE", "transaction", "conditional"):
+        key, flag = _new_flag(trust)  # at version 1
+        changed = {**flag, "status": "inactive"}
+        headers = {**trust.headers, "if-match": tag}
+        if method == "PUT":
+            answer = trust.put(key, changed, headers={"if-match": tag})
+        elif method == "PATCH":
+            ops = b'[{"op": "replace", "path": "/status", "value": "inactive"}]'
+            patch_type = {"content-type": "application/json-patch+json"}
+            answer = trust.http.patch(
+                f"/fhir/{key}", content=ops, headers={**headers, **patch_type}
+            )
+        elif method == "DELETE":
+            answer = trust.http.delete(f"/fhir/{key}", headers=headers)
+        elif method == "transaction":
+            entry = {"resource": changed, "request": {"method": "PUT", "url": key, "ifMatch": tag}}
+            bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [entry]}
+            answer = trust.post("", bundle)
+        else:
+            criteria = {"_id": flag["id"]}
+            answer = trust.put("Flag", changed, params=criteria, headers={"if-match": tag})
+        written = 204 if method == "DELETE" else 200
+        assert answer.status_code == (written if status == 200 else status), (method, answer.text)
+        if status != 200:
+            assert trust.get(key).json()["meta"]["versionId"] == "1"
+
+
+def test_if_none_match_compares_tags_as_strings_and_takes_a_list(trust: Fhir) -> None:
+    key, _ = _new_flag(trust)
+    for tag, status in (('W/"01"', 200), ('W/"7", W/"1"', 304), ('"1"', 304)):
+        read = trust.get(key, headers={"if-none-match": tag})
+        assert read.status_code == status, tag

@@ -604,6 +604,27 @@ class Router:
         _check_if_match(current, if_match)
         return current.version_id
 
+    def _version_of(self, rtype: str, rid: str) -> Callable[[], int | None]:
+        """The current version of a resource, read when asked (None if none is there):
+        what an If-Match list is compared with."""
+
+        def read() -> int | None:
+            try:
+                return self.repo.read(rtype, rid).version_id
+            except (ResourceNotFound, ResourceGone):
+                return None
+
+        return read
+
+    def _match_version(self, rtype: str, criteria: str) -> Callable[[], int | None]:
+        """The version of what a conditional write's criteria match, read when asked."""
+
+        def match() -> int | None:
+            found = self.repo.conditional_match(rtype, criteria, "the criteria")
+            return found.version_id if found is not None else None
+
+        return match
+
     def _partner_replaceable(self, view: PartnerView, stored: Stored) -> None:
         """A partner may update or delete only a resource it sees whole: replacing one
         it sees redacted would erase what was withheld from it (403), and one it may
@@ -671,7 +692,7 @@ class Router:
             raise HttpError(400, f"the body is a {resource['resourceType']}, not a {rtype}")
         if resource.get("id") != rid:
             raise HttpError(400, f"the body's id must be '{rid}', as in the URL", code="value")
-        if_match = _if_match(request.headers.get("if-match"))
+        if_match = _if_match(request.headers.get("if-match"), self._version_of(rtype, rid))
         expected = self._version_to_replace(view, rtype, rid, if_match)
         expected = self._write_preconditions(request, rtype, rid, view, expected)
         if view is not None:
@@ -743,7 +764,7 @@ class Router:
         view: PartnerView | None,
     ) -> Response:
         require(scopes, rtype, "delete")
-        if_match = _if_match(request.headers.get("if-match"))
+        if_match = _if_match(request.headers.get("if-match"), self._version_of(rtype, rid))
         try:
             expected = self._version_to_replace(view, rtype, rid, if_match)
         except ResourceGone:
@@ -765,7 +786,7 @@ class Router:
         resource = self._body(request)
         if resource["resourceType"] != rtype:
             raise HttpError(400, f"the body is a {resource['resourceType']}, not a {rtype}")
-        if_match = _if_match(request.headers.get("if-match"))
+        if_match = _if_match(request.headers.get("if-match"), self._match_version(rtype, criteria))
         self._check_valid(resource)
         if_match = self._conditional_preconditions(request, rtype, criteria, if_match)
         try:
@@ -794,7 +815,7 @@ class Router:
     ) -> Response:
         require(scopes, rtype, "delete")
         criteria = _write_criteria(request, rtype, view, "a conditional delete")
-        if_match = _if_match(request.headers.get("if-match"))
+        if_match = _if_match(request.headers.get("if-match"), self._match_version(rtype, criteria))
         if_match = self._conditional_preconditions(request, rtype, criteria, if_match)
         try:
             deleted = self.repo.conditional_delete(rtype, criteria, if_match=if_match)
@@ -802,7 +823,9 @@ class Router:
             raise _conflict(exc, if_match, view) from None
         if deleted is None and if_match is not None:
             raise HttpError(
-                412, f"no {rtype} matches, so none is at version {if_match}", code="conflict"
+                412,
+                _not_named(f"no {rtype} matches, so none is at version {if_match}", if_match),
+                code="conflict",
             )
         return Response(204)
 
@@ -826,7 +849,7 @@ class Router:
                 code="not-supported",
             )  # fmt: skip
         patch = json_patch(request.body, "the body")
-        if_match = _if_match(request.headers.get("if-match"))
+        if_match = _if_match(request.headers.get("if-match"), self._version_of(rtype, rid))
         current = self.repo.read(rtype, rid)
         _check_if_match(current, if_match)
         self._write_preconditions(request, rtype, rid, view, current.version_id)
@@ -1527,8 +1550,11 @@ def _check_if_match(current: Stored, if_match: int | None) -> None:
     if if_match is not None and if_match != current.version_id:
         raise HttpError(
             412,
-            f"{current.resource_type}/{current.id} is at version {current.version_id}, "
-            f"not {if_match}",
+            _not_named(
+                f"{current.resource_type}/{current.id} is at version {current.version_id}, "
+                f"not {if_match}",
+                if_match,
+            ),
             code="conflict",
         )
 
@@ -1544,7 +1570,11 @@ def _conflict(
     """A write that found another version than expected: 412 if the client named the
     version it expected (If-Match), else 409. A partner is not told what it found: the
     resource may have changed into, or been deleted as, something it may not see."""
-    message = exc.message if view is None else "the resource changed while it was being written"
+    message = (
+        _not_named(exc.message, if_match)
+        if view is None
+        else "the resource changed while it was being written"
+    )
     return HttpError(412 if if_match is not None else 409, message, code="conflict")
 
 
@@ -1704,20 +1734,50 @@ def _trust_only(view: PartnerView | None, what: str, why: str) -> None:
         )
 
 
-def _if_match(value: Any) -> int | None:
-    """The version an If-Match names; None for none, and for `*` (any version: that
-    the resource is there is checked by `Router._write_preconditions`)."""
+# An If-Match list (RFC 9110 §13.1.1): entity-tags, weak or strong, each a quoted
+# opaque string, separated by commas.
+_ENTITY_TAG = r'(?:W/)?"([\x21\x23-\x7e\x80-\xff]*)"'
+_ENTITY_TAGS = re.compile(rf"\s*{_ENTITY_TAG}(?:\s*,\s*{_ENTITY_TAG})*\s*")
+# A version's ETag is W/"n", n written as this server writes it (no leading zero).
+_VERSION_TAG = re.compile(rf"[1-9][0-9]{{0,{_VERSION_DIGITS - 1}}}")
+# What an If-Match naming no version (W/"01", W/"x") asks for: no version is, so it
+# is stale (412) as any other version not there is.
+_NO_VERSION: int = 10**_VERSION_DIGITS
+
+
+def _if_match(value: Any, current: Callable[[], int | None]) -> int | None:
+    """The version a write must find, from If-Match: None for none, and for `*` (any
+    version: that the resource is there is checked by `Router._write_preconditions`).
+    Tags are compared as the strings they are, weakly (W/"1" and "1" both name
+    version 1; W/"01" names none). Of a list, the current version (`current`, read
+    only then) if a tag names it, else one that is not there (a 412)."""
     if value is None or (isinstance(value, str) and value.strip() == "*"):
         return None
     if not isinstance(value, str):
         raise HttpError(400, f'If-Match {value!r} is not a version ETag like W/"3"', code="value")
-    m = re.fullmatch(r'\s*(?:W/)?"?(\d+)"?\s*', value)
-    if not m:
+    tags: list[str]
+    if _is_decimal(value.strip()):
+        tags = [value.strip()]  # a version id alone, as some clients send it
+    elif _ENTITY_TAGS.fullmatch(value):
+        tags = re.findall(_ENTITY_TAG, value)
+    else:
         raise HttpError(400, f'If-Match {value!r} is not a version ETag like W/"3"', code="value")
-    digits = m.group(1).lstrip("0") or "0"
-    # No version has more digits: one past them all, so that it is stale (412) as any
-    # other version not there is (and int() is never asked for thousands of digits).
-    return int(digits) if len(digits) <= _VERSION_DIGITS else 10**_VERSION_DIGITS
+    named = {int(tag) for tag in tags if _VERSION_TAG.fullmatch(tag)}
+    if not named:
+        return _NO_VERSION
+    if len(tags) == 1:
+        return named.pop()
+    now = current()
+    return now if now in named else _NO_VERSION
+
+
+def _not_named(message: str, if_match: int | None) -> str:
+    """A conflict's message, where If-Match named no version there is."""
+    if if_match != _NO_VERSION:
+        return message
+    return message.replace(f", not {_NO_VERSION}", ", which If-Match does not name").replace(
+        f"none is at version {_NO_VERSION}", "none is at a version If-Match names"
+    )
 
 
 def _deeper_than(node: Any, limit: int) -> bool:
