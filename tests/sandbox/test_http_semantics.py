@@ -339,3 +339,66 @@ def test_if_none_match_compares_tags_as_strings_and_takes_a_list(trust: Fhir) ->
     for tag, status in (('W/"01"', 200), ('W/"7", W/"1"', 304), ('"1"', 304)):
         read = trust.get(key, headers={"if-none-match": tag})
         assert read.status_code == status, tag
+
+
+@pytest.mark.parametrize(
+    ("accept", "status"),
+    [
+        ("application/fhir+json;q=0", 406),  # refused by its weight
+        ("application/fhir+json; q=0.0, */*", 406),  # the most specific range decides
+        ("*/*;q=0", 406),
+        ("application/fhir+json; fhirVersion=3.0", 406),  # R4 (4.0) only is served
+        ('application/fhir+json; fhirVersion="3.0", application/json;q=0', 406),
+        ("application/fhir+json; fhirVersion=4.0", 200),
+        ("application/fhir+json; fhirVersion=3.0, application/fhir+json; fhirVersion=4.0", 200),
+        ("application/fhir+json;q=0, application/json;q=0.5", 200),
+        ("text/html, */*;q=0.1", 200),
+        ("application/fhir+json;q=0.001", 200),
+    ],
+)
+def test_accept_weights_and_fhir_version_are_honoured(
+    trust: Fhir, accept: str, status: int
+) -> None:
+    read = trust.get(FLAG, headers={"accept": accept})
+    assert read.status_code == status, read.text
+    assert read.json()["resourceType"] == ("Flag" if status == 200 else "OperationOutcome")
+    by_format = trust.get(FLAG, params={"_format": accept})
+    assert by_format.status_code == status, by_format.text
+
+
+@pytest.mark.parametrize("charset", ["iso-8859-1", '"latin1"', "utf-16", "us-ascii"])
+def test_a_body_in_a_charset_other_than_utf8_is_a_415(trust: Fhir, charset: str) -> None:
+    key, flag = _new_flag(trust)
+    created = {**flag, "code": {"text": "café"}}
+    created.pop("id")
+    media = f"application/fhir+json; charset={charset}"
+    said = outcome(trust.post("Flag", created, headers={"content-type": media}), 415)
+    assert "UTF-8 only" in said["issue"][0]["details"]["text"]
+    outcome(trust.put(key, {**flag, "status": "inactive"}, headers={"content-type": media}), 415)
+    patch = trust.http.patch(
+        f"/fhir/{key}",
+        content=b"[]",
+        headers={**trust.headers, "content-type": f"application/json-patch+json;charset={charset}"},
+    )
+    outcome(patch, 415)
+    search = trust.http.post(
+        "/fhir/Flag/_search",
+        content=b"status=active",
+        headers={
+            **trust.headers,
+            "content-type": f"application/x-www-form-urlencoded; charset={charset}",
+        },
+    )
+    outcome(search, 415)
+    assert trust.get(key).json()["meta"]["versionId"] == "1"
+
+
+@pytest.mark.parametrize("charset", ["utf-8", "UTF-8", '"Utf-8"'])
+def test_a_body_in_utf8_is_taken_however_the_charset_is_written(trust: Fhir, charset: str) -> None:
+    _, flag = _new_flag(trust)
+    flag.pop("id")
+    flag["code"] = {"text": "café"}
+    media = f"application/fhir+json; charset={charset}"
+    made = trust.post("Flag", flag, headers={"content-type": media})
+    assert made.status_code == 201, made.text
+    assert made.json()["code"]["text"] == "café"

@@ -437,9 +437,7 @@ class Router:
     def _negotiate(self, request: Request) -> None:
         fmt = dict(request.query).get("_format")
         accept = fmt or request.headers.get("accept", "")
-        if accept and not any(
-            _media_type(t) in (*_JSON_TYPES, "*/*", "application/*", "") for t in accept.split(",")
-        ):
+        if accept and not _takes_fhir_json(accept):
             raise HttpError(
                 406,
                 f"this server speaks application/fhir+json only, not '{accept}'",
@@ -455,6 +453,7 @@ class Router:
                 f"send application/fhir+json, not '{ctype or 'no content type'}'",
                 code="not-supported",
             )
+        _utf8_only(request)
         try:
             data = jsonio.loads(request.body)
         except orjson.JSONDecodeError as exc:
@@ -848,6 +847,7 @@ class Router:
                 415, f"send a JSON Patch as {JSON_PATCH}, not '{ctype or 'no content type'}'",
                 code="not-supported",
             )  # fmt: skip
+        _utf8_only(request)
         patch = json_patch(request.body, "the body")
         if_match = _if_match(request.headers.get("if-match"), self._version_of(rtype, rid))
         current = self.repo.read(rtype, rid)
@@ -1431,6 +1431,69 @@ def _media_type(header: str) -> str:
     return header.split(";")[0].strip().lower()
 
 
+def _parameters(header: str) -> dict[str, str]:
+    """A Content-Type's or Accept item's parameters (RFC 9110 §5.6.6), names in lower
+    case, values unquoted."""
+    found = {}
+    for part in header.split(";")[1:]:
+        name, _, value = part.partition("=")
+        value = value.strip()
+        if len(value) > 1 and value[0] == value[-1] == '"':
+            value = value[1:-1]
+        found[name.strip().lower()] = value
+    return found
+
+
+# What this server sends: FHIR R4 JSON (https://hl7.org/fhir/R4/http.html#version-parameter).
+_R4_VERSION = re.compile(r"4\.0(?:\.\d+)?")
+
+
+def _quality(text: str | None) -> float:
+    """A weight (RFC 9110 §12.4.2); one that cannot be read is taken as 1, as none is."""
+    try:
+        q = float(text) if text is not None else 1.0
+    except ValueError:
+        return 1.0
+    return q if 0.0 <= q <= 1.0 else 1.0
+
+
+def _takes_fhir_json(accept: str) -> bool:
+    """Whether an Accept header (or `_format`) takes FHIR R4 JSON: the most specific of
+    its ranges that matches it decides, by its weight (RFC 9110 §12.5.1), so `q=0`
+    refuses it; a range naming another fhirVersion does not match it."""
+    best, weight = -1, 0.0
+    for item in accept.split(","):
+        mtype = _media_type(item)
+        params = _parameters(item)
+        version = params.get("fhirversion")
+        if version is not None and not _R4_VERSION.fullmatch(version):
+            continue
+        if mtype in _JSON_TYPES:
+            level = 3 if version is not None else 2
+        elif mtype in ("application/*", "*/*"):
+            level = 1 if mtype == "application/*" else 0
+        else:
+            continue
+        q = _quality(params.get("q"))
+        if level > best:
+            best, weight = level, q
+        elif level == best:
+            weight = max(weight, q)
+    return weight > 0
+
+
+def _utf8_only(request: Request) -> None:
+    """415 for a body its Content-Type says is in a charset other than UTF-8: it would
+    be read as UTF-8 all the same (RFC 8259 §8.1), and mean what the client did not."""
+    charset = _parameters(request.headers.get("content-type", "")).get("charset")
+    if charset is not None and charset.lower() != "utf-8":
+        raise HttpError(
+            415,
+            f"this server accepts bodies in UTF-8 only, not charset={charset}: send it as UTF-8",
+            code="not-supported",
+        )
+
+
 def _form(request: Request) -> list[tuple[str, str]]:
     if request.body:
         _no_content_coding(request)
@@ -1439,6 +1502,8 @@ def _form(request: Request) -> list[tuple[str, str]]:
         raise HttpError(
             415, "POST _search takes application/x-www-form-urlencoded", code="not-supported"
         )
+    if request.body:
+        _utf8_only(request)
     try:
         return parse_qsl(
             request.body.decode(), keep_blank_values=True, strict_parsing=bool(request.body)
