@@ -280,3 +280,34 @@ def test_files_replaced_keep_their_permissions_and_links_are_followed(tmp_path: 
     assert stat.S_IMODE(target.stat().st_mode) == 0o600
     assert stat.S_IMODE(audit.stat().st_mode) == 0o600
     assert sorted(p.name for p in tmp_path.iterdir()) == ["audit.json", "out.json", "secure"]
+
+
+@pytest.mark.skipif(
+    not Path("/dev/full").exists(), reason="no /dev/full here (a Linux device that refuses writes)"
+)
+@pytest.mark.parametrize(
+    ("command", "code"),
+    [
+        (["validate", str(RECORD_C)], 2),
+        (["validate", "--format", "json", str(RECORD_C)], 2),
+        (["profiles", "build", "--package", "{package}"], 2),
+        (["sandbox", "token", "--client", "gp", "--db", "sqlite:///{db}"], 2),
+        (["sandbox", "--port", "0", "--db", "sqlite:///{db}"], 1),
+        (["--help"], 2),
+    ],
+    ids=["validate", "validate-json", "profiles-build", "sandbox-token", "sandbox", "help"],
+)
+def test_standard_output_that_cannot_be_written_is_one_line(
+    tmp_path: Path, command: list[str], code: int
+) -> None:
+    """`> /dev/full`: one line saying so and a non-zero exit, not a traceback (nor one
+    more at exit, when what is buffered is flushed)."""
+    folder = package(tmp_path / "package", ("StructureDefinition-odd.json", profile()))
+    args = [a.format(package=folder, db=tmp_path / "s.db") for a in command]
+    with open("/dev/full", "wb") as full:
+        result = subprocess.run(
+            [sys.executable, "-m", "cpa_fhir", *args],
+            stdout=full, stderr=subprocess.PIPE, text=True, timeout=120,
+        )  # fmt: skip
+    line = one_line(result, code)
+    assert line.startswith("cpa-fhir: cannot write to standard output ("), line
