@@ -135,6 +135,36 @@ def test_a_differential_element_without_a_place_is_one_line(
         assert line == f"cpa-fhir: http://example.org/fhir/StructureDefinition/Odd: {says}"
 
 
+ODD = "http://example.org/fhir/StructureDefinition/Odd"
+ODDER = "http://example.org/fhir/StructureDefinition/Odder"
+
+
+@pytest.mark.parametrize(
+    ("bases", "says"),
+    [
+        ({ODD: ODD}, f"circular baseDefinition: {ODD} -> {ODD}"),
+        ({ODD: ODDER, ODDER: ODD}, f"circular baseDefinition: {ODDER} -> {ODD} -> {ODDER}"),
+    ],
+    ids=["itself", "each-other"],
+)
+def test_a_circular_base_definition_is_one_line(
+    tmp_path: Path, bases: dict[str, str], says: str
+) -> None:
+    """A base definition whose own base leads back to it sent snapshot generation
+    into endless recursion (a RecursionError traceback)."""
+    files = []
+    for url, base in bases.items():
+        sd = {**profile({"id": "Patient.name", "path": "Patient.name", "min": 1})}
+        sd.update(url=url, name=url.rsplit("/", 1)[1], baseDefinition=base)
+        files.append((f"StructureDefinition-{sd['name']}.json", sd))
+    folder = package(tmp_path / "pkg", *files)
+    for command in (
+        ["validate", str(folder.parent / "patient.json"), "--package", str(folder)],
+        ["profiles", "build", "--package", str(folder)],
+    ):
+        assert one_line(run(*command), 2) == f"cpa-fhir: {says}", command
+
+
 # ---------------------------------------------------------------- sharing policy
 
 
