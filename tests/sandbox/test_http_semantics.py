@@ -6,14 +6,17 @@ content coding refused, a re-creation answered 201, HEAD and nesting in Bundles,
 from __future__ import annotations
 
 import copy
+import logging
 import uuid
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from typing import Any
 
+import anyio
 import orjson
 import pytest
 
+from cpa_fhir.sandbox import Sandbox, create_app
 from tests.sandbox.conftest import Fhir, outcome
 
 FLAG = "Flag/c-risk-self-harm"
@@ -402,3 +405,38 @@ def test_a_body_in_utf8_is_taken_however_the_charset_is_written(trust: Fhir, cha
     made = trust.post("Flag", flag, headers={"content-type": media})
     assert made.status_code == 201, made.text
     assert made.json()["code"]["text"] == "café"
+
+
+@pytest.mark.parametrize("path", ["/fhir/Patient", "/token"])
+def test_a_client_leaving_mid_body_is_a_quiet_abort(
+    sandbox: Sandbox, path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Content-Length 100, part of the body, then gone: no fault of the server's, so no
+    exception out of the app (the server logged it as an error, with a traceback)."""
+    app = create_app(sandbox, audit_process=False)
+    messages = [
+        {"type": "http.request", "body": b'{"resourceType":', "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "",
+        "query_string": b"", "client": ("127.0.0.1", 50000), "server": ("testserver", 80),
+        "headers": [
+            (b"host", b"testserver"),
+            (b"content-type", b"application/fhir+json"),
+            (b"content-length", b"100"),
+        ],
+    }  # fmt: skip
+    with caplog.at_level(logging.DEBUG):
+        anyio.run(app, scope, receive, send)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert sent[0]["status"] == 400  # to no one: the client has gone

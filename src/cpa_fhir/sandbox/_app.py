@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import logging
 import re
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -17,6 +18,7 @@ import anyio.to_thread
 import orjson
 from fastapi import FastAPI
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse
 from starlette.responses import Response as HttpResponse
@@ -37,6 +39,7 @@ from cpa_fhir.store import SqlRepository, Stored, may_reach_types
 from cpa_fhir.store._engine import POOL_SIZE
 from cpa_fhir.store._generation import GenerationWatch, SharedQueries
 
+_log = logging.getLogger(__name__)
 MAX_BODY = 5 * 1024 * 1024
 INDEX_BEHIND = (503, "the audit trail's search index could not be brought up to date; try again")
 FHIR_PREFIX = "/fhir"
@@ -158,11 +161,21 @@ async def _body(request: HttpRequest) -> bytes:
     if declared and declared.isascii() and declared.isdigit() and int(declared) > MAX_BODY:
         raise HttpError(413, f"the body is larger than {MAX_BODY} bytes", code="too-costly")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY:
-            raise HttpError(413, f"the body is larger than {MAX_BODY} bytes", code="too-costly")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY:
+                raise HttpError(413, f"the body is larger than {MAX_BODY} bytes", code="too-costly")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        # The client went before sending all of its body: the request is abandoned, no
+        # fault of the server's (and the answer goes to no one).
+        _log.debug(
+            "%s %s: the client left before its body was sent", request.method, request.url.path
+        )
+        raise HttpError(
+            400, "the client closed the connection before sending its body", code="incomplete"
+        ) from None
     return b"".join(chunks)
 
 
