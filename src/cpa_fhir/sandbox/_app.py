@@ -6,6 +6,7 @@ import gc
 import logging
 import re
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -263,15 +264,26 @@ def create_app(
     )
 
     async def token(request: HttpRequest) -> HttpResponse:
+        def refused(description: str, status: int = 400) -> HttpResponse:
+            error = {"error": "invalid_request", "error_description": description}
+            return JSONResponse(error, status, headers={"cache-control": "no-store"})
+
         try:
             body = await _body(request)
-            form = dict(parse_qsl(body.decode(), keep_blank_values=True))
-        except (HttpError, UnicodeDecodeError, ValueError):
-            return JSONResponse(
-                {"error": "invalid_request", "error_description": "unreadable form"}, 400
-            )
-        status, payload = token_request(
-            form,
+        except HttpError as exc:
+            # Too large is a 413, as at the FHIR endpoint; whatever else, unreadable.
+            return refused(exc.message if exc.status == 413 else "unreadable form", exc.status)
+        try:
+            pairs = parse_qsl(body.decode(), keep_blank_values=True)
+        except (UnicodeDecodeError, ValueError):
+            return refused("unreadable form")
+        counted = Counter(name for name, _ in pairs)
+        repeated = sorted(name for name, n in counted.items() if n > 1)
+        if repeated:
+            # RFC 6749 §3.2: a parameter is sent once; which one would count is a guess.
+            return refused(f"{repeated[0]} is given more than once")
+        status, payload, challenge = token_request(
+            dict(pairs),
             request.headers.get("authorization"),
             sandbox.registry,
             now=int(time.time()),
@@ -279,7 +291,7 @@ def create_app(
             token_url=str(request.url),
             issuer=_base_url(request),
         )
-        return JSONResponse(payload, status, headers={"cache-control": "no-store"})
+        return JSONResponse(payload, status, headers={"cache-control": "no-store", **challenge})
 
     async def fhir(request: HttpRequest) -> HttpResponse:
         return await answer(request, _fhir_path(request.scope, FHIR_PREFIX))
