@@ -440,3 +440,33 @@ def test_a_client_leaving_mid_body_is_a_quiet_abort(
         anyio.run(app, scope, receive, send)
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
     assert sent[0]["status"] == 400  # to no one: the client has gone
+
+
+@pytest.mark.parametrize("inner", [5, ["Patient"], {"a": 1}])
+def test_a_contained_resource_type_that_is_no_string_is_named(trust: Fhir, inner: Any) -> None:
+    """Not "Not valid FHIR R4: can only concatenate str (not "int") to str"."""
+    _, flag = _new_flag(trust)
+    flag.pop("id")
+    flag["contained"] = [{"resourceType": inner}]
+    said = outcome(trust.post("Flag", flag), 422)
+    errors = [i for i in said["issue"] if i["severity"] == "error"]
+    assert [i["expression"] for i in errors] == [["Flag.contained[0].resourceType"]], errors
+    text = errors[0]["details"]["text"]
+    assert text.startswith("contained[0].resourceType must be a string"), text
+    assert "concatenate" not in str(said)
+    entry = {
+        "resource": {
+            "resourceType": "Basic",
+            "code": {"text": "x"},
+            "contained": [{"resourceType": inner}],
+        }
+    }
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [{**entry, "request": {"method": "POST", "url": "Basic"}}],
+    }
+    said = outcome(trust.post("", bundle), 422)
+    errors = [i for i in said["issue"] if i["severity"] == "error"]
+    assert errors[0]["expression"] == ["Bundle.entry[0].resource.contained[0].resourceType"]
+    assert errors[0]["details"]["text"].startswith("contained[0].resourceType must be a string")
