@@ -8,7 +8,10 @@ import shutil
 import socket
 import sys
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, date, datetime
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -135,38 +138,40 @@ def validate(
         table.add_column(name, no_wrap=True)
     invalid = 0
     failed = False
-    for path in paths:
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise _fail(f"{path}: cannot read ({exc.strerror or exc})") from None
-        issues = validator.validate(data, profile=profile, as_of=when)
-        errors = [i for i in issues if i.is_error]
-        warnings = [i for i in issues if i.severity == "warning"]
-        failed = failed or bool(errors)
-        if output_format == "json":
-            out.print_json(orjson.dumps(operation_outcome(issues)).decode())
-            continue
-        for issue in issues:
-            if issue.severity in ("fatal", "error", "warning"):
-                out.print(f"{path}: {issue.line()}", markup=False)
-        try:
-            content = _summary(jsonio.loads(data))
-        except orjson.JSONDecodeError:
-            content = "(not JSON)"
-        invalid += bool(errors)
-        table.add_row(
-            path.name,
-            content,
-            str(len(errors)),
-            str(len(warnings)),
-            "[red]invalid[/red]" if errors else "[green]valid[/green]",
-        )
-    if output_format == "text":
-        out.print(table)
-        out.print(
-            f"{len(paths)} file(s): {len(paths) - invalid} valid, {invalid} invalid", markup=False
-        )
+    with _standard_output():
+        for path in paths:
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                raise _fail(f"{path}: cannot read ({exc.strerror or exc})") from None
+            issues = validator.validate(data, profile=profile, as_of=when)
+            errors = [i for i in issues if i.is_error]
+            warnings = [i for i in issues if i.severity == "warning"]
+            failed = failed or bool(errors)
+            if output_format == "json":
+                out.print_json(orjson.dumps(operation_outcome(issues)).decode())
+                continue
+            for issue in issues:
+                if issue.severity in ("fatal", "error", "warning"):
+                    out.print(f"{path}: {issue.line()}", markup=False)
+            try:
+                content = _summary(jsonio.loads(data))
+            except orjson.JSONDecodeError:
+                content = "(not JSON)"
+            invalid += bool(errors)
+            table.add_row(
+                path.name,
+                content,
+                str(len(errors)),
+                str(len(warnings)),
+                "[red]invalid[/red]" if errors else "[green]valid[/green]",
+            )
+        if output_format == "text":
+            out.print(table)
+            out.print(
+                f"{len(paths)} file(s): {len(paths) - invalid} valid, {invalid} invalid",
+                markup=False,
+            )
     raise typer.Exit(1 if failed else 0)
 
 
@@ -195,19 +200,31 @@ def _write(path: Path, data: bytes, what: str) -> None:
     _write_together([(path, data, what)])
 
 
-def _write_together(files: list[tuple[Path, bytes, str]]) -> None:
+# A step written last, once the files are in place: where it goes, what it is, and
+# the writing (e.g. the outgoing Bundle to standard output).
+Last = tuple[str, str, Callable[[], None]]
+
+
+def _write_together(
+    files: list[tuple[Path, bytes, str]],
+    *,
+    last: Last | None = None,
+    nothing: str = "nothing was written",
+) -> None:
     """Write every file or none: each goes to a file of its own beside its place (the
     place a symbolic link names), and all are moved into place once every one is
     written, the first last; a move that fails puts back what the others replaced. A
     disclosure's AuditEvent must not be left recording a Bundle that could not be
     written, nor the reverse. A file replaced keeps its permissions; a device or pipe
-    (/dev/stdout) is written as it is, once the files are in place."""
+    (/dev/stdout) is written as it is, once the files are in place, and then `last`:
+    if either fails the files are put back as they were (what a device or pipe took
+    cannot be taken back, and is named). `nothing`: what the message says of that."""
     targets = [(path.resolve(), data, what) for path, data, what in files]
     if len({path for path, _, _ in targets}) != len(targets):
         raise _fail("the files to write must differ (--out and --audit name one file)", 1)
     for path, _, what in targets:
         if path.is_dir():
-            raise _fail(f"{path}: cannot write the {what} (a folder); nothing was written", 1)
+            raise _fail(f"{path}: cannot write the {what} (a folder); {nothing}", 1)
     streams = [(p, d, w) for p, d, w in targets if p.exists() and not p.is_file()]
     written: list[tuple[Path, Path]] = []
     try:
@@ -219,25 +236,42 @@ def _write_together(files: list[tuple[Path, bytes, str]]) -> None:
                 _write_private(spare, data, like=path if path.exists() else None)
             except OSError as exc:
                 raise _fail(
-                    f"{path}: cannot write the {what} ({exc.strerror or exc}); nothing was written",
-                    1,
+                    f"{path}: cannot write the {what} ({exc.strerror or exc}); {nothing}", 1
                 ) from None
             written.append((spare, path))
-        _move_into_place(written)
+        moved = _move_into_place(written, nothing)
         written = []
     finally:
         for spare, _ in written:
             spare.unlink(missing_ok=True)
-    for path, data, what in streams:
+    steps: list[Last] = [
+        (str(path), what, partial(_write_stream, path, data)) for path, data, what in streams
+    ]
+    for n, (where, what, step) in enumerate([*steps, *([last] if last else [])]):
         try:
-            with path.open("wb") as stream:
-                stream.write(data)
+            step()
         except OSError as exc:
-            raise _fail(f"{path}: cannot write the {what} ({exc.strerror or exc})", 1) from None
+            _put_back(moved)
+            gone = ", ".join(where for where, _, _ in steps[:n])
+            told = f"; what went to {gone} cannot be taken back" if gone else ""
+            raise _fail(
+                f"{where}: cannot write the {what} ({exc.strerror or exc}); {nothing}{told}", 1
+            ) from None
+    for _, before in moved:
+        if before is not None:
+            before.unlink(missing_ok=True)
 
 
-def _move_into_place(moves: list[tuple[Path, Path]]) -> None:
-    """Move each spare onto its path, the last first; all, or none."""
+def _write_stream(path: Path, data: bytes) -> None:
+    with path.open("wb") as stream:
+        stream.write(data)
+
+
+def _move_into_place(
+    moves: list[tuple[Path, Path]], nothing: str
+) -> list[tuple[Path, Path | None]]:
+    """Move each spare onto its path, the last first; all, or none. What each path held
+    before is set aside (`_put_back` puts it back), for the caller to remove."""
     done: list[tuple[Path, Path | None]] = []  # path, what it held before (set aside)
     try:
         for spare, path in reversed(moves):
@@ -249,16 +283,52 @@ def _move_into_place(moves: list[tuple[Path, Path]]) -> None:
             done.append((path, before))
             os.replace(spare, path)
     except OSError as exc:
-        for path, before in reversed(done):
-            path.unlink(missing_ok=True)
-            if before is not None:
-                os.replace(before, path)
-        raise _fail(
-            f"{path}: cannot write ({exc.strerror or exc}); nothing was written", 1
-        ) from None
-    for _, before in done:
+        _put_back(done)
+        raise _fail(f"{path}: cannot write ({exc.strerror or exc}); {nothing}", 1) from None
+    return done
+
+
+def _put_back(done: list[tuple[Path, Path | None]]) -> None:
+    """Each path as it was before `_move_into_place`: gone, or what it held."""
+    for path, before in reversed(done):
+        path.unlink(missing_ok=True)
         if before is not None:
-            before.unlink(missing_ok=True)
+            os.replace(before, path)
+
+
+def _abandon_standard_output() -> None:
+    """Standard output pointed at the null device once it could not be written: what
+    is still buffered would otherwise fail again at exit, with a traceback."""
+    try:
+        descriptor = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return  # not a file (a test's capture): nothing is flushed at exit
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, descriptor)
+    finally:
+        os.close(null)
+
+
+@contextmanager
+def _standard_output(code: int = 2) -> Iterator[None]:
+    """What a command prints, one line on standard error and exit `code` if standard
+    output cannot be written (a full disk, a closed pipe), not a traceback."""
+    try:
+        yield
+        sys.stdout.flush()
+    except OSError as exc:
+        _abandon_standard_output()
+        raise _fail(f"cannot write to standard output ({exc.strerror or exc})", code) from None
+
+
+def _to_standard_output(data: bytes) -> None:
+    try:
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+    except OSError:
+        _abandon_standard_output()
+        raise
 
 
 def _write_private(spare: Path, data: bytes, *, like: Path | None) -> None:
@@ -375,9 +445,13 @@ def share(
                 "--out or another --audit file; nothing was shared",
                 1,
             )
-        _write(audit, event, "AuditEvent")
-        sys.stdout.buffer.write(body)
-        sys.stdout.flush()
+        # The AuditEvent is put in place, then the Bundle sent; if it cannot be sent the
+        # AuditEvent is taken back, so that it records no disclosure that did not happen.
+        _write_together(
+            [(audit, event, "AuditEvent")],
+            last=("standard output", "outgoing Bundle", partial(_to_standard_output, body)),
+            nothing="nothing was shared",
+        )
     else:
         _write_together([(audit, event, "AuditEvent"), (out_file, body, "outgoing Bundle")])
     err.print(
@@ -404,9 +478,13 @@ def profiles_build(package: PackageOption = None) -> None:
         sd["snapshot"] = built["snapshot"]
         new = jsonio.dumps(sd, option=orjson.OPT_INDENT_2) + b"\n"
         if new != path.read_bytes():
-            path.write_bytes(new)
+            try:
+                path.write_bytes(new)
+            except OSError as exc:
+                raise _fail(f"{path}: cannot write ({exc.strerror or exc})", 1) from None
             written += 1
-    out.print(f"{written} StructureDefinition(s) updated in {folder}", markup=False)
+    with _standard_output():
+        out.print(f"{written} StructureDefinition(s) updated in {folder}", markup=False)
 
 
 DbOption = Annotated[
@@ -464,20 +542,22 @@ def sandbox(
         raise _fail(f"cannot load the example patients into {db}: {why}", 1) from None
     port = listening[0].getsockname()[1]
     base = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
-    if loaded:
-        out.print(f"loaded the example patients A–D: {loaded} resources", markup=False)
-    out.print(
-        f"FHIR base URL: {base}/fhir  (CapabilityStatement at {base}/fhir/metadata)", markup=False
-    )
-    out.print(
-        f"get a token:   cpa-fhir sandbox token --client gp --db {db}\n"
-        f"   or:         curl -s -d grant_type=client_credentials -d client_id=gp "
-        f"-d client_secret=gp-demo-secret {base}/token\n"
-        f"then:          curl -H 'Authorization: Bearer TOKEN' {base}/fhir/CarePlan?subject=Patient/c-patient\n"
-        f"clients:       {', '.join(sorted(box.registry.clients))} (sandbox/clients.toml)",
-        markup=False,
-    )
     try:
+        with _standard_output(1):
+            if loaded:
+                out.print(f"loaded the example patients A–D: {loaded} resources", markup=False)
+            out.print(
+                f"FHIR base URL: {base}/fhir  (CapabilityStatement at {base}/fhir/metadata)",
+                markup=False,
+            )
+            out.print(
+                f"get a token:   cpa-fhir sandbox token --client gp --db {db}\n"
+                f"   or:         curl -s -d grant_type=client_credentials -d client_id=gp "
+                f"-d client_secret=gp-demo-secret {base}/token\n"
+                f"then:          curl -H 'Authorization: Bearer TOKEN' {base}/fhir/CarePlan?subject=Patient/c-patient\n"
+                f"clients:       {', '.join(sorted(box.registry.clients))} (sandbox/clients.toml)",
+                markup=False,
+            )
         server = uvicorn.Server(uvicorn.Config(create_app(box), log_level="warning"))
         server.run(sockets=listening)
     finally:
@@ -557,7 +637,8 @@ def sandbox_token(
         token = box.token_for(client, issuer)
     except FhirError as exc:
         raise _fail(exc.message) from None
-    out.print(token["access_token"], markup=False)
+    with _standard_output():
+        out.print(token["access_token"], markup=False)
 
 
 def main() -> None:
@@ -565,6 +646,16 @@ def main() -> None:
         app()
     except FhirError as exc:
         err.print(f"cpa-fhir: {exc.message}", markup=False)
+        sys.exit(2)
+    except OSError as exc:
+        # What no command caught: the help or a usage message that standard output
+        # cannot take, or a file; one line all the same.
+        if exc.filename is None:
+            _abandon_standard_output()
+            message = f"cannot write to standard output ({exc.strerror or exc})"
+        else:
+            message = f"{exc.filename}: {exc.strerror or exc}"
+        err.print(f"cpa-fhir: {message}", markup=False)
         sys.exit(2)
 
 

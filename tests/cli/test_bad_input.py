@@ -135,6 +135,36 @@ def test_a_differential_element_without_a_place_is_one_line(
         assert line == f"cpa-fhir: http://example.org/fhir/StructureDefinition/Odd: {says}"
 
 
+ODD = "http://example.org/fhir/StructureDefinition/Odd"
+ODDER = "http://example.org/fhir/StructureDefinition/Odder"
+
+
+@pytest.mark.parametrize(
+    ("bases", "says"),
+    [
+        ({ODD: ODD}, f"circular baseDefinition: {ODD} -> {ODD}"),
+        ({ODD: ODDER, ODDER: ODD}, f"circular baseDefinition: {ODDER} -> {ODD} -> {ODDER}"),
+    ],
+    ids=["itself", "each-other"],
+)
+def test_a_circular_base_definition_is_one_line(
+    tmp_path: Path, bases: dict[str, str], says: str
+) -> None:
+    """A base definition whose own base leads back to it sent snapshot generation
+    into endless recursion (a RecursionError traceback)."""
+    files = []
+    for url, base in bases.items():
+        sd = {**profile({"id": "Patient.name", "path": "Patient.name", "min": 1})}
+        sd.update(url=url, name=url.rsplit("/", 1)[1], baseDefinition=base)
+        files.append((f"StructureDefinition-{sd['name']}.json", sd))
+    folder = package(tmp_path / "pkg", *files)
+    for command in (
+        ["validate", str(folder.parent / "patient.json"), "--package", str(folder)],
+        ["profiles", "build", "--package", str(folder)],
+    ):
+        assert one_line(run(*command), 2) == f"cpa-fhir: {says}", command
+
+
 # ---------------------------------------------------------------- sharing policy
 
 
@@ -280,3 +310,34 @@ def test_files_replaced_keep_their_permissions_and_links_are_followed(tmp_path: 
     assert stat.S_IMODE(target.stat().st_mode) == 0o600
     assert stat.S_IMODE(audit.stat().st_mode) == 0o600
     assert sorted(p.name for p in tmp_path.iterdir()) == ["audit.json", "out.json", "secure"]
+
+
+@pytest.mark.skipif(
+    not Path("/dev/full").exists(), reason="no /dev/full here (a Linux device that refuses writes)"
+)
+@pytest.mark.parametrize(
+    ("command", "code"),
+    [
+        (["validate", str(RECORD_C)], 2),
+        (["validate", "--format", "json", str(RECORD_C)], 2),
+        (["profiles", "build", "--package", "{package}"], 2),
+        (["sandbox", "token", "--client", "gp", "--db", "sqlite:///{db}"], 2),
+        (["sandbox", "--port", "0", "--db", "sqlite:///{db}"], 1),
+        (["--help"], 2),
+    ],
+    ids=["validate", "validate-json", "profiles-build", "sandbox-token", "sandbox", "help"],
+)
+def test_standard_output_that_cannot_be_written_is_one_line(
+    tmp_path: Path, command: list[str], code: int
+) -> None:
+    """`> /dev/full`: one line saying so and a non-zero exit, not a traceback (nor one
+    more at exit, when what is buffered is flushed)."""
+    folder = package(tmp_path / "package", ("StructureDefinition-odd.json", profile()))
+    args = [a.format(package=folder, db=tmp_path / "s.db") for a in command]
+    with open("/dev/full", "wb") as full:
+        result = subprocess.run(
+            [sys.executable, "-m", "cpa_fhir", *args],
+            stdout=full, stderr=subprocess.PIPE, text=True, timeout=120,
+        )  # fmt: skip
+    line = one_line(result, code)
+    assert line.startswith("cpa-fhir: cannot write to standard output ("), line

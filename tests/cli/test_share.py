@@ -139,3 +139,51 @@ def test_a_record_is_a_collection_bundle(tmp_path: Path, kind: str | None) -> No
     assert not audit.exists()
     (line,) = result.stderr.decode().strip().splitlines()
     assert "the record must be a collection Bundle" in line
+
+
+FULL = Path("/dev/full")
+needs_dev_full = pytest.mark.skipif(
+    not FULL.exists(), reason="no /dev/full here (a Linux device that refuses every write)"
+)
+
+
+@needs_dev_full
+@pytest.mark.parametrize("audit_before", [None, b'{"kept": true}\n'])
+def test_a_bundle_standard_output_cannot_take_leaves_no_audit_event(
+    tmp_path: Path, audit_before: bytes | None
+) -> None:
+    """The AuditEvent and the Bundle land together or neither: an AuditEvent left for a
+    Bundle standard output refused would record a disclosure that did not happen."""
+    audit = tmp_path / "audit.json"
+    if audit_before is not None:
+        audit.write_bytes(audit_before)
+    with FULL.open("wb") as full:
+        result = subprocess.run(
+            [sys.executable, "-m", "cpa_fhir", "share", "--to", "gp", "--purpose", "TREAT",
+             "--at", AT, "--audit", str(audit), str(RECORD_C)],
+            stdout=full, stderr=subprocess.PIPE, timeout=120,
+        )  # fmt: skip
+    stderr = result.stderr.decode()
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr
+    assert result.returncode == 1
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("cpa-fhir: standard output: cannot write the outgoing Bundle")
+    assert "nothing was shared" in last
+    if audit_before is None:
+        assert list(tmp_path.iterdir()) == []
+    else:
+        assert [p.name for p in tmp_path.iterdir()] == ["audit.json"]
+        assert audit.read_bytes() == audit_before
+
+
+@needs_dev_full
+def test_an_out_device_that_cannot_be_written_leaves_no_audit_event(tmp_path: Path) -> None:
+    audit = tmp_path / "audit.json"
+    result = run(
+        "--to", "gp", "--purpose", "TREAT", "--at", AT, "--audit", str(audit),
+        "--out", str(FULL), str(RECORD_C),
+    )  # fmt: skip
+    stderr = result.stderr.decode()
+    assert "Traceback" not in stderr and result.returncode == 1, stderr
+    assert "cannot write the outgoing Bundle" in stderr.strip().splitlines()[-1]
+    assert list(tmp_path.iterdir()) == []

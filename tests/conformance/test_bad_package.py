@@ -103,3 +103,52 @@ def test_a_malformed_structure_definition_is_named(
     with pytest.raises(ProfileError) as caught:
         load_package(folder)
     assert caught.value.message.startswith(URL) and says in caught.value.message
+
+
+def test_a_circular_base_definition_is_named(tmp_path: Path) -> None:
+    """A -> B -> A (and A -> A) recursed without end; now the cycle is said."""
+    other = "http://example.org/fhir/StructureDefinition/Other"
+    folder = write_package(
+        tmp_path,
+        **{
+            "StructureDefinition-odd": odd_profile(baseDefinition=other),
+            "StructureDefinition-other": odd_profile(url=other, name="Other", baseDefinition=URL),
+        },
+    )
+    for rebuild in (False, True):
+        with pytest.raises(ProfileError) as caught:
+            load_package(folder, rebuild_snapshots=rebuild)
+        assert caught.value.message == f"circular baseDefinition: {other} -> {URL} -> {other}"
+    itself = write_package(
+        tmp_path / "itself", **{"StructureDefinition-odd": odd_profile(baseDefinition=URL)}
+    )
+    with pytest.raises(ProfileError, match=f"circular baseDefinition: {URL} -> {URL}$"):
+        load_package(itself)
+
+
+def test_a_type_profile_that_is_its_own_definition_is_named(tmp_path: Path) -> None:
+    """An element typed by the very profile it is in would be unrolled without end."""
+    extension = "http://example.org/fhir/StructureDefinition/ext"
+    looped = {
+        "resourceType": "StructureDefinition",
+        "url": extension,
+        "name": "Ext",
+        "kind": "complex-type",
+        "type": "Extension",
+        "baseDefinition": "http://hl7.org/fhir/StructureDefinition/Extension",
+        "derivation": "constraint",
+        "differential": {
+            "element": [
+                {
+                    "id": "Extension.extension:inner",
+                    "path": "Extension.extension",
+                    "sliceName": "inner",
+                    "type": [{"code": "Extension", "profile": [extension]}],
+                },
+                {"id": "Extension.extension:inner.url", "path": "Extension.extension.url"},
+            ]
+        },
+    }
+    folder = write_package(tmp_path, **{"StructureDefinition-ext": looped})
+    with pytest.raises(ProfileError, match="circular type profile"):
+        load_package(folder)

@@ -312,3 +312,35 @@ def test_conditional_delete_in_the_store_refuses_several(sandbox: Sandbox) -> No
         sandbox.repo.create(_flag(marker))
     with pytest.raises(PreconditionFailed, match="more than one"):
         sandbox.repo.conditional_delete("Flag", f"identifier=urn:test|{marker}")
+
+
+@pytest.mark.parametrize("method", ["PUT", "DELETE"])
+@pytest.mark.parametrize("client_id", ["gp", "trust"])
+def test_an_if_match_list_on_a_conditional_entry_searches_nothing_it_may_not(
+    sandbox: Sandbox, method: str, client_id: str
+) -> None:
+    """An If-Match list is compared with what the criteria match, so they are searched
+    early: never for a partner (403, not 412 for several matching), nor past a
+    token's scopes (403 for a trust token that may not write Flags)."""
+    marker = uuid.uuid4().hex
+    for _ in range(2):  # several match: searched, it would be a 412
+        sandbox.repo.create(_flag(marker))
+    scopes = frozenset({"system/*.read", "system/*.write"})
+    if client_id == "trust":
+        scopes = frozenset({"system/*.read", "system/Patient.write"})
+    writer = replace(sandbox.registry.clients[client_id], scopes=scopes)
+    entry: dict[str, Any] = {
+        "request": {
+            "method": method,
+            "url": f"Flag?identifier=urn:test|{marker}",
+            "ifMatch": 'W/"1", W/"2"',
+        }
+    }
+    if method == "PUT":
+        entry["resource"] = _flag(marker)
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [entry]}
+    request = Request(
+        "POST", "", [], {"content-type": "application/fhir+json"}, orjson.dumps(bundle)
+    )
+    response = sandbox.router.handle(request, writer, scopes)
+    assert response.status == 403, response.body

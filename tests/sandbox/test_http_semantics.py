@@ -6,14 +6,17 @@ content coding refused, a re-creation answered 201, HEAD and nesting in Bundles,
 from __future__ import annotations
 
 import copy
+import logging
 import uuid
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from typing import Any
 
+import anyio
 import orjson
 import pytest
 
+from cpa_fhir.sandbox import Sandbox, create_app
 from tests.sandbox.conftest import Fhir, outcome
 
 FLAG = "Flag/c-risk-self-harm"
@@ -242,3 +245,228 @@ def test_a_conditional_write_honours_the_write_preconditions(trust: Fhir) -> Non
         trust.post("", {"resourceType": "Bundle", "type": "transaction", "entry": [entry]}), 412
     )
     assert trust.get(key).json()["meta"]["versionId"] == "1"
+
+
+@pytest.mark.parametrize(
+    ("method", "url", "allow"),
+    [
+        ("POST", "Patient/a-patient", "GET, HEAD, PUT, DELETE, PATCH"),
+        ("PATCH", "Patient", "GET, HEAD, POST, PUT, DELETE"),
+        ("GET", "", "POST"),
+        ("DELETE", "", "POST"),
+        ("POST", "metadata", "GET, HEAD"),
+        ("GET", "Patient/_search", "POST"),
+        ("GET", "Patient/$validate", "POST"),
+        ("POST", "Patient/_history", "GET, HEAD"),
+        ("PUT", "Patient/a-patient/_history", "GET, HEAD"),
+        ("DELETE", "Patient/a-patient/_history/1", "GET, HEAD"),
+        ("GET", "Patient/a-patient/$validate", "POST"),
+        ("OPTIONS", "Patient/a-patient", "GET, HEAD, PUT, DELETE, PATCH"),  # the framework's
+        ("TRACE", "metadata", "GET, HEAD"),
+    ],
+)
+def test_a_405_names_the_methods_the_url_takes_in_allow(
+    trust: Fhir, method: str, url: str, allow: str
+) -> None:
+    """RFC 9110 §15.5.6: a 405 carries Allow."""
+    body = b'{"resourceType": "Patient"}' if method in ("POST", "PUT", "PATCH") else None
+    headers = {**trust.headers, "content-type": "application/fhir+json"}
+    refused = trust.http.request(method, f"/fhir/{url}", content=body, headers=headers)
+    said = outcome(refused, 405)
+    assert refused.headers["allow"] == allow
+    assert said["issue"][0]["code"] == "not-supported"
+    if "HEAD" not in allow:  # HEAD is GET less the body: refused alike
+        head = trust.http.head(f"/fhir/{url}", headers=trust.headers)
+        assert (head.status_code, head.headers["allow"]) == (405, allow)
+
+
+def test_a_405_in_a_batch_is_the_entry_s_and_the_token_endpoint_takes_post(trust: Fhir) -> None:
+    batch = {
+        "resourceType": "Bundle",
+        "type": "batch",
+        "entry": [{"request": {"method": "DELETE", "url": "Patient/a-patient/_history/1"}}],
+    }
+    answer = trust.post("", batch)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["entry"][0]["response"]["status"] == "405"
+    assert trust.http.get("/fhir", headers=trust.headers).headers["allow"] == "POST"
+    assert trust.http.get("/token").headers["allow"] == "POST"
+
+
+@pytest.mark.parametrize(
+    ("tag", "status"),
+    [
+        ('W/"01"', 412),  # an ETag is an opaque string: "01" is not "1"
+        ('"01"', 412),
+        ('W/"x"', 412),
+        ('W/"1", W/"2"', 200),  # a list holds if any tag names the current version
+        ('W/"2", "1"', 200),
+        ('W/"2", W/"3"', 412),
+        ('W/"2", W/"01"', 412),
+        ('"1', 400),
+        ('W/"1" W/"2"', 400),
+    ],
+)
+def test_if_match_compares_tags_as_strings_and_takes_a_list(
+    trust: Fhir, tag: str, status: int
+) -> None:
+    for method in ("PUT", "PATCH", "DELETE", "transaction", "conditional"):
+        key, flag = _new_flag(trust)  # at version 1
+        changed = {**flag, "status": "inactive"}
+        headers = {**trust.headers, "if-match": tag}
+        if method == "PUT":
+            answer = trust.put(key, changed, headers={"if-match": tag})
+        elif method == "PATCH":
+            ops = b'[{"op": "replace", "path": "/status", "value": "inactive"}]'
+            patch_type = {"content-type": "application/json-patch+json"}
+            answer = trust.http.patch(
+                f"/fhir/{key}", content=ops, headers={**headers, **patch_type}
+            )
+        elif method == "DELETE":
+            answer = trust.http.delete(f"/fhir/{key}", headers=headers)
+        elif method == "transaction":
+            entry = {"resource": changed, "request": {"method": "PUT", "url": key, "ifMatch": tag}}
+            bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [entry]}
+            answer = trust.post("", bundle)
+        else:
+            criteria = {"_id": flag["id"]}
+            answer = trust.put("Flag", changed, params=criteria, headers={"if-match": tag})
+        written = 204 if method == "DELETE" else 200
+        assert answer.status_code == (written if status == 200 else status), (method, answer.text)
+        if status != 200:
+            assert trust.get(key).json()["meta"]["versionId"] == "1"
+
+
+def test_if_none_match_compares_tags_as_strings_and_takes_a_list(trust: Fhir) -> None:
+    key, _ = _new_flag(trust)
+    for tag, status in (('W/"01"', 200), ('W/"7", W/"1"', 304), ('"1"', 304)):
+        read = trust.get(key, headers={"if-none-match": tag})
+        assert read.status_code == status, tag
+
+
+@pytest.mark.parametrize(
+    ("accept", "status"),
+    [
+        ("application/fhir+json;q=0", 406),  # refused by its weight
+        ("application/fhir+json; q=0.0, */*", 406),  # the most specific range decides
+        ("*/*;q=0", 406),
+        ("application/fhir+json; fhirVersion=3.0", 406),  # R4 (4.0) only is served
+        ('application/fhir+json; fhirVersion="3.0", application/json;q=0', 406),
+        ("application/fhir+json; fhirVersion=4.0", 200),
+        ("application/fhir+json; fhirVersion=3.0, application/fhir+json; fhirVersion=4.0", 200),
+        ("application/fhir+json;q=0, application/json;q=0.5", 200),
+        ("text/html, */*;q=0.1", 200),
+        ("application/fhir+json;q=0.001", 200),
+    ],
+)
+def test_accept_weights_and_fhir_version_are_honoured(
+    trust: Fhir, accept: str, status: int
+) -> None:
+    read = trust.get(FLAG, headers={"accept": accept})
+    assert read.status_code == status, read.text
+    assert read.json()["resourceType"] == ("Flag" if status == 200 else "OperationOutcome")
+    by_format = trust.get(FLAG, params={"_format": accept})
+    assert by_format.status_code == status, by_format.text
+
+
+@pytest.mark.parametrize("charset", ["iso-8859-1", '"latin1"', "utf-16", "us-ascii"])
+def test_a_body_in_a_charset_other_than_utf8_is_a_415(trust: Fhir, charset: str) -> None:
+    key, flag = _new_flag(trust)
+    created = {**flag, "code": {"text": "café"}}
+    created.pop("id")
+    media = f"application/fhir+json; charset={charset}"
+    said = outcome(trust.post("Flag", created, headers={"content-type": media}), 415)
+    assert "UTF-8 only" in said["issue"][0]["details"]["text"]
+    outcome(trust.put(key, {**flag, "status": "inactive"}, headers={"content-type": media}), 415)
+    patch = trust.http.patch(
+        f"/fhir/{key}",
+        content=b"[]",
+        headers={**trust.headers, "content-type": f"application/json-patch+json;charset={charset}"},
+    )
+    outcome(patch, 415)
+    search = trust.http.post(
+        "/fhir/Flag/_search",
+        content=b"status=active",
+        headers={
+            **trust.headers,
+            "content-type": f"application/x-www-form-urlencoded; charset={charset}",
+        },
+    )
+    outcome(search, 415)
+    assert trust.get(key).json()["meta"]["versionId"] == "1"
+
+
+@pytest.mark.parametrize("charset", ["utf-8", "UTF-8", '"Utf-8"'])
+def test_a_body_in_utf8_is_taken_however_the_charset_is_written(trust: Fhir, charset: str) -> None:
+    _, flag = _new_flag(trust)
+    flag.pop("id")
+    flag["code"] = {"text": "café"}
+    media = f"application/fhir+json; charset={charset}"
+    made = trust.post("Flag", flag, headers={"content-type": media})
+    assert made.status_code == 201, made.text
+    assert made.json()["code"]["text"] == "café"
+
+
+@pytest.mark.parametrize("path", ["/fhir/Patient", "/token"])
+def test_a_client_leaving_mid_body_is_a_quiet_abort(
+    sandbox: Sandbox, path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Content-Length 100, part of the body, then gone: no fault of the server's, so no
+    exception out of the app (the server logged it as an error, with a traceback)."""
+    app = create_app(sandbox, audit_process=False)
+    messages = [
+        {"type": "http.request", "body": b'{"resourceType":', "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "",
+        "query_string": b"", "client": ("127.0.0.1", 50000), "server": ("testserver", 80),
+        "headers": [
+            (b"host", b"testserver"),
+            (b"content-type", b"application/fhir+json"),
+            (b"content-length", b"100"),
+        ],
+    }  # fmt: skip
+    with caplog.at_level(logging.DEBUG):
+        anyio.run(app, scope, receive, send)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert sent[0]["status"] == 400  # to no one: the client has gone
+
+
+@pytest.mark.parametrize("inner", [5, ["Patient"], {"a": 1}])
+def test_a_contained_resource_type_that_is_no_string_is_named(trust: Fhir, inner: Any) -> None:
+    """Not "Not valid FHIR R4: can only concatenate str (not "int") to str"."""
+    _, flag = _new_flag(trust)
+    flag.pop("id")
+    flag["contained"] = [{"resourceType": inner}]
+    said = outcome(trust.post("Flag", flag), 422)
+    errors = [i for i in said["issue"] if i["severity"] == "error"]
+    assert [i["expression"] for i in errors] == [["Flag.contained[0].resourceType"]], errors
+    text = errors[0]["details"]["text"]
+    assert text.startswith("contained[0].resourceType must be a string"), text
+    assert "concatenate" not in str(said)
+    entry = {
+        "resource": {
+            "resourceType": "Basic",
+            "code": {"text": "x"},
+            "contained": [{"resourceType": inner}],
+        }
+    }
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [{**entry, "request": {"method": "POST", "url": "Basic"}}],
+    }
+    said = outcome(trust.post("", bundle), 422)
+    errors = [i for i in said["issue"] if i["severity"] == "error"]
+    assert errors[0]["expression"] == ["Bundle.entry[0].resource.contained[0].resourceType"]
+    assert errors[0]["details"]["text"].startswith("contained[0].resourceType must be a string")

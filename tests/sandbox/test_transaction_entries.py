@@ -22,7 +22,7 @@ from cpa_fhir.sandbox import Sandbox
 from cpa_fhir.sandbox._router import Request
 from cpa_fhir.validation.identifiers import nhs_number_check_digit
 from tests.sandbox.conftest import Fhir, outcome
-from tests.sandbox.test_conditional_writes import RECORD_A, _count, _flag
+from tests.sandbox.test_conditional_writes import RECORD_A, _count, _flag, _patch
 
 NHS = "https://fhir.nhs.uk/Id/nhs-number"
 
@@ -377,6 +377,40 @@ def test_a_conditional_reference_names_the_one_resource_it_matches(trust: Fhir) 
         assert refused.status_code in (400, 412), refused.text
         assert refused.json()["resourceType"] == "OperationOutcome"
     assert _all_flags(trust) == before
+
+
+@pytest.mark.parametrize("reference", ["Patient?", "Patient?&", "Patient?_format=json"])
+def test_a_conditional_reference_without_criteria_is_a_400(trust: Fhir, reference: str) -> None:
+    before = _all_flags(trust)
+    flag = _flag(uuid.uuid4().hex, subject={"reference": reference})
+    entry = {"resource": flag, "request": {"method": "POST", "url": "Flag"}}
+    said = outcome(trust.post("", _transaction(entry)), 400)
+    assert "needs at least one search criterion" in said["issue"][0]["details"]["text"]
+    assert _all_flags(trust) == before
+
+
+def test_a_conditional_reference_outside_a_transaction_is_a_400(trust: Fhir) -> None:
+    """Resolved in transactions only (R4 http.html#trules): a create, update, patch or
+    batch entry holding one is refused, naming the element, not stored as written."""
+    before = _all_flags(trust)
+    flag = _flag(uuid.uuid4().hex, subject={"reference": "Patient?_id=c-patient"})
+    said = outcome(trust.post("Flag", flag), 400)
+    text = said["issue"][0]["details"]["text"]
+    assert "Flag.subject.reference" in text and "only in a transaction" in text
+    made = trust.post("Flag", _flag(uuid.uuid4().hex)).json()
+    contained = {"resourceType": "Basic", "id": "b", "code": {"text": "x"}}
+    contained["subject"] = {"reference": "Patient?"}
+    changed = {**made, "contained": [contained]}
+    said = outcome(trust.put(f"Flag/{made['id']}", changed), 400)
+    assert "Flag.contained[0].subject.reference" in said["issue"][0]["details"]["text"]
+    ops = [{"op": "replace", "path": "/subject/reference", "value": "Patient?_id=c-patient"}]
+    outcome(_patch(trust, f"Flag/{made['id']}", ops), 400)
+    batch = _transaction(
+        {"resource": flag, "request": {"method": "POST", "url": "Flag"}}, kind="batch"
+    )
+    assert _statuses(trust.post("", batch)) == ["400"]
+    assert _all_flags(trust) == before + 1  # the one made to update
+    assert trust.get(f"Flag/{made['id']}").json()["subject"] == made["subject"]
 
 
 @pytest.mark.parametrize("condition", ["", "identifier=", "_count=1"])

@@ -41,12 +41,19 @@ def _in_group(element_id: str, group_id: str) -> bool:
     )
 
 
-def snapshot_of(sd: dict[str, Any], resolve: Resolve) -> list[dict[str, Any]]:
+# The StructureDefinitions whose snapshots are being generated, outermost first: one
+# needed again while its own is made is a cycle, which would recurse without end.
+Building = tuple[str, ...]
+
+
+def snapshot_of(
+    sd: dict[str, Any], resolve: Resolve, building: Building = ()
+) -> list[dict[str, Any]]:
     """The snapshot elements of `sd`: its own when present, else generated."""
     snap = snapshot_elements(sd)
     if snap:
         return list(snap)
-    return generate_snapshot(sd, resolve)
+    return generate_snapshot(sd, resolve, building)
 
 
 def snapshot_elements(sd: dict[str, Any]) -> list[dict[str, Any]]:
@@ -68,7 +75,9 @@ def _elements(sd: dict[str, Any], part: str) -> list[dict[str, Any]]:
     return elements
 
 
-def generate_snapshot(sd: dict[str, Any], resolve: Resolve) -> list[dict[str, Any]]:
+def generate_snapshot(
+    sd: dict[str, Any], resolve: Resolve, building: Building = ()
+) -> list[dict[str, Any]]:
     """Lay `sd`'s differential over its base definition's snapshot."""
     base_url = sd.get("baseDefinition")
     if not isinstance(base_url, str) or not base_url:
@@ -76,7 +85,9 @@ def generate_snapshot(sd: dict[str, Any], resolve: Resolve) -> list[dict[str, An
     base = resolve(base_url)
     if base is None:
         raise ProfileError(f"{sd.get('url')}: base definition {base_url} is not available")
-    pristine = snapshot_of(base, resolve)
+    building = (*building, str(sd.get("url")))
+    _not_circular(building, base, "baseDefinition")
+    pristine = snapshot_of(base, resolve, building)
     elements = copy.deepcopy(pristine)
     root = elements[0]["id"] if elements else ""
     for n, diff in enumerate(differential_elements(sd)):
@@ -84,7 +95,7 @@ def generate_snapshot(sd: dict[str, Any], resolve: Resolve) -> list[dict[str, An
             element_id = _diff_id(diff, n, root)
             index = _find(elements, element_id)
             if index is None:
-                index = _materialize(elements, element_id, resolve, pristine)
+                index = _materialize(elements, element_id, resolve, pristine, building)
             _merge(elements[index], diff)
         except ProfileError as exc:
             raise ProfileError(f"{sd.get('url')}: {exc.message}") from None
@@ -112,8 +123,20 @@ def _find(elements: list[dict[str, Any]], element_id: str) -> int | None:
     return None
 
 
+def _not_circular(building: Building, needed: dict[str, Any], link: str) -> None:
+    """ProfileError if `needed` is one whose snapshot is being made (a cycle)."""
+    url = str(needed.get("url"))
+    if url in building and not snapshot_elements(needed):
+        cycle = [*building[building.index(url) :], url]
+        raise ProfileError(f"circular {link}: {' -> '.join(cycle)}")
+
+
 def _materialize(
-    elements: list[dict[str, Any]], element_id: str, resolve: Resolve, base: list[dict[str, Any]]
+    elements: list[dict[str, Any]],
+    element_id: str,
+    resolve: Resolve,
+    base: list[dict[str, Any]],
+    building: Building = (),
 ) -> int:
     """Create the element `element_id` (a slice, or a child inside a data type)."""
     segs = segments(element_id)
@@ -126,7 +149,7 @@ def _materialize(
         sliced_id = ".".join([*segs[:-1], name])
         sliced = _find(elements, sliced_id)
         if sliced is None:
-            sliced = _materialize(elements, sliced_id, resolve, base)
+            sliced = _materialize(elements, sliced_id, resolve, base, building)
             # Unrolling a type can bring this very slice in (an extension's own slices).
             again = _find(elements, element_id)
             if again is not None:
@@ -158,8 +181,8 @@ def _materialize(
         raise ProfileError(f"no element {element_id} in the base definition")
     parent = _find(elements, parent_id)
     if parent is None:
-        parent = _materialize(elements, parent_id, resolve, base)
-    _unroll(elements, parent, resolve, base)
+        parent = _materialize(elements, parent_id, resolve, base, building)
+    _unroll(elements, parent, resolve, base, building)
     found = _find(elements, element_id)
     if found is None:
         raise ProfileError(f"no element {element_id} in the base definition")
@@ -179,7 +202,11 @@ def _type_definition(el: dict[str, Any], resolve: Resolve) -> dict[str, Any]:
 
 
 def _unroll(
-    elements: list[dict[str, Any]], index: int, resolve: Resolve, base: list[dict[str, Any]]
+    elements: list[dict[str, Any]],
+    index: int,
+    resolve: Resolve,
+    base: list[dict[str, Any]],
+    building: Building = (),
 ) -> None:
     """Insert the children of a data-type element from the data type's snapshot."""
     parent = elements[index]
@@ -199,7 +226,9 @@ def _unroll(
             if el["id"].startswith(source + ".") and not el["id"].startswith(parent["id"] + ".")
         ]
     else:
-        type_elements = snapshot_of(_type_definition(parent, resolve), resolve)
+        definition = _type_definition(parent, resolve)
+        _not_circular(building, definition, f"type profile (of {parent['id']})")
+        type_elements = snapshot_of(definition, resolve, building)
         root_id = type_elements[0]["id"]
     children = []
     for el in type_elements[1:]:

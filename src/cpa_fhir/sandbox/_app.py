@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import gc
+import logging
 import re
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -17,6 +19,7 @@ import anyio.to_thread
 import orjson
 from fastapi import FastAPI
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse
 from starlette.responses import Response as HttpResponse
@@ -29,6 +32,7 @@ from cpa_fhir.sandbox._router import (
     FHIR_JSON,
     HttpError,
     Request,
+    allowed_methods,
     outcome_response,
 )
 from cpa_fhir.sandbox._server import Sandbox
@@ -36,6 +40,7 @@ from cpa_fhir.store import SqlRepository, Stored, may_reach_types
 from cpa_fhir.store._engine import POOL_SIZE
 from cpa_fhir.store._generation import GenerationWatch, SharedQueries
 
+_log = logging.getLogger(__name__)
 MAX_BODY = 5 * 1024 * 1024
 INDEX_BEHIND = (503, "the audit trail's search index could not be brought up to date; try again")
 FHIR_PREFIX = "/fhir"
@@ -157,11 +162,21 @@ async def _body(request: HttpRequest) -> bytes:
     if declared and declared.isascii() and declared.isdigit() and int(declared) > MAX_BODY:
         raise HttpError(413, f"the body is larger than {MAX_BODY} bytes", code="too-costly")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY:
-            raise HttpError(413, f"the body is larger than {MAX_BODY} bytes", code="too-costly")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY:
+                raise HttpError(413, f"the body is larger than {MAX_BODY} bytes", code="too-costly")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        # The client went before sending all of its body: the request is abandoned, no
+        # fault of the server's (and the answer goes to no one).
+        _log.debug(
+            "%s %s: the client left before its body was sent", request.method, request.url.path
+        )
+        raise HttpError(
+            400, "the client closed the connection before sending its body", code="incomplete"
+        ) from None
     return b"".join(chunks)
 
 
@@ -173,6 +188,16 @@ def _fhir_path(scope: Mapping[str, Any], prefix: str) -> str:
     if root and full.startswith(root):
         full = full[len(root) :]
     return str(full[len(prefix) + 1 :])  # after "{prefix}/"; nothing at the base
+
+
+def _allowed_here(scope: Mapping[str, Any]) -> tuple[str, ...] | None:
+    """The methods a FHIR URL takes (as the router's 405 names them); None elsewhere."""
+    full, root = scope["path"], scope.get("root_path", "")
+    if root and full.startswith(root):
+        full = full[len(root) :]
+    if full != FHIR_PREFIX and not full.startswith(FHIR_PREFIX + "/"):
+        return None
+    return allowed_methods([p for p in full[len(FHIR_PREFIX) :].split("/") if p])
 
 
 def _header_fields(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
@@ -239,15 +264,26 @@ def create_app(
     )
 
     async def token(request: HttpRequest) -> HttpResponse:
+        def refused(description: str, status: int = 400) -> HttpResponse:
+            error = {"error": "invalid_request", "error_description": description}
+            return JSONResponse(error, status, headers={"cache-control": "no-store"})
+
         try:
             body = await _body(request)
-            form = dict(parse_qsl(body.decode(), keep_blank_values=True))
-        except (HttpError, UnicodeDecodeError, ValueError):
-            return JSONResponse(
-                {"error": "invalid_request", "error_description": "unreadable form"}, 400
-            )
-        status, payload = token_request(
-            form,
+        except HttpError as exc:
+            # Too large is a 413, as at the FHIR endpoint; whatever else, unreadable.
+            return refused(exc.message if exc.status == 413 else "unreadable form", exc.status)
+        try:
+            pairs = parse_qsl(body.decode(), keep_blank_values=True)
+        except (UnicodeDecodeError, ValueError):
+            return refused("unreadable form")
+        counted = Counter(name for name, _ in pairs)
+        repeated = sorted(name for name, n in counted.items() if n > 1)
+        if repeated:
+            # RFC 6749 §3.2: a parameter is sent once; which one would count is a guess.
+            return refused(f"{repeated[0]} is given more than once")
+        status, payload, challenge = token_request(
+            dict(pairs),
             request.headers.get("authorization"),
             sandbox.registry,
             now=int(time.time()),
@@ -255,7 +291,7 @@ def create_app(
             token_url=str(request.url),
             issuer=_base_url(request),
         )
-        return JSONResponse(payload, status, headers={"cache-control": "no-store"})
+        return JSONResponse(payload, status, headers={"cache-control": "no-store", **challenge})
 
     async def fhir(request: HttpRequest) -> HttpResponse:
         return await answer(request, _fhir_path(request.scope, FHIR_PREFIX))
@@ -391,6 +427,11 @@ def create_app(
         text = f"{request.method} {request.url.path}: {exc.detail}"
         outcome = FhirError(text, code=code)
         headers = dict(exc.headers or {})
+        allowed = _allowed_here(request.scope) if exc.status_code == 405 else None
+        if allowed is not None:
+            # The methods this URL takes, not all the FHIR route's.
+            headers = {k: v for k, v in headers.items() if k.lower() != "allow"}
+            headers["allow"] = ", ".join(allowed)
         return HttpResponse(
             orjson.dumps(outcome.to_operation_outcome()),
             exc.status_code,

@@ -23,6 +23,7 @@ from urllib.parse import unquote
 
 from authlib.oauth2.rfc6749.errors import (
     InvalidClientError,
+    InvalidRequestError,
     InvalidScopeError,
     OAuth2Error,
     UnsupportedGrantTypeError,
@@ -35,6 +36,8 @@ from cpa_fhir.errors import FhirError
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 TOKEN_ALGORITHM = "HS256"
 ASSERTION_ALGORITHMS = ["RS384", "ES384", "RS256", "ES256"]
+# How far ahead of this server's clock a client's may run, for an assertion's nbf.
+CLOCK_SKEW = 60
 TRUST = "mental-health-trust"
 Interaction = Literal["read", "search", "create", "update", "delete"]
 _V2 = {"read": "r", "search": "s", "create": "c", "update": "u", "delete": "d"}
@@ -308,6 +311,13 @@ def _assertion_client(
         raise InvalidClientError(description=f"client_assertion aud must be {token_url}")
     if not isinstance(exp, int) or exp <= now or exp > now + 300:
         raise InvalidClientError(description="client_assertion exp must be within 5 minutes")
+    nbf = claims.get("nbf")
+    if nbf is not None and (
+        isinstance(nbf, bool) or not isinstance(nbf, int | float) or nbf > now + CLOCK_SKEW
+    ):
+        raise InvalidClientError(description="client_assertion is not valid yet (nbf)")
+    if form.get("client_id", client.id) != client.id:
+        raise InvalidClientError(description="client_id names another client than the assertion")
     replay = f"{client.id}:{jti}"
     if not isinstance(jti, str) or replay in registry.seen_assertions:
         raise InvalidClientError(description="client_assertion jti is missing or was used before")
@@ -334,9 +344,26 @@ def token_request(
     signing_key: str,
     token_url: str,
     issuer: str,
-) -> tuple[int, dict[str, Any]]:
-    """Answer a token request: (status, JSON body), errors as RFC 6749 §5.2 says."""
+) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """Answer a token request: (status, JSON body, headers), errors as RFC 6749 §5.2
+    says. A client authenticating with HTTP Basic that fails is told so by a 401
+    with a Basic challenge."""
+    basic_used = bool(authorization) and str(authorization).lower().startswith("basic ")
     try:
+        # One client authentication method a request (RFC 6749 §2.3).
+        methods = [
+            name
+            for name, used in (
+                ("HTTP Basic", basic_used),
+                ("client_secret", "client_secret" in form),
+                ("client_assertion", "client_assertion" in form),
+            )
+            if used
+        ]
+        if len(methods) > 1:
+            raise InvalidRequestError(
+                description=f"use one client authentication method, not {' and '.join(methods)}"
+            )
         if form.get("grant_type") != "client_credentials":
             raise UnsupportedGrantTypeError(str(form.get("grant_type")))
         if "client_assertion" in form:
@@ -346,6 +373,10 @@ def token_request(
             cid, secret = (
                 basic if basic else (form.get("client_id", ""), form.get("client_secret", ""))
             )
+            if basic and form.get("client_id", cid) != cid:
+                raise InvalidRequestError(
+                    description="client_id names another client than the Authorization header"
+                )
             candidate = registry.clients.get(cid)
             if (
                 candidate is None
@@ -370,13 +401,21 @@ def token_request(
                 )
         else:
             granted = set(client.scopes)
-        return 200, issue_token(
-            client,
-            frozenset(granted),
-            now=now,
-            lifetime=registry.token_lifetime,
-            signing_key=signing_key,
-            issuer=issuer,
+        return (
+            200,
+            issue_token(
+                client,
+                frozenset(granted),
+                now=now,
+                lifetime=registry.token_lifetime,
+                signing_key=signing_key,
+                issuer=issuer,
+            ),
+            {},
         )
     except OAuth2Error as exc:
-        return exc.status_code or 400, dict(exc.get_body())
+        if isinstance(exc, InvalidClientError) and basic_used:
+            # RFC 6749 §5.2: a client that authenticated in the Authorization header
+            # gets 401 and a challenge in the scheme it used.
+            return 401, dict(exc.get_body()), {"www-authenticate": 'Basic realm="cpa-fhir"'}
+        return exc.status_code or 400, dict(exc.get_body()), {}

@@ -13,6 +13,7 @@ import base64
 import binascii
 import copy
 import re
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
@@ -116,7 +117,9 @@ def _rewrite(node: Any, ids: dict[str, str]) -> Any:
     return node
 
 
-_CONDITIONAL_REFERENCE = re.compile(r"([A-Z][A-Za-z]*)\?(.+)")
+# `Type?criteria`: criteria or none, so that `Patient?` is refused as `Patient?&` is,
+# not stored as written.
+CONDITIONAL_REFERENCE = re.compile(r"([A-Z][A-Za-z]*)\?(.*)", re.DOTALL)
 
 
 def _resolve_conditional_references(
@@ -140,7 +143,7 @@ def _resolve_conditional_references(
             raise HttpError(
                 400, f"entry {i} refers to {ref}, which no entry of the Bundle is", code="invalid"
             )
-        conditional = _CONDITIONAL_REFERENCE.fullmatch(ref)
+        conditional = CONDITIONAL_REFERENCE.fullmatch(ref)
         if conditional is None:
             continue
         _whole_store_search(view, "a conditional reference")
@@ -324,9 +327,17 @@ def _transaction(
                 _sub_request(request, "GET", req["url"], None, {})
             elif len(parts) == 2 and not _ID.fullmatch(parts[1]):
                 raise HttpError(400, f"entry {i}: '{parts[1]}' is not a valid resource id")
-            if_match = (
-                _if_match(req.get("ifMatch")) if method in ("PUT", "DELETE", "PATCH") else None
-            )
+            if method not in ("PUT", "DELETE", "PATCH"):
+                if_match = None
+            elif len(parts) == 2:
+                if_match = _if_match(req.get("ifMatch"), router._version_of(rtype, parts[1]))
+            elif criteria and view is None:
+                matched = _scoped_match(router, scopes, method, rtype, criteria)
+                if_match = _if_match(req.get("ifMatch"), matched)
+            else:
+                # Refused below: no criteria, or a partner's conditional write, whose
+                # search must not run at all (it would look past what it may see).
+                if_match = _if_match(req.get("ifMatch"), lambda: None)
             p: dict[str, Any] = {
                 "i": i, "method": method, "type": rtype, "id": None, "resource": None, "req": req,
                 "if_match": if_match, "expected": None, "condition": None, "matched": None,
@@ -606,13 +617,27 @@ def _may_write(
         raise HttpError(400, f"entry {i}: the resource is not a {rtype}")
 
 
+def _scoped_match(
+    router: Router, scopes: frozenset[str], method: str, rtype: str, criteria: str
+) -> Callable[[], int | None]:
+    """The version of what a conditional entry's criteria match (for an If-Match list),
+    searched only where the token's scopes reach, as the write itself is."""
+
+    def matched() -> int | None:
+        require(scopes, rtype, "delete" if method == "DELETE" else "update")
+        return router._match_version(rtype, criteria)()
+
+    return matched
+
+
 def _none_at_version(i: int, rtype: str, if_match: int) -> FhirError:
     """412 for a conditional entry naming a version when nothing matches."""
-    from cpa_fhir.sandbox._router import HttpError
+    from cpa_fhir.sandbox._router import HttpError, _not_named
 
-    return HttpError(
-        412, f"entry {i}: no {rtype} matches, so none is at version {if_match}", code="conflict"
+    message = _not_named(
+        f"entry {i}: no {rtype} matches, so none is at version {if_match}", if_match
     )
+    return HttpError(412, message, code="conflict")
 
 
 def _entry_preconditions(

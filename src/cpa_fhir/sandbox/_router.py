@@ -26,6 +26,7 @@ import orjson
 from cpa_fhir.consent import RequiredElements, SharingPolicy
 from cpa_fhir.consent._labelling import reference_key
 from cpa_fhir.consent._output import META_SHARED as PARTNER_META
+from cpa_fhir.consent._references import references
 from cpa_fhir.errors import (
     FhirError,
     InputError,
@@ -44,6 +45,7 @@ from cpa_fhir.fhir.subset import Summary, subset
 from cpa_fhir.sandbox._access import DerivedCache, PartnerView, partner_scan
 from cpa_fhir.sandbox._audit_log import AuditLog, AuditWriteFailed, Events
 from cpa_fhir.sandbox._auth import AuthFailure, Client, allows, require
+from cpa_fhir.sandbox._bundles import CONDITIONAL_REFERENCE
 from cpa_fhir.sandbox._chains import chains_hold, reference_targets
 from cpa_fhir.store import (
     Criterion,
@@ -127,11 +129,18 @@ class HttpError(FhirError):
     """A client error with its HTTP status."""
 
     def __init__(
-        self, status: int, message: str, *, code: str = "invalid", issues: list[Issue] | None = None
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str = "invalid",
+        issues: list[Issue] | None = None,
+        headers: Mapping[str, str] | None = None,
     ):
         super().__init__(message, code=code)
         self.status = status
         self.issues = issues
+        self.headers = dict(headers or {})
 
     def outcome(self) -> dict[str, Any]:
         return operation_outcome(self.issues) if self.issues else self.to_operation_outcome()
@@ -159,7 +168,7 @@ def status_of(exc: FhirError) -> int:
 
 def outcome_response(exc: FhirError) -> Response:
     body = exc.outcome() if isinstance(exc, HttpError) else exc.to_operation_outcome()
-    headers = {"content-type": FHIR_JSON}
+    headers = {"content-type": FHIR_JSON, **(exc.headers if isinstance(exc, HttpError) else {})}
     if isinstance(exc, AuthFailure) and exc.status == 401:
         headers["www-authenticate"] = 'Bearer realm="cpa-fhir"'
     return Response(status_of(exc), orjson.dumps(body), headers)
@@ -310,9 +319,7 @@ class Router:
             parts = [p for p in request.path.split("/") if p]
             if parts == ["metadata"]:
                 if request.method != "GET":
-                    raise HttpError(
-                        405, f"{request.method} is not allowed on metadata", code="not-supported"
-                    )
+                    raise not_allowed(request.method, "metadata", parts)
                 return self._json(200, self.capability(request.base_url))
             if client is None:
                 raise AuthFailure("this server needs a bearer token: POST /token first", status=401)
@@ -374,13 +381,14 @@ class Router:
         view: PartnerView | None,
     ) -> Response:
         method = request.method
+        if parts and parts[0] not in R4_RESOURCE_TYPES:
+            raise HttpError(404, f"unknown resource type '{parts[0]}'", code="not-supported")
+        allowed = allowed_methods(parts)
+        if allowed is not None and method not in allowed:
+            raise not_allowed(method, request.path.strip("/") or "the base URL", parts)
         if not parts:
-            if method == "POST":
-                return self._bundle(request, client, scopes, view)
-            raise HttpError(405, f"{method} is not allowed on the base URL", code="not-supported")
+            return self._bundle(request, client, scopes, view)
         rtype = parts[0]
-        if rtype not in R4_RESOURCE_TYPES:
-            raise HttpError(404, f"unknown resource type '{rtype}'", code="not-supported")
         n = len(parts)
         if n == 1:
             if method == "GET":
@@ -391,7 +399,7 @@ class Router:
                 return self._conditional_update(request, rtype, scopes, view)
             if method == "DELETE":
                 return self._conditional_delete(request, rtype, scopes, view)
-            raise HttpError(405, f"{method} is not allowed on {rtype}", code="not-supported")
+            raise not_allowed(method, rtype, parts)
         second = parts[1]
         if n == 2 and second == "_search" and method == "POST":
             form = _form(request)
@@ -412,7 +420,7 @@ class Router:
                 return self._delete(request, rtype, rid, scopes, view)
             if method == "PATCH":
                 return self._patch(request, rtype, rid, scopes, view)
-            raise HttpError(405, f"{method} is not allowed on {rtype}/{rid}", code="not-supported")
+            raise not_allowed(method, f"{rtype}/{rid}", parts)
         if n == 3 and parts[2] == "$validate" and method == "POST":
             return self._validate(request, rtype, rid, client, scopes)
         if parts[2] == "_history" and method == "GET":
@@ -429,9 +437,7 @@ class Router:
     def _negotiate(self, request: Request) -> None:
         fmt = dict(request.query).get("_format")
         accept = fmt or request.headers.get("accept", "")
-        if accept and not any(
-            _media_type(t) in (*_JSON_TYPES, "*/*", "application/*", "") for t in accept.split(",")
-        ):
+        if accept and not _takes_fhir_json(accept):
             raise HttpError(
                 406,
                 f"this server speaks application/fhir+json only, not '{accept}'",
@@ -447,6 +453,7 @@ class Router:
                 f"send application/fhir+json, not '{ctype or 'no content type'}'",
                 code="not-supported",
             )
+        _utf8_only(request)
         try:
             data = jsonio.loads(request.body)
         except orjson.JSONDecodeError as exc:
@@ -472,6 +479,7 @@ class Router:
         return [*self.validator.validate(resource, profile=profile), *store_rules(resource)]
 
     def _check_valid(self, resource: dict[str, Any]) -> None:
+        _no_conditional_references(resource)
         issues = self.validate(resource)
         if any(i.is_error for i in issues):
             raise HttpError(
@@ -595,6 +603,27 @@ class Router:
         _check_if_match(current, if_match)
         return current.version_id
 
+    def _version_of(self, rtype: str, rid: str) -> Callable[[], int | None]:
+        """The current version of a resource, read when asked (None if none is there):
+        what an If-Match list is compared with."""
+
+        def read() -> int | None:
+            try:
+                return self.repo.read(rtype, rid).version_id
+            except (ResourceNotFound, ResourceGone):
+                return None
+
+        return read
+
+    def _match_version(self, rtype: str, criteria: str) -> Callable[[], int | None]:
+        """The version of what a conditional write's criteria match, read when asked."""
+
+        def match() -> int | None:
+            found = self.repo.conditional_match(rtype, criteria, "the criteria")
+            return found.version_id if found is not None else None
+
+        return match
+
     def _partner_replaceable(self, view: PartnerView, stored: Stored) -> None:
         """A partner may update or delete only a resource it sees whole: replacing one
         it sees redacted would erase what was withheld from it (403), and one it may
@@ -662,7 +691,7 @@ class Router:
             raise HttpError(400, f"the body is a {resource['resourceType']}, not a {rtype}")
         if resource.get("id") != rid:
             raise HttpError(400, f"the body's id must be '{rid}', as in the URL", code="value")
-        if_match = _if_match(request.headers.get("if-match"))
+        if_match = _if_match(request.headers.get("if-match"), self._version_of(rtype, rid))
         expected = self._version_to_replace(view, rtype, rid, if_match)
         expected = self._write_preconditions(request, rtype, rid, view, expected)
         if view is not None:
@@ -734,7 +763,7 @@ class Router:
         view: PartnerView | None,
     ) -> Response:
         require(scopes, rtype, "delete")
-        if_match = _if_match(request.headers.get("if-match"))
+        if_match = _if_match(request.headers.get("if-match"), self._version_of(rtype, rid))
         try:
             expected = self._version_to_replace(view, rtype, rid, if_match)
         except ResourceGone:
@@ -756,7 +785,7 @@ class Router:
         resource = self._body(request)
         if resource["resourceType"] != rtype:
             raise HttpError(400, f"the body is a {resource['resourceType']}, not a {rtype}")
-        if_match = _if_match(request.headers.get("if-match"))
+        if_match = _if_match(request.headers.get("if-match"), self._match_version(rtype, criteria))
         self._check_valid(resource)
         if_match = self._conditional_preconditions(request, rtype, criteria, if_match)
         try:
@@ -785,7 +814,7 @@ class Router:
     ) -> Response:
         require(scopes, rtype, "delete")
         criteria = _write_criteria(request, rtype, view, "a conditional delete")
-        if_match = _if_match(request.headers.get("if-match"))
+        if_match = _if_match(request.headers.get("if-match"), self._match_version(rtype, criteria))
         if_match = self._conditional_preconditions(request, rtype, criteria, if_match)
         try:
             deleted = self.repo.conditional_delete(rtype, criteria, if_match=if_match)
@@ -793,7 +822,9 @@ class Router:
             raise _conflict(exc, if_match, view) from None
         if deleted is None and if_match is not None:
             raise HttpError(
-                412, f"no {rtype} matches, so none is at version {if_match}", code="conflict"
+                412,
+                _not_named(f"no {rtype} matches, so none is at version {if_match}", if_match),
+                code="conflict",
             )
         return Response(204)
 
@@ -816,8 +847,9 @@ class Router:
                 415, f"send a JSON Patch as {JSON_PATCH}, not '{ctype or 'no content type'}'",
                 code="not-supported",
             )  # fmt: skip
+        _utf8_only(request)
         patch = json_patch(request.body, "the body")
-        if_match = _if_match(request.headers.get("if-match"))
+        if_match = _if_match(request.headers.get("if-match"), self._version_of(rtype, rid))
         current = self.repo.read(rtype, rid)
         _check_if_match(current, if_match)
         self._write_preconditions(request, rtype, rid, view, current.version_id)
@@ -1341,6 +1373,48 @@ def _chains_within_scopes(query: SearchQuery, scopes: frozenset[str]) -> SearchQ
     return replace(query, criteria=tuple(criteria))
 
 
+_READS = ("GET", "HEAD")
+
+
+def allowed_methods(parts: list[str]) -> tuple[str, ...] | None:
+    """The methods a path below the base takes (its segments), as a 405's Allow names
+    them (RFC 9110 §15.5.6); None for a path that names nothing served here."""
+    n = len(parts)
+    if n == 0:
+        return ("POST",)  # a batch or transaction
+    if parts == ["metadata"]:
+        return _READS
+    if parts[0] not in R4_RESOURCE_TYPES or n > 4:
+        return None
+    if n == 1:
+        return (*_READS, "POST", "PUT", "DELETE")
+    second = parts[1]
+    if n == 2:
+        if second in ("_search", "$validate"):
+            return ("POST",)
+        if second == "_history":
+            return _READS
+        if second.startswith(("_", "$")):
+            return None  # neither an id nor an interaction served here
+        return (*_READS, "PUT", "DELETE", "PATCH")
+    if n == 3 and parts[2] == "$validate":
+        return ("POST",)
+    if parts[2] == "_history":
+        return _READS
+    return None
+
+
+def not_allowed(method: str, where: str, parts: list[str]) -> HttpError:
+    """A 405 naming, in Allow, the methods the path takes."""
+    allowed = allowed_methods(parts) or ()
+    return HttpError(
+        405,
+        f"{method} is not allowed on {where}: it takes {', '.join(allowed)}",
+        code="not-supported",
+        headers={"allow": ", ".join(allowed)},
+    )
+
+
 def _no_content_coding(request: Request) -> None:
     """415 for a body with a content coding: read as it is, a compressed body is no
     JSON, and one labelled so but not is not what the client meant (RFC 9110 §8.4)."""
@@ -1357,6 +1431,69 @@ def _media_type(header: str) -> str:
     return header.split(";")[0].strip().lower()
 
 
+def _parameters(header: str) -> dict[str, str]:
+    """A Content-Type's or Accept item's parameters (RFC 9110 §5.6.6), names in lower
+    case, values unquoted."""
+    found = {}
+    for part in header.split(";")[1:]:
+        name, _, value = part.partition("=")
+        value = value.strip()
+        if len(value) > 1 and value[0] == value[-1] == '"':
+            value = value[1:-1]
+        found[name.strip().lower()] = value
+    return found
+
+
+# What this server sends: FHIR R4 JSON (https://hl7.org/fhir/R4/http.html#version-parameter).
+_R4_VERSION = re.compile(r"4\.0(?:\.\d+)?")
+
+
+def _quality(text: str | None) -> float:
+    """A weight (RFC 9110 §12.4.2); one that cannot be read is taken as 1, as none is."""
+    try:
+        q = float(text) if text is not None else 1.0
+    except ValueError:
+        return 1.0
+    return q if 0.0 <= q <= 1.0 else 1.0
+
+
+def _takes_fhir_json(accept: str) -> bool:
+    """Whether an Accept header (or `_format`) takes FHIR R4 JSON: the most specific of
+    its ranges that matches it decides, by its weight (RFC 9110 §12.5.1), so `q=0`
+    refuses it; a range naming another fhirVersion does not match it."""
+    best, weight = -1, 0.0
+    for item in accept.split(","):
+        mtype = _media_type(item)
+        params = _parameters(item)
+        version = params.get("fhirversion")
+        if version is not None and not _R4_VERSION.fullmatch(version):
+            continue
+        if mtype in _JSON_TYPES:
+            level = 3 if version is not None else 2
+        elif mtype in ("application/*", "*/*"):
+            level = 1 if mtype == "application/*" else 0
+        else:
+            continue
+        q = _quality(params.get("q"))
+        if level > best:
+            best, weight = level, q
+        elif level == best:
+            weight = max(weight, q)
+    return weight > 0
+
+
+def _utf8_only(request: Request) -> None:
+    """415 for a body its Content-Type says is in a charset other than UTF-8: it would
+    be read as UTF-8 all the same (RFC 8259 §8.1), and mean what the client did not."""
+    charset = _parameters(request.headers.get("content-type", "")).get("charset")
+    if charset is not None and charset.lower() != "utf-8":
+        raise HttpError(
+            415,
+            f"this server accepts bodies in UTF-8 only, not charset={charset}: send it as UTF-8",
+            code="not-supported",
+        )
+
+
 def _form(request: Request) -> list[tuple[str, str]]:
     if request.body:
         _no_content_coding(request)
@@ -1365,6 +1502,8 @@ def _form(request: Request) -> list[tuple[str, str]]:
         raise HttpError(
             415, "POST _search takes application/x-www-form-urlencoded", code="not-supported"
         )
+    if request.body:
+        _utf8_only(request)
     try:
         return parse_qsl(
             request.body.decode(), keep_blank_values=True, strict_parsing=bool(request.body)
@@ -1415,6 +1554,22 @@ def store_rules(resource: dict[str, Any]) -> list[Issue]:
     ]
 
 
+def _no_conditional_references(resource: dict[str, Any]) -> None:
+    """400 for a write, outside a transaction, of a resource holding a conditional
+    reference (`Patient?identifier=...`): those are resolved in transactions only
+    (R4 http.html#trules), and stored as written one would name nothing."""
+    for path, ref in references(resource):
+        if CONDITIONAL_REFERENCE.fullmatch(ref):
+            where = "".join(f"[{s}]" if isinstance(s, int) else f".{s}" for s in path)
+            raise HttpError(
+                400,
+                f"{resource.get('resourceType')}{where}.reference: the conditional reference "
+                f"{ref!r} is resolved only in a transaction; send the write in a transaction "
+                "Bundle, or refer to Type/id",
+                code="not-supported",
+            )
+
+
 def json_patch(body: bytes, what: str) -> jsonpatch.JsonPatch:
     """A JSON Patch (RFC 6902) read from bytes; 400 if they are not one."""
     try:
@@ -1460,8 +1615,11 @@ def _check_if_match(current: Stored, if_match: int | None) -> None:
     if if_match is not None and if_match != current.version_id:
         raise HttpError(
             412,
-            f"{current.resource_type}/{current.id} is at version {current.version_id}, "
-            f"not {if_match}",
+            _not_named(
+                f"{current.resource_type}/{current.id} is at version {current.version_id}, "
+                f"not {if_match}",
+                if_match,
+            ),
             code="conflict",
         )
 
@@ -1477,7 +1635,11 @@ def _conflict(
     """A write that found another version than expected: 412 if the client named the
     version it expected (If-Match), else 409. A partner is not told what it found: the
     resource may have changed into, or been deleted as, something it may not see."""
-    message = exc.message if view is None else "the resource changed while it was being written"
+    message = (
+        _not_named(exc.message, if_match)
+        if view is None
+        else "the resource changed while it was being written"
+    )
     return HttpError(412 if if_match is not None else 409, message, code="conflict")
 
 
@@ -1637,20 +1799,50 @@ def _trust_only(view: PartnerView | None, what: str, why: str) -> None:
         )
 
 
-def _if_match(value: Any) -> int | None:
-    """The version an If-Match names; None for none, and for `*` (any version: that
-    the resource is there is checked by `Router._write_preconditions`)."""
+# An If-Match list (RFC 9110 §13.1.1): entity-tags, weak or strong, each a quoted
+# opaque string, separated by commas.
+_ENTITY_TAG = r'(?:W/)?"([\x21\x23-\x7e\x80-\xff]*)"'
+_ENTITY_TAGS = re.compile(rf"\s*{_ENTITY_TAG}(?:\s*,\s*{_ENTITY_TAG})*\s*")
+# A version's ETag is W/"n", n written as this server writes it (no leading zero).
+_VERSION_TAG = re.compile(rf"[1-9][0-9]{{0,{_VERSION_DIGITS - 1}}}")
+# What an If-Match naming no version (W/"01", W/"x") asks for: no version is, so it
+# is stale (412) as any other version not there is.
+_NO_VERSION: int = 10**_VERSION_DIGITS
+
+
+def _if_match(value: Any, current: Callable[[], int | None]) -> int | None:
+    """The version a write must find, from If-Match: None for none, and for `*` (any
+    version: that the resource is there is checked by `Router._write_preconditions`).
+    Tags are compared as the strings they are, weakly (W/"1" and "1" both name
+    version 1; W/"01" names none). Of a list, the current version (`current`, read
+    only then) if a tag names it, else one that is not there (a 412)."""
     if value is None or (isinstance(value, str) and value.strip() == "*"):
         return None
     if not isinstance(value, str):
         raise HttpError(400, f'If-Match {value!r} is not a version ETag like W/"3"', code="value")
-    m = re.fullmatch(r'\s*(?:W/)?"?(\d+)"?\s*', value)
-    if not m:
+    tags: list[str]
+    if _is_decimal(value.strip()):
+        tags = [value.strip()]  # a version id alone, as some clients send it
+    elif _ENTITY_TAGS.fullmatch(value):
+        tags = re.findall(_ENTITY_TAG, value)
+    else:
         raise HttpError(400, f'If-Match {value!r} is not a version ETag like W/"3"', code="value")
-    digits = m.group(1).lstrip("0") or "0"
-    # No version has more digits: one past them all, so that it is stale (412) as any
-    # other version not there is (and int() is never asked for thousands of digits).
-    return int(digits) if len(digits) <= _VERSION_DIGITS else 10**_VERSION_DIGITS
+    named = {int(tag) for tag in tags if _VERSION_TAG.fullmatch(tag)}
+    if not named:
+        return _NO_VERSION
+    if len(tags) == 1:
+        return named.pop()
+    now = current()
+    return now if now in named else _NO_VERSION
+
+
+def _not_named(message: str, if_match: int | None) -> str:
+    """A conflict's message, where If-Match named no version there is."""
+    if if_match != _NO_VERSION:
+        return message
+    return message.replace(f", not {_NO_VERSION}", ", which If-Match does not name").replace(
+        f"none is at version {_NO_VERSION}", "none is at a version If-Match names"
+    )
 
 
 def _deeper_than(node: Any, limit: int) -> bool:

@@ -12,7 +12,7 @@ Order of checks for each input:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import date, datetime
 from decimal import Decimal
 from functools import cached_property
@@ -255,7 +255,14 @@ class Validator:
                 if err["type"] not in _WALKER_REPORTS
             ]
         except (ValueError, TypeError, KeyError) as exc:
-            return [Issue("error", "structure", f"Not valid FHIR R4: {exc}", rt)]
+            # The models break on a resource inside this one whose type they cannot
+            # read (a number, an unknown name): said of that element, as the walk does.
+            inner = [
+                issue
+                for node, loc in _inner_resources(resource, rt)
+                if (issue := resource_type_issue(node.get("resourceType"), loc)) is not None
+            ]
+            return inner or [Issue("error", "structure", f"Not valid FHIR R4: {exc}", rt)]
         return []
 
     def _resource(
@@ -267,11 +274,10 @@ class Validator:
         references: list[Any],
         container: dict[str, Any] | None = None,
     ) -> None:
-        rt = resource.get("resourceType")
-        if not isinstance(rt, str) or rt not in R4_RESOURCE_TYPES:
-            issues.append(
-                Issue("error", "structure", f"'{rt}' is not a FHIR R4 resource type", loc)
-            )
+        rt: Any = resource.get("resourceType")  # a string of an R4 type once checked
+        wrong = resource_type_issue(rt, loc)
+        if wrong is not None:
+            issues.append(wrong)
             return
         urls = [profile] if profile else declared_profiles(resource)
         trees: list[Node] = []
@@ -389,6 +395,40 @@ def _as_of(bundle: dict[str, Any]) -> date:
         except ValueError:
             pass
     return date.today()
+
+
+def resource_type_issue(rt: Any, loc: str) -> Issue | None:
+    """What is wrong with a nested resource's resourceType, if anything."""
+    if isinstance(rt, str) and rt in R4_RESOURCE_TYPES:
+        return None
+    if rt is None or isinstance(rt, str):
+        return Issue("error", "structure", f"'{rt}' is not a FHIR R4 resource type", loc)
+    shown = orjson.dumps(rt).decode()[:40]
+    # Named from the resource's root, as a transaction entry's issues are moved.
+    inside = loc.partition(".")[2] or loc
+    return Issue(
+        "error",
+        "structure",
+        f"{inside}.resourceType must be a string naming a FHIR R4 resource type, not {shown}",
+        f"{loc}.resourceType",
+    )
+
+
+def _inner_resources(node: Any, loc: str) -> Iterator[tuple[dict[str, Any], str]]:
+    """The resources inside a resource (contained, a Bundle's entries, ...): each
+    object below it with a resourceType, and where it is."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            at = f"{loc}.{key}"
+            if isinstance(value, dict) and "resourceType" in value:
+                yield value, at
+            yield from _inner_resources(value, at)
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            at = f"{loc}[{i}]"
+            if isinstance(value, dict) and "resourceType" in value:
+                yield value, at
+            yield from _inner_resources(value, at)
 
 
 def _dedupe(issues: Iterable[Issue]) -> list[Issue]:
