@@ -66,7 +66,6 @@ __all__ = [
     "current_version",
     "default_search_parameters",
     "index_resource",
-    "reference_target",
     "known_parameters",
     "matching",
     "may_reach_types",
@@ -74,5 +73,6 @@ __all__ = [
     "normalise",
     "parse_search",
     "r4_search_parameters",
+    "reference_target",
     "time_ordered_id",
 ]
