@@ -533,3 +533,17 @@ def test_a_professional_goes_as_the_roles_they_hold_allow(as_client: Any) -> Non
         required=RequiredElements(default_package()),
     ).shared
     assert worker not in shared and "Practitioner/c-coordinator" in shared
+
+
+def test_a_chain_through_a_professional_the_partner_is_shown_finds_what_a_reference_does(
+    as_client: Any,
+) -> None:
+    """Encounter?practitioner:Practitioner._id=X finds for the GP what
+    Encounter?practitioner=Practitioner/X does when X goes to the GP (the coordinator),
+    and nothing through one withheld from it (the children's social worker)."""
+    gp = as_client("gp")
+    for name, shown in (("c-coordinator", True), ("c-childrens-social-worker", False)):
+        direct = gp.get("Encounter", params={"practitioner": f"Practitioner/{name}"}).json()
+        chained = gp.get("Encounter", params={"practitioner:Practitioner._id": name}).json()
+        assert resource_keys(chained) == (resource_keys(direct) if shown else set())
+        assert (chained["total"] > 0) == shown

@@ -18,7 +18,7 @@ from functools import partial
 from typing import Any
 
 from cpa_fhir.fhir import jsonio
-from cpa_fhir.sandbox._access import PartnerView, partner_scan
+from cpa_fhir.sandbox._access import PartnerView, partner_scan, patient_of
 from cpa_fhir.store import (
     ChainLink,
     Criterion,
@@ -133,9 +133,16 @@ def _forward(current: Seen, link: ChainLink, view: PartnerView, repo: SqlReposit
             if t[0] in link.to_types:
                 came_from.setdefault(t, set()).add(key)
     found = list(repo.read_many(sorted(came_from)).values())
+    # A professional or organisation is seen as an include would send it: judged under
+    # the decisions for the records it was reached from (those of `current`).
+    reached = {
+        target: frozenset(p for k in sources if (p := patient_of(current[k])) is not None)
+        for target, sources in came_from.items()
+    }
+    shown_forms = view.filter_many(found, referred=True, account=False, reached_from=reached)
     seen = {
         (s.resource_type, s.id): jsonio.loads(shown)
-        for s, shown in zip(found, view.filter_many(found, account=False), strict=True)
+        for s, shown in zip(found, shown_forms, strict=True)
         if shown is not None
     }
     return seen, came_from
