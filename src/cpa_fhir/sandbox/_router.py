@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from email.utils import format_datetime, parsedate_to_datetime
@@ -1554,13 +1554,18 @@ def store_rules(resource: dict[str, Any]) -> list[Issue]:
     ]
 
 
+def _expression(path: Sequence[str | int]) -> str:
+    """Where in a resource a path is, as FHIRPath after its type: `.subject.reference`."""
+    return "".join(f"[{s}]" if isinstance(s, int) else f".{s}" for s in path)
+
+
 def _no_conditional_references(resource: dict[str, Any]) -> None:
     """400 for a write, outside a transaction, of a resource holding a conditional
     reference (`Patient?identifier=...`): those are resolved in transactions only
     (R4 http.html#trules), and stored as written one would name nothing."""
     for path, ref in references(resource):
         if CONDITIONAL_REFERENCE.fullmatch(ref):
-            where = "".join(f"[{s}]" if isinstance(s, int) else f".{s}" for s in path)
+            where = _expression(path)
             raise HttpError(
                 400,
                 f"{resource.get('resourceType')}{where}.reference: the conditional reference "
@@ -1715,7 +1720,7 @@ def _partner_written(
                 named = (target[0], target[1])
         if named is None or f"{named[0]}/{named[1]}" == view.client.reference:
             continue
-        where = "".join(f"[{s}]" if isinstance(s, int) else f".{s}" for s in path)
+        where = _expression(path)
         raise HttpError(
             403,
             f"{resource.get('resourceType')}{where}: a partner's client may not refer to "
