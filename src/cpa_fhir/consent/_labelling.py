@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from bisect import bisect_right
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -576,10 +576,18 @@ def _label(
         rules = ["default"]
     elements: dict[Path, tuple[set[str], list[str]]] = {}
     names = _names(resource, full_url)
+    names_lowered = " ".join(names.lower().split()) if names.isascii() else None
+    names_squashed = squash(names_lowered) if names_lowered is not None else None
     for rule in policy.rules_by_type.get(resource["resourceType"], ()):
         if rule.anywhere:
             assert rule.words is not None
-            if names and rule.words.search(names):
+            if (
+                names
+                and not rule.ruled_out(
+                    names_squashed, lambda: frozenset(_TOKEN.findall(names_lowered or ""))
+                )
+                and rule.words.search(names)
+            ):
                 # Its id goes wherever it does, and is in every reference to it; its
                 # fullUrl and profiles go with it, and say what it is.
                 cats.update(rule.categories)
@@ -634,6 +642,8 @@ def _label(
 UNREADABLE_RULE = "unreadable-content"
 _TOKEN = re.compile(r"[a-z0-9]+")
 _LETTERS = re.compile(r"[a-z]+")
+# A word of an id, or of what names one: runs of what ids are made of.
+_ID_WORD = re.compile(r"[A-Za-z0-9\-.]+")
 CODED_RULE = "coded-anywhere"
 NAMING_RULE = "names-a-resource"
 
@@ -649,11 +659,14 @@ class _Names:
         self.by_url = by_url
         self.keys = {f"{r['resourceType']}/{r.get('id')}" for _, r in entries}
         self.by_identifier: dict[tuple[str, str], str] = {}
-        needles: set[str] = set()
+        # A word (as `_ID_WORD` reads one) of each way of naming one: its id, its
+        # fullUrl's last, an identifier value's longest. Only an element holding one
+        # of them can name a resource so, and only those elements are walked.
+        self.words: set[str] = set()
         for _, res in entries:
             key = f"{res['resourceType']}/{res.get('id')}"
             if isinstance(res.get("id"), str) and res["id"]:
-                needles.add(plain_text(res["id"]))
+                self.words.update(_ID_WORD.findall(plain_text(res["id"]))[-1:])
             for ident in (
                 res.get("identifier") or [] if isinstance(res.get("identifier"), list) else []
             ):
@@ -661,13 +674,9 @@ class _Names:
                     system, value = ident.get("system"), ident.get("value")
                     if isinstance(system, str) and isinstance(value, str) and value:
                         self.by_identifier.setdefault((system, value), key)
-                        needles.add(plain_text(value))
-        needles.update(plain_text(url) for url in by_url)
-        self.pattern = (
-            re.compile("|".join(re.escape(n) for n in sorted(needles, key=len, reverse=True)))
-            if needles
-            else None
-        )
+                        self.words.update(sorted(_ID_WORD.findall(plain_text(value)), key=len)[-1:])
+        for url in by_url:
+            self.words.update(_ID_WORD.findall(plain_text(url))[-1:])
 
     def targets(self, node: Any, key: str) -> set[str]:
         """The record's resources (other than `key`) this content names so."""
@@ -706,13 +715,16 @@ class _Names:
         self, resource: dict[str, Any], key: str, seen: _Seen
     ) -> list[tuple[Path, set[str]]]:
         """Each element of the resource naming others so, with what it names."""
-        if self.pattern is None:
+        if not self.words:
             return []
         text, _, starts, located = seen._elements(resource)
-        hits = sorted({bisect_right(starts, m.start()) - 1 for m in self.pattern.finditer(text)})
+        if self.words.isdisjoint(_ID_WORD.findall(text)):
+            return []
         out = []
-        for i in hits:
-            path, value = located[i]
+        ends = [*starts[1:], len(text) + 1]
+        for (path, value), begin, end in zip(located, starts, ends, strict=True):
+            if self.words.isdisjoint(_ID_WORD.findall(text, begin, end - 1)):
+                continue
             named = self.targets({path[-1]: value} if isinstance(path[-1], str) else [value], key)
             if named:
                 out.append((path, named))
@@ -770,14 +782,24 @@ def _borrowers(
     return found
 
 
+# What labelling found in resources that do not change, for `label_resources` to use
+# again: by the resource's id(), the resource (kept, so that the id stays its own),
+# what was read of it, and its first pass.
+ReadCache = MutableMapping[int, tuple[dict[str, Any], Any, tuple[set[str], list[LabelRule]]]]
+
+
 def label_resources(
     entries: Sequence[tuple[str | None, dict[str, Any]]],
     policy: SharingPolicy,
     outside: Mapping[str, frozenset[str]] | None = None,
+    *,
+    read: ReadCache | None = None,
 ) -> list[LabelledResource]:
     """Label a patient's record: (fullUrl, resource) pairs. Rules that inherit
     see the other resources of the record, then `outside` (labels known from
-    elsewhere, e.g. a store)."""
+    elsewhere, e.g. a store). `read`: what was read of resources labelled before, kept
+    by a caller whose resources never change once made (a store's versions), shared by
+    every record they are labelled in (a professional in many patients' records)."""
     first: dict[str, frozenset[str]] = {}
     by_url: dict[str, str] = {}
     passes = []
@@ -785,8 +807,14 @@ def label_resources(
         if not isinstance(res, dict) or not isinstance(res.get("resourceType"), str):
             raise LabellingError("a record entry is not a FHIR resource")
         key = f"{res['resourceType']}/{res.get('id')}"
-        seen = _Seen(policy.coded, policy.word_starts)
-        found = _first_pass(res, key, policy, seen)
+        kept = read.get(id(res)) if read is not None else None
+        if kept is not None and kept[0] is res:
+            seen, found = kept[1], kept[2]
+        else:
+            seen = _Seen(policy.coded, policy.word_starts)
+            found = _first_pass(res, key, policy, seen)
+            if read is not None:
+                read[id(res)] = (res, seen, found)
         first[key] = frozenset(found[0] or {policy.default_category})
         passes.append((key, found, seen))
         if url:
