@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from bisect import bisect_right
-from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -782,24 +782,14 @@ def _borrowers(
     return found
 
 
-# What labelling found in resources that do not change, for `label_resources` to use
-# again: by the resource's id(), the resource (kept, so that the id stays its own),
-# what was read of it, and its first pass.
-ReadCache = MutableMapping[int, tuple[dict[str, Any], Any, tuple[set[str], list[LabelRule]]]]
-
-
 def label_resources(
     entries: Sequence[tuple[str | None, dict[str, Any]]],
     policy: SharingPolicy,
     outside: Mapping[str, frozenset[str]] | None = None,
-    *,
-    read: ReadCache | None = None,
 ) -> list[LabelledResource]:
     """Label a patient's record: (fullUrl, resource) pairs. Rules that inherit
     see the other resources of the record, then `outside` (labels known from
-    elsewhere, e.g. a store). `read`: what was read of resources labelled before, kept
-    by a caller whose resources never change once made (a store's versions), shared by
-    every record they are labelled in (a professional in many patients' records)."""
+    elsewhere, e.g. a store)."""
     first: dict[str, frozenset[str]] = {}
     by_url: dict[str, str] = {}
     passes = []
@@ -807,14 +797,8 @@ def label_resources(
         if not isinstance(res, dict) or not isinstance(res.get("resourceType"), str):
             raise LabellingError("a record entry is not a FHIR resource")
         key = f"{res['resourceType']}/{res.get('id')}"
-        kept = read.get(id(res)) if read is not None else None
-        if kept is not None and kept[0] is res:
-            seen, found = kept[1], kept[2]
-        else:
-            seen = _Seen(policy.coded, policy.word_starts)
-            found = _first_pass(res, key, policy, seen)
-            if read is not None:
-                read[id(res)] = (res, seen, found)
+        seen = _Seen(policy.coded, policy.word_starts)
+        found = _first_pass(res, key, policy, seen)
         first[key] = frozenset(found[0] or {policy.default_category})
         passes.append((key, found, seen))
         if url:

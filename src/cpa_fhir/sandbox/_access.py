@@ -219,9 +219,6 @@ class Derived:
         self.current: dict[tuple[str, str], Stored] = {}
         # Practitioner/id -> the PractitionerRoles held (Type/id), whose categories it takes
         self.roles_held: dict[str, list[str]] = {}
-        # What labelling read of the parsed resources above (`label_resources(read=)`):
-        # a professional in many patients' records is read once.
-        self.labels_read: dict[int, Any] = {}
         # Whether what a client sees of a version matches a search's criteria:
         # (type, id, version, criteria, what the client sees) -> answer
         self.matches_as_shown: dict[tuple[str, str, int, tuple[Any, ...], bytes], bool] = {}
@@ -233,7 +230,7 @@ class Derived:
             + len(self.care_teams)
             + len(self.categories) + len(self.decisions) + len(self.audit_templates)
             + len(self.audit_by_account) + len(self.current) + len(self.matches_as_shown)
-            + len(self.roles_held) + len(self.labels_read)
+            + len(self.roles_held)
         )  # fmt: skip
 
 
@@ -652,7 +649,7 @@ class PartnerView:
             and (patient_of(t) is None or patient_of(t) in owners)
         ]
         try:
-            labelled = label_resources(entries, self.policy, read=self.derived.labels_read)
+            labelled = label_resources(entries, self.policy)
             result = filter_record(labelled, decision, self.policy, self.required)
         except LabellingError as exc:
             # Withheld, as any resource is, without a word of why to the client.
@@ -756,9 +753,7 @@ class PartnerView:
                 and t.get("resourceType") in self.policy.supporting
             ]
             try:
-                labelled = label_resources(
-                    [(None, resource), *around], self.policy, read=self.derived.labels_read
-                )
+                labelled = label_resources([(None, resource), *around], self.policy)
             except LabellingError as exc:
                 log.warning("withholding %s: %s", key, exc.message)
                 return None
