@@ -111,7 +111,8 @@ def test_an_included_organisation_is_judged_by_the_records_it_was_reached_from(
 ) -> None:
     """Probation (offending) is reached from C's record through the social care
     organisation it is part of. D lets the GP have offending, C does not: a search that
-    also looks at D's plans, sending none of them, must not send it on D's consent."""
+    also looks at D's plans, sending none of them, must not send it on D's consent; nor
+    the social care organisation, which goes whole or not at all, and names it."""
 
     def part_of_probation(org: dict[str, Any]) -> None:
         org["partOf"] = {"reference": "Organization/c-probation"}
@@ -144,8 +145,9 @@ def test_an_included_organisation_is_judged_by_the_records_it_was_reached_from(
             sent = {
                 f"{e['resource']['resourceType']}/{e['resource']['id']}" for e in found["entry"]
             }
-            assert "Organization/c-social-care" in sent
+            assert "Organization/c-social-care" not in sent
             assert "Organization/c-probation" not in sent, query
+            assert b"c-probation" not in gp("GET", "CarePlan", query=query).body
             assert not any(
                 e["resourceType"] == "AuditEvent"
                 and "Organization/c-probation" in disclosed_references(e)

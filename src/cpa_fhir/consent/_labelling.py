@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from bisect import bisect_right
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Container, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -545,7 +545,11 @@ def _label(
     full_url: str | None,
     seen: _Seen,
     naming: Sequence[tuple[Path, frozenset[str]]] = (),
+    *,
+    elements_too: bool = True,
 ) -> LabelledResource:
+    """`elements_too`: label its elements by what they say as well, else only what it
+    carries as a whole (for a resource that is there only to be referred to)."""
     matched = first[1]
     cats = set(first[0])
     rules = [rule.id for rule in matched]
@@ -592,6 +596,8 @@ def _label(
                 # fullUrl and profiles go with it, and say what it is.
                 cats.update(rule.categories)
                 rules.append(rule.id)
+            if not elements_too:
+                continue
             for path, value in seen.elements_with_words(rule, resource):
                 if _words_outside(rule, value, path, elements, seen):
                     entry = elements.setdefault(path, (set(), []))
@@ -623,13 +629,14 @@ def _label(
         entry = elements.setdefault(path, (set(), []))
         entry[0].update(named)
         entry[1].append(NAMING_RULE)
-    for path, coded in seen.coded_elements(resource, policy):
+    for path, coded in seen.coded_elements(resource, policy) if elements_too else ():
         # A code carries what the policy's rules say of it wherever it is: its display
         # is not read for words, so it is its code that says it.
         entry = elements.setdefault(path, (set(), []))
         entry[0].update(coded)
         entry[1].append(CODED_RULE)
-    _encoded_labels(resource, policy, elements)
+    if elements_too:
+        _encoded_labels(resource, policy, elements)
     labels = tuple(
         ElementLabel(path, frozenset(c), tuple(r))
         for path, (c, r) in sorted(elements.items(), key=lambda kv: [str(p) for p in kv[0]])
@@ -786,10 +793,15 @@ def label_resources(
     entries: Sequence[tuple[str | None, dict[str, Any]]],
     policy: SharingPolicy,
     outside: Mapping[str, frozenset[str]] | None = None,
+    *,
+    elements_of: Container[str] | None = None,
 ) -> list[LabelledResource]:
     """Label a patient's record: (fullUrl, resource) pairs. Rules that inherit
     see the other resources of the record, then `outside` (labels known from
-    elsewhere, e.g. a store)."""
+    elsewhere, e.g. a store). `elements_of`: the resources (Type/id) whose elements
+    are labelled by what they say (by default all); the others are there only to be
+    referred to (what a store's answer refers to), and carry what they carry as a
+    whole, which is all that is asked of them."""
     first: dict[str, frozenset[str]] = {}
     by_url: dict[str, str] = {}
     passes = []
@@ -867,6 +879,8 @@ def label_resources(
     names = _Names(entries, by_url)
 
     def naming(res: dict[str, Any], key: str, seen: _Seen) -> list[tuple[Path, frozenset[str]]]:
+        if elements_of is not None and key not in elements_of:
+            return []
         return [
             (path, frozenset().union(*(first[t] for t in targets)))
             for path, targets in names.elements(res, key, seen)
@@ -882,6 +896,7 @@ def label_resources(
             url,
             seen,
             naming(res, key, seen),
+            elements_too=elements_of is None or key in elements_of,
         )
         for (url, res), (key, found, seen) in zip(entries, passes, strict=True)
     ]

@@ -649,7 +649,7 @@ class PartnerView:
             and (patient_of(t) is None or patient_of(t) in owners)
         ]
         try:
-            labelled = label_resources(entries, self.policy)
+            labelled = label_resources(entries, self.policy, elements_of=resources.keys())
             result = filter_record(labelled, decision, self.policy, self.required)
         except LabellingError as exc:
             # Withheld, as any resource is, without a word of why to the client.
@@ -753,11 +753,16 @@ class PartnerView:
                 and t.get("resourceType") in self.policy.supporting
             ]
             try:
-                labelled = label_resources([(None, resource), *around], self.policy)
+                labelled = label_resources(
+                    [(None, resource), *around], self.policy, elements_of={key}
+                )
             except LabellingError as exc:
                 log.warning("withholding %s: %s", key, exc.message)
                 return None
-            categories = self.derived.categories[version] = labelled[0].categories
+            # It goes whole or not at all: what any of its elements carries, it carries.
+            categories = self.derived.categories[version] = labelled[0].categories.union(
+                *(label.categories for label in labelled[0].elements)
+            )
         if patients is None:
             patients = frozenset(p for p, record in self._disclosed.items() if record.shared)
         under = sorted(p for p in patients if categories <= self.decision(p).allowed.keys())
