@@ -210,7 +210,7 @@ class _Seen:
 
     __slots__ = (
         "_located", "_text", "_ascii_lowered", "_every", "_tokens", "_squash", "_at_starts",
-        "coded", "word_starts", "indexed",
+        "coded", "word_starts", "indexed", "_urls",
     )  # fmt: skip
 
     def __init__(
@@ -229,6 +229,7 @@ class _Seen:
         self._every: dict[int, tuple[str, str | None, list[int], list[tuple[Path, Any]]]] = {}
         self._tokens: dict[str | None, frozenset[str]] = {}
         self._squash: dict[str, str] = {}
+        self._urls: dict[int, frozenset[str]] = {}
 
     def locate(self, node: Any, dotted: str) -> list[tuple[Path, Any]]:
         found = self._located.get((id(node), dotted))
@@ -252,6 +253,25 @@ class _Seen:
             text = self.text(node)
             self._ascii_lowered[key] = " ".join(text.lower().split()) if text.isascii() else None
         return self._ascii_lowered[key]
+
+    def urls(self, resource: Any) -> frozenset[str]:
+        """Every `url` string in a resource, at any depth: no extension rule need walk
+        a resource that holds none of its URL."""
+        found = self._urls.get(id(resource))
+        if found is None:
+            out: set[str] = set()
+            stack = [resource]
+            while stack:
+                node = stack.pop()
+                if isinstance(node, dict):
+                    url = node.get("url")
+                    if isinstance(url, str):
+                        out.add(url)
+                    stack.extend(v for v in node.values() if isinstance(v, (dict, list)))
+                elif isinstance(node, list):
+                    stack.extend(v for v in node if isinstance(v, (dict, list)))
+            found = self._urls[id(resource)] = frozenset(out)
+        return found
 
     def _squashed(self, lowered: str | None) -> str | None:
         """A lowered ASCII text squashed (`squash`), or None for None."""
@@ -390,7 +410,9 @@ def _matches(rule: LabelRule, node: Any, key: str, resource: dict[str, Any], see
         profiles = meta.get("profile") if isinstance(meta, dict) else None
         if not (isinstance(profiles, list) and rule.profile in profiles):
             return False
-    if rule.extension is not None and not _has_extension(node, rule.extension):
+    if rule.extension is not None and (
+        rule.extension not in seen.urls(resource) or not _has_extension(node, rule.extension)
+    ):
         return False
     if rule.codes:
         found = False
@@ -617,6 +639,7 @@ def _label(
         if (
             rule.elements
             and rule.extension is not None
+            and rule.extension in seen.urls(resource)
             and _has_extension_outside(resource, rule.extension, matched_paths)
         ):
             # The extension where the rule's elements are not (modifierExtension, on a
