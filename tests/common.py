@@ -1,8 +1,10 @@
-"""Paths to the test data, so tests never depend on the working directory, and a
-helper for the example records."""
+"""Paths to the test data, so tests never depend on the working directory, a
+helper for the example records, and the mark of tests that need /dev/full."""
 
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PROFILES = ROOT / "profiles"
@@ -22,3 +24,12 @@ def entry_resource(record: dict[str, Any], key: str) -> dict[str, Any]:
         if (e["resource"]["resourceType"], e["resource"]["id"]) == (rtype, rid)
     )
     return found
+
+
+# A Linux device that refuses every write: standard output that cannot be written.
+DEV_FULL = Path("/dev/full")
+
+
+needs_dev_full = pytest.mark.skipif(
+    not DEV_FULL.exists(), reason="no /dev/full here (a Linux device that refuses every write)"
+)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.common import EXAMPLES, POLICY
+from tests.common import DEV_FULL, EXAMPLES, POLICY, needs_dev_full
 
 RECORD_C = next(EXAMPLES.glob("Bundle-record-C-*.json"))
 MANIFEST = {"name": "test.package", "version": "0.1.0", "canonical": "http://example.org/fhir"}
@@ -312,9 +312,7 @@ def test_files_replaced_keep_their_permissions_and_links_are_followed(tmp_path: 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["audit.json", "out.json", "secure"]
 
 
-@pytest.mark.skipif(
-    not Path("/dev/full").exists(), reason="no /dev/full here (a Linux device that refuses writes)"
-)
+@needs_dev_full
 @pytest.mark.parametrize(
     ("command", "code"),
     [
@@ -334,7 +332,7 @@ def test_standard_output_that_cannot_be_written_is_one_line(
     more at exit, when what is buffered is flushed)."""
     folder = package(tmp_path / "package", ("StructureDefinition-odd.json", profile()))
     args = [a.format(package=folder, db=tmp_path / "s.db") for a in command]
-    with open("/dev/full", "wb") as full:
+    with DEV_FULL.open("wb") as full:
         result = subprocess.run(
             [sys.executable, "-m", "cpa_fhir", *args],
             stdout=full, stderr=subprocess.PIPE, text=True, timeout=120,

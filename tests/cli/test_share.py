@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.common import EXAMPLES
+from tests.common import DEV_FULL, EXAMPLES, needs_dev_full
 
 RECORD_C = next(EXAMPLES.glob("Bundle-record-C-*.json"))
 AT = "2026-11-01T10:00:00Z"
@@ -141,10 +141,7 @@ def test_a_record_is_a_collection_bundle(tmp_path: Path, kind: str | None) -> No
     assert "the record must be a collection Bundle" in line
 
 
-FULL = Path("/dev/full")
-needs_dev_full = pytest.mark.skipif(
-    not FULL.exists(), reason="no /dev/full here (a Linux device that refuses every write)"
-)
+FULL = DEV_FULL
 
 
 @needs_dev_full

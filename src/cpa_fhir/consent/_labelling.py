@@ -602,18 +602,9 @@ def _label(
         rules = ["default"]
     elements: dict[Path, tuple[set[str], list[str]]] = {}
     names = _names(resource, full_url)
-    names_lowered = " ".join(names.lower().split()) if names.isascii() else None
-    names_squashed = squash(names_lowered) if names_lowered is not None else None
     for rule in policy.rules_by_type.get(resource["resourceType"], ()):
         if rule.anywhere:
-            assert rule.words is not None
-            if (
-                names
-                and not rule.ruled_out(
-                    names_squashed, lambda: frozenset(_TOKEN.findall(names_lowered or ""))
-                )
-                and rule.words.search(names)
-            ):
+            if names and seen.has_words(rule, names):
                 # Its id goes wherever it does, and is in every reference to it; its
                 # fullUrl and profiles go with it, and say what it is.
                 cats.update(rule.categories)
