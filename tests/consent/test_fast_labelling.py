@@ -111,3 +111,24 @@ def test_words_in_any_case_and_script(letter: str, policy: SharingPolicy) -> Non
             else:
                 resource.setdefault("note", []).append({"text": text})
     assert_same_labels(entries, policy)
+
+
+@pytest.mark.parametrize("letter", sorted(EXAMPLE_RECORDS))
+def test_words_in_what_names_a_resource(letter: str, policy: SharingPolicy) -> None:
+    """A resource's id, fullUrl and profiles are read for every rule's words at once:
+    the labels are those of reading them for each rule in turn."""
+    words = sorted({w for rule in policy.rules if rule.ascii_words for w in rule.ascii_words})
+    entries = record_entries(copy.deepcopy(EXAMPLE_RECORDS[letter]))
+    renamed = []
+    for i, (url, resource) in enumerate(entries):
+        variants = _variants(words[i % len(words)])
+        text = variants[i % len(variants)]
+        where = i % 3
+        if where == 0:
+            resource["id"] = f"r{i}-{text.encode('ascii', 'replace').decode()}"[:64]
+        elif where == 1:
+            url = f"https://example.org/fhir/{text}/{i}"
+        else:
+            resource.setdefault("meta", {})["profile"] = [f"https://example.org/{text}"]
+        renamed.append((url, resource))
+    assert_same_labels(renamed, policy)

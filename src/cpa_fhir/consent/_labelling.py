@@ -210,17 +210,23 @@ class _Seen:
 
     __slots__ = (
         "_located", "_text", "_ascii_lowered", "_every", "_tokens", "_squash", "_at_starts",
-        "coded", "word_starts", "indexed", "_urls",
+        "coded", "word_starts", "indexed", "_urls", "_text_hits",
     )  # fmt: skip
 
     def __init__(
         self,
         coded: frozenset[tuple[str, str]] = frozenset(),
         word_starts: Mapping[str, tuple[LabelRule, ...]] | None = None,
+        indexed: frozenset[str] | None = None,
     ) -> None:
         self.coded = coded
         self.word_starts = word_starts or {}
-        self.indexed = frozenset(r.id for rules in self.word_starts.values() for r in rules)
+        self.indexed = (
+            indexed
+            if indexed is not None
+            else frozenset(r.id for rules in self.word_starts.values() for r in rules)
+        )
+        self._text_hits: dict[int, frozenset[str] | None] = {}
         self._at_starts: dict[int, tuple[frozenset[str], dict[str, set[int]]] | None] = {}
         # By the object's id: all are parts of the resource, alive while it is labelled.
         self._located: dict[tuple[int, str], list[tuple[Path, Any]]] = {}
@@ -336,28 +342,21 @@ class _Seen:
         text, lowered, starts, _ = self._elements(resource)
         found: tuple[frozenset[str], dict[str, set[int]]] | None = None
         if lowered is not None and self.word_starts:
-            index = self.word_starts
-            hits: dict[str, set[int]] = {}
-            for m in _LETTERS.finditer(text.lower()):
-                run = m.group()
-                candidates = index.get(run[:3], ())
-                if len(run) > 2:
-                    candidates += index.get(run[:2], ()) + index.get(run[:1], ())
-                elif len(run) == 2:
-                    candidates += index.get(run[:1], ())
-                if not candidates:
-                    continue
-                at = m.start()
-                element = bisect_right(starts, at) - 1
-                for rule in candidates:
-                    done = hits.get(rule.id)
-                    if done is not None and element in done:
-                        continue
-                    assert rule.words is not None
-                    if rule.words.match(text, at):
-                        hits.setdefault(rule.id, set()).add(element)
-            found = (self.indexed, hits)
+            found = (self.indexed, _found_at_starts(text, starts, self.word_starts))
         self._at_starts[key] = found
+        return found
+
+    def _indexed_hits(self, node: Any) -> frozenset[str] | None:
+        """The indexed rules (`word_starts`) whose words are in the node's text, found
+        in one pass over it; None when the text is not ASCII."""
+        key = id(node)
+        if key in self._text_hits:
+            return self._text_hits[key]
+        text = self.text(node)
+        found = (
+            frozenset(_found_at_starts(text, (0,), self.word_starts)) if text.isascii() else None
+        )
+        self._text_hits[key] = found
         return found
 
     def coded_elements(
@@ -379,11 +378,44 @@ class _Seen:
 
     def has_words(self, rule: LabelRule, node: Any) -> bool:
         """Whether the rule's words are in the node's text."""
+        if rule.id in self.indexed:
+            # Several rules ask of one text (a resource's names): all are found at once.
+            hits = self._indexed_hits(node)
+            if hits is not None:
+                return rule.id in hits
         lowered = self.ascii_lowered(node) if rule.prefiltered else None
         if rule.ruled_out(self._squashed(lowered), lambda: self._tokens_of(lowered)):
             return False  # none of them even as a substring
         assert rule.words is not None
         return rule.words.search(self.text(node)) is not None
+
+
+def _found_at_starts(
+    text: str, starts: Sequence[int], index: Mapping[str, tuple[LabelRule, ...]]
+) -> dict[str, set[int]]:
+    """For the rules of a `SharingPolicy.word_starts` index, the parts of an ASCII text
+    (by where each starts) where each finds its words: such a word starts a run of
+    letters, so one pass over the runs finds them all."""
+    hits: dict[str, set[int]] = {}
+    for m in _LETTERS.finditer(text.lower()):
+        run = m.group()
+        candidates = index.get(run[:3], ())
+        if len(run) > 2:
+            candidates += index.get(run[:2], ()) + index.get(run[:1], ())
+        elif len(run) == 2:
+            candidates += index.get(run[:1], ())
+        if not candidates:
+            continue
+        at = m.start()
+        part = bisect_right(starts, at) - 1
+        for rule in candidates:
+            done = hits.get(rule.id)
+            if done is not None and part in done:
+                continue
+            assert rule.words is not None
+            if rule.words.match(text, at):
+                hits.setdefault(rule.id, set()).add(part)
+    return hits
 
 
 def _code_categories(
@@ -534,7 +566,7 @@ def label_resource(
     if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
         raise LabellingError("content to label is not a FHIR resource")
     key = f"{resource['resourceType']}/{resource.get('id')}"
-    seen = _Seen(policy.coded, policy.word_starts)
+    seen = _Seen(policy.coded, policy.word_starts, policy.word_indexed)
     first = _first_pass(resource, key, policy, seen)
 
     def by_reference(ref: str) -> frozenset[str] | None:
@@ -590,7 +622,7 @@ def _label(
             if not isinstance(inner, dict) or not isinstance(inner.get("resourceType"), str):
                 raise LabellingError(f"{key}: contained[{i}] is not a resource")
             inner_key = f"{key}#contained"
-            inner_seen = _Seen(policy.coded, policy.word_starts)
+            inner_seen = _Seen(policy.coded, policy.word_starts, policy.word_indexed)
             found = _first_pass(inner, inner_key, policy, inner_seen)
             inner_labelled = _label(inner, inner_key, found, policy, resolve, None, inner_seen)
             cats |= inner_labelled.categories
@@ -823,7 +855,7 @@ def label_resources(
         if not isinstance(res, dict) or not isinstance(res.get("resourceType"), str):
             raise LabellingError("a record entry is not a FHIR resource")
         key = f"{res['resourceType']}/{res.get('id')}"
-        seen = _Seen(policy.coded, policy.word_starts)
+        seen = _Seen(policy.coded, policy.word_starts, policy.word_indexed)
         found = _first_pass(res, key, policy, seen)
         first[key] = frozenset(found[0] or {policy.default_category})
         passes.append((key, found, seen))

@@ -231,6 +231,8 @@ class SharingPolicy:
     # such a word can be found only where a run of letters starts with them, so one
     # pass over the text's runs of letters finds the matches of all of them.
     word_starts: Mapping[str, tuple[LabelRule, ...]] = field(default_factory=dict)
+    # The ids of the rules `word_starts` indexes.
+    word_indexed: frozenset[str] = frozenset()
     # Media types of base64 content (an attachment's data) read as text; any other
     # such content is unreadable and takes the default category.
     readable_media_types: frozenset[str] = frozenset()
@@ -589,6 +591,7 @@ def parse_policy(data: Mapping[str, Any]) -> SharingPolicy:
         if code_categories
         else None,
         rules_by_type=RulesByType({t: tuple(rs) for t, rs in by_type.items()}, tuple(anywhere)),
-        word_starts=_word_starts(anywhere),
+        word_starts=(word_starts := _word_starts(anywhere)),
+        word_indexed=frozenset(r.id for rules in word_starts.values() for r in rules),
         categories_by_sensitivity={k: frozenset(v) for k, v in by_sensitivity.items()},
     )
