@@ -210,14 +210,26 @@ class _Seen:
 
     __slots__ = (
         "_located", "_text", "_ascii_lowered", "_every", "_tokens", "_squash", "_at_starts",
-        "coded", "word_starts", "indexed", "_urls", "_text_hits",
+        "coded", "word_starts", "indexed", "_urls", "_text_hits", "text_starts", "text_indexed",
     )  # fmt: skip
+
+    @classmethod
+    def of(cls, policy: SharingPolicy) -> _Seen:
+        return cls(
+            policy.coded,
+            policy.word_starts,
+            policy.word_indexed,
+            policy.text_word_starts,
+            policy.text_word_indexed,
+        )
 
     def __init__(
         self,
         coded: frozenset[tuple[str, str]] = frozenset(),
         word_starts: Mapping[str, tuple[LabelRule, ...]] | None = None,
         indexed: frozenset[str] | None = None,
+        text_starts: Mapping[str, tuple[LabelRule, ...]] | None = None,
+        text_indexed: frozenset[str] = frozenset(),
     ) -> None:
         self.coded = coded
         self.word_starts = word_starts or {}
@@ -226,6 +238,9 @@ class _Seen:
             if indexed is not None
             else frozenset(r.id for rules in self.word_starts.values() for r in rules)
         )
+        # Every word rule, for `has_words`: several rules ask of one text.
+        self.text_starts = text_starts or {}
+        self.text_indexed = text_indexed
         self._text_hits: dict[int, frozenset[str] | None] = {}
         self._at_starts: dict[int, tuple[frozenset[str], dict[str, set[int]]] | None] = {}
         # By the object's id: all are parts of the resource, alive while it is labelled.
@@ -347,14 +362,14 @@ class _Seen:
         return found
 
     def _indexed_hits(self, node: Any) -> frozenset[str] | None:
-        """The indexed rules (`word_starts`) whose words are in the node's text, found
+        """The indexed rules (`text_starts`) whose words are in the node's text, found
         in one pass over it; None when the text is not ASCII."""
         key = id(node)
         if key in self._text_hits:
             return self._text_hits[key]
         text = self.text(node)
         found = (
-            frozenset(_found_at_starts(text, (0,), self.word_starts)) if text.isascii() else None
+            frozenset(_found_at_starts(text, (0,), self.text_starts)) if text.isascii() else None
         )
         self._text_hits[key] = found
         return found
@@ -378,8 +393,9 @@ class _Seen:
 
     def has_words(self, rule: LabelRule, node: Any) -> bool:
         """Whether the rule's words are in the node's text."""
-        if rule.id in self.indexed:
-            # Several rules ask of one text (a resource's names): all are found at once.
+        if rule.id in self.text_indexed:
+            # Several rules ask of one text (a resource's names, a plan's activity):
+            # all are found at once.
             hits = self._indexed_hits(node)
             if hits is not None:
                 return rule.id in hits
@@ -566,7 +582,7 @@ def label_resource(
     if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
         raise LabellingError("content to label is not a FHIR resource")
     key = f"{resource['resourceType']}/{resource.get('id')}"
-    seen = _Seen(policy.coded, policy.word_starts, policy.word_indexed)
+    seen = _Seen.of(policy)
     first = _first_pass(resource, key, policy, seen)
 
     def by_reference(ref: str) -> frozenset[str] | None:
@@ -622,7 +638,7 @@ def _label(
             if not isinstance(inner, dict) or not isinstance(inner.get("resourceType"), str):
                 raise LabellingError(f"{key}: contained[{i}] is not a resource")
             inner_key = f"{key}#contained"
-            inner_seen = _Seen(policy.coded, policy.word_starts, policy.word_indexed)
+            inner_seen = _Seen.of(policy)
             found = _first_pass(inner, inner_key, policy, inner_seen)
             inner_labelled = _label(inner, inner_key, found, policy, resolve, None, inner_seen)
             cats |= inner_labelled.categories
@@ -855,7 +871,7 @@ def label_resources(
         if not isinstance(res, dict) or not isinstance(res.get("resourceType"), str):
             raise LabellingError("a record entry is not a FHIR resource")
         key = f"{res['resourceType']}/{res.get('id')}"
-        seen = _Seen(policy.coded, policy.word_starts, policy.word_indexed)
+        seen = _Seen.of(policy)
         found = _first_pass(res, key, policy, seen)
         first[key] = frozenset(found[0] or {policy.default_category})
         passes.append((key, found, seen))

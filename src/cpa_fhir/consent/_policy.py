@@ -233,6 +233,9 @@ class SharingPolicy:
     word_starts: Mapping[str, tuple[LabelRule, ...]] = field(default_factory=dict)
     # The ids of the rules `word_starts` indexes.
     word_indexed: frozenset[str] = frozenset()
+    # The same for every rule with words, to find them all in one text at once.
+    text_word_starts: Mapping[str, tuple[LabelRule, ...]] = field(default_factory=dict)
+    text_word_indexed: frozenset[str] = frozenset()
     # Media types of base64 content (an attachment's data) read as text; any other
     # such content is unreadable and takes the default category.
     readable_media_types: frozenset[str] = frozenset()
@@ -593,5 +596,7 @@ def parse_policy(data: Mapping[str, Any]) -> SharingPolicy:
         rules_by_type=RulesByType({t: tuple(rs) for t, rs in by_type.items()}, tuple(anywhere)),
         word_starts=(word_starts := _word_starts(anywhere)),
         word_indexed=frozenset(r.id for rules in word_starts.values() for r in rules),
+        text_word_starts=(text_word_starts := _word_starts(rules)),
+        text_word_indexed=frozenset(r.id for rules in text_word_starts.values() for r in rules),
         categories_by_sensitivity={k: frozenset(v) for k, v in by_sensitivity.items()},
     )
