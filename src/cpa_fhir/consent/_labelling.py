@@ -26,6 +26,7 @@ from cpa_fhir.consent._policy import (
     SENSITIVITY_SYSTEM,
     LabelRule,
     SharingPolicy,
+    WordIndex,
     plain_text,
     squash,
 )
@@ -210,37 +211,23 @@ class _Seen:
 
     __slots__ = (
         "_located", "_text", "_ascii_lowered", "_every", "_tokens", "_squash", "_at_starts",
-        "coded", "word_starts", "indexed", "_urls", "_text_hits", "text_starts", "text_indexed",
+        "coded", "word_starts", "_urls", "_text_hits", "text_starts",
     )  # fmt: skip
 
     @classmethod
     def of(cls, policy: SharingPolicy) -> _Seen:
-        return cls(
-            policy.coded,
-            policy.word_starts,
-            policy.word_indexed,
-            policy.text_word_starts,
-            policy.text_word_indexed,
-        )
+        return cls(policy.coded, policy.word_starts, policy.text_word_starts)
 
     def __init__(
         self,
-        coded: frozenset[tuple[str, str]] = frozenset(),
-        word_starts: Mapping[str, tuple[LabelRule, ...]] | None = None,
-        indexed: frozenset[str] | None = None,
-        text_starts: Mapping[str, tuple[LabelRule, ...]] | None = None,
-        text_indexed: frozenset[str] = frozenset(),
+        coded: frozenset[tuple[str, str]],
+        word_starts: WordIndex,
+        text_starts: WordIndex,
     ) -> None:
         self.coded = coded
-        self.word_starts = word_starts or {}
-        self.indexed = (
-            indexed
-            if indexed is not None
-            else frozenset(r.id for rules in self.word_starts.values() for r in rules)
-        )
+        self.word_starts = word_starts
         # Every word rule, for `has_words`: several rules ask of one text.
-        self.text_starts = text_starts or {}
-        self.text_indexed = text_indexed
+        self.text_starts = text_starts
         self._text_hits: dict[int, frozenset[str] | None] = {}
         self._at_starts: dict[int, tuple[frozenset[str], dict[str, set[int]]] | None] = {}
         # By the object's id: all are parts of the resource, alive while it is labelled.
@@ -356,8 +343,9 @@ class _Seen:
             return self._at_starts[key]
         text, lowered, starts, _ = self._elements(resource)
         found: tuple[frozenset[str], dict[str, set[int]]] | None = None
-        if lowered is not None and self.word_starts:
-            found = (self.indexed, _found_at_starts(text, starts, self.word_starts))
+        if lowered is not None and self.word_starts.starts:
+            index = self.word_starts
+            found = (index.rule_ids, _found_at_starts(text, starts, index))
         self._at_starts[key] = found
         return found
 
@@ -393,7 +381,7 @@ class _Seen:
 
     def has_words(self, rule: LabelRule, node: Any) -> bool:
         """Whether the rule's words are in the node's text."""
-        if rule.id in self.text_indexed:
+        if rule.id in self.text_starts.rule_ids:
             # Several rules ask of one text (a resource's names, a plan's activity):
             # all are found at once.
             hits = self._indexed_hits(node)
@@ -406,31 +394,30 @@ class _Seen:
         return rule.words.search(self.text(node)) is not None
 
 
-def _found_at_starts(
-    text: str, starts: Sequence[int], index: Mapping[str, tuple[LabelRule, ...]]
-) -> dict[str, set[int]]:
-    """For the rules of a `SharingPolicy.word_starts` index, the parts of an ASCII text
-    (by where each starts) where each finds its words: such a word starts a run of
-    letters, so one pass over the runs finds them all."""
+def _found_at_starts(text: str, starts: Sequence[int], index: WordIndex) -> dict[str, set[int]]:
+    """For the rules of a `WordIndex`, the parts of an ASCII text (by where each
+    starts) where each finds its words: such a word starts a run of letters, so one
+    pass over the runs finds them all."""
     hits: dict[str, set[int]] = {}
+    table = index.starts
     for m in _LETTERS.finditer(text.lower()):
         run = m.group()
-        candidates = index.get(run[:3], ())
+        candidates = table.get(run[:3], ())
         if len(run) > 2:
-            candidates += index.get(run[:2], ()) + index.get(run[:1], ())
+            candidates += table.get(run[:2], ()) + table.get(run[:1], ())
         elif len(run) == 2:
-            candidates += index.get(run[:1], ())
+            candidates += table.get(run[:1], ())
         if not candidates:
             continue
         at = m.start()
         part = bisect_right(starts, at) - 1
-        for rule in candidates:
-            done = hits.get(rule.id)
+        for pattern, rule_ids in candidates:
+            done = hits.get(rule_ids[0])  # the rules of one pattern are found together
             if done is not None and part in done:
                 continue
-            assert rule.words is not None
-            if rule.words.match(text, at):
-                hits.setdefault(rule.id, set()).add(part)
+            if pattern.match(text, at):
+                for rule_id in rule_ids:
+                    hits.setdefault(rule_id, set()).add(part)
     return hits
 
 

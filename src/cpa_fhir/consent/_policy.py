@@ -226,16 +226,11 @@ class SharingPolicy:
     # Where the record's dates are days: a consent "until 2026-07-31" ends at midnight
     # there (https://hl7.org/fhir/R4/datatypes.html#date: a date has no time zone).
     zone: tzinfo = UTC
-    # The rules for any element whose every word starts with an ASCII letter, by the
-    # first one to three letters (lowercased) of each of their words: in ASCII text,
-    # such a word can be found only where a run of letters starts with them, so one
-    # pass over the text's runs of letters finds the matches of all of them.
-    word_starts: Mapping[str, tuple[LabelRule, ...]] = field(default_factory=dict)
-    # The ids of the rules `word_starts` indexes.
-    word_indexed: frozenset[str] = frozenset()
-    # The same for every rule with words, to find them all in one text at once.
-    text_word_starts: Mapping[str, tuple[LabelRule, ...]] = field(default_factory=dict)
-    text_word_indexed: frozenset[str] = frozenset()
+    # The rules for any element, by the first letters of their words, for one pass
+    # over the elements of a resource to find them all.
+    word_starts: WordIndex = field(default_factory=lambda: WordIndex({}, frozenset()))
+    # Every rule with words, likewise: several rules ask of one text at once.
+    text_word_starts: WordIndex = field(default_factory=lambda: WordIndex({}, frozenset()))
     # Media types of base64 content (an attachment's data) read as text; any other
     # such content is unreadable and takes the default category.
     readable_media_types: frozenset[str] = frozenset()
@@ -328,8 +323,21 @@ def _necessary_part(word: str) -> tuple[str, bool]:
     return squash(bare), word.startswith("=") and bare.isalnum()
 
 
-def _word_starts(rules: Sequence[LabelRule]) -> dict[str, tuple[LabelRule, ...]]:
-    """`SharingPolicy.word_starts` for these rules (those it can index)."""
+@dataclass(frozen=True, slots=True)
+class WordIndex:
+    """Rules whose every word starts with an ASCII letter, by the first one to three
+    letters (lowercased) of each of their words: in ASCII text, such a word can be
+    found only where a run of letters starts with them, so one pass over the text's
+    runs of letters finds the matches of all of them. Under each key, the rules are
+    grouped by their pattern (rules for several types share a word list), so that
+    each pattern is tried once where a run starts."""
+
+    starts: Mapping[str, tuple[tuple[re.Pattern[str], tuple[str, ...]], ...]]
+    rule_ids: frozenset[str]  # the rules it indexes
+
+
+def _word_starts(rules: Sequence[LabelRule]) -> WordIndex:
+    """A `WordIndex` of these rules (those it can index)."""
     index: dict[str, list[LabelRule]] = {}
     for rule in rules:
         if rule.words is None or "\x00" in rule.words.pattern:
@@ -345,7 +353,19 @@ def _word_starts(rules: Sequence[LabelRule]) -> dict[str, tuple[LabelRule, ...]]
         else:
             for key in keys:
                 index.setdefault(key, []).append(rule)
-    return {k: tuple(v) for k, v in index.items()}
+    # Every rule of a pattern, under each key: where the pattern matches, all of them do.
+    by_pattern: dict[re.Pattern[str], list[str]] = {}
+    for rule in dict.fromkeys(r for rules in index.values() for r in rules):
+        assert rule.words is not None
+        by_pattern.setdefault(rule.words, []).append(rule.id)
+    starts = {
+        key: tuple(
+            (pattern, tuple(by_pattern[pattern]))
+            for pattern in dict.fromkeys(r.words for r in rules if r.words is not None)
+        )
+        for key, rules in index.items()
+    }
+    return WordIndex(starts, frozenset(r.id for rules in index.values() for r in rules))
 
 
 def _rule(
@@ -594,9 +614,7 @@ def parse_policy(data: Mapping[str, Any]) -> SharingPolicy:
         if code_categories
         else None,
         rules_by_type=RulesByType({t: tuple(rs) for t, rs in by_type.items()}, tuple(anywhere)),
-        word_starts=(word_starts := _word_starts(anywhere)),
-        word_indexed=frozenset(r.id for rules in word_starts.values() for r in rules),
-        text_word_starts=(text_word_starts := _word_starts(rules)),
-        text_word_indexed=frozenset(r.id for rules in text_word_starts.values() for r in rules),
+        word_starts=_word_starts(anywhere),
+        text_word_starts=_word_starts(rules),
         categories_by_sensitivity={k: frozenset(v) for k, v in by_sensitivity.items()},
     )
