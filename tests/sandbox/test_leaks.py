@@ -547,3 +547,24 @@ def test_a_chain_through_a_professional_the_partner_is_shown_finds_what_a_refere
         chained = gp.get("Encounter", params={"practitioner:Practitioner._id": name}).json()
         assert resource_keys(chained) == (resource_keys(direct) if shown else set())
         assert (chained["total"] > 0) == shown
+
+
+def test_a_professional_or_organisation_a_chain_holds_through_is_audited_as_consulted(
+    as_client: Any, trust: Fhir
+) -> None:
+    """`EpisodeOfCare?organization:Organization.name=Example` tells the GP that the
+    episode's organisation is named so: the organisation is named in the AuditEvent,
+    as consulted, as a Condition a `_has` holds through is."""
+    gp = as_client("gp")
+    before = {e["resource"]["id"] for e in trust.get("AuditEvent", params={"_count": "1000"}).json().get("entry", [])}  # fmt: skip
+    found = gp.get("EpisodeOfCare", params={"organization:Organization.name": "Example"})
+    assert resource_keys(found.json()) == {"EpisodeOfCare/c-episode"}
+    (event,) = _new_audit_events(trust, before)
+    consulted = {
+        e["what"]["reference"].split("/_history/")[0]
+        for e in event["entity"]
+        if e.get("description", "").startswith("Found")
+    }
+    assert consulted == {"Organization/c-trust"}
+    assert disclosed_references(event) == ["EpisodeOfCare/c-episode"]
+    assert [i for i in Validator(default_package()).validate(event) if i.is_error] == []

@@ -1034,9 +1034,15 @@ class Router:
         sent = {id(stored) for stored, _ in page}
         view.count([stored for stored, _ in visible if id(stored) not in sent])
         if through:
-            # What the criteria held through, for every match the answer tells of.
-            ends = sorted(set().union(*through.values()))
-            view.consult(list(self.repo.read_many(ends).values()))
+            # What the criteria held through, for every match the answer tells of: a
+            # professional or organisation under the records of the matches it was
+            # reached from, as the chain judged it (`chains_hold`).
+            patients = {(s.resource_type, s.id): view.patients_of(s) for s, _ in visible}
+            reached: dict[tuple[str, str], frozenset[str]] = {}
+            for match, ends_of_match in through.items():
+                for end in ends_of_match:
+                    reached[end] = reached.get(end, frozenset()) | patients[match]
+            view.consult(list(self.repo.read_many(sorted(reached)).values()), reached)
         included: list[tuple[Stored, bytes]] = []
         cut = False
         if page and (query.include or query.revinclude):
