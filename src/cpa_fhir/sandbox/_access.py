@@ -659,8 +659,18 @@ class PartnerView:
             if (t := self.derived.resources[r]) is not None
             and (patient_of(t) is None or patient_of(t) in owners)
         ]
+        # What they refer to in the record is labelled element by element too: one that
+        # loses an element it needs goes whole, as `share` drops it, and a reference
+        # to it must not stay (it would name what the client cannot read).
+        in_record = {
+            r
+            for r in refs
+            if (t := self.derived.resources[r]) is not None and patient_of(t) in owners
+        }
         try:
-            labelled = label_resources(entries, self.policy, elements_of=resources.keys())
+            labelled = label_resources(
+                entries, self.policy, elements_of=resources.keys() | in_record
+            )
             result = filter_record(labelled, decision, self.policy, self.required)
         except LabellingError as exc:
             # Withheld, as any resource is, without a word of why to the client.
