@@ -260,3 +260,33 @@ def test_a_withheld_link_does_not_hide_what_a_shown_link_includes(
     found = resource_keys(carer.get("CareTeam", params=walk).json())
     assert f"CarePlan/{pid}" in found
     assert officer in found, sorted(found)
+
+
+@pytest.mark.parametrize("client_id", ["gp", "social-care", "probation"])  # shown C's trust
+def test_a_professional_or_organisation_comes_only_where_what_is_shown_refers_to_it(
+    as_client: Any, trust: Fhir, client_id: str
+) -> None:
+    """`cpa-fhir share` sends a professional or organisation only when shared content
+    refers to it. The roles held with the trust, and the organisations part of it,
+    refer to an organisation a partner is shown; found by a reverse include from it,
+    they went to the partner though nothing it is shown names them."""
+    walk = [
+        ("patient", "Patient/c-patient"),
+        ("_include", "EpisodeOfCare:organization"),
+        ("_revinclude:iterate", "PractitionerRole:organization"),
+        ("_revinclude:iterate", "Organization:partof"),
+    ]
+    assert {"PractitionerRole"} <= {
+        k.split("/")[0] for k in _keys(_search(trust, "EpisodeOfCare", walk), "include")
+    }
+    response = as_client(client_id).get("EpisodeOfCare", params=walk)
+    assert response.status_code == 200, response.text
+    shown = {
+        f"{e['resource']['resourceType']}/{e['resource']['id']}": e["resource"]
+        for e in response.json().get("entry", [])
+    }
+    included = _keys(response.json(), "include")
+    assert "Organization/c-trust" in included
+    for key in included:
+        others = [r for k, r in shown.items() if k != key]
+        assert any(key in _references(r) for r in others), f"{key} went to {client_id}"

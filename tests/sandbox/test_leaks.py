@@ -4,6 +4,7 @@ search criteria on withheld values, batch — and each disclosure is audited."""
 
 from __future__ import annotations
 
+import copy
 from datetime import UTC, datetime
 from typing import Any
 
@@ -23,6 +24,7 @@ from cpa_fhir.store import default_search_parameters
 from cpa_fhir.validation import Validator
 from tests.common import EXAMPLES
 from tests.sandbox.conftest import Fhir, resource_keys
+from tests.sandbox.test_consent_freshness import Changes, changes  # noqa: F401
 
 RECORD_C = orjson.loads(next(EXAMPLES.glob("Bundle-record-C-*.json")).read_bytes())
 C_KEYS = {f"{e['resource']['resourceType']}/{e['resource']['id']}" for e in RECORD_C["entry"]}
@@ -547,3 +549,80 @@ def test_a_chain_through_a_professional_the_partner_is_shown_finds_what_a_refere
         chained = gp.get("Encounter", params={"practitioner:Practitioner._id": name}).json()
         assert resource_keys(chained) == (resource_keys(direct) if shown else set())
         assert (chained["total"] > 0) == shown
+
+
+def test_a_professional_or_organisation_a_chain_holds_through_is_audited_as_consulted(
+    as_client: Any, trust: Fhir
+) -> None:
+    """`EpisodeOfCare?organization:Organization.name=Example` tells the GP that the
+    episode's organisation is named so: the organisation is named in the AuditEvent,
+    as consulted, as a Condition a `_has` holds through is."""
+    gp = as_client("gp")
+    before = {e["resource"]["id"] for e in trust.get("AuditEvent", params={"_count": "1000"}).json().get("entry", [])}  # fmt: skip
+    found = gp.get("EpisodeOfCare", params={"organization:Organization.name": "Example"})
+    assert resource_keys(found.json()) == {"EpisodeOfCare/c-episode"}
+    (event,) = _new_audit_events(trust, before)
+    consulted = {
+        e["what"]["reference"].split("/_history/")[0]
+        for e in event["entity"]
+        if e.get("description", "").startswith("Found")
+    }
+    assert consulted == {"Organization/c-trust"}
+    assert disclosed_references(event) == ["EpisodeOfCare/c-episode"]
+    assert [i for i in Validator(default_package()).validate(event) if i.is_error] == []
+
+
+def test_a_reference_to_what_share_drops_for_a_required_element_goes_as_share_sends_it(
+    as_client: Any,
+    trust: Fhir,
+    changes: Changes,  # noqa: F811
+) -> None:
+    """An encounter whose class names probation loses it for the GP, and with it an
+    element it needs: `share` drops the encounter, and masks a need's reference to
+    it. Read alone, the need was labelled with the encounter as a whole, and named
+    it to the GP, who can read no such encounter."""
+    encounter = {
+        "resourceType": "Encounter",
+        "status": "finished",
+        "class": {
+            "system": "http://terminology.hl7.org/CodeSystem/v3-ActCode",
+            "code": "AMB",
+            "display": "probation supervision",
+        },
+        "subject": {"reference": "Patient/c-patient"},
+    }
+    hidden = changes.create(encounter)
+    need = next(
+        copy.deepcopy(e["resource"])
+        for e in RECORD_C["entry"]
+        if e["resource"]["id"] == "c-need-accommodation"
+    )
+    need.pop("id")
+    need["encounter"] = {"reference": hidden}
+    key = changes.create(need)
+    record = copy.deepcopy(RECORD_C)
+    for found in (key, hidden):
+        resource = trust.get(found).json()
+        resource.pop("meta")
+        record["entry"].append(
+            {"fullUrl": f"https://example.org/fhir/{found}", "resource": resource}
+        )
+    recipient, purpose, exceptions = PARTNERS["gp"]
+    sent = share(
+        record,
+        ShareRequest(recipient, purpose, exceptions),
+        load_policy(),
+        at=datetime.now(UTC),
+        new_id=lambda: "x",
+        required=RequiredElements(default_package()),
+    )
+    assert hidden not in sent.shared and key in sent.shared
+    (expected,) = (
+        e["resource"] for e in sent.bundle["entry"] if key.endswith(f"/{e['resource']['id']}")
+    )
+    gp = as_client("gp")
+    assert gp.get(hidden).status_code == 404
+    read = gp.get(key).json()
+    assert read["encounter"] == expected["encounter"]
+    found = gp.get("Condition", params={"_id": key.split("/")[1]}).json()
+    assert [e["resource"]["encounter"] for e in found["entry"]] == [expected["encounter"]]

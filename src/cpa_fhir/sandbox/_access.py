@@ -583,15 +583,26 @@ class PartnerView:
         match, is disclosed."""
         self._disclose_as("counted", versions)
 
-    def consult(self, versions: Sequence[Stored]) -> None:
+    def consult(
+        self,
+        versions: Sequence[Stored],
+        reached_from: Mapping[tuple[str, str], frozenset[str]] | None = None,
+    ) -> None:
         """Note for the audit versions a search's chained criteria (`_has`, a chain)
-        were found to hold through for what it answers: the criteria tell of them."""
-        self._disclose_as("consulted", versions)
+        were found to hold through for what it answers: the criteria tell of them. A
+        professional or organisation among them is noted under the records of the
+        matches held through it (`reached_from`), as the chain judged it."""
+        self._disclose_as("consulted", versions, reached_from)
 
-    def _disclose_as(self, mode: str, versions: Sequence[Stored]) -> None:
+    def _disclose_as(
+        self,
+        mode: str,
+        versions: Sequence[Stored],
+        reached_from: Mapping[tuple[str, str], frozenset[str]] | None = None,
+    ) -> None:
         self._mode = mode
         try:
-            self.filter_many(versions)
+            self.filter_many(versions, referred=reached_from is not None, reached_from=reached_from)
         finally:
             self._mode = None
 
@@ -648,8 +659,18 @@ class PartnerView:
             if (t := self.derived.resources[r]) is not None
             and (patient_of(t) is None or patient_of(t) in owners)
         ]
+        # What they refer to in the record is labelled element by element too: one that
+        # loses an element it needs goes whole, as `share` drops it, and a reference
+        # to it must not stay (it would name what the client cannot read).
+        in_record = {
+            r
+            for r in refs
+            if (t := self.derived.resources[r]) is not None and patient_of(t) in owners
+        }
         try:
-            labelled = label_resources(entries, self.policy, elements_of=resources.keys())
+            labelled = label_resources(
+                entries, self.policy, elements_of=resources.keys() | in_record
+            )
             result = filter_record(labelled, decision, self.policy, self.required)
         except LabellingError as exc:
             # Withheld, as any resource is, without a word of why to the client.
@@ -776,6 +797,11 @@ class PartnerView:
         if account:
             sent = f"{key}/_history/{stored.version_id}"
             for patient in under:
+                if self._mode is not None:  # told of, not sent
+                    self._account(
+                        patient, self.decision(patient), key, stored.version_id, shown, True
+                    )
+                    continue
                 record = self._disclosed.get(patient)
                 if record is None:
                     record = self._disclosed[patient] = _Shared(self.decision(patient))

@@ -1034,9 +1034,15 @@ class Router:
         sent = {id(stored) for stored, _ in page}
         view.count([stored for stored, _ in visible if id(stored) not in sent])
         if through:
-            # What the criteria held through, for every match the answer tells of.
-            ends = sorted(set().union(*through.values()))
-            view.consult(list(self.repo.read_many(ends).values()))
+            # What the criteria held through, for every match the answer tells of: a
+            # professional or organisation under the records of the matches it was
+            # reached from, as the chain judged it (`chains_hold`).
+            patients = {(s.resource_type, s.id): view.patients_of(s) for s, _ in visible}
+            reached: dict[tuple[str, str], frozenset[str]] = {}
+            for match, ends_of_match in through.items():
+                for end in ends_of_match:
+                    reached[end] = reached.get(end, frozenset()) | patients[match]
+            view.consult(list(self.repo.read_many(sorted(reached)).values()), reached)
         included: list[tuple[Stored, bytes]] = []
         cut = False
         if page and (query.include or query.revinclude):
@@ -1059,7 +1065,6 @@ class Router:
         reach: dict[tuple[str, str], frozenset[str]] = {
             (s.resource_type, s.id): view.patients_of(s) for s, _ in page
         }
-        supporting = view.policy.supporting
 
         def keep(
             found: list[Stored],
@@ -1078,18 +1083,10 @@ class Router:
             reached: dict[tuple[str, str], frozenset[str]] = {}
             for stored in candidates:
                 key = (stored.resource_type, stored.id)
-                sources_of = set(linked_from.get(key, ()))
-                if stored.resource_type in supporting:
-                    # One that refers to a source (a reverse include): it goes as stored.
-                    sources_of |= {
-                        target
-                        for include in reverse
-                        if include.source_type == stored.resource_type
-                        for target in _shown_targets(
-                            stored.content, stored.resource_type, include, self.repo
-                        )
-                        if target in sources_by_key
-                    }
+                # A professional or organisation is reached only by a link it is shown
+                # (as `share` sends one only where shared content refers to it): one
+                # that refers to a source (a reverse include) is reached from no record.
+                sources_of = linked_from.get(key, set())
                 reached[key] = frozenset().union(*(reach.get(k, frozenset()) for k in sources_of))
             seen = view.filter_many(candidates, referred=True, account=False, reached_from=reached)
             kept: list[Stored] = []
