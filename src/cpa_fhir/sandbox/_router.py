@@ -726,12 +726,12 @@ class Router:
             current = None
         if current is None:
             if any_version:
-                raise PreconditionFailed(f"{rtype}/{rid} is not there (If-Match: *)")
+                raise precondition_failed(f"{rtype}/{rid} is not there (If-Match: *)")
             return expected  # nothing there: no version to match, no date to compare
         if if_none_match is not None:
             tags = [tag.strip().removeprefix("W/") for tag in if_none_match.split(",")]
             if "*" in tags or f'"{current.version_id}"' in tags:
-                raise PreconditionFailed(
+                raise precondition_failed(
                     f"{rtype}/{rid} is at version {current.version_id}, which If-None-Match "
                     "asks not to write over"
                 )
@@ -747,7 +747,7 @@ class Router:
                     client_copy = client_copy.replace(tzinfo=UTC)
                 # Compared to the second, as an HTTP date is written.
                 if current.last_updated.replace(microsecond=0) > client_copy:
-                    raise PreconditionFailed(
+                    raise precondition_failed(
                         f"{rtype}/{rid} has changed since {since.strip()} (If-Unmodified-Since)"
                     )
         # A version already asked for (If-Match, or the one a partner was checked against)
@@ -805,7 +805,7 @@ class Router:
         found = self.repo.conditional_match(rtype, criteria, "the criteria")
         if found is None:
             if headers.get("if-match", "").strip() == "*":
-                raise PreconditionFailed(f"no {rtype} matches (If-Match: *)")
+                raise precondition_failed(f"no {rtype} matches (If-Match: *)")
             return if_match
         return self._write_preconditions(request, rtype, found.id, None, if_match)
 
@@ -1613,6 +1613,13 @@ def patched_resource(patch: jsonpatch.JsonPatch, current: Stored) -> dict[str, A
             400, f"the patched resource nests more than {MAX_BODY_DEPTH} deep", code="too-costly"
         )
     return patched
+
+
+def precondition_failed(message: str) -> HttpError:
+    """412 for a header's condition (If-Match, If-None-Match, If-Unmodified-Since) that
+    the resource does not meet: a conflict with its state (https://hl7.org/fhir/R4/http.html),
+    not the several matches a conditional write's criteria may find."""
+    return HttpError(412, message, code="conflict")
 
 
 def _check_if_match(current: Stored, if_match: int | None) -> None:
