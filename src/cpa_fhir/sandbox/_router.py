@@ -466,6 +466,7 @@ class Router:
                 f"the body nests objects and lists more than {MAX_BODY_DEPTH} deep",
                 code="too-costly",
             )
+        _no_repeated_names(request.body, "the body")
         return data
 
     def _json(
@@ -1587,6 +1588,7 @@ def json_patch(body: bytes, what: str) -> jsonpatch.JsonPatch:
                 f"{what} nests objects and lists more than {MAX_BODY_DEPTH} deep",
                 code="too-costly",
             )
+        _no_repeated_names(body, what)
         return jsonpatch.JsonPatch(operations)
     except (
         orjson.JSONDecodeError,
@@ -1595,6 +1597,16 @@ def json_patch(body: bytes, what: str) -> jsonpatch.JsonPatch:
         TypeError,
     ) as exc:
         raise HttpError(400, f"{what} is not a JSON Patch: {exc}", code="structure") from None
+
+
+def _no_repeated_names(body: bytes, what: str) -> None:
+    """400 for JSON whose object names a property twice (read once its depth is known
+    to be bounded): it is not FHIR JSON, and which value counts would be a guess."""
+    name = jsonio.repeated_name(body)
+    if name is not None:
+        raise HttpError(
+            400, f"{what} gives the property '{name}' twice in one object", code="structure"
+        )
 
 
 def patched_resource(patch: jsonpatch.JsonPatch, current: Stored) -> dict[str, Any]:

@@ -200,6 +200,11 @@ class Validator:
                 resource = jsonio.loads(data)
             except orjson.JSONDecodeError as exc:
                 return [Issue("fatal", "structure", f"Not well-formed JSON: {exc}")]
+            repeated = jsonio.repeated_name(data)
+            if repeated is not None:
+                # https://hl7.org/fhir/R4/json.html: property names SHALL be unique.
+                text = f"The property '{repeated}' is given twice in one object"
+                return [Issue("fatal", "structure", f"Not FHIR JSON: {text}")]
         else:
             resource = data
         if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
