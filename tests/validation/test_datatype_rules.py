@@ -59,10 +59,27 @@ def test_a_local_reference_names_something_contained() -> None:
 
 
 @pytest.mark.parametrize(
-    ("element", "value"), [("valueString", None), ("identifier", []), ("note", [])]
+    ("element", "value"),
+    [
+        ("valueString", None),
+        ("identifier", []),
+        ("note", []),
+        ("_status", None),  # a primitive's extensions: null where no value stands beside it
+        ("_issued", []),
+    ],
 )
 def test_nulls_and_empty_arrays_are_not_fhir_json(element: str, value: Any) -> None:
+    """Nulls are FHIR JSON only in an array of primitives or of their extensions, to
+    keep the two in step (`"_given": [null, {...}]`)."""
     assert any(e == f"Observation.{element}" for _, e in _rules(_observation(**{element: value})))
+
+
+def test_a_null_beside_a_primitive_in_an_array_is_fhir_json() -> None:
+    patient = {
+        "resourceType": "Patient",
+        "name": [{"given": ["Ann", "Bea"], "_given": [None, {"id": "b"}]}],
+    }
+    assert _rules(patient) == []
 
 
 @pytest.mark.parametrize(
