@@ -469,3 +469,10 @@ def test_a_body_naming_a_property_twice_is_refused_and_stores_nothing(trust: Fhi
     assert _versions(trust, FLAG) == before
     assert int(trust.get("Flag?_summary=count").json()["total"]) == flags
     assert trust.get(FLAG).json() == flag
+
+
+def test_a_resource_of_a_type_without_a_definition_here_is_validated_too(trust: Fhir) -> None:
+    procedures = int(trust.get("Procedure?_summary=count").json()["total"])
+    said = outcome(trust.post("Procedure", {"resourceType": "Procedure", "bogus": "x"}), 422)
+    assert "Procedure.bogus" in [e for i in said["issue"] for e in i.get("expression", [])]
+    assert int(trust.get("Procedure?_summary=count").json()["total"]) == procedures
