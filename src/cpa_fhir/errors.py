@@ -171,12 +171,13 @@ class VersionConflict(StoreError):
 
 
 class PreconditionFailed(StoreError):
-    """A conditional request cannot proceed, e.g. If-None-Exist matched several (HTTP 412).
+    """A conditional request's criteria match several resources where it needs one at
+    most, e.g. If-None-Exist (HTTP 412).
 
     https://hl7.org/fhir/R4/http.html#ccreate
     """
 
-    code = "duplicate"
+    code = "multiple-matches"
 
 
 __all__ = [

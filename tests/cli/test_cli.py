@@ -52,6 +52,19 @@ def test_not_json_is_one_line_not_a_traceback(tmp_path: Path) -> None:
     assert "Traceback" not in result.stdout + result.stderr
 
 
+def test_a_property_given_twice_is_not_fhir_json(tmp_path: Path) -> None:
+    """Of two values a parser keeps one, not every parser the same: a file one reader
+    finds valid could carry what another reads otherwise."""
+    record = next(EXAMPLES.glob("Bundle-record-A-*.json")).read_text()
+    twice = tmp_path / "twice.json"
+    twice.write_text(record.replace('"type": "collection"', '"type": "collection", "type": "x"', 1))
+    assert twice.read_text() != record
+    result = run("validate", str(twice))
+    assert result.returncode == 1
+    assert "'type' is given twice" in result.stdout, result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+
+
 def test_not_fhir_and_not_r4(tmp_path: Path) -> None:
     (tmp_path / "a.json").write_text("[1, 2]")
     (tmp_path / "b.json").write_text('{"resourceType": "Citation"}')

@@ -344,3 +344,35 @@ def test_an_if_match_list_on_a_conditional_entry_searches_nothing_it_may_not(
     )
     response = sandbox.router.handle(request, writer, scopes)
     assert response.status == 403, response.body
+
+
+def test_a_failed_header_condition_is_a_conflict_and_several_matches_say_so(
+    trust: Fhir,
+) -> None:
+    """A 412 for a condition of the headers that the resource does not meet is issue
+    `conflict` (R4 http.html), as for a stale If-Match; criteria matching several
+    are `multiple-matches`. Neither is a `duplicate`: nothing was written twice."""
+    marker, absent = uuid.uuid4().hex, uuid.uuid4().hex
+    made = trust.post("Flag", _flag(marker)).json()
+    url, body = f"Flag/{made['id']}", {**_flag(marker), "id": made["id"]}
+    refused = [
+        trust.put(url, body, headers={"if-match": 'W/"7"'}),
+        trust.put(url, body, headers={"if-none-match": "*"}),
+        trust.put(url, body, headers={"if-unmodified-since": "Mon, 01 Jan 2001 00:00:00 GMT"}),
+        trust.put(f"Flag/{absent}", body | {"id": absent}, headers={"if-match": "*"}),
+        trust.put(
+            "Flag", _flag(marker), params={"identifier": "urn:test|none"}, headers={"if-match": "*"}
+        ),
+    ]
+    entry = {
+        "resource": _flag(marker),
+        "request": {"method": "PUT", "url": "Flag?identifier=urn:test|none", "ifMatch": "*"},
+    }
+    refused.append(
+        trust.post("", {"resourceType": "Bundle", "type": "transaction", "entry": [entry]})
+    )
+    assert [outcome(r, 412)["issue"][0]["code"] for r in refused] == ["conflict"] * len(refused)
+    trust.post("Flag", _flag(marker))
+    several = trust.put("Flag", _flag(marker), params={"identifier": f"urn:test|{marker}"})
+    assert outcome(several, 412)["issue"][0]["code"] == "multiple-matches"
+    assert trust.get(url).json() == made

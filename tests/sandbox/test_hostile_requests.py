@@ -437,3 +437,42 @@ def test_validate_with_parameters_that_are_not_a_list_is_400(trust: Fhir) -> Non
         for parameter in (5, 1.5, True, "text"):
             body = {"resourceType": "Parameters", "parameter": parameter}
             outcome(trust.post(url, body), 400)
+
+
+def test_a_body_naming_a_property_twice_is_refused_and_stores_nothing(trust: Fhir) -> None:
+    """FHIR JSON names each property once: of `"status": "active", "status":
+    "inactive"` one parser keeps the first and another the last, so what one side
+    checked would not be what the other stored."""
+    flag = trust.get(FLAG).json()
+    before, flags = _versions(trust, FLAG), int(trust.get("Flag?_summary=count").json()["total"])
+    whole = json.dumps({k: v for k, v in flag.items() if k != "meta"})
+    twice = whole[:-1] + ', "status": "inactive"}'
+    created = twice.replace(f'"id": "{flag["id"]}", ', "")
+    entry = '{"resource": %s, "request": {"method": "POST", "url": "Flag"}}'
+    transaction = '{"resourceType": "Bundle", "type": "transaction", "entry": [%s]}'
+    json_patch = {**trust.headers, "content-type": "application/json-patch+json"}
+    fhir_json = {**trust.headers, "content-type": "application/fhir+json"}
+    answers = [
+        trust.post("Flag", created),
+        trust.http.put(f"/fhir/{FLAG}", content=twice, headers=fhir_json),
+        trust.post("", transaction % (entry % created)),
+        trust.post("Flag/$validate", created),
+        trust.http.patch(
+            f"/fhir/{FLAG}",
+            content='[{"op": "replace", "path": "/status", "value": "inactive", "value": 1}]',
+            headers=json_patch,
+        ),
+    ]
+    for answer, name in zip(answers, ["status"] * 4 + ["value"], strict=True):
+        said = outcome(answer, 400)["issue"][0]
+        assert said["code"] == "structure" and f"'{name}'" in said["details"]["text"]
+    assert _versions(trust, FLAG) == before
+    assert int(trust.get("Flag?_summary=count").json()["total"]) == flags
+    assert trust.get(FLAG).json() == flag
+
+
+def test_a_resource_of_a_type_without_a_definition_here_is_validated_too(trust: Fhir) -> None:
+    procedures = int(trust.get("Procedure?_summary=count").json()["total"])
+    said = outcome(trust.post("Procedure", {"resourceType": "Procedure", "bogus": "x"}), 422)
+    assert "Procedure.bogus" in [e for i in said["issue"] for e in i.get("expression", [])]
+    assert int(trust.get("Procedure?_summary=count").json()["total"]) == procedures

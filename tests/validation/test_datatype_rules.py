@@ -59,10 +59,27 @@ def test_a_local_reference_names_something_contained() -> None:
 
 
 @pytest.mark.parametrize(
-    ("element", "value"), [("valueString", None), ("identifier", []), ("note", [])]
+    ("element", "value"),
+    [
+        ("valueString", None),
+        ("identifier", []),
+        ("note", []),
+        ("_status", None),  # a primitive's extensions: null where no value stands beside it
+        ("_issued", []),
+    ],
 )
 def test_nulls_and_empty_arrays_are_not_fhir_json(element: str, value: Any) -> None:
+    """Nulls are FHIR JSON only in an array of primitives or of their extensions, to
+    keep the two in step (`"_given": [null, {...}]`)."""
     assert any(e == f"Observation.{element}" for _, e in _rules(_observation(**{element: value})))
+
+
+def test_a_null_beside_a_primitive_in_an_array_is_fhir_json() -> None:
+    patient = {
+        "resourceType": "Patient",
+        "name": [{"given": ["Ann", "Bea"], "_given": [None, {"id": "b"}]}],
+    }
+    assert _rules(patient) == []
 
 
 @pytest.mark.parametrize(
@@ -139,3 +156,29 @@ def test_an_attachment_may_be_of_any_mime_type(mime: str) -> None:
     assert not _errors(_observation(extension=[attached]))
     wrong = {**attached, "valueAttachment": {**document, "contentType": 7}}
     assert _errors(_observation(extension=[wrong]))
+
+
+@pytest.mark.parametrize(
+    ("resource", "said"),
+    [
+        ({"resourceType": "Procedure", "status": "completed", "bogus": "x"}, "Procedure.bogus"),
+        ({"resourceType": "Procedure", "status": "completed"}, "Procedure.subject"),
+        (
+            _observation(contained=[{"resourceType": "Basic", "id": "b"}]),
+            "Observation.contained[0].code",
+        ),
+    ],
+)
+def test_a_type_without_a_definition_here_is_still_checked_for_its_elements(
+    resource: dict[str, Any], said: str
+) -> None:
+    """The R4 definitions vendored here do not hold every type (Procedure, Basic, ...):
+    for those the models alone can say an element is unknown or a required one
+    missing, and they must, or anything at all would pass for one."""
+    assert said in [where for where, _ in _errors(resource)]
+    fine = {
+        "resourceType": "Procedure",
+        "status": "completed",
+        "subject": {"reference": "Patient/p"},
+    }
+    assert _errors(fine) == []

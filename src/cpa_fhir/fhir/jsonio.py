@@ -21,7 +21,7 @@ from typing import Any
 
 import orjson
 
-__all__ = ["ExactDecimal", "canonical", "dumps", "loads"]
+__all__ = ["ExactDecimal", "canonical", "dumps", "loads", "repeated_name"]
 
 
 class ExactDecimal(float):
@@ -93,6 +93,39 @@ def loads(data: bytes | bytearray | memoryview | str) -> Any:
         return json.loads(raw, parse_float=_number, parse_int=_number)
     except RecursionError:
         raise orjson.JSONDecodeError("the JSON nests too deeply", raw.decode(), 0) from None
+
+
+class _Repeated(Exception):
+    def __init__(self, name: str):
+        self.name = name
+
+
+def _unique_names(pairs: list[tuple[str, Any]]) -> None:
+    seen: set[str] = set()
+    for name, _ in pairs:
+        if name in seen:
+            raise _Repeated(name)
+        seen.add(name)
+
+
+def repeated_name(data: bytes | str) -> str | None:
+    """The first property name that an object of this (well-formed) JSON gives twice,
+    if any. FHIR JSON names each property once (https://hl7.org/fhir/R4/json.html):
+    of two values a parser keeps one, not every parser the same one, so what one
+    reader checked would not be what another stores."""
+    try:
+        json.loads(
+            data,
+            object_pairs_hook=_unique_names,
+            parse_int=len,  # the values are not looked at: nothing to convert
+            parse_float=len,
+            parse_constant=len,
+        )
+    except _Repeated as exc:
+        return exc.name
+    except RecursionError:  # nesting this deep is refused for its depth
+        return None
+    return None
 
 
 def _fragment(value: Any) -> Any:

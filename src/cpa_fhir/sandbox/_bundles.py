@@ -659,11 +659,11 @@ def _conditional_entry_preconditions(
     router: Router, request: Request, req: dict[str, Any], p: dict[str, Any], if_match: int | None
 ) -> int | None:
     """A conditional update's or delete's preconditions, against its match (if any)."""
-    from cpa_fhir.errors import PreconditionFailed
+    from cpa_fhir.sandbox._router import precondition_failed
 
     if p["matched"] is None:
         if str(req.get("ifMatch", "")).strip() == "*":
-            raise PreconditionFailed(f"entry {p['i']}: no {p['type']} matches (ifMatch: *)")
+            raise precondition_failed(f"entry {p['i']}: no {p['type']} matches (ifMatch: *)")
         return if_match
     sub = _sub_request(request, p["method"], req["url"], None, _entry_headers(req))
     expected: int | None = router._write_preconditions(sub, p["type"], p["matched"], None, if_match)

@@ -466,6 +466,7 @@ class Router:
                 f"the body nests objects and lists more than {MAX_BODY_DEPTH} deep",
                 code="too-costly",
             )
+        _no_repeated_names(request.body, "the body")
         return data
 
     def _json(
@@ -726,12 +727,12 @@ class Router:
             current = None
         if current is None:
             if any_version:
-                raise PreconditionFailed(f"{rtype}/{rid} is not there (If-Match: *)")
+                raise precondition_failed(f"{rtype}/{rid} is not there (If-Match: *)")
             return expected  # nothing there: no version to match, no date to compare
         if if_none_match is not None:
             tags = [tag.strip().removeprefix("W/") for tag in if_none_match.split(",")]
             if "*" in tags or f'"{current.version_id}"' in tags:
-                raise PreconditionFailed(
+                raise precondition_failed(
                     f"{rtype}/{rid} is at version {current.version_id}, which If-None-Match "
                     "asks not to write over"
                 )
@@ -747,7 +748,7 @@ class Router:
                     client_copy = client_copy.replace(tzinfo=UTC)
                 # Compared to the second, as an HTTP date is written.
                 if current.last_updated.replace(microsecond=0) > client_copy:
-                    raise PreconditionFailed(
+                    raise precondition_failed(
                         f"{rtype}/{rid} has changed since {since.strip()} (If-Unmodified-Since)"
                     )
         # A version already asked for (If-Match, or the one a partner was checked against)
@@ -805,7 +806,7 @@ class Router:
         found = self.repo.conditional_match(rtype, criteria, "the criteria")
         if found is None:
             if headers.get("if-match", "").strip() == "*":
-                raise PreconditionFailed(f"no {rtype} matches (If-Match: *)")
+                raise precondition_failed(f"no {rtype} matches (If-Match: *)")
             return if_match
         return self._write_preconditions(request, rtype, found.id, None, if_match)
 
@@ -1584,6 +1585,7 @@ def json_patch(body: bytes, what: str) -> jsonpatch.JsonPatch:
                 f"{what} nests objects and lists more than {MAX_BODY_DEPTH} deep",
                 code="too-costly",
             )
+        _no_repeated_names(body, what)
         return jsonpatch.JsonPatch(operations)
     except (
         orjson.JSONDecodeError,
@@ -1592,6 +1594,16 @@ def json_patch(body: bytes, what: str) -> jsonpatch.JsonPatch:
         TypeError,
     ) as exc:
         raise HttpError(400, f"{what} is not a JSON Patch: {exc}", code="structure") from None
+
+
+def _no_repeated_names(body: bytes, what: str) -> None:
+    """400 for JSON whose object names a property twice (read once its depth is known
+    to be bounded): it is not FHIR JSON, and which value counts would be a guess."""
+    name = jsonio.repeated_name(body)
+    if name is not None:
+        raise HttpError(
+            400, f"{what} gives the property '{name}' twice in one object", code="structure"
+        )
 
 
 def patched_resource(patch: jsonpatch.JsonPatch, current: Stored) -> dict[str, Any]:
@@ -1610,6 +1622,13 @@ def patched_resource(patch: jsonpatch.JsonPatch, current: Stored) -> dict[str, A
             400, f"the patched resource nests more than {MAX_BODY_DEPTH} deep", code="too-costly"
         )
     return patched
+
+
+def precondition_failed(message: str) -> HttpError:
+    """412 for a header's condition (If-Match, If-None-Match, If-Unmodified-Since) that
+    the resource does not meet: a conflict with its state (https://hl7.org/fhir/R4/http.html),
+    not the several matches a conditional write's criteria may find."""
+    return HttpError(412, message, code="conflict")
 
 
 def _check_if_match(current: Stored, if_match: int | None) -> None:

@@ -200,6 +200,11 @@ class Validator:
                 resource = jsonio.loads(data)
             except orjson.JSONDecodeError as exc:
                 return [Issue("fatal", "structure", f"Not well-formed JSON: {exc}")]
+            repeated = jsonio.repeated_name(data)
+            if repeated is not None:
+                # https://hl7.org/fhir/R4/json.html: property names SHALL be unique.
+                text = f"The property '{repeated}' is given twice in one object"
+                return [Issue("fatal", "structure", f"Not FHIR JSON: {text}")]
         else:
             resource = data
         if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
@@ -252,7 +257,7 @@ class Validator:
             return [
                 _pydantic_issue(rt, err)
                 for err in exc.errors()
-                if err["type"] not in _WALKER_REPORTS
+                if err["type"] not in _WALKER_REPORTS or not self._walked_at(resource, err["loc"])
             ]
         except (ValueError, TypeError, KeyError) as exc:
             # The models break on a resource inside this one whose type they cannot
@@ -264,6 +269,27 @@ class Validator:
             ]
             return inner or [Issue("error", "structure", f"Not valid FHIR R4: {exc}", rt)]
         return []
+
+    def _walked_at(self, resource: dict[str, Any], loc: tuple[Any, ...]) -> bool:
+        """Whether the walk reports an element the models find missing or unknown at
+        `loc`: it does within a resource whose type (or a profile it declares) has a
+        definition here. Within any other (Procedure, Basic, ...) only the models can,
+        and an unknown element or a missing required one must not pass unsaid."""
+        node: Any = resource
+        innermost = resource
+        for part in loc:
+            if isinstance(node, dict) and isinstance(part, str) and part in node:
+                node = node[part]
+            elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+                node = node[part]
+            else:
+                continue  # a model's own name, or the missing element itself
+            if isinstance(node, dict) and isinstance(node.get("resourceType"), str):
+                innermost = node
+        rt = innermost["resourceType"]
+        if rt not in R4_RESOURCE_TYPES or self.tree_for_type(rt) is not None:
+            return True
+        return any(self.tree_for_url(url) is not None for url in declared_profiles(innermost))
 
     def _resource(
         self,
@@ -367,6 +393,11 @@ def _pydantic_issue(rt: str, err: Any) -> Issue:
         else:
             loc += f".{part}"
     msg = str(err["msg"]).removeprefix("Value error, ")
+    name = loc.rsplit(".", 1)[-1]
+    if err["type"] == "extra_forbidden":  # said as the walk says it
+        return Issue("error", "structure", f"Unknown element '{name}': not defined in FHIR", loc)
+    if err["type"] == "missing":
+        return Issue("error", "required", f"{name} is required", loc)
     value = err.get("input")
     if isinstance(value, (str, int, float, bool)):
         msg = f"{msg} (got {value!r})"

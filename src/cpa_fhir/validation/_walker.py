@@ -186,6 +186,10 @@ class Walk:
                     self.error(f"{loc}.{key}", "null is not a FHIR value: leave the element out")
                 elif raw == []:
                     self.error(f"{loc}.{key}", "An array must not be empty: leave the element out")
+                if f"_{key}" in obj and prim_ext is None:
+                    self.error(f"{loc}._{key}", "null is not a FHIR value: leave the element out")
+                elif prim_ext == []:
+                    self.error(f"{loc}._{key}", "An array must not be empty: leave the element out")
                 if raw is None and prim_ext is None:
                     continue
                 items = raw if isinstance(raw, list) else [raw]
