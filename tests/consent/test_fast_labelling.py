@@ -132,3 +132,36 @@ def test_words_in_what_names_a_resource(letter: str, policy: SharingPolicy) -> N
             resource.setdefault("meta", {})["profile"] = [f"https://example.org/{text}"]
         renamed.append((url, resource))
     assert_same_labels(renamed, policy)
+
+
+@pytest.mark.parametrize("letter", sorted(EXAMPLE_RECORDS))
+def test_professionals_labelled_before_are_taken_as_they_are(
+    letter: str, policy: SharingPolicy
+) -> None:
+    """Professionals and organisations labelled once, on their own (all they refer
+    to, and the roles lending to them, beside them), label a record as they would if
+    labelled with it: the server labels them once for every record they appear in."""
+    entries = [(None, r) for _, r in record_entries(copy.deepcopy(EXAMPLE_RECORDS[letter]))]
+    supporting = [(u, r) for u, r in entries if r["resourceType"] in policy.supporting]
+    own = {f"{r['resourceType']}/{r['id']}" for _, r in entries} - {
+        f"{r['resourceType']}/{r['id']}" for _, r in supporting
+    }
+    assert supporting and own
+    before = {
+        item.key: item for item in label_resources(supporting, policy, elements_of=frozenset())
+    }
+    expected = label_resources(entries, policy, elements_of=own)
+    reused = label_resources(entries, policy, elements_of=own, known=before)
+    assert _labels(reused) == _labels(expected)
+    # What a role labelled with the record lends a professional labelled before is
+    # added to what they carry, as if labelled together.
+    role = copy.deepcopy(next(r for _, r in supporting if r["resourceType"] == "PractitionerRole"))
+    role["id"] = "lending-role"
+    team_role = "https://cpa-fhir.org/fhir/CodeSystem/cpa-care-team-role"
+    role["code"] = [{"coding": [{"system": team_role, "code": "probation-officer"}]}]
+    lent = [*entries, (None, role)]
+    expected = label_resources(lent, policy, elements_of=own)
+    reused = label_resources(lent, policy, elements_of=own, known=before)
+    assert _labels(reused) == _labels(expected)
+    held = role["practitioner"]["reference"]
+    assert "offending" in next(i.categories for i in reused if i.key == held)

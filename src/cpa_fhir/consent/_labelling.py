@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from bisect import bisect_right
 from collections.abc import Callable, Container, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from cpa_fhir.consent._encoded import decoded_text, encoded_values, is_encoded
@@ -822,6 +822,17 @@ def _encoded_labels(
             entry[1].append(rule_id)
 
 
+def _lending_rules(labelled: LabelledResource, policy: SharingPolicy) -> list[LabelRule]:
+    """The rules with `lend` that matched a labelled resource: what it lends, it lends
+    wherever it is labelled."""
+    matched = set(labelled.rules)
+    return [
+        rule
+        for rule in policy.rules_by_type.get(labelled.resource_type, ())
+        if rule.lend and rule.id in matched
+    ]
+
+
 def _borrowers(
     res: dict[str, Any], rules: Sequence[LabelRule], seen: _Seen, by_url: Mapping[str, str]
 ) -> set[str]:
@@ -844,22 +855,38 @@ def label_resources(
     outside: Mapping[str, frozenset[str]] | None = None,
     *,
     elements_of: Container[str] | None = None,
+    known: Mapping[str, LabelledResource] | None = None,
 ) -> list[LabelledResource]:
     """Label a patient's record: (fullUrl, resource) pairs. Rules that inherit
     see the other resources of the record, then `outside` (labels known from
     elsewhere, e.g. a store). `elements_of`: the resources (Type/id) whose elements
     are labelled by what they say (by default all); the others are there only to be
     referred to (what a store's answer refers to), and carry what they carry as a
-    whole, which is all that is asked of them."""
+    whole, which is all that is asked of them. `known`: such resources labelled as
+    wholes before (by Type/id, with no fullUrl), with everything they refer to and
+    every role that lends to them: labelled here, they would carry the same, so
+    they are taken as they are (unless a resource labelled here lends to them)."""
     first: dict[str, frozenset[str]] = {}
     by_url: dict[str, str] = {}
     passes = []
+    known = known or {}
+
+    def reused(key: str, url: str | None, res: dict[str, Any]) -> LabelledResource | None:
+        before = known.get(key)
+        if before is None or before.resource is not res or url is not None:
+            return None
+        return before if elements_of is not None and key not in elements_of else None
+
     for url, res in entries:
         if not isinstance(res, dict) or not isinstance(res.get("resourceType"), str):
             raise LabellingError("a record entry is not a FHIR resource")
         key = f"{res['resourceType']}/{res.get('id')}"
         seen = _Seen.of(policy)
-        found = _first_pass(res, key, policy, seen)
+        before = reused(key, url, res)
+        if before is not None:
+            found = (set(before.categories), _lending_rules(before, policy))
+        else:
+            found = _first_pass(res, key, policy, seen)
         first[key] = frozenset(found[0] or {policy.default_category})
         passes.append((key, found, seen))
         if url:
@@ -878,8 +905,8 @@ def label_resources(
     # role lends to its holder with it: inherit and lend until nothing changes.
     inheriting = [
         (res, key, found, seen)
-        for (_, res), (key, found, seen) in zip(entries, passes, strict=True)
-        if any(rule.inherit for rule in found[1])
+        for (url, res), (key, found, seen) in zip(entries, passes, strict=True)
+        if reused(key, url, res) is None and any(rule.inherit for rule in found[1])
     ]
     own = {key: found for key, found, _ in passes}
     # Each lender and the resources of the record it lends to: fixed, as references are.
@@ -888,6 +915,16 @@ def label_resources(
         for (_, res), (key, found, seen) in zip(entries, passes, strict=True)
         if (targets := _borrowers(res, found[1], seen, by_url) & own.keys())
     ]
+    if known:
+        taken = {
+            key
+            for (url, res), (key, _, _) in zip(entries, passes, strict=True)
+            if reused(key, url, res) is not None
+        }
+        if any(targets & taken for key, targets in lenders if key not in taken):
+            # A resource of this record lends to one labelled before, and what that one
+            # carries may pass on to others labelled before: all are labelled afresh.
+            return label_resources(entries, policy, outside, elements_of=elements_of)
     borrowing = {t for _, targets in lenders for t in targets} - {k for _, k, _, _ in inheriting}
     default = policy.default_category
 
@@ -936,7 +973,9 @@ def label_resources(
         ]
 
     labelled = [
-        _label(
+        replace(before)  # a copy: the facts attached below are this record's
+        if (before := reused(key, url, res)) is not None
+        else _label(
             res,
             key,
             (set(found[0]) | lent.get(key, set()), found[1]),

@@ -32,6 +32,7 @@ import orjson
 from cpa_fhir.consent import (
     CARER,
     Decision,
+    LabelledResource,
     Recipient,
     RequiredElements,
     SharingPolicy,
@@ -219,6 +220,9 @@ class Derived:
         self.current: dict[tuple[str, str], Stored] = {}
         # Practitioner/id -> the PractitionerRoles held (Type/id), whose categories it takes
         self.roles_held: dict[str, list[str]] = {}
+        # Type/id -> a professional or organisation labelled as a whole with all it
+        # refers to, for every record it appears in; None where that cannot be.
+        self.labelled_wholes: dict[str, LabelledResource | None] = {}
         # Whether what a client sees of a version matches a search's criteria:
         # (type, id, version, criteria, what the client sees) -> answer
         self.matches_as_shown: dict[tuple[str, str, int, tuple[Any, ...], bytes], bool] = {}
@@ -230,7 +234,7 @@ class Derived:
             + len(self.care_teams)
             + len(self.categories) + len(self.decisions) + len(self.audit_templates)
             + len(self.audit_by_account) + len(self.current) + len(self.matches_as_shown)
-            + len(self.roles_held)
+            + len(self.roles_held) + len(self.labelled_wholes)
         )  # fmt: skip
 
 
@@ -669,7 +673,10 @@ class PartnerView:
         }
         try:
             labelled = label_resources(
-                entries, self.policy, elements_of=resources.keys() | in_record
+                entries,
+                self.policy,
+                elements_of=resources.keys() | in_record,
+                known=self._labelled_wholes(refs),
             )
             result = filter_record(labelled, decision, self.policy, self.required)
         except LabellingError as exc:
@@ -739,6 +746,37 @@ class PartnerView:
             refs += further
             frontier = further
         return refs
+
+    def _labelled_wholes(self, keys: Iterable[str]) -> dict[str, LabelledResource]:
+        """The professionals and organisations among `keys` labelled as wholes, once for
+        every record they appear in: each with all it refers to and the roles lending
+        to it, where all of those are professionals and organisations too (what they
+        carry then depends on nothing of a record)."""
+        cache = self.derived.labelled_wholes
+        out: dict[str, LabelledResource] = {}
+        for key in keys:
+            if key not in cache:
+                cache[key] = None
+                resource = self.derived.resources.get(key)
+                if resource is not None and resource.get("resourceType") in self.policy.supporting:
+                    around = self._referred({key: resource})
+                    others = [self.derived.resources[r] for r in around]
+                    if all(
+                        t is not None and t.get("resourceType") in self.policy.supporting
+                        for t in others
+                    ):
+                        try:
+                            cache[key] = label_resources(
+                                [(None, resource), *((None, t) for t in others if t)],
+                                self.policy,
+                                elements_of=(),
+                            )[0]
+                        except LabellingError:
+                            pass  # labelled with the record, it fails there and says why
+            found = cache[key]
+            if found is not None:
+                out[key] = found
+        return out
 
     def _roles_held(self, practitioner: str) -> list[str]:
         """The PractitionerRoles (Type/id) whose practitioner is this one, fetched."""
