@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from cpa_fhir.fhir.outcome import Issue
 from cpa_fhir.store._dates import date_range
+from cpa_fhir.validation._narrative import narrative_issues
 from cpa_fhir.validation._tree import Node, find_by_path
 from cpa_fhir.validation.identifiers import (
     NHS_NUMBER_SYSTEM,
@@ -300,6 +301,9 @@ class Walk:
             elif type_code and (wrong := json_kind_error(type_code, v)) is not None:
                 self.error(loc, wrong, code="value")
                 return
+            elif type_code == "xhtml" and isinstance(v, str):
+                for rule, problem in narrative_issues(v):
+                    self.error(loc, f"{problem} ({rule})", code="invariant", rule=rule)
             self.invariants(node, v, loc)
             return
         if type_code == "Extension":
