@@ -118,6 +118,8 @@ def validate(
     """Validate FHIR resources or Bundles against the CPA profiles; exit 1 on any error."""
     if output_format not in ("text", "json"):
         raise _fail(f"unknown --format {output_format!r}: use text or json")
+    if profile is not None and not profile.strip():
+        raise _fail("--profile needs a profile's canonical URL")
     when = None
     if as_of:
         try:

@@ -99,3 +99,10 @@ def test_named_profile_of_the_wrong_type() -> None:
         example,
     )
     assert result.returncode == 1 and "is for Patient, not AuditEvent" in result.stdout
+
+
+def test_an_empty_profile_is_refused_not_ignored() -> None:
+    result = run("validate", "--profile", "", str(EXAMPLES))
+    assert result.returncode == 2  # a usage error, as any bad option
+    assert result.stdout == ""
+    assert result.stderr.strip().count("\n") == 0 and "--profile" in result.stderr

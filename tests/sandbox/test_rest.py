@@ -148,6 +148,8 @@ def test_client_errors_are_outcomes(trust: Fhir, as_client: Any) -> None:
     outcome(trust.post("Flag", b"{not json"), 400)
     outcome(trust.get("Patient/c-patient", params={"_format": "xml"}), 406)
     outcome(trust.post("Flag", b"{" + b" " * (6 * 1024 * 1024) + b"}"), 413)
+    many = {"resourceType": "Bundle", "type": "batch", "entry": [{"request": {"method": "GET", "url": "Patient/c-patient"}}] * 501}  # fmt: skip
+    assert outcome(trust.post("", many), 413)["issue"][0]["code"] == "too-costly"
     flag = trust.get("Flag/a-risk-self-harm").json()
     outcome(trust.put("Flag/a-risk-self-harm", flag, headers={"if-match": "yesterday"}), 400)
     outcome(trust.put("Flag/other-id", flag), 400)

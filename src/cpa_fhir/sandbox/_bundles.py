@@ -38,10 +38,10 @@ MAX_ENTRIES = 500
 _ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "PATCH": 2, "GET": 3, "HEAD": 3}
 
 
-def _error(status: int, message: str, where: str | None = None) -> FhirError:
+def _error(status: int, message: str, where: str | None = None, code: str = "invalid") -> FhirError:
     from cpa_fhir.sandbox._router import HttpError
 
-    exc = HttpError(status, message)
+    exc = HttpError(status, message, code=code)
     exc.expression = where
     return exc
 
@@ -51,7 +51,7 @@ def _entries(bundle: dict[str, Any]) -> list[dict[str, Any]]:
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         raise _error(400, "Bundle.entry must be a list of entries")
     if len(entries) > MAX_ENTRIES:
-        raise _error(413, f"a Bundle may hold at most {MAX_ENTRIES} entries")
+        raise _error(413, f"a Bundle may hold at most {MAX_ENTRIES} entries", code="too-costly")
     for i, e in enumerate(entries):
         req = e.get("request")
         if (
