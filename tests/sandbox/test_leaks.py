@@ -626,3 +626,46 @@ def test_a_reference_to_what_share_drops_for_a_required_element_goes_as_share_se
     assert read["encounter"] == expected["encounter"]
     found = gp.get("Condition", params={"_id": key.split("/")[1]}).json()
     assert [e["resource"]["encounter"] for e in found["entry"]] == [expected["encounter"]]
+
+
+def test_a_reference_by_identifier_alone_names_what_the_store_holds_with_it(
+    as_client: Any,
+    trust: Fhir,
+    changes: Changes,  # noqa: F811
+) -> None:
+    """A review whose service provider is a probation unit nothing else in the record
+    refers to, named by its ODS code alone: `share` reads the reference as naming that
+    organisation and holds it back from the GP. The server must find the organisation
+    by that identifier, or it would send the GP the probation unit's code."""
+    ods = {"system": "https://fhir.nhs.uk/Id/ods-organization-code", "value": "ZZPRB02"}
+    unit = {
+        "resourceType": "Organization",
+        "active": True,
+        "identifier": [ods],
+        "type": [
+            {
+                "coding": [
+                    {
+                        "system": "https://cpa-fhir.org/fhir/CodeSystem/partner-agency-type",
+                        "code": "probation",
+                    }
+                ]
+            }
+        ],
+        "name": "Example Delivery Unit North",
+    }
+    changes.create(unit)
+    changes.edit(
+        "Encounter/c-review-2026-09",
+        lambda review: review.update(serviceProvider={"identifier": ods}),
+    )
+    gp = as_client("gp")
+    for answer in (
+        gp.get("Encounter/c-review-2026-09"),
+        gp.get("Encounter", params={"_id": "c-review-2026-09"}),
+    ):
+        assert answer.status_code == 200, answer.text
+        assert "ZZPRB02" not in answer.text
+        assert "c-review-2026-09" in answer.text
+    # The trust's own client reads it as stored.
+    assert trust.get("Encounter/c-review-2026-09").json()["serviceProvider"] == {"identifier": ods}

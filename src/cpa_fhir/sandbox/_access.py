@@ -138,6 +138,21 @@ def patient_of(resource: dict[str, Any]) -> str | None:
     return None
 
 
+def _by_identifier(node: Any) -> Iterable[tuple[str | None, str, str]]:
+    """(type, system, value) of each Reference within a resource that names what it
+    refers to by an identifier alone (no `reference`)."""
+    for v in node.values():
+        for item in v if isinstance(v, list) else (v,):
+            if not isinstance(item, dict):
+                continue
+            ident = item.get("identifier")
+            if "reference" not in item and isinstance(ident, dict):
+                system, value, kind = ident.get("system"), ident.get("value"), item.get("type")
+                if isinstance(system, str) and isinstance(value, str):
+                    yield (kind if isinstance(kind, str) else None), system, value
+            yield from _by_identifier(item)
+
+
 def _split_key(key: str) -> tuple[str, str]:
     resource_type, _, resource_id = key.partition("/")
     return resource_type, resource_id
@@ -223,6 +238,8 @@ class Derived:
         # Type/id -> a professional or organisation labelled as a whole with all it
         # refers to, for every record it appears in; None where that cannot be.
         self.labelled_wholes: dict[str, LabelledResource | None] = {}
+        # (type, system, value) of a reference by identifier -> what it names (Type/id)
+        self.identified: dict[tuple[str | None, str, str], list[str]] = {}
         # Whether what a client sees of a version matches a search's criteria:
         # (type, id, version, criteria, what the client sees) -> answer
         self.matches_as_shown: dict[tuple[str, str, int, tuple[Any, ...], bytes], bool] = {}
@@ -234,7 +251,7 @@ class Derived:
             + len(self.care_teams)
             + len(self.categories) + len(self.decisions) + len(self.audit_templates)
             + len(self.audit_by_account) + len(self.current) + len(self.matches_as_shown)
-            + len(self.roles_held) + len(self.labelled_wholes)
+            + len(self.roles_held) + len(self.labelled_wholes) + len(self.identified)
         )  # fmt: skip
 
 
@@ -719,6 +736,7 @@ class PartnerView:
             for r in dict.fromkeys(_references(resource))
             if r not in resources
         ]
+        refs += [r for r in self._identified(resources.values()) if r not in resources]
         self._fetch(refs)
         known, frontier = {*refs, *resources}, [*refs, *resources]
         for _ in range(_INHERIT_STEPS):
@@ -777,6 +795,25 @@ class PartnerView:
             if found is not None:
                 out[key] = found
         return out
+
+    def _identified(self, resources: Iterable[dict[str, Any]]) -> list[str]:
+        """Type/id of the professionals and organisations (or resources of the type a
+        Reference names) that references by identifier alone in `resources` name: the
+        labeller reads such a reference as naming what it finds with that identifier,
+        so it must be given them."""
+        found: list[str] = []
+        for resource in resources:
+            for kind, system, value in _by_identifier(resource):
+                key = (kind, system, value)
+                named = self.derived.identified.get(key)
+                if named is None:
+                    types = [kind] if kind is not None else sorted(self.policy.supporting)
+                    named = self.derived.identified[key] = [
+                        f"{s.resource_type}/{s.id}"
+                        for s in self.repo.identified(types, system, value)
+                    ]
+                found += named
+        return list(dict.fromkeys(found))
 
     def _roles_held(self, practitioner: str) -> list[str]:
         """The PractitionerRoles (Type/id) whose practitioner is this one, fetched."""

@@ -23,7 +23,7 @@ so that two cannot both find no match and both create.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -1361,6 +1361,20 @@ class SqlRepository:
             "SELECT resource_id FROM search_reference WHERE resource_type = %s AND param = %s"
             " AND target_id = %s AND target_type = %s) ORDER BY id",
             (resource_type, resource_type, parameter, target[1], target[0]),
+        )
+        return [_driver_row_to_stored(row) for row in rows]
+
+    def identified(self, resource_types: Sequence[str], system: str, value: str) -> list[Stored]:
+        """The current resources of these types with this identifier (`identifier`
+        search parameter), by type and id: what a Reference by identifier alone names."""
+        if not resource_types:
+            return []
+        kinds = ", ".join(["%s"] * len(resource_types))
+        rows = self._driver_rows(
+            f"{_SELECT_CURRENT} WHERE NOT deleted AND (resource_type, id) IN ("
+            f"SELECT resource_type, resource_id FROM search_token WHERE resource_type IN ({kinds})"
+            " AND param = 'identifier' AND code = %s AND system = %s) ORDER BY resource_type, id",
+            (*resource_types, value, system),
         )
         return [_driver_row_to_stored(row) for row in rows]
 
