@@ -50,17 +50,22 @@ PARTNERS = {
 }
 
 
-def _expected(client_id: str) -> set[str]:
-    """What `cpa-fhir share` would send this partner from C's record (non-supporting types)."""
+def _shared_with(client_id: str, record: dict[str, Any]) -> Any:
+    """The disclosure `cpa-fhir share` would make of a record to this partner now."""
     recipient, purpose, exceptions = PARTNERS[client_id]
-    d = share(
-        RECORD_C,
+    return share(
+        record,
         ShareRequest(recipient, purpose, exceptions),
         load_policy(),
         at=datetime.now(UTC),
         new_id=lambda: "x",
         required=RequiredElements(default_package()),
     )
+
+
+def _expected(client_id: str) -> set[str]:
+    """What `cpa-fhir share` would send this partner from C's record (non-supporting types)."""
+    d = _shared_with(client_id, RECORD_C)
     supporting = {"Practitioner", "PractitionerRole", "Organization", "Location"}
     return {k for k in d.shared if k.split("/")[0] not in supporting}
 
@@ -607,15 +612,7 @@ def test_a_reference_to_what_share_drops_for_a_required_element_goes_as_share_se
         record["entry"].append(
             {"fullUrl": f"https://example.org/fhir/{found}", "resource": resource}
         )
-    recipient, purpose, exceptions = PARTNERS["gp"]
-    sent = share(
-        record,
-        ShareRequest(recipient, purpose, exceptions),
-        load_policy(),
-        at=datetime.now(UTC),
-        new_id=lambda: "x",
-        required=RequiredElements(default_package()),
-    )
+    sent = _shared_with("gp", record)
     assert hidden not in sent.shared and key in sent.shared
     (expected,) = (
         e["resource"] for e in sent.bundle["entry"] if key.endswith(f"/{e['resource']['id']}")
