@@ -240,6 +240,25 @@ def test_a_probation_officers_role_is_offending_information_wherever_it_is_held(
 
 
 @pytest.mark.parametrize(
+    "role_text",
+    ["Probation officer", "Substance misuse worker", "Child protection social worker"],
+)
+def test_a_role_named_only_in_words_is_what_a_coded_one_is_for_its_holder_too(
+    role_text: str,
+) -> None:
+    # Ids that name nothing, a role with the trust and no coding: only its words say
+    # what the holder does, and the holder still attends the reviews the GP is sent.
+    text = json.dumps(RECORD_C).replace("c-probation-officer", "c-professional-7")
+    record = json.loads(text)
+    role = _in(record, "PractitionerRole/c-professional-7-role")
+    role["organization"] = {"reference": "Organization/c-trust"}
+    role["code"] = [{"text": role_text}]
+    shared = _share(record).shared
+    assert "Practitioner/c-professional-7" not in shared
+    assert "PractitionerRole/c-professional-7-role" not in shared
+
+
+@pytest.mark.parametrize(
     ("subject", "contained", "shares"),
     [
         (
