@@ -340,9 +340,10 @@ def _label(
         if rule.elements == ("*",):
             assert rule.words is not None
             profiles = (resource.get("meta") or {}).get("profile") or []
+            version = (resource.get("meta") or {}).get("versionId")
             if any(
                 isinstance(name, str) and rule.words.search(plain_text(name))
-                for name in [resource.get("id"), full_url, *profiles]
+                for name in [resource.get("id"), full_url, *profiles, version]
             ):
                 cats.update(rule.categories)
                 rules.append(rule.id)

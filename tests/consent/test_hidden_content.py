@@ -91,6 +91,30 @@ def test_narrative_and_tags_never_go() -> None:
         assert "tag" not in entry["resource"].get("meta", {})
 
 
+def test_a_version_id_that_names_a_matter_goes_only_where_the_matter_may() -> None:
+    # meta.versionId goes with the resource (and its contained ones), and an id may be
+    # any word: it is read as the resource's own id is.
+    record = copy.deepcopy(RECORD_C)
+    _in(record, "Encounter/c-review-2026-09")["meta"]["versionId"] = "heroin-review-2"
+    plan = _in(record, "CarePlan/c-careplan")
+    plan["contained"] = [
+        {
+            "resourceType": "Goal",
+            "id": "g1",
+            "meta": {"versionId": "MAPPA-3"},
+            "lifecycleStatus": "active",
+            "description": {"text": "Keep her tenancy"},
+            "subject": {"reference": "Patient/c-patient"},
+        }
+    ]
+    plan["goal"].append({"reference": "#g1"})
+    disclosure = _share(record)
+    assert "Encounter/c-review-2026-09" not in disclosure.shared
+    assert "CarePlan/c-careplan" not in disclosure.shared
+    assert "heroin" not in _sent(record)
+    assert "mappa" not in _sent(record)
+
+
 @pytest.mark.parametrize("code", ["ETHUD", "OPIOIDUD", "BH"])
 def test_a_sensitivity_label_the_policy_does_not_know_is_the_most_restrictive(code: str) -> None:
     record = copy.deepcopy(RECORD_C)

@@ -789,10 +789,17 @@ class _Names:
 
 def _names(resource: dict[str, Any], full_url: str | None) -> str:
     """What names the resource as a whole, as one text for the rules for any element:
-    its id, its fullUrl in the record, the profiles it claims."""
+    its id, its fullUrl in the record, the profiles it claims, its version id (which
+    goes with it, and may be any word an id may be)."""
     meta = resource.get("meta")
     profiles = meta.get("profile") if isinstance(meta, dict) else None
-    found = [resource.get("id"), full_url, *(profiles if isinstance(profiles, list) else ())]
+    version = meta.get("versionId") if isinstance(meta, dict) else None
+    found = [
+        resource.get("id"),
+        full_url,
+        *(profiles if isinstance(profiles, list) else ()),
+        version,
+    ]
     return plain_text("\x00".join(s for s in found if isinstance(s, str)))
 
 
