@@ -138,15 +138,21 @@ def texts(node: Any) -> Iterator[str]:
                 yield from texts(v)
 
 
-def every_string(node: Any, coded: frozenset[tuple[str, str]]) -> list[str]:
-    """All strings, less the displays of codings of the coded codes."""
+def every_string(node: Any, coded: Mapping[tuple[str, str], frozenset[str]]) -> list[str]:
+    """All strings, less the displays of codings of the coded codes that are their
+    meaning (as the policy gives it)."""
     if isinstance(node, str):
         return [node]
     if isinstance(node, list):
         return [s for item in node for s in every_string(item, coded)]
     if isinstance(node, dict):
         pair = (node.get("system"), node.get("code"))
-        known = all(isinstance(x, str) for x in pair) and pair in coded
+        display = node.get("display")
+        known = (
+            all(isinstance(x, str) for x in pair)
+            and isinstance(display, str)
+            and " ".join(plain_text(display).casefold().split()) in coded.get(pair, ())
+        )
         return [
             s
             for k, v in node.items()
@@ -340,9 +346,10 @@ def _label(
         if rule.elements == ("*",):
             assert rule.words is not None
             profiles = (resource.get("meta") or {}).get("profile") or []
+            version = (resource.get("meta") or {}).get("versionId")
             if any(
                 isinstance(name, str) and rule.words.search(plain_text(name))
-                for name in [resource.get("id"), full_url, *profiles]
+                for name in [resource.get("id"), full_url, *profiles, version]
             ):
                 cats.update(rule.categories)
                 rules.append(rule.id)

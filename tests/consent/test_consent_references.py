@@ -367,3 +367,38 @@ def test_a_refusal_nested_in_a_permit_of_other_categories_still_refuses() -> Non
     # Nested with no label, it refuses everything (when its own conditions hold).
     permit["provision"] = [{"type": "deny"}]
     assert _allowed([consent, other], policy) == set()
+
+
+@pytest.mark.parametrize(
+    ("codes", "granted"),
+    [
+        (["HIV"], set()),  # not gender identity, sexual orientation or pregnancy
+        (["SEX", "HIV", "STD"], {"sexuality"}),
+        (["PSY"], set()),  # a diagnosis is labelled DIA too
+        (["MH"], {"crisis", "care-plan", "risk-to-self", "risk-to-others"}),
+    ],
+)
+def test_a_grant_by_sensitivity_covers_only_categories_it_names_every_label_of(
+    codes: list[str], granted: set[str], policy: SharingPolicy
+) -> None:
+    consent = copy.deepcopy(CONSENT_C)
+    grant = consent["provision"]["provision"][0]
+    grant["securityLabel"] = [
+        {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": code}
+        for code in codes
+    ]
+    consent["provision"]["provision"] = [grant]
+    assert _allowed([consent], policy) == granted
+    # A refusal by any one of them refuses every category labelled with it.
+    refusal = copy.deepcopy(consent)
+    refusal["id"] = "refusal"
+    refusal["provision"]["provision"][0]["type"] = "deny"
+    everything = copy.deepcopy(CONSENT_C)
+    everything["provision"]["provision"] = [
+        {
+            **grant,
+            "securityLabel": [{"system": CATEGORY_SYSTEM, "code": c} for c in policy.categories],
+        }
+    ]
+    refused = {c for code in codes for c in policy.categories_by_sensitivity[code]}
+    assert _allowed([everything, refusal], policy) == set(policy.categories) - refused

@@ -91,6 +91,30 @@ def test_narrative_and_tags_never_go() -> None:
         assert "tag" not in entry["resource"].get("meta", {})
 
 
+def test_a_version_id_that_names_a_matter_goes_only_where_the_matter_may() -> None:
+    # meta.versionId goes with the resource (and its contained ones), and an id may be
+    # any word: it is read as the resource's own id is.
+    record = copy.deepcopy(RECORD_C)
+    _in(record, "Encounter/c-review-2026-09")["meta"]["versionId"] = "heroin-review-2"
+    plan = _in(record, "CarePlan/c-careplan")
+    plan["contained"] = [
+        {
+            "resourceType": "Goal",
+            "id": "g1",
+            "meta": {"versionId": "MAPPA-3"},
+            "lifecycleStatus": "active",
+            "description": {"text": "Keep her tenancy"},
+            "subject": {"reference": "Patient/c-patient"},
+        }
+    ]
+    plan["goal"].append({"reference": "#g1"})
+    disclosure = _share(record)
+    assert "Encounter/c-review-2026-09" not in disclosure.shared
+    assert "CarePlan/c-careplan" not in disclosure.shared
+    assert "heroin" not in _sent(record)
+    assert "mappa" not in _sent(record)
+
+
 @pytest.mark.parametrize("code", ["ETHUD", "OPIOIDUD", "BH"])
 def test_a_sensitivity_label_the_policy_does_not_know_is_the_most_restrictive(code: str) -> None:
     record = copy.deepcopy(RECORD_C)
@@ -237,6 +261,25 @@ def test_a_probation_officers_role_is_offending_information_wherever_it_is_held(
         {"individual": {"reference": "PractitionerRole/c-probation-officer-role"}}
     )
     assert "PractitionerRole/c-probation-officer-role" not in _share(record).shared
+
+
+@pytest.mark.parametrize(
+    "role_text",
+    ["Probation officer", "Substance misuse worker", "Child protection social worker"],
+)
+def test_a_role_named_only_in_words_is_what_a_coded_one_is_for_its_holder_too(
+    role_text: str,
+) -> None:
+    # Ids that name nothing, a role with the trust and no coding: only its words say
+    # what the holder does, and the holder still attends the reviews the GP is sent.
+    text = json.dumps(RECORD_C).replace("c-probation-officer", "c-professional-7")
+    record = json.loads(text)
+    role = _in(record, "PractitionerRole/c-professional-7-role")
+    role["organization"] = {"reference": "Organization/c-trust"}
+    role["code"] = [{"text": role_text}]
+    shared = _share(record).shared
+    assert "Practitioner/c-professional-7" not in shared
+    assert "PractitionerRole/c-professional-7-role" not in shared
 
 
 @pytest.mark.parametrize(

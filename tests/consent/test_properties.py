@@ -562,6 +562,14 @@ def _named(labels: list[dict[str, str]], permit: bool) -> set[str] | None:
         return None
     cats = POLICY_DATA["category"]
     out: set[str] = set()
+    sensitivities = {label["code"] for label in labels if label["system"] == SENSITIVITY_SYSTEM}
+    if permit:
+        # a permit covers a category only by naming every sensitivity it carries
+        out |= {
+            c
+            for c, spec in cats.items()
+            if spec.get("sensitivity") and set(spec["sensitivity"]) <= sensitivities
+        }
     for label in labels:
         system, code = label["system"], label["code"]
         if system == CATEGORY_SYSTEM:
@@ -574,7 +582,7 @@ def _named(labels: list[dict[str, str]], permit: bool) -> set[str] | None:
                     out.add(c)
                 elif not permit and level >= LEVELS[code]:
                     out.add(c)
-        else:
+        elif not permit:
             out |= {c for c, spec in cats.items() if code in spec.get("sensitivity", [])}
     return out
 

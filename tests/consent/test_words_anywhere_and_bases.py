@@ -17,6 +17,7 @@ import pytest
 from cpa_fhir.config import load_policy
 from cpa_fhir.conformance import default_package
 from cpa_fhir.consent import RequiredElements, ShareRequest, share
+from cpa_fhir.consent._policy import meaning
 from cpa_fhir.errors import RecipientError, SharingError
 from tests.common import EXAMPLES
 from tests.common import entry_resource as _in
@@ -379,6 +380,53 @@ def test_a_coded_coding_is_read_but_for_its_display() -> None:
     ]
     disclosure = _share(record)
     assert "on probation" not in _sent(disclosure)
+
+
+@pytest.mark.parametrize(
+    "display",
+    [
+        "Intentional self-harm after heroin relapse while on licence",
+        "Intentional self-harm (heroin, on licence)",
+    ],
+)
+def test_a_display_that_is_not_the_codes_meaning_is_read_as_any_text_is(display: str) -> None:
+    """A self-harm flag goes to a GP the consent lets have risk to self; a display
+    that says more than the code means is free text, and goes only where it may."""
+    record = copy.deepcopy(RECORD_C)
+    consent = _in(record, "Consent/c-consent")
+    consent["provision"]["provision"][0]["securityLabel"].append(
+        {
+            "system": "https://cpa-fhir.org/fhir/CodeSystem/cpa-information-category",
+            "code": "risk-to-self",
+        }
+    )
+    flag = _in(record, "Flag/c-risk-self-harm")
+    assert "Flag/c-risk-self-harm" in _share(record).shared  # its own display goes
+    flag["code"]["coding"][0]["display"] = display
+    disclosure = _share(record)
+    assert "heroin" not in _sent(disclosure)
+    assert "licence" not in _sent(disclosure)
+
+
+def test_the_displays_the_policy_takes_for_meanings_are_those_of_the_code_systems() -> None:
+    policy = load_policy()
+    package = default_package()
+    found = 0
+    for (system, code), meanings in policy.coded.items():
+        if not meanings:
+            continue
+        code_system = package.resolve(system)
+        assert code_system is not None, system
+        concepts = list(code_system.get("concept", []))
+        displays = set()
+        while concepts:
+            concept = concepts.pop()
+            concepts += concept.get("concept", [])
+            if concept["code"] == code:
+                displays.add(meaning(concept["display"]))
+        assert meanings == displays, (system, code)
+        found += 1
+    assert found >= 20
 
 
 def test_meta_goes_as_version_time_and_profiles_alone() -> None:

@@ -277,6 +277,7 @@ def _label_categories(
     if not labels:
         return None
     out: set[str] = set()
+    sensitivities: set[str] = set()
     for i, c in enumerate(labels):
         system, code = c.get("system"), c.get("code")
         at = f"{where}.securityLabel[{i}]"
@@ -297,9 +298,19 @@ def _label_categories(
         elif system == SENSITIVITY_SYSTEM:
             if code not in policy.categories_by_sensitivity:
                 raise ConsentFormatError(f"{at}: sensitivity code '{code}' maps to no category")
-            out |= policy.categories_by_sensitivity[code]
+            if not permit:
+                out |= policy.categories_by_sensitivity[code]
+            sensitivities.add(code)
         else:
             raise ConsentFormatError(f"{at}: labels from '{system}' cannot be evaluated")
+    if permit and sensitivities:
+        # What a category holds goes labelled with all its sensitivities: a permit covers
+        # it only when it names them all (one for HIV is not one for gender identity).
+        out |= {
+            cat.code
+            for cat in policy.categories.values()
+            if cat.sensitivity and set(cat.sensitivity) <= sensitivities
+        }
     return frozenset(out)
 
 

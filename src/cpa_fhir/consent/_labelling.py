@@ -14,6 +14,7 @@ import re
 from bisect import bisect_right
 from collections.abc import Callable, Container, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 from typing import Any
 
 from cpa_fhir.consent._encoded import decoded_text, encoded_values, is_encoded
@@ -27,6 +28,7 @@ from cpa_fhir.consent._policy import (
     LabelRule,
     SharingPolicy,
     WordIndex,
+    meaning,
     plain_text,
     squash,
 )
@@ -129,15 +131,16 @@ def _codings(rule: LabelRule, value: Any, key: str) -> Iterator[tuple[Any, Any]]
 
 def strings(
     node: Any,
-    coded: frozenset[tuple[str, str]] = frozenset(),
+    coded: Mapping[tuple[str, str], frozenset[str]] = MappingProxyType({}),
     skipped: frozenset[Path] = frozenset(),
     at: Path = (),
 ) -> Iterator[str]:
     """Every string in a piece of content, keys aside, less the displays of codings of
-    the `coded` codes (the policy's rules say what those carry: their display is the
-    code's meaning, "risk to others, including sexual and domestic violence", not a
-    fact; what else such a coding holds, an extension, is read), and less what lies at
-    the `skipped` paths (from the node)."""
+    the `coded` codes where the display is the code's meaning as the policy gives it
+    (the policy's rules say what those carry: "risk to others, including sexual and
+    domestic violence" is not a fact; any other display is free text, and is read, as
+    is what else such a coding holds, an extension), and less what lies at the
+    `skipped` paths (from the node)."""
     if skipped and at in skipped:
         return
     if isinstance(node, str):
@@ -146,9 +149,12 @@ def strings(
         for i, item in enumerate(node):
             yield from strings(item, coded, skipped, (*at, i) if skipped else at)
     elif isinstance(node, dict):
-        system, code = node.get("system"), node.get("code")
-        named = coded and isinstance(system, str) and isinstance(code, str)
-        display = "display" if named and (system, code) in coded else None
+        system, code, shown = node.get("system"), node.get("code"), node.get("display")
+        display = None
+        if coded and isinstance(system, str) and isinstance(code, str) and isinstance(shown, str):
+            meanings = coded.get((system, code))
+            if meanings and meaning(shown) in meanings:
+                display = "display"
         for k, v in node.items():
             # Base64 content is not text as written: it is read as `_encoded_labels` says.
             if k != display and not is_encoded(k, v):
@@ -220,7 +226,7 @@ class _Seen:
 
     def __init__(
         self,
-        coded: frozenset[tuple[str, str]],
+        coded: Mapping[tuple[str, str], frozenset[str]],
         word_starts: WordIndex,
         text_starts: WordIndex,
     ) -> None:
@@ -789,10 +795,17 @@ class _Names:
 
 def _names(resource: dict[str, Any], full_url: str | None) -> str:
     """What names the resource as a whole, as one text for the rules for any element:
-    its id, its fullUrl in the record, the profiles it claims."""
+    its id, its fullUrl in the record, the profiles it claims, its version id (which
+    goes with it, and may be any word an id may be)."""
     meta = resource.get("meta")
     profiles = meta.get("profile") if isinstance(meta, dict) else None
-    found = [resource.get("id"), full_url, *(profiles if isinstance(profiles, list) else ())]
+    version = meta.get("versionId") if isinstance(meta, dict) else None
+    found = [
+        resource.get("id"),
+        full_url,
+        *(profiles if isinstance(profiles, list) else ()),
+        version,
+    ]
     return plain_text("\x00".join(s for s in found if isinstance(s, str)))
 
 

@@ -165,6 +165,12 @@ def plain_text(text: str) -> str:
     return "".join(out)
 
 
+def meaning(display: str) -> str:
+    """A code's display as compared with the policy's `code-displays`: its plain text,
+    case and runs of white space aside."""
+    return " ".join(plain_text(display).casefold().split())
+
+
 class RulesByType(Mapping[str, tuple["LabelRule", ...]]):
     """The rules for each resource type: its own, then those for every type
     (`resource = "*"`), which hold for any type, named or not."""
@@ -216,8 +222,9 @@ class SharingPolicy:
     # v3-ActReason is-a: a purpose, the broader purpose it falls within (COC -> TREAT).
     purpose_within: Mapping[str, str] = field(default_factory=dict)
     rules_by_type: Mapping[str, tuple[LabelRule, ...]] = field(default_factory=dict)
-    # Every (system, code) a rule names: what those codes carry, the rules say.
-    coded: frozenset[tuple[str, str]] = frozenset()
+    # Every (system, code) a rule names: what those codes carry, the rules say; with
+    # the displays that are its meaning (`meaning`), which are not read for words.
+    coded: Mapping[tuple[str, str], frozenset[str]] = field(default_factory=dict)
     # The categories of each such code, wherever it is (a risk code as a medication's
     # reason says what the risk Flag would), and any of their code values in text.
     code_categories: Mapping[tuple[str, str], frozenset[str]] = field(default_factory=dict)
@@ -595,6 +602,16 @@ def parse_policy(data: Mapping[str, Any]) -> SharingPolicy:
     for r in rules:
         for pair in r.codes:
             code_categories[pair] = code_categories.get(pair, frozenset()) | frozenset(r.categories)
+    meanings = data.get("code-displays", {})
+    if not isinstance(meanings, Mapping) or not all(isinstance(v, str) for v in meanings.values()):
+        raise PolicyError('[code-displays] must map "system|code" to the display of its meaning')
+    displays: dict[tuple[str, str], set[str]] = {}
+    for token, display in meanings.items():
+        system, sep, code = token.rpartition("|")
+        pair = (systems.get(system, system), code)
+        if not sep or pair not in code_categories:
+            raise PolicyError(f"[code-displays]: '{token}' is not a code a rule names")
+        displays.setdefault(pair, set()).add(meaning(display))
     return SharingPolicy(
         zone=zone,
         readable_media_types=frozenset(m.lower() for m in readable),
@@ -606,7 +623,7 @@ def parse_policy(data: Mapping[str, Any]) -> SharingPolicy:
         supporting=supporting,
         purposes=known_purposes,
         purpose_within=dict(within),
-        coded=frozenset(code_categories),
+        coded={pair: frozenset(displays.get(pair, ())) for pair in code_categories},
         code_categories=code_categories,
         code_values=re.compile(
             "|".join(re.escape(plain_text(v)) for v in sorted({c for _, c in code_categories}))
