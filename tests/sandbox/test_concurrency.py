@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,54 @@ def test_concurrent_updates_lose_nothing(base_url: str, sandbox: Sandbox) -> Non
     assert int(final["meta"]["versionId"]) == version + 1 + results.count(200)
     history = httpx.get(f"{url}/_history", headers=headers, params={"_count": "1000"}).json()
     assert history["total"] == int(final["meta"]["versionId"])
+
+
+def test_transactions_writing_in_opposite_orders_conflict_not_fail(
+    base_url: str, sandbox: Sandbox
+) -> None:
+    # Each locks what it writes as it goes: on PostgreSQL two that take the same
+    # resources in opposite orders deadlock, and the database rolls one back. That
+    # one lost a race (409, send it again), as a writer finding another version does.
+    token = sandbox.token_for("trust", f"{base_url}/fhir")["access_token"]
+    headers = {"authorization": f"Bearer {token}", "content-type": "application/fhir+json"}
+    start = httpx.get(f"{base_url}/fhir/Flag/a-risk-self-harm", headers=headers).json()
+    start.pop("meta")
+    ids = [f"opposite-{uuid.uuid4().hex[:8]}-{n}" for n in range(6)]
+    for rid in ids:
+        r = httpx.put(f"{base_url}/fhir/Flag/{rid}", json={**start, "id": rid}, headers=headers)
+        assert r.status_code == 201, r.text
+    results: list[int] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(8)
+
+    def writer(n: int) -> None:
+        order = ids if n % 2 else ids[::-1]
+        code = {**start["code"], "text": f"transaction {n}"}
+        entries = [
+            {
+                "resource": {**start, "id": rid, "code": code},
+                "request": {"method": "PUT", "url": f"Flag/{rid}"},
+            }
+            for rid in order
+        ]
+        bundle = {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+        barrier.wait()
+        r = httpx.post(f"{base_url}/fhir", json=bundle, headers=headers, timeout=60)
+        with lock:
+            results.append(r.status_code)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert set(results) <= {200, 409}, results
+    assert 200 in results
+    finals = [httpx.get(f"{base_url}/fhir/Flag/{rid}", headers=headers).json() for rid in ids]
+    # All or nothing: every resource holds what the last transaction to commit wrote,
+    # a version for each that did.
+    assert {f["meta"]["versionId"] for f in finals} == {str(1 + results.count(200))}
+    assert len({f["code"]["text"] for f in finals}) == 1
 
 
 def test_server_killed_mid_write_restarts_consistent(tmp_path: Path) -> None:

@@ -242,6 +242,17 @@ def _stopped_for_time(error: Any) -> bool:
     return getattr(error, "sqlstate", None) == _QUERY_CANCELED
 
 
+# PostgreSQL's SQLSTATEs for a transaction it rolled back to let another go on: a
+# deadlock (two transactions writing the same resources in different orders), and a
+# serialization failure.
+_ROLLED_BACK_FOR_ANOTHER = frozenset({"40P01", "40001"})
+
+
+def _lost_to_another(error: Any) -> bool:
+    """Whether PostgreSQL rolled the transaction back for a concurrent one's sake."""
+    return getattr(error, "sqlstate", None) in _ROLLED_BACK_FOR_ANOTHER
+
+
 def _too_costly() -> SearchError:
     return SearchError(
         "the search ran longer than this server allows;"
@@ -1303,6 +1314,13 @@ class SqlRepository:
             except DBAPIError as exc:
                 if searching and _stopped_for_time(exc.orig):
                     raise _too_costly() from exc
+                if not read_only and _lost_to_another(exc.orig):
+                    # Nothing of it was written: the writer lost a race, as one that
+                    # found another version did, and may send it again.
+                    raise VersionConflict(
+                        "another write to the same resources ran at the same time;"
+                        " nothing was written: send it again"
+                    ) from exc
                 raise
 
     # --- the hot read paths, straight through the driver --------------------------
