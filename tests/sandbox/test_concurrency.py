@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
+from cpa_fhir.errors import ResourceGone
 from cpa_fhir.sandbox import Sandbox, open_sandbox, seed_examples
 
 
@@ -134,3 +136,55 @@ def test_server_killed_mid_write_restarts_consistent(tmp_path: Path) -> None:
     stored: Any = box.repo.read("Flag", "a-risk-self-harm")
     assert stored.version_id == 1
     assert box.repo.search(box.repo.parse("Patient", [("_summary", "count")])).total == 4
+
+
+def test_a_restart_keeps_what_was_deleted_and_written_since_the_examples(
+    store_location: tuple[str, str | None],
+) -> None:
+    # A store whose patients were all deleted is not empty: loaded again, the
+    # examples would come back, over what the trust wrote since.
+    url, schema = store_location
+    box = open_sandbox(url, schema=schema)
+    assert seed_examples(box) > 0
+    for patient in ("a-patient", "b-patient", "c-patient", "d-patient"):
+        box.repo.delete("Patient", patient)
+    flag = box.repo.read("Flag", "a-risk-self-harm").resource()
+    flag["code"] = {**flag["code"], "text": "reassessed since"}
+    box.repo.update(flag)
+    box.close()
+    box = open_sandbox(url, schema=schema)
+    try:
+        assert seed_examples(box) == 0
+        with pytest.raises(ResourceGone):
+            box.repo.read("Patient", "a-patient")
+        stored = box.repo.read("Flag", "a-risk-self-harm")
+        assert stored.resource()["code"]["text"] == "reassessed since"
+        assert stored.version_id == 2
+    finally:
+        box.close()
+
+
+def test_sandboxes_starting_together_load_the_examples_once(
+    store_location: tuple[str, str | None],
+) -> None:
+    url, schema = store_location
+    open_sandbox(url, schema=schema).close()  # the schema made, as the first would
+    script = textwrap.dedent(
+        f"""
+        from cpa_fhir.sandbox import open_sandbox, seed_examples
+        print(seed_examples(open_sandbox({url!r}, schema={schema!r})))
+        """
+    )
+    starting = [
+        subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
+    loaded = [int(process.communicate(timeout=120)[0]) for process in starting]
+    assert all(process.returncode == 0 for process in starting)
+    # One loaded them; the others found them there.
+    assert sorted(loaded) == [0, 0, 0, max(loaded)] and max(loaded) > 0
+    box = open_sandbox(url, schema=schema)
+    try:
+        assert box.repo.read("Patient", "a-patient").version_id == 1
+    finally:
+        box.close()

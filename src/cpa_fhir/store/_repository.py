@@ -1554,6 +1554,28 @@ class SqlRepository:
         with self._bound(read_only=False) as bound:
             return bound.load(resources, batch_size=batch_size)
 
+    def load_if_new(
+        self, resource_type: str, resources: Callable[[], Iterable[dict[str, Any]]]
+    ) -> int:
+        """`load` what `resources()` makes into a store that has never held a resource
+        of this type (none stored, none deleted); 0 where it has. Deleted ones count:
+        loaded again, they would come back, over what was written since. Stores
+        loading together are serialised (PostgreSQL: an advisory lock; SQLite: the
+        write lock), so the second finds what the first loaded, and loads nothing."""
+        with self._bound(read_only=False) as bound:
+            connection = bound._operations.connection
+            if self.postgres:
+                connection.execute(
+                    sa.text("SELECT pg_advisory_xact_lock(hashtext(:key || current_schema()))"),
+                    {"key": f"cpa_fhir.store.load:{resource_type}"},
+                )
+            held = connection.execute(
+                sa.select(resource_current.c.id)
+                .where(resource_current.c.resource_type == resource_type)
+                .limit(1)
+            ).first()
+            return 0 if held is not None else bound.load(resources())
+
     def child_appender(self) -> ProcessAppender | None:
         """`append` done by a child process with its own connection (see `_appender`),
         or None where a child could not do it as this repository would: search
