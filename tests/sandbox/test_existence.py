@@ -241,6 +241,38 @@ def test_a_label_the_partner_cannot_see_is_not_overwritten(
     assert sandbox.repo.read("Condition", cid).version_id == 1
 
 
+def test_a_partner_labels_no_contained_resource(sandbox: Sandbox, trust_call: Call) -> None:
+    # A contained resource is labelled as a resource of its own: a label a partner put
+    # on one would read as the trust's, and one the policy does not know would leave
+    # the whole record unlabelled, every partner's view of it withheld.
+    gp = _caller(sandbox, "gp")
+    search = ("GET", "Condition", None, None, [("patient", "Patient/c-patient")])
+    before = {e["resource"]["id"] for e in orjson.loads(gp(*search).body)["entry"]}
+    assert before
+    condition = _copy(sandbox, SEEN_WHOLE, "unused")
+    del condition["id"], condition["recorder"]
+    labels = [
+        {"system": "https://cpa-fhir.org/fhir/CodeSystem/cpa-information-category", "code": "x"},
+        {"system": TBOO[0], "code": TBOO[1]},
+    ]
+    condition["contained"] = [
+        {"resourceType": "Basic", "id": "seen", "meta": {"security": labels}, "code": {"text": "a"}}
+    ]
+    condition["extension"] = [
+        {"url": "https://example.org/fhir/seen-by", "valueReference": {"reference": "#seen"}}
+    ]
+    created = gp("POST", "Condition", condition)
+    assert created.status == 201, created.body
+    cid = orjson.loads(created.body)["id"]
+    try:
+        stored = sandbox.repo.read("Condition", cid).resource()
+        assert "meta" not in stored["contained"][0]
+        after = {e["resource"]["id"] for e in orjson.loads(gp(*search).body)["entry"]}
+        assert before <= after
+    finally:
+        assert trust_call("DELETE", f"Condition/{cid}").status == 204
+
+
 def test_the_trust_deletes_with_if_match(trust_call: Call, sandbox: Sandbox) -> None:
     pid = f"if-match-{uuid.uuid4().hex[:12]}"
     assert (

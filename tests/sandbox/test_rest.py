@@ -203,6 +203,52 @@ def test_transaction_resolves_references_and_is_all_or_nothing(trust: Fhir) -> N
     assert trust.get("Flag", params={"_summary": "count"}).json()["total"] == before
 
 
+def test_transaction_resolves_every_link_to_an_entry(trust: Fhir) -> None:
+    # R4 http.html#trules: all matching links, references or not (an element of type
+    # uri, an extension's value, a narrative's <a href="">), not only `reference`s.
+    first = f"urn:uuid:{uuid.uuid4()}"
+    linking = _flag(
+        text={
+            "status": "generated",
+            "div": f'<div xmlns="http://www.w3.org/1999/xhtml"><a href="{first}">the other</a>'
+            f"<a href='{first}'>again</a> {first} in the words stays</div>",
+        },
+    )
+    # An identifier may be the urn:uuid its entry's fullUrl is: it names the
+    # resource, not where it is stored, and stays.
+    linking["identifier"] = [{"system": "urn:ietf:rfc:3986", "value": first}]
+    linking["extension"] += [
+        {"url": "https://example.org/fhir/related-flag", "valueUri": first},
+        {
+            "url": "https://example.org/fhir/related",
+            "extension": [{"url": "flag", "valueReference": {"reference": first}}],
+        },
+    ]
+    tx = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {"fullUrl": first, "resource": _flag(), "request": {"method": "POST", "url": "Flag"}},
+            {
+                "fullUrl": f"urn:uuid:{uuid.uuid4()}",
+                "resource": linking,
+                "request": {"method": "POST", "url": "Flag"},
+            },
+        ],
+    }
+    result = trust.post("", tx)
+    assert result.status_code == 200, result.text
+    entries = result.json()["entry"]
+    made = f"Flag/{entries[0]['resource']['id']}"
+    stored = trust.get(f"Flag/{entries[1]['resource']['id']}").json()
+    assert stored["extension"][-2]["valueUri"] == made
+    assert stored["extension"][-1]["extension"][0]["valueReference"]["reference"] == made
+    div = stored["text"]["div"]
+    assert f'href="{made}"' in div and f"href='{made}'" in div
+    assert f"{first} in the words stays" in div
+    assert stored["identifier"][0]["value"] == first
+
+
 def test_batch_reports_each_entry(trust: Fhir) -> None:
     batch = {
         "resourceType": "Bundle",

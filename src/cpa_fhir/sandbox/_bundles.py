@@ -103,17 +103,45 @@ def _without_format(query: str) -> str:
     return urlencode([(k, v) for k, v in pairs if k != "_format"])
 
 
-def _rewrite(node: Any, ids: dict[str, str]) -> Any:
+# A link in the narrative to an entry's fullUrl (R4 http.html#trules: `<a href="">`
+# and `<img src="">`), its quotes captured to be kept.
+_NARRATIVE_LINK = re.compile(r"""(\b(?:href|src)\s*=\s*)(["'])(urn:(?:uuid|oid):[^"'<>\s]+)\2""")
+
+
+# Elements whose strings are text or codes, not links (R4 replaces links in elements
+# of type uri, url, canonical, oid and uuid): an identifier's value may well be the
+# urn:uuid its entry's fullUrl is, and names the resource, not its id here.
+_NOT_LINKS = frozenset(
+    {"value", "valueString", "valueMarkdown", "valueCode", "valueId", "code", "display", "text"}
+)
+
+
+def _rewrite(node: Any, ids: dict[str, str], key: str | None = None) -> Any:
+    """A resource with its links to entries replaced by what they resolved to: every
+    reference, and, where an entry's fullUrl is a `urn:uuid:` or `urn:oid:`, any other
+    element that is one (of type uri, url, canonical, oid or uuid: an extension's
+    value, an attachment's URL; not an identifier's value or other text) and a
+    narrative link to one, as R4 says of all matching links (http.html#trules)."""
     if isinstance(node, dict):
         out = {}
         for k, v in node.items():
             if k == "reference" and isinstance(v, str) and v in ids:
                 out[k] = ids[v]
+            elif k == "div" and isinstance(v, str) and "urn:" in v:
+                out[k] = _NARRATIVE_LINK.sub(
+                    lambda m: f"{m[1]}{m[2]}{ids.get(m[3], m[3])}{m[2]}", v
+                )
             else:
-                out[k] = _rewrite(v, ids)
+                out[k] = _rewrite(v, ids, k)
         return out
     if isinstance(node, list):
-        return [_rewrite(v, ids) for v in node]
+        return [_rewrite(v, ids, key) for v in node]
+    if (
+        isinstance(node, str)
+        and key not in _NOT_LINKS
+        and node.startswith(("urn:uuid:", "urn:oid:"))
+    ):
+        return ids.get(node, node)
     return node
 
 

@@ -1798,12 +1798,26 @@ def _strings_at(node: Any, path: tuple[str | int, ...] = ()) -> dict[tuple[str |
 
 
 def _without_server_labels(resource: dict[str, Any]) -> dict[str, Any]:
-    """A partner's resource less the security labels in its meta: labels are the
-    server's, made for each recipient; kept, they would read as the trust's own."""
+    """A partner's resource less the security labels in its meta and its contained
+    resources' (each labelled as a resource of its own): labels are the server's, made
+    for each recipient; kept, they would read as the trust's own, and one the policy
+    does not know would leave the patient's record unlabelled, so withheld from all."""
+    contained = resource.get("contained")
+    if isinstance(contained, list):
+        resource = {
+            **resource,
+            "contained": [
+                _without_server_labels(inner) if isinstance(inner, dict) else inner
+                for inner in contained
+            ],
+        }
     meta = resource.get("meta")
     if not isinstance(meta, dict) or "security" not in meta:
         return resource
-    return {**resource, "meta": {k: v for k, v in meta.items() if k != "security"}}
+    rest = {k: v for k, v in meta.items() if k != "security"}
+    if not rest:  # no empty object left behind (a contained resource's meta)
+        return {k: v for k, v in resource.items() if k != "meta"}
+    return {**resource, "meta": rest}
 
 
 def _whole_store_search(view: PartnerView | None, what: str) -> None:

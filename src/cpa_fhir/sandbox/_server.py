@@ -111,13 +111,16 @@ def open_sandbox(
 
 
 def seed_examples(sandbox: Sandbox, examples: Path | None = None) -> int:
-    """Load the example records A–D into an empty store; the number of resources loaded."""
-    query = sandbox.repo.parse("Patient", [("_summary", "count")])
-    if (sandbox.repo.search(query).total or 0) > 0:
-        return 0
+    """Load the example records A–D into a store that has never held a patient; the
+    number of resources loaded. One whose patients were all deleted keeps them deleted,
+    and what was written since: it is not empty."""
     folder = examples or default_package_dir() / "examples"
-    resources = []
-    for path in sorted(folder.glob("Bundle-record-*.json")):
-        bundle = jsonio.loads(path.read_bytes())
-        resources += [e["resource"] for e in bundle["entry"]]
-    return sandbox.repo.load(resources)
+
+    def resources() -> list[dict[str, Any]]:
+        found = []
+        for path in sorted(folder.glob("Bundle-record-*.json")):
+            bundle = jsonio.loads(path.read_bytes())
+            found += [e["resource"] for e in bundle["entry"]]
+        return found
+
+    return sandbox.repo.load_if_new("Patient", resources)

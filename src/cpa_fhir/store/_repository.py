@@ -242,6 +242,17 @@ def _stopped_for_time(error: Any) -> bool:
     return getattr(error, "sqlstate", None) == _QUERY_CANCELED
 
 
+# PostgreSQL's SQLSTATEs for a transaction it rolled back to let another go on: a
+# deadlock (two transactions writing the same resources in different orders), and a
+# serialization failure.
+_ROLLED_BACK_FOR_ANOTHER = frozenset({"40P01", "40001"})
+
+
+def _lost_to_another(error: Any) -> bool:
+    """Whether PostgreSQL rolled the transaction back for a concurrent one's sake."""
+    return getattr(error, "sqlstate", None) in _ROLLED_BACK_FOR_ANOTHER
+
+
 def _too_costly() -> SearchError:
     return SearchError(
         "the search ran longer than this server allows;"
@@ -1303,6 +1314,13 @@ class SqlRepository:
             except DBAPIError as exc:
                 if searching and _stopped_for_time(exc.orig):
                     raise _too_costly() from exc
+                if not read_only and _lost_to_another(exc.orig):
+                    # Nothing of it was written: the writer lost a race, as one that
+                    # found another version did, and may send it again.
+                    raise VersionConflict(
+                        "another write to the same resources ran at the same time;"
+                        " nothing was written: send it again"
+                    ) from exc
                 raise
 
     # --- the hot read paths, straight through the driver --------------------------
@@ -1549,6 +1567,28 @@ class SqlRepository:
         """
         with self._bound(read_only=False) as bound:
             return bound.load(resources, batch_size=batch_size)
+
+    def load_if_new(
+        self, resource_type: str, resources: Callable[[], Iterable[dict[str, Any]]]
+    ) -> int:
+        """`load` what `resources()` makes into a store that has never held a resource
+        of this type (none stored, none deleted); 0 where it has. Deleted ones count:
+        loaded again, they would come back, over what was written since. Stores
+        loading together are serialised (PostgreSQL: an advisory lock; SQLite: the
+        write lock), so the second finds what the first loaded, and loads nothing."""
+        with self._bound(read_only=False) as bound:
+            connection = bound._operations.connection
+            if self.postgres:
+                connection.execute(
+                    sa.text("SELECT pg_advisory_xact_lock(hashtext(:key || current_schema()))"),
+                    {"key": f"cpa_fhir.store.load:{resource_type}"},
+                )
+            held = connection.execute(
+                sa.select(resource_current.c.id)
+                .where(resource_current.c.resource_type == resource_type)
+                .limit(1)
+            ).first()
+            return 0 if held is not None else bound.load(resources())
 
     def child_appender(self) -> ProcessAppender | None:
         """`append` done by a child process with its own connection (see `_appender`),
