@@ -18,45 +18,50 @@ from cpa_fhir.errors import ResourceGone
 from cpa_fhir.sandbox import Sandbox, open_sandbox, seed_examples
 
 
+def _statuses(request: Any, writers: int = 8) -> list[int]:
+    """The status of each of `writers` requests, `request(n)`, sent at once from threads."""
+    results: list[int] = []
+    lock = threading.Lock()
+
+    def send(n: int) -> None:
+        status = request(n).status_code
+        with lock:
+            results.append(status)
+
+    threads = [threading.Thread(target=send, args=(n,)) for n in range(writers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
 def test_concurrent_updates_lose_nothing(base_url: str, sandbox: Sandbox) -> None:
     token = sandbox.token_for("trust", f"{base_url}/fhir")["access_token"]
     headers = {"authorization": f"Bearer {token}", "content-type": "application/fhir+json"}
     url = f"{base_url}/fhir/Flag/a-risk-self-harm"
     start = httpx.get(url, headers=headers).json()
     version = int(start["meta"]["versionId"])
-    results: list[int] = []
-    lock = threading.Lock()
 
-    def writer(n: int) -> None:
+    def writer(n: int) -> Any:
         body = dict(start)
         body["code"] = {**start["code"], "text": f"writer {n}"}
-        r = httpx.put(url, json=body, headers={**headers, "if-match": f'W/"{version}"'}, timeout=30)
-        with lock:
-            results.append(r.status_code)
+        return httpx.put(
+            url, json=body, headers={**headers, "if-match": f'W/"{version}"'}, timeout=30
+        )
 
-    threads = [threading.Thread(target=writer, args=(n,)) for n in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = _statuses(writer)
     assert sorted(results) == [200] + [412] * 7
     after = httpx.get(url, headers=headers).json()
     assert int(after["meta"]["versionId"]) == version + 1
     # Without If-Match, every writer lands as its own version, or is told it lost.
-    results.clear()
 
-    def blind(n: int) -> None:
+    def blind(n: int) -> Any:
         body = dict(after)
         body["code"] = {**after["code"], "text": f"blind {n}"}
-        r = httpx.put(url, json=body, headers=headers, timeout=30)
-        with lock:
-            results.append(r.status_code)
+        return httpx.put(url, json=body, headers=headers, timeout=30)
 
-    threads = [threading.Thread(target=blind, args=(n,)) for n in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = _statuses(blind)
     assert set(results) <= {200, 409}
     final = httpx.get(url, headers=headers).json()
     assert int(final["meta"]["versionId"]) == version + 1 + results.count(200)
@@ -78,11 +83,9 @@ def test_transactions_writing_in_opposite_orders_conflict_not_fail(
     for rid in ids:
         r = httpx.put(f"{base_url}/fhir/Flag/{rid}", json={**start, "id": rid}, headers=headers)
         assert r.status_code == 201, r.text
-    results: list[int] = []
-    lock = threading.Lock()
     barrier = threading.Barrier(8)
 
-    def writer(n: int) -> None:
+    def writer(n: int) -> Any:
         order = ids if n % 2 else ids[::-1]
         code = {**start["code"], "text": f"transaction {n}"}
         entries = [
@@ -94,15 +97,9 @@ def test_transactions_writing_in_opposite_orders_conflict_not_fail(
         ]
         bundle = {"resourceType": "Bundle", "type": "transaction", "entry": entries}
         barrier.wait()
-        r = httpx.post(f"{base_url}/fhir", json=bundle, headers=headers, timeout=60)
-        with lock:
-            results.append(r.status_code)
+        return httpx.post(f"{base_url}/fhir", json=bundle, headers=headers, timeout=60)
 
-    threads = [threading.Thread(target=writer, args=(n,)) for n in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = _statuses(writer)
     assert set(results) <= {200, 409}, results
     assert 200 in results
     finals = [httpx.get(f"{base_url}/fhir/Flag/{rid}", headers=headers).json() for rid in ids]
