@@ -340,6 +340,31 @@ def _label(
     if not cats:
         cats = {default}
         rules = ["default"]
+    elements, whole, whole_rules = _elements(resource, key, policy, resolve, full_url, naming)
+    cats |= whole
+    rules += whole_rules
+    labels = tuple(
+        ElementLabel(path, frozenset(c), tuple(r))
+        for path, (c, r) in sorted(elements.items(), key=lambda kv: [str(p) for p in kv[0]])
+        # An element labelled only with what the whole resource carries needs no label.
+        if not c <= cats
+    )
+    return LabelledResource(resource, key, frozenset(cats), tuple(rules), labels, full_url)
+
+
+def _elements(
+    resource: dict[str, Any],
+    key: str,
+    policy: SharingPolicy,
+    resolve: Resolver,
+    full_url: str | None,
+    naming: Sequence[tuple[Path, frozenset[str]]] = (),
+) -> tuple[dict[Path, tuple[set[str], list[str]]], set[str], list[str]]:
+    """Each labelled element's categories and rules, and what the rules for elements
+    find of the resource as a whole, with those rules."""
+    default = policy.default_category
+    whole: set[str] = set()
+    whole_rules: list[str] = []
     elements: dict[Path, tuple[set[str], list[str]]] = {}
     for rule in policy.rules_by_type.get(resource["resourceType"], ()):
         matched: list[Path] = []
@@ -351,8 +376,8 @@ def _label(
                 isinstance(name, str) and rule.words.search(plain_text(name))
                 for name in [resource.get("id"), full_url, *profiles, version]
             ):
-                cats.update(rule.categories)
-                rules.append(rule.id)
+                whole.update(rule.categories)
+                whole_rules.append(rule.id)
         for dotted in rule.elements:
             for path, value in locate(resource, dotted):
                 if not _matches(rule, value, key, resource, policy.coded):
@@ -373,8 +398,8 @@ def _label(
                     parent = parent[step]
                 parent[path[-1]] = None
             if _has_extension(rest, rule.extension):
-                cats.update(rule.categories)
-                rules.append(rule.id)
+                whole.update(rule.categories)
+                whole_rules.append(rule.id)
     for path, targets in naming:
         entry = elements.setdefault(path, (set(), []))
         entry[0].update(targets)
@@ -400,13 +425,7 @@ def _label(
             entry = elements.setdefault(path, (set(), []))
             entry[0].add(default)
             entry[1].append("unreadable-content")
-    labels = tuple(
-        ElementLabel(path, frozenset(c), tuple(r))
-        for path, (c, r) in sorted(elements.items(), key=lambda kv: [str(p) for p in kv[0]])
-        # An element labelled only with what the whole resource carries needs no label.
-        if not c <= cats
-    )
-    return LabelledResource(resource, key, frozenset(cats), tuple(rules), labels, full_url)
+    return elements, whole, whole_rules
 
 
 def _all_codings(node: Any) -> Iterator[tuple[Any, Any]]:
@@ -508,17 +527,38 @@ def label_resources(
         for _url, lender in entries:
             lender_key = f"{lender['resourceType']}/{lender.get('id')}"
             for rule in policy.rules_by_type.get(lender["resourceType"], ()):
-                if not rule.lend or not _matches(rule, lender, lender_key, lender):
+                if not rule.lend or rule.elements or not _matches(rule, lender, lender_key, lender):
                     continue
-                for at in rule.lend:
-                    for _, ref in locate(lender, at):
-                        raw = ref.get("reference") if isinstance(ref, dict) else None
-                        target = (
-                            by_url.get(raw) or reference_key(raw) if isinstance(raw, str) else None
-                        )
-                        if target == key:
-                            out |= first[lender_key]
+                if key in _targets(rule, lender):
+                    out |= first[lender_key]
+            # A rule for elements lends what each element it matches carries (its label
+            # and those within it, what names other resources aside).
+            for rule in policy.rules_by_type.get(lender["resourceType"], ()):
+                if not rule.lend or not rule.elements:
+                    continue
+                for dotted in rule.elements:
+                    for path, value in locate(lender, dotted):
+                        if not _matches(rule, value, lender_key, lender, policy.coded):
+                            continue
+                        if key not in _targets(rule, value):
+                            continue
+                        labelled = _elements(lender, lender_key, policy, resolve, None)[0]
+                        for at, (cats, _) in labelled.items():
+                            if at[: len(path)] == path:
+                                out |= cats
         return out
+
+    def _targets(rule: LabelRule, node: Any) -> set[str]:
+        found = set()
+        for at in rule.lend:
+            for _, ref in locate(node, at):
+                raw = ref.get("reference") if isinstance(ref, dict) else None
+                target = by_url.get(raw) or reference_key(raw) if isinstance(raw, str) else None
+                if target is not None and (
+                    not rule.lend_to or target.split("/")[0] in rule.lend_to
+                ):
+                    found.add(target)
+        return found
 
     # Inheritance passes on through any number of steps: repeat until nothing changes.
     default = policy.default_category

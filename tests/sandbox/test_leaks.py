@@ -28,6 +28,7 @@ from tests.sandbox.test_consent_freshness import Changes, changes  # noqa: F401
 
 RECORD_C = orjson.loads(next(EXAMPLES.glob("Bundle-record-C-*.json")).read_bytes())
 C_KEYS = {f"{e['resource']['resourceType']}/{e['resource']['id']}" for e in RECORD_C["entry"]}
+TEAM_ROLE = "https://cpa-fhir.org/fhir/CodeSystem/cpa-care-team-role"
 
 # client id -> (recipient as the consent engine sees it, purpose, exceptions)
 PARTNERS = {
@@ -666,3 +667,50 @@ def test_a_reference_by_identifier_alone_names_what_the_store_holds_with_it(
         assert "c-review-2026-09" in answer.text
     # The trust's own client reads it as stored.
     assert trust.get("Encounter/c-review-2026-09").json()["serviceProvider"] == {"identifier": ods}
+
+
+@pytest.mark.parametrize(
+    ("role", "withheld"),
+    [
+        ({"coding": [{"system": TEAM_ROLE, "code": "probation-officer"}]}, True),
+        ({"text": "Probation officer"}, True),
+        ({"text": "Support worker"}, False),
+    ],
+    ids=["coded", "in-words", "neutral"],
+)
+def test_a_professional_a_care_team_names_as_probation_officer_is_not_sent_to_the_gp(
+    as_client: Any,
+    changes: Changes,  # noqa: F811
+    role: dict[str, Any],
+    withheld: bool,
+) -> None:
+    """An officer holding no PractitionerRole, named only in C's care team in a probation
+    officer's place, is an offender's probation officer: the GP gets the review they
+    attended without them, and no read, search or include brings them, as `cpa-fhir
+    share` sends the record. In a place that says nothing, they go."""
+    gp = as_client("gp")
+    officer = changes.create(
+        {"resourceType": "Practitioner", "active": True, "name": [{"family": "Fictional-Rees"}]}
+    )
+    changes.edit(
+        "CareTeam/c-careteam",
+        lambda team: team["participant"].append({"role": [role], "member": {"reference": officer}}),
+    )
+    review = "Encounter/c-review-2026-09"
+    changes.edit(review, lambda e: e["participant"].append({"individual": {"reference": officer}}))
+    included = gp.get(
+        "Encounter", params={"_id": review.split("/")[1], "_include": "Encounter:practitioner"}
+    )
+    assert included.status_code == 200
+    assert review in resource_keys(included.json())
+    assert (officer in resource_keys(included.json())) == (not withheld)
+    read = gp.get(review)
+    assert read.status_code == 200
+    searched = gp.get("Encounter", params={"subject": "Patient/c-patient", "_count": "1000"})
+    assert review in resource_keys(searched.json())
+    for answer in (included, read, searched):
+        assert (officer in answer.text) == (not withheld)
+    if withheld:
+        assert gp.get(officer).status_code == 404
+        found = gp.get("Practitioner", params={"_id": officer.split("/")[1]})
+        assert officer not in resource_keys(found.json())

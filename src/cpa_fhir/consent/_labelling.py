@@ -641,15 +641,46 @@ def _label(
     if not cats:
         cats = {default}
         rules = ["default"]
+    elements, whole, whole_rules = _element_labels(
+        resource, key, policy, resolve, full_url, seen, naming, elements_too=elements_too
+    )
+    cats |= whole
+    rules += whole_rules
+    labels = tuple(
+        ElementLabel(path, frozenset(c), tuple(r))
+        for path, (c, r) in sorted(elements.items(), key=lambda kv: [str(p) for p in kv[0]])
+        # An element labelled only with what the whole resource carries needs no label.
+        if not c <= cats
+    )
+    return LabelledResource(resource, key, frozenset(cats), tuple(rules), labels, full_url)
+
+
+def _element_labels(
+    resource: dict[str, Any],
+    key: str,
+    policy: SharingPolicy,
+    resolve: Resolver,
+    full_url: str | None,
+    seen: _Seen,
+    naming: Sequence[tuple[Path, frozenset[str]]] = (),
+    *,
+    elements_too: bool = True,
+) -> tuple[dict[Path, tuple[set[str], list[str]]], set[str], list[str]]:
+    """The categories and rules of each element of a resource the rules for elements
+    label, and what those rules find of the resource as a whole (words in its names,
+    an extension outside their elements), with the rules that find it."""
+    default = policy.default_category
     elements: dict[Path, tuple[set[str], list[str]]] = {}
+    whole: set[str] = set()
+    whole_rules: list[str] = []
     names = _names(resource, full_url)
     for rule in policy.rules_by_type.get(resource["resourceType"], ()):
         if rule.anywhere:
             if names and seen.has_words(rule, names):
                 # Its id goes wherever it does, and is in every reference to it; its
                 # fullUrl and profiles go with it, and say what it is.
-                cats.update(rule.categories)
-                rules.append(rule.id)
+                whole.update(rule.categories)
+                whole_rules.append(rule.id)
             if not elements_too:
                 continue
             for path, value in seen.elements_with_words(rule, resource):
@@ -676,8 +707,8 @@ def _label(
         ):
             # The extension where the rule's elements are not (modifierExtension, on a
             # primitive, inside another element): the whole resource carries it.
-            cats.update(rule.categories)
-            rules.append(rule.id)
+            whole.update(rule.categories)
+            whole_rules.append(rule.id)
     for path, named in naming:
         # It names another resource of the record other than by reference (an
         # identifier, a canonical): it says what that resource is.
@@ -692,13 +723,7 @@ def _label(
         entry[1].append(CODED_RULE)
     if elements_too:
         _encoded_labels(resource, policy, elements)
-    labels = tuple(
-        ElementLabel(path, frozenset(c), tuple(r))
-        for path, (c, r) in sorted(elements.items(), key=lambda kv: [str(p) for p in kv[0]])
-        # An element labelled only with what the whole resource carries needs no label.
-        if not c <= cats
-    )
-    return LabelledResource(resource, key, frozenset(cats), tuple(rules), labels, full_url)
+    return elements, whole, whole_rules
 
 
 UNREADABLE_RULE = "unreadable-content"
@@ -846,6 +871,19 @@ def _lending_rules(labelled: LabelledResource, policy: SharingPolicy) -> list[La
     ]
 
 
+def _lent_to(rule: LabelRule, node: Any, seen: _Seen, by_url: Mapping[str, str]) -> set[str]:
+    """What a lending rule's `lend` paths from `node` refer to (of the types it lends
+    to), as `Type/id`."""
+    found: set[str] = set()
+    for at in rule.lend:
+        for _, ref in seen.locate(node, at):
+            raw = ref.get("reference") if isinstance(ref, dict) else None
+            target = resolve_reference(raw, by_url) if isinstance(raw, str) else None
+            if target is not None and (not rule.lend_to or target.split("/", 1)[0] in rule.lend_to):
+                found.add(target)
+    return found
+
+
 def _borrowers(
     res: dict[str, Any], rules: Sequence[LabelRule], seen: _Seen, by_url: Mapping[str, str]
 ) -> set[str]:
@@ -853,13 +891,45 @@ def _borrowers(
     refer to), as `Type/id`."""
     found: set[str] = set()
     for rule in rules:
-        for at in rule.lend:
-            for _, ref in seen.locate(res, at):
-                raw = ref.get("reference") if isinstance(ref, dict) else None
-                target = resolve_reference(raw, by_url) if isinstance(raw, str) else None
-                if target is not None:
-                    found.add(target)
+        if not rule.elements:
+            found |= _lent_to(rule, res, seen, by_url)
     return found
+
+
+def _element_lending_rules(resource_type: str, policy: SharingPolicy) -> list[LabelRule]:
+    return [r for r in policy.rules_by_type.get(resource_type, ()) if r.lend and r.elements]
+
+
+def _element_loans(
+    res: dict[str, Any],
+    key: str,
+    rules: Sequence[LabelRule],
+    policy: SharingPolicy,
+    resolve: Resolver,
+    seen: _Seen,
+    by_url: Mapping[str, str],
+) -> list[tuple[frozenset[str], set[str]]]:
+    """What each element a lending rule for elements matches carries (its label and
+    those within it, as its rules, words and codes give them), and what its `lend`
+    paths (from the element) refer to: a care-team member is what their place in the
+    team says they are."""
+    loans: list[tuple[Path, set[str]]] = []
+    for rule in rules:
+        for dotted in rule.elements:
+            for path, value in seen.locate(res, dotted):
+                if _matches(rule, value, key, res, seen):
+                    targets = _lent_to(rule, value, seen, by_url)
+                    if targets:
+                        loans.append((path, targets))
+    if not loans:
+        return []
+    elements = _element_labels(res, key, policy, resolve, None, seen)[0]
+    out = []
+    for path, targets in loans:
+        width = len(path)
+        carried = {c for at, (cats, _) in elements.items() if at[:width] == path for c in cats}
+        out.append((frozenset(carried), targets))
+    return out
 
 
 def label_resources(
@@ -928,17 +998,36 @@ def label_resources(
         for (_, res), (key, found, seen) in zip(entries, passes, strict=True)
         if (targets := _borrowers(res, found[1], seen, by_url) & own.keys())
     ]
+    # Each resource with elements that lend (a care team's members), with the rules
+    # that lend them: what an element carries can change as what it inherits does.
+    element_lenders = [
+        (res, key, rules, seen)
+        for (_, res), (key, _, seen) in zip(entries, passes, strict=True)
+        if (rules := _element_lending_rules(res["resourceType"], policy))
+    ]
+
+    def element_loans() -> list[tuple[str, frozenset[str], set[str]]]:
+        return [
+            (key, carried, in_record)
+            for res, key, rules, seen in element_lenders
+            for carried, targets in _element_loans(res, key, rules, policy, resolve, seen, by_url)
+            if (in_record := targets & own.keys())
+        ]
+
+    loans = element_loans() if element_lenders else []
+    # Each lender and what it lends to, whole or by its elements.
+    lending_to = [*lenders, *((key, targets) for key, _, targets in loans)]
     if known:
         taken = {
             key
             for (url, res), (key, _, _) in zip(entries, passes, strict=True)
             if reused(key, url, res) is not None
         }
-        if any(targets & taken for key, targets in lenders if key not in taken):
+        if any(targets & taken for key, targets in lending_to if key not in taken):
             # A resource of this record lends to one labelled before, and what that one
             # carries may pass on to others labelled before: all are labelled afresh.
             return label_resources(entries, policy, outside, elements_of=elements_of)
-    borrowing = {t for _, targets in lenders for t in targets} - {k for _, k, _, _ in inheriting}
+    borrowing = {t for _, targets in lending_to for t in targets} - {k for _, k, _, _ in inheriting}
     default = policy.default_category
 
     def lending() -> dict[str, set[str]]:
@@ -946,9 +1035,12 @@ def label_resources(
         for key, targets in lenders:
             for target in targets:
                 out.setdefault(target, set()).update(first[key])
+        for _, carried, targets in element_loans() if loans else ():
+            for target in targets:
+                out.setdefault(target, set()).update(carried)
         return out
 
-    for _ in range(len(entries) + 1 if lenders else len(inheriting)):
+    for _ in range(len(entries) + 1 if lenders or loans else len(inheriting)):
         changed = False
         lent = lending()
         for res, key, found, seen in inheriting:

@@ -63,6 +63,9 @@ class LabelRule:
     # Reference path(s) to resources that take this resource's categories: what a role
     # is, the professional holding it is (a children's social worker).
     lend: tuple[str, ...] = ()
+    # The resource types `lend` reaches (all when empty): a care team's service user is
+    # not what their place in the team says.
+    lend_to: frozenset[str] = frozenset()
     # Each phrase `words` finds, lowercased, with all but letters and digits taken
     # out, when all are ASCII: in ASCII text so squashed, `words` can match only where
     # one of them is a substring (the separators a match may leave out are what is
@@ -388,7 +391,7 @@ def _rule(
     where = f"rule '{rule_id}'" if isinstance(rule_id, str) else f"rule {index + 1}"
     allowed = {
         "id", "resource", "category", "element", "profile", "codes", "codes_at",
-        "text", "text_at", "extension", "inherit", "lend",
+        "text", "text_at", "extension", "inherit", "lend", "lend_to",
     }  # fmt: skip
     unknown = sorted(set(raw) - allowed)
     if unknown:
@@ -442,13 +445,15 @@ def _rule(
         if value is not None and not isinstance(value, str):
             raise PolicyError(f"{where}: {name} must be a URL")
     elements = _strings(raw.get("element", []), f"{where}: element")
-    others = ("codes", "codes_at", "text_at", "profile", "extension", "inherit", "lend")
+    others = (
+        "codes", "codes_at", "text_at", "profile", "extension", "inherit", "lend", "lend_to",
+    )  # fmt: skip
     if ANYWHERE in elements and (len(elements) > 1 or words is None or set(others) & set(raw)):
         raise PolicyError(
             f'{where}: element "*" stands alone, with text and none of {", ".join(others)}'
         )
-    if "lend" in raw and elements:
-        raise PolicyError(f"{where}: lend is for a rule about whole resources, not elements")
+    if "lend_to" in raw and "lend" not in raw:
+        raise PolicyError(f"{where}: lend_to says what lend reaches, and there is no lend")
     resource_types = frozenset(_strings(raw["resource"], f"{where}: resource"))
     if ANYWHERE in resource_types and len(resource_types) > 1:
         raise PolicyError(f'{where}: resource "*" stands alone')
@@ -465,6 +470,7 @@ def _rule(
         extension=extension,
         inherit=_strings(raw.get("inherit", []), f"{where}: inherit"),
         lend=_strings(raw.get("lend", []), f"{where}: lend"),
+        lend_to=frozenset(_strings(raw.get("lend_to", []), f"{where}: lend_to")),
         ascii_words=ascii_words,
         ascii_tokens=ascii_tokens,
         listed=tuple(listed) if words is not None else (),

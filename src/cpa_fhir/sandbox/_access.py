@@ -235,6 +235,9 @@ class Derived:
         self.current: dict[tuple[str, str], Stored] = {}
         # Practitioner/id -> the PractitionerRoles held (Type/id), whose categories it takes
         self.roles_held: dict[str, list[str]] = {}
+        # Type/id -> the CareTeams naming it as a member (Type/id), whose place for it
+        # in the team it takes
+        self.teams_in: dict[str, list[str]] = {}
         # Type/id -> a professional or organisation labelled as a whole with all it
         # refers to, for every record it appears in; None where that cannot be.
         self.labelled_wholes: dict[str, LabelledResource | None] = {}
@@ -252,6 +255,7 @@ class Derived:
             + len(self.categories) + len(self.decisions) + len(self.audit_templates)
             + len(self.audit_by_account) + len(self.current) + len(self.matches_as_shown)
             + len(self.roles_held) + len(self.labelled_wholes) + len(self.identified)
+            + len(self.teams_in)
         )  # fmt: skip
 
 
@@ -739,6 +743,7 @@ class PartnerView:
         refs += [r for r in self._identified(resources.values()) if r not in resources]
         self._fetch(refs)
         known, frontier = {*refs, *resources}, [*refs, *resources]
+        teams: set[str] = set()
         for _ in range(_INHERIT_STEPS):
             further = [
                 r
@@ -749,6 +754,15 @@ class PartnerView:
                 for r in dict.fromkeys(_references(t))
                 if r not in known
             ]
+            # A team lends each member what their place in it carries, which takes what
+            # the agency they act for carries: what its members refer to is needed.
+            further += [
+                r
+                for k in frontier
+                if k in teams and (t := self.derived.resources[k]) is not None
+                for r in dict.fromkeys(_references(t.get("participant")))
+                if r not in known and r not in further
+            ]
             # A professional takes the categories of the roles they hold (policy `lend`).
             further += [
                 r
@@ -757,6 +771,16 @@ class PartnerView:
                 for r in self._roles_held(k)
                 if r not in known and r not in further
             ]
+            # And a member of a care team, what their place in it says (policy `lend`).
+            named = [
+                r
+                for k in frontier
+                if self._team_lends_to(k.split("/", 1)[0])
+                for r in self._teams_in(k)
+                if r not in known and r not in further
+            ]
+            teams.update(named)
+            further += dict.fromkeys(named)
             if not further:
                 break
             self._fetch(further)
@@ -769,7 +793,8 @@ class PartnerView:
         """The professionals and organisations among `keys` labelled as wholes, once for
         every record they appear in: each with all it refers to and the roles lending
         to it, where all of those are professionals and organisations too (what they
-        carry then depends on nothing of a record)."""
+        carry then depends on nothing of a record; a care team naming one is of a
+        record, so one a team lends to is labelled with each record)."""
         cache = self.derived.labelled_wholes
         out: dict[str, LabelledResource] = {}
         for key in keys:
@@ -828,6 +853,23 @@ class PartnerView:
             self._fetch(found)
         return found
 
+    def _team_lends_to(self, resource_type: str) -> bool:
+        """Whether a care team lends a member of this type what their place in it
+        carries (its rules for elements with `lend`, and `lend_to`)."""
+        return any(
+            rule.lend and rule.elements and (not rule.lend_to or resource_type in rule.lend_to)
+            for rule in self.policy.rules_by_type.get("CareTeam", ())
+        )
+
+    def _teams_in(self, member: str) -> list[str]:
+        """The CareTeams (Type/id) naming this one as a member, fetched."""
+        found = self.derived.teams_in.get(member)
+        if found is None:
+            stored = self.repo.referring("CareTeam", "participant", _split_key(member))
+            found = self.derived.teams_in[member] = [f"CareTeam/{s.id}" for s in stored]
+            self._fetch(found)
+        return found
+
     def _filter_supporting(
         self, stored: Stored, key: str, account: bool, patients: frozenset[str] | None
     ) -> bytes | None:
@@ -840,13 +882,18 @@ class PartnerView:
         version = (key, stored.version_id)
         categories = self.derived.categories.get(version)
         if categories is None:
-            # With what it refers to (a role's organisation), whose categories it takes.
+            # With what it refers to (a role's organisation), whose categories it takes,
+            # and the care teams naming it, whichever record: what its place in one says
+            # it is, it is wherever it is reached from.
             resource = stored.resource()
             around = [
                 (None, t)
                 for r in self._referred({key: resource})
                 if (t := self.derived.resources[r]) is not None
-                and t.get("resourceType") in self.policy.supporting
+                and (
+                    t.get("resourceType") in self.policy.supporting
+                    or t.get("resourceType") == "CareTeam"
+                )
             ]
             try:
                 labelled = label_resources(
