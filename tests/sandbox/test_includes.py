@@ -226,40 +226,47 @@ def test_a_withheld_link_does_not_hide_what_a_shown_link_includes(
     changes: Changes,  # noqa: F811
 ) -> None:
     """The carer's view of C's care team leaves out a participant whose role names
-    child protection; a crisis plan it sees names the same professional as a
-    performer. Walking team -> plan -> performer, the professional was left out,
-    because the step from the team found them (through the withheld participant) and
-    they were never looked at again: whether they come tells the carer whether the
-    team's withheld part names them."""
+    child protection: the service user, listed on their own team for those
+    conferences (a member such a place lends nothing to: the policy's `lend_to`). A
+    crisis plan the carer sees names the service user as a performer. Walking team ->
+    plan -> performer, the Patient was left out, because the step from the team found
+    it (through the withheld participant) and it was never looked at again: whether it
+    comes tells the carer whether the team's withheld part names it."""
     carer: Fhir = as_client("carer")
-    officer = changes.create(
-        {"resourceType": "Practitioner", "name": [{"family": "Hughes", "given": ["Sam"]}]}
-    )
+    person = "Patient/c-patient"
+    assert carer.get(person).status_code == 200
 
-    def with_officer(team: dict[str, Any]) -> None:
+    def with_person(team: dict[str, Any]) -> None:
+        # Named by the team in that place alone.
+        team["participant"] = [
+            p for p in team["participant"] if p.get("member", {}).get("reference") != person
+        ]
         team["participant"].append(
-            {"role": [{"text": "child protection conferences"}], "member": {"reference": officer}}
+            {"role": [{"text": "child protection conferences"}], "member": {"reference": person}}
         )
 
-    changes.edit("CareTeam/c-careteam", with_officer)
+    changes.edit("CareTeam/c-careteam", with_person)
     plan = trust.get("CarePlan/c-crisis-plan").json()
     for k in ("id", "meta"):
         plan.pop(k)
     plan["careTeam"] = [{"reference": "CareTeam/c-careteam"}]
-    plan["activity"][1]["detail"]["performer"] = [{"reference": officer}]
+    plan["activity"][1]["detail"]["performer"] = [{"reference": person}]
     pid = changes.create(plan).split("/")[1]
     shown = carer.get(f"CarePlan/{pid}").json()
-    assert shown["activity"][1]["detail"]["performer"] == [{"reference": officer}]
-    assert officer not in str(carer.get("CareTeam/c-careteam").json())
+    assert shown["activity"][1]["detail"]["performer"] == [{"reference": person}]
+    assert "child protection" not in str(carer.get("CareTeam/c-careteam").json())
     walk = [
         ("_id", "c-careteam"),
         ("_include:iterate", "CareTeam:participant"),
         ("_revinclude:iterate", "CarePlan:care-team"),
         ("_include:iterate", "CarePlan:performer"),
     ]
-    found = resource_keys(carer.get("CareTeam", params=walk).json())
+    bundle = carer.get("CareTeam", params=walk).json()
+    found = resource_keys(bundle)
     assert f"CarePlan/{pid}" in found
-    assert officer in found, sorted(found)
+    assert person in found, sorted(found)
+    team = next(e["resource"] for e in bundle["entry"] if e["resource"]["id"] == "c-careteam")
+    assert person not in str(team.get("participant", []))
 
 
 @pytest.mark.parametrize("client_id", ["gp", "social-care", "probation"])  # shown C's trust
