@@ -1017,16 +1017,11 @@ def label_resources(
     loans = element_loans() if element_lenders else []
     # Each lender and what it lends to, whole or by its elements.
     lending_to = [*lenders, *((key, targets) for key, _, targets in loans)]
-    if known:
-        taken = {
-            key
-            for (url, res), (key, _, _) in zip(entries, passes, strict=True)
-            if reused(key, url, res) is not None
-        }
-        if any(targets & taken for key, targets in lending_to if key not in taken):
-            # A resource of this record lends to one labelled before, and what that one
-            # carries may pass on to others labelled before: all are labelled afresh.
-            return label_resources(entries, policy, outside, elements_of=elements_of)
+    taken = {
+        key
+        for (url, res), (key, _, _) in zip(entries, passes, strict=True)
+        if reused(key, url, res) is not None
+    }
     borrowing = {t for _, targets in lending_to for t in targets} - {k for _, k, _, _ in inheriting}
     default = policy.default_category
 
@@ -1066,6 +1061,11 @@ def label_resources(
         if not changed:
             break
     lent = lending()
+    if any(not lent.get(key, set()) <= known[key].categories for key in taken):
+        # The record lends one labelled before what it did not carry, which may pass on
+        # to others labelled before: all are labelled afresh. (Lent nothing new, each
+        # carries here what it carried, and so does all that takes from it.)
+        return label_resources(entries, policy, outside, elements_of=elements_of)
 
     names = _Names(entries, by_url)
 

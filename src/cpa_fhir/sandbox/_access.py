@@ -22,7 +22,7 @@ import logging
 import operator
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, TypeVar
@@ -221,8 +221,9 @@ class Derived:
         self.care_teams: dict[str, list[dict[str, Any]]] = {}  # patient -> their CareTeams
         self.shown: dict[tuple[str, int, frozenset[str]], _Shown] = {}
         # (Type/id, version) -> a professional's or organisation's form as it goes
-        self.supporting: dict[tuple[str, int], _Shown] = {}
-        self.categories: dict[tuple[str, int], frozenset[str]] = {}
+        self.supporting: dict[tuple[str, int, frozenset[str]], _Shown] = {}
+        # (Type/id, version, the patients whose care teams it was labelled with)
+        self.categories: dict[tuple[str, int, frozenset[str]], frozenset[str]] = {}
         # (patient, client) -> a decision and the span of time it holds for
         self.decisions: dict[tuple[str, str], tuple[Decision, datetime, datetime]] = {}
         self.audit_templates: dict[tuple[Any, ...], dict[str, Any]] = {}
@@ -235,9 +236,6 @@ class Derived:
         self.current: dict[tuple[str, str], Stored] = {}
         # Practitioner/id -> the PractitionerRoles held (Type/id), whose categories it takes
         self.roles_held: dict[str, list[str]] = {}
-        # Type/id -> the CareTeams naming it as a member (Type/id), whose place for it
-        # in the team it takes
-        self.teams_in: dict[str, list[str]] = {}
         # Type/id -> a professional or organisation labelled as a whole with all it
         # refers to, for every record it appears in; None where that cannot be.
         self.labelled_wholes: dict[str, LabelledResource | None] = {}
@@ -255,7 +253,6 @@ class Derived:
             + len(self.categories) + len(self.decisions) + len(self.audit_templates)
             + len(self.audit_by_account) + len(self.current) + len(self.matches_as_shown)
             + len(self.roles_held) + len(self.labelled_wholes) + len(self.identified)
-            + len(self.teams_in)
         )  # fmt: skip
 
 
@@ -672,12 +669,12 @@ class PartnerView:
         self, resources: dict[str, dict[str, Any]], decision: Decision
     ) -> dict[str, _Shown]:
         """Label and filter resources with what they refer to, as `share` would."""
-        refs = self._referred(resources)
-        entries: list[tuple[str | None, dict[str, Any]]] = [(None, r) for r in resources.values()]
         # What belongs to another patient's record is not judged by this one's consent:
         # it is left out, and a reference to it goes as one to nothing would, or a
         # reference written into this record would probe that one.
         owners = {patient_of(r) for r in resources.values()}
+        refs = self._referred(resources, {p for p in owners if p is not None})
+        entries: list[tuple[str | None, dict[str, Any]]] = [(None, r) for r in resources.values()]
         entries += [
             (None, t)
             for r in dict.fromkeys(refs)
@@ -729,11 +726,14 @@ class PartnerView:
             out[key] = _Shown(jsonio.dumps(mine), labels, withheld)
         return out
 
-    def _referred(self, resources: Mapping[str, dict[str, Any]]) -> list[str]:
+    def _referred(
+        self, resources: Mapping[str, dict[str, Any]], patients: Collection[str] = ()
+    ) -> list[str]:
         """Type/id of what `resources` refer to, fetched into the cache, and what the
         professionals and organisations among those refer to in turn: categories pass
         on through several steps (an activity, its performer's role, the role's
-        organisation), as in a whole record."""
+        organisation), as in a whole record; with the care teams of `patients` (the
+        records being labelled) that name any of them as a member."""
         refs = [
             r
             for resource in resources.values()
@@ -776,7 +776,7 @@ class PartnerView:
                 r
                 for k in frontier
                 if self._team_lends_to(k.split("/", 1)[0])
-                for r in self._teams_in(k)
+                for r in self._teams_in(k, patients)
                 if r not in known and r not in further
             ]
             teams.update(named)
@@ -861,13 +861,20 @@ class PartnerView:
             for rule in self.policy.rules_by_type.get("CareTeam", ())
         )
 
-    def _teams_in(self, member: str) -> list[str]:
-        """The CareTeams (Type/id) naming this one as a member, fetched."""
-        found = self.derived.teams_in.get(member)
-        if found is None:
-            stored = self.repo.referring("CareTeam", "participant", _split_key(member))
-            found = self.derived.teams_in[member] = [f"CareTeam/{s.id}" for s in stored]
-            self._fetch(found)
+    def _teams_in(self, member: str, patients: Collection[str]) -> list[str]:
+        """The CareTeams (Type/id) of these patients' records naming this one as a
+        member, fetched: a professional on thousands of teams is looked up in the few
+        of the records at hand, not in them all."""
+        found: list[str] = []
+        for patient in sorted(patients):
+            teams = self.derived.care_teams.get(patient)
+            if teams is None:
+                teams = self.derived.care_teams[patient] = self._of_patient("CareTeam", patient)
+            for team in teams:
+                key = f"CareTeam/{team.get('id')}"
+                self.derived.resources.setdefault(key, team)
+                if member in _references(team.get("participant")):
+                    found.append(key)
         return found
 
     def _filter_supporting(
@@ -879,16 +886,18 @@ class PartnerView:
         this request has shared from), and then recorded in the audit of each of those
         it may go under. It goes as `cpa-fhir share` sends it: labelled, with no
         narrative or tags."""
-        version = (key, stored.version_id)
+        if patients is None:
+            patients = frozenset(p for p, record in self._disclosed.items() if record.shared)
+        version = (key, stored.version_id, patients)
         categories = self.derived.categories.get(version)
         if categories is None:
             # With what it refers to (a role's organisation), whose categories it takes,
-            # and the care teams naming it, whichever record: what its place in one says
-            # it is, it is wherever it is reached from.
+            # and the care teams of the records it was reached from naming it: what its
+            # place in one says it is, it is wherever it goes from that record.
             resource = stored.resource()
             around = [
                 (None, t)
-                for r in self._referred({key: resource})
+                for r in self._referred({key: resource}, patients)
                 if (t := self.derived.resources[r]) is not None
                 and (
                     t.get("resourceType") in self.policy.supporting
@@ -906,16 +915,17 @@ class PartnerView:
             categories = self.derived.categories[version] = labelled[0].categories.union(
                 *(label.categories for label in labelled[0].elements)
             )
-        if patients is None:
-            patients = frozenset(p for p, record in self._disclosed.items() if record.shared)
         under = sorted(p for p in patients if categories <= self.decision(p).allowed.keys())
         if not under:
             return None
-        shown = self.derived.supporting.get(version)
+        as_labelled = (key, stored.version_id, categories)
+        shown = self.derived.supporting.get(as_labelled)
         if shown is None:
             form = outgoing_resource(stored.resource(), categories, False, self.policy)
-            # One object per version, so that kept AuditEvents match.
-            shown = self.derived.supporting[version] = _Shown(jsonio.dumps(form), categories, ())
+            # One object per version and labels, so that kept AuditEvents match.
+            shown = self.derived.supporting[as_labelled] = _Shown(
+                jsonio.dumps(form), categories, ()
+            )
         if account:
             sent = f"{key}/_history/{stored.version_id}"
             for patient in under:
