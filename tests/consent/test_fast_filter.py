@@ -222,6 +222,41 @@ def test_parts_of_records(
     assert_same_as_reference(picked, _allowing(allowed), SHARING, required, oracle_required)
 
 
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    record=st.one_of(
+        st.sampled_from(sorted(EXAMPLE_RECORDS)).map(lambda letter: EXAMPLE_RECORDS[letter]),
+        generated_records().map(lambda g: g.record),
+    ),
+    allowed=st.sets(st.sampled_from(sorted(SHARING.categories))),
+    data=st.data(),
+)
+def test_elements_left_unread_where_nothing_of_a_resource_goes(
+    record: dict[str, Any],
+    allowed: set[str],
+    data: st.DataObject,
+    required: RequiredElements,
+) -> None:
+    """The server reads the elements of what a search's matches refer to only where the
+    client may get some of it (`elements_wanted`): one whose whole carries a category
+    withheld goes not at all, whatever its elements say. What is shared is then
+    exactly what is shared when every element of the record is read."""
+    entries = record_entries(copy.deepcopy(record))
+    keys = sorted({f"{r['resourceType']}/{r.get('id')}" for _, r in entries})
+    matches = set(data.draw(st.lists(st.sampled_from(keys), max_size=4)))
+    decision = _allowing(allowed)
+    asked: list[str] = []
+
+    def wanted(key: str, categories: frozenset[str]) -> bool:
+        asked.append(key)
+        return key in matches or categories <= allowed
+
+    every = filter_record(label_resources(entries, SHARING), decision, SHARING, required)
+    some = label_resources(entries, SHARING, elements_wanted=wanted)
+    assert set(asked) == set(keys)
+    assert filter_record(some, decision, SHARING, required).shared == every.shared
+
+
 # -- awkward shapes -------------------------------------------------------------------
 
 BASE = "https://example.org/fhir/"

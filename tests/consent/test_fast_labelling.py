@@ -9,7 +9,10 @@ and a record one refuses the other refuses with the same message.
 
 from __future__ import annotations
 
+import bisect
 import copy
+import re
+import string
 from typing import Any
 
 import pytest
@@ -17,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cpa_fhir.consent import SharingPolicy, label_resources, record_entries
+from cpa_fhir.consent._labelling import _found_at_starts
 from cpa_fhir.errors import LabellingError
 from tests.consent import reference_labelling
 from tests.consent.test_decision_table import RECORDS as EXAMPLE_RECORDS
@@ -165,3 +169,35 @@ def test_professionals_labelled_before_are_taken_as_they_are(
     assert _labels(reused) == _labels(expected)
     held = role["practitioner"]["reference"]
     assert "offending" in next(i.categories for i in reused if i.key == held)
+
+
+_POLICY_WORDS = sorted({w for rule in SHARING.rules if rule.ascii_words for w in rule.ascii_words})
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    parts=st.lists(
+        st.one_of(
+            st.sampled_from(_POLICY_WORDS).flatmap(lambda w: st.sampled_from(_variants(w))),
+            st.text(alphabet=string.ascii_letters + string.digits + " -_/.'\x00", max_size=12),
+        ),
+        max_size=12,
+    ),
+    joins=st.lists(st.sampled_from(["", " ", "-", "\x00", "x", "9"]), min_size=12, max_size=12),
+)
+def test_word_starts_are_found_at_every_run_of_letters(parts: list[str], joins: list[str]) -> None:
+    """Where each indexed rule's words are, found by trying only the runs of letters that
+    start with a key of the index, is where trying every rule at every run finds them."""
+    text = "".join(p + j for p, j in zip(parts, joins, strict=False))
+    text = text.encode("ascii", "ignore").decode()
+    starts = [0, *(i + 1 for i, ch in enumerate(text) if ch == "\x00")]
+    for index in (SHARING.word_starts, SHARING.text_word_starts):
+        patterns = {p: ids for found in index.starts.values() for p, ids in found}
+        expected: dict[str, set[int]] = {}
+        for run in re.finditer("[a-z]+", text.lower()):
+            part = bisect.bisect_right(starts, run.start()) - 1
+            for pattern, rule_ids in patterns.items():
+                if pattern.match(text, run.start()):
+                    for rule_id in rule_ids:
+                        expected.setdefault(rule_id, set()).add(part)
+        assert _found_at_starts(text, starts, index) == expected

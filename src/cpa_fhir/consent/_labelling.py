@@ -406,16 +406,16 @@ def _found_at_starts(text: str, starts: Sequence[int], index: WordIndex) -> dict
     pass over the runs finds them all."""
     hits: dict[str, set[int]] = {}
     table = index.starts
-    for m in _LETTERS.finditer(text.lower()):
-        run = m.group()
-        candidates = table.get(run[:3], ())
-        if len(run) > 2:
-            candidates += table.get(run[:2], ()) + table.get(run[:1], ())
-        elif len(run) == 2:
-            candidates += table.get(run[:1], ())
-        if not candidates:
-            continue
+    lowered = text.lower()
+    for m in index.runs.finditer(lowered):
         at = m.start()
+        # The keys that start the run (a key is letters only, so found here it is
+        # the start of this run, not of the next).
+        candidates = (
+            table.get(lowered[at : at + 3], ())
+            + table.get(lowered[at : at + 2], ())
+            + table.get(lowered[at : at + 1], ())
+        )
         part = bisect_right(starts, at) - 1
         for pattern, rule_ids in candidates:
             done = hits.get(rule_ids[0])  # the rules of one pattern are found together
@@ -728,7 +728,6 @@ def _element_labels(
 
 UNREADABLE_RULE = "unreadable-content"
 _TOKEN = re.compile(r"[a-z0-9]+")
-_LETTERS = re.compile(r"[a-z]+")
 # A word of an id, or of what names one: runs of what ids are made of.
 _ID_WORD = re.compile(r"[A-Za-z0-9\-.]+")
 CODED_RULE = "coded-anywhere"
@@ -939,6 +938,7 @@ def label_resources(
     *,
     elements_of: Container[str] | None = None,
     known: Mapping[str, LabelledResource] | None = None,
+    elements_wanted: Callable[[str, frozenset[str]], bool] | None = None,
 ) -> list[LabelledResource]:
     """Label a patient's record: (fullUrl, resource) pairs. Rules that inherit
     see the other resources of the record, then `outside` (labels known from
@@ -948,7 +948,11 @@ def label_resources(
     whole, which is all that is asked of them. `known`: such resources labelled as
     wholes before (by Type/id, with no fullUrl), with everything they refer to and
     every role that lends to them: labelled here, they would carry the same, so
-    they are taken as they are (unless a resource labelled here lends to them)."""
+    they are taken as they are (unless a resource labelled here lends to them).
+    `elements_wanted(key, categories)`: whether a resource of `elements_of`, carrying
+    these categories as a whole (inherited and lent included), still needs its
+    elements labelled; False for one the recipient gets none of whatever its
+    elements carry (it is then labelled as a whole, and carries at least as much)."""
     first: dict[str, frozenset[str]] = {}
     by_url: dict[str, str] = {}
     passes = []
@@ -1065,12 +1069,19 @@ def label_resources(
         # The record lends one labelled before what it did not carry, which may pass on
         # to others labelled before: all are labelled afresh. (Lent nothing new, each
         # carries here what it carried, and so does all that takes from it.)
-        return label_resources(entries, policy, outside, elements_of=elements_of)
+        return label_resources(
+            entries, policy, outside, elements_of=elements_of, elements_wanted=elements_wanted
+        )
 
     names = _Names(entries, by_url)
 
-    def naming(res: dict[str, Any], key: str, seen: _Seen) -> list[tuple[Path, frozenset[str]]]:
+    def elementwise(key: str) -> bool:
         if elements_of is not None and key not in elements_of:
+            return False
+        return elements_wanted is None or elements_wanted(key, first[key])
+
+    def naming(res: dict[str, Any], key: str, seen: _Seen) -> list[tuple[Path, frozenset[str]]]:
+        if not elementwise(key):
             return []
         return [
             (path, frozenset().union(*(first[t] for t in targets)))
@@ -1089,7 +1100,7 @@ def label_resources(
             url,
             seen,
             naming(res, key, seen),
-            elements_too=elements_of is None or key in elements_of,
+            elements_too=elementwise(key),
         )
         for (url, res), (key, found, seen) in zip(entries, passes, strict=True)
     ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import html
 import re
 import unicodedata
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, tzinfo
 from typing import Any
@@ -344,6 +344,34 @@ class WordIndex:
 
     starts: Mapping[str, tuple[tuple[re.Pattern[str], tuple[str, ...]], ...]]
     rule_ids: frozenset[str]  # the rules it indexes
+    # Where, in lowercased text, a run of letters starts with one of the keys: the
+    # runs that start otherwise (most of them) are skipped without a look.
+    runs: re.Pattern[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "runs", re.compile(r"(?<![a-z])" + _alternatives(self.starts)))
+
+
+def _alternatives(keys: Iterable[str]) -> str:
+    """A pattern matching any of these (non-empty) strings, as a tree of their letters:
+    the regular expression engine then tries the letters, not each string."""
+    tree: dict[str, Any] = {}
+    for key in keys:
+        node = tree
+        for letter in key:
+            node = node.setdefault(letter, {})
+        node[""] = {}
+
+    def branch(node: dict[str, Any]) -> str:
+        ends = "" in node
+        arms = [re.escape(letter) + branch(rest) for letter, rest in sorted(node.items()) if letter]
+        if not arms:
+            return ""
+        joined = arms[0] if len(arms) == 1 and not ends else "(?:" + "|".join(arms) + ")"
+        return joined + "?" if ends else joined
+
+    # A pattern that matches nothing where there is no key.
+    return branch(tree) if tree else "(?!)"
 
 
 def _word_starts(rules: Sequence[LabelRule]) -> WordIndex:

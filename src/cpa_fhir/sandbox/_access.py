@@ -239,6 +239,9 @@ class Derived:
         # Type/id -> a professional or organisation labelled as a whole with all it
         # refers to, for every record it appears in; None where that cannot be.
         self.labelled_wholes: dict[str, LabelledResource | None] = {}
+        # Type/id -> what its current version refers to (Type/id), in order; for a
+        # CareTeam, what its participants do, under "Type/id participant"
+        self.references: dict[str, tuple[str, ...]] = {}
         # (type, system, value) of a reference by identifier -> what it names (Type/id)
         self.identified: dict[tuple[str | None, str, str], list[str]] = {}
         # Whether what a client sees of a version matches a search's criteria:
@@ -253,6 +256,7 @@ class Derived:
             + len(self.categories) + len(self.decisions) + len(self.audit_templates)
             + len(self.audit_by_account) + len(self.current) + len(self.matches_as_shown)
             + len(self.roles_held) + len(self.labelled_wholes) + len(self.identified)
+            + len(self.references)
         )  # fmt: skip
 
 
@@ -689,12 +693,16 @@ class PartnerView:
             for r in refs
             if (t := self.derived.resources[r]) is not None and patient_of(t) in owners
         }
+        allowed = frozenset(decision.allowed)
         try:
             labelled = label_resources(
                 entries,
                 self.policy,
                 elements_of=resources.keys() | in_record,
                 known=self._labelled_wholes(refs),
+                # What they refer to that the client gets none of, by what it carries
+                # as a whole, goes whole or not at all: its elements change nothing.
+                elements_wanted=lambda key, cats: key in resources or cats <= allowed,
             )
             result = filter_record(labelled, decision, self.policy, self.required)
         except LabellingError as exc:
@@ -751,7 +759,7 @@ class PartnerView:
                 if k not in resources
                 and (t := self.derived.resources[k]) is not None
                 and t.get("resourceType") in self.policy.supporting
-                for r in dict.fromkeys(_references(t))
+                for r in self._references_of(k)
                 if r not in known
             ]
             # A team lends each member what their place in it carries, which takes what
@@ -759,8 +767,8 @@ class PartnerView:
             further += [
                 r
                 for k in frontier
-                if k in teams and (t := self.derived.resources[k]) is not None
-                for r in dict.fromkeys(_references(t.get("participant")))
+                if k in teams
+                for r in self._references_of(k, "participant")
                 if r not in known and r not in further
             ]
             # A professional takes the categories of the roles they hold (policy `lend`).
@@ -873,8 +881,19 @@ class PartnerView:
             for team in teams:
                 key = f"CareTeam/{team.get('id')}"
                 self.derived.resources.setdefault(key, team)
-                if member in _references(team.get("participant")):
+                if member in self._references_of(key, "participant"):
                     found.append(key)
+        return found
+
+    def _references_of(self, key: str, element: str | None = None) -> tuple[str, ...]:
+        """What the current version of `key` (in the cache) refers to, or one of its
+        elements does: kept, as a record's professionals and teams are asked often."""
+        cached = key if element is None else f"{key} {element}"
+        found = self.derived.references.get(cached)
+        if found is None:
+            resource = self.derived.resources.get(key)
+            node = resource if element is None or resource is None else resource.get(element)
+            found = self.derived.references[cached] = tuple(dict.fromkeys(_references(node)))
         return found
 
     def _filter_supporting(
