@@ -127,3 +127,18 @@ def test_canonical_form_ignores_key_order_but_not_precision() -> None:
     )
     assert canonical(loads(b'{"a":1.50}')) != canonical(loads(b'{"a":1.5}'))
     assert canonical(loads(b'{"a":1.0}')) != canonical(loads(b'{"a":1}'))
+
+
+@pytest.mark.parametrize(
+    ("text", "written"),
+    [
+        (" 1.50 ", "1.50"),
+        ('{ "a" : 1.50 }', '{"a":1.50}'),
+        ("[ 1e2 ,\n\t0.10 ]", "[1e2,0.10]"),
+        ('{"a":[\r\n -0 ]}', '{"a":[-0]}'),
+        ("\n123456789012345678901", "123456789012345678901"),
+    ],
+)
+def test_numbers_between_white_space_are_kept_as_written(text: str, written: str) -> None:
+    """A body as a person or another tool lays it out keeps its numbers as they are."""
+    assert dumps(loads(text.encode())).decode() == written

@@ -1010,13 +1010,26 @@ def label_resources(
         if (rules := _element_lending_rules(res["resourceType"], policy))
     ]
 
+    # How many times `first` has changed, and the loans as they were read after so
+    # many: they depend on nothing else, so they are read again only after a change.
+    changes = 0
+    read: tuple[int, list[tuple[str, frozenset[str], set[str]]]] | None = None
+
     def element_loans() -> list[tuple[str, frozenset[str], set[str]]]:
-        return [
-            (key, carried, in_record)
-            for res, key, rules, seen in element_lenders
-            for carried, targets in _element_loans(res, key, rules, policy, resolve, seen, by_url)
-            if (in_record := targets & own.keys())
-        ]
+        nonlocal read
+        if read is None or read[0] != changes:
+            read = (
+                changes,
+                [
+                    (key, carried, in_record)
+                    for res, key, rules, seen in element_lenders
+                    for carried, targets in _element_loans(
+                        res, key, rules, policy, resolve, seen, by_url
+                    )
+                    if (in_record := targets & own.keys())
+                ],
+            )
+        return read[1]
 
     loans = element_loans() if element_lenders else []
     # Each lender and what it lends to, whole or by its elements.
@@ -1064,6 +1077,7 @@ def label_resources(
                 changed = True
         if not changed:
             break
+        changes += 1
     lent = lending()
     if any(not lent.get(key, set()) <= known[key].categories for key in taken):
         # The record lends one labelled before what it did not carry, which may pass on

@@ -356,7 +356,7 @@ def _alternatives(keys: Iterable[str]) -> str:
     """A pattern matching any of these (non-empty) strings, as a tree of their letters:
     the regular expression engine then tries the letters, not each string."""
     tree: dict[str, Any] = {}
-    for key in keys:
+    for key in filter(None, keys):
         node = tree
         for letter in key:
             node = node.setdefault(letter, {})
@@ -659,9 +659,7 @@ def parse_policy(data: Mapping[str, Any]) -> SharingPolicy:
         purpose_within=dict(within),
         coded={pair: frozenset(displays.get(pair, ())) for pair in code_categories},
         code_categories=code_categories,
-        code_values=re.compile(
-            "|".join(re.escape(plain_text(v)) for v in sorted({c for _, c in code_categories}))
-        )
+        code_values=re.compile(_alternatives(plain_text(c) for _, c in code_categories))
         if code_categories
         else None,
         rules_by_type=RulesByType({t: tuple(rs) for t, rs in by_type.items()}, tuple(anywhere)),
