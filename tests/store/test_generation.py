@@ -427,3 +427,21 @@ def test_referring_finds_the_current_resources_that_point_at_a_target(
     assert [s.id for s in store.referring("Flag", "patient", ("Patient", "p2"))] == ["f3", "f4"]
     assert store.referring("Flag", "patient", ("Patient", "nobody")) == []
     assert store.referring("Flag", "patient", ("Group", "p1")) == []
+
+
+def test_referring_finds_those_of_several_types_in_one_query(store: SqlRepository) -> None:
+    store.load([patient("p1"), patient("p2")])
+    store.update(flag("f2", "p1"))
+    store.update(flag("f1", "p1"))
+    store.update(flag("elsewhere", "p2"))
+    store.update(flag("gone", "p1"))
+    store.delete("Flag", "gone")
+    store.update({"resourceType": "CareTeam", "id": "t1", "subject": {"reference": "Patient/p1"}})
+    found = store.referring(("Flag", "CareTeam"), "patient", ("Patient", "p1"))
+    assert [(s.resource_type, s.id) for s in found] == [
+        ("CareTeam", "t1"),
+        ("Flag", "f1"),
+        ("Flag", "f2"),
+    ]
+    assert [s.id for s in store.referring(("Flag",), "patient", ("Patient", "p2"))] == ["elsewhere"]
+    assert store.referring(("Flag", "CareTeam"), "patient", ("Patient", "nobody")) == []

@@ -364,12 +364,20 @@ class PartnerView:
         known = self.derived.consents.get(patient_id)
         if known is not None:
             return known
-        found = self.repo.referring("Consent", "patient", ("Patient", patient_id))
+        # The patient's care teams come in the same query: a decision for a partner
+        # reads them next (its legal bases, or the places its record's members hold).
+        found = self.repo.referring(("CareTeam", "Consent"), "patient", ("Patient", patient_id))
         consents: list[dict[str, Any]] = []
         restricting: list[dict[str, Any]] = []
+        teams: list[dict[str, Any]] = []
         for stored in found:
-            consent = stored.resource()
-            (consents if patient_of(consent) == patient_id else restricting).append(consent)
+            resource = stored.resource()
+            if stored.resource_type == "CareTeam":
+                if patient_of(resource) == patient_id:
+                    teams.append(resource)
+                continue
+            (consents if patient_of(resource) == patient_id else restricting).append(resource)
+        self.derived.care_teams.setdefault(patient_id, teams)
         wanted = [key for c in (*consents, *restricting) for key in _references(c.get("provision"))]
         self._fetch(wanted)
         actors = {k: r for k in wanted if (r := self.derived.resources[k]) is not None}

@@ -1370,10 +1370,21 @@ class SqlRepository:
         return SharedQueries(fetch, reader.close)
 
     def referring(
-        self, resource_type: str, parameter: str, target: tuple[str, str]
+        self, resource_type: str | tuple[str, ...], parameter: str, target: tuple[str, str]
     ) -> list[Stored]:
         """The current resources of a type whose reference `parameter` points at `target`
-        (type, id), oldest id first: `Consent?patient=Patient/1` in one indexed query."""
+        (type, id), oldest id first: `Consent?patient=Patient/1` in one indexed query.
+        Given several types, those of all of them, by type and id, in one query."""
+        if not isinstance(resource_type, str):
+            kinds = ", ".join(["%s"] * len(resource_type))
+            rows = self._driver_rows(
+                f"{_SELECT_CURRENT} WHERE NOT deleted AND (resource_type, id) IN ("
+                "SELECT resource_type, resource_id FROM search_reference WHERE resource_type"
+                f" IN ({kinds}) AND param = %s AND target_id = %s AND target_type = %s)"
+                " ORDER BY resource_type, id",
+                (*resource_type, parameter, target[1], target[0]),
+            )
+            return [_driver_row_to_stored(row) for row in rows]
         rows = self._driver_rows(
             f"{_SELECT_CURRENT} WHERE resource_type = %s AND NOT deleted AND id IN ("
             "SELECT resource_id FROM search_reference WHERE resource_type = %s AND param = %s"
