@@ -134,20 +134,34 @@ def strings(
     coded: Mapping[tuple[str, str], frozenset[str]] = MappingProxyType({}),
     skipped: frozenset[Path] = frozenset(),
     at: Path = (),
-) -> Iterator[str]:
+) -> list[str]:
     """Every string in a piece of content, keys aside, less the displays of codings of
     the `coded` codes where the display is the code's meaning as the policy gives it
     (the policy's rules say what those carry: "risk to others, including sexual and
     domestic violence" is not a fact; any other display is free text, and is read, as
     is what else such a coding holds, an extension), and less what lies at the
     `skipped` paths (from the node)."""
+    out: list[str] = []
+    _gather_strings(node, coded, skipped, at, out)
+    return out
+
+
+def _gather_strings(
+    node: Any,
+    coded: Mapping[tuple[str, str], frozenset[str]],
+    skipped: frozenset[Path],
+    at: Path,
+    out: list[str],
+) -> None:
+    # Into a list, not yielded: a generator per level of nesting cost more than the
+    # reading it does.
     if skipped and at in skipped:
         return
     if isinstance(node, str):
-        yield node
+        out.append(node)
     elif isinstance(node, list):
         for i, item in enumerate(node):
-            yield from strings(item, coded, skipped, (*at, i) if skipped else at)
+            _gather_strings(item, coded, skipped, (*at, i) if skipped else at, out)
     elif isinstance(node, dict):
         system, code, shown = node.get("system"), node.get("code"), node.get("display")
         display = None
@@ -158,20 +172,26 @@ def strings(
         for k, v in node.items():
             # Base64 content is not text as written: it is read as `_encoded_labels` says.
             if k != display and not is_encoded(k, v):
-                yield from strings(v, coded, skipped, (*at, k) if skipped else at)
+                _gather_strings(v, coded, skipped, (*at, k) if skipped else at, out)
 
 
-def texts(node: Any) -> Iterator[str]:
+def texts(node: Any) -> list[str]:
     """The human-readable strings in a piece of content."""
+    out: list[str] = []
+    _gather_texts(node, out)
+    return out
+
+
+def _gather_texts(node: Any, out: list[str]) -> None:
     if isinstance(node, str):
-        yield node
+        out.append(node)
     elif isinstance(node, list):
         for item in node:
-            yield from texts(item)
+            _gather_texts(item, out)
     elif isinstance(node, dict):
         for k, v in node.items():
             if k not in _NOT_TEXT and not is_encoded(k, v):
-                yield from texts(v)
+                _gather_texts(v, out)
 
 
 def _has_extension(node: Any, url: str) -> bool:
