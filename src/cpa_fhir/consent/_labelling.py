@@ -970,9 +970,10 @@ def label_resources(
     every role that lends to them: labelled here, they would carry the same, so
     they are taken as they are (unless a resource labelled here lends to them).
     `elements_wanted(key, categories)`: whether a resource of `elements_of`, carrying
-    these categories as a whole (inherited and lent included), still needs its
-    elements labelled; False for one the recipient gets none of whatever its
-    elements carry (it is then labelled as a whole, and carries at least as much)."""
+    these categories as a whole (inherited and lent included), is to be read any
+    further; False for one the recipient gets none of whatever its elements say
+    (it is then labelled with those categories alone: reading more would only
+    add to them)."""
     first: dict[str, frozenset[str]] = {}
     by_url: dict[str, str] = {}
     passes = []
@@ -1122,9 +1123,21 @@ def label_resources(
             for path, targets in names.elements(res, key, seen)
         ]
 
+    def unread(key: str) -> bool:
+        # Asked of and not wanted: nothing of it goes, whatever its elements say.
+        return (
+            elements_wanted is not None
+            and (elements_of is None or key in elements_of)
+            and not elements_wanted(key, first[key])
+        )
+
     labelled = [
         replace(before)  # a copy: the facts attached below are this record's
         if (before := reused(key, url, res)) is not None
+        else LabelledResource(
+            res, key, first[key], tuple(rule.id for rule in found[1]) or ("default",), (), url
+        )
+        if unread(key)
         else _label(
             res,
             key,
