@@ -410,15 +410,21 @@ def test_append_refuses_a_record_without_an_id_and_stores_none(store: SqlReposit
     assert store.read_many([("AuditEvent", fresh)]) == {}
 
 
-def test_referring_finds_the_current_resources_that_point_at_a_target(
-    store: SqlRepository,
-) -> None:
+def _flags_of_two_patients(store: SqlRepository, of_p2: str) -> None:
+    """Patients p1 and p2; p1's flags f2 and f1 (written in that order) and one
+    deleted, p2's `of_p2`."""
     store.load([patient("p1"), patient("p2")])
     store.update(flag("f2", "p1"))
     store.update(flag("f1", "p1"))
-    store.update(flag("f3", "p2"))
+    store.update(flag(of_p2, "p2"))
     store.update(flag("gone", "p1"))
     store.delete("Flag", "gone")
+
+
+def test_referring_finds_the_current_resources_that_point_at_a_target(
+    store: SqlRepository,
+) -> None:
+    _flags_of_two_patients(store, "f3")
     moved = store.update(flag("f4", "p1"))
     store.update({**flag("f4", "p2"), "meta": {"versionId": str(moved.version_id)}})
     found = store.referring("Flag", "patient", ("Patient", "p1"))
@@ -430,12 +436,7 @@ def test_referring_finds_the_current_resources_that_point_at_a_target(
 
 
 def test_referring_finds_those_of_several_types_in_one_query(store: SqlRepository) -> None:
-    store.load([patient("p1"), patient("p2")])
-    store.update(flag("f2", "p1"))
-    store.update(flag("f1", "p1"))
-    store.update(flag("elsewhere", "p2"))
-    store.update(flag("gone", "p1"))
-    store.delete("Flag", "gone")
+    _flags_of_two_patients(store, "elsewhere")
     store.update({"resourceType": "CareTeam", "id": "t1", "subject": {"reference": "Patient/p1"}})
     found = store.referring(("Flag", "CareTeam"), "patient", ("Patient", "p1"))
     assert [(s.resource_type, s.id) for s in found] == [
