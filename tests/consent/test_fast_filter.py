@@ -257,6 +257,32 @@ def test_elements_left_unread_where_nothing_of_a_resource_goes(
     assert filter_record(some, decision, SHARING, required).shared == every.shared
 
 
+def test_elements_read_of_what_holds_contained_resources(required: RequiredElements) -> None:
+    """A resource matching no rule of its own carries the default category as a whole,
+    until what it contains is read: that takes its place. Left unread, the Condition
+    here would carry the default category, and go not at all, where read it carries
+    medication alone, and goes with the Goal that names it."""
+    condition = {
+        "resourceType": "Condition",
+        "id": "c1",
+        "subject": {"reference": "Patient/p"},
+        "contained": [{"resourceType": "Medication", "id": "m1", "code": {"text": "x"}}],
+    }
+    entries = _entries(
+        _patient(), _goal("g1", addresses=[{"reference": "Condition/c1"}]), condition
+    )
+    allowed = set(SHARING.categories) - {SHARING.default_category}
+    decision = _allowing(allowed)
+
+    def wanted(key: str, categories: frozenset[str]) -> bool:
+        return key == "Goal/g1" or categories <= allowed
+
+    every = filter_record(label_resources(entries, SHARING), decision, SHARING, required)
+    some = label_resources(entries, SHARING, elements_wanted=wanted)
+    assert "Condition/c1" in {r["resourceType"] + "/" + r["id"] for _, r in every.shared}
+    assert filter_record(some, decision, SHARING, required).shared == every.shared
+
+
 # -- awkward shapes -------------------------------------------------------------------
 
 BASE = "https://example.org/fhir/"
