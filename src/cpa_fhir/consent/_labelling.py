@@ -1110,29 +1110,28 @@ def label_resources(
 
     names = _Names(entries, by_url)
 
-    def elementwise(key: str, res: dict[str, Any]) -> bool:
-        if elements_of is not None and key not in elements_of:
-            return False
-        return elements_wanted is None or not unread(key, res)
+    # Asked of and not wanted: nothing of them goes, whatever their elements say. (Not
+    # one with contained resources: what they carry stands in for the default category
+    # it carries in `first`, so, read, it may carry less than that.)
+    unread = {
+        key
+        for (_, res), (key, _, _) in zip(entries, passes, strict=True)
+        if elements_wanted is not None
+        and (elements_of is None or key in elements_of)
+        and "contained" not in res
+        and not elements_wanted(key, first[key])
+    }
+
+    def elementwise(key: str) -> bool:
+        return (elements_of is None or key in elements_of) and key not in unread
 
     def naming(res: dict[str, Any], key: str, seen: _Seen) -> list[tuple[Path, frozenset[str]]]:
-        if not elementwise(key, res):
+        if not elementwise(key):
             return []
         return [
             (path, frozenset().union(*(first[t] for t in targets)))
             for path, targets in names.elements(res, key, seen)
         ]
-
-    def unread(key: str, res: dict[str, Any]) -> bool:
-        # Asked of and not wanted: nothing of it goes, whatever its elements say. (Not
-        # one with contained resources: what they carry stands in for the default
-        # category it carries in `first`, so, read, it may carry less than that.)
-        return (
-            elements_wanted is not None
-            and (elements_of is None or key in elements_of)
-            and "contained" not in res
-            and not elements_wanted(key, first[key])
-        )
 
     labelled = [
         replace(before)  # a copy: the facts attached below are this record's
@@ -1140,7 +1139,7 @@ def label_resources(
         else LabelledResource(
             res, key, first[key], tuple(rule.id for rule in found[1]) or ("default",), (), url
         )
-        if unread(key, res)
+        if key in unread
         else _label(
             res,
             key,
@@ -1150,7 +1149,7 @@ def label_resources(
             url,
             seen,
             naming(res, key, seen),
-            elements_too=elementwise(key, res),
+            elements_too=elementwise(key),
         )
         for (url, res), (key, found, seen) in zip(entries, passes, strict=True)
     ]
