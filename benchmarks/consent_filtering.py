@@ -20,7 +20,9 @@ counted in records and in the record's 50 resources.
   (the resources as dicts) and serialised with `orjson.dumps`, for comparison.
 - baseline: `orjson.dumps(record)`, the same unfiltered record serialised; the
   target is filtering at most 1.5x this. `json.dumps(record)` (stdlib) is timed
-  too, as a second baseline.
+  too, as a second baseline, and, as a third, the record serialised as a typical
+  Python FHIR stack does: from the FHIR model library's Bundle (fhir.resources,
+  parsed once beforehand), `Bundle.json()`.
 
 After a warm-up, each is timed in several interleaved rounds and the median round
 is reported.
@@ -59,6 +61,7 @@ from cpa_fhir.consent import (
     resolve_recipient,
     share,
 )
+from cpa_fhir.fhir.models import model_class
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -71,6 +74,7 @@ RESOURCES = 50
 BUNDLE_START = b'{"resourceType":"Bundle","type":"collection","entry":['
 BUNDLE_END = b"]}"
 FILTERING = "filtering: filter_record + entry bytes"
+MODEL_BASELINE = "third baseline: fhir.resources json()"
 
 
 def build_record() -> dict[str, Any]:
@@ -176,6 +180,14 @@ def main(argv: list[str] | None = None) -> int:
     def stdlib() -> str:
         return json.dumps(record)
 
+    bundle_class = model_class("Bundle")
+    if bundle_class is None:
+        sys.exit("the FHIR model library has no Bundle model")
+    bundle_model = bundle_class.model_validate(record)
+
+    def model_library() -> str:
+        return str(bundle_model.json())
+
     # Warm-up (fills the profiles' required-element cache), doubling as an estimate.
     t0 = time.perf_counter()
     disclosure = share(record, request, policy, at=AT, new_id=new_id, required=required)
@@ -187,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     measures: list[tuple[str, Callable[[], object]]] = [
         ("baseline: orjson.dumps(record)", baseline),
         ("second baseline: json.dumps(record)", stdlib),
+        (MODEL_BASELINE, model_library),
         (FILTERING, filtering),
         ("filtering, as objects: + .shared", filtering_objects),
         ("full pipeline: share + orjson", full),
@@ -215,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     median = {name: statistics.median(r) for name, r in rounds.items()}
     orjson_s = median["baseline: orjson.dumps(record)"]
     json_s = median["second baseline: json.dumps(record)"]
+    model_s = median[MODEL_BASELINE]
 
     print(
         f"Workload: record C plus 3 resources, {RESOURCES} resources, "
@@ -228,12 +242,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     print()
     header = f"{'':38}{'resources/s':>12}{'records/s':>11}{'ms/record':>11}"
-    print(header + f"{'x orjson':>10}{'x json':>8}")
+    print(header + f"{'x orjson':>10}{'x json':>8}{'x model':>9}")
     for name, _ in measures:
         s = median[name]
         print(
             f"{name:38}{RESOURCES / s:>12,.0f}{1 / s:>11,.0f}{s * 1e3:>11.3f}"
-            f"{s / orjson_s:>10.1f}{s / json_s:>8.2f}"
+            f"{s / orjson_s:>10.1f}{s / json_s:>8.2f}{s / model_s:>9.2f}"
         )
     print()
     ratio = median[FILTERING] / orjson_s
@@ -247,7 +261,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{median['full pipeline: share + orjson'] / orjson_s:.1f}x; "
         f"against json.dumps: filtering "
         f"{median[FILTERING] / json_s:.2f}x, full pipeline "
-        f"{median['full pipeline: share + orjson'] / json_s:.2f}x"
+        f"{median['full pipeline: share + orjson'] / json_s:.2f}x; against the model "
+        f"library's json(): filtering {median[FILTERING] / model_s:.2f}x, full pipeline "
+        f"{median['full pipeline: share + orjson'] / model_s:.2f}x"
     )
     print(
         f"Cold: policy and profiles load {setup_s * 1e3:.0f} ms; first share "
