@@ -22,7 +22,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 import orjson
 
 from cpa_fhir.consent._references import references
-from cpa_fhir.errors import FhirError, ResourceGone, VersionConflict
+from cpa_fhir.errors import FhirError, ResourceGone, ResourceNotFound, VersionConflict
 from cpa_fhir.fhir import jsonio
 from cpa_fhir.fhir.outcome import Issue
 from cpa_fhir.sandbox._auth import Client, require
@@ -327,6 +327,7 @@ def _transaction(
         _trust_only,
         _whole_store_search,
         json_patch,
+        never_there,
         patched_resource,
     )
 
@@ -551,6 +552,10 @@ def _transaction(
                             tx.delete(p["type"], p["id"], if_match=p["expected"])
                         except VersionConflict as exc:
                             raise _conflict(exc, p["if_match"], view) from None
+                        except ResourceNotFound:
+                            if view is not None:
+                                raise
+                            never_there(p["type"], p["id"], p["expected"])
                         except FhirError as exc:
                             if exc.code != "deleted":
                                 raise

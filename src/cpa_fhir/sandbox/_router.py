@@ -774,6 +774,10 @@ class Router:
             self.repo.delete(rtype, rid, if_match=expected)
         except ResourceGone:
             pass  # deleting twice is not an error (R4 http.html#delete)
+        except ResourceNotFound:
+            if view is not None:
+                raise  # a partner's: unknown, as what is withheld from it is
+            never_there(rtype, rid, expected)
         except VersionConflict as exc:
             raise _conflict(exc, if_match, view) from None
         return Response(204)
@@ -1643,6 +1647,14 @@ def _check_if_match(current: Stored, if_match: int | None) -> None:
             ),
             code="conflict",
         )
+
+
+def never_there(rtype: str, rid: str, expected: int | None) -> None:
+    """A trust's delete of what was never there: done already, "if the resource does
+    not exist at all" (R4 http.html#delete), unless it named a version to find (412)."""
+    if expected is not None:
+        message = f"{rtype}/{rid} is not there: none is at version {expected}"
+        raise HttpError(412, _not_named(message, expected), code="conflict")
 
 
 def _unknown(rtype: str, rid: str) -> ResourceNotFound:
