@@ -100,6 +100,30 @@ def test_search_by_nhs_number_and_patient(trust: Fhir) -> None:
     assert {"EpisodeOfCare/c-episode", "EpisodeOfCare/d-episode"} <= resource_keys(enhanced)
 
 
+def test_a_reference_searched_by_its_absolute_url_here_finds_relative_ones(trust: Fhir) -> None:
+    """R4 search.html#reference: "A relative reference resolving to the same value as a
+    specified absolute URL, or vice versa, qualifies as a match": with the server base
+    http://testserver/fhir, `subject=http://testserver/fhir/Patient/c-patient` finds the
+    Flags whose subject is written `Patient/c-patient`, as `subject=Patient/c-patient`
+    does, at the end of a chain too. Another server's URL is not this one's resource."""
+    here = "http://testserver/fhir"
+    relative = resource_keys(trust.get("Flag", params={"subject": "Patient/c-patient"}).json())
+    assert relative
+    for value in (f"{here}/Patient/c-patient", f"{here}/Patient/c-patient/_history/1"):
+        found = trust.get("Flag", params={"subject": value})
+        assert found.status_code == 200, found.text
+        assert resource_keys(found.json()) == relative
+    chained = trust.get(
+        "Flag",
+        params={"subject:Patient.general-practitioner": f"{here}/Organization/c-gp-practice"},
+    ).json()
+    assert resource_keys(chained) == relative
+    elsewhere = trust.get(
+        "Flag", params={"subject": "http://elsewhere.example/fhir/Patient/c-patient"}
+    )
+    assert resource_keys(elsewhere.json()) == set()
+
+
 def test_paging_links_and_count(trust: Fhir) -> None:
     first = trust.get("Encounter", params={"_count": "5", "_sort": "date"}).json()
     total = first["total"]
