@@ -287,6 +287,34 @@ def test_batch_reports_each_entry(trust: Fhir) -> None:
     assert entries[1]["response"]["outcome"]["resourceType"] == "OperationOutcome"
 
 
+def test_a_batch_whose_entries_depend_on_each_other_is_refused(trust: Fhir) -> None:
+    """R4 http.html#transaction: "For a batch, there SHALL be no interdependencies between
+    the different entries in the Bundle that cause change on the server ... Servers SHALL
+    validate that this is the case." A batch entry referring to another's `urn:uuid:`
+    fullUrl is one: refused (400) before anything is written, not stored as a reference
+    that can never be followed. The same entries as a transaction are resolved."""
+    patient_url = f"urn:uuid:{uuid.uuid4()}"
+    patient = {"resourceType": "Patient", "gender": "unknown"}
+    flag = _flag(subject={"reference": patient_url})
+    entries = [
+        {"fullUrl": f"urn:uuid:{uuid.uuid4()}", "resource": flag,
+         "request": {"method": "POST", "url": "Flag"}},
+        {"fullUrl": patient_url, "resource": patient,
+         "request": {"method": "POST", "url": "Patient"}},
+    ]  # fmt: skip
+    before = trust.get("Flag", params={"_summary": "count"}).json()["total"]
+    said = outcome(
+        trust.post("", {"resourceType": "Bundle", "type": "batch", "entry": entries}), 400
+    )
+    assert said["issue"][0]["expression"] == ["Bundle.entry[0]"]
+    assert patient_url in said["issue"][0]["details"]["text"]
+    assert trust.get("Flag", params={"_summary": "count"}).json()["total"] == before
+    done = trust.post("", {"resourceType": "Bundle", "type": "transaction", "entry": entries})
+    assert done.status_code == 200, done.text
+    made = done.json()["entry"]
+    assert made[0]["resource"]["subject"]["reference"] == f"Patient/{made[1]['resource']['id']}"
+
+
 def test_a_write_that_changes_nothing_makes_no_version(trust: Fhir) -> None:
     """As HAPI FHIR and Medplum do: what is stored, sent again (by PUT, an empty
     patch or a transaction), is answered with the version it already is."""
