@@ -470,3 +470,23 @@ def test_a_contained_resource_type_that_is_no_string_is_named(trust: Fhir, inner
     errors = [i for i in said["issue"] if i["severity"] == "error"]
     assert errors[0]["expression"] == ["Bundle.entry[0].resource.contained[0].resourceType"]
     assert errors[0]["details"]["text"].startswith("contained[0].resourceType must be a string")
+
+
+@pytest.mark.parametrize("kind", ["single", "batch", "transaction"])
+def test_deleting_what_was_never_there_is_no_error(trust: Fhir, kind: str) -> None:
+    """R4 http.html#delete: "Upon successful deletion, or if the resource does not exist
+    at all, the server should return either a 200 OK if the response contains a
+    payload, or a 204 No Content with no response payload". A delete names the state
+    the client wants, which holds already; with If-Match there is no version to match
+    (RFC 9110 §13.1.1), so that is still a 412."""
+    key = f"Flag/never-{uuid.uuid4().hex[:12]}"
+    if kind == "single":
+        assert trust.delete(key).status_code == 204
+        stale = trust.http.delete(f"/fhir/{key}", headers={**trust.headers, "if-match": 'W/"1"'})
+        outcome(stale, 412)
+    else:
+        entries = [{"request": {"method": "DELETE", "url": key}}]
+        answer = trust.post("", {"resourceType": "Bundle", "type": kind, "entry": entries})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["entry"][0]["response"]["status"] == "204"
+    assert trust.get(key).status_code == 404  # nothing was made by it

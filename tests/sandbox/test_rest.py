@@ -100,6 +100,30 @@ def test_search_by_nhs_number_and_patient(trust: Fhir) -> None:
     assert {"EpisodeOfCare/c-episode", "EpisodeOfCare/d-episode"} <= resource_keys(enhanced)
 
 
+def test_a_reference_searched_by_its_absolute_url_here_finds_relative_ones(trust: Fhir) -> None:
+    """R4 search.html#reference: "A relative reference resolving to the same value as a
+    specified absolute URL, or vice versa, qualifies as a match": with the server base
+    http://testserver/fhir, `subject=http://testserver/fhir/Patient/c-patient` finds the
+    Flags whose subject is written `Patient/c-patient`, as `subject=Patient/c-patient`
+    does, at the end of a chain too. Another server's URL is not this one's resource."""
+    here = "http://testserver/fhir"
+    relative = resource_keys(trust.get("Flag", params={"subject": "Patient/c-patient"}).json())
+    assert relative
+    for value in (f"{here}/Patient/c-patient", f"{here}/Patient/c-patient/_history/1"):
+        found = trust.get("Flag", params={"subject": value})
+        assert found.status_code == 200, found.text
+        assert resource_keys(found.json()) == relative
+    chained = trust.get(
+        "Flag",
+        params={"subject:Patient.general-practitioner": f"{here}/Organization/c-gp-practice"},
+    ).json()
+    assert resource_keys(chained) == relative
+    elsewhere = trust.get(
+        "Flag", params={"subject": "http://elsewhere.example/fhir/Patient/c-patient"}
+    )
+    assert resource_keys(elsewhere.json()) == set()
+
+
 def test_paging_links_and_count(trust: Fhir) -> None:
     first = trust.get("Encounter", params={"_count": "5", "_sort": "date"}).json()
     total = first["total"]
@@ -261,6 +285,34 @@ def test_batch_reports_each_entry(trust: Fhir) -> None:
     entries = trust.post("", batch).json()["entry"]
     assert [e["response"]["status"] for e in entries] == ["200", "404"]
     assert entries[1]["response"]["outcome"]["resourceType"] == "OperationOutcome"
+
+
+def test_a_batch_whose_entries_depend_on_each_other_is_refused(trust: Fhir) -> None:
+    """R4 http.html#transaction: "For a batch, there SHALL be no interdependencies between
+    the different entries in the Bundle that cause change on the server ... Servers SHALL
+    validate that this is the case." A batch entry referring to another's `urn:uuid:`
+    fullUrl is one: refused (400) before anything is written, not stored as a reference
+    that can never be followed. The same entries as a transaction are resolved."""
+    patient_url = f"urn:uuid:{uuid.uuid4()}"
+    patient = {"resourceType": "Patient", "gender": "unknown"}
+    flag = _flag(subject={"reference": patient_url})
+    entries = [
+        {"fullUrl": f"urn:uuid:{uuid.uuid4()}", "resource": flag,
+         "request": {"method": "POST", "url": "Flag"}},
+        {"fullUrl": patient_url, "resource": patient,
+         "request": {"method": "POST", "url": "Patient"}},
+    ]  # fmt: skip
+    before = trust.get("Flag", params={"_summary": "count"}).json()["total"]
+    said = outcome(
+        trust.post("", {"resourceType": "Bundle", "type": "batch", "entry": entries}), 400
+    )
+    assert said["issue"][0]["expression"] == ["Bundle.entry[0]"]
+    assert patient_url in said["issue"][0]["details"]["text"]
+    assert trust.get("Flag", params={"_summary": "count"}).json()["total"] == before
+    done = trust.post("", {"resourceType": "Bundle", "type": "transaction", "entry": entries})
+    assert done.status_code == 200, done.text
+    made = done.json()["entry"]
+    assert made[0]["resource"]["subject"]["reference"] == f"Patient/{made[1]['resource']['id']}"
 
 
 def test_a_write_that_changes_nothing_makes_no_version(trust: Fhir) -> None:

@@ -22,7 +22,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 import orjson
 
 from cpa_fhir.consent._references import references
-from cpa_fhir.errors import FhirError, ResourceGone, VersionConflict
+from cpa_fhir.errors import FhirError, ResourceGone, ResourceNotFound, VersionConflict
 from cpa_fhir.fhir import jsonio
 from cpa_fhir.fhir.outcome import Issue
 from cpa_fhir.sandbox._auth import Client, require
@@ -254,6 +254,8 @@ def run_bundle(
         raise HttpError(400, "POST to the base URL takes a batch or transaction Bundle")
     entries = _entries(bundle)
     if bundle["type"] == "batch":
+        if view is None:
+            _independent(entries)
         results = []
         written = False
         for i, e in enumerate(entries):
@@ -283,6 +285,53 @@ def run_bundle(
         }
         return _answer(router, body, [e["request"]["method"] for e in entries], view)
     return _transaction(router, request, entries, client, scopes, view)
+
+
+def _independent(entries: list[dict[str, Any]]) -> None:
+    """Refuse a batch whose entries depend on each other: "For a batch, there SHALL be
+    no interdependencies between the different entries in the Bundle that cause change
+    on the server ... Servers SHALL validate that this is the case" (R4
+    http.html#transaction). An entry linking to another's `urn:` fullUrl is one (a
+    transaction resolves such links; a batch would store them unresolved, naming
+    nothing)."""
+    urls: dict[str, int] = {}
+    for i, e in enumerate(entries):
+        full_url = e.get("fullUrl")
+        if isinstance(full_url, str) and full_url.startswith(("urn:uuid:", "urn:oid:")):
+            urls.setdefault(full_url, i)
+    if not urls:
+        return
+    for i, e in enumerate(entries):
+        resource = e.get("resource")
+        if not isinstance(resource, dict):
+            continue
+        for link in _links(resource):
+            j = urls.get(link)
+            if j is not None and j != i:
+                raise _error(
+                    400,
+                    f"entry {i} refers to {link}, the fullUrl of entry {j}: the entries of a "
+                    "batch may not depend on each other (send a transaction)",
+                    f"Bundle.entry[{i}]",
+                )
+
+
+def _links(node: Any, key: str | None = None) -> list[str]:
+    """The strings of a resource that would link to an entry's `urn:` fullUrl in a
+    transaction (`_rewrite`): its references, and its links of other types."""
+    if isinstance(node, dict):
+        found = []
+        for k, v in node.items():
+            if k == "reference" and isinstance(v, str):
+                found.append(v)
+            else:
+                found.extend(_links(v, k))
+        return found
+    if isinstance(node, list):
+        return [link for v in node for link in _links(v, key)]
+    if isinstance(node, str) and key not in _NOT_LINKS and node.startswith("urn:"):
+        return [node]
+    return []
 
 
 def _entry_headers(req: dict[str, Any]) -> dict[str, str]:
@@ -327,6 +376,7 @@ def _transaction(
         _trust_only,
         _whole_store_search,
         json_patch,
+        never_there,
         patched_resource,
     )
 
@@ -551,6 +601,10 @@ def _transaction(
                             tx.delete(p["type"], p["id"], if_match=p["expected"])
                         except VersionConflict as exc:
                             raise _conflict(exc, p["if_match"], view) from None
+                        except ResourceNotFound:
+                            if view is not None:
+                                raise
+                            never_there(p["type"], p["id"], p["expected"])
                         except FhirError as exc:
                             if exc.code != "deleted":
                                 raise

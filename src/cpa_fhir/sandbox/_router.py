@@ -50,6 +50,7 @@ from cpa_fhir.sandbox._chains import chains_hold, reference_targets
 from cpa_fhir.store import (
     Criterion,
     DateValue,
+    ReferenceValue,
     SearchParameters,
     SearchQuery,
     SortKey,
@@ -774,6 +775,10 @@ class Router:
             self.repo.delete(rtype, rid, if_match=expected)
         except ResourceGone:
             pass  # deleting twice is not an error (R4 http.html#delete)
+        except ResourceNotFound:
+            if view is not None:
+                raise  # a partner's: unknown, as what is withheld from it is
+            never_there(rtype, rid, expected)
         except VersionConflict as exc:
             raise _conflict(exc, if_match, view) from None
         return Response(204)
@@ -945,6 +950,7 @@ class Router:
             params, left_out = known_parameters(rtype, params, self.repo.parameters)
         query = _chains_within_scopes(self.repo.parse(rtype, params), scopes)
         if view is None:
+            query = _local_references(query, request.base_url)
             result = self.repo.search(
                 query,
                 # Included resources go, and are followed, only where the scopes reach.
@@ -1371,6 +1377,40 @@ def _chains_within_scopes(query: SearchQuery, scopes: frozenset[str]) -> SearchQ
     return replace(query, criteria=tuple(criteria))
 
 
+def _local_references(query: SearchQuery, base: str) -> SearchQuery:
+    """A search with each reference value that is an absolute URL of a resource here
+    (`[base]/Type/id`, of a version too) taken as the relative `Type/id` it resolves
+    to: "A relative reference resolving to the same value as a specified absolute URL,
+    or vice versa, qualifies as a match" (R4 search.html#reference). Another server's
+    URL is compared as it is written."""
+    prefix = f"{base.rstrip('/')}/"
+
+    def local(value: Any, modifier: str | None) -> Any:
+        if not isinstance(value, ReferenceValue) or value.url is None:
+            return value
+        if not value.url.startswith(prefix):
+            return value
+        parts = value.url[len(prefix) :].split("/")
+        if len(parts) == 4 and parts[2] == "_history":
+            parts = parts[:2]
+        if (
+            len(parts) != 2
+            or parts[0] not in R4_RESOURCE_TYPES
+            or not _ID.fullmatch(parts[1])
+            or (modifier in R4_RESOURCE_TYPES and modifier != parts[0])
+        ):
+            return value
+        return ReferenceValue(parts[0], parts[1])
+
+    criteria = tuple(
+        replace(c, values=tuple(local(v, c.modifier) for v in c.values))
+        if any(isinstance(v, ReferenceValue) and v.url is not None for v in c.values)
+        else c
+        for c in query.criteria
+    )
+    return replace(query, criteria=criteria)
+
+
 _READS = ("GET", "HEAD")
 
 
@@ -1643,6 +1683,14 @@ def _check_if_match(current: Stored, if_match: int | None) -> None:
             ),
             code="conflict",
         )
+
+
+def never_there(rtype: str, rid: str, expected: int | None) -> None:
+    """A trust's delete of what was never there: done already, "if the resource does
+    not exist at all" (R4 http.html#delete), unless it named a version to find (412)."""
+    if expected is not None:
+        message = f"{rtype}/{rid} is not there: none is at version {expected}"
+        raise HttpError(412, _not_named(message, expected), code="conflict")
 
 
 def _unknown(rtype: str, rid: str) -> ResourceNotFound:
