@@ -531,6 +531,52 @@ def test_a_reference_a_partner_writes_cannot_probe_another_patients_record(
             assert trust_call("DELETE", f"Goal/{goal_id}").status == 204
 
 
+@pytest.mark.parametrize("naming", ["identifier", "text"])
+def test_a_partner_cannot_tell_what_is_withheld_by_naming_it_in_what_it_writes(
+    sandbox: Sandbox, trust_call: Call, naming: str
+) -> None:
+    """A need in C's record withheld from the GP, and one that is not there: named in a
+    task the GP writes (by a reference by identifier alone, or by `Type/id` in a note
+    beside a reference to it), neither the write nor the task read back tells the GP
+    which of them is there."""
+    gp = _caller(sandbox, "gp")
+    system = "https://example.org/fhir/Id/epr-need"
+    hidden, absent = (f"need-{uuid.uuid4().hex[:12]}" for _ in range(2))
+    need = _copy(
+        sandbox, _withheld_key("gp"), hidden, identifier=[{"system": system, "value": hidden}]
+    )
+    assert trust_call("PUT", f"Condition/{hidden}", need).status == 201
+    assert gp("GET", f"Condition/{hidden}").status == 404
+    task = copy.deepcopy(sandbox.repo.read("Task", "c-transfer-coordination").resource())
+    for k in ("id", "meta", "text", "requester", "owner"):
+        task.pop(k, None)
+    created: list[str] = []
+
+    def answer(rid: str) -> tuple[int, bytes]:
+        if naming == "identifier":
+            named = {"focus": {"type": "Condition", "identifier": {"system": system, "value": rid}}}
+        else:
+            named = {
+                "focus": {"reference": f"Condition/{rid}"},
+                "note": [{"text": f"Condition/{rid}"}],
+            }
+        made = gp("POST", "Task", {**task, **named})
+        if made.status != 201:
+            return _answer(made, rid)
+        created.append(orjson.loads(made.body)["id"])
+        shown = orjson.loads(gp("GET", f"Task/{created[-1]}").body)
+        kept = {k: shown.get(k) for k in ("focus", "note", "meta")}
+        kept["meta"] = [c.get("code") for c in kept["meta"]["security"]]
+        return made.status, orjson.dumps(kept).replace(rid.encode(), b"{id}")
+
+    try:
+        assert answer(hidden) == answer(absent)
+    finally:
+        for task_id in created:
+            assert trust_call("DELETE", f"Task/{task_id}").status == 204
+        assert trust_call("DELETE", f"Condition/{hidden}").status == 204
+
+
 @pytest.mark.parametrize("kind", ["transaction", "batch"])
 def test_a_partners_read_in_a_bundle_sees_what_the_bundle_wrote(
     sandbox: Sandbox, trust_call: Call, kind: str

@@ -1765,38 +1765,95 @@ def _partner_written(
     partner wrote itself would let it fetch any one in the store, and learn it is
     there. Every string is looked at, not only `reference`s: a canonical, a URL whose
     query or path ends in one, is read as a reference by the index. Such a party can
-    be named by identifier and display (a logical reference) or contained."""
+    be named by identifier and display (a logical reference) or contained.
+
+    Any other resource of this server it may name only in a reference, which goes as
+    one to nothing does when what it names is withheld from the partner: named as the
+    consent engine also reads a name (`Type/id` in another string, a reference by
+    identifier alone of that type), it is labelled with what the resource carries, so
+    reading it back would tell the partner that a resource it may not see is there
+    (403 for it, whatever the store holds)."""
     supporting = "|".join(sorted(view.policy.supporting))
     # The whole string, as a URL's path or query names one; a note that mentions a URL,
     # or an extension's own `url`, names nothing.
     naming = re.compile(rf"\S*?(?:^|[/?=&:])({supporting})/([^/?#&\s]+)(?:/_history/\S+)?")
-    before = set(_strings_at(replacing.resource()).values()) if replacing else set()
-    for path, text in _strings_at(resource).items():
-        if text in before or path[-1:] == ("url",):
+    before_resource = replacing.resource() if replacing else {}
+    before = set(_strings_at(before_resource).values())
+    named_before = set(_named_by_identifier(before_resource).values())
+    for path, by_identifier in _named_by_identifier(resource).items():
+        if by_identifier[0] in view.policy.supporting or by_identifier in named_before:
             continue
-        found = naming.fullmatch(text)
-        named = (found.group(1), found.group(2)) if found else None
-        # And as the search index reads it (by its last segments, whatever comes
-        # before them: "a b/Practitioner/x"), when what it names could be an id.
-        target = reference_target(text)
-        if named is None and target and target[0] in view.policy.supporting:
-            if target[1] and _FHIR_ID.fullmatch(target[1]):
-                named = (target[0], target[1])
-        if named is None or f"{named[0]}/{named[1]}" == view.client.reference:
-            continue
-        where = _expression(path)
         raise HttpError(
             403,
-            f"{resource.get('resourceType')}{where}: a partner's client may not refer to "
-            f"a {named[0]} of this server other than its own organisation; name it "
-            "by identifier and display, or contain it",
+            f"{resource.get('resourceType')}{_expression(path)}: a partner's client may "
+            "name a resource of this server other than a professional or organisation "
+            "only by a reference, not by identifier alone",
             code="forbidden",
         )
+    for path, text in _strings_at(resource).items():
+        if text in before:
+            continue
+        named = None
+        if path[-1:] != ("url",):
+            found = naming.fullmatch(text)
+            named = (found.group(1), found.group(2)) if found else None
+            # And as the search index reads it (by its last segments, whatever comes
+            # before them: "a b/Practitioner/x"), when what it names could be an id.
+            target = reference_target(text)
+            if named is None and target and target[0] in view.policy.supporting:
+                if target[1] and _FHIR_ID.fullmatch(target[1]):
+                    named = (target[0], target[1])
+        where = _expression(path)
+        if named is not None and f"{named[0]}/{named[1]}" != view.client.reference:
+            raise HttpError(
+                403,
+                f"{resource.get('resourceType')}{where}: a partner's client may not refer to "
+                f"a {named[0]} of this server other than its own organisation; name it "
+                "by identifier and display, or contain it",
+                code="forbidden",
+            )
+        if path[-1:] != ("reference",) and _names_by_type_and_id(text, view):
+            raise HttpError(
+                403,
+                f"{resource.get('resourceType')}{where}: a partner's client may name a "
+                "resource of this server only in a reference",
+                code="forbidden",
+            )
     return _without_server_labels(_meta_kept_from(resource, replacing))
 
 
 # https://hl7.org/fhir/R4/datatypes.html#id
 _FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+
+
+def _names_by_type_and_id(text: str, view: PartnerView) -> bool:
+    """Whether a string names a resource of this server (`Type/id`, as the consent
+    engine reads a name in a string that is not a reference), other than the client's
+    own organisation."""
+    key = reference_key(text) if "/" in text else None
+    if key is None or key == view.client.reference:
+        return False
+    rtype, _, rid = key.partition("/")
+    return rtype in R4_RESOURCE_TYPES and _FHIR_ID.fullmatch(rid) is not None
+
+
+def _named_by_identifier(
+    node: Any, path: tuple[str | int, ...] = ()
+) -> dict[tuple[str | int, ...], tuple[str, str, str]]:
+    """Each Reference that names by identifier alone a resource of the type it gives
+    (the consent engine looks such a resource up in the store): where it is, and the
+    type, system and value."""
+    found: dict[tuple[str | int, ...], tuple[str, str, str]] = {}
+    if isinstance(node, dict):
+        ident, kind = node.get("identifier"), node.get("type")
+        if "reference" not in node and isinstance(ident, dict) and isinstance(kind, str):
+            found[(*path, "type")] = (kind, str(ident.get("system")), str(ident.get("value")))
+        for key, value in node.items():
+            found.update(_named_by_identifier(value, (*path, key)))
+    elif isinstance(node, list):
+        for i, item in enumerate(node):
+            found.update(_named_by_identifier(item, (*path, i)))
+    return found
 
 
 def _meta_kept_from(resource: dict[str, Any], replacing: Stored | None) -> dict[str, Any]:
