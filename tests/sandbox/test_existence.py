@@ -577,6 +577,59 @@ def test_a_partner_cannot_tell_what_is_withheld_by_naming_it_in_what_it_writes(
         assert trust_call("DELETE", f"Condition/{hidden}").status == 204
 
 
+@pytest.mark.parametrize("naming", ["typed", "untyped", "contained"])
+def test_a_partner_cannot_tell_what_the_store_holds_by_naming_a_party_by_identifier(
+    sandbox: Sandbox, trust_call: Call, naming: str
+) -> None:
+    """An organisation the GP may not be told of (a probation unit), and an identifier
+    no organisation has: named by identifier in an encounter the GP writes (in a
+    reference by identifier alone, with its type or without, or in a contained
+    organisation), neither the write nor the encounter read back tells the GP which
+    of them the store holds."""
+    gp = _caller(sandbox, "gp")
+    system = "https://fhir.nhs.uk/Id/ods-organization-code"
+    hidden, absent = (f"X{uuid.uuid4().hex[:8].upper()}" for _ in range(2))
+    unit = _copy(
+        sandbox,
+        "Organization/c-probation",
+        hidden,
+        identifier=[{"system": system, "value": hidden}],
+    )
+    assert trust_call("PUT", f"Organization/{hidden}", unit).status == 201
+    encounter = _copy(sandbox, "Encounter/c-review-2026-09", "unused")
+    for k in ("id", "participant", "location", "hospitalization"):
+        encounter.pop(k, None)
+    created: list[str] = []
+
+    def answer(value: str) -> tuple[int, bytes]:
+        named: dict[str, Any] = {"identifier": {"system": system, "value": value}}
+        written = {**encounter, "serviceProvider": named}
+        if naming == "typed":
+            named["type"] = "Organization"
+        elif naming == "contained":
+            # Typed as an agency the GP may be told of: a party no rule labels is
+            # withheld, and what contains it with it.
+            practice = sandbox.repo.read("Organization", "c-gp-practice").resource()
+            party = {"resourceType": "Organization", "id": "unit", "type": practice["type"]}
+            written["contained"] = [{**party, "identifier": [named["identifier"]]}]
+            written["serviceProvider"] = {"reference": "#unit"}
+        made = gp("POST", "Encounter", written)
+        if made.status != 201:
+            return _answer(made, value)
+        created.append(orjson.loads(made.body)["id"])
+        shown = orjson.loads(gp("GET", f"Encounter/{created[-1]}").body)
+        kept = {k: shown.get(k) for k in ("serviceProvider", "contained", "resourceType")}
+        kept["meta"] = [c.get("code") for c in shown.get("meta", {}).get("security", [])]
+        return made.status, orjson.dumps(kept).replace(value.encode(), b"{id}")
+
+    try:
+        assert answer(hidden) == answer(absent)
+    finally:
+        for encounter_id in created:
+            assert trust_call("DELETE", f"Encounter/{encounter_id}").status == 204
+        assert trust_call("DELETE", f"Organization/{hidden}").status == 204
+
+
 @pytest.mark.parametrize("kind", ["transaction", "batch"])
 def test_a_partners_read_in_a_bundle_sees_what_the_bundle_wrote(
     sandbox: Sandbox, trust_call: Call, kind: str
@@ -703,14 +756,20 @@ def test_a_partner_may_name_its_own_organisation_and_keep_what_it_was_shown(
     encounter = _copy(sandbox, "Encounter/c-review-2026-09", "unused")
     encounter.pop("id")
     encounter["serviceProvider"] = {"reference": "Organization/c-gp-practice"}
-    encounter["participant"] = [
-        {
-            "individual": {
-                "identifier": {"system": "urn:test:gmc", "value": "7654321"},
-                "display": "Dr Lewis",
-            }
-        }
+    # Another professional as a contained resource; by identifier alone only its own
+    # organisation (the server would look another up, and tell what it found).
+    lewis = {"system": "urn:test:gmc", "value": "7654321"}
+    encounter["contained"] = [
+        {"resourceType": "Practitioner", "id": "lewis", "identifier": [lewis]}
     ]
+    encounter["participant"] = [{"individual": {"reference": "#lewis", "display": "Dr Lewis"}}]
+    ods = sandbox.repo.read("Organization", "c-gp-practice").resource()["identifier"][0]
+    by_identifier = {**encounter, "serviceProvider": {"identifier": ods}}
+    made = gp("POST", "Encounter", by_identifier)
+    assert made.status == 201, made.body
+    assert trust_call("DELETE", f"Encounter/{orjson.loads(made.body)['id']}").status == 204
+    elsewhere = {**encounter, "participant": [{"individual": {"identifier": lewis}}]}
+    assert gp("POST", "Encounter", elsewhere).status == 403
     made = gp("POST", "Encounter", encounter)
     assert made.status == 201, made.body
     new_id = orjson.loads(made.body)["id"]

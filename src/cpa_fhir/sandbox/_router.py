@@ -1765,14 +1765,15 @@ def _partner_written(
     partner wrote itself would let it fetch any one in the store, and learn it is
     there. Every string is looked at, not only `reference`s: a canonical, a URL whose
     query or path ends in one, is read as a reference by the index. Such a party can
-    be named by identifier and display (a logical reference) or contained.
+    be named by display, or contained.
 
     Any other resource of this server it may name only in a reference, which goes as
     one to nothing does when what it names is withheld from the partner: named as the
     consent engine also reads a name (`Type/id` in another string, a reference by
-    identifier alone of that type), it is labelled with what the resource carries, so
-    reading it back would tell the partner that a resource it may not see is there
-    (403 for it, whatever the store holds)."""
+    identifier alone), it is labelled with what the resource it finds carries, so
+    reading it back would tell the partner whether the store holds one it may not be
+    told of (403 for it, whatever the store holds). Its own organisation it may name
+    by any of the identifiers it is registered with."""
     supporting = "|".join(sorted(view.policy.supporting))
     # The whole string, as a URL's path or query names one; a note that mentions a URL,
     # or an extension's own `url`, names nothing.
@@ -1780,14 +1781,19 @@ def _partner_written(
     before_resource = replacing.resource() if replacing else {}
     before = set(_strings_at(before_resource).values())
     named_before = set(_named_by_identifier(before_resource).values())
+    own = view.client.identifiers
     for path, by_identifier in _named_by_identifier(resource).items():
-        if by_identifier[0] in view.policy.supporting or by_identifier in named_before:
+        kind, system, value = by_identifier
+        if by_identifier in named_before or (
+            kind in ("", "Organization") and (system, value) in own
+        ):
             continue
         raise HttpError(
             403,
             f"{resource.get('resourceType')}{_expression(path)}: a partner's client may "
-            "name a resource of this server other than a professional or organisation "
-            "only by a reference, not by identifier alone",
+            "not name a resource by identifier alone, other than its own organisation "
+            "(the server would look it up): refer to what it may read, or name a "
+            "professional or organisation by display or as a contained resource",
             code="forbidden",
         )
     for path, text in _strings_at(resource).items():
@@ -1809,7 +1815,7 @@ def _partner_written(
                 403,
                 f"{resource.get('resourceType')}{where}: a partner's client may not refer to "
                 f"a {named[0]} of this server other than its own organisation; name it "
-                "by identifier and display, or contain it",
+                "by display, or contain it",
                 code="forbidden",
             )
         if path[-1:] != ("reference",) and _names_by_type_and_id(text, view):
@@ -1840,14 +1846,18 @@ def _names_by_type_and_id(text: str, view: PartnerView) -> bool:
 def _named_by_identifier(
     node: Any, path: tuple[str | int, ...] = ()
 ) -> dict[tuple[str | int, ...], tuple[str, str, str]]:
-    """Each Reference that names by identifier alone a resource of the type it gives
-    (the consent engine looks such a resource up in the store): where it is, and the
-    type, system and value."""
+    """Each Reference that names by identifier alone what it refers to (the consent
+    engine looks it up in the store: of the type it gives, or any professional or
+    organisation): where it is, and the type ("" for none), system and value."""
     found: dict[tuple[str | int, ...], tuple[str, str, str]] = {}
     if isinstance(node, dict):
         ident, kind = node.get("identifier"), node.get("type")
-        if "reference" not in node and isinstance(ident, dict) and isinstance(kind, str):
-            found[(*path, "type")] = (kind, str(ident.get("system")), str(ident.get("value")))
+        if "reference" not in node and isinstance(ident, dict):
+            found[(*path, "identifier")] = (
+                kind if isinstance(kind, str) else "",
+                str(ident.get("system")),
+                str(ident.get("value")),
+            )
         for key, value in node.items():
             found.update(_named_by_identifier(value, (*path, key)))
     elif isinstance(node, list):
