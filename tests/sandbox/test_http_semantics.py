@@ -179,6 +179,21 @@ def test_a_stale_if_match_fails_whatever_else_is_asked(trust: Fhir) -> None:
     assert trust.get(key).json()["meta"]["versionId"] == "2"
 
 
+def test_an_if_match_on_what_is_not_there_says_so(trust: Fhir) -> None:
+    """A version named by If-Match of a resource never made, or deleted, is refused
+    (412) with words a person can act on, not a version of nothing."""
+    key, flag = _new_flag(trust)
+    assert trust.http.delete(f"/fhir/{key}", headers=trust.headers).status_code == 204
+    absent = f"Flag/http-{uuid.uuid4().hex[:12]}"
+    for where in (key, absent):
+        body = {**flag, "id": where.split("/")[1]}
+        said = outcome(trust.put(where, body, headers={"if-match": 'W/"1"'}), 412)
+        text = said["issue"][0]["details"]["text"]
+        assert text == f"{where} is not there, not at version 1", text
+        said = outcome(trust.put(where, body, headers={"if-match": 'W/"abc"'}), 412)
+        assert "None" not in said["issue"][0]["details"]["text"]
+
+
 def test_a_patch_honours_the_write_preconditions_and_refuses_a_coded_body(trust: Fhir) -> None:
     key, _ = _new_flag(trust)
     ops = [{"op": "replace", "path": "/status", "value": "inactive"}]

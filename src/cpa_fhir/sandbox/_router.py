@@ -1990,8 +1990,10 @@ def _not_named(message: str, if_match: int | None) -> str:
     """A conflict's message, where If-Match named no version there is."""
     if if_match != _NO_VERSION:
         return message
-    return message.replace(f", not {_NO_VERSION}", ", which If-Match does not name").replace(
-        f"none is at version {_NO_VERSION}", "none is at a version If-Match names"
+    return (
+        message.replace(f", not {_NO_VERSION}", ", which If-Match does not name")
+        .replace(f"not at version {_NO_VERSION}", "not at a version If-Match names")
+        .replace(f"none is at version {_NO_VERSION}", "none is at a version If-Match names")
     )
 
 

@@ -226,6 +226,18 @@ def _check_resource(resource: Any, *, needs_id: bool) -> tuple[str, str | None]:
     return resource_type, resource_id
 
 
+def _version_conflict(
+    resource_type: str, resource_id: str, found: int | None, if_match: int
+) -> VersionConflict:
+    """If-Match named a version the resource is not at (found: None when it is not
+    there, never made or deleted)."""
+    where = f"at version {found}" if found is not None else "not there"
+    return VersionConflict(
+        f"{resource_type}/{resource_id} is {where}, not at version {if_match}",
+        current_version=found,
+    )
+
+
 def _with_meta(resource: dict[str, Any], version: int, last_updated: str) -> dict[str, Any]:
     """The resource with meta.versionId and meta.lastUpdated set, other meta kept."""
     meta = resource.get("meta")
@@ -770,10 +782,7 @@ class _Operations:
             raise ResourceNotFound(f"{resource_type}/{id} is not known")
         if if_match is not None and (current.deleted or current.version_id != if_match):
             found = None if current.deleted else current.version_id
-            raise VersionConflict(
-                f"{resource_type}/{id} is at version {found}, not {if_match}",
-                current_version=found,
-            )
+            raise _version_conflict(resource_type, id, found, if_match)
         if current.deleted:
             return _row_to_stored(current)
         now = self._now()
@@ -808,10 +817,7 @@ class _Operations:
         if if_match is not None:
             found = current.version_id if current is not None and not current.deleted else None
             if found != if_match:
-                raise VersionConflict(
-                    f"{resource_type}/{resource_id} is at version {found}, not {if_match}",
-                    current_version=found,
-                )
+                raise _version_conflict(resource_type, resource_id, found, if_match)
         if current is not None and not current.deleted:
             unchanged = _row_to_stored(current)
             # As HAPI FHIR and Medplum do: a write that changes nothing makes no version
