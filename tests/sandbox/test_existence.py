@@ -64,6 +64,27 @@ def _answer(response: Response, rid: str) -> tuple[int, bytes]:
     return response.status, response.body.replace(rid.encode(), b"{id}")
 
 
+def _written_and_read_back(
+    partner: Call,
+    created: list[str],
+    resource: dict[str, Any],
+    name: str,
+    elements: tuple[str, ...],
+) -> tuple[int, bytes]:
+    """A partner's create and, made, these elements of it as it reads it back, with its
+    security labels' codes; `name` (what two attempts differ in) written as {id}. The
+    id of what was made is added to `created`."""
+    rtype = resource["resourceType"]
+    made = partner("POST", rtype, resource)
+    if made.status != 201:
+        return _answer(made, name)
+    created.append(orjson.loads(made.body)["id"])
+    shown = orjson.loads(partner("GET", f"{rtype}/{created[-1]}").body)
+    kept = {k: shown.get(k) for k in elements}
+    kept["meta"] = [c.get("code") for c in shown.get("meta", {}).get("security", [])]
+    return made.status, orjson.dumps(kept).replace(name.encode(), b"{id}")
+
+
 def _copy(sandbox: Sandbox, key: str, new_id: str, **changes: Any) -> dict[str, Any]:
     """A new resource like a stored one: its content, a new id."""
     resource = copy.deepcopy(sandbox.repo.read(*key.split("/")).resource())
@@ -560,14 +581,7 @@ def test_a_partner_cannot_tell_what_is_withheld_by_naming_it_in_what_it_writes(
                 "focus": {"reference": f"Condition/{rid}"},
                 "note": [{"text": f"Condition/{rid}"}],
             }
-        made = gp("POST", "Task", {**task, **named})
-        if made.status != 201:
-            return _answer(made, rid)
-        created.append(orjson.loads(made.body)["id"])
-        shown = orjson.loads(gp("GET", f"Task/{created[-1]}").body)
-        kept = {k: shown.get(k) for k in ("focus", "note", "meta")}
-        kept["meta"] = [c.get("code") for c in kept["meta"]["security"]]
-        return made.status, orjson.dumps(kept).replace(rid.encode(), b"{id}")
+        return _written_and_read_back(gp, created, {**task, **named}, rid, ("focus", "note"))
 
     try:
         assert answer(hidden) == answer(absent)
@@ -613,14 +627,8 @@ def test_a_partner_cannot_tell_what_the_store_holds_by_naming_a_party_by_identif
             party = {"resourceType": "Organization", "id": "unit", "type": practice["type"]}
             written["contained"] = [{**party, "identifier": [named["identifier"]]}]
             written["serviceProvider"] = {"reference": "#unit"}
-        made = gp("POST", "Encounter", written)
-        if made.status != 201:
-            return _answer(made, value)
-        created.append(orjson.loads(made.body)["id"])
-        shown = orjson.loads(gp("GET", f"Encounter/{created[-1]}").body)
-        kept = {k: shown.get(k) for k in ("serviceProvider", "contained", "resourceType")}
-        kept["meta"] = [c.get("code") for c in shown.get("meta", {}).get("security", [])]
-        return made.status, orjson.dumps(kept).replace(value.encode(), b"{id}")
+        shown = ("resourceType", "serviceProvider", "contained")
+        return _written_and_read_back(gp, created, written, value, shown)
 
     try:
         assert answer(hidden) == answer(absent)
