@@ -850,6 +850,48 @@ def test_a_partners_write_keeps_the_stored_meta_and_its_answer_shows_none_of_it(
         assert trust_call("DELETE", f"Condition/{rid}").status == 204
 
 
+@pytest.mark.parametrize("naming", ["identifier", "text", "professional"])
+def test_a_partner_cannot_tell_what_the_stored_meta_it_is_not_shown_names(
+    sandbox: Sandbox, trust_call: Call, naming: str
+) -> None:
+    """The trust's meta extensions are never shown to a partner: a name its update may
+    keep because the version it replaces held it is one of what it was shown, so
+    whether the GP may write a name (by identifier alone, `Type/id` in a note, a
+    professional) does not tell whether the hidden meta holds it."""
+    gp = _caller(sandbox, "gp")
+    lewis = {"system": "urn:test:gmc", "value": f"{uuid.uuid4().int % 10**7:07d}"}
+    named = {
+        "identifier": (
+            {"valueReference": {"identifier": lewis}},
+            {"asserter": {"identifier": lewis}},
+        ),
+        "text": ({"valueString": "Goal/c-goal-x"}, {"note": [{"text": "Goal/c-goal-x"}]}),
+        "professional": (
+            {"valueReference": {"reference": "Practitioner/a-consultant"}},
+            {"asserter": {"reference": "Practitioner/a-consultant"}},
+        ),
+    }[naming]
+    created: list[str] = []
+
+    def answer(in_meta: bool) -> int:
+        rid = f"meta-{uuid.uuid4().hex[:10]}"
+        need = _copy(sandbox, SEEN_WHOLE, rid)
+        value = named[0] if in_meta else {"valueString": "imported"}
+        need["meta"] = {"extension": [{"url": "https://epr.example/x", **value}]}
+        assert trust_call("PUT", f"Condition/{rid}", need).status == 201
+        created.append(rid)
+        seen = orjson.loads(gp("GET", f"Condition/{rid}").body)
+        assert "extension" not in seen["meta"]
+        seen.pop("meta")
+        return gp("PUT", f"Condition/{rid}", {**seen, **named[1]}).status
+
+    try:
+        assert answer(in_meta=True) == answer(in_meta=False) == 403
+    finally:
+        for rid in created:
+            assert trust_call("DELETE", f"Condition/{rid}").status == 204
+
+
 def test_a_partner_cannot_name_a_professional_in_a_canonical_either(sandbox: Sandbox) -> None:
     gp = _caller(sandbox, "gp")
     plan = {

@@ -639,8 +639,7 @@ class Router:
         seen["meta"] = {k: v for k, v in seen["meta"].items() if k != "security"}
         whole = stored.resource()
         if isinstance(whole.get("meta"), dict):  # its source, tags, extensions: not shown
-            unseen = ("source", "tag", "extension")  # kept as they are by its update
-            whole["meta"] = {k: v for k, v in whole["meta"].items() if k not in unseen}
+            whole["meta"] = {k: v for k, v in whole["meta"].items() if k not in _UNSEEN_META}
         if seen != whole:
             raise HttpError(
                 403,
@@ -1778,7 +1777,15 @@ def _partner_written(
     # The whole string, as a URL's path or query names one; a note that mentions a URL,
     # or an extension's own `url`, names nothing.
     naming = re.compile(rf"\S*?(?:^|[/?=&:])({supporting})/([^/?#&\s]+)(?:/_history/\S+)?")
+    # What the version it replaces held, as the partner was shown it: a name it may
+    # keep only from the meta it is not shown would tell it what that meta holds.
     before_resource = replacing.resource() if replacing else {}
+    if isinstance(before_resource.get("meta"), dict):
+        meta = before_resource["meta"]
+        before_resource = {
+            **before_resource,
+            "meta": {k: v for k, v in meta.items() if k not in _UNSEEN_META},
+        }
     before = set(_strings_at(before_resource).values())
     named_before = set(_named_by_identifier(before_resource).values())
     own = view.client.identifiers
@@ -1866,6 +1873,10 @@ def _named_by_identifier(
     return found
 
 
+# The stored meta a partner is not shown, and its update keeps as it is.
+_UNSEEN_META = ("source", "tag", "extension")
+
+
 def _meta_kept_from(resource: dict[str, Any], replacing: Stored | None) -> dict[str, Any]:
     """A partner's replacement with the stored version's meta source, tags and
     extensions, which the partner is not shown: they are not its to erase, nor to
@@ -1874,9 +1885,7 @@ def _meta_kept_from(resource: dict[str, Any], replacing: Stored | None) -> dict[
         return resource
     stored = replacing.resource().get("meta")
     kept = (
-        {k: v for k, v in stored.items() if k in ("source", "tag", "extension")}
-        if isinstance(stored, dict)
-        else {}
+        {k: v for k, v in stored.items() if k in _UNSEEN_META} if isinstance(stored, dict) else {}
     )
     if not kept:
         return resource
