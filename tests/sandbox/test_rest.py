@@ -124,6 +124,55 @@ def test_a_reference_searched_by_its_absolute_url_here_finds_relative_ones(trust
     assert resource_keys(elsewhere.json()) == set()
 
 
+def test_conditional_writes_read_an_absolute_url_here_as_a_search_does(trust: Fhir) -> None:
+    """The criteria of a conditional create, update and delete, alone or in a
+    transaction, match as the same search does (R4 http.html#ccreate: "as if a search
+    was performed"): a subject named by this server's absolute URL finds the Flag
+    whose subject is written `Patient/c-patient`, so no duplicate is made."""
+    here = "http://testserver/fhir"
+    marker = f"abs-{uuid.uuid4().hex[:10]}"
+    flag = {
+        "resourceType": "Flag",
+        "status": "active",
+        "code": {"text": "absolute criteria"},
+        "subject": {"reference": "Patient/c-patient"},
+        "identifier": [{"system": "urn:test:abs", "value": marker}],
+    }
+    made = trust.post("Flag", flag)
+    assert made.status_code == 201, made.text
+    fid = made.json()["id"]
+    criteria = f"identifier=urn:test:abs|{marker}&subject={here}/Patient/c-patient"
+    again = trust.post("Flag", flag, headers={"if-none-exist": criteria})
+    assert again.status_code == 200 and again.json()["id"] == fid, again.text
+    in_bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {
+                "resource": flag,
+                "request": {"method": "POST", "url": "Flag", "ifNoneExist": criteria},
+            },
+            {
+                "resource": {**flag, "status": "inactive"},
+                "request": {"method": "PUT", "url": f"Flag?{criteria}"},
+            },
+        ],
+    }
+    answer = trust.post("", in_bundle)
+    assert answer.status_code == 200, answer.text
+    locations = [e["response"].get("location", "") for e in answer.json()["entry"]]
+    assert all(f"Flag/{fid}/" in loc for loc in locations), locations
+    updated = trust.http.put(
+        f"/fhir/Flag?{criteria}", json={**flag, "status": "active"}, headers=trust.headers
+    )
+    assert updated.status_code == 200 and updated.json()["id"] == fid, updated.text
+    found = trust.get("Flag", params={"identifier": f"urn:test:abs|{marker}"}).json()
+    assert resource_keys(found) == {f"Flag/{fid}"}
+    gone = trust.http.delete(f"/fhir/Flag?{criteria}", headers=trust.headers)
+    assert gone.status_code == 204, gone.text
+    assert trust.get(f"Flag/{fid}").status_code == 410
+
+
 def test_paging_links_and_count(trust: Fhir) -> None:
     first = trust.get("Encounter", params={"_count": "5", "_sort": "date"}).json()
     total = first["total"]

@@ -451,8 +451,8 @@ def test_a_conditional_reference_is_matched_again_under_the_write_lock(
     other, _ = _new_patient(trust)
     real = sandbox.repo.conditional_match
 
-    def stale(rtype: str, criteria: str, what: str) -> Any:
-        found = real(rtype, criteria, what)
+    def stale(rtype: str, criteria: str, what: str, base: str | None = None) -> Any:
+        found = real(rtype, criteria, what, base)
         if "the reference" in what:  # as it was before another transaction moved it
             return sandbox.repo.read("Patient", other)
         return found

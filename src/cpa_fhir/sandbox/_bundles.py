@@ -157,6 +157,7 @@ def _resolve_conditional_references(
     router: Any,
     view: Any,
     resolved: list[tuple[int, str, str, str]],
+    base: str,
 ) -> None:
     """Add to `ids` what the entry's conditional references (`Patient?identifier=...`)
     match, one resource each (R4 http.html#trules), and to `resolved` (entry, reference,
@@ -177,7 +178,7 @@ def _resolve_conditional_references(
         _whole_store_search(view, "a conditional reference")
         rtype, criteria = conditional.groups()
         found = router.repo.conditional_match(
-            rtype, _without_format(criteria), f"entry {i}: the reference {ref}"
+            rtype, _without_format(criteria), f"entry {i}: the reference {ref}", base
         )
         if found is None:
             raise HttpError(
@@ -380,6 +381,8 @@ def _transaction(
         patched_resource,
     )
 
+    # A reference under this server's base in criteria names what a relative one does.
+    base = request.base_url
     # Find what each entry writes first (new ids assigned, conditional ones matched), so
     # that entries can refer to each other and none writes what another does.
     ids: dict[str, str] = {}
@@ -410,7 +413,7 @@ def _transaction(
             elif len(parts) == 2:
                 if_match = _if_match(req.get("ifMatch"), router._version_of(rtype, parts[1]))
             elif criteria and view is None:
-                matched = _scoped_match(router, scopes, method, rtype, criteria)
+                matched = _scoped_match(router, scopes, method, rtype, criteria, base)
                 if_match = _if_match(req.get("ifMatch"), matched)
             else:
                 # Refused below: no criteria, or a partner's conditional write, whose
@@ -443,7 +446,7 @@ def _transaction(
                     condition = _without_format(condition.lstrip("?"))
                     _whole_store_search(view, "a conditional create")
                     found = router.repo.conditional_match(
-                        rtype, condition, f"entry {i}: ifNoneExist"
+                        rtype, condition, f"entry {i}: ifNoneExist", base
                     )
                     p["condition"] = condition
                     if found is not None:
@@ -457,7 +460,7 @@ def _transaction(
                     # resource is created (with its own id, if it has one).
                     _whole_store_search(view, "a conditional update")
                     found = router.repo.conditional_match(
-                        rtype, criteria, f"entry {i}: conditional update"
+                        rtype, criteria, f"entry {i}: conditional update", base
                     )
                     body_id = resource.get("id")
                     if found is not None and body_id not in (None, found.id):
@@ -488,7 +491,7 @@ def _transaction(
                 if len(parts) == 1 and criteria:
                     _whole_store_search(view, "a conditional delete")
                     found = router.repo.conditional_match(
-                        rtype, criteria, f"entry {i}: conditional delete"
+                        rtype, criteria, f"entry {i}: conditional delete", base
                     )
                     if found is None and if_match is not None:
                         raise _none_at_version(i, rtype, if_match)
@@ -561,7 +564,9 @@ def _transaction(
     }
     for p in prepared:
         if p["resource"] is not None:
-            _resolve_conditional_references(p["resource"], p["i"], ids, router, view, resolved)
+            _resolve_conditional_references(
+                p["resource"], p["i"], ids, router, view, resolved, base
+            )
             for i, ref, _, _ in resolved:
                 if i == p["i"] and ids[ref] in deleted:
                     raise HttpError(
@@ -584,7 +589,7 @@ def _transaction(
         for i, ref, rtype, criteria in resolved:
             # Matched again now that writers are serialised, before this one writes: a
             # transaction in between may have made, changed or removed what it names.
-            found = tx.conditional_match(rtype, criteria, f"entry {i}: the reference {ref}")
+            found = tx.conditional_match(rtype, criteria, f"entry {i}: the reference {ref}", base)
             if found is None or f"{rtype}/{found.id}" != ids[ref]:
                 raise VersionConflict(
                     f"entry {i}: what the reference {ref} matches changed while the "
@@ -594,7 +599,7 @@ def _transaction(
             i = p["i"]
             try:
                 if p["condition"] is not None:
-                    _match_again(tx, p, touched)
+                    _match_again(tx, p, touched, base)
                 if p["method"] == "DELETE":
                     if p["id"] is not None and not p.get("gone"):
                         try:
@@ -620,7 +625,7 @@ def _transaction(
                                 # As a conditional update alone: none matching, an id
                                 # the resource brings must not be another's.
                                 stored = tx.conditional_update(
-                                    p["resource"], p["condition"], if_match=expected
+                                    p["resource"], p["condition"], if_match=expected, base=base
                                 )
                             else:
                                 stored = tx.update(p["resource"], if_match=expected)
@@ -700,14 +705,14 @@ def _may_write(
 
 
 def _scoped_match(
-    router: Router, scopes: frozenset[str], method: str, rtype: str, criteria: str
+    router: Router, scopes: frozenset[str], method: str, rtype: str, criteria: str, base: str
 ) -> Callable[[], int | None]:
     """The version of what a conditional entry's criteria match (for an If-Match list),
     searched only where the token's scopes reach, as the write itself is."""
 
     def matched() -> int | None:
         require(scopes, rtype, "delete" if method == "DELETE" else "update")
-        return router._match_version(rtype, criteria)()
+        return router._match_version(rtype, criteria, base)()
 
     return matched
 
@@ -752,14 +757,16 @@ def _conditional_entry_preconditions(
     return expected
 
 
-def _match_again(tx: Repository, p: dict[str, Any], touched: dict[str, set[int]]) -> None:
+def _match_again(
+    tx: Repository, p: dict[str, Any], touched: dict[str, set[int]], base: str
+) -> None:
     """Match an entry's condition (ifNoneExist, or a conditional update's or delete's
     criteria) again, now that writers are serialised: another transaction may have
-    made or removed a match since it was first matched."""
+    made or removed a match since it was first matched (`base`: this server's)."""
     from cpa_fhir.sandbox._router import HttpError
 
     what = "ifNoneExist" if p["method"] == "POST" else f"conditional {p['method']}"
-    found = tx.conditional_match(p["type"], p["condition"], what)
+    found = tx.conditional_match(p["type"], p["condition"], what, base)
     now = found.id if found is not None else None
     if now == p["matched"]:
         return

@@ -50,7 +50,6 @@ from cpa_fhir.sandbox._chains import chains_hold, reference_targets
 from cpa_fhir.store import (
     Criterion,
     DateValue,
-    ReferenceValue,
     SearchParameters,
     SearchQuery,
     SortKey,
@@ -59,6 +58,7 @@ from cpa_fhir.store import (
     current_or_error,
     index_resource,
     known_parameters,
+    local_references,
     matching,
     parse_search,
     reference_target,
@@ -617,11 +617,11 @@ class Router:
 
         return read
 
-    def _match_version(self, rtype: str, criteria: str) -> Callable[[], int | None]:
+    def _match_version(self, rtype: str, criteria: str, base: str) -> Callable[[], int | None]:
         """The version of what a conditional write's criteria match, read when asked."""
 
         def match() -> int | None:
-            found = self.repo.conditional_match(rtype, criteria, "the criteria")
+            found = self.repo.conditional_match(rtype, criteria, "the criteria", base)
             return found.version_id if found is not None else None
 
         return match
@@ -673,7 +673,7 @@ class Router:
         if view is not None:
             resource = _partner_written(view, resource)
         self._check_valid(resource)
-        stored = self.repo.create(resource, if_none_exist=condition)
+        stored = self.repo.create(resource, if_none_exist=condition, base=request.base_url)
         # A create never updates: what was not created matched the condition.
         return self._written(request, stored, matched=not stored.created, view=view)
 
@@ -790,11 +790,15 @@ class Router:
         resource = self._body(request)
         if resource["resourceType"] != rtype:
             raise HttpError(400, f"the body is a {resource['resourceType']}, not a {rtype}")
-        if_match = _if_match(request.headers.get("if-match"), self._match_version(rtype, criteria))
+        if_match = _if_match(
+            request.headers.get("if-match"), self._match_version(rtype, criteria, request.base_url)
+        )
         self._check_valid(resource)
         if_match = self._conditional_preconditions(request, rtype, criteria, if_match)
         try:
-            stored = self.repo.conditional_update(resource, criteria, if_match=if_match)
+            stored = self.repo.conditional_update(
+                resource, criteria, if_match=if_match, base=request.base_url
+            )
         except VersionConflict as exc:
             raise _conflict(exc, if_match) from None
         return self._written(request, stored)
@@ -807,7 +811,7 @@ class Router:
         headers = request.headers
         if not any(h in headers for h in ("if-none-match", "if-unmodified-since", "if-match")):
             return if_match
-        found = self.repo.conditional_match(rtype, criteria, "the criteria")
+        found = self.repo.conditional_match(rtype, criteria, "the criteria", request.base_url)
         if found is None:
             if headers.get("if-match", "").strip() == "*":
                 raise precondition_failed(f"no {rtype} matches (If-Match: *)")
@@ -819,10 +823,14 @@ class Router:
     ) -> Response:
         require(scopes, rtype, "delete")
         criteria = _write_criteria(request, rtype, view, "a conditional delete")
-        if_match = _if_match(request.headers.get("if-match"), self._match_version(rtype, criteria))
+        if_match = _if_match(
+            request.headers.get("if-match"), self._match_version(rtype, criteria, request.base_url)
+        )
         if_match = self._conditional_preconditions(request, rtype, criteria, if_match)
         try:
-            deleted = self.repo.conditional_delete(rtype, criteria, if_match=if_match)
+            deleted = self.repo.conditional_delete(
+                rtype, criteria, if_match=if_match, base=request.base_url
+            )
         except VersionConflict as exc:
             raise _conflict(exc, if_match, view) from None
         if deleted is None and if_match is not None:
@@ -949,7 +957,7 @@ class Router:
             params, left_out = known_parameters(rtype, params, self.repo.parameters)
         query = _chains_within_scopes(self.repo.parse(rtype, params), scopes)
         if view is None:
-            query = _local_references(query, request.base_url)
+            query = local_references(query, request.base_url)
             result = self.repo.search(
                 query,
                 # Included resources go, and are followed, only where the scopes reach.
@@ -1374,40 +1382,6 @@ def _chains_within_scopes(query: SearchQuery, scopes: frozenset[str]) -> SearchQ
             links.append(replace(link, from_types=from_types, to_types=reachable))
         criteria.append(replace(criterion, chain=tuple(links)) if links else criterion)
     return replace(query, criteria=tuple(criteria))
-
-
-def _local_references(query: SearchQuery, base: str) -> SearchQuery:
-    """A search with each reference value that is an absolute URL of a resource here
-    (`[base]/Type/id`, of a version too) taken as the relative `Type/id` it resolves
-    to: "A relative reference resolving to the same value as a specified absolute URL,
-    or vice versa, qualifies as a match" (R4 search.html#reference). Another server's
-    URL is compared as it is written."""
-    prefix = f"{base.rstrip('/')}/"
-
-    def local(value: Any, modifier: str | None) -> Any:
-        if not isinstance(value, ReferenceValue) or value.url is None:
-            return value
-        if not value.url.startswith(prefix):
-            return value
-        parts = value.url[len(prefix) :].split("/")
-        if len(parts) == 4 and parts[2] == "_history":
-            parts = parts[:2]
-        if (
-            len(parts) != 2
-            or parts[0] not in R4_RESOURCE_TYPES
-            or not _ID.fullmatch(parts[1])
-            or (modifier in R4_RESOURCE_TYPES and modifier != parts[0])
-        ):
-            return value
-        return ReferenceValue(parts[0], parts[1])
-
-    criteria = tuple(
-        replace(c, values=tuple(local(v, c.modifier) for v in c.values))
-        if any(isinstance(v, ReferenceValue) and v.url is not None for v in c.values)
-        else c
-        for c in query.criteria
-    )
-    return replace(query, criteria=criteria)
 
 
 _READS = ("GET", "HEAD")

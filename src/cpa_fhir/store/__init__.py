@@ -23,6 +23,7 @@ from cpa_fhir.store._query import (
     StringValue,
     TokenValue,
     known_parameters,
+    local_references,
     may_reach_types,
     parse_search,
 )
@@ -67,6 +68,7 @@ __all__ = [
     "default_search_parameters",
     "index_resource",
     "known_parameters",
+    "local_references",
     "matching",
     "may_reach_types",
     "migrate",

@@ -924,3 +924,37 @@ def _parse_include(
             )
         target = resource_type
     return Include(source, code, target, iterate)
+
+
+def local_references(query: SearchQuery, base: str) -> SearchQuery:
+    """A search with each reference value that is an absolute URL of a resource here
+    (`[base]/Type/id`, of a version too) taken as the relative `Type/id` it resolves
+    to: "A relative reference resolving to the same value as a specified absolute URL,
+    or vice versa, qualifies as a match" (R4 search.html#reference). Another server's
+    URL is compared as it is written."""
+    prefix = f"{base.rstrip('/')}/"
+
+    def local(value: SearchValue, modifier: str | None) -> SearchValue:
+        if not isinstance(value, ReferenceValue) or value.url is None:
+            return value
+        if not value.url.startswith(prefix):
+            return value
+        parts = value.url[len(prefix) :].split("/")
+        if len(parts) == 4 and parts[2] == "_history":
+            parts = parts[:2]
+        if (
+            len(parts) != 2
+            or parts[0] not in R4_RESOURCE_TYPES
+            or not _ID.fullmatch(parts[1])
+            or (modifier in R4_RESOURCE_TYPES and modifier != parts[0])
+        ):
+            return value
+        return ReferenceValue(parts[0], parts[1])
+
+    criteria = tuple(
+        replace(c, values=tuple(local(v, c.modifier) for v in c.values))
+        if any(isinstance(v, ReferenceValue) and v.url is not None for v in c.values)
+        else c
+        for c in query.criteria
+    )
+    return replace(query, criteria=criteria)

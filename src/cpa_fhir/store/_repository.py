@@ -67,6 +67,7 @@ from cpa_fhir.store._query import (
     MAX_OFFSET,
     Include,
     SearchQuery,
+    local_references,
     parse_search,
 )
 from cpa_fhir.store._schema import (
@@ -148,7 +149,9 @@ class SearchResult:
 class Repository(Protocol):
     """The store's interactions; `SqlRepository` implements it."""
 
-    def create(self, resource: dict[str, Any], *, if_none_exist: str | None = None) -> Stored: ...
+    def create(
+        self, resource: dict[str, Any], *, if_none_exist: str | None = None, base: str | None = None
+    ) -> Stored: ...
 
     def read(self, resource_type: str, id: str) -> Stored: ...
 
@@ -159,14 +162,26 @@ class Repository(Protocol):
     def delete(self, resource_type: str, id: str, *, if_match: int | None = None) -> Stored: ...
 
     def conditional_update(
-        self, resource: dict[str, Any], criteria: str, *, if_match: int | None = None
+        self,
+        resource: dict[str, Any],
+        criteria: str,
+        *,
+        if_match: int | None = None,
+        base: str | None = None,
     ) -> Stored: ...
 
     def conditional_delete(
-        self, resource_type: str, criteria: str, *, if_match: int | None = None
+        self,
+        resource_type: str,
+        criteria: str,
+        *,
+        if_match: int | None = None,
+        base: str | None = None,
     ) -> Stored | None: ...
 
-    def conditional_match(self, resource_type: str, criteria: str, what: str) -> Stored | None: ...
+    def conditional_match(
+        self, resource_type: str, criteria: str, what: str, base: str | None = None
+    ) -> Stored | None: ...
 
     def history(
         self,
@@ -699,10 +714,12 @@ class _Operations:
 
     # --- writes --------------------------------------------------------------------
 
-    def create(self, resource: dict[str, Any], if_none_exist: str | None) -> Stored:
+    def create(
+        self, resource: dict[str, Any], if_none_exist: str | None, base: str | None = None
+    ) -> Stored:
         resource_type, _ = _check_resource(resource, needs_id=False)
         if if_none_exist is not None:
-            existing = self.conditional_match(resource_type, if_none_exist, "If-None-Exist")
+            existing = self.conditional_match(resource_type, if_none_exist, "If-None-Exist", base)
             if existing is not None:
                 return existing
         # A create always makes a new resource: the server assigns the id
@@ -710,13 +727,19 @@ class _Operations:
         resource = {**resource, "id": time_ordered_id()}
         return self._write(resource_type, resource["id"], resource, if_match=None, must_be_new=True)
 
-    def conditional_match(self, resource_type: str, criteria: str, what: str) -> Stored | None:
+    def conditional_match(
+        self, resource_type: str, criteria: str, what: str, base: str | None = None
+    ) -> Stored | None:
         """The one current resource the criteria match, or None; PreconditionFailed if
         they match several (https://hl7.org/fhir/R4/http.html#cond-update). Writers
-        that search and then write are serialised, so two cannot both find none."""
+        that search and then write are serialised, so two cannot both find none.
+        `base`: this server's base URL, a reference under which the criteria name as
+        the relative one it resolves to, as a search does (`local_references`)."""
         query = parse_search(
             resource_type, parse_qsl(criteria.lstrip("?"), keep_blank_values=True), self.parameters
         )
+        if base is not None:
+            query = local_references(query, base)
         if not query.criteria:
             # A malformed request, not a precondition found to fail: nothing was matched.
             raise SearchError(f"{what} needs at least one search criterion", code="invalid")
@@ -733,10 +756,14 @@ class _Operations:
         return found[0] if found else None
 
     def conditional_update(
-        self, resource: dict[str, Any], criteria: str, if_match: int | None
+        self,
+        resource: dict[str, Any],
+        criteria: str,
+        if_match: int | None,
+        base: str | None = None,
     ) -> Stored:
         resource_type, body_id = _check_resource(resource, needs_id=False)
-        found = self.conditional_match(resource_type, criteria, "a conditional update")
+        found = self.conditional_match(resource_type, criteria, "a conditional update", base)
         if found is not None:
             if body_id is not None and body_id != found.id:
                 raise InputError(
@@ -764,9 +791,14 @@ class _Operations:
         return self._write(resource_type, body_id, resource, if_match=None)
 
     def conditional_delete(
-        self, resource_type: str, criteria: str, *, if_match: int | None = None
+        self,
+        resource_type: str,
+        criteria: str,
+        *,
+        if_match: int | None = None,
+        base: str | None = None,
     ) -> Stored | None:
-        found = self.conditional_match(resource_type, criteria, "a conditional delete")
+        found = self.conditional_match(resource_type, criteria, "a conditional delete", base)
         if found is None:
             return None
         return self.delete(resource_type, found.id, if_match=if_match)
@@ -1153,8 +1185,10 @@ class _Bound:
     def __init__(self, operations: _Operations):
         self._operations = operations
 
-    def create(self, resource: dict[str, Any], *, if_none_exist: str | None = None) -> Stored:
-        return self._operations.create(resource, if_none_exist)
+    def create(
+        self, resource: dict[str, Any], *, if_none_exist: str | None = None, base: str | None = None
+    ) -> Stored:
+        return self._operations.create(resource, if_none_exist, base)
 
     def read(self, resource_type: str, id: str) -> Stored:
         return self._operations.read(resource_type, id)
@@ -1169,17 +1203,31 @@ class _Bound:
         return self._operations.delete(resource_type, id, if_match)
 
     def conditional_update(
-        self, resource: dict[str, Any], criteria: str, *, if_match: int | None = None
+        self,
+        resource: dict[str, Any],
+        criteria: str,
+        *,
+        if_match: int | None = None,
+        base: str | None = None,
     ) -> Stored:
-        return self._operations.conditional_update(resource, criteria, if_match)
+        return self._operations.conditional_update(resource, criteria, if_match, base)
 
     def conditional_delete(
-        self, resource_type: str, criteria: str, *, if_match: int | None = None
+        self,
+        resource_type: str,
+        criteria: str,
+        *,
+        if_match: int | None = None,
+        base: str | None = None,
     ) -> Stored | None:
-        return self._operations.conditional_delete(resource_type, criteria, if_match=if_match)
+        return self._operations.conditional_delete(
+            resource_type, criteria, if_match=if_match, base=base
+        )
 
-    def conditional_match(self, resource_type: str, criteria: str, what: str) -> Stored | None:
-        return self._operations.conditional_match(resource_type, criteria, what)
+    def conditional_match(
+        self, resource_type: str, criteria: str, what: str, base: str | None = None
+    ) -> Stored | None:
+        return self._operations.conditional_match(resource_type, criteria, what, base)
 
     def history(
         self,
@@ -1456,9 +1504,11 @@ class SqlRepository:
         """Parse search parameters against this repository's SearchParameters."""
         return parse_search(resource_type, params, self.parameters)
 
-    def create(self, resource: dict[str, Any], *, if_none_exist: str | None = None) -> Stored:
+    def create(
+        self, resource: dict[str, Any], *, if_none_exist: str | None = None, base: str | None = None
+    ) -> Stored:
         with self._bound(read_only=False) as bound:
-            return bound.create(resource, if_none_exist=if_none_exist)
+            return bound.create(resource, if_none_exist=if_none_exist, base=base)
 
     def read(self, resource_type: str, id: str) -> Stored:
         rows = self._driver_rows(
@@ -1481,30 +1531,44 @@ class SqlRepository:
             return bound.delete(resource_type, id, if_match=if_match)
 
     def conditional_update(
-        self, resource: dict[str, Any], criteria: str, *, if_match: int | None = None
+        self,
+        resource: dict[str, Any],
+        criteria: str,
+        *,
+        if_match: int | None = None,
+        base: str | None = None,
     ) -> Stored:
         """Update the one resource of its type the search `criteria` match; where none
         does, create it (keeping the body's id, if it has one). PreconditionFailed if
-        several match: https://hl7.org/fhir/R4/http.html#cond-update"""
+        several match: https://hl7.org/fhir/R4/http.html#cond-update. `base`, this
+        server's base URL, as for `conditional_match`."""
         with self._bound(read_only=False) as bound:
-            return bound.conditional_update(resource, criteria, if_match=if_match)
+            return bound.conditional_update(resource, criteria, if_match=if_match, base=base)
 
     def conditional_delete(
-        self, resource_type: str, criteria: str, *, if_match: int | None = None
+        self,
+        resource_type: str,
+        criteria: str,
+        *,
+        if_match: int | None = None,
+        base: str | None = None,
     ) -> Stored | None:
         """Delete the one resource the search `criteria` match (None where none does);
         PreconditionFailed if several match: https://hl7.org/fhir/R4/http.html#cdelete.
         With `if_match`, only if the match is at that version (VersionConflict)."""
         with self._bound(read_only=False) as bound:
-            return bound.conditional_delete(resource_type, criteria, if_match=if_match)
+            return bound.conditional_delete(resource_type, criteria, if_match=if_match, base=base)
 
-    def conditional_match(self, resource_type: str, criteria: str, what: str) -> Stored | None:
+    def conditional_match(
+        self, resource_type: str, criteria: str, what: str, base: str | None = None
+    ) -> Stored | None:
         """The one current resource of the type the search `criteria` match, or None;
-        PreconditionFailed if several do (`what` names the request in the message).
-        A read: only within `transaction()` is a write that follows serialised with
-        the others that search first, as a conditional create is."""
+        PreconditionFailed if several do (`what` names the request in the message;
+        `base`, this server's base URL, as for `_Operations.conditional_match`). A read:
+        only within `transaction()` is a write that follows serialised with the others
+        that search first, as a conditional create is."""
         with self._bound(read_only=True, searching=True) as bound:
-            return bound.conditional_match(resource_type, criteria, what)
+            return bound.conditional_match(resource_type, criteria, what, base)
 
     def history(
         self,
