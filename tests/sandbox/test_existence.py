@@ -85,6 +85,25 @@ def _written_and_read_back(
     return made.status, orjson.dumps(kept).replace(name.encode(), b"{id}")
 
 
+def _alike_then_removed(
+    answer: Callable[[str], tuple[int, bytes]],
+    hidden: str,
+    absent: str,
+    trust_call: Call,
+    made_type: str,
+    created: list[str],
+    planted: str,
+) -> None:
+    """The answers about what is there (withheld) and what is not are the same; then
+    what the partner made (of `made_type`) and what the trust planted are removed."""
+    try:
+        assert answer(hidden) == answer(absent)
+    finally:
+        for made_id in created:
+            assert trust_call("DELETE", f"{made_type}/{made_id}").status == 204
+        assert trust_call("DELETE", planted).status == 204
+
+
 def _copy(sandbox: Sandbox, key: str, new_id: str, **changes: Any) -> dict[str, Any]:
     """A new resource like a stored one: its content, a new id."""
     resource = copy.deepcopy(sandbox.repo.read(*key.split("/")).resource())
@@ -583,12 +602,7 @@ def test_a_partner_cannot_tell_what_is_withheld_by_naming_it_in_what_it_writes(
             }
         return _written_and_read_back(gp, created, {**task, **named}, rid, ("focus", "note"))
 
-    try:
-        assert answer(hidden) == answer(absent)
-    finally:
-        for task_id in created:
-            assert trust_call("DELETE", f"Task/{task_id}").status == 204
-        assert trust_call("DELETE", f"Condition/{hidden}").status == 204
+    _alike_then_removed(answer, hidden, absent, trust_call, "Task", created, f"Condition/{hidden}")
 
 
 @pytest.mark.parametrize("naming", ["typed", "untyped", "contained"])
@@ -630,12 +644,8 @@ def test_a_partner_cannot_tell_what_the_store_holds_by_naming_a_party_by_identif
         shown = ("resourceType", "serviceProvider", "contained")
         return _written_and_read_back(gp, created, written, value, shown)
 
-    try:
-        assert answer(hidden) == answer(absent)
-    finally:
-        for encounter_id in created:
-            assert trust_call("DELETE", f"Encounter/{encounter_id}").status == 204
-        assert trust_call("DELETE", f"Organization/{hidden}").status == 204
+    planted = f"Organization/{hidden}"
+    _alike_then_removed(answer, hidden, absent, trust_call, "Encounter", created, planted)
 
 
 @pytest.mark.parametrize("kind", ["transaction", "batch"])

@@ -116,8 +116,13 @@ _NOT_LINKS = frozenset(
 )
 
 
-def _rewrite(node: Any, ids: dict[str, str], key: str | None = None) -> Any:
-    """A resource with its links to entries replaced by what they resolved to: every
+def _rewrite(node: Any, ids: dict[str, str]) -> Any:
+    """A resource with its links to entries replaced by what they resolved to."""
+    return _map_links(node, lambda link: ids.get(link, link))
+
+
+def _map_links(node: Any, change: Callable[[str], str], key: str | None = None) -> Any:
+    """A resource with each link that may name an entry given by `change`: every
     reference, and, where an entry's fullUrl is a `urn:uuid:` or `urn:oid:`, any other
     element that is one (of type uri, url, canonical, oid or uuid: an extension's
     value, an attachment's URL; not an identifier's value or other text) and a
@@ -125,23 +130,21 @@ def _rewrite(node: Any, ids: dict[str, str], key: str | None = None) -> Any:
     if isinstance(node, dict):
         out = {}
         for k, v in node.items():
-            if k == "reference" and isinstance(v, str) and v in ids:
-                out[k] = ids[v]
+            if k == "reference" and isinstance(v, str):
+                out[k] = change(v)
             elif k == "div" and isinstance(v, str) and "urn:" in v:
-                out[k] = _NARRATIVE_LINK.sub(
-                    lambda m: f"{m[1]}{m[2]}{ids.get(m[3], m[3])}{m[2]}", v
-                )
+                out[k] = _NARRATIVE_LINK.sub(lambda m: f"{m[1]}{m[2]}{change(m[3])}{m[2]}", v)
             else:
-                out[k] = _rewrite(v, ids, k)
+                out[k] = _map_links(v, change, k)
         return out
     if isinstance(node, list):
-        return [_rewrite(v, ids, key) for v in node]
+        return [_map_links(v, change, key) for v in node]
     if (
         isinstance(node, str)
         and key not in _NOT_LINKS
         and node.startswith(("urn:uuid:", "urn:oid:"))
     ):
-        return ids.get(node, node)
+        return change(node)
     return node
 
 
@@ -317,22 +320,16 @@ def _independent(entries: list[dict[str, Any]]) -> None:
                 )
 
 
-def _links(node: Any, key: str | None = None) -> list[str]:
-    """The strings of a resource that would link to an entry's `urn:` fullUrl in a
-    transaction (`_rewrite`): its references, and its links of other types."""
-    if isinstance(node, dict):
-        found = []
-        for k, v in node.items():
-            if k == "reference" and isinstance(v, str):
-                found.append(v)
-            else:
-                found.extend(_links(v, k))
-        return found
-    if isinstance(node, list):
-        return [link for v in node for link in _links(v, key)]
-    if isinstance(node, str) and key not in _NOT_LINKS and node.startswith("urn:"):
-        return [node]
-    return []
+def _links(resource: dict[str, Any]) -> list[str]:
+    """The links of a resource that a transaction would resolve (`_map_links`)."""
+    found: list[str] = []
+
+    def noted(link: str) -> str:
+        found.append(link)
+        return link
+
+    _map_links(resource, noted)
+    return found
 
 
 def _entry_headers(req: dict[str, Any]) -> dict[str, str]:

@@ -637,9 +637,7 @@ class Router:
         # Labels are the server's, made for the recipient; anything else that differs
         # (an element removed, a reference masked, the trust's own labels) was withheld.
         seen["meta"] = {k: v for k, v in seen["meta"].items() if k != "security"}
-        whole = stored.resource()
-        if isinstance(whole.get("meta"), dict):  # its source, tags, extensions: not shown
-            whole["meta"] = {k: v for k, v in whole["meta"].items() if k not in _UNSEEN_META}
+        whole = _without_unseen_meta(stored.resource())
         if seen != whole:
             raise HttpError(
                 403,
@@ -1662,7 +1660,7 @@ def never_there(rtype: str, rid: str, expected: int | None) -> None:
     """A trust's delete of what was never there: done already, "if the resource does
     not exist at all" (R4 http.html#delete), unless it named a version to find (412)."""
     if expected is not None:
-        message = f"{rtype}/{rid} is not there: none is at version {expected}"
+        message = f"{rtype}/{rid} is not there, not at version {expected}"
         raise HttpError(412, _not_named(message, expected), code="conflict")
 
 
@@ -1753,13 +1751,7 @@ def _partner_written(
     naming = re.compile(rf"\S*?(?:^|[/?=&:])({supporting})/([^/?#&\s]+)(?:/_history/\S+)?")
     # What the version it replaces held, as the partner was shown it: a name it may
     # keep only from the meta it is not shown would tell it what that meta holds.
-    before_resource = replacing.resource() if replacing else {}
-    if isinstance(before_resource.get("meta"), dict):
-        meta = before_resource["meta"]
-        before_resource = {
-            **before_resource,
-            "meta": {k: v for k, v in meta.items() if k not in _UNSEEN_META},
-        }
+    before_resource = _without_unseen_meta(replacing.resource()) if replacing else {}
     before = set(_strings_at(before_resource).values())
     named_before = set(_named_by_identifier(before_resource).values())
     own = view.client.identifiers
@@ -1849,6 +1841,15 @@ def _named_by_identifier(
 
 # The stored meta a partner is not shown, and its update keeps as it is.
 _UNSEEN_META = ("source", "tag", "extension")
+
+
+def _without_unseen_meta(resource: dict[str, Any]) -> dict[str, Any]:
+    """A stored resource less the meta a partner is not shown (its source, tags and
+    extensions)."""
+    meta = resource.get("meta")
+    if not isinstance(meta, dict):
+        return resource
+    return {**resource, "meta": {k: v for k, v in meta.items() if k not in _UNSEEN_META}}
 
 
 def _meta_kept_from(resource: dict[str, Any], replacing: Stored | None) -> dict[str, Any]:
